@@ -1,0 +1,78 @@
+//! The `no_std` core of ramblock: a VM's guest RAM as named blocks in one RAM
+//! address space, with the bitmaps live migration, post-copy and snapshots
+//! run on.
+//!
+//! The core never makes a system call. Host memory arrives through the
+//! [`host::HostMemory`] trait (implemented over mmap, memfd, hugetlb and files
+//! by `ramblock-linux`, or over a plain buffer by [`buffer::BufferMemory`]),
+//! and the hypervisor's dirty log through [`dirty_log::DirtyLogSource`]
+//! (implemented by `ramblock-kvm`).
+//!
+//! Main types:
+//! - [`list::RamList`]: up to `N` blocks, placed best-fit in the RAM address
+//!   space, looked up by address, name or host pointer from any thread.
+//! - [`block::RamBlock`]: a named block with its host memory and bitmaps.
+//! - [`bitmap`]: the atomic dirty bitmaps, the migration bitmap, the clear
+//!   map and the post-copy received map.
+//!
+//! ```
+//! use ramblock_core::addr::{ByteLen, PageSize, RamAddr};
+//! use ramblock_core::bitmap::{AtomicWord, Borrowed};
+//! use ramblock_core::block::{BlockBitmaps, BlockSpec};
+//! use ramblock_core::buffer::BufferMemory;
+//! use ramblock_core::dirty_log::{DirtyClient, DirtyClients, SoftwareOnly};
+//! use ramblock_core::list::RamList;
+//! use ramblock_core::name::BlockName;
+//!
+//! // A firmware VMM with no allocator: 256 KiB of RAM and its bitmaps, all
+//! // in caller storage (one word covers 64 pages).
+//! let mut ram = [0u8; 256 << 10];
+//! let dirty = [[AtomicWord::new(0)], [AtomicWord::new(0)], [AtomicWord::new(0)]];
+//! let received = [AtomicWord::new(0)];
+//! let (mut migration, mut clear) = ([0u64; 1], [0u64; 1]);
+//!
+//! let memory = BufferMemory::new(&mut ram[..], ByteLen(256 << 10), PageSize::SIZE_4K).unwrap();
+//! let bitmaps = BlockBitmaps::<Borrowed<'_>> {
+//!     dirty: [&dirty[0][..], &dirty[1][..], &dirty[2][..]],
+//!     migration: &mut migration[..],
+//!     clear: &mut clear[..],
+//!     received: &received[..],
+//! };
+//! let list: RamList<'_, _, Borrowed<'_>, 4> = RamList::new();
+//! let spec = BlockSpec::new(BlockName::new("pc.ram").unwrap(), ByteLen(256 << 10));
+//! let offset = list.add(spec, memory, bitmaps).unwrap();
+//! assert_eq!(offset, RamAddr(0));
+//!
+//! // A device writes guest RAM: the pages become dirty for migration.
+//! let view = list.read();
+//! let (block, at) = view.block_at(RamAddr(0x1000)).unwrap();
+//! block.write(at, b"hello").unwrap();
+//! assert!(block.dirty(DirtyClient::Migration).is_set(1).unwrap());
+//! assert_eq!(block.sync_dirty_log(&mut SoftwareOnly), Ok(1));
+//! assert_eq!(block.migration().bitmap.find_next_dirty(0), Some(1));
+//! # let _ = DirtyClients::all();
+//! ```
+//!
+//! # Features
+//! - `alloc`: heap-owned bitmap storage ([`bitmap::Owned`],
+//!   `BlockBitmaps::allocate`). Without it nothing allocates.
+#![no_std]
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+pub mod addr;
+pub mod bitmap;
+pub mod block;
+pub mod buffer;
+pub mod dirty_log;
+pub mod flags;
+pub mod host;
+pub mod list;
+pub mod listener;
+pub mod name;
+pub mod region;
+#[cfg(test)]
+mod testing;

@@ -1,0 +1,187 @@
+//! [`HostRegion`]: the one type that touches guest RAM through a raw pointer.
+//!
+//! Guest RAM is written concurrently by vCPUs and devices, so Rust references
+//! to it would be unsound. Every access goes through a bounds-checked copy
+//! here instead, the way vm-memory's `VolatileSlice` does it.
+#![allow(unsafe_code)]
+
+use core::fmt;
+use core::ptr::NonNull;
+
+/// A byte range of host memory that other agents (the guest) may access
+/// concurrently.
+#[derive(Copy, Clone)]
+pub struct HostRegion {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a HostRegion is an address range, not ownership; all access is through
+// raw copies whose validity the creator of the region guaranteed.
+unsafe impl Send for HostRegion {}
+// SAFETY: as above; concurrent copies through raw pointers are the point.
+unsafe impl Sync for HostRegion {}
+
+/// An access outside a [`HostRegion`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct OutOfRegion {
+    /// First byte asked for.
+    pub offset: u64,
+    /// Bytes asked for.
+    pub len: u64,
+    /// Size of the region.
+    pub region_len: u64,
+}
+
+impl fmt::Display for OutOfRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "access of {:#x} bytes at offset {:#x} is outside the {:#x}-byte region",
+            self.len, self.offset, self.region_len
+        )
+    }
+}
+
+impl core::error::Error for OutOfRegion {}
+
+impl fmt::Debug for HostRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostRegion({:p}, {:#x})", self.ptr, self.len)
+    }
+}
+
+impl HostRegion {
+    /// Wraps `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must stay mapped and readable for as long as the
+    /// region or a copy of it is used, and writable if [`HostRegion::write`]
+    /// or [`HostRegion::fill`] is called.
+    pub const unsafe fn new(ptr: NonNull<u8>, len: usize) -> HostRegion {
+        HostRegion { ptr, len }
+    }
+
+    /// The first byte.
+    pub const fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub const fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty.
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A sub-range of this region.
+    pub fn subregion(&self, offset: u64, len: usize) -> Result<HostRegion, OutOfRegion> {
+        let start = self.check(offset, len)?;
+        // SAFETY: the sub-range lies inside this region, so the creator's
+        // guarantee covers it; start <= self.len keeps the add in bounds.
+        let ptr = unsafe { self.ptr.add(start) };
+        Ok(HostRegion { ptr, len })
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<usize, OutOfRegion> {
+        let err = OutOfRegion {
+            offset,
+            len: len as u64,
+            region_len: self.len as u64,
+        };
+        let start = usize::try_from(offset).map_err(|_| err)?;
+        match start.checked_add(len) {
+            Some(end) if end <= self.len => Ok(start),
+            _ => Err(err),
+        }
+    }
+
+    /// Copies `buf.len()` bytes from `offset` into `buf`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), OutOfRegion> {
+        let start = self.check(offset, buf.len())?;
+        // SAFETY: the range was bounds-checked against the region, which the
+        // creator guaranteed readable; `buf` is a distinct Rust buffer.
+        unsafe {
+            core::ptr::copy_nonoverlapping(self.as_ptr().add(start), buf.as_mut_ptr(), buf.len())
+        };
+        Ok(())
+    }
+
+    /// Copies `data` to `offset`.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), OutOfRegion> {
+        let start = self.check(offset, data.len())?;
+        // SAFETY: bounds-checked; the creator guaranteed the region writable
+        // for callers of `write`; `data` is a distinct Rust buffer.
+        unsafe {
+            core::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(start), data.len())
+        };
+        Ok(())
+    }
+
+    /// Fills `len` bytes at `offset` with `byte`.
+    pub fn fill(&self, offset: u64, len: usize, byte: u8) -> Result<(), OutOfRegion> {
+        let start = self.check(offset, len)?;
+        // SAFETY: bounds-checked and writable as for `write`.
+        unsafe { core::ptr::write_bytes(self.as_ptr().add(start), byte, len) };
+        Ok(())
+    }
+
+    /// Whether `len` bytes at `offset` are all zero.
+    pub fn is_zero(&self, offset: u64, len: usize) -> Result<bool, OutOfRegion> {
+        let start = self.check(offset, len)?;
+        let mut chunk = [0u8; 256];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len());
+            // SAFETY: start + done + n <= start + len, inside the checked range.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    self.as_ptr().add(start + done),
+                    chunk.as_mut_ptr(),
+                    n,
+                )
+            };
+            if chunk[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            done += n;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accesses_are_bounds_checked() {
+        let mut buf = [0u8; 64];
+        // SAFETY: `buf` outlives the region and is only used through it below.
+        let r = unsafe { HostRegion::new(NonNull::new(buf.as_mut_ptr()).unwrap(), buf.len()) };
+        r.write(60, &[1, 2, 3, 4]).unwrap();
+        assert_eq!(
+            r.write(61, &[1, 2, 3, 4]),
+            Err(OutOfRegion {
+                offset: 61,
+                len: 4,
+                region_len: 64
+            })
+        );
+        assert!(r.read(u64::MAX, &mut [0; 1]).is_err());
+        let mut out = [0u8; 4];
+        r.read(60, &mut out).unwrap();
+        assert_eq!(out, [1, 2, 3, 4]);
+        assert!(r.is_zero(0, 60).unwrap());
+        assert!(!r.is_zero(0, 61).unwrap());
+        let sub = r.subregion(60, 4).unwrap();
+        sub.read(0, &mut out).unwrap();
+        assert_eq!(out, [1, 2, 3, 4]);
+        assert!(r.subregion(61, 4).is_err());
+        r.fill(0, 64, 0).unwrap();
+        assert!(r.is_zero(0, 64).unwrap());
+    }
+}

@@ -1,0 +1,2 @@
+//! Reference models of ramblock structures and the fuzz targets over them.
+#![deny(missing_docs)]

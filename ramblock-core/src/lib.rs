@@ -54,7 +54,7 @@
 //! ```
 //!
 //! # Features
-//! - `alloc`: heap-owned bitmap storage ([`bitmap::Owned`],
+//! - `alloc`: heap-owned bitmap storage (`bitmap::Owned`,
 //!   `BlockBitmaps::allocate`). Without it nothing allocates.
 #![no_std]
 #![deny(missing_docs)]

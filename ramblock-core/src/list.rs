@@ -13,7 +13,10 @@
 //!   [`RamList::mark_dirty`]. Lookups take a shared spin lock and never
 //!   allocate.
 //! - Adding, removing and resizing take the lock exclusively and wait for
-//!   readers to finish: keep read guards short (one page, one record).
+//!   readers to finish: keep read guards short (one page, one record). A
+//!   waiting writer holds new readers back, so it is never starved; the
+//!   flip side is that a thread holding a view must not take a second one
+//!   (or call [`RamList::mark_dirty`]) while a writer may be waiting.
 //! - [`RamList::version`] changes on every add, remove and resize, so a
 //!   migration walking the blocks without holding the lock can tell that the
 //!   layout changed under it.
@@ -278,6 +281,11 @@ pub struct RamList<'l, M, S: Storage, const N: usize> {
     /// always about the current block vector.
     mru: AtomicUsize,
     version: AtomicWord,
+    /// Writers waiting for the lock; new readers wait while it is non-zero
+    /// (spin's lock prefers readers, which would starve writers).
+    writers_waiting: AtomicUsize,
+    /// One past the highest usable RAM address.
+    limit: u64,
 }
 
 impl<M, S: Storage, const N: usize> fmt::Debug for RamList<'_, M, S, N> {
@@ -298,7 +306,11 @@ impl<M: HostMemory, S: Storage, const N: usize> Default for RamList<'_, M, S, N>
 
 /// Picks the offset for a block of `size` bytes among `blocks` (sorted by
 /// offset); see the module docs.
-fn best_fit<M, S: Storage>(blocks: &[RamBlock<M, S>], size: ByteLen) -> Option<RamAddr> {
+fn best_fit<M, S: Storage>(
+    blocks: &[RamBlock<M, S>],
+    size: ByteLen,
+    limit: u64,
+) -> Option<RamAddr> {
     let mut best: Option<(u64, u64)> = None; // (gap, offset)
     let starts = core::iter::once(Some(0)).chain(blocks.iter().map(|b| {
         let end = b.offset.0.checked_add(b.max_length.0)?;
@@ -309,8 +321,10 @@ fn best_fit<M, S: Storage>(blocks: &[RamBlock<M, S>], size: ByteLen) -> Option<R
         // aligned, so no block starts between a block's end and its aligned
         // end, and `next >= start`.
         let next = blocks.get(blocks.partition_point(|b| b.offset.0 < start));
-        let gap_end = next.map_or(u64::MAX, |b| b.offset.0);
-        let gap = gap_end - start;
+        let gap_end = next.map_or(limit, |b| b.offset.0);
+        let Some(gap) = gap_end.checked_sub(start) else {
+            continue; // the start is past the limit
+        };
         let fits = match start.checked_add(size.0) {
             Some(end) => end <= gap_end,
             None => false,
@@ -323,8 +337,14 @@ fn best_fit<M, S: Storage>(blocks: &[RamBlock<M, S>], size: ByteLen) -> Option<R
 }
 
 impl<'l, M: HostMemory, S: Storage, const N: usize> RamList<'l, M, S, N> {
-    /// An empty list.
+    /// An empty list over the whole 64-bit RAM address space.
     pub const fn new() -> Self {
+        Self::with_address_limit(u64::MAX)
+    }
+
+    /// An empty list whose blocks must all end at or below `limit` (a
+    /// firmware VMM with a 32-bit RAM space, say).
+    pub const fn with_address_limit(limit: u64) -> Self {
         RamList {
             inner: spin::RwLock::new(Inner {
                 blocks: heapless::Vec::new(),
@@ -333,7 +353,19 @@ impl<'l, M: HostMemory, S: Storage, const N: usize> RamList<'l, M, S, N> {
             }),
             mru: AtomicUsize::new(0),
             version: AtomicWord::new(0),
+            writers_waiting: AtomicUsize::new(0),
+            limit,
         }
+    }
+
+    /// Takes the lock exclusively, holding new readers back meanwhile.
+    fn write(&self) -> spin::RwLockWriteGuard<'_, Inner<'l, M, S, N>> {
+        self.writers_waiting
+            .fetch_add(1, core::sync::atomic::Ordering::Acquire);
+        let guard = self.inner.write();
+        self.writers_waiting
+            .fetch_sub(1, core::sync::atomic::Ordering::Release);
+        guard
     }
 
     /// Changes on every add, remove and resize.
@@ -479,14 +511,14 @@ impl<'l, M: HostMemory, S: Storage, const N: usize> RamList<'l, M, S, N> {
         if let Err(e) = Self::validate(&spec, &memory) {
             return Err(reject(e, memory, bitmaps));
         }
-        let mut inner = self.inner.write();
+        let mut inner = self.write();
         if inner.blocks.iter().any(|b| b.name == spec.name) {
             return Err(reject(AddError::DuplicateName, memory, bitmaps));
         }
         if inner.blocks.is_full() {
             return Err(reject(AddError::ListFull { capacity: N }, memory, bitmaps));
         }
-        let Some(offset) = best_fit(&inner.blocks, spec.max_length) else {
+        let Some(offset) = best_fit(&inner.blocks, spec.max_length, self.limit) else {
             return Err(reject(AddError::AddressSpaceFull, memory, bitmaps));
         };
         let block =
@@ -506,7 +538,7 @@ impl<'l, M: HostMemory, S: Storage, const N: usize> RamList<'l, M, S, N> {
     /// Removes the block named `name`, telling the listeners first, and
     /// returns it (with its memory).
     pub fn remove(&self, name: &str) -> Result<RamBlock<M, S>, UnknownBlock> {
-        let mut inner = self.inner.write();
+        let mut inner = self.write();
         let at = inner
             .blocks
             .iter()
@@ -524,7 +556,7 @@ impl<'l, M: HostMemory, S: Storage, const N: usize> RamList<'l, M, S, N> {
     /// The whole new used range is marked dirty for every client (and any
     /// dirty bits past it cleared), and listeners hear old and new length.
     pub fn resize(&self, name: &str, new_length: ByteLen) -> Result<(), ResizeError<M::Error>> {
-        let mut inner = self.inner.write();
+        let mut inner = self.write();
         let inner = &mut *inner;
         let block = inner
             .blocks
@@ -575,7 +607,7 @@ impl<'l, M: HostMemory, S: Storage, const N: usize> RamList<'l, M, S, N> {
     /// Registers a listener; it is first told about every existing block, in
     /// offset order.
     pub fn add_listener(&self, listener: Listener<'l, M, S>) -> Result<ListenerId, ListenersFull> {
-        let mut inner = self.inner.write();
+        let mut inner = self.write();
         let id = ListenerId(inner.next_listener);
         inner
             .listeners
@@ -590,7 +622,7 @@ impl<'l, M: HostMemory, S: Storage, const N: usize> RamList<'l, M, S, N> {
 
     /// Unregisters a listener; returns whether it was registered.
     pub fn remove_listener(&self, id: ListenerId) -> bool {
-        let mut inner = self.inner.write();
+        let mut inner = self.write();
         match inner.listeners.iter().position(|(i, _)| *i == id) {
             Some(at) => {
                 inner.listeners.remove(at);
@@ -602,6 +634,13 @@ impl<'l, M: HostMemory, S: Storage, const N: usize> RamList<'l, M, S, N> {
 
     /// Shared access for lookups; see the concurrency contract.
     pub fn read(&self) -> RamListView<'_, 'l, M, S, N> {
+        while self
+            .writers_waiting
+            .load(core::sync::atomic::Ordering::Acquire)
+            != 0
+        {
+            core::hint::spin_loop();
+        }
         RamListView {
             inner: self.inner.read(),
             mru: &self.mru,

@@ -288,11 +288,11 @@ mod tests {
                         let src =
                             AtomicBitmap::new(alloc_atomic(words_for(src_len)), src_len).unwrap();
                         let mut want = 0;
-                        for i in 0..src_len {
+                        for (i, m) in model.iter_mut().enumerate().take(src_len) {
                             if rng.below(4) == 0 {
                                 src.set_range(i, 1).unwrap();
-                                want += u64::from(!model[i]);
-                                model[i] = true;
+                                want += u64::from(!*m);
+                                *m = true;
                             }
                         }
                         assert_eq!(map.merge_atomic(&src), Ok(want));

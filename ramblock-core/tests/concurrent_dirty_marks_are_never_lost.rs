@@ -1,0 +1,162 @@
+//! Stress tests of the concurrency contract, bounded in time:
+//! - two threads set dirty ranges while a third harvests them into the
+//!   migration bitmap: every bit set is harvested exactly once;
+//! - readers look blocks up and mark pages dirty while another thread adds
+//!   and removes blocks: every mark lands in the right block.
+
+use ramblock_core::addr::{ByteLen, PageSize, RamAddr};
+use ramblock_core::bitmap::Owned;
+use ramblock_core::block::{BlockBitmaps, BlockSpec};
+use ramblock_core::buffer::BufferMemory;
+use ramblock_core::dirty_log::{DirtyClient, DirtyClients, SoftwareOnly};
+use ramblock_core::list::RamList;
+use ramblock_core::name::BlockName;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+type Mem = BufferMemory<Box<[u8]>>;
+const PAGE: u64 = 4096;
+const RUN_FOR: Duration = Duration::from_millis(400);
+
+fn add(list: &RamList<'_, Mem, Owned, 8>, name: &str, pages: u64) -> RamAddr {
+    let spec = BlockSpec::new(BlockName::new(name).unwrap(), ByteLen(pages * PAGE));
+    let mem = Mem::new(
+        vec![0u8; (pages * PAGE) as usize].into_boxed_slice(),
+        ByteLen(pages * PAGE),
+        PageSize::SIZE_4K,
+    )
+    .unwrap();
+    list.add(spec.clone(), mem, BlockBitmaps::for_spec(&spec).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn two_setters_and_a_harvester_lose_no_bit() {
+    const PAGES: usize = 4096;
+    let list: RamList<'_, Mem, Owned, 8> = RamList::new();
+    add(&list, "pc.ram", PAGES as u64);
+    let stop = AtomicBool::new(false);
+    let view = list.read();
+    let block = view.by_name("pc.ram").unwrap();
+
+    let (set_by, harvested) = std::thread::scope(|s| {
+        let setters: Vec<_> = (0..2u64)
+            .map(|t| {
+                let stop = &stop;
+                s.spawn(move || {
+                    // Each setter records what it set in its own model.
+                    let mut model = vec![false; PAGES];
+                    let mut x = 0x1234_5678 + t;
+                    let deadline = Instant::now() + RUN_FOR;
+                    while Instant::now() < deadline {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let start = (x % PAGES as u64) as usize;
+                        let count = ((x >> 20) % 130).min((PAGES - start) as u64) as usize;
+                        block
+                            .mark_dirty(
+                                ByteLen(start as u64 * PAGE),
+                                ByteLen(count as u64 * PAGE),
+                                DirtyClients::MIGRATION,
+                            )
+                            .unwrap();
+                        model[start..start + count].fill(true);
+                    }
+                    stop.store(true, Ordering::Release);
+                    model
+                })
+            })
+            .collect();
+        let harvester = s.spawn(|| {
+            // Harvest and "send" (take) pages while the setters run; count
+            // every page taken.
+            let mut taken = vec![0u32; PAGES];
+            let mut take_all = || {
+                block.sync_dirty_log(&mut SoftwareOnly).unwrap();
+                let mut st = block.migration();
+                let mut from = 0;
+                while let Some(p) = st.bitmap.find_next_dirty(from) {
+                    st.bitmap.take(p).unwrap();
+                    taken[p] += 1;
+                    from = p + 1;
+                }
+            };
+            while !stop.load(Ordering::Acquire) {
+                take_all();
+            }
+            taken
+        });
+        let models: Vec<Vec<bool>> = setters.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut taken = harvester.join().unwrap();
+        // A final harvest after every setter stopped picks up the rest.
+        block.sync_dirty_log(&mut SoftwareOnly).unwrap();
+        let st = block.migration();
+        for (p, t) in taken.iter_mut().enumerate() {
+            *t += u32::from(st.bitmap.is_set(p).unwrap());
+        }
+        let set_by: Vec<bool> = (0..PAGES).map(|p| models[0][p] || models[1][p]).collect();
+        (set_by, taken)
+    });
+    for p in 0..PAGES {
+        assert_eq!(
+            harvested[p] > 0,
+            set_by[p],
+            "page {p}: set {} harvested {} times",
+            set_by[p],
+            harvested[p]
+        );
+    }
+    assert!(
+        set_by.iter().filter(|&&b| b).count() > PAGES / 2,
+        "the stress test did real work"
+    );
+    assert_eq!(block.dirty(DirtyClient::Migration).count_ones(), 0);
+}
+
+#[test]
+fn lookups_and_marks_proceed_while_blocks_come_and_go() {
+    let list: RamList<'_, Mem, Owned, 8> = RamList::new();
+    let ram = add(&list, "pc.ram", 256);
+    let stop = AtomicBool::new(false);
+    let churned = std::thread::scope(|s| {
+        let churner = s.spawn(|| {
+            let mut rounds = 0u64;
+            let deadline = Instant::now() + RUN_FOR;
+            while Instant::now() < deadline {
+                add(&list, "hotplug", 1 + rounds % 100);
+                let _ = list.remove("hotplug").unwrap();
+                rounds += 1;
+            }
+            stop.store(true, Ordering::Release);
+            rounds
+        });
+        let readers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (list, stop) = (&list, &stop);
+                s.spawn(move || {
+                    let mut page = t;
+                    while !stop.load(Ordering::Acquire) {
+                        let addr = RamAddr(ram.0 + (page % 256) * PAGE);
+                        list.mark_dirty(addr, ByteLen(1), DirtyClients::DISPLAY)
+                            .unwrap();
+                        assert_eq!(list.read().block_at(addr).unwrap().0.name(), "pc.ram");
+                        page += 2;
+                    }
+                })
+            })
+            .collect();
+        readers.into_iter().for_each(|r| r.join().unwrap());
+        churner.join().unwrap()
+    });
+    assert!(churned > 10, "the churner ran ({churned} rounds)");
+    assert_eq!(list.version(), 2 * churned + 1);
+    let view = list.read();
+    assert_eq!(
+        view.by_name("pc.ram")
+            .unwrap()
+            .dirty(DirtyClient::Display)
+            .count_ones(),
+        256
+    );
+}

@@ -1,1 +1,67 @@
-fn main() {}
+//! `cargo xtask`: the project's tasks, one module each.
+//!
+//! - `cargo xtask ci`: everything CI checks (format, lints, tests, docs,
+//!   `no_std` builds, a fuzz smoke run), with a summary table at the end.
+//! - `cargo xtask bench [--report-only] [-p CRATE | CRATE | FILTER]`: criterion
+//!   benches and the table of ratios against each figure's baseline.
+//! - `cargo xtask fuzz TARGET [--seconds N]`: one cargo-fuzz target.
+
+mod bench;
+mod ci;
+mod fuzz;
+mod tools;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Errors of a task: a failed command or unreadable file, already explained.
+pub type Error = Box<dyn std::error::Error>;
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  ci                                  format, clippy, tests, docs, no_std builds, fuzz smoke
+  bench [--report-only] [-p CRATE | CRATE | FILTER]
+                                      run criterion benches and print ratios to baselines
+  bench migrate                       (not yet available)
+  fuzz TARGET [--seconds N]           run one cargo-fuzz target (default 60 s)";
+
+/// The workspace root: xtask lives one level below it.
+pub fn project_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// A shell whose working directory is the workspace root.
+pub fn shell() -> Result<xshell::Shell, Error> {
+    let sh = xshell::Shell::new()?;
+    sh.change_dir(project_root());
+    Ok(sh)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci::run(rest),
+        Some("bench") => bench::run(rest),
+        Some("fuzz") => fuzz::run(rest),
+        Some("help" | "-h" | "--help") => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(other) => {
+            eprintln!("xtask: unknown task `{other}`\n\n{USAGE}");
+            Ok(ExitCode::from(2))
+        }
+        None => {
+            eprintln!("{USAGE}");
+            Ok(ExitCode::from(2))
+        }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("xtask: {e}");
+        ExitCode::FAILURE
+    })
+}

@@ -1,3 +1,58 @@
-//! Linux host memory for ramblock blocks: anonymous, memfd, hugetlb and
-//! file-backed memory behind the core's `HostMemory` trait.
+//! Linux host memory for ramblock blocks: the core's
+//! [`HostMemory`](ramblock_core::host::HostMemory) trait over every backing
+//! a Linux VMM uses.
+//!
+//! One [`MemoryBuilder`] makes a [`LinuxMemory`] from:
+//! - **anonymous** memory, private or shared, optionally `MAP_NORESERVE`;
+//! - **hugetlb** anonymous memory (`MAP_HUGETLB` with a 2 MiB or 1 GiB size);
+//! - a **memfd**, sized once and sealed against growing and shrinking,
+//!   optionally hugetlb-backed (`MFD_HUGETLB`);
+//! - a **file** (or an unlinked temporary file in a directory), shared or
+//!   private, optionally read-only, at an offset; on hugetlbfs the page
+//!   size is the filesystem's;
+//! - **caller** memory, which is never mapped, remapped or unmapped here.
+//!
+//! Every block reserves its whole `max_length` once, aligned to the larger
+//! of 2 MiB and its page size and followed by a guard page; only
+//! `used_length` is accessible, so a resizable block grows in place and a
+//! shrunk tail faults again. The same builder validates every option up
+//! front ([`OptionsError`]) and then applies NUMA binding ([`numa`]), hints
+//! and locking ([`advice`]) and preallocation ([`prealloc`]).
+//! Everything that fails is an [`Error`] that keeps the errno and says what
+//! to do; an exhausted hugetlb pool is [`Error::HugetlbPoolExhausted`],
+//! never a SIGBUS.
+//!
+//! ```
+//! use ramblock_core::addr::ByteLen;
+//! use ramblock_core::host::HostMemory;
+//! use ramblock_linux::MemoryBuilder;
+//!
+//! let mem = MemoryBuilder::anonymous(ByteLen(2 << 20)).shared(true).build().unwrap();
+//! let ram = mem.region();
+//! ram.write(0x1000, b"guest").unwrap();
+//! mem.discard(ByteLen(0), ByteLen(2 << 20)).unwrap();
+//! assert!(ram.is_zero(0, 2 << 20).unwrap());
+//! ```
+//!
+//! Modules follow the OS areas they wrap: [`mmap`], [`memfd`], [`hugetlb`],
+//! [`file`](crate::file) (private), [`prealloc`], [`advice`], [`numa`],
+//! [`error`], plus the [`builder`] and the [`memory`] itself.
 #![deny(missing_docs)]
+
+pub mod advice;
+pub mod builder;
+pub mod error;
+mod file;
+pub mod hugetlb;
+pub mod memfd;
+pub mod memory;
+pub mod mmap;
+pub mod numa;
+pub mod prealloc;
+
+pub use advice::{Hint, LockMode};
+pub use builder::MemoryBuilder;
+pub use error::{Error, OptionsError};
+pub use memory::{BackingKind, LinuxMemory};
+pub use numa::{NumaBinding, NumaPolicy};
+pub use prealloc::{Prealloc, PreallocMethod};

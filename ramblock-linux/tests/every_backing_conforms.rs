@@ -75,3 +75,203 @@ fn guard_page_follows_the_reservation() {
         "guard {guard:?} must be inaccessible"
     );
 }
+
+#[test]
+fn anonymous_thp_conforms() {
+    let mut mem = MemoryBuilder::anonymous(ByteLen(4 * MIB))
+        .max_length(ByteLen(8 * MIB))
+        .transparent_hugepages(true)
+        .build()
+        .unwrap();
+    assert!(
+        vma_at(mem.base().as_ptr() as usize).has_flag("hg"),
+        "MADV_HUGEPAGE shows as hg"
+    );
+    check_host_memory(&mut mem, private());
+}
+
+#[test]
+fn memfd_conforms_and_is_sealed() {
+    let mut mem = MemoryBuilder::memfd(ByteLen(4 * MIB))
+        .max_length(ByteLen(8 * MIB))
+        .name("conformance.memfd")
+        .build()
+        .unwrap();
+    assert_eq!(mem.kind(), BackingKind::Memfd(None));
+    let fd = mem.fd().expect("a memfd has a descriptor");
+    let seals = rustix::fs::fcntl_get_seals(fd).unwrap();
+    assert!(seals.contains(rustix::fs::SealFlags::GROW | rustix::fs::SealFlags::SHRINK));
+    assert_eq!(
+        rustix::fs::fstat(fd).unwrap().st_size as u64,
+        8 * MIB,
+        "sized to max_length"
+    );
+    assert!(
+        rustix::fs::ftruncate(fd, 16 * MIB).is_err(),
+        "grow seal must hold"
+    );
+    assert!(
+        rustix::fs::ftruncate(fd, MIB).is_err(),
+        "shrink seal must hold"
+    );
+    assert!(vma_at(mem.base().as_ptr() as usize)
+        .path
+        .contains("conformance.memfd"));
+    check_host_memory(&mut mem, shared());
+}
+
+#[test]
+fn private_memfd_conforms() {
+    let mut mem = MemoryBuilder::memfd(ByteLen(4 * MIB))
+        .shared(false)
+        .build()
+        .unwrap();
+    check_host_memory(&mut mem, private());
+}
+
+#[test]
+fn shared_file_conforms_and_keeps_data_in_the_file() {
+    let dir = common::ScratchDir::new("file-shared");
+    let path = dir.path().join("ram");
+    let mut mem = MemoryBuilder::file(&path, ByteLen(4 * MIB))
+        .max_length(ByteLen(8 * MIB))
+        .shared(true)
+        .build()
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        8 * MIB,
+        "extended to max_length"
+    );
+    check_host_memory(
+        &mut mem,
+        Expect {
+            shared: true,
+            writable: true,
+            tail_released: false,
+        },
+    );
+    mem.region().write(0, b"persist").unwrap();
+    mem.sync(ByteLen(0), ByteLen(4096)).unwrap();
+    drop(mem);
+    let data = std::fs::read(&path).unwrap();
+    assert_eq!(&data[..7], b"persist");
+}
+
+#[test]
+fn private_file_conforms_without_touching_the_file_until_discard() {
+    let dir = common::ScratchDir::new("file-private");
+    let path = dir.path().join("ram");
+    std::fs::write(&path, vec![0x11u8; (16 * MIB) as usize]).unwrap();
+    let mut mem = MemoryBuilder::file(&path, ByteLen(4 * MIB))
+        .offset(4 * MIB)
+        .max_length(ByteLen(8 * MIB))
+        .build()
+        .unwrap();
+    assert_eq!(mem.fd_offset(), 4 * MIB);
+    let mut first = [0u8; 4];
+    mem.region().read(0, &mut first).unwrap();
+    assert_eq!(first, [0x11; 4], "the mapping starts at the offset");
+    check_host_memory(
+        &mut mem,
+        Expect {
+            shared: false,
+            writable: true,
+            tail_released: false,
+        },
+    );
+    drop(mem);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        16 * MIB,
+        "a larger file is left alone"
+    );
+}
+
+#[test]
+fn file_in_a_directory_is_an_unlinked_temporary() {
+    let dir = common::ScratchDir::new("file-dir");
+    let mut mem = MemoryBuilder::file(dir.path(), ByteLen(4 * MIB))
+        .shared(true)
+        .name("pc.ram")
+        .build()
+        .unwrap();
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the file is unlinked"
+    );
+    assert!(vma_at(mem.base().as_ptr() as usize)
+        .path
+        .ends_with("(deleted)"));
+    assert!(!mem
+        .flags()
+        .contains(ramblock_core::flags::BlockFlags::NAMED_FILE));
+    check_host_memory(&mut mem, shared());
+}
+
+#[test]
+fn read_only_file_conforms_and_refuses_discard() {
+    let dir = common::ScratchDir::new("file-ro");
+    let path = dir.path().join("rom");
+    std::fs::write(&path, vec![0x5au8; (2 * MIB) as usize]).unwrap();
+    let mut mem = MemoryBuilder::file(&path, ByteLen(2 * MIB))
+        .shared(true)
+        .read_only(true)
+        .read_only_fd(true)
+        .build()
+        .unwrap();
+    check_host_memory(
+        &mut mem,
+        Expect {
+            shared: true,
+            writable: false,
+            tail_released: false,
+        },
+    );
+    let mut b = [0u8; 2];
+    mem.region().read(MIB, &mut b).unwrap();
+    assert_eq!(b, [0x5a; 2]);
+    let err = mem.discard(ByteLen(0), ByteLen(4096)).unwrap_err();
+    assert!(
+        matches!(err, ramblock_linux::Error::ReadOnly { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn caller_memory_conforms_and_is_never_unmapped() {
+    let len = 4 * MIB as usize;
+    // SAFETY: a fresh anonymous mapping that only this test uses.
+    let ptr = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE,
+        )
+    }
+    .unwrap();
+    let nn = std::ptr::NonNull::new(ptr.cast::<u8>()).unwrap();
+    // SAFETY: the mapping stays until the munmap at the end, after `mem` is gone.
+    let builder = unsafe {
+        MemoryBuilder::caller(
+            nn,
+            ByteLen(len as u64),
+            ramblock_core::addr::PageSize::SIZE_4K,
+        )
+    };
+    let mut mem = builder.build().unwrap();
+    assert_eq!(mem.base(), nn);
+    check_host_memory(&mut mem, private());
+    assert!(
+        mem.set_used_len(ByteLen(MIB)).is_err(),
+        "caller memory cannot shrink"
+    );
+    drop(mem);
+    // Still mapped and ours after the drop.
+    let vma = vma_at(ptr as usize);
+    assert!(vma.perms.starts_with("rw"), "{vma:?}");
+    // SAFETY: the mapping made above; nothing uses it any more.
+    unsafe { rustix::mm::munmap(ptr, len) }.unwrap();
+}

@@ -45,7 +45,7 @@ pub fn smaps() -> Vec<Vma> {
                 (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
             {
                 let perms = words.next().unwrap_or("").to_owned();
-                let path = words.nth(3).unwrap_or("").to_owned();
+                let path = words.skip(3).collect::<Vec<_>>().join(" ");
                 vmas.push(Vma {
                     start,
                     end,
@@ -85,6 +85,40 @@ pub fn vma_at(addr: usize) -> Vma {
         .unwrap_or_else(|| panic!("no mapping contains {addr:#x}"))
 }
 
+/// The run of adjacent VMAs around `addr` that the kernel keeps apart but
+/// that look the same (same permissions, file and page size), merged into
+/// one: hugetlb VMAs, for one, are never merged after an `mprotect`.
+pub fn span_at(addr: usize) -> Vma {
+    let vmas = smaps();
+    let i = vmas
+        .iter()
+        .position(|v| v.start <= addr && addr < v.end)
+        .unwrap_or_else(|| panic!("no mapping contains {addr:#x}"));
+    let same = |a: &Vma, b: &Vma| {
+        a.perms == b.perms && a.path == b.path && a.kernel_page_kb == b.kernel_page_kb
+    };
+    let mut first = i;
+    while first > 0 && vmas[first - 1].end == vmas[first].start && same(&vmas[first - 1], &vmas[i])
+    {
+        first -= 1;
+    }
+    let mut last = i;
+    while last + 1 < vmas.len()
+        && vmas[last].end == vmas[last + 1].start
+        && same(&vmas[last + 1], &vmas[i])
+    {
+        last += 1;
+    }
+    let mut span = vmas[i].clone();
+    span.start = vmas[first].start;
+    span.end = vmas[last].end;
+    span.size_kb = vmas[first..=last].iter().map(|v| v.size_kb).sum();
+    span.rss_kb = vmas[first..=last].iter().map(|v| v.rss_kb).sum();
+    span.hugetlb_kb = vmas[first..=last].iter().map(|v| v.hugetlb_kb).sum();
+    span.locked_kb = vmas[first..=last].iter().map(|v| v.locked_kb).sum();
+    span
+}
+
 /// What the kernel should show for a backing.
 #[derive(Copy, Clone, Debug)]
 pub struct Expect {
@@ -114,7 +148,7 @@ where
     // The kernel's view of the used part.
     check_used_vma(base, used, page, expect);
     if reserved > used {
-        let tail = vma_at(base + used);
+        let tail = span_at(base + used);
         assert!(
             tail.perms.starts_with("---"),
             "tail {tail:?} must be inaccessible"
@@ -129,7 +163,7 @@ where
     if expect.writable {
         fill_pages(mem, 0, used);
         verify_pages(mem, 0, used);
-        let vma = vma_at(base);
+        let vma = span_at(base);
         assert!(
             vma.resident() >= used as u64,
             "every written page must be resident: {vma:?}"
@@ -154,7 +188,7 @@ where
             "shrinking moved the block"
         );
         check_used_vma(base, used, page, expect);
-        let tail = vma_at(base + used);
+        let tail = span_at(base + used);
         assert!(
             tail.perms.starts_with("---"),
             "shrunk tail {tail:?} must be inaccessible again"
@@ -179,10 +213,10 @@ where
         } else {
             (0, ps)
         };
-        let before = vma_at(base).resident();
+        let before = span_at(base).resident();
         mem.discard(ByteLen(off as u64), ByteLen(len as u64))
             .unwrap();
-        let after = vma_at(base).resident();
+        let after = span_at(base).resident();
         assert!(
             after + len as u64 <= before,
             "discarding {len:#x} bytes must drop them from the resident set ({before:#x} -> {after:#x})"
@@ -211,7 +245,7 @@ where
 /// Checks the kernel shows `base .. base + used` as one accessible area of
 /// the right kind and page size.
 fn check_used_vma(base: usize, used: usize, page: PageSize, expect: Expect) {
-    let vma = vma_at(base);
+    let vma = span_at(base);
     assert!(vma.start <= base, "{vma:?}");
     assert_eq!(
         vma.end,

@@ -14,6 +14,8 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 use xshell::cmd;
 
+const USAGE: &str = "usage: bench [--report-only] [-p CRATE | CRATE | FILTER]";
+
 /// What to bench.
 enum Selection {
     /// Every crate in the workspace.
@@ -42,10 +44,9 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
             "-p" | "--package" => {
                 Selection::Package(args.next().ok_or("`-p` needs a crate name")?.clone())
             }
-            flag if flag.starts_with('-') => return Err(format!(
-                "unknown option `{flag}`; usage: bench [--report-only] [-p CRATE | CRATE | FILTER]"
-            )
-            .into()),
+            flag if flag.starts_with('-') => {
+                return Err(format!("unknown option `{flag}`; {USAGE}").into())
+            }
             name if is_workspace_crate(name) => Selection::Package(name.to_string()),
             filter => Selection::Filter(filter.to_string()),
         };

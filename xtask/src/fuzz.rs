@@ -27,7 +27,9 @@ fn fuzz_dir() -> PathBuf {
 fn targets() -> Result<Vec<String>, Error> {
     let dir = fuzz_dir().join("fuzz_targets");
     let mut names = Vec::new();
-    for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+    let entries = std::fs::read_dir(&dir)
+        .map_err(|e| format!("no fuzz targets: cannot read {}: {e}", dir.display()))?;
+    for entry in entries {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "rs") {
             if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {

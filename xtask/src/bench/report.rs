@@ -9,6 +9,7 @@
 use crate::Error;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -146,7 +147,8 @@ pub fn print(dir: &Path, since: Option<SystemTime>) -> Result<(), Error> {
             *w = (*w).max(cell.chars().count());
         }
     }
-    println!();
+    // Built whole and written once, ignoring a closed pipe (`| head`).
+    let mut table = String::from("\n");
     for (i, row) in rows.iter().enumerate() {
         let line: Vec<String> = row
             .iter()
@@ -162,11 +164,14 @@ pub fn print(dir: &Path, since: Option<SystemTime>) -> Result<(), Error> {
                 }
             })
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        table.push_str(line.join("  ").trim_end());
+        table.push('\n');
         if i == 0 {
             let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-            println!("{}", rule.join("  "));
+            table.push_str(&rule.join("  "));
+            table.push('\n');
         }
     }
+    let _ = std::io::stdout().write_all(table.as_bytes());
     Ok(())
 }

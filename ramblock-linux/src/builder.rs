@@ -422,6 +422,7 @@ impl MemoryBuilder {
                 BackingKind::Hugetlb(page) => Some(page),
                 _ => None,
             },
+            pool: (page_size > host_page_size()).then_some(page_size),
         };
         let base = mmap::reserve_and_map(len, align, guard, spec)?;
         Ok(LinuxMemory {

@@ -32,8 +32,11 @@ pub(crate) struct MapSpec<'a> {
     pub source: Source<'a>,
     pub shared: bool,
     pub no_reserve: bool,
-    /// Anonymous hugetlb pages of this size.
+    /// Anonymous hugetlb pages of this size (`MAP_HUGETLB`).
     pub huge: Option<PageSize>,
+    /// The hugetlb pool behind the mapping (anonymous, memfd or
+    /// hugetlbfs), for naming it when the mapping fails.
+    pub pool: Option<PageSize>,
 }
 
 /// The host's base page size.
@@ -123,7 +126,7 @@ pub(crate) fn reserve_and_map(
     if let Err(e) = mapped {
         // SAFETY: the trimmed reservation is ours and unused.
         let _ = unsafe { rustix::mm::munmap(at, len + guard) };
-        return Err(match (spec.huge, e) {
+        return Err(match (spec.pool, e) {
             (Some(page), Errno::NOMEM) => hugetlb::exhausted(page, len as u64, Some(e)),
             _ => Error::sys(
                 "mmap",

@@ -19,6 +19,7 @@ use crate::host::HostMemory;
 use crate::name::BlockName;
 use crate::region::HostRegion;
 use core::fmt;
+use core::ops::Range;
 
 /// What to create: everything about a block except where it goes and the
 /// memory behind it.
@@ -165,27 +166,49 @@ impl<S: Storage> fmt::Debug for MigrationState<S> {
 }
 
 impl<S: Storage> MigrationState<S> {
-    /// Finds the next dirty page at or after `from`, clears its chunk in the
-    /// hypervisor first if the chunk was harvested but not yet cleared, then
-    /// takes the page's bit. The caller sends the page next.
-    pub fn next_to_send<D: DirtyLogSource>(
+    /// Finds the next run of dirty pages at or after `from`: at most `max`
+    /// consecutive pages, all inside the used length. Before returning it,
+    /// clears in the hypervisor every harvested-but-uncleared chunk the run
+    /// touches (so writes made after this point are logged again), then
+    /// takes the run's bits. The caller sends the pages next.
+    pub fn next_dirty_run<D: DirtyLogSource>(
         &mut self,
         from: usize,
+        max: usize,
         block: &BlockInfo<'_>,
         source: &mut D,
-    ) -> Result<Option<usize>, D::Error> {
-        let Some(page) = self.bitmap.find_next_dirty(from) else {
+    ) -> Result<Option<Range<usize>>, D::Error> {
+        let used = block.used_pages();
+        let Some(start) = self.bitmap.find_next_dirty(from).filter(|&p| p < used) else {
             return Ok(None);
         };
-        // `page` is inside the bitmap, and the clear map covers the same pages.
-        if let Ok(Some(chunk)) = self.clear_map.test_and_clear_chunk_of(page) {
-            let end = chunk.end.min(block.used_pages());
-            if chunk.start < end {
-                source.clear(block, chunk.start, end - chunk.start)?;
+        let limit = start.saturating_add(max.max(1)).min(used);
+        let end = self
+            .bitmap
+            .find_next_clean(start)
+            .map_or(limit, |c| c.min(limit));
+        // A run spans at most a few chunks (chunks are at least 64 pages).
+        let mut page = start;
+        while page < end {
+            if let Ok(Some(chunk)) = self.clear_map.test_and_clear_chunk_of(page) {
+                let chunk_end = chunk.end.min(used);
+                if chunk.start < chunk_end {
+                    source.clear(block, chunk.start, chunk_end - chunk.start)?;
+                }
             }
+            page = (page | ((1usize << self.clear_map.shift().min(63)) - 1)).saturating_add(1);
         }
-        let _ = self.bitmap.take(page);
-        Ok(Some(page))
+        // In range: start..end lies inside the used pages.
+        let _ = self.bitmap.clear_range(start, end - start);
+        Ok(Some(start..end))
+    }
+
+    /// Forgets dirty pages at or past `used` pages (after a shrink).
+    pub fn forget_past(&mut self, used: usize) {
+        let len = self.bitmap.len();
+        if used < len {
+            let _ = self.bitmap.clear_range(used, len - used);
+        }
     }
 }
 

@@ -54,6 +54,8 @@
 //! ```
 //!
 //! # Features
+//! - `std`: adapters from `std::io` to the stream's byte traits
+//!   (`stream::io::IoStream`); implies `alloc`.
 //! - `alloc`: heap-owned bitmap storage (`bitmap::Owned`,
 //!   `BlockBitmaps::allocate`). Without it nothing allocates.
 #![no_std]
@@ -62,17 +64,22 @@
 
 #[cfg(feature = "alloc")]
 extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
 
 pub mod addr;
 pub mod bitmap;
 pub mod block;
 pub mod buffer;
+pub mod checksum;
 pub mod dirty_log;
 pub mod flags;
 pub mod host;
 pub mod list;
 pub mod listener;
 pub mod name;
+pub mod precopy;
 pub mod region;
+pub mod stream;
 #[cfg(test)]
 mod testing;

@@ -1,0 +1,622 @@
+//! The pre-copy migration engine (the sending side).
+//!
+//! Pass 0 sends every page. Each later pass harvests the dirty log, then
+//! sends what is dirty, clearing each clear-map chunk in the hypervisor just
+//! before its first page goes out. After each pass the engine estimates the
+//! dirty rate and the bandwidth; when the pages left could be sent within
+//! the downtime limit (or the pass limit is reached) it pauses the guest,
+//! runs a final sync and send, writes the end record with a checksum of
+//! every block, and waits for the receiver's acknowledgement.
+//!
+//! Blocks added or removed during the migration fail it cleanly; a resize of
+//! a resizable block is carried to the destination. On any failure the guest
+//! is resumed and unthrottled: a failed migration never harms the source.
+//! Switching the dirty log off afterwards is the caller's job, as switching
+//! it on was.
+// Errors carry the block's name inline (no allocator to box it in); they
+// are built once, on the cold path, so their size costs nothing that matters.
+#![allow(clippy::result_large_err)]
+
+use crate::addr::{TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
+use crate::bitmap::Storage;
+use crate::checksum::Checksum;
+use crate::dirty_log::DirtyLogSource;
+use crate::flags::BlockFlags;
+use crate::host::HostMemory;
+use crate::list::RamList;
+use crate::name::BlockName;
+use crate::region::HostRegion;
+use crate::stream::format::{
+    read_array, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_RUN_PAGES,
+};
+use crate::stream::io::{ByteRead, ByteWrite, ReadError};
+use core::fmt;
+
+const PAGE: usize = TARGET_PAGE_SIZE as usize;
+/// Pages sent under one shared lock of the list, so writers are not held
+/// back for a whole pass.
+const PAGES_PER_LOCK: usize = 4096;
+
+/// How the migration runs.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PrecopyConfig {
+    /// Longest acceptable pause of the guest, in nanoseconds.
+    pub downtime_limit_ns: u64,
+    /// Switch over after this many passes even if the estimate is too long.
+    pub max_passes: u32,
+    /// Bytes per second on the wire, if capped.
+    pub bandwidth_limit: Option<u64>,
+    /// Throttle the guest's vCPUs when it dirties memory faster than it is sent.
+    pub auto_converge: bool,
+}
+
+impl Default for PrecopyConfig {
+    fn default() -> Self {
+        PrecopyConfig {
+            downtime_limit_ns: 300_000_000,
+            max_passes: 30,
+            bandwidth_limit: None,
+            auto_converge: false,
+        }
+    }
+}
+
+/// What happened in one pass.
+#[derive(Copy, Clone, Debug, Default, PartialEq)]
+pub struct PassReport {
+    /// Pass number (0 sends everything).
+    pub pass: u32,
+    /// Pages found dirty at the start of the pass (all pages for pass 0).
+    pub dirty_found: u64,
+    /// Normal pages sent.
+    pub pages_sent: u64,
+    /// Zero pages sent (as counts).
+    pub zero_pages: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Duration in nanoseconds.
+    pub duration_ns: u64,
+    /// Pages dirtied per second during the pass.
+    pub dirty_rate: f64,
+    /// Bytes per second achieved.
+    pub bandwidth: f64,
+    /// Pages dirty after the pass's sync.
+    pub remaining: u64,
+    /// Estimated time to send `remaining`, in nanoseconds.
+    pub estimated_ns: u64,
+    /// vCPU throttle in percent during the pass.
+    pub throttle: u8,
+}
+
+/// The totals of a finished migration.
+#[derive(Copy, Clone, Debug, Default, PartialEq)]
+pub struct MigrationStats {
+    /// Start to acknowledged end, ns.
+    pub total_ns: u64,
+    /// Building the bitmaps and sending the table, ns.
+    pub setup_ns: u64,
+    /// Guest paused until the destination acknowledged, ns.
+    pub downtime_ns: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// Normal pages sent.
+    pub pages: u64,
+    /// Zero pages sent.
+    pub zero_pages: u64,
+    /// Passes, including the final one.
+    pub passes: u32,
+    /// Dirty rate of the last live pass, pages per second.
+    pub dirty_rate: f64,
+    /// Pages sent while the guest was paused.
+    pub final_pages: u64,
+}
+
+/// What the engine needs from its surroundings.
+pub trait MigrationHost {
+    /// A monotonic clock in nanoseconds.
+    fn now_ns(&mut self) -> u64;
+    /// Sleeps (bandwidth cap).
+    fn sleep_ns(&mut self, ns: u64);
+    /// Stops the guest's vCPUs and waits until they are stopped.
+    fn pause_guest(&mut self);
+    /// Lets the vCPUs run again (only after a failed switch-over).
+    fn resume_guest(&mut self);
+    /// Makes the vCPUs sleep `percent` of the time (auto-converge).
+    fn set_throttle(&mut self, percent: u8);
+    /// Called after each pass.
+    fn pass_done(&mut self, report: &PassReport) {
+        let _ = report;
+    }
+    /// The checksum of a block's contents at switch-over; override to
+    /// compute it in parallel.
+    fn checksum(&mut self, region: &HostRegion, len: u64) -> u64 {
+        Checksum::of_region(region, len).unwrap_or(0)
+    }
+}
+
+/// Why a migration failed. The source guest is running again.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MigrateError<D, W, R> {
+    /// The buffer passed in holds less than one page.
+    BufferTooSmall,
+    /// The hypervisor's dirty log failed.
+    DirtyLog(D),
+    /// Writing the stream failed (connection closed?).
+    Write(W),
+    /// Reading the receiver's acknowledgement failed.
+    Ack(ReadError<R>),
+    /// The receiver refused the stream with this error code
+    /// (`ReceiveError::code`).
+    Refused(u32),
+    /// The receiver answered something that is not an acknowledgement.
+    BadAck,
+    /// A block was removed during the migration.
+    BlockRemoved(BlockName),
+    /// A migratable block was added during the migration.
+    BlockAdded(BlockName),
+}
+
+impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for MigrateError<D, W, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MigrateError::BufferTooSmall => {
+                f.write_str("the send buffer must hold at least one 4 KiB page")
+            }
+            MigrateError::DirtyLog(e) => write!(f, "dirty log failed: {e}"),
+            MigrateError::Write(e) => write!(f, "sending failed: {e}"),
+            MigrateError::Ack(e) => write!(f, "no acknowledgement from the destination: {e}"),
+            MigrateError::Refused(code) => {
+                write!(f, "the destination refused the stream (error code {code})")
+            }
+            MigrateError::BadAck => f.write_str(
+                "the destination answered with something that is not an acknowledgement",
+            ),
+            MigrateError::BlockRemoved(n) => {
+                write!(f, "block {n:?} was removed during the migration")
+            }
+            MigrateError::BlockAdded(n) => write!(f, "block {n:?} was added during the migration"),
+        }
+    }
+}
+
+impl<D: fmt::Debug + fmt::Display, W: fmt::Debug + fmt::Display, R: fmt::Debug + fmt::Display>
+    core::error::Error for MigrateError<D, W, R>
+{
+}
+
+type Error<D, W, R> =
+    MigrateError<<D as DirtyLogSource>::Error, <W as ByteWrite>::Error, <R as ByteRead>::Error>;
+
+/// A block being migrated: its name and the used length last sent.
+struct Slot {
+    name: BlockName,
+    used_length: u64,
+}
+
+/// The migration in progress.
+struct Engine<'a, 'l, M, S: Storage, const N: usize, D, W, H> {
+    list: &'a RamList<'l, M, S, N>,
+    source: &'a mut D,
+    out: &'a mut W,
+    host: &'a mut H,
+    cfg: PrecopyConfig,
+    buf: &'a mut [u8],
+    table: heapless::Vec<Slot, N>,
+    version: u64,
+    /// Counters of the pass in progress.
+    pass: PassReport,
+    pass_start: u64,
+    throttle: u8,
+}
+
+/// Migrates every migratable block of `list` to the receiver at the other
+/// end of `out`, reading its acknowledgement from `ack`. `buf` stages pages
+/// (one page at least; 64 pages makes the largest records). Dirty logging
+/// must be on before the call.
+#[allow(clippy::too_many_arguments)]
+pub fn migrate<M, S, const N: usize, D, W, R, H>(
+    list: &RamList<'_, M, S, N>,
+    source: &mut D,
+    out: &mut W,
+    ack: &mut R,
+    host: &mut H,
+    cfg: PrecopyConfig,
+    buf: &mut [u8],
+) -> Result<MigrationStats, Error<D, W, R>>
+where
+    M: HostMemory,
+    S: Storage,
+    D: DirtyLogSource,
+    W: ByteWrite,
+    R: ByteRead,
+    H: MigrationHost,
+{
+    if buf.len() < PAGE {
+        return Err(MigrateError::BufferTooSmall);
+    }
+    let mut engine = Engine {
+        list,
+        source,
+        out,
+        host,
+        cfg,
+        buf,
+        table: heapless::Vec::new(),
+        version: 0,
+        pass: PassReport::default(),
+        pass_start: 0,
+        throttle: 0,
+    };
+    let mut paused = false;
+    let result = engine.run(ack, &mut paused);
+    if result.is_err() {
+        // Never harm the source: let the guest run at full speed again.
+        engine.host.set_throttle(0);
+        if paused {
+            engine.host.resume_guest();
+        }
+    }
+    result
+}
+
+impl<
+        M: HostMemory,
+        S: Storage,
+        const N: usize,
+        D: DirtyLogSource,
+        W: ByteWrite,
+        H: MigrationHost,
+    > Engine<'_, '_, M, S, N, D, W, H>
+{
+    fn run<R: ByteRead>(
+        &mut self,
+        ack: &mut R,
+        paused: &mut bool,
+    ) -> Result<MigrationStats, Error<D, W, R>> {
+        let mut stats = MigrationStats::default();
+        let start = self.host.now_ns();
+        self.setup()?;
+        stats.setup_ns = self.host.now_ns() - start;
+        let mut dirty_found: u64 = self
+            .table
+            .iter()
+            .map(|s| s.used_length >> TARGET_PAGE_SHIFT)
+            .sum();
+        loop {
+            self.begin_pass(stats.passes, dirty_found);
+            self.send_dirty()?;
+            let newly = self.sync()?;
+            let remaining = self.remaining();
+            self.write(Record::Sync {
+                pass: stats.passes,
+                remaining,
+            })?;
+            let report = self.end_pass(newly, remaining);
+            stats.add(&report);
+            stats.dirty_rate = report.dirty_rate;
+            dirty_found = remaining;
+            if report.estimated_ns <= self.cfg.downtime_limit_ns
+                || stats.passes >= self.cfg.max_passes
+            {
+                break;
+            }
+            self.converge(&report);
+        }
+
+        // Switch-over.
+        let pause_start = self.host.now_ns();
+        self.host.pause_guest();
+        *paused = true;
+        self.sync()?;
+        self.begin_pass(stats.passes, self.remaining());
+        self.send_dirty()?;
+        self.write(Record::Sync {
+            pass: stats.passes,
+            remaining: 0,
+        })?;
+        self.write_end()?;
+        self.out.flush().map_err(MigrateError::Write)?;
+        let report = self.end_pass(0, 0);
+        stats.final_pages = report.pages_sent + report.zero_pages;
+        stats.add(&report);
+        let answer: [u8; 8] = read_array(ack).map_err(MigrateError::Ack)?;
+        let now = self.host.now_ns();
+        match (
+            &answer[..4],
+            u32::from_le_bytes([answer[4], answer[5], answer[6], answer[7]]),
+        ) {
+            (a, _) if a == ACK_OK => {}
+            (a, code) if a == ACK_ERR => return Err(MigrateError::Refused(code)),
+            _ => return Err(MigrateError::BadAck),
+        }
+        stats.downtime_ns = now - pause_start;
+        stats.total_ns = now - start;
+        self.host.set_throttle(0);
+        Ok(stats)
+    }
+
+    fn write<E>(&mut self, record: Record) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        record.write(self.out).map_err(MigrateError::Write)?;
+        self.pass.bytes += record_len(&record);
+        Ok(())
+    }
+
+    /// Builds the table, marks every used page dirty, resets the log, and
+    /// sends the header and table.
+    fn setup<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        {
+            let view = self.list.read();
+            self.version = self.list.version();
+            for block in view
+                .iter()
+                .filter(|b| b.flags().contains(BlockFlags::MIGRATABLE))
+            {
+                let mut st = block.migration();
+                let len = st.bitmap.len();
+                let _ = st.bitmap.clear_range(0, len);
+                let _ = st.bitmap.set_range(0, block.used_pages());
+                drop(st);
+                block
+                    .sync_dirty_log(self.source)
+                    .map_err(MigrateError::DirtyLog)?;
+                // Room for every block: the table has the list's capacity.
+                let _ = self.table.push(Slot {
+                    name: block.name.clone(),
+                    used_length: block.used_length().0,
+                });
+            }
+        }
+        Header::new(self.table.len() as u32)
+            .write(self.out)
+            .map_err(MigrateError::Write)?;
+        let view = self.list.read();
+        for slot in &self.table {
+            let Some(block) = view.by_name(slot.name.as_str()) else {
+                return Err(MigrateError::BlockRemoved(slot.name.clone()));
+            };
+            let entry = TableEntry {
+                used_length: slot.used_length,
+                page_size: block.page_size().bytes(),
+                flags: block.flags().bits(),
+            };
+            entry
+                .write(slot.name.as_str(), self.out)
+                .map_err(MigrateError::Write)?;
+        }
+        Ok(())
+    }
+
+    fn begin_pass(&mut self, pass: u32, dirty_found: u64) {
+        self.pass = PassReport {
+            pass,
+            dirty_found,
+            throttle: self.throttle,
+            ..PassReport::default()
+        };
+        self.pass_start = self.host.now_ns();
+    }
+
+    fn end_pass(&mut self, newly: u64, remaining: u64) -> PassReport {
+        let mut r = self.pass;
+        r.duration_ns = (self.host.now_ns() - self.pass_start).max(1);
+        let secs = r.duration_ns as f64 / 1e9;
+        r.bandwidth = r.bytes as f64 / secs;
+        r.dirty_rate = newly as f64 / secs;
+        r.remaining = remaining;
+        r.estimated_ns = if remaining == 0 {
+            0
+        } else if r.bandwidth > 0.0 {
+            (remaining as f64 * PAGE as f64 / r.bandwidth * 1e9) as u64
+        } else {
+            u64::MAX
+        };
+        self.host.pass_done(&r);
+        r
+    }
+
+    /// Auto-converge: when the guest dirtied more than half of what the pass
+    /// sent, slow its vCPUs (20%, then 10% more per pass, at most 99%).
+    fn converge(&mut self, r: &PassReport) {
+        if !self.cfg.auto_converge {
+            return;
+        }
+        let dirtied_bytes = r.dirty_rate * (r.duration_ns as f64 / 1e9) * PAGE as f64;
+        if dirtied_bytes > r.bytes as f64 / 2.0 {
+            self.throttle = if self.throttle == 0 {
+                20
+            } else {
+                (self.throttle + 10).min(99)
+            };
+            self.host.set_throttle(self.throttle);
+        }
+    }
+
+    /// Harvests every block's dirty log; returns the newly dirty count.
+    fn sync<E>(&mut self) -> Result<u64, MigrateError<D::Error, W::Error, E>> {
+        self.reconcile()?;
+        let view = self.list.read();
+        let mut newly = 0;
+        for slot in &self.table {
+            if let Some(block) = view.by_name(slot.name.as_str()) {
+                newly += block
+                    .sync_dirty_log(self.source)
+                    .map_err(MigrateError::DirtyLog)?;
+            }
+        }
+        Ok(newly)
+    }
+
+    fn remaining(&self) -> u64 {
+        let view = self.list.read();
+        self.table
+            .iter()
+            .filter_map(|s| view.by_name(s.name.as_str()))
+            .map(|b| b.migration().bitmap.dirty_count())
+            .sum()
+    }
+
+    /// Notices layout changes through the version counter: a resize is sent
+    /// on, anything else fails the migration.
+    fn reconcile<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        if self.list.version() == self.version {
+            return Ok(());
+        }
+        let mut resized: heapless::Vec<(u32, u64), N> = heapless::Vec::new();
+        {
+            let view = self.list.read();
+            self.version = self.list.version();
+            for (i, slot) in self.table.iter_mut().enumerate() {
+                let Some(block) = view.by_name(slot.name.as_str()) else {
+                    return Err(MigrateError::BlockRemoved(slot.name.clone()));
+                };
+                if block.used_length().0 != slot.used_length {
+                    slot.used_length = block.used_length().0;
+                    block.migration().forget_past(block.used_pages());
+                    let _ = resized.push((i as u32, slot.used_length));
+                }
+            }
+            if let Some(added) = view.iter().find(|b| {
+                b.flags().contains(BlockFlags::MIGRATABLE)
+                    && !self.table.iter().any(|s| s.name.as_str() == b.name())
+            }) {
+                return Err(MigrateError::BlockAdded(added.name.clone()));
+            }
+        }
+        for (block, used_length) in resized {
+            self.write(Record::Resize { block, used_length })?;
+        }
+        Ok(())
+    }
+
+    /// Sends every dirty page of every block.
+    fn send_dirty<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        let max_run = (self.buf.len() / PAGE).min(MAX_RUN_PAGES as usize);
+        for index in 0..self.table.len() {
+            let mut from = 0;
+            loop {
+                self.reconcile()?;
+                let view = self.list.read();
+                let Some(block) = view.by_name(self.table[index].name.as_str()) else {
+                    return Err(MigrateError::BlockRemoved(self.table[index].name.clone()));
+                };
+                let info = block.info();
+                let region = block.region();
+                let mut state = block.migration();
+                let mut sent = 0;
+                while sent < PAGES_PER_LOCK {
+                    let run = state
+                        .next_dirty_run(from, max_run, &info, self.source)
+                        .map_err(MigrateError::DirtyLog)?;
+                    let Some(run) = run else { break };
+                    self.send_run(index as u32, &region, run.start, run.end - run.start)?;
+                    sent += run.end - run.start;
+                    from = run.end;
+                }
+                if sent < PAGES_PER_LOCK {
+                    break; // the block has no dirty page left
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `count` pages from `first` out of guest memory and sends them,
+    /// zero pages as counts.
+    fn send_run<E>(
+        &mut self,
+        block: u32,
+        region: &HostRegion,
+        first: usize,
+        count: usize,
+    ) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        let bytes = count * PAGE;
+        // In range: next_dirty_run keeps runs inside the used length, which
+        // the region covers.
+        let _ = region.read((first * PAGE) as u64, &mut self.buf[..bytes]);
+        let mut i = 0;
+        while i < count {
+            let zero = is_zero_page(&self.buf[i * PAGE..(i + 1) * PAGE]);
+            let mut j = i + 1;
+            while j < count && is_zero_page(&self.buf[j * PAGE..(j + 1) * PAGE]) == zero {
+                j += 1;
+            }
+            let (first, n) = ((first + i) as u64, (j - i) as u32);
+            if zero {
+                self.write(Record::Zero {
+                    block,
+                    first,
+                    count: n,
+                })?;
+                self.pass.zero_pages += u64::from(n);
+            } else {
+                self.write(Record::Pages {
+                    block,
+                    first,
+                    count: n,
+                })?;
+                self.out
+                    .write_all(&self.buf[i * PAGE..j * PAGE])
+                    .map_err(MigrateError::Write)?;
+                self.pass.bytes += (j - i) as u64 * PAGE as u64;
+                self.pass.pages_sent += u64::from(n);
+            }
+            i = j;
+        }
+        self.throttle_bandwidth();
+        Ok(())
+    }
+
+    /// Sleeps as needed to keep the pass under the bandwidth cap.
+    fn throttle_bandwidth(&mut self) {
+        if let Some(limit) = self.cfg.bandwidth_limit.filter(|&l| l > 0) {
+            let due = (self.pass.bytes as u128 * 1_000_000_000 / u128::from(limit)) as u64;
+            let elapsed = self.host.now_ns() - self.pass_start;
+            if due > elapsed {
+                self.host.sleep_ns(due - elapsed);
+            }
+        }
+    }
+
+    /// The end record: one checksum per block, in table order.
+    fn write_end<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        self.write(Record::End {
+            count: self.table.len() as u32,
+        })?;
+        let view = self.list.read();
+        for slot in &self.table {
+            let Some(block) = view.by_name(slot.name.as_str()) else {
+                return Err(MigrateError::BlockRemoved(slot.name.clone()));
+            };
+            let sum = self.host.checksum(&block.region(), block.used_length().0);
+            self.out
+                .write_all(&sum.to_le_bytes())
+                .map_err(MigrateError::Write)?;
+            self.pass.bytes += 8;
+        }
+        Ok(())
+    }
+}
+
+impl MigrationStats {
+    fn add(&mut self, r: &PassReport) {
+        self.passes += 1;
+        self.bytes += r.bytes;
+        self.pages += r.pages_sent;
+        self.zero_pages += r.zero_pages;
+    }
+}
+
+/// Bytes of a record's header on the wire.
+fn record_len(r: &Record) -> u64 {
+    match r {
+        Record::Pages { .. } | Record::Zero { .. } => 17,
+        Record::Sync { .. } | Record::Resize { .. } => 13,
+        Record::End { .. } => 5,
+    }
+}
+
+/// Whether a page is all zero (OR-folds words; vectorizes).
+fn is_zero_page(page: &[u8]) -> bool {
+    page.chunks_exact(64)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}

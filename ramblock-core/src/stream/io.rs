@@ -1,0 +1,134 @@
+//! Minimal byte-stream traits, so the stream code runs without `std`.
+//!
+//! [`ByteRead`] and [`ByteWrite`] are the two calls the migration stream
+//! needs. [`SliceReader`] reads from memory (tests, fuzzing, firmware);
+//! with the `std` feature, `IoStream` adapts any `std::io::Read`/`Write`.
+
+use core::fmt;
+
+/// Why a read could not complete.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ReadError<E> {
+    /// The stream ended before the bytes asked for.
+    Eof,
+    /// The underlying transport failed.
+    Io(E),
+}
+
+impl<E: fmt::Display> fmt::Display for ReadError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::Eof => f.write_str("the stream ended early"),
+            ReadError::Io(e) => write!(f, "read failed: {e}"),
+        }
+    }
+}
+
+/// A source of bytes.
+pub trait ByteRead {
+    /// The transport's error.
+    type Error: fmt::Debug + fmt::Display;
+
+    /// Fills `buf` completely, or fails.
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ReadError<Self::Error>>;
+}
+
+/// A sink of bytes.
+pub trait ByteWrite {
+    /// The transport's error.
+    type Error: fmt::Debug + fmt::Display;
+
+    /// Writes all of `buf`, or fails.
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), Self::Error>;
+
+    /// Pushes buffered bytes out.
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+impl<T: ByteRead + ?Sized> ByteRead for &mut T {
+    type Error = T::Error;
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ReadError<T::Error>> {
+        (**self).read_exact(buf)
+    }
+}
+
+impl<T: ByteWrite + ?Sized> ByteWrite for &mut T {
+    type Error = T::Error;
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), T::Error> {
+        (**self).write_all(buf)
+    }
+    fn flush(&mut self) -> Result<(), T::Error> {
+        (**self).flush()
+    }
+}
+
+/// Reads from a byte slice.
+#[derive(Debug)]
+pub struct SliceReader<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> SliceReader<'a> {
+    /// Reads `data` from its start.
+    pub fn new(data: &'a [u8]) -> Self {
+        SliceReader { data }
+    }
+
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl ByteRead for SliceReader<'_> {
+    type Error = core::convert::Infallible;
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ReadError<Self::Error>> {
+        if buf.len() > self.data.len() {
+            self.data = &[];
+            return Err(ReadError::Eof);
+        }
+        let (head, tail) = self.data.split_at(buf.len());
+        buf.copy_from_slice(head);
+        self.data = tail;
+        Ok(())
+    }
+}
+
+/// Appends to a `Vec<u8>`.
+#[cfg(feature = "alloc")]
+impl ByteWrite for alloc::vec::Vec<u8> {
+    type Error = core::convert::Infallible;
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), Self::Error> {
+        self.extend_from_slice(buf);
+        Ok(())
+    }
+}
+
+/// Adapts a `std::io` reader or writer.
+#[cfg(feature = "std")]
+#[derive(Debug)]
+pub struct IoStream<T>(pub T);
+
+#[cfg(feature = "std")]
+impl<T: std::io::Read> ByteRead for IoStream<T> {
+    type Error = std::io::Error;
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ReadError<std::io::Error>> {
+        self.0.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => ReadError::Eof,
+            _ => ReadError::Io(e),
+        })
+    }
+}
+
+#[cfg(feature = "std")]
+impl<T: std::io::Write> ByteWrite for IoStream<T> {
+    type Error = std::io::Error;
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), std::io::Error> {
+        self.0.write_all(buf)
+    }
+    fn flush(&mut self) -> Result<(), std::io::Error> {
+        self.0.flush()
+    }
+}

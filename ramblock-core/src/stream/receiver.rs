@@ -1,0 +1,524 @@
+//! The receiving side: trusts nothing.
+//!
+//! Every record is checked against the block it names before a byte of guest
+//! memory is written; a `Pages` record's payload is read completely into a
+//! bounce buffer first, so a truncated or refused record writes nothing. On
+//! any error the pages of the records accepted before it stay written and
+//! nothing else is touched; calling [`Receiver::receive`] again starts a new
+//! receive from a fresh stream.
+// Errors carry the block's name inline (no allocator to box it in); they
+// are built once, on the cold path, so their size costs nothing that matters.
+#![allow(clippy::result_large_err)]
+
+use super::format::{
+    read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_RUN_PAGES, VERSION,
+};
+use super::io::{ByteRead, ByteWrite, ReadError};
+use crate::addr::{ByteLen, TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
+use crate::bitmap::Storage;
+use crate::checksum::Checksum;
+use crate::flags::BlockFlags;
+use crate::host::HostMemory;
+use crate::list::{RamList, ResizeError};
+use crate::name::BlockName;
+use core::fmt;
+
+/// Why a receive failed. Names are the block's name as the source sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReceiveError<E, H> {
+    /// The stream does not start with the magic bytes.
+    BadMagic,
+    /// The stream's version is not one this code reads.
+    UnsupportedVersion(u16),
+    /// The source's target page size differs (log2 given).
+    TargetPageSizeMismatch(u8),
+    /// The block table names more blocks than the destination list can hold.
+    TooManyBlocks {
+        /// Blocks in the table.
+        count: u32,
+    },
+    /// A table entry's name is empty, not UTF-8, or contains NUL.
+    BadBlockName,
+    /// The table names a block the destination does not have.
+    UnknownBlock(BlockName),
+    /// The table names a block twice.
+    DuplicateBlock(BlockName),
+    /// A migratable destination block is missing from the table.
+    MissingBlock(BlockName),
+    /// The block's host page size differs between the two sides.
+    PageSizeMismatch {
+        /// The block.
+        name: BlockName,
+        /// Source page size.
+        source: u64,
+        /// Destination page size.
+        destination: u64,
+    },
+    /// The block's used length cannot be matched on the destination.
+    SizeMismatch {
+        /// The block.
+        name: BlockName,
+        /// Source used length.
+        source: u64,
+        /// Destination used length (max length for resizable blocks).
+        destination: u64,
+    },
+    /// The destination block is read-only and cannot be written.
+    ReadOnlyBlock(BlockName),
+    /// A record with an unknown tag.
+    UnknownRecord(u8),
+    /// A record names a table index past the table.
+    BadBlockIndex(u32),
+    /// A run of zero pages or more than the maximum.
+    BadRunLength(u32),
+    /// `first + count` overflows.
+    LengthOverflow,
+    /// A record runs past the block's used length.
+    PastUsedLength {
+        /// The block.
+        name: BlockName,
+        /// First page of the record.
+        first: u64,
+        /// Pages in the record.
+        count: u32,
+        /// The block's used length in pages.
+        used_pages: u64,
+    },
+    /// The destination refused a resize the source sent.
+    ResizeRefused {
+        /// The block.
+        name: BlockName,
+        /// The length asked for.
+        length: u64,
+    },
+    /// The end record's checksum count differs from the table's size.
+    EndCountMismatch {
+        /// Checksums announced.
+        count: u32,
+        /// Blocks in the table.
+        blocks: u32,
+    },
+    /// A block's contents differ from the source's at switch-over.
+    ChecksumMismatch {
+        /// The block.
+        name: BlockName,
+        /// The source's checksum.
+        expected: u64,
+        /// The destination's.
+        found: u64,
+    },
+    /// The stream ended in the middle of something.
+    Truncated,
+    /// The transport failed.
+    Io(E),
+    /// The destination's host memory failed.
+    Host(H),
+}
+
+impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use ReceiveError::*;
+        match self {
+            BadMagic => f.write_str("not a ramblock migration stream (bad magic)"),
+            UnsupportedVersion(v) => write!(f, "stream version {v} is not supported (this build reads {VERSION})"),
+            TargetPageSizeMismatch(s) => write!(f, "source target page is 2^{s} bytes, destination uses 2^{TARGET_PAGE_SHIFT}"),
+            TooManyBlocks { count } => write!(f, "the stream names {count} blocks, more than the destination can hold"),
+            BadBlockName => f.write_str("a block name in the stream is empty, not UTF-8, or contains NUL"),
+            UnknownBlock(n) => write!(f, "block {n:?} does not exist on the destination"),
+            DuplicateBlock(n) => write!(f, "block {n:?} appears twice in the block table"),
+            MissingBlock(n) => write!(f, "destination block {n:?} is not in the stream"),
+            PageSizeMismatch { name, source, destination } => {
+                write!(f, "block {name:?}: page size {source:#x} on the source, {destination:#x} here")
+            }
+            SizeMismatch { name, source, destination } => {
+                write!(f, "block {name:?}: {source:#x} bytes on the source, the destination has {destination:#x}")
+            }
+            ReadOnlyBlock(n) => write!(f, "destination block {n:?} is read-only"),
+            UnknownRecord(t) => write!(f, "unknown record tag {t}"),
+            BadBlockIndex(i) => write!(f, "record names block index {i}, past the block table"),
+            BadRunLength(c) => write!(f, "record of {c} pages (1..={MAX_RUN_PAGES} allowed)"),
+            LengthOverflow => f.write_str("record's first page plus count overflows"),
+            PastUsedLength { name, first, count, used_pages } => write!(
+                f,
+                "record for pages {first}..+{count} of block {name:?} runs past its {used_pages} used pages"
+            ),
+            ResizeRefused { name, length } => write!(f, "block {name:?} cannot be resized to {length:#x}"),
+            EndCountMismatch { count, blocks } => write!(f, "end record has {count} checksums for {blocks} blocks"),
+            ChecksumMismatch { name, expected, found } => {
+                write!(f, "block {name:?} differs from the source (checksum {found:#x}, expected {expected:#x})")
+            }
+            Truncated => f.write_str("the stream ended in the middle of a record"),
+            Io(e) => write!(f, "transport failed: {e}"),
+            Host(e) => write!(f, "destination memory failed: {e}"),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display, H: fmt::Debug + fmt::Display> core::error::Error
+    for ReceiveError<E, H>
+{
+}
+
+impl<E, H> ReceiveError<E, H> {
+    /// A stable number for this error, sent back to the source in a refusal.
+    pub fn code(&self) -> u32 {
+        use ReceiveError::*;
+        match self {
+            BadMagic => 1,
+            UnsupportedVersion(_) => 2,
+            TargetPageSizeMismatch(_) => 3,
+            TooManyBlocks { .. } => 4,
+            BadBlockName => 5,
+            UnknownBlock(_) => 6,
+            DuplicateBlock(_) => 7,
+            MissingBlock(_) => 8,
+            PageSizeMismatch { .. } => 9,
+            SizeMismatch { .. } => 10,
+            ReadOnlyBlock(_) => 11,
+            UnknownRecord(_) => 12,
+            BadBlockIndex(_) => 13,
+            BadRunLength(_) => 14,
+            LengthOverflow => 15,
+            PastUsedLength { .. } => 16,
+            ResizeRefused { .. } => 17,
+            EndCountMismatch { .. } => 18,
+            ChecksumMismatch { .. } => 19,
+            Truncated => 20,
+            Io(_) => 21,
+            Host(_) => 22,
+        }
+    }
+}
+
+impl<E, H> From<ReadError<E>> for ReceiveError<E, H> {
+    fn from(e: ReadError<E>) -> Self {
+        match e {
+            ReadError::Eof => ReceiveError::Truncated,
+            ReadError::Io(e) => ReceiveError::Io(e),
+        }
+    }
+}
+
+/// What a completed receive did.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReceiveSummary {
+    /// Normal pages written.
+    pub pages: u64,
+    /// Zero pages received.
+    pub zero_pages: u64,
+    /// Sync markers seen (passes).
+    pub passes: u32,
+    /// Blocks verified by checksum.
+    pub blocks: u32,
+}
+
+/// Progress the receiver reports while it runs.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ReceiveEvent {
+    /// The source finished pass `pass` with `remaining` pages dirty.
+    Sync {
+        /// Pass number.
+        pass: u32,
+        /// Pages still dirty on the source.
+        remaining: u64,
+    },
+    /// The last data arrived; checksums are being verified.
+    Verifying,
+}
+
+/// A table slot: the block's name and its used length in pages.
+struct Slot {
+    name: BlockName,
+    used_pages: u64,
+}
+
+/// Receives migration streams into a destination's blocks.
+#[derive(Debug)]
+pub struct Receiver<'b> {
+    bounce: &'b mut [u8],
+}
+
+/// The bounce buffer is smaller than one maximal record.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct BounceTooSmall {
+    /// Bytes needed.
+    pub needed: usize,
+}
+
+impl fmt::Display for BounceTooSmall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the receive buffer must hold at least {} bytes",
+            self.needed
+        )
+    }
+}
+
+impl core::error::Error for BounceTooSmall {}
+
+/// Bytes of the largest `Pages` payload.
+pub const BOUNCE_BYTES: usize = MAX_RUN_PAGES as usize * TARGET_PAGE_SIZE as usize;
+
+type Result2<T, R, M> = Result<T, ReceiveError<<R as ByteRead>::Error, <M as HostMemory>::Error>>;
+
+impl<'b> Receiver<'b> {
+    /// A receiver staging each record in `bounce` (at least [`BOUNCE_BYTES`]).
+    pub fn new(bounce: &'b mut [u8]) -> Result<Self, BounceTooSmall> {
+        if bounce.len() < BOUNCE_BYTES {
+            return Err(BounceTooSmall {
+                needed: BOUNCE_BYTES,
+            });
+        }
+        Ok(Receiver { bounce })
+    }
+
+    /// Receives one whole stream from `r` into the blocks of `list`,
+    /// reporting progress to `events`, and verifies the end checksums.
+    pub fn receive<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
+        &mut self,
+        list: &RamList<'_, M, S, N>,
+        r: &mut R,
+        mut events: impl FnMut(ReceiveEvent),
+    ) -> Result2<ReceiveSummary, R, M> {
+        let mut table = Self::read_table(list, r)?;
+        let mut summary = ReceiveSummary::default();
+        loop {
+            let record = Record::read(r)?.map_err(ReceiveError::UnknownRecord)?;
+            match record {
+                Record::Pages {
+                    block,
+                    first,
+                    count,
+                }
+                | Record::Zero {
+                    block,
+                    first,
+                    count,
+                } => {
+                    let slot = Self::check_run(&table, block, first, count)?;
+                    let (start, len) = (
+                        first << TARGET_PAGE_SHIFT,
+                        count as usize * TARGET_PAGE_SIZE as usize,
+                    );
+                    let is_pages = matches!(record, Record::Pages { .. });
+                    if is_pages {
+                        r.read_exact(&mut self.bounce[..len])?;
+                    }
+                    let view = list.read();
+                    // Checked against the list when the table was read; the
+                    // block cannot have left a list being migrated into.
+                    let Some(dest) = view.by_name(slot.name.as_str()) else {
+                        return Err(ReceiveError::UnknownBlock(slot.name.clone()));
+                    };
+                    let region = dest.region();
+                    let oob = |_| ReceiveError::PastUsedLength {
+                        name: slot.name.clone(),
+                        first,
+                        count,
+                        used_pages: dest.used_pages() as u64,
+                    };
+                    if is_pages {
+                        region.write(start, &self.bounce[..len]).map_err(oob)?;
+                        summary.pages += u64::from(count);
+                    } else {
+                        // Only write pages that are not zero already: a fresh
+                        // destination page then stays untouched (unallocated).
+                        for page in 0..u64::from(count) {
+                            let at = start + (page << TARGET_PAGE_SHIFT);
+                            if !region.is_zero(at, TARGET_PAGE_SIZE as usize).map_err(oob)? {
+                                region.fill(at, TARGET_PAGE_SIZE as usize, 0).map_err(oob)?;
+                            }
+                        }
+                        summary.zero_pages += u64::from(count);
+                    }
+                }
+                Record::Sync { pass, remaining } => {
+                    summary.passes = summary.passes.max(pass + 1);
+                    events(ReceiveEvent::Sync { pass, remaining });
+                }
+                Record::Resize { block, used_length } => {
+                    let slot = table
+                        .get_mut(block as usize)
+                        .ok_or(ReceiveError::BadBlockIndex(block))?;
+                    list.resize(slot.name.as_str(), ByteLen(used_length))
+                        .map_err(|e| match e {
+                            ResizeError::Host(h) => ReceiveError::Host(h),
+                            _ => ReceiveError::ResizeRefused {
+                                name: slot.name.clone(),
+                                length: used_length,
+                            },
+                        })?;
+                    slot.used_pages = used_length >> TARGET_PAGE_SHIFT;
+                }
+                Record::End { count } => {
+                    if count as usize != table.len() {
+                        return Err(ReceiveError::EndCountMismatch {
+                            count,
+                            blocks: table.len() as u32,
+                        });
+                    }
+                    events(ReceiveEvent::Verifying);
+                    for slot in &table {
+                        let expected = read_u64(r)?;
+                        let view = list.read();
+                        let dest = view
+                            .by_name(slot.name.as_str())
+                            .ok_or_else(|| ReceiveError::UnknownBlock(slot.name.clone()))?;
+                        let found = Checksum::of_region(&dest.region(), dest.used_length().0)
+                            .map_err(|_| ReceiveError::SizeMismatch {
+                                name: slot.name.clone(),
+                                source: slot.used_pages << TARGET_PAGE_SHIFT,
+                                destination: dest.used_length().0,
+                            })?;
+                        if found != expected {
+                            return Err(ReceiveError::ChecksumMismatch {
+                                name: slot.name.clone(),
+                                expected,
+                                found,
+                            });
+                        }
+                        summary.blocks += 1;
+                    }
+                    return Ok(summary);
+                }
+            }
+        }
+    }
+
+    /// Reads the header and block table and matches every entry against the
+    /// destination's blocks, resizing resizable ones to the source's length.
+    fn read_table<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
+        list: &RamList<'_, M, S, N>,
+        r: &mut R,
+    ) -> Result2<heapless::Vec<Slot, N>, R, M> {
+        let header = Header::read(r)?.ok_or(ReceiveError::BadMagic)?;
+        if header.version != VERSION {
+            return Err(ReceiveError::UnsupportedVersion(header.version));
+        }
+        if u32::from(header.page_shift) != TARGET_PAGE_SHIFT {
+            return Err(ReceiveError::TargetPageSizeMismatch(header.page_shift));
+        }
+        if header.block_count as usize > N {
+            return Err(ReceiveError::TooManyBlocks {
+                count: header.block_count,
+            });
+        }
+        let mut table: heapless::Vec<Slot, N> = heapless::Vec::new();
+        let mut raw = [0u8; 255];
+        for _ in 0..header.block_count {
+            let (len, entry) = TableEntry::read(r, &mut raw)?;
+            let name = core::str::from_utf8(&raw[..len])
+                .ok()
+                .and_then(|n| BlockName::new(n).ok())
+                .ok_or(ReceiveError::BadBlockName)?;
+            if table.iter().any(|s| s.name == name) {
+                return Err(ReceiveError::DuplicateBlock(name));
+            }
+            let resize_to = {
+                let view = list.read();
+                let dest = view
+                    .by_name(name.as_str())
+                    .ok_or_else(|| ReceiveError::UnknownBlock(name.clone()))?;
+                if dest.flags().contains(BlockFlags::READ_ONLY) {
+                    return Err(ReceiveError::ReadOnlyBlock(name));
+                }
+                if entry.page_size != dest.page_size().bytes() {
+                    return Err(ReceiveError::PageSizeMismatch {
+                        name,
+                        source: entry.page_size,
+                        destination: dest.page_size().bytes(),
+                    });
+                }
+                let resizable = dest.flags().contains(BlockFlags::RESIZABLE);
+                let fits = entry.used_length == dest.used_length().0
+                    || (resizable
+                        && entry.used_length <= dest.max_length().0
+                        && entry.used_length % dest.page_size().bytes() == 0
+                        && entry.used_length > 0);
+                if !fits {
+                    let destination = if resizable {
+                        dest.max_length().0
+                    } else {
+                        dest.used_length().0
+                    };
+                    return Err(ReceiveError::SizeMismatch {
+                        name,
+                        source: entry.used_length,
+                        destination,
+                    });
+                }
+                (entry.used_length != dest.used_length().0).then_some(entry.used_length)
+            };
+            if let Some(length) = resize_to {
+                list.resize(name.as_str(), ByteLen(length))
+                    .map_err(|e| match e {
+                        ResizeError::Host(h) => ReceiveError::Host(h),
+                        _ => ReceiveError::ResizeRefused {
+                            name: name.clone(),
+                            length,
+                        },
+                    })?;
+            }
+            let used_pages = entry.used_length >> TARGET_PAGE_SHIFT;
+            // Cannot overflow: block_count <= N was checked.
+            let _ = table.push(Slot { name, used_pages });
+        }
+        let view = list.read();
+        if let Some(missing) = view.iter().find(|b| {
+            b.flags().contains(BlockFlags::MIGRATABLE)
+                && !table.iter().any(|s| s.name.as_str() == b.name())
+        }) {
+            return Err(ReceiveError::MissingBlock(
+                BlockName::new(missing.name())
+                    .unwrap_or_else(|_| unreachable!("names in the list are valid")),
+            ));
+        }
+        Ok(table)
+    }
+
+    /// Checks a run record against the table: index, length, bounds.
+    fn check_run<E, H>(
+        table: &[Slot],
+        block: u32,
+        first: u64,
+        count: u32,
+    ) -> Result<&Slot, ReceiveError<E, H>> {
+        let slot = table
+            .get(block as usize)
+            .ok_or(ReceiveError::BadBlockIndex(block))?;
+        if count == 0 || count > MAX_RUN_PAGES {
+            return Err(ReceiveError::BadRunLength(count));
+        }
+        let end = first
+            .checked_add(u64::from(count))
+            .ok_or(ReceiveError::LengthOverflow)?;
+        if end > slot.used_pages {
+            return Err(ReceiveError::PastUsedLength {
+                name: slot.name.clone(),
+                first,
+                count,
+                used_pages: slot.used_pages,
+            });
+        }
+        Ok(slot)
+    }
+}
+
+/// Tells the source how the receive ended: [`ACK_OK`], or [`ACK_ERR`] and
+/// the error's code.
+pub fn send_ack<W: ByteWrite, E, H>(
+    w: &mut W,
+    result: &Result<ReceiveSummary, ReceiveError<E, H>>,
+) -> Result<(), W::Error> {
+    let mut b = [0u8; 8];
+    match result {
+        Ok(_) => b[..4].copy_from_slice(&ACK_OK),
+        Err(e) => {
+            b[..4].copy_from_slice(&ACK_ERR);
+            b[4..].copy_from_slice(&e.code().to_le_bytes());
+        }
+    }
+    w.write_all(&b)?;
+    w.flush()
+}

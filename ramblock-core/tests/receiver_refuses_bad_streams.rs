@@ -1,0 +1,417 @@
+//! Every malformed stream gets its own typed error, pages outside the
+//! records already accepted are never written, and a receive can start again
+//! after an error.
+
+use ramblock_core::addr::{ByteLen, PageSize};
+use ramblock_core::bitmap::Owned;
+use ramblock_core::block::{BlockBitmaps, BlockSpec};
+use ramblock_core::buffer::BufferMemory;
+use ramblock_core::checksum::Checksum;
+use ramblock_core::flags::BlockFlags;
+use ramblock_core::list::RamList;
+use ramblock_core::name::BlockName;
+use ramblock_core::stream::format::{Header, Record, TableEntry, MAX_RUN_PAGES};
+use ramblock_core::stream::io::{ByteWrite, SliceReader};
+use ramblock_core::stream::receiver::{ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES};
+use std::convert::Infallible;
+
+type Mem = BufferMemory<Box<[u8]>>;
+type List = RamList<'static, Mem, Owned, 4>;
+const PAGE: u64 = 4096;
+const GUARD: u8 = 0xA5;
+
+/// A destination: "ram" of 8 pages and a resizable "vram" of 2 (max 4),
+/// all filled with a guard byte so any stray write shows.
+fn dest() -> List {
+    let list = List::new();
+    for (name, pages, max, flags) in [
+        ("ram", 8, 8, BlockFlags::MIGRATABLE),
+        ("vram", 2, 4, BlockFlags::MIGRATABLE | BlockFlags::RESIZABLE),
+    ] {
+        let spec = BlockSpec {
+            max_length: ByteLen(max * PAGE),
+            ..BlockSpec::new(BlockName::new(name).unwrap(), ByteLen(pages * PAGE)).flags(flags)
+        };
+        let mem = Mem::new(
+            vec![GUARD; (max * PAGE) as usize].into_boxed_slice(),
+            ByteLen(pages * PAGE),
+            PageSize::SIZE_4K,
+        )
+        .unwrap();
+        list.add(spec.clone(), mem, BlockBitmaps::for_spec(&spec).unwrap())
+            .unwrap();
+    }
+    list
+}
+
+fn table(out: &mut Vec<u8>, entries: &[(&str, u64)]) {
+    Header::new(entries.len() as u32).write(out).unwrap();
+    for (name, pages) in entries {
+        TableEntry {
+            used_length: pages * PAGE,
+            page_size: PAGE,
+            flags: 0,
+        }
+        .write(name, out)
+        .unwrap();
+    }
+}
+
+fn good_table(out: &mut Vec<u8>) {
+    table(out, &[("ram", 8), ("vram", 2)]);
+}
+
+fn pages(out: &mut Vec<u8>, block: u32, first: u64, count: u32, byte: u8) {
+    Record::Pages {
+        block,
+        first,
+        count,
+    }
+    .write(out)
+    .unwrap();
+    out.write_all(&vec![byte; (count as u64 * PAGE) as usize])
+        .unwrap();
+}
+
+fn receive(
+    list: &List,
+    stream: &[u8],
+) -> Result<ReceiveSummary, ReceiveError<Infallible, ramblock_core::buffer::BufferError>> {
+    let mut bounce = vec![0u8; BOUNCE_BYTES];
+    Receiver::new(&mut bounce)
+        .unwrap()
+        .receive(list, &mut SliceReader::new(stream), |_| {})
+}
+
+/// Every page of every block: (block, page, first byte, all bytes equal).
+fn pages_of(list: &List) -> Vec<(String, u64, u8, bool)> {
+    let view = list.read();
+    let mut v = vec![];
+    for b in view.iter() {
+        for p in 0..b.used_pages() as u64 {
+            let mut buf = vec![0u8; PAGE as usize];
+            b.read(ByteLen(p * PAGE), &mut buf).unwrap();
+            v.push((
+                b.name().to_string(),
+                p,
+                buf[0],
+                buf.iter().all(|&x| x == buf[0]),
+            ));
+        }
+    }
+    v
+}
+
+fn expect(stream: Vec<u8>, want: &str) {
+    let list = dest();
+    let err = receive(&list, &stream).unwrap_err();
+    assert_eq!(err.to_string(), want);
+}
+
+#[test]
+fn bad_magic() {
+    expect(
+        b"NOTRAMBLOCK.....".to_vec(),
+        "not a ramblock migration stream (bad magic)",
+    );
+}
+
+#[test]
+fn unsupported_version() {
+    let mut s = vec![];
+    Header {
+        version: 9,
+        ..Header::new(0)
+    }
+    .write(&mut s)
+    .unwrap();
+    expect(s, "stream version 9 is not supported (this build reads 1)");
+}
+
+#[test]
+fn target_page_size_mismatch() {
+    let mut s = vec![];
+    Header {
+        page_shift: 16,
+        ..Header::new(0)
+    }
+    .write(&mut s)
+    .unwrap();
+    expect(s, "source target page is 2^16 bytes, destination uses 2^12");
+}
+
+#[test]
+fn too_many_blocks() {
+    let mut s = vec![];
+    Header::new(5).write(&mut s).unwrap();
+    expect(
+        s,
+        "the stream names 5 blocks, more than the destination can hold",
+    );
+}
+
+#[test]
+fn bad_block_name() {
+    let mut s = vec![];
+    Header::new(1).write(&mut s).unwrap();
+    s.extend_from_slice(&[2, 0xff, 0xfe]);
+    s.extend_from_slice(&[0; 20]);
+    expect(
+        s,
+        "a block name in the stream is empty, not UTF-8, or contains NUL",
+    );
+}
+
+#[test]
+fn unknown_block() {
+    let mut s = vec![];
+    table(&mut s, &[("rom", 1)]);
+    expect(s, "block \"rom\" does not exist on the destination");
+}
+
+#[test]
+fn duplicate_block() {
+    let mut s = vec![];
+    table(&mut s, &[("ram", 8), ("ram", 8)]);
+    expect(s, "block \"ram\" appears twice in the block table");
+}
+
+#[test]
+fn missing_block() {
+    let mut s = vec![];
+    table(&mut s, &[("ram", 8)]);
+    expect(s, "destination block \"vram\" is not in the stream");
+}
+
+#[test]
+fn page_size_mismatch() {
+    let mut s = vec![];
+    Header::new(1).write(&mut s).unwrap();
+    TableEntry {
+        used_length: 8 * PAGE,
+        page_size: 2 << 20,
+        flags: 0,
+    }
+    .write("ram", &mut s)
+    .unwrap();
+    expect(
+        s,
+        "block \"ram\": page size 0x200000 on the source, 0x1000 here",
+    );
+}
+
+#[test]
+fn size_mismatch_fixed_and_past_resizable_max() {
+    let mut s = vec![];
+    table(&mut s, &[("ram", 9)]);
+    expect(
+        s,
+        "block \"ram\": 0x9000 bytes on the source, the destination has 0x8000",
+    );
+    let mut s = vec![];
+    table(&mut s, &[("ram", 8), ("vram", 5)]);
+    expect(
+        s,
+        "block \"vram\": 0x5000 bytes on the source, the destination has 0x4000",
+    );
+}
+
+#[test]
+fn read_only_destination() {
+    let list = List::new();
+    let spec = BlockSpec::new(BlockName::new("rom").unwrap(), ByteLen(PAGE))
+        .flags(BlockFlags::READ_ONLY | BlockFlags::MIGRATABLE);
+    let mem = Mem::new(
+        vec![0; PAGE as usize].into_boxed_slice(),
+        ByteLen(PAGE),
+        PageSize::SIZE_4K,
+    )
+    .unwrap();
+    list.add(spec.clone(), mem, BlockBitmaps::for_spec(&spec).unwrap())
+        .unwrap();
+    let mut s = vec![];
+    table(&mut s, &[("rom", 1)]);
+    assert_eq!(
+        receive(&list, &s).unwrap_err().to_string(),
+        "destination block \"rom\" is read-only"
+    );
+}
+
+#[test]
+fn unknown_record() {
+    let mut s = vec![];
+    good_table(&mut s);
+    s.push(77);
+    expect(s, "unknown record tag 77");
+}
+
+#[test]
+fn bad_block_index() {
+    let mut s = vec![];
+    good_table(&mut s);
+    pages(&mut s, 2, 0, 1, 1);
+    expect(s, "record names block index 2, past the block table");
+}
+
+#[test]
+fn bad_run_lengths() {
+    for count in [0, MAX_RUN_PAGES + 1] {
+        let mut s = vec![];
+        good_table(&mut s);
+        Record::Zero {
+            block: 0,
+            first: 0,
+            count,
+        }
+        .write(&mut s)
+        .unwrap();
+        expect(s, &format!("record of {count} pages (1..=64 allowed)"));
+    }
+}
+
+#[test]
+fn length_overflow() {
+    let mut s = vec![];
+    good_table(&mut s);
+    Record::Pages {
+        block: 0,
+        first: u64::MAX,
+        count: 1,
+    }
+    .write(&mut s)
+    .unwrap();
+    expect(s, "record's first page plus count overflows");
+}
+
+#[test]
+fn past_used_length() {
+    let mut s = vec![];
+    good_table(&mut s);
+    pages(&mut s, 1, 1, 2, 1);
+    expect(
+        s,
+        "record for pages 1..+2 of block \"vram\" runs past its 2 used pages",
+    );
+}
+
+#[test]
+fn resize_refused() {
+    let mut s = vec![];
+    good_table(&mut s);
+    Record::Resize {
+        block: 0,
+        used_length: 4 * PAGE,
+    }
+    .write(&mut s)
+    .unwrap();
+    expect(s, "block \"ram\" cannot be resized to 0x4000");
+}
+
+#[test]
+fn end_count_mismatch() {
+    let mut s = vec![];
+    good_table(&mut s);
+    Record::End { count: 1 }.write(&mut s).unwrap();
+    expect(s, "end record has 1 checksums for 2 blocks");
+}
+
+#[test]
+fn checksum_mismatch() {
+    let mut s = vec![];
+    good_table(&mut s);
+    Record::End { count: 2 }.write(&mut s).unwrap();
+    s.extend_from_slice(&0u64.to_le_bytes());
+    s.extend_from_slice(&0u64.to_le_bytes());
+    let list = dest();
+    let err = receive(&list, &s).unwrap_err();
+    assert!(
+        matches!(&err, ReceiveError::ChecksumMismatch { name, expected: 0, .. } if name.as_str() == "ram"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_record_writes_nothing_of_it_and_keeps_accepted_pages() {
+    let mut s = vec![];
+    good_table(&mut s);
+    pages(&mut s, 0, 0, 2, 0x11); // accepted
+    pages(&mut s, 0, 4, 3, 0x22);
+    s.truncate(s.len() - 100); // the second record is cut short
+    let list = dest();
+    assert_eq!(
+        receive(&list, &s).unwrap_err().to_string(),
+        "the stream ended in the middle of a record"
+    );
+    for (block, page, byte, uniform) in pages_of(&list) {
+        assert!(uniform);
+        let want = if block == "ram" && page < 2 {
+            0x11
+        } else {
+            GUARD
+        };
+        assert_eq!(byte, want, "{block} page {page}");
+    }
+}
+
+#[test]
+fn every_prefix_of_a_good_stream_fails_cleanly_and_a_restart_succeeds() {
+    let src_pages: Vec<u8> = (0..8).map(|p| p as u8 + 1).collect();
+    let mut s = vec![];
+    good_table(&mut s);
+    for (p, &b) in src_pages.iter().enumerate() {
+        pages(&mut s, 0, p as u64, 1, b);
+    }
+    Record::Zero {
+        block: 1,
+        first: 0,
+        count: 2,
+    }
+    .write(&mut s)
+    .unwrap();
+    Record::Resize {
+        block: 1,
+        used_length: 3 * PAGE,
+    }
+    .write(&mut s)
+    .unwrap();
+    pages(&mut s, 1, 2, 1, 0x77);
+    Record::Sync {
+        pass: 0,
+        remaining: 0,
+    }
+    .write(&mut s)
+    .unwrap();
+    Record::End { count: 2 }.write(&mut s).unwrap();
+    let mut ram = Checksum::new();
+    for &b in &src_pages {
+        ram.update(&vec![b; PAGE as usize]);
+    }
+    let mut vram = Checksum::new();
+    vram.update(&vec![0; 2 * PAGE as usize]);
+    vram.update(&vec![0x77; PAGE as usize]);
+    s.extend_from_slice(&ram.finish().to_le_bytes());
+    s.extend_from_slice(&vram.finish().to_le_bytes());
+
+    let list = dest();
+    for cut in (0..s.len()).step_by(997).chain([s.len() - 1]) {
+        assert!(receive(&list, &s[..cut]).is_err(), "prefix {cut} accepted");
+    }
+    // The same receiver list takes the whole stream afterwards.
+    let summary = receive(&list, &s).unwrap();
+    assert_eq!(
+        summary,
+        ReceiveSummary {
+            pages: 9,
+            zero_pages: 2,
+            passes: 1,
+            blocks: 2
+        }
+    );
+    let got = pages_of(&list);
+    assert_eq!(got.len(), 11);
+    assert!(got.iter().all(|p| p.3));
+    assert_eq!(
+        got.iter().map(|p| p.2).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0x77]
+    );
+}

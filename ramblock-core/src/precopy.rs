@@ -13,9 +13,6 @@
 //! is resumed and unthrottled: a failed migration never harms the source.
 //! Switching the dirty log off afterwards is the caller's job, as switching
 //! it on was.
-// Errors carry the block's name inline (no allocator to box it in); they
-// are built once, on the cold path, so their size costs nothing that matters.
-#![allow(clippy::result_large_err)]
 
 use crate::addr::{TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::bitmap::Storage;

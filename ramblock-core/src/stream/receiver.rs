@@ -6,9 +6,6 @@
 //! any error the pages of the records accepted before it stay written and
 //! nothing else is touched; calling [`Receiver::receive`] again starts a new
 //! receive from a fresh stream.
-// Errors carry the block's name inline (no allocator to box it in); they
-// are built once, on the cold path, so their size costs nothing that matters.
-#![allow(clippy::result_large_err)]
 
 use super::format::{
     read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_RUN_PAGES, VERSION,

@@ -1,2 +1,39 @@
 //! KVM memslots and the three KVM dirty-log modes for ramblock blocks.
+//!
+//! A [`vm::Vm`] maps blocks (or page ranges of them) at guest-physical
+//! addresses as KVM memslots, keeping slot ids and ranges in its own table,
+//! and harvests their dirty pages into each block's migration bitmap through
+//! the core's [`ramblock_core::dirty_log::DirtyLogSource`]:
+//!
+//! - [`dirty::BitmapLog`] (`KVM_GET_DIRTY_LOG`);
+//! - [`dirty::ManualProtectLog`] (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, with
+//!   `KVM_CLEAR_DIRTY_LOG` just before a chunk's first page is sent);
+//! - [`dirty::RingLog`] (`KVM_CAP_DIRTY_LOG_RING`, drained per vCPU).
+//!
+//! The mode is picked from the host's [`caps::Capabilities`] or asked for
+//! with a [`mode::DirtyLogRequest`]. [`guest`] has tiny hand-assembled
+//! guests for tests, and [`runner`] a vCPU thread that can be paused,
+//! resumed and throttled, for migration.
+//!
+//! ```no_run
+//! use ramblock_kvm::dirty::KvmDirtyLog;
+//! use ramblock_kvm::vm::VmBuilder;
+//! let vm = VmBuilder::new().build()?;
+//! println!("{} ({})", vm.mode(), vm.capabilities());
+//! let _log = KvmDirtyLog::new(&vm);
+//! # Ok::<(), ramblock_kvm::error::KvmError>(())
+//! ```
 #![deny(missing_docs)]
+
+pub mod caps;
+pub mod dirty;
+pub mod error;
+pub mod guest;
+pub mod memslot;
+pub mod mode;
+pub mod runner;
+pub mod sys;
+pub mod vcpu;
+pub mod vm;
+
+pub use error::KvmError;

@@ -1,0 +1,1 @@
+//! A vCPU on its own thread (filled in below).

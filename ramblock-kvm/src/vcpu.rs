@@ -1,0 +1,107 @@
+//! [`Vcpu`]: one virtual CPU, run until it does something the VMM must see.
+
+use crate::error::KvmError;
+use crate::vm::Vm;
+use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use nix::errno::Errno;
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// The guest wrote `data` (its first byte) to I/O port `port`.
+    IoOut {
+        /// The port.
+        port: u16,
+        /// The first byte written.
+        data: u8,
+    },
+    /// `KVM_RUN` was interrupted by a signal or `immediate_exit`.
+    Interrupted,
+}
+
+/// A vCPU of a [`Vm`].
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+    id: u64,
+    ring_full_exits: u64,
+}
+
+impl Vcpu {
+    pub(crate) fn new(fd: VcpuFd, id: u64) -> Vcpu {
+        Vcpu {
+            fd,
+            id,
+            ring_full_exits: 0,
+        }
+    }
+
+    /// The vCPU id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The kvm-ioctls vCPU fd, for register setup.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The kvm-ioctls vCPU fd, mutably (`kvm_run` access).
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
+    /// How many times the dirty ring filled up and was drained.
+    pub fn ring_full_exits(&self) -> u64 {
+        self.ring_full_exits
+    }
+
+    /// Runs the guest until it does port output or is interrupted. A full
+    /// dirty ring (`KVM_EXIT_DIRTY_RING_FULL`) is drained into the VM's slots
+    /// and the guest resumed, without returning. Any other exit is an error
+    /// naming it and the guest's instruction pointer.
+    pub fn run(&mut self, vm: &Vm) -> Result<VcpuEvent, KvmError> {
+        let mut empty_drains = 0;
+        loop {
+            let unexpected = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    return Ok(VcpuEvent::IoOut {
+                        port,
+                        data: data.first().copied().unwrap_or(0),
+                    })
+                }
+                Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+                    self.ring_full_exits += 1;
+                    if vm.collect_dirty_rings()? == 0 {
+                        empty_drains += 1;
+                        if empty_drains > 3 {
+                            return Err(KvmError::Guest {
+                                vcpu: self.id,
+                                what: "KVM reports the dirty ring full but it holds no \
+                                       entries; is this vCPU's ring mapped by this VM?"
+                                    .into(),
+                            });
+                        }
+                    }
+                    continue;
+                }
+                Ok(other) => format!("unexpected exit {other:?}"),
+                Err(e) if e.errno() == Errno::EINTR as i32 || e.errno() == Errno::EAGAIN as i32 => {
+                    return Ok(VcpuEvent::Interrupted)
+                }
+                Err(e) => {
+                    return Err(KvmError::ioctl(
+                        format!("KVM_RUN (vCPU {})", self.id),
+                        Errno::from_raw(e.errno()),
+                    ))
+                }
+            };
+            let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+            return Err(KvmError::Guest {
+                vcpu: self.id,
+                what: format!("{unexpected} at rip {rip:#x}"),
+            });
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Shared by the integration tests: a skip check, blocks over LinuxMemory,
+//! and helpers that harvest and drain a block the way migration does.
+#![allow(dead_code)]
+
+use ramblock_core::addr::{ByteLen, RamAddr};
+use ramblock_core::bitmap::Owned;
+use ramblock_core::block::{BlockBitmaps, BlockSpec};
+use ramblock_core::dirty_log::DirtyLogSource;
+use ramblock_core::flags::BlockFlags;
+use ramblock_core::host::HostMemory;
+use ramblock_core::list::RamList;
+use ramblock_core::name::BlockName;
+use ramblock_core::region::HostRegion;
+use ramblock_kvm::mode::{DirtyLogMode, DirtyLogRequest};
+use ramblock_kvm::vm::{Vm, VmBuilder};
+use ramblock_linux::{LinuxMemory, MemoryBuilder};
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::sync::Once;
+
+/// The list type every test uses.
+pub type List<'l> = RamList<'l, LinuxMemory, Owned, 8>;
+
+/// Whether `/dev/kvm` is usable; prints the one skip line when it is not.
+pub fn kvm_or_skip() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("skipped: no /dev/kvm ({e})");
+            false
+        }
+    }
+}
+
+/// A VM in `request`'s mode; prints the host's capabilities once.
+pub fn vm(request: DirtyLogRequest) -> Vm {
+    let vm = VmBuilder::new()
+        .dirty_log(request)
+        .build()
+        .expect("create VM");
+    static PRINT: Once = Once::new();
+    PRINT.call_once(|| println!("host KVM: {}", vm.capabilities()));
+    vm
+}
+
+/// A ring-mode VM with the smallest ring this host accepts (so tests can
+/// overflow it cheaply).
+pub fn smallest_ring_vm() -> Option<Vm> {
+    let mut entries = 64;
+    while entries <= 65536 {
+        let req = DirtyLogRequest::Mode(DirtyLogMode::Ring { entries });
+        match VmBuilder::new().dirty_log(req).build() {
+            Ok(vm) => return Some(vm),
+            Err(ramblock_kvm::KvmError::RingSize { .. }) => entries *= 2,
+            Err(e) => panic!("ring VM: {e}"),
+        }
+    }
+    None
+}
+
+/// Adds a block of `len` bytes over anonymous memory.
+pub fn add(
+    list: &List<'_>,
+    name: &str,
+    len: u64,
+    tweak: impl FnOnce(BlockSpec) -> BlockSpec,
+) -> RamAddr {
+    let spec = tweak(BlockSpec::new(BlockName::new(name).unwrap(), ByteLen(len)));
+    let mut mem = MemoryBuilder::anonymous(spec.used_length);
+    if spec.max_length != spec.used_length {
+        mem = mem.max_length(spec.max_length);
+    }
+    if spec.flags.contains(BlockFlags::READ_ONLY) {
+        mem = mem.read_only(true);
+    }
+    let mem = mem.build().expect("anonymous memory");
+    let bitmaps = BlockBitmaps::for_spec(&spec).unwrap();
+    list.add(spec, mem, bitmaps)
+        .map_err(|r| r.error)
+        .expect("add block")
+}
+
+/// The host memory of block `name`.
+pub fn region(list: &List<'_>, name: &str) -> HostRegion {
+    list.read().by_name(name).unwrap().memory().region()
+}
+
+/// Harvests block `name` into its migration bitmap; returns the newly-dirty count.
+pub fn sync<D: DirtyLogSource>(list: &List<'_>, name: &str, log: &mut D) -> u64
+where
+    D::Error: Debug,
+{
+    let view = list.read();
+    let block = view.by_name(name).unwrap();
+    block.sync_dirty_log(log).expect("harvest")
+}
+
+/// Sends everything dirty in block `name` the way migration does (clearing
+/// each chunk in the hypervisor before its first page) and returns the pages.
+pub fn drain<D: DirtyLogSource>(list: &List<'_>, name: &str, log: &mut D) -> BTreeSet<usize>
+where
+    D::Error: Debug,
+{
+    let view = list.read();
+    let block = view.by_name(name).unwrap();
+    let info = block.info();
+    let mut state = block.migration();
+    let mut sent = BTreeSet::new();
+    let mut from = 0;
+    while let Some(run) = state
+        .next_dirty_run(from, 1 << 20, &info, log)
+        .expect("clear")
+    {
+        from = run.end;
+        sent.extend(run);
+    }
+    assert_eq!(state.bitmap.dirty_count(), 0, "drain leaves nothing dirty");
+    sent
+}
+
+/// Harvest then drain: the pages dirtied since the last drain.
+pub fn harvest<D: DirtyLogSource>(list: &List<'_>, name: &str, log: &mut D) -> BTreeSet<usize>
+where
+    D::Error: Debug,
+{
+    let newly = sync(list, name, log);
+    let sent = drain(list, name, log);
+    assert_eq!(newly, sent.len() as u64, "newly-dirty count of {name}");
+    sent
+}
+
+/// The first byte of page `page` of block `name`.
+pub fn first_byte(list: &List<'_>, name: &str, page: usize) -> u8 {
+    let mut b = [0u8];
+    region(list, name).read(page as u64 * 4096, &mut b).unwrap();
+    b[0]
+}
+
+/// A set from a slice.
+pub fn set(pages: &[usize]) -> BTreeSet<usize> {
+    pages.iter().copied().collect()
+}
+
+/// `HostMemory` in scope for callers.
+pub fn used(list: &List<'_>, name: &str) -> u64 {
+    list.read().by_name(name).unwrap().memory().used_len().0
+}

@@ -35,7 +35,7 @@
 //! ```
 //!
 //! Modules follow the OS areas they wrap: [`mmap`], [`memfd`], [`hugetlb`],
-//! [`file`](crate::file) (private), [`prealloc`], [`advice`], [`numa`],
+//! `file` (private), [`prealloc`], [`advice`], [`numa`],
 //! [`error`], plus the [`builder`] and the [`memory`] itself.
 #![deny(missing_docs)]
 

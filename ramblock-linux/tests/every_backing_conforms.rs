@@ -242,13 +242,28 @@ fn read_only_file_conforms_and_refuses_discard() {
 #[test]
 fn caller_memory_conforms_and_is_never_unmapped() {
     let len = 4 * MIB as usize;
+    // A PROT_NONE page on each side keeps the kernel from merging the
+    // caller's mapping with a neighbour, so smaps shows exactly it.
     // SAFETY: a fresh anonymous mapping that only this test uses.
-    let ptr = unsafe {
+    let outer = unsafe {
         rustix::mm::mmap_anonymous(
             std::ptr::null_mut(),
-            len,
-            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            len + 2 * 4096,
+            rustix::mm::ProtFlags::empty(),
             rustix::mm::MapFlags::PRIVATE,
+        )
+    }
+    .unwrap();
+    let ptr = outer
+        .cast::<u8>()
+        .wrapping_add(4096)
+        .cast::<std::ffi::c_void>();
+    // SAFETY: the middle of the mapping made above.
+    unsafe {
+        rustix::mm::mprotect(
+            ptr,
+            len,
+            rustix::mm::MprotectFlags::READ | rustix::mm::MprotectFlags::WRITE,
         )
     }
     .unwrap();
@@ -273,5 +288,5 @@ fn caller_memory_conforms_and_is_never_unmapped() {
     let vma = vma_at(ptr as usize);
     assert!(vma.perms.starts_with("rw"), "{vma:?}");
     // SAFETY: the mapping made above; nothing uses it any more.
-    unsafe { rustix::mm::munmap(ptr, len) }.unwrap();
+    unsafe { rustix::mm::munmap(outer, len + 2 * 4096) }.unwrap();
 }

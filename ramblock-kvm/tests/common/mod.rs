@@ -70,14 +70,22 @@ pub fn add(
     tweak: impl FnOnce(BlockSpec) -> BlockSpec,
 ) -> RamAddr {
     let spec = tweak(BlockSpec::new(BlockName::new(name).unwrap(), ByteLen(len)));
-    let mut mem = MemoryBuilder::anonymous(spec.used_length);
-    if spec.max_length != spec.used_length {
-        mem = mem.max_length(spec.max_length);
-    }
-    if spec.flags.contains(BlockFlags::READ_ONLY) {
-        mem = mem.read_only(true);
-    }
-    let mem = mem.build().expect("anonymous memory");
+    let mem = if spec.flags.contains(BlockFlags::READ_ONLY) {
+        // Read-only memory needs a file behind it: a ROM image of zeros.
+        let path = std::env::temp_dir().join(format!("ramblock-kvm-{}-{name}", std::process::id()));
+        std::fs::write(&path, vec![0u8; len as usize]).unwrap();
+        let mem = MemoryBuilder::file(&path, spec.used_length)
+            .read_only(true)
+            .build();
+        let _ = std::fs::remove_file(&path);
+        mem.expect("read-only file memory")
+    } else {
+        let mut mem = MemoryBuilder::anonymous(spec.used_length);
+        if spec.max_length != spec.used_length {
+            mem = mem.max_length(spec.max_length);
+        }
+        mem.build().expect("anonymous memory")
+    };
     let bitmaps = BlockBitmaps::for_spec(&spec).unwrap();
     list.add(spec, mem, bitmaps)
         .map_err(|r| r.error)

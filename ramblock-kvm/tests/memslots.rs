@@ -23,50 +23,51 @@ fn overlapping_ranges_and_bad_ranges_are_typed_errors() {
     let vm = vm(DirtyLogRequest::Auto);
     let view = list.read();
     let a = view.by_name("a").unwrap();
-    // SAFETY (all map_block calls here): `list` outlives `vm`.
-    let first = unsafe { vm.map_block(a, MIB, BlockRange::Whole) }.unwrap();
-    let err = unsafe {
-        vm.map_block(
-            a,
-            2 * MIB,
-            BlockRange::Pages {
-                first: 0,
-                count: 16,
-            },
-        )
-    }
+    let first = map(&vm, a, MIB, BlockRange::Whole).unwrap();
+    let err = map(
+        &vm,
+        a,
+        2 * MIB,
+        BlockRange::Pages {
+            first: 0,
+            count: 16,
+        },
+    )
     .unwrap_err();
     assert!(matches!(err, KvmError::Overlap { other: 0, .. }), "{err}");
     assert!(err.to_string().contains("overlaps slot 0"), "{err}");
-    let past = unsafe {
-        vm.map_block(
-            a,
-            8 * MIB,
-            BlockRange::Pages {
-                first: 500,
-                count: 13,
-            },
-        )
-    };
+    let past = map(
+        &vm,
+        a,
+        8 * MIB,
+        BlockRange::Pages {
+            first: 500,
+            count: 13,
+        },
+    );
     assert!(matches!(past, Err(KvmError::Range { used: 512, .. })));
-    let odd = unsafe { vm.map_block(a, 8 * MIB + 1, BlockRange::Pages { first: 0, count: 1 }) };
+    let odd = map(
+        &vm,
+        a,
+        8 * MIB + 1,
+        BlockRange::Pages { first: 0, count: 1 },
+    );
     assert!(matches!(odd, Err(KvmError::BadGpa { .. })));
     // Sub-ranges of one block at two places get the next free ids.
-    let s1 = unsafe {
-        vm.map_block(
-            a,
-            8 * MIB,
-            BlockRange::Pages {
-                first: 0,
-                count: 16,
-            },
-        )
-    }
+    let s1 = map(
+        &vm,
+        a,
+        8 * MIB,
+        BlockRange::Pages {
+            first: 0,
+            count: 16,
+        },
+    )
     .unwrap();
     assert_eq!((first, s1), (SlotId(0), SlotId(1)));
     vm.unmap(first).unwrap();
     assert!(matches!(vm.unmap(first), Err(KvmError::UnknownSlot(0))));
-    let again = unsafe { vm.map_block(a, MIB, BlockRange::Whole) }.unwrap();
+    let again = map(&vm, a, MIB, BlockRange::Whole).unwrap();
     assert_eq!(again, SlotId(0), "freed ids are reused");
     assert_eq!(vm.slots().len(), 2);
 }
@@ -85,10 +86,8 @@ fn a_read_only_block_is_a_read_only_slot_the_guest_cannot_write() {
         return;
     }
     let view = list.read();
-    // SAFETY: `list` outlives `vm`.
-    unsafe { vm.map_block(view.by_name("boot").unwrap(), 0, BlockRange::Whole) }.unwrap();
-    let rom =
-        unsafe { vm.map_block(view.by_name("rom").unwrap(), MIB, BlockRange::Whole) }.unwrap();
+    map(&vm, view.by_name("boot").unwrap(), 0, BlockRange::Whole).unwrap();
+    let rom = map(&vm, view.by_name("rom").unwrap(), MIB, BlockRange::Whole).unwrap();
     drop(view);
     let info = vm.slots().into_iter().find(|s| s.id == rom).unwrap();
     assert!(info.read_only);
@@ -114,30 +113,27 @@ fn a_sub_range_slot_reports_pages_at_their_place_in_the_block() {
     add(&list, "ram", 4 * MIB, |s| s);
     let vm = vm(DirtyLogRequest::Mode(DirtyLogMode::Bitmap));
     let view = list.read();
-    // SAFETY: `list` outlives `vm`.
-    unsafe { vm.map_block(view.by_name("boot").unwrap(), 0, BlockRange::Whole) }.unwrap();
+    map(&vm, view.by_name("boot").unwrap(), 0, BlockRange::Whole).unwrap();
     // Pages 100..300 and 700..1024 of "ram", at unrelated guest addresses.
-    let low = unsafe {
-        vm.map_block(
-            view.by_name("ram").unwrap(),
-            2 * MIB,
-            BlockRange::Pages {
-                first: 100,
-                count: 200,
-            },
-        )
-    }
+    let low = map(
+        &vm,
+        view.by_name("ram").unwrap(),
+        2 * MIB,
+        BlockRange::Pages {
+            first: 100,
+            count: 200,
+        },
+    )
     .unwrap();
-    let high = unsafe {
-        vm.map_block(
-            view.by_name("ram").unwrap(),
-            16 * MIB,
-            BlockRange::Pages {
-                first: 700,
-                count: 324,
-            },
-        )
-    }
+    let high = map(
+        &vm,
+        view.by_name("ram").unwrap(),
+        16 * MIB,
+        BlockRange::Pages {
+            first: 700,
+            count: 324,
+        },
+    )
     .unwrap();
     drop(view);
     vm.set_logging(low, true).unwrap();
@@ -198,12 +194,7 @@ fn growing_a_block_grows_its_slot_and_removing_it_removes_the_slot() {
         {
             let view = list.read();
             for (name, gpa) in [("boot", 0), ("ram", MIB)] {
-                // SAFETY: the VM is the list's listener, so it unmaps a
-                // block's slots when the list removes the block; the list
-                // drops its blocks before `vm` goes.
-                let slot =
-                    unsafe { vm.map_block(view.by_name(name).unwrap(), gpa, BlockRange::Whole) }
-                        .unwrap();
+                let slot = map(&vm, view.by_name(name).unwrap(), gpa, BlockRange::Whole).unwrap();
                 vm.set_logging(slot, true).unwrap();
             }
         }

@@ -17,19 +17,18 @@ struct Counting;
 
 static COUNTING: AtomicBool = AtomicBool::new(false);
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
 // SAFETY: forwards every call to the system allocator unchanged.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if COUNTING.load(SeqCst) {
             ALLOCATIONS.fetch_add(1, SeqCst);
         }
-        // SAFETY: same contract as ours.
+        // SAFETY: the caller upholds GlobalAlloc's contract, which is System's.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
+        // SAFETY: the caller upholds GlobalAlloc's contract, which is System's.
         unsafe { System.dealloc(ptr, layout) }
     }
 
@@ -37,7 +36,7 @@ unsafe impl GlobalAlloc for Counting {
         if COUNTING.load(SeqCst) {
             ALLOCATIONS.fetch_add(1, SeqCst);
         }
-        // SAFETY: same contract as ours.
+        // SAFETY: the caller upholds GlobalAlloc's contract, which is System's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -79,10 +78,7 @@ fn harvesting_and_clearing_allocate_nothing_in_any_mode() {
         {
             let view = list.read();
             for (name, gpa) in [("boot", 0), ("ram", 1 << 20)] {
-                // SAFETY: `list` outlives `vm`.
-                let slot =
-                    unsafe { vm.map_block(view.by_name(name).unwrap(), gpa, BlockRange::Whole) }
-                        .unwrap();
+                let slot = map(&vm, view.by_name(name).unwrap(), gpa, BlockRange::Whole).unwrap();
                 vm.set_logging(slot, true).unwrap();
             }
         }

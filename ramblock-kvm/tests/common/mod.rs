@@ -97,6 +97,19 @@ pub fn region(list: &List<'_>, name: &str) -> HostRegion {
     list.read().by_name(name).unwrap().memory().region()
 }
 
+/// Maps `range` of `block` at `gpa`. Every test declares its list before
+/// its VM (or makes the VM the list's listener), so a block's memory stays
+/// mapped while any slot points at it.
+pub fn map(
+    vm: &Vm,
+    block: &ramblock_core::block::RamBlock<LinuxMemory, Owned>,
+    gpa: u64,
+    range: ramblock_kvm::memslot::BlockRange,
+) -> Result<ramblock_kvm::memslot::SlotId, ramblock_kvm::KvmError> {
+    // SAFETY: see above: the block outlives the slot in every test.
+    unsafe { vm.map_block(block, gpa, range) }
+}
+
 /// Harvests block `name` into its migration bitmap; returns the newly-dirty count.
 pub fn sync<D: DirtyLogSource>(list: &List<'_>, name: &str, log: &mut D) -> u64
 where

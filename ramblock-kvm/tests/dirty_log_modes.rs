@@ -26,7 +26,7 @@ fn map_all(vm: &Vm, list: &List<'_>, at: &[(&str, u64)]) {
     let view = list.read();
     for &(name, gpa) in at {
         let block = view.by_name(name).unwrap();
-        let slot = map(&vm, block, gpa, BlockRange::Whole).unwrap();
+        let slot = map(vm, block, gpa, BlockRange::Whole).unwrap();
         vm.set_logging(slot, true).unwrap();
     }
 }

@@ -13,7 +13,7 @@
 //! - **caller** memory, which is never mapped, remapped or unmapped here.
 //!
 //! Every block reserves its whole `max_length` once, aligned to the larger
-//! of 2 MiB and its page size and followed by a guard page; only
+//! of 2 MiB and its page size, between two guard pages; only
 //! `used_length` is accessible, so a resizable block grows in place and a
 //! shrunk tail faults again. The same builder validates every option up
 //! front ([`OptionsError`]) and then applies NUMA binding ([`numa`]), hints

@@ -63,8 +63,11 @@ pub struct LinuxMemory {
     pub(crate) shared: bool,
     pub(crate) read_only: bool,
     pub(crate) no_reserve: bool,
-    /// Bytes unmapped on drop (reservation plus guard); zero for caller memory.
+    /// Bytes unmapped on drop (reservation plus both guards), starting one
+    /// guard before `base`; zero for caller memory.
     pub(crate) mapped_len: usize,
+    /// The guard page's size before `base`.
+    pub(crate) lead_guard: usize,
     pub(crate) lock: Option<LockMode>,
     /// Preallocation to apply to memory made accessible by growing.
     pub(crate) prealloc: Option<Prealloc>,
@@ -100,7 +103,12 @@ impl Drop for LinuxMemory {
         if self.mapped_len > 0 {
             // SAFETY: the reservation is ours; dropping `self` ends every
             // borrow of it (regions must not outlive the memory).
-            unsafe { mmap::unmap(self.base.as_ptr(), self.mapped_len) };
+            unsafe {
+                mmap::unmap(
+                    self.base.as_ptr().wrapping_sub(self.lead_guard),
+                    self.mapped_len,
+                )
+            };
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The reservation: one aligned range of address space per block, mapped
 //! once over its whole `max_length`, with a guard page after it.
 //!
-//! The sequence is QEMU's `qemu_ram_mmap`: reserve `max + align + guard`
-//! bytes `PROT_NONE`, trim the range to an aligned start, then map the real
+//! The sequence is QEMU's `qemu_ram_mmap`: reserve `max + align + 2 guards`
+//! bytes `PROT_NONE`, trim the range to an aligned start with one guard page
+//! before it and one after the end (QEMU keeps only the one after; the
+//! one before also keeps the kernel from merging the block's mapping with
+//! an unrelated neighbour), then map the real
 //! memory (anonymous, hugetlb or a file) over it with `MAP_FIXED`, still
 //! `PROT_NONE`. Only the used part is then made accessible with `mprotect`,
 //! so growing never moves the block and shrinking makes the tail fault again.
@@ -46,8 +49,9 @@ pub fn host_page_size() -> PageSize {
 }
 
 /// Reserves `len` bytes aligned to `align` with a `guard`-byte `PROT_NONE`
-/// page after them, and maps `spec` over the first `len` bytes, `PROT_NONE`.
-/// Returns the aligned start; the caller owns `start .. start + len + guard`.
+/// page before and after them, and maps `spec` over the `len` bytes,
+/// `PROT_NONE`. Returns the aligned start; the caller owns
+/// `start - guard .. start + len + guard`.
 pub(crate) fn reserve_and_map(
     len: usize,
     align: usize,
@@ -56,7 +60,7 @@ pub(crate) fn reserve_and_map(
 ) -> Result<NonNull<u8>, Error> {
     let total = len
         .checked_add(align)
-        .and_then(|t| t.checked_add(guard))
+        .and_then(|t| t.checked_add(2 * guard))
         .ok_or(Errno::NOMEM)
         .map_err(|e| {
             Error::sys(
@@ -85,8 +89,8 @@ pub(crate) fn reserve_and_map(
         )
     })?;
     let raw_addr = raw as usize;
-    let start = raw_addr.next_multiple_of(align);
-    let head = start - raw_addr;
+    let start = (raw_addr + guard).next_multiple_of(align);
+    let head = start - guard - raw_addr;
     let tail_start = start + len + guard;
     let tail = raw_addr + total - tail_start;
     // SAFETY: both ranges lie inside the reservation made above, which
@@ -125,7 +129,7 @@ pub(crate) fn reserve_and_map(
     };
     if let Err(e) = mapped {
         // SAFETY: the trimmed reservation is ours and unused.
-        let _ = unsafe { rustix::mm::munmap(at, len + guard) };
+        let _ = unsafe { rustix::mm::munmap((start - guard) as *mut c_void, len + 2 * guard) };
         return Err(match (spec.pool, e) {
             (Some(page), Errno::NOMEM) => hugetlb::exhausted(page, len as u64, Some(e)),
             _ => Error::sys(

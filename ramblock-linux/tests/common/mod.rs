@@ -246,7 +246,10 @@ where
 /// the right kind and page size.
 fn check_used_vma(base: usize, used: usize, page: PageSize, expect: Expect) {
     let vma = span_at(base);
-    assert!(vma.start <= base, "{vma:?}");
+    assert_eq!(
+        vma.start, base,
+        "the accessible part must start at base: {vma:?}"
+    );
     assert_eq!(
         vma.end,
         base + used,

@@ -1,0 +1,3 @@
+//! todo
+#![allow(missing_docs)]
+pub fn fuzz(_: &[u8]) {}

@@ -527,14 +527,53 @@ fn merge(
     } else {
         &slot.log.buf
     };
-    into.merge_log(slot.first_page as usize, words, slot.pages() as usize)
-        .map_err(|_| KvmError::Bitmap {
+    merge_nonzero(into, slot.first_page as usize, words, slot.pages() as usize).map_err(|_| {
+        KvmError::Bitmap {
             slot: slot.id.0,
             block: block.name.into(),
             first: slot.first_page,
             count: slot.pages(),
             len: into.len() as u64,
-        })
+        }
+    })
+}
+
+/// `into.merge_log(first, words, bits)`, but only over the runs of 8-word
+/// groups that have a bit set. A log is mostly zeros; finding them with a
+/// plain OR (which vectorizes) is several times cheaper than merging them,
+/// which counts newly-set bits word by word.
+fn merge_nonzero(
+    into: &mut MigrationBitmap<&mut [u64]>,
+    first: usize,
+    words: &[u64],
+    bits: usize,
+) -> Result<u64, ramblock_core::bitmap::BitRangeError> {
+    const GROUP: usize = 8;
+    let words = &words[..bits.div_ceil(WORD_BITS).min(words.len())];
+    let nonzero = |at: usize| {
+        let end = (at + GROUP).min(words.len());
+        (words[at..end].iter().fold(0, |acc, &w| acc | w) != 0, end)
+    };
+    let (mut newly, mut i) = (0, 0);
+    while i < words.len() {
+        let (any, end) = nonzero(i);
+        if !any {
+            i = end;
+            continue;
+        }
+        let start = i;
+        i = end;
+        while i < words.len() {
+            let (any, end) = nonzero(i);
+            if !any {
+                break;
+            }
+            i = end;
+        }
+        let run_bits = (i * WORD_BITS).min(bits) - start * WORD_BITS;
+        newly += into.merge_log(first + start * WORD_BITS, &words[start..i], run_bits)?;
+    }
+    Ok(newly)
 }
 
 /// Issues `KVM_CLEAR_DIRTY_LOG` for slot pages `lo..hi`: the range is widened
@@ -599,6 +638,43 @@ impl<M: HostMemory, S: Storage> RamListener<M, S> for Vm {
     ) {
         if let Err(e) = Vm::block_resized(self, block) {
             lock(&self.listener_error).get_or_insert(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merging_only_nonzero_groups_equals_merging_everything() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for bits in [1usize, 63, 64, 65, 511, 512, 1000, 4096] {
+            for first in [0usize, 3, 64, 130] {
+                let words: Vec<u64> = (0..bits.div_ceil(64))
+                    .map(|_| match next() % 4 {
+                        0 => next() & next(),
+                        1 => !0,
+                        _ => 0,
+                    })
+                    .collect();
+                let len = first + bits + 7;
+                let (mut a, mut b) = (vec![0u64; len.div_ceil(64)], vec![0u64; len.div_ceil(64)]);
+                let mut ma = MigrationBitmap::new(&mut a[..], len).unwrap();
+                let mut mb = MigrationBitmap::new(&mut b[..], len).unwrap();
+                ma.set_range(first, 1).unwrap();
+                mb.set_range(first, 1).unwrap();
+                let want = mb.merge_log(first, &words, bits).unwrap();
+                assert_eq!(merge_nonzero(&mut ma, first, &words, bits).unwrap(), want);
+                assert_eq!(ma.words(), mb.words(), "bits {bits} first {first}");
+                assert_eq!(ma.dirty_count(), mb.dirty_count());
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! - `cargo xtask ci`: everything CI checks (format, lints, tests, docs,
 //!   `no_std` builds, a fuzz smoke run), with a summary table at the end.
-//! - `cargo xtask bench [--report-only] [-p CRATE | CRATE | FILTER]`: criterion
+//! - `cargo xtask bench [--report-only] [-p CRATE | CRATE] [FILTER]`: criterion
 //!   benches and the table of ratios against each figure's baseline.
 //! - `cargo xtask fuzz TARGET [--seconds N]`: one cargo-fuzz target.
 
@@ -22,7 +22,7 @@ usage: cargo xtask <task>
 
 tasks:
   ci                                  format, clippy, tests, docs, no_std builds, fuzz smoke
-  bench [--report-only] [-p CRATE | CRATE | FILTER]
+  bench [--report-only] [-p CRATE | CRATE] [FILTER]
                                       run criterion benches and print ratios to baselines
   bench migrate                       (not yet available)
   fuzz TARGET [--seconds N]           run one cargo-fuzz target (default 60 s)";

@@ -14,46 +14,34 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 use xshell::cmd;
 
-const USAGE: &str = "usage: bench [--report-only] [-p CRATE | CRATE | FILTER]";
+const USAGE: &str = "usage: bench [--report-only] [-p CRATE | CRATE] [FILTER]";
 
-/// What to bench.
-enum Selection {
-    /// Every crate in the workspace.
-    Workspace,
-    /// One workspace crate.
-    Package(String),
-    /// Benchmarks whose id matches a criterion filter, in every crate.
-    Filter(String),
-}
-
-/// `cargo xtask bench [--report-only] [-p CRATE | CRATE | FILTER]` and
-/// `cargo xtask bench migrate ...`.
+/// `cargo xtask bench [--report-only] [-p CRATE | CRATE] [FILTER]` and
+/// `cargo xtask bench migrate ...`. Without a crate every workspace crate is
+/// benched; a filter is handed to criterion (a substring of the benchmark id).
 pub fn run(args: &[String]) -> Result<ExitCode, Error> {
     if args.first().is_some_and(|a| a == "migrate") {
         return Ok(migrate::run(&args[1..]));
     }
     let mut report_only = false;
-    let mut selection = Selection::Workspace;
+    let mut package: Option<String> = None;
+    let mut filter: Option<String> = None;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        let chosen = match arg.as_str() {
-            "--report-only" => {
-                report_only = true;
-                continue;
-            }
-            "-p" | "--package" => {
-                Selection::Package(args.next().ok_or("`-p` needs a crate name")?.clone())
+        match arg.as_str() {
+            "--report-only" => report_only = true,
+            "-p" | "--package" if package.is_none() => {
+                package = Some(args.next().ok_or("`-p` needs a crate name")?.clone())
             }
             flag if flag.starts_with('-') => {
-                return Err(format!("unknown option `{flag}`; {USAGE}").into())
+                return Err(format!("unknown or repeated option `{flag}`; {USAGE}").into())
             }
-            name if is_workspace_crate(name) => Selection::Package(name.to_string()),
-            filter => Selection::Filter(filter.to_string()),
-        };
-        if !matches!(selection, Selection::Workspace) {
-            return Err("give at most one crate or filter".into());
+            name if package.is_none() && filter.is_none() && is_workspace_crate(name) => {
+                package = Some(name.to_string())
+            }
+            text if filter.is_none() => filter = Some(text.to_string()),
+            extra => return Err(format!("unexpected argument `{extra}`; {USAGE}").into()),
         }
-        selection = chosen;
     }
 
     let criterion_dir = report::criterion_dir();
@@ -63,11 +51,12 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
     }
     let started = SystemTime::now();
     let sh = crate::shell()?;
-    let status = match &selection {
-        Selection::Workspace => cmd!(sh, "cargo bench --workspace").run(),
-        Selection::Package(p) => cmd!(sh, "cargo bench -p {p}").run(),
-        Selection::Filter(f) => cmd!(sh, "cargo bench --workspace -- {f}").run(),
+    let which = match &package {
+        Some(p) => vec!["-p".to_string(), p.clone()],
+        None => vec!["--workspace".to_string()],
     };
+    let filter: Vec<String> = filter.into_iter().flat_map(|f| ["--".into(), f]).collect();
+    let status = cmd!(sh, "cargo bench {which...} {filter...}").run();
     // Print what did get measured even when a bench failed part-way.
     report::print(&criterion_dir, Some(started))?;
     status?;

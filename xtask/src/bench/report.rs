@@ -100,7 +100,8 @@ pub fn print(dir: &Path, since: Option<SystemTime>) -> Result<(), Error> {
     let mut all = Vec::new();
     collect(dir, since, &mut all)?;
     if all.is_empty() {
-        println!("no criterion results under {}", dir.display());
+        let which = if since.is_some() { "new " } else { "" };
+        println!("no {which}criterion results under {}", dir.display());
         return Ok(());
     }
     // (group, parameter) -> function -> median

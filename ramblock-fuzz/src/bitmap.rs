@@ -97,7 +97,7 @@ pub struct Input {
     /// they must never be touched.
     pub spare_words: u8,
     /// The operations.
-    pub ops: Vec<Op>,
+    pub ops: crate::Ops<Op>,
 }
 
 /// Which model to run.

@@ -44,7 +44,7 @@ pub struct Input {
     /// The received map's post-copy length in pages, modulo 400.
     pub postcopy_pages: u16,
     /// The operations.
-    pub ops: Vec<Op>,
+    pub ops: crate::Ops<Op>,
 }
 
 fn idx(v: u16, len: usize) -> usize {

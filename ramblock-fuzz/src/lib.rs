@@ -94,6 +94,47 @@ pub fn holds(step: Option<usize>, ok: bool, what: impl fmt::Display) -> Result<(
     }
 }
 
+/// An operation list that, as the last field of an input, takes operations
+/// until the bytes run out (rather than `Vec`'s one continuation flag per
+/// element, which gives random bytes an average of one operation).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Ops<T>(pub Vec<T>);
+
+impl<T: fmt::Debug> fmt::Debug for Ops<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.0).finish()
+    }
+}
+
+impl<T> std::ops::Deref for Ops<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        &self.0
+    }
+}
+
+impl<'a, T: Arbitrary<'a>> Arbitrary<'a> for Ops<T> {
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
+        Vec::arbitrary(u).map(Ops)
+    }
+
+    fn arbitrary_take_rest(mut u: Unstructured<'a>) -> arbitrary::Result<Self> {
+        let mut ops = Vec::new();
+        while !u.is_empty() {
+            match T::arbitrary(&mut u) {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        Ok(Ops(ops))
+    }
+
+    fn size_hint(_depth: usize) -> (usize, Option<usize>) {
+        (0, None)
+    }
+}
+
 /// Decodes `data` into an `I` (as libFuzzer's typed targets do: the whole
 /// buffer, `arbitrary_take_rest`) and checks it; panics with the mismatch
 /// and the input's `Debug` (the reproducer) if the model disagrees.

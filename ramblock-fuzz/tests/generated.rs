@@ -13,3 +13,12 @@ fn bitmap_model_agrees_on_generated_inputs() {
 fn clear_and_received_maps_agree_on_generated_inputs() {
     generate::run(0xC1EA2, 4000, 400, |data| try_bytes(data, clear_map::check)).unwrap();
 }
+
+#[test]
+fn ram_list_model_agrees_on_generated_inputs() {
+    use ramblock_fuzz::ram_list;
+    generate::run(0x5A11_1157, 3000, 500, |data| {
+        try_bytes(data, ram_list::check)
+    })
+    .unwrap();
+}

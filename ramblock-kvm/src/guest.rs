@@ -8,12 +8,19 @@
 //!   runs natively even where KVM emulates CPL 0: on such a host an emulated
 //!   store loop can outrun the dirty ring's full check and overflow it
 //!   (the kernel warns "should never get full" and drops entries).
-//! - [`Workload`]: drops from CPL 0 to CPL 3 (GDT with ring-3 segments, a
-//!   TSS, `iret` with IOPL 3 so `out` is allowed at CPL 3) and loops forever
+//! - [`Workload`]: runs at CPL 3 (GDT with ring-3 code and data segments,
+//!   a TSS, IOPL 3 so `out` is allowed there) and loops forever
 //!   incrementing one byte in every 4 KiB page from 1 MiB to the top of
-//!   guest RAM, doing `out` to [`HEARTBEAT_PORT`] once per full pass. Only
-//!   a dozen instructions run at CPL 0; the loop itself runs natively on any
-//!   KVM. It uses no `hlt` or `int`, which some nested hosts refuse at CPL 3.
+//!   guest RAM, doing `out` to [`HEARTBEAT_PORT`] once per full pass. It
+//!   uses no `hlt` or `int`, which some nested hosts refuse at CPL 3.
+//!
+//! Both enter CPL 3 through the vCPU's segment state (`KVM_SET_SREGS`), not
+//! by an `iret` from CPL 0: on hosts where KVM's instruction emulator runs
+//! CPL 0 code (shadow paging, such as PVM) a protected-mode `iret` or far
+//! return to an outer privilege level is one the emulator does not
+//! implement (`KVM_EXIT_INTERNAL_ERROR`). On hardware-virtualized KVM the
+//! same state is what such an `iret` would produce, so the guest runs the
+//! same either way and never relies on the emulator.
 
 use crate::error::KvmError;
 use crate::vcpu::{Vcpu, VcpuEvent};
@@ -283,8 +290,7 @@ impl PageWriter {
 /// Where the [`Workload`]'s pieces live in the first 1 MiB.
 const GDT_GPA: u64 = 0x1000;
 const TSS_GPA: u64 = 0x2000;
-const KERNEL_CODE_GPA: u64 = 0x3000;
-const USER_CODE_GPA: u64 = 0x3100;
+const USER_CODE_GPA: u64 = 0x3000;
 /// Where [`PageWriter`] puts its program (guest-physical).
 pub const PAGE_WRITER_CODE: u64 = 0x4000;
 const USER_STACK: u32 = 0x7000;
@@ -315,36 +321,12 @@ impl Workload {
     }
 
     /// Writes the GDT, TSS and code into `low`, the host memory behind
-    /// guest-physical `0..1 MiB` (or more), and points `vcpu` at it.
+    /// guest-physical `0..1 MiB` (or more), and points `vcpu` at it, at CPL 3.
     pub fn load(&self, low: &HostRegion, vcpu: &Vcpu) -> Result<(), KvmError> {
         load_tables(low)?;
-        let put = |gpa: u64, bytes: &[u8]| {
-            low.write(gpa, bytes)
-                .map_err(|e| KvmError::GuestLayout(format!("low memory too small: {e}")))
-        };
-        put(KERNEL_CODE_GPA, &self.kernel_code())?;
-        put(USER_CODE_GPA, &self.user_code())?;
-        enter_flat32(vcpu, KERNEL_CODE_GPA, set_tables)
-    }
-
-    /// CPL 0: load ring-3 data segments, build an `iret` frame and drop to
-    /// CPL 3 with IOPL 3 (so `out` works there) and interrupts off.
-    fn kernel_code(&self) -> Vec<u8> {
-        let d3 = DATA3.selector as u8;
-        let mut c = vec![0x66, 0xb8, d3, 0x00]; // mov ax, DATA3
-        c.extend_from_slice(&[0x8e, 0xd8, 0x8e, 0xc0, 0x8e, 0xe0, 0x8e, 0xe8]); // mov ds/es/fs/gs, ax
-        c.push(0xbc); // mov esp, KERNEL_STACK
-        c.extend_from_slice(&KERNEL_STACK.to_le_bytes());
-        c.extend_from_slice(&[0x6a, d3]); // push ss3
-        c.push(0x68); // push esp3
-        c.extend_from_slice(&USER_STACK.to_le_bytes());
-        c.push(0x68); // push eflags: IOPL 3, reserved bit 1
-        c.extend_from_slice(&0x3002u32.to_le_bytes());
-        c.extend_from_slice(&[0x6a, CODE3.selector as u8]); // push cs3
-        c.push(0x68); // push eip
-        c.extend_from_slice(&(USER_CODE_GPA as u32).to_le_bytes());
-        c.push(0xcf); // iretd
-        c
+        low.write(USER_CODE_GPA, &self.user_code())
+            .map_err(|e| KvmError::GuestLayout(format!("low memory too small: {e}")))?;
+        enter_user32(vcpu, USER_CODE_GPA)
     }
 
     /// CPL 3: `for (;;) { for each page: inc byte [page]; out HEARTBEAT }`.

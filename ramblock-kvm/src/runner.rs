@@ -1,1 +1,322 @@
-//! A vCPU on its own thread (filled in below).
+//! [`VcpuRunner`]: a vCPU running a guest on its own thread, which the
+//! migration thread can pause, resume, throttle and stop.
+//!
+//! Kicking: the runner's thread records where its `kvm_run.immediate_exit`
+//! lives in a thread-local; a kick sends it [`kick_signal`], whose handler
+//! (running on that thread) sets `immediate_exit`. A signal that lands
+//! inside `KVM_RUN` ends it with `EINTR`; one that lands just before makes
+//! the next `KVM_RUN` return at once, so no kick is lost. The thread clears
+//! `immediate_exit` and checks the request under the control lock before
+//! each run.
+//!
+//! Throttling (for auto-converge): a ticker kicks the vCPU every
+//! [`THROTTLE_TICK`] while a throttle is set, and after each `KVM_RUN` the
+//! vCPU sleeps `run_time * f / (1 - f)`, so it is stopped a fraction `f` of
+//! the time.
+
+use crate::error::KvmError;
+use crate::guest::HEARTBEAT_PORT;
+use crate::vcpu::{Vcpu, VcpuEvent};
+use crate::vm::Vm;
+use std::cell::Cell;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How often a throttled vCPU is kicked out to sleep.
+pub const THROTTLE_TICK: Duration = Duration::from_millis(10);
+
+/// The real-time signal used to kick vCPU threads.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 3
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, or null.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int) {
+    let ptr = IMMEDIATE_EXIT.with(Cell::get);
+    if !ptr.is_null() {
+        // SAFETY: set by this thread to a byte of its own vCPU's mapped
+        // `kvm_run`, which stays mapped while the thread runs (the thread
+        // clears the pointer before giving the vCPU back); a volatile byte
+        // store is async-signal-safe.
+        unsafe { ptr.write_volatile(1) };
+    }
+}
+
+fn install_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is valid; the handler only does a
+        // volatile store through a thread-local pointer. No SA_RESTART, so
+        // KVM_RUN returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Stop,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum State {
+    Running,
+    Paused,
+    Stopped,
+}
+
+#[derive(Debug)]
+struct Control {
+    request: Request,
+    state: State,
+    error: Option<KvmError>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    control: Mutex<Control>,
+    changed: Condvar,
+    heartbeats: AtomicU64,
+    /// Throttle fraction in millionths.
+    throttle_ppm: AtomicU32,
+    ticker_stop: AtomicBool,
+}
+
+fn lock(m: &Mutex<Control>) -> MutexGuard<'_, Control> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A vCPU on its own thread; see the module docs.
+#[derive(Debug)]
+pub struct VcpuRunner {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<Vcpu>>,
+    ticker: Option<JoinHandle<()>>,
+}
+
+impl VcpuRunner {
+    /// Starts running `vcpu` (already pointed at its guest) on a new thread.
+    /// Each `out` to [`HEARTBEAT_PORT`] is counted; any other exit stops the
+    /// runner with an error ([`VcpuRunner::error`]).
+    pub fn spawn(vm: Arc<Vm>, vcpu: Vcpu) -> Result<VcpuRunner, KvmError> {
+        install_handler();
+        let shared = Arc::new(Shared {
+            control: Mutex::new(Control {
+                request: Request::Run,
+                state: State::Running,
+                error: None,
+            }),
+            changed: Condvar::new(),
+            heartbeats: AtomicU64::new(0),
+            throttle_ppm: AtomicU32::new(0),
+            ticker_stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.id()))
+            .spawn(move || vcpu_thread(&vm, vcpu, &s))
+            .map_err(|e| KvmError::Guest {
+                vcpu: 0,
+                what: format!("cannot start the vCPU thread: {e}"),
+            })?;
+        let pthread = thread.as_pthread_t();
+        let s = shared.clone();
+        let ticker = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || {
+                while !s.ticker_stop.load(Ordering::Acquire) {
+                    std::thread::sleep(THROTTLE_TICK);
+                    if s.throttle_ppm.load(Ordering::Relaxed) > 0 {
+                        // SAFETY: the vCPU thread is joined only after this
+                        // ticker is stopped and joined, so `pthread` is live.
+                        unsafe { libc::pthread_kill(pthread, kick_signal()) };
+                    }
+                }
+            })
+            .ok();
+        Ok(VcpuRunner {
+            shared,
+            thread: Some(thread),
+            ticker,
+        })
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // SAFETY: the thread has not been joined (we hold its handle), so
+            // its pthread_t is valid even if it has finished.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    /// Waits until the vCPU's state is not `Running`, kicking it again every
+    /// few milliseconds in case a kick raced with its exit.
+    fn wait_until_stopped(&self) {
+        let mut c = lock(&self.shared.control);
+        while c.state == State::Running {
+            drop(c);
+            self.kick();
+            c = lock(&self.shared.control);
+            if c.state == State::Running {
+                c = self
+                    .shared
+                    .changed
+                    .wait_timeout(c, Duration::from_millis(5))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+        }
+    }
+
+    /// Stops the guest and returns once the vCPU is out of `KVM_RUN` (its
+    /// writes are all in memory and in the dirty log).
+    pub fn pause(&self) {
+        lock(&self.shared.control).request = Request::Pause;
+        self.wait_until_stopped();
+    }
+
+    /// Lets a paused guest run again.
+    pub fn resume(&self) {
+        let mut c = lock(&self.shared.control);
+        if c.request == Request::Pause {
+            c.request = Request::Run;
+            self.shared.changed.notify_all();
+        }
+    }
+
+    /// Whether the vCPU is paused (or has stopped).
+    pub fn is_paused(&self) -> bool {
+        lock(&self.shared.control).state != State::Running
+    }
+
+    /// Sets the fraction of time (0 to 0.99) the vCPU sleeps instead of
+    /// running.
+    pub fn set_throttle(&self, fraction: f64) {
+        let f = fraction.clamp(0.0, 0.99);
+        self.shared
+            .throttle_ppm
+            .store((f * 1e6) as u32, Ordering::Relaxed);
+    }
+
+    /// The throttle fraction.
+    pub fn throttle(&self) -> f64 {
+        f64::from(self.shared.throttle_ppm.load(Ordering::Relaxed)) / 1e6
+    }
+
+    /// Completed passes of the guest's workload (heartbeats).
+    pub fn heartbeats(&self) -> u64 {
+        self.shared.heartbeats.load(Ordering::Relaxed)
+    }
+
+    /// The error that stopped the vCPU, if any.
+    pub fn error(&self) -> Option<String> {
+        lock(&self.shared.control)
+            .error
+            .as_ref()
+            .map(ToString::to_string)
+    }
+
+    /// Stops the vCPU for good and gives it back, with the error that
+    /// stopped it early, if any.
+    pub fn stop(mut self) -> (Option<Vcpu>, Option<KvmError>) {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> (Option<Vcpu>, Option<KvmError>) {
+        {
+            let mut c = lock(&self.shared.control);
+            c.request = Request::Stop;
+            self.shared.changed.notify_all();
+        }
+        self.wait_until_stopped();
+        self.shared.ticker_stop.store(true, Ordering::Release);
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+        let vcpu = self.thread.take().and_then(|t| t.join().ok());
+        (vcpu, lock(&self.shared.control).error.take())
+    }
+}
+
+impl Drop for VcpuRunner {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.shutdown();
+        }
+    }
+}
+
+fn vcpu_thread(vm: &Vm, mut vcpu: Vcpu, s: &Shared) -> Vcpu {
+    let run = vcpu.fd_mut().get_kvm_run();
+    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::addr_of_mut!(run.immediate_exit)));
+    let mut last_run = Duration::ZERO;
+    loop {
+        {
+            let mut c = lock(&s.control);
+            vcpu.fd_mut().set_kvm_immediate_exit(0);
+            loop {
+                match c.request {
+                    Request::Run => break,
+                    Request::Pause => {
+                        c.state = State::Paused;
+                        s.changed.notify_all();
+                        c = s.changed.wait(c).unwrap_or_else(|e| e.into_inner());
+                    }
+                    Request::Stop => {
+                        c.state = State::Stopped;
+                        s.changed.notify_all();
+                        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+                        return vcpu;
+                    }
+                }
+            }
+            c.state = State::Running;
+        }
+        let ppm = f64::from(s.throttle_ppm.load(Ordering::Relaxed)) / 1e6;
+        if ppm > 0.0 && !last_run.is_zero() {
+            std::thread::sleep(
+                last_run
+                    .mul_f64(ppm / (1.0 - ppm))
+                    .min(Duration::from_secs(1)),
+            );
+        }
+        let t0 = Instant::now();
+        let event = vcpu.run(vm);
+        last_run = t0.elapsed();
+        let error = match event {
+            Ok(VcpuEvent::IoOut {
+                port: HEARTBEAT_PORT,
+                ..
+            }) => {
+                s.heartbeats.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Ok(VcpuEvent::Interrupted) => continue,
+            Ok(VcpuEvent::IoOut { port, data }) => KvmError::Guest {
+                vcpu: vcpu.id(),
+                what: format!("wrote {data:#x} to port {port:#x}, which the runner does not serve"),
+            },
+            Err(e) => e,
+        };
+        let mut c = lock(&s.control);
+        c.error = Some(error);
+        c.state = State::Stopped;
+        c.request = Request::Stop;
+        s.changed.notify_all();
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+        return vcpu;
+    }
+}

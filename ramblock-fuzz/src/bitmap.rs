@@ -429,8 +429,6 @@ pub fn check_variant(input: &Input, variant: Variant) -> Result<(), Mismatch> {
     )?;
     same(None, "atomic len", a.len(), alen)?;
     same(None, "migration len", m.len(), mlen)?;
-    drop(a);
-    drop(m);
     // Storage past the bitmaps is the caller's: it must still hold garbage.
     let a_spare = awords[words_for(alen)..]
         .iter()

@@ -185,7 +185,6 @@ fn check_clear_map(input: &Input) -> Result<(), Mismatch> {
             Ok(marked),
         )?;
     }
-    drop(map);
     let mut want_words = vec![0u64; needed];
     for (c, _) in model.iter().enumerate().filter(|(_, &m)| m) {
         want_words[c / WORD_BITS] |= 1 << (c % WORD_BITS);
@@ -279,7 +278,6 @@ fn check_received(input: &Input) -> Result<(), Mismatch> {
         .map(|w| w.load(Relaxed))
         .collect();
     same(None, "received map words", real, want_words)?;
-    drop(map);
     holds(
         None,
         words[words_for(pc)..].iter().all(|w| w.load(Relaxed) == !0),

@@ -1,3 +1,368 @@
-//! todo
-#![allow(missing_docs)]
-pub fn fuzz(_: &[u8]) {}
+//! The stream receiver fed arbitrary bytes, against a model receiver.
+//!
+//! The destination is a fixed list whose memory starts filled with a guard
+//! pattern (no page is zero):
+//!
+//! | block | used / max pages | flags |
+//! |---|---|---|
+//! | `pc.ram` | 16 / 16 | migratable |
+//! | `vga` | 8 / 32 | migratable, resizable |
+//! | `extra` | 4 / 4 | (not migratable: optional in the table) |
+//! | `rom` | 2 / 2 | read-only |
+//!
+//! The model walks the same bytes the way `docs/stream-format.md` and the
+//! receiver's module docs describe (header, block table matched against the
+//! destination, then records checked against the block they name) and
+//! predicts the outcome: a clean end with its summary, or the error (by
+//! [`ReceiveError::code`]). Then:
+//! - the real receiver must not panic, and must end in the predicted way;
+//! - every page that differs from its guard must belong to a record the
+//!   model accepted (nothing outside the accepted records is written);
+//! - every block's whole reservation must equal the model's bytes, and its
+//!   used length the model's (resizes from the table and from records).
+
+use crate::stream_roundtrip::{self, PageFill, Step};
+use crate::{holds, same, Mismatch};
+use ramblock_core::addr::ByteLen;
+use ramblock_core::checksum::Checksum;
+use ramblock_core::flags::BlockFlags;
+use ramblock_core::stream::io::SliceReader;
+use ramblock_core::stream::receiver::{ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES};
+use std::collections::BTreeSet;
+
+const PAGE: usize = 4096;
+
+/// The destination's blocks: name, used pages, max pages, flags.
+pub const LAYOUT: [(&str, u64, u64, BlockFlags); 4] = [
+    ("pc.ram", 16, 16, BlockFlags::MIGRATABLE),
+    (
+        "vga",
+        8,
+        32,
+        BlockFlags::MIGRATABLE.union(BlockFlags::RESIZABLE),
+    ),
+    ("extra", 4, 4, BlockFlags::empty()),
+    ("rom", 2, 2, BlockFlags::READ_ONLY),
+];
+
+/// The model of one destination block.
+#[derive(Clone, Debug)]
+struct Block {
+    name: &'static str,
+    used: u64,
+    max: u64,
+    flags: BlockFlags,
+    memory: Vec<u8>,
+}
+
+/// The bytes still to read.
+struct Cursor<'a>(&'a [u8]);
+
+/// The model's error: the receiver's error code.
+type Code = u32;
+const TRUNCATED: Code = 20;
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Code> {
+        if n > self.0.len() {
+            self.0 = &[];
+            return Err(TRUNCATED);
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+
+    fn u32(&mut self) -> Result<u32, Code> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().unwrap_or([0; 4]),
+        ))
+    }
+
+    fn u64(&mut self) -> Result<u64, Code> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().unwrap_or([0; 8]),
+        ))
+    }
+}
+
+/// The guard byte of page `page` of block `block` (never zero).
+fn guard(block: usize, page: usize) -> u8 {
+    stream_roundtrip::guard(block, page)
+}
+
+fn fresh_blocks() -> Vec<Block> {
+    LAYOUT
+        .iter()
+        .enumerate()
+        .map(|(i, &(name, used, max, flags))| {
+            let mut memory = vec![0u8; max as usize * PAGE];
+            for (p, bytes) in memory.chunks_mut(PAGE).enumerate() {
+                bytes.fill(guard(i, p));
+            }
+            Block {
+                name,
+                used: used * PAGE as u64,
+                max: max * PAGE as u64,
+                flags,
+                memory,
+            }
+        })
+        .collect()
+}
+
+/// A table slot: block index in [`LAYOUT`] and used pages.
+struct Slot {
+    block: usize,
+    used_pages: u64,
+}
+
+/// The model receiver. Returns the outcome, and records in `touched` the
+/// (block, page) pairs of every accepted run record.
+fn model_receive(
+    data: &[u8],
+    blocks: &mut [Block],
+    touched: &mut BTreeSet<(usize, u64)>,
+) -> Result<ReceiveSummary, Code> {
+    let mut r = Cursor(data);
+    let header = r.take(16)?;
+    if header[..8] != *b"RAMBLOCK" {
+        return Err(1);
+    }
+    let version = u16::from_le_bytes([header[8], header[9]]);
+    if version != 1 {
+        return Err(2);
+    }
+    if header[10] != 12 {
+        return Err(3);
+    }
+    let count = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
+    if count as usize > LAYOUT.len() {
+        return Err(4);
+    }
+    let mut table: Vec<Slot> = Vec::new();
+    for _ in 0..count {
+        let len = usize::from(r.take(1)?[0]);
+        let name = r.take(len)?;
+        let used = r.u64()?;
+        let page_size = r.u64()?;
+        let _flags = r.u32()?;
+        let name = match std::str::from_utf8(name) {
+            Ok(n) if !n.is_empty() && !n.contains('\0') => n,
+            _ => return Err(5),
+        };
+        if table.iter().any(|s| blocks[s.block].name == name) {
+            return Err(7);
+        }
+        let Some(at) = blocks.iter().position(|b| b.name == name) else {
+            return Err(6);
+        };
+        let b = &mut blocks[at];
+        if b.flags.contains(BlockFlags::READ_ONLY) {
+            return Err(11);
+        }
+        if page_size != PAGE as u64 {
+            return Err(9);
+        }
+        let resizable = b.flags.contains(BlockFlags::RESIZABLE);
+        let fits =
+            used == b.used || (resizable && used <= b.max && used % PAGE as u64 == 0 && used > 0);
+        if !fits {
+            return Err(10);
+        }
+        b.used = used;
+        table.push(Slot {
+            block: at,
+            used_pages: used / PAGE as u64,
+        });
+    }
+    // Blocks are laid out in LAYOUT order, so this is offset order too.
+    if blocks.iter().enumerate().any(|(i, b)| {
+        b.flags.contains(BlockFlags::MIGRATABLE) && !table.iter().any(|s| s.block == i)
+    }) {
+        return Err(8);
+    }
+    let mut summary = ReceiveSummary::default();
+    loop {
+        let tag = r.take(1)?[0];
+        match tag {
+            1 | 2 => {
+                let (index, first, count) = (r.u32()?, r.u64()?, r.u32()?);
+                let slot = table.get(index as usize).ok_or(13u32)?;
+                if count == 0 || count > 64 {
+                    return Err(14);
+                }
+                let end = first.checked_add(u64::from(count)).ok_or(15u32)?;
+                if end > slot.used_pages {
+                    return Err(16);
+                }
+                let bytes = count as usize * PAGE;
+                let at = first as usize * PAGE;
+                let mem = &mut blocks[slot.block].memory;
+                if tag == 1 {
+                    let payload = r.take(bytes)?;
+                    mem[at..at + bytes].copy_from_slice(payload);
+                    summary.pages += u64::from(count);
+                } else {
+                    mem[at..at + bytes].fill(0);
+                    summary.zero_pages += u64::from(count);
+                }
+                touched.extend((first..end).map(|p| (slot.block, p)));
+            }
+            3 => {
+                let pass = r.u32()?;
+                let _remaining = r.u64()?;
+                // Passes seen: the highest pass number plus one (saturating:
+                // a pass number of u32::MAX must not bring the receiver down).
+                summary.passes = summary.passes.max(pass.saturating_add(1));
+            }
+            4 => {
+                let (index, used) = (r.u32()?, r.u64()?);
+                let slot = table.get_mut(index as usize).ok_or(13u32)?;
+                let b = &mut blocks[slot.block];
+                let ok = b.flags.contains(BlockFlags::RESIZABLE)
+                    && used > 0
+                    && used % PAGE as u64 == 0
+                    && used <= b.max;
+                if !ok {
+                    return Err(17);
+                }
+                b.used = used;
+                slot.used_pages = used / PAGE as u64;
+            }
+            5 => {
+                let count = r.u32()?;
+                if count as usize != table.len() {
+                    return Err(18);
+                }
+                for slot in &table {
+                    let expected = r.u64()?;
+                    let b = &blocks[slot.block];
+                    let mut sum = Checksum::new();
+                    sum.update(&b.memory[..b.used as usize]);
+                    if sum.finish() != expected {
+                        return Err(19);
+                    }
+                    summary.blocks += 1;
+                }
+                return Ok(summary);
+            }
+            _ => return Err(12),
+        }
+    }
+}
+
+/// How a receive ended: its summary, or the error's code.
+pub type Outcome = Result<ReceiveSummary, u32>;
+
+/// Feeds `data` to the real receiver and to the model; compares outcome,
+/// used lengths and every byte of every block. Returns the outcome both
+/// agreed on.
+pub fn check(data: &[u8]) -> Result<Outcome, Mismatch> {
+    let list = stream_roundtrip::List::new();
+    for (i, &(name, used, max, flags)) in LAYOUT.iter().enumerate() {
+        stream_roundtrip::add_block(&list, name, used, max, flags, |p| guard(i, p)).map_err(
+            |e| Mismatch {
+                step: None,
+                what: format!("harness: {e}"),
+            },
+        )?;
+    }
+    let mut model = fresh_blocks();
+    let mut touched = BTreeSet::new();
+    let want = model_receive(data, &mut model, &mut touched);
+
+    let mut bounce = vec![0u8; BOUNCE_BYTES];
+    let mut receiver = Receiver::new(&mut bounce).map_err(|e| Mismatch {
+        step: None,
+        what: format!("harness: {e}"),
+    })?;
+    let real = receiver.receive(&list, &mut SliceReader::new(data), |_| {});
+    let real_code = real.as_ref().map_err(ReceiveError::code);
+    same(
+        None,
+        "outcome (summary, or error code)",
+        real_code.copied(),
+        want,
+    )
+    .map_err(|mut m| {
+        if let Err(e) = &real {
+            m.what.push_str(&format!(" (real error: {e})"));
+        }
+        m
+    })?;
+
+    let view = list.read();
+    let fresh = fresh_blocks();
+    for ((i, b), (m, f)) in view.iter().enumerate().zip(model.iter().zip(&fresh)) {
+        same(None, "block order", b.name(), m.name)?;
+        same(
+            None,
+            format_args!("{} used length", m.name),
+            b.used_length(),
+            ByteLen(m.used),
+        )?;
+        let real_mem = reservation(b);
+        for (page, (now, before)) in real_mem.chunks(PAGE).zip(f.memory.chunks(PAGE)).enumerate() {
+            if now != before {
+                holds(
+                    None,
+                    touched.contains(&(i, page as u64)),
+                    format_args!(
+                        "{} page {page} changed but no accepted record names it",
+                        m.name
+                    ),
+                )?;
+            }
+        }
+        holds(
+            None,
+            real_mem == m.memory,
+            format_args!("{} memory differs from the model", m.name),
+        )?;
+    }
+    Ok(want)
+}
+
+/// A block's whole reservation (past the used length too), read from its
+/// host memory.
+fn reservation(
+    b: &ramblock_core::block::RamBlock<stream_roundtrip::Mem, ramblock_core::bitmap::Owned>,
+) -> Vec<u8> {
+    use ramblock_core::host::HostMemory;
+    let len = b.max_length().0 as usize;
+    let mut out = vec![0u8; len];
+    // SAFETY: the memory reserves `max_length` bytes of a boxed buffer that
+    // lives as long as the block (BufferMemory never unmaps anything), and
+    // nothing writes it while the list's read guard is held here.
+    unsafe {
+        std::ptr::copy_nonoverlapping(b.memory().base().as_ptr(), out.as_mut_ptr(), len);
+    }
+    out
+}
+
+/// A valid stream for the destination layout, made by the real sender from
+/// a source of `pc.ram` and `vga` (at `1 + vga_pages % 32` used pages)
+/// holding `pages`, with `script` run between passes (three at most).
+pub fn valid_stream(
+    vga_pages: u64,
+    pages: &[(u8, u8, PageFill)],
+    script: &[Step],
+) -> Result<Vec<u8>, String> {
+    let list = stream_roundtrip::List::new();
+    let resizable = BlockFlags::MIGRATABLE | BlockFlags::RESIZABLE;
+    stream_roundtrip::add_block(&list, "pc.ram", 16, 16, BlockFlags::MIGRATABLE, |_| 0)?;
+    stream_roundtrip::add_block(&list, "vga", 1 + vga_pages % 32, 32, resizable, |_| 0)?;
+    for &(block, page, fill) in pages {
+        stream_roundtrip::write_page(&list, usize::from(block), usize::from(page), fill);
+    }
+    stream_roundtrip::send(&list, 3, script).map(|(bytes, _)| bytes)
+}
+
+/// The fuzz entry point: the bytes are the stream. Panics with the bytes'
+/// length and the mismatch on a difference.
+pub fn fuzz(data: &[u8]) {
+    if let Err(m) = check(data) {
+        panic!("{m}\nreproducer: the {}-byte input itself", data.len());
+    }
+}

@@ -446,3 +446,27 @@ pub fn fuzz(data: &[u8]) {
         check_variant(input, Variant::for_fuzzing())
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{generate, try_bytes};
+
+    /// The harness is live: the planted bug in the wrong model is found by
+    /// the same generator `cargo test` runs, while the faithful model passes
+    /// every one of those inputs.
+    #[test]
+    fn the_wrong_model_is_caught() {
+        let inputs: Vec<Vec<u8>> = generate::inputs(0xB17_3A9, 4000, 600).collect();
+        let caught = inputs
+            .iter()
+            .position(|d| try_bytes(d, |i: &Input| check_variant(i, Variant::Wrong)).is_err());
+        assert!(
+            caught.is_some(),
+            "4000 inputs never exposed the wrong model"
+        );
+        for d in &inputs {
+            try_bytes(d, check).unwrap();
+        }
+    }
+}

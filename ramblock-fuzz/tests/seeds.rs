@@ -1,0 +1,55 @@
+//! Replays every committed seed (`seeds/<target>/*`) through its target's
+//! model, exactly as the fuzzer would run it.
+
+use ramblock_fuzz::{bitmap, clear_map, files_in, ram_list, stream_decode, stream_roundtrip};
+use std::path::Path;
+
+fn replay(target: &str, fuzz: fn(&[u8])) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("seeds")
+        .join(target);
+    let files = files_in(&dir);
+    assert!(!files.is_empty(), "no seeds in {}", dir.display());
+    for file in files {
+        let data = std::fs::read(&file).unwrap();
+        println!("{}", file.display());
+        fuzz(&data);
+    }
+}
+
+#[test]
+fn bitmap_seeds() {
+    replay("bitmap", bitmap::fuzz);
+}
+
+#[test]
+fn clear_map_seeds() {
+    replay("clear_map", clear_map::fuzz);
+}
+
+#[test]
+fn ram_list_seeds() {
+    replay("ram_list", ram_list::fuzz);
+}
+
+#[test]
+fn stream_decode_seeds() {
+    replay("stream_decode", stream_decode::fuzz);
+}
+
+#[test]
+fn stream_decode_seeds_named_valid_are_accepted() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/stream_decode");
+    for file in files_in(&dir) {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("valid-") {
+            let outcome = stream_decode::check(&std::fs::read(&file).unwrap()).unwrap();
+            assert!(outcome.is_ok(), "{name}: {outcome:?}");
+        }
+    }
+}
+
+#[test]
+fn stream_roundtrip_seeds() {
+    replay("stream_roundtrip", stream_roundtrip::fuzz);
+}

@@ -1,0 +1,123 @@
+//! The KVM source: guest RAM mapped as a memslot, the CPL 3 increment
+//! workload on a vCPU thread, and the VM's dirty log for the engine.
+
+use crate::memory::{GuestRam, RAM_BLOCK};
+use crate::options::{MigrateOptions, Workload};
+use crate::source;
+use crate::workload::{Guest, HostWriter};
+use ramblock_core::precopy::MigrationStats;
+use ramblock_kvm::dirty::KvmDirtyLog;
+use ramblock_kvm::guest::Workload as GuestWorkload;
+use ramblock_kvm::memslot::BlockRange;
+use ramblock_kvm::runner::VcpuRunner;
+use ramblock_kvm::vm::{Vm, VmBuilder};
+use std::net::TcpStream;
+use std::sync::Arc;
+
+/// A started KVM source.
+pub struct Started {
+    /// The VM.
+    pub vm: Arc<Vm>,
+    /// What writes guest RAM: the vCPU, or a host thread for the idle and
+    /// random workloads (the vCPU then stays idle).
+    pub guest: Box<dyn Guest>,
+}
+
+impl Started {
+    /// The dirty-log mode in use.
+    pub fn mode_name(&self) -> String {
+        self.vm.mode().to_string()
+    }
+}
+
+/// The vCPU running the increment workload.
+struct KvmGuest {
+    runner: Option<VcpuRunner>,
+}
+
+impl Guest for KvmGuest {
+    fn pause(&mut self) {
+        if let Some(r) = &self.runner {
+            r.pause();
+        }
+    }
+    fn resume(&mut self) {
+        if let Some(r) = &self.runner {
+            r.resume();
+        }
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        if let Some(r) = &self.runner {
+            r.set_throttle(f64::from(percent.min(99)) / 100.0);
+        }
+    }
+    fn progress(&self) -> u64 {
+        self.runner.as_ref().map_or(0, |r| r.heartbeats())
+    }
+    fn stop(&mut self) {
+        if let Some(r) = self.runner.take() {
+            let _ = r.stop();
+        }
+    }
+}
+
+impl Drop for KvmGuest {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Creates the VM, maps `pc.ram` at guest-physical 0 and starts the
+/// workload.
+pub fn start(ram: &'static GuestRam, opts: &MigrateOptions) -> Result<Started, String> {
+    let vm = Arc::new(
+        VmBuilder::new()
+            .dirty_log(opts.dirty_log)
+            .build()
+            .map_err(|e| e.to_string())?,
+    );
+    let view = ram.read();
+    let block = view.by_name(RAM_BLOCK).ok_or("no guest RAM block")?;
+    // SAFETY: `ram` is leaked ('static) and its block is never removed, so
+    // the memory behind the slot stays mapped for the life of the VM.
+    unsafe { vm.map_block(block, 0, BlockRange::Whole) }.map_err(|e| e.to_string())?;
+    let guest: Box<dyn Guest> = match opts.workload {
+        Workload::Increment => {
+            let top = block.used_length().0.min(1 << 32);
+            let work = GuestWorkload::new(top).map_err(|e| e.to_string())?;
+            let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
+            work.load(&block.region(), &vcpu)
+                .map_err(|e| e.to_string())?;
+            let runner = VcpuRunner::spawn(vm.clone(), vcpu).map_err(|e| e.to_string())?;
+            Box::new(KvmGuest {
+                runner: Some(runner),
+            })
+        }
+        Workload::Idle | Workload::Random(_) => Box::new(HostWriter::start(ram, opts.workload)),
+    };
+    Ok(Started { vm, guest })
+}
+
+/// Switches dirty logging on, migrates, and switches it off again whatever
+/// the outcome.
+pub fn send(
+    vm: &Vm,
+    ram: &GuestRam,
+    guest: &mut dyn Guest,
+    conn: TcpStream,
+    opts: &MigrateOptions,
+) -> Result<MigrationStats, String> {
+    let offset = ram
+        .read()
+        .by_name(RAM_BLOCK)
+        .ok_or("no guest RAM block")?
+        .offset();
+    vm.set_block_logging(offset, true)
+        .map_err(|e| e.to_string())?;
+    let mut log = KvmDirtyLog::new(vm);
+    let result = source::send(ram, &mut log, guest, conn, opts);
+    let off = vm.set_block_logging(offset, false);
+    let stats = result?;
+    off.map_err(|e| format!("migrated, but switching dirty logging off failed: {e}"))?;
+    Ok(stats)
+}

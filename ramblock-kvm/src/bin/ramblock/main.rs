@@ -1,0 +1,281 @@
+//! `ramblock`: live-migrate a running guest's RAM.
+//!
+//! `ramblock migrate` with no arguments runs the whole job on one machine: a
+//! 1 GiB KVM guest whose vCPU increments a byte in every page from 1 MiB up,
+//! a destination in the same process over a loopback TCP connection, the best
+//! dirty-log mode the host offers, and a byte-for-byte check of the
+//! destination against the source at switch-over. `--incoming` and `--to`
+//! split the two sides over TCP. Without `/dev/kvm` a host thread writes
+//! guest RAM through the block API instead.
+
+mod destination;
+mod kvm;
+mod memory;
+mod options;
+mod report;
+mod source;
+mod workload;
+
+use clap::{Parser, Subcommand};
+use memory::{first_mismatch, guest_ram, GuestRam, Side};
+use options::MigrateOptions;
+use ramblock_core::dirty_log::SoftwareOnly;
+use report::Summary;
+use std::net::{TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use workload::{Guest, HostWriter};
+
+/// Guest RAM management for Rust VMMs.
+#[derive(Parser, Debug)]
+#[command(name = "ramblock", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Live-migrate a running guest's RAM (both sides in one process unless
+    /// --incoming or --to is given).
+    Migrate(MigrateOptions),
+}
+
+fn main() -> ExitCode {
+    let Command::Migrate(opts) = Cli::parse().command;
+    let summary = if let Some(addr) = opts.incoming.clone() {
+        incoming(&opts, &addr)
+    } else {
+        outgoing(&opts)
+    };
+    if opts.json {
+        println!("{}", summary.json());
+    } else {
+        print!("{}", summary.text());
+    }
+    if summary.error.is_none() && summary.verified != Some(false) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn backing_name(opts: &MigrateOptions) -> String {
+    match &opts.backing {
+        options::Backing::Anonymous => "anonymous".into(),
+        options::Backing::Memfd => "memfd".into(),
+        options::Backing::Hugetlb => "hugetlb 2M".into(),
+        options::Backing::File(p) => format!("file {}", p.display()),
+    }
+}
+
+fn failed(mut summary: Summary, error: String) -> Summary {
+    summary.error = Some(error);
+    summary
+}
+
+/// The destination of `--incoming`: listen, receive one migration, verify
+/// the end checksums.
+fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
+    let mut summary = Summary {
+        role: "destination",
+        size: opts.size,
+        backing: backing_name(opts),
+        mode: "-".into(),
+        ..Summary::default()
+    };
+    let ram = match guest_ram(
+        opts.size,
+        &opts.backing,
+        opts.clear_shift,
+        Side::Destination,
+    ) {
+        Ok(r) => r,
+        Err(e) => return failed(summary, e),
+    };
+    let listener = match TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => return failed(summary, format!("cannot listen on {addr}: {e}")),
+    };
+    if !opts.json {
+        eprintln!("waiting for a migration on {addr}");
+    }
+    let conn = match listener.accept() {
+        Ok((c, _)) => c,
+        Err(e) => return failed(summary, format!("accept on {addr} failed: {e}")),
+    };
+    let t0 = Instant::now();
+    match destination::receive(ram, conn) {
+        Ok(r) => {
+            summary.stats.total_ns = t0.elapsed().as_nanos() as u64;
+            summary.stats.pages = r.pages;
+            summary.stats.zero_pages = r.zero_pages;
+            summary.stats.passes = r.passes;
+            summary.verified = Some(true);
+            summary
+        }
+        Err(e) => failed(summary, e),
+    }
+}
+
+/// The source: start the guest, then migrate it to `--to` or to a local
+/// destination.
+fn outgoing(opts: &MigrateOptions) -> Summary {
+    let mut summary = Summary {
+        role: if opts.to.is_some() { "source" } else { "local" },
+        size: opts.size,
+        backing: backing_name(opts),
+        ..Summary::default()
+    };
+    let ram = match guest_ram(opts.size, &opts.backing, opts.clear_shift, Side::Source) {
+        Ok(r) => r,
+        Err(e) => return failed(summary, e),
+    };
+    let kvm = if opts.no_kvm {
+        None
+    } else if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!(
+            "no /dev/kvm: a host thread writes guest RAM through the block API instead of a vCPU"
+        );
+        None
+    } else {
+        match kvm::start(ram, opts) {
+            Ok(k) => Some(k),
+            Err(e) => return failed(summary, e),
+        }
+    };
+    let result = match kvm {
+        Some(mut k) => {
+            summary.mode = k.mode_name();
+            let vm = k.vm.clone();
+            let r = run_source(
+                ram,
+                opts,
+                &mut summary,
+                k.guest.as_mut(),
+                |ram, guest, conn| kvm::send(&vm, ram, guest, conn, opts),
+            );
+            k.guest.stop();
+            r
+        }
+        None => {
+            summary.mode = "software".into();
+            let mut writer: Box<dyn Guest> = Box::new(HostWriter::start(ram, opts.workload));
+            let r = run_source(
+                ram,
+                opts,
+                &mut summary,
+                writer.as_mut(),
+                |ram, guest, conn| source::send(ram, &mut SoftwareOnly, guest, conn, opts),
+            );
+            writer.stop();
+            r
+        }
+    };
+    match result {
+        Ok(()) => summary,
+        Err(e) => failed(summary, e),
+    }
+}
+
+/// Lets the guest fill its memory, connects, migrates and verifies.
+fn run_source(
+    ram: &'static GuestRam,
+    opts: &MigrateOptions,
+    summary: &mut Summary,
+    guest: &mut dyn Guest,
+    mut send: impl FnMut(
+        &GuestRam,
+        &mut dyn Guest,
+        TcpStream,
+    ) -> Result<ramblock_core::precopy::MigrationStats, String>,
+) -> Result<(), String> {
+    warm_up(guest, opts);
+    let start_progress = guest.progress();
+    if let Some(addr) = &opts.to {
+        let conn = connect(addr)?;
+        let result = send(ram, guest, conn);
+        summary.guest_progress = guest.progress() - start_progress;
+        summary.stats = result.map_err(|e| still_running(e, guest, opts))?;
+        summary.verified = Some(true); // the destination acknowledged its checksums
+        return Ok(());
+    }
+    // Local: a destination in this process, over loopback TCP.
+    let dest = guest_ram(
+        opts.size,
+        &opts.backing,
+        opts.clear_shift,
+        Side::LocalDestination,
+    )?;
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot listen on loopback: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let receiver = std::thread::spawn(move || {
+        let (conn, _) = listener
+            .accept()
+            .map_err(|e| format!("accept failed: {e}"))?;
+        destination::receive(dest, conn)
+    });
+    let conn = TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let result = send(ram, guest, conn);
+    summary.guest_progress = guest.progress() - start_progress;
+    let received = receiver
+        .join()
+        .map_err(|_| "the destination thread panicked".to_string())?;
+    summary.stats = result.map_err(|e| {
+        let e = match &received {
+            Err(d) => format!("{e} ({d})"),
+            Ok(_) => e,
+        };
+        still_running(e, guest, opts)
+    })?;
+    received?;
+    // The source guest is paused at its switch-over state: compare.
+    summary.mismatch = first_mismatch(ram, dest);
+    summary.verified = Some(summary.mismatch.is_none());
+    Ok(())
+}
+
+/// Runs the guest until it has written its memory once (or 10 s passed),
+/// so the migration moves real data.
+fn warm_up(guest: &mut dyn Guest, opts: &MigrateOptions) {
+    if opts.workload != options::Workload::Increment {
+        std::thread::sleep(Duration::from_millis(200));
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while guest.progress() < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Connects to a destination, retrying for a few seconds while it starts.
+fn connect(addr: &str) -> Result<TcpStream, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("cannot connect to {addr}: {e}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Adds to a failure whether the source guest kept running after it.
+fn still_running(error: String, guest: &mut dyn Guest, opts: &MigrateOptions) -> String {
+    if opts.workload == options::Workload::Idle {
+        return format!("{error}; the source guest was resumed");
+    }
+    let before = guest.progress();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while guest.progress() == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if guest.progress() > before {
+        format!("{error}; the source guest is still running")
+    } else {
+        format!("{error}; the source guest made no progress after the failure")
+    }
+}

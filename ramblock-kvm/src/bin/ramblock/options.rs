@@ -1,0 +1,160 @@
+//! Command-line options of `ramblock migrate` and their parsing.
+
+use clap::Args;
+use ramblock_kvm::mode::DirtyLogRequest;
+use std::path::PathBuf;
+
+/// Options of `ramblock migrate`.
+#[derive(Args, Debug, Clone)]
+pub struct MigrateOptions {
+    /// Guest RAM size (bytes, or with K/M/G suffix).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub size: u64,
+    /// Host memory behind guest RAM: anonymous, memfd, hugetlb, or a file
+    /// path (a directory gets an unlinked temporary file).
+    #[arg(long, default_value = "anonymous", value_parser = parse_backing)]
+    pub backing: Backing,
+    /// Dirty-log mode: auto (the best the host offers), bitmap, manual, ring
+    /// or ring:ENTRIES (a power of two per vCPU).
+    #[arg(long, default_value = "auto", value_parser = parse_mode)]
+    pub dirty_log: DirtyLogRequest,
+    /// Clear-map chunk: 2^shift pages per bit (6..=31).
+    #[arg(long, default_value_t = 18)]
+    pub clear_shift: u8,
+    /// Longest acceptable guest pause, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Bandwidth cap in MiB/s (0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub bandwidth_mib: u64,
+    /// Switch over after this many passes at the latest.
+    #[arg(long, default_value_t = 30)]
+    pub max_passes: u32,
+    /// Throttle the vCPUs when the guest dirties memory faster than it is sent.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// What the guest does: idle, increment (a byte in every page from
+    /// 1 MiB up, forever), or random:RATE (random page writes per second).
+    #[arg(long, default_value = "increment", value_parser = parse_workload)]
+    pub workload: Workload,
+    /// Be the destination: listen on tcp:HOST:PORT and receive one migration.
+    #[arg(long, value_parser = parse_endpoint, conflicts_with = "to")]
+    pub incoming: Option<String>,
+    /// Be the source: migrate to a destination listening on tcp:HOST:PORT.
+    #[arg(long, value_parser = parse_endpoint)]
+    pub to: Option<String>,
+    /// Do not use /dev/kvm even if present (a host thread writes instead).
+    #[arg(long)]
+    pub no_kvm: bool,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where guest RAM lives on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory with transparent hugepages.
+    Anonymous,
+    /// A sealed memfd.
+    Memfd,
+    /// 2 MiB hugetlb pages.
+    Hugetlb,
+    /// A file or a directory.
+    File(PathBuf),
+}
+
+/// The guest's activity during migration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Workload {
+    /// Nothing writes.
+    Idle,
+    /// Increment a byte in every page from 1 MiB to the top, in a loop.
+    Increment,
+    /// Random page writes at this many pages per second.
+    Random(u64),
+}
+
+/// Parses `123`, `4K`, `512M`, `1G` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 10),
+        Some('M') => (&s[..s.len() - 1], 20),
+        Some('G') => (&s[..s.len() - 1], 30),
+        Some('T') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 512M, 1G)"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_mode(s: &str) -> Result<DirtyLogRequest, String> {
+    s.parse().map_err(|e: ramblock_kvm::KvmError| e.to_string())
+}
+
+fn parse_backing(s: &str) -> Result<Backing, String> {
+    Ok(match s {
+        "anonymous" | "anon" => Backing::Anonymous,
+        "memfd" => Backing::Memfd,
+        "hugetlb" => Backing::Hugetlb,
+        "" => return Err("empty backing: use anonymous, memfd, hugetlb or a path".into()),
+        path => Backing::File(PathBuf::from(path.strip_prefix("file:").unwrap_or(path))),
+    })
+}
+
+fn parse_workload(s: &str) -> Result<Workload, String> {
+    match s {
+        "idle" => Ok(Workload::Idle),
+        "increment" => Ok(Workload::Increment),
+        _ => match s.strip_prefix("random:") {
+            Some(rate) => rate
+                .parse()
+                .map(Workload::Random)
+                .map_err(|_| format!("{rate:?} is not a rate in pages per second")),
+            None => Err(format!(
+                "unknown workload {s:?}: use idle, increment or random:RATE"
+            )),
+        },
+    }
+}
+
+/// Checks `tcp:HOST:PORT` and returns `HOST:PORT`.
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    let addr = s
+        .strip_prefix("tcp:")
+        .ok_or_else(|| format!("{s:?}: endpoints look like tcp:HOST:PORT"))?;
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(addr.to_string())
+        }
+        _ => Err(format!("{s:?}: endpoints look like tcp:HOST:PORT")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_workloads_and_endpoints_parse() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_workload("random:5000"), Ok(Workload::Random(5000)));
+        assert!(parse_workload("random:x").is_err());
+        assert_eq!(
+            parse_endpoint("tcp:127.0.0.1:4444"),
+            Ok("127.0.0.1:4444".into())
+        );
+        assert!(parse_endpoint("127.0.0.1:4444").is_err());
+        assert!(parse_endpoint("tcp:host:99999").is_err());
+        assert_eq!(parse_backing("/tmp/x"), Ok(Backing::File("/tmp/x".into())));
+    }
+}

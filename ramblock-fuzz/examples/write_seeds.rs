@@ -15,6 +15,9 @@ use ramblock_fuzz::stream_decode;
 use ramblock_fuzz::stream_roundtrip::{Action, PageFill, Step};
 use std::path::Path;
 
+/// A seed stream: file name, `vga` size, page contents, script.
+type StreamCase<'a> = (&'a str, u64, &'a [(u8, u8, PageFill)], &'a [Step]);
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
     let decode = root.join("stream_decode");
@@ -41,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             fill: PageFill::Pattern(7),
         },
     };
-    let cases: [(&str, u64, &[(u8, u8, PageFill)], &[Step]); 4] = [
+    let cases: [StreamCase<'_>; 4] = [
         ("valid-empty", 7, &[], &[]),
         ("valid-pages", 7, &pages, &[]),
         ("valid-resize", 3, &pages[..2], &[grow]),

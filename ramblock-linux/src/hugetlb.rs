@@ -126,3 +126,133 @@ mod tests {
         assert!(pool_dir(PageSize::SIZE_2M).ends_with("hugepages-2048kB"));
     }
 }
+
+/// Serialises changes to host-wide state (hugepage pools, hugetlbfs mounts)
+/// across threads and processes: an exclusive `flock` on
+/// [`HOST_STATE_LOCK`], held while the guard lives. Test runners that run
+/// each test in its own process (nextest) make a process-local mutex useless.
+#[derive(Debug)]
+pub struct HostStateLock(#[allow(dead_code)] std::fs::File);
+
+/// The file [`HostStateLock`] locks.
+pub const HOST_STATE_LOCK: &str = "/tmp/ramblock-host-state.lock";
+
+impl HostStateLock {
+    /// Waits for the lock.
+    pub fn take() -> std::io::Result<HostStateLock> {
+        let file = std::fs::File::create(HOST_STATE_LOCK)?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
+        Ok(HostStateLock(file))
+    }
+}
+
+/// Why a pool could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The host has no pool of this size.
+    #[error("the host has no {page_size} hugepage pool ({dir})")]
+    NoPool {
+        /// The page size.
+        page_size: PageSize,
+        /// The pool's directory.
+        dir: String,
+    },
+    /// The pool size could not be changed (not root?) or the lock taken.
+    #[error("cannot change {what} (need root): {source}")]
+    Io {
+        /// The file.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The kernel gave fewer pages than asked.
+    #[error("asked the kernel for {want} {page_size} hugepages but only {free} are free: memory is too fragmented or too small")]
+    TooFew {
+        /// The page size.
+        page_size: PageSize,
+        /// The pool size asked for.
+        want: u64,
+        /// Free pages after asking.
+        free: u64,
+    },
+}
+
+/// A change to a hugepage pool, undone when dropped (also when a test
+/// fails): the pool's size is restored. Holds the [`HostStateLock`].
+#[derive(Debug)]
+pub struct PoolReservation {
+    page_size: PageSize,
+    original: u64,
+    _lock: HostStateLock,
+}
+
+impl PoolReservation {
+    fn lock_pool(page_size: PageSize) -> Result<(HostStateLock, PathBuf), PoolError> {
+        let lock = HostStateLock::take().map_err(|source| PoolError::Io {
+            what: HOST_STATE_LOCK.into(),
+            source,
+        })?;
+        let dir = pool_dir(page_size);
+        if !dir.exists() {
+            return Err(PoolError::NoPool {
+                page_size,
+                dir: dir.display().to_string(),
+            });
+        }
+        Ok((lock, dir.join("nr_hugepages")))
+    }
+
+    fn set(file: &std::path::Path, pages: u64) -> Result<(), PoolError> {
+        std::fs::write(file, pages.to_string()).map_err(|source| PoolError::Io {
+            what: file.display().to_string(),
+            source,
+        })
+    }
+
+    /// Grows the pool until at least `pages` pages of `page_size` are free.
+    pub fn reserve(page_size: PageSize, pages: u64) -> Result<PoolReservation, PoolError> {
+        let (lock, file) = Self::lock_pool(page_size)?;
+        let original = total_pages(page_size);
+        let reservation = PoolReservation {
+            page_size,
+            original,
+            _lock: lock,
+        };
+        let free = unreserved_free_pages(page_size);
+        if free < pages {
+            let want = original + (pages - free);
+            Self::set(&file, want)?;
+            let free = unreserved_free_pages(page_size);
+            if free < pages {
+                return Err(PoolError::TooFew {
+                    page_size,
+                    want,
+                    free,
+                });
+            }
+        }
+        Ok(reservation)
+    }
+
+    /// Shrinks the pool so that no page is free (the exhausted case).
+    pub fn empty(page_size: PageSize) -> Result<PoolReservation, PoolError> {
+        let (lock, file) = Self::lock_pool(page_size)?;
+        let original = total_pages(page_size);
+        let reservation = PoolReservation {
+            page_size,
+            original,
+            _lock: lock,
+        };
+        Self::set(&file, original - free_pages(page_size))?;
+        Ok(reservation)
+    }
+}
+
+impl Drop for PoolReservation {
+    fn drop(&mut self) {
+        let _ = Self::set(
+            &pool_dir(self.page_size).join("nr_hugepages"),
+            self.original,
+        );
+    }
+}

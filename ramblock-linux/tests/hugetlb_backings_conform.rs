@@ -24,7 +24,7 @@ fn expect(shared: bool) -> Expect {
 fn hugetlb_2m_anonymous_conforms() {
     let pool = match HugepagePool::reserve(PageSize::SIZE_2M, 4) {
         Ok(p) => p,
-        Err(reason) => return skip(&reason),
+        Err(reason) => return skip(&reason.to_string()),
     };
     let mut mem = MemoryBuilder::hugetlb(ByteLen(6 * MIB), PageSize::SIZE_2M)
         .max_length(ByteLen(8 * MIB))
@@ -41,7 +41,7 @@ fn hugetlb_2m_anonymous_conforms() {
 fn hugetlb_2m_shared_anonymous_conforms() {
     let _pool = match HugepagePool::reserve(PageSize::SIZE_2M, 4) {
         Ok(p) => p,
-        Err(reason) => return skip(&reason),
+        Err(reason) => return skip(&reason.to_string()),
     };
     let mut mem = MemoryBuilder::hugetlb(ByteLen(6 * MIB), PageSize::SIZE_2M)
         .max_length(ByteLen(8 * MIB))
@@ -55,7 +55,7 @@ fn hugetlb_2m_shared_anonymous_conforms() {
 fn hugetlb_1g_anonymous_conforms() {
     let _pool = match HugepagePool::reserve(PageSize::SIZE_1G, 1) {
         Ok(p) => p,
-        Err(reason) => return skip(&reason),
+        Err(reason) => return skip(&reason.to_string()),
     };
     let mut mem = MemoryBuilder::hugetlb(ByteLen(GIB), PageSize::SIZE_1G)
         .build()
@@ -72,7 +72,7 @@ fn hugetlb_1g_anonymous_conforms() {
 fn hugetlb_2m_memfd_conforms() {
     let _pool = match HugepagePool::reserve(PageSize::SIZE_2M, 4) {
         Ok(p) => p,
-        Err(reason) => return skip(&reason),
+        Err(reason) => return skip(&reason.to_string()),
     };
     let mut mem = MemoryBuilder::memfd(ByteLen(6 * MIB))
         .huge_pages(PageSize::SIZE_2M)
@@ -89,7 +89,7 @@ fn hugetlb_2m_memfd_conforms() {
 fn hugetlb_1g_memfd_conforms() {
     let _pool = match HugepagePool::reserve(PageSize::SIZE_1G, 1) {
         Ok(p) => p,
-        Err(reason) => return skip(&reason),
+        Err(reason) => return skip(&reason.to_string()),
     };
     let mut mem = MemoryBuilder::memfd(ByteLen(GIB))
         .huge_pages(PageSize::SIZE_1G)
@@ -102,11 +102,11 @@ fn hugetlb_1g_memfd_conforms() {
 fn hugetlbfs_file_conforms_with_the_filesystem_page_size() {
     let _pool = match HugepagePool::reserve(PageSize::SIZE_2M, 4) {
         Ok(p) => p,
-        Err(reason) => return skip(&reason),
+        Err(reason) => return skip(&reason.to_string()),
     };
     let mount = match HugetlbfsMount::mount(PageSize::SIZE_2M) {
         Ok(m) => m,
-        Err(reason) => return skip(&reason),
+        Err(reason) => return skip(&reason.to_string()),
     };
     // A named file on hugetlbfs.
     let path = mount.dir.join("guest-ram");

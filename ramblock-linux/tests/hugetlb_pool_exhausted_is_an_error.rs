@@ -39,7 +39,7 @@ fn assert_exhausted(result: Result<ramblock_linux::LinuxMemory, Error>, errno: b
 fn reserving_from_an_empty_pool_is_an_error() {
     let _pool = match HugepagePool::empty(PageSize::SIZE_2M) {
         Ok(p) => p,
-        Err(reason) => return skip(&reason),
+        Err(reason) => return skip(&reason.to_string()),
     };
     assert_exhausted(
         MemoryBuilder::hugetlb(ByteLen(4 * MIB), PageSize::SIZE_2M).build(),
@@ -57,7 +57,7 @@ fn reserving_from_an_empty_pool_is_an_error() {
 fn populating_a_no_reserve_mapping_from_an_empty_pool_is_an_error() {
     let _pool = match HugepagePool::empty(PageSize::SIZE_2M) {
         Ok(p) => p,
-        Err(reason) => return skip(&reason),
+        Err(reason) => return skip(&reason.to_string()),
     };
     let built = MemoryBuilder::hugetlb(ByteLen(4 * MIB), PageSize::SIZE_2M)
         .no_reserve(true)
@@ -73,7 +73,7 @@ fn populating_a_no_reserve_mapping_from_an_empty_pool_is_an_error() {
 fn the_touch_fallback_checks_the_pool_instead_of_faulting() {
     let _pool = match HugepagePool::empty(PageSize::SIZE_2M) {
         Ok(p) => p,
-        Err(reason) => return skip(&reason),
+        Err(reason) => return skip(&reason.to_string()),
     };
     let built = MemoryBuilder::hugetlb(ByteLen(4 * MIB), PageSize::SIZE_2M)
         .no_reserve(true)
@@ -92,7 +92,7 @@ fn a_pool_with_pages_backs_the_same_request() {
     // the pages, so the errors above come from the pool, not the request.
     let _pool = match HugepagePool::reserve(PageSize::SIZE_2M, 2) {
         Ok(p) => p,
-        Err(reason) => return skip(&reason),
+        Err(reason) => return skip(&reason.to_string()),
     };
     for method in [PreallocMethod::Populate, PreallocMethod::Touch] {
         let mem = MemoryBuilder::hugetlb(ByteLen(4 * MIB), PageSize::SIZE_2M)

@@ -306,89 +306,9 @@ fn verify_pages<M: HostMemory>(mem: &M, from: usize, to: usize) {
     }
 }
 
-/// Serialises tests that change host state (the hugepage pools, mounts)
-/// across test threads and processes (nextest runs tests as processes):
-/// an exclusive `flock` on a file in /tmp, held while the guard lives.
-pub struct HostLock(File);
-
-impl HostLock {
-    pub fn take() -> HostLock {
-        let file = File::create("/tmp/ramblock-host-state.lock").expect("create the lock file");
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).expect("flock");
-        HostLock(file)
-    }
-}
-
-/// Makes `pages` free pages of `page_size` available, restoring the pool's
-/// size when dropped (also when the test fails).
-pub struct HugepagePool {
-    page_size: PageSize,
-    original: u64,
-    _lock: HostLock,
-}
-
-fn pool_file(page_size: PageSize) -> PathBuf {
-    ramblock_linux::hugetlb::pool_dir(page_size).join("nr_hugepages")
-}
-
-impl HugepagePool {
-    /// Reserves, or says why it cannot (the caller prints `skipped:`).
-    pub fn reserve(page_size: PageSize, pages: u64) -> Result<HugepagePool, String> {
-        let lock = HostLock::take();
-        let file = pool_file(page_size);
-        let original = ramblock_linux::hugetlb::total_pages(page_size);
-        if !file.exists() {
-            return Err(format!(
-                "the host has no {page_size} hugepage pool ({file:?})"
-            ));
-        }
-        let free = ramblock_linux::hugetlb::unreserved_free_pages(page_size);
-        let pool = HugepagePool {
-            page_size,
-            original,
-            _lock: lock,
-        };
-        if free >= pages {
-            return Ok(pool);
-        }
-        let want = original + (pages - free);
-        std::fs::write(&file, want.to_string())
-            .map_err(|e| format!("cannot write {file:?} (need root): {e}"))?;
-        let got = ramblock_linux::hugetlb::unreserved_free_pages(page_size);
-        if got < pages {
-            return Err(format!(
-                "asked the kernel for {want} {page_size} hugepages but only {got} are free (memory too fragmented or too small)"
-            ));
-        }
-        Ok(pool)
-    }
-
-    /// Shrinks the pool so that no page is free: the exhausted case.
-    pub fn empty(page_size: PageSize) -> Result<HugepagePool, String> {
-        let lock = HostLock::take();
-        let file = pool_file(page_size);
-        if !file.exists() {
-            return Err(format!(
-                "the host has no {page_size} hugepage pool ({file:?})"
-            ));
-        }
-        let original = ramblock_linux::hugetlb::total_pages(page_size);
-        let in_use = original - ramblock_linux::hugetlb::free_pages(page_size);
-        std::fs::write(&file, in_use.to_string())
-            .map_err(|e| format!("cannot write {file:?} (need root): {e}"))?;
-        Ok(HugepagePool {
-            page_size,
-            original,
-            _lock: lock,
-        })
-    }
-}
-
-impl Drop for HugepagePool {
-    fn drop(&mut self) {
-        let _ = std::fs::write(pool_file(self.page_size), self.original.to_string());
-    }
-}
+/// The host-state guards live in the library, shared with other crates'
+/// tests.
+pub use ramblock_linux::hugetlb::{HostStateLock, PoolReservation as HugepagePool};
 
 /// A hugetlbfs mounted on a fresh directory for the test, unmounted and
 /// removed when dropped.

@@ -4,7 +4,6 @@
 
 use ramblock_core::addr::{ByteLen, PageSize};
 use ramblock_core::host::HostMemory;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// One VMA as `/proc/self/smaps` reports it.
@@ -308,7 +307,7 @@ fn verify_pages<M: HostMemory>(mem: &M, from: usize, to: usize) {
 
 /// The host-state guards live in the library, shared with other crates'
 /// tests.
-pub use ramblock_linux::hugetlb::{HostStateLock, PoolReservation as HugepagePool};
+pub use ramblock_linux::hugetlb::PoolReservation as HugepagePool;
 
 /// A hugetlbfs mounted on a fresh directory for the test, unmounted and
 /// removed when dropped.

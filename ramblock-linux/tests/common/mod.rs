@@ -307,6 +307,7 @@ fn verify_pages<M: HostMemory>(mem: &M, from: usize, to: usize) {
 
 /// The host-state guards live in the library, shared with other crates'
 /// tests.
+#[allow(unused_imports)] // not every test file reserves pages
 pub use ramblock_linux::hugetlb::PoolReservation as HugepagePool;
 
 /// A hugetlbfs mounted on a fresh directory for the test, unmounted and

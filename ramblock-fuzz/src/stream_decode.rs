@@ -27,7 +27,7 @@ use ramblock_core::addr::ByteLen;
 use ramblock_core::checksum::Checksum;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::stream::io::SliceReader;
-use ramblock_core::stream::receiver::{ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES};
+use ramblock_core::stream::receiver::{ReceiveError, ReceiveSummary, Receiver};
 use std::collections::BTreeSet;
 
 const PAGE: usize = 4096;
@@ -272,12 +272,13 @@ pub fn check(data: &[u8]) -> Result<Outcome, Mismatch> {
     let mut touched = BTreeSet::new();
     let want = model_receive(data, &mut model, &mut touched);
 
-    let mut bounce = vec![0u8; BOUNCE_BYTES];
-    let mut receiver = Receiver::new(&mut bounce).map_err(|e| Mismatch {
-        step: None,
-        what: format!("harness: {e}"),
+    let real = stream_roundtrip::with_buffers(|_, bounce| {
+        let mut receiver = Receiver::new(bounce).map_err(|e| Mismatch {
+            step: None,
+            what: format!("harness: {e}"),
+        })?;
+        Ok(receiver.receive(&list, &mut SliceReader::new(data), |_| {}))
     })?;
-    let real = receiver.receive(&list, &mut SliceReader::new(data), |_| {});
     let real_code = real.as_ref().map_err(ReceiveError::code);
     same(
         None,

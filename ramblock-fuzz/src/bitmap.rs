@@ -8,7 +8,7 @@
 //! naming the range) are frequent too.
 //!
 //! The deliberately wrong model (`--cfg ramblock_fuzz_wrong_model`, or
-//! [`Variant::Wrong`] in this crate's tests) forgets to clear the last bit
+//! `Variant::Wrong` in this crate's tests) forgets to clear the last bit
 //! of a `test_and_clear_range` of two or more bits.
 
 use crate::{holds, same, Mismatch};

@@ -331,7 +331,8 @@ impl<'b> Receiver<'b> {
                     }
                 }
                 Record::Sync { pass, remaining } => {
-                    summary.passes = summary.passes.max(pass + 1);
+                    // A hostile pass number must not overflow the count.
+                    summary.passes = summary.passes.max(pass.saturating_add(1));
                     events(ReceiveEvent::Sync { pass, remaining });
                 }
                 Record::Resize { block, used_length } => {

@@ -23,9 +23,11 @@
 
 use crate::stream_roundtrip::{self, PageFill, Step};
 use crate::{holds, same, Mismatch};
-use ramblock_core::addr::ByteLen;
+use ramblock_core::addr::{ByteLen, PageSize};
+use ramblock_core::buffer::BufferMemory;
 use ramblock_core::checksum::Checksum;
 use ramblock_core::flags::BlockFlags;
+use ramblock_core::host::HostMemory;
 use ramblock_core::stream::io::SliceReader;
 use ramblock_core::stream::receiver::{ReceiveError, ReceiveSummary, Receiver};
 use std::collections::BTreeSet;
@@ -115,6 +117,16 @@ fn fresh_blocks() -> Vec<Block> {
 struct Slot {
     block: usize,
     used_pages: u64,
+}
+
+/// The checksum the source sends for a block whose first `used` bytes are
+/// `memory`: core's definition (`Checksum::of_region`), computed over the
+/// model's bytes.
+fn checksum(memory: &mut [u8], used: u64) -> u64 {
+    match BufferMemory::new(memory, ByteLen(used), PageSize::SIZE_4K) {
+        Ok(mem) => Checksum::of_region(&mem.region(), used).unwrap_or(0),
+        Err(_) => 0,
+    }
 }
 
 /// The model receiver. Returns the outcome, and records in `touched` the
@@ -237,10 +249,8 @@ fn model_receive(
                 }
                 for slot in &table {
                     let expected = r.u64()?;
-                    let b = &blocks[slot.block];
-                    let mut sum = Checksum::new();
-                    sum.update(&b.memory[..b.used as usize]);
-                    if sum.finish() != expected {
+                    let b = &mut blocks[slot.block];
+                    if checksum(&mut b.memory, b.used) != expected {
                         return Err(19);
                     }
                     summary.blocks += 1;
@@ -330,7 +340,6 @@ pub fn check(data: &[u8]) -> Result<Outcome, Mismatch> {
 fn reservation(
     b: &ramblock_core::block::RamBlock<stream_roundtrip::Mem, ramblock_core::bitmap::Owned>,
 ) -> Vec<u8> {
-    use ramblock_core::host::HostMemory;
     let len = b.max_length().0 as usize;
     let mut out = vec![0u8; len];
     // SAFETY: the memory reserves `max_length` bytes of a boxed buffer that

@@ -6,18 +6,21 @@ use ramblock_fuzz::{bitmap, clear_map, generate, try_bytes};
 
 #[test]
 fn bitmap_model_agrees_on_generated_inputs() {
-    generate::run(0xB17_3A9, 4000, 600, |data| try_bytes(data, bitmap::check)).unwrap();
+    generate::run(0xB17_3A9, 12000, 600, |data| try_bytes(data, bitmap::check)).unwrap();
 }
 
 #[test]
 fn clear_and_received_maps_agree_on_generated_inputs() {
-    generate::run(0xC1EA2, 4000, 400, |data| try_bytes(data, clear_map::check)).unwrap();
+    generate::run(0xC1EA2, 12000, 400, |data| {
+        try_bytes(data, clear_map::check)
+    })
+    .unwrap();
 }
 
 #[test]
 fn ram_list_model_agrees_on_generated_inputs() {
     use ramblock_fuzz::ram_list;
-    generate::run(0x5A11_1157, 3000, 500, |data| {
+    generate::run(0x5A11_1157, 8000, 500, |data| {
         try_bytes(data, ram_list::check)
     })
     .unwrap();
@@ -41,7 +44,7 @@ fn receiver_matches_its_model_on_mutated_streams() {
     use ramblock_fuzz::stream_roundtrip::{PageFill, Step};
     let mut rng = generate::Rng::new(0xDEC0DE);
     let mut codes = std::collections::BTreeSet::new();
-    for case in 0..400 {
+    for case in 0..800 {
         let n = 64 + rng.below(200);
         let raw = rng.bytes(n);
         let mut u = Unstructured::new(&raw);

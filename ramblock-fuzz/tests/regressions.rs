@@ -25,7 +25,8 @@ fn replay(target: &str, fuzz: fn(&[u8])) -> usize {
 /// in release builds a pass count of 0. A malformed stream must be an error
 /// or a clean end, never a panic; the model expects the count to saturate
 /// (`pass.saturating_add(1)`). Found by `stream_decode` with
-/// `cargo fuzz run -a` (debug assertions) in 15 seconds from the seeds.
+/// `cargo fuzz run -a` (debug assertions) in 15 seconds from the seeds;
+/// fixed in core by commit 4b854c2 (the count saturates).
 #[test]
 fn stream_decode_regressions() {
     assert!(replay("stream_decode", ramblock_fuzz::stream_decode::fuzz) >= 1);

@@ -18,6 +18,7 @@ use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::list::{RamList, ResizeError};
 use crate::name::BlockName;
+use crate::region::{HostRegion, OutOfRegion};
 use core::fmt;
 
 /// Why a receive failed. Names are the block's name as the source sent it.
@@ -229,10 +230,15 @@ struct Slot {
     used_pages: u64,
 }
 
+/// How a block's checksum is computed: [`Checksum::of_region`], or a
+/// parallel computation of the same value.
+pub type ChecksumFn = fn(&HostRegion, u64) -> Result<u64, OutOfRegion>;
+
 /// Receives migration streams into a destination's blocks.
 #[derive(Debug)]
 pub struct Receiver<'b> {
     bounce: &'b mut [u8],
+    checksum: ChecksumFn,
 }
 
 /// The bounce buffer is smaller than one maximal record.
@@ -267,7 +273,17 @@ impl<'b> Receiver<'b> {
                 needed: BOUNCE_BYTES,
             });
         }
-        Ok(Receiver { bounce })
+        Ok(Receiver {
+            bounce,
+            checksum: Checksum::of_region,
+        })
+    }
+
+    /// Verifies end checksums with `checksum`, which must compute the same
+    /// value as [`Checksum::of_region`] (say, over chunks in parallel).
+    pub fn with_checksum(mut self, checksum: ChecksumFn) -> Self {
+        self.checksum = checksum;
+        self
     }
 
     /// Receives one whole stream from `r` into the blocks of `list`,
@@ -363,12 +379,13 @@ impl<'b> Receiver<'b> {
                         let dest = view
                             .by_name(slot.name.as_str())
                             .ok_or_else(|| ReceiveError::UnknownBlock(slot.name.clone()))?;
-                        let found = Checksum::of_region(&dest.region(), dest.used_length().0)
-                            .map_err(|_| ReceiveError::SizeMismatch {
+                        let found = (self.checksum)(&dest.region(), dest.used_length().0).map_err(
+                            |_| ReceiveError::SizeMismatch {
                                 name: slot.name.clone(),
                                 source: slot.used_pages << TARGET_PAGE_SHIFT,
                                 destination: dest.used_length().0,
-                            })?;
+                            },
+                        )?;
                         if found != expected {
                             return Err(ReceiveError::ChecksumMismatch {
                                 name: slot.name.clone(),

@@ -1,6 +1,7 @@
 //! The receiving side: one migration from a TCP connection into guest RAM,
 //! acknowledged on the same connection.
 
+use crate::checksum;
 use crate::memory::GuestRam;
 use crate::source::STREAM_BUFFER;
 use ramblock_core::stream::io::IoStream;
@@ -12,7 +13,9 @@ use std::net::{Shutdown, TcpStream};
 /// connection is shut down, so a source still sending notices at once.
 pub fn receive(ram: &GuestRam, stream: TcpStream) -> Result<ReceiveSummary, String> {
     let mut bounce = vec![0u8; BOUNCE_BYTES];
-    let mut receiver = Receiver::new(&mut bounce).map_err(|e| e.to_string())?;
+    let mut receiver = Receiver::new(&mut bounce)
+        .map_err(|e| e.to_string())?
+        .with_checksum(checksum::parallel);
     let reader = stream
         .try_clone()
         .map_err(|e| format!("cannot clone the connection: {e}"))?;

@@ -1,12 +1,14 @@
 //! The sending side: the pre-copy engine over a TCP connection, with the
 //! guest paused, resumed and throttled through [`Guest`].
 
+use crate::checksum;
 use crate::memory::GuestRam;
 use crate::options::MigrateOptions;
 use crate::report::pass_line;
 use crate::workload::Guest;
 use ramblock_core::dirty_log::DirtyLogSource;
 use ramblock_core::precopy::{migrate, MigrationHost, MigrationStats, PassReport, PrecopyConfig};
+use ramblock_core::region::HostRegion;
 use ramblock_core::stream::io::IoStream;
 use std::io::BufWriter;
 use std::net::TcpStream;
@@ -16,6 +18,10 @@ use std::time::{Duration, Instant};
 /// straight between the socket and the page buffer, and only the small
 /// record headers are coalesced.
 pub const STREAM_BUFFER: usize = 64 << 10;
+
+/// How long the source waits for the destination's acknowledgement after
+/// the end record (verifying checksums takes well under a second per GiB).
+const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The engine's view of this process.
 struct ProgramHost<'g> {
@@ -39,6 +45,10 @@ impl MigrationHost for ProgramHost<'_> {
     }
     fn set_throttle(&mut self, percent: u8) {
         self.guest.set_throttle(percent);
+    }
+    fn checksum(&mut self, region: &HostRegion, len: u64) -> u64 {
+        // The region is the block's used length, so this cannot fail.
+        checksum::parallel(region, len).unwrap_or(0)
     }
     fn pass_done(&mut self, report: &PassReport) {
         if !self.quiet {
@@ -70,6 +80,10 @@ pub fn send<D: DirtyLogSource>(
         .try_clone()
         .map_err(|e| format!("cannot clone the connection: {e}"))?;
     let mut out = IoStream(BufWriter::with_capacity(STREAM_BUFFER, writer));
+    // A destination that goes silent must not hang the source forever.
+    stream
+        .set_read_timeout(Some(ACK_TIMEOUT))
+        .map_err(|e| format!("cannot set a timeout on the connection: {e}"))?;
     let mut ack = IoStream(stream);
     let mut host = ProgramHost {
         guest,

@@ -6,8 +6,8 @@
 //! running count of set bits so the engine always knows what remains.
 
 use super::{
-    check_range, find_bit, for_each_word_mask, last_word_mask, words_for, AtomicBitmap, AtomicWord,
-    BitRangeError, StorageTooSmall, WORD_BITS,
+    check_range, find_bit, find_word, for_each_word_mask, last_word_mask, words_for, AtomicBitmap,
+    AtomicWord, BitRangeError, StorageTooSmall, WORD_BITS,
 };
 use core::fmt;
 
@@ -137,6 +137,24 @@ impl<W: AsRef<[u64]> + AsMut<[u64]>> MigrationBitmap<W> {
         find_bit(self.words(), self.len, from, 0)
     }
 
+    /// Every dirty page at or after `from`, in order. Keeps its place in
+    /// the current word and skips clean words in blocks, so walking a whole
+    /// bitmap costs what a plain word loop does.
+    pub fn dirty_pages(&self, from: usize) -> DirtyPages<'_> {
+        let words = self.words();
+        let index = from / WORD_BITS;
+        let current = match words.get(index) {
+            Some(&w) if from < self.len => w & (!0u64 << (from % WORD_BITS)),
+            _ => 0,
+        };
+        DirtyPages {
+            words,
+            len: self.len,
+            index,
+            current,
+        }
+    }
+
     /// The first clear bit at or after `from` (below `len`).
     pub fn find_next_clean(&self, from: usize) -> Option<usize> {
         find_bit(self.words(), self.len, from, !0)
@@ -221,6 +239,32 @@ impl<W: AsRef<[u64]> + AsMut<[u64]>> MigrationBitmap<W> {
     }
 }
 
+/// Iterator over dirty pages, see [`MigrationBitmap::dirty_pages`].
+#[derive(Debug)]
+pub struct DirtyPages<'a> {
+    words: &'a [u64],
+    len: usize,
+    index: usize,
+    /// The bits of `words[index]` not yet returned.
+    current: u64,
+}
+
+impl Iterator for DirtyPages<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        while self.current == 0 {
+            self.index = find_word(self.words, self.index + 1, 0)?;
+            self.current = self.words[self.index];
+        }
+        let page = self.index * WORD_BITS + self.current.trailing_zeros() as usize;
+        self.current &= self.current - 1;
+        // Bits past `len` are never set; the check keeps that an invariant
+        // of the bitmap, not of this iterator.
+        (page < self.len).then_some(page)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{alloc_atomic, alloc_plain};
@@ -301,6 +345,8 @@ mod tests {
                     4 => {
                         let from = rng.below(len as u64 + 2) as usize;
                         assert_eq!(map.find_next_dirty(from), (from..len).find(|&i| model[i]));
+                        let all: Vec<usize> = map.dirty_pages(from).collect();
+                        assert_eq!(all, (from..len).filter(|&i| model[i]).collect::<Vec<_>>());
                         assert_eq!(map.find_next_clean(from), (from..len).find(|&i| !model[i]));
                     }
                     _ => {

@@ -21,7 +21,7 @@ pub use clear_map::{
     ClearMap, ClearMapNewError, ClearShiftError, DEFAULT_CLEAR_SHIFT, MAX_CLEAR_SHIFT,
     MIN_CLEAR_SHIFT,
 };
-pub use migration::MigrationBitmap;
+pub use migration::{DirtyPages, MigrationBitmap};
 pub use received::{ReceivedError, ReceivedMap};
 
 use core::fmt;

@@ -60,7 +60,7 @@ impl Summary {
             let _ = writeln!(o, "FAILED: {e}");
         }
         let _ = writeln!(o, "total time      {:>10.1} ms", ms(s.total_ns));
-        let _ = writeln!(o, "setup time      {:>10.1} ms", ms(s.setup_ns));
+        let _ = writeln!(o, "setup time      {:>10.3} ms", ms(s.setup_ns));
         let _ = writeln!(o, "downtime        {:>10.1} ms", ms(s.downtime_ns));
         let _ = writeln!(
             o,

@@ -44,6 +44,9 @@ pub struct Measured {
     pub passes: u64,
     /// The dirty-log mode in use.
     pub mode: String,
+    /// Full passes the guest loop completed while it migrated (on the
+    /// source, until it was paused): how hard the guest pushed back.
+    pub guest_passes: u64,
     /// Whether the destination was checked equal to the source and runs.
     pub verified: bool,
 }
@@ -248,7 +251,7 @@ fn name(v: Variant) -> &'static str {
 fn describe(o: &Outcome) -> String {
     match o {
         Outcome::Done(m) => format!(
-            "total {:.0} ms, downtime {:.0} ms, setup {:.1} ms, {:.1} MiB, {} pages + {} zero, {} passes, {} dirty log, {}",
+            "total {:.0} ms, downtime {:.0} ms, setup {:.1} ms, {:.1} MiB, {} pages + {} zero, {} passes, guest looped {} times, {} dirty log, {}",
             m.total_ms,
             m.downtime_ms,
             m.setup_ms,
@@ -256,6 +259,7 @@ fn describe(o: &Outcome) -> String {
             m.pages,
             m.zero_pages,
             m.passes,
+            m.guest_passes,
             m.mode,
             if m.verified { "verified" } else { "NOT VERIFIED" },
         ),
@@ -399,6 +403,7 @@ mod tests {
                 zero_pages: 0,
                 passes: 1,
                 mode: "manual".into(),
+                guest_passes: 0,
                 verified: true,
             })
         };

@@ -142,6 +142,17 @@ fn run(run_dir: &Path, image: &Path, size: u64, variant: Variant) -> Result<Outc
         "migrate-set-parameters",
         json!({ "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH }),
     )?;
+    // Make sure the cap really is lifted: QEMU's default of 128 MiB/s would
+    // decide the result on its own.
+    let params = source.execute("query-migrate-parameters", json!({}))?;
+    if params["max-bandwidth"].as_u64() != Some(MAX_BANDWIDTH)
+        || params["downtime-limit"].as_u64() != Some(DOWNTIME_LIMIT_MS)
+    {
+        return Err(format!(
+            "QEMU did not take the migration parameters: {params}"
+        ));
+    }
+    let passes_before = source.read_words(image::PASS_COUNT, 1)?[0];
     source.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))?;
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
     let info = loop {
@@ -160,6 +171,8 @@ fn run(run_dir: &Path, image: &Path, size: u64, variant: Variant) -> Result<Outc
         }
     };
     let mut measured = figures(&info)?;
+    // The source is paused at completion: its counter is final.
+    measured.guest_passes = source.read_words(image::PASS_COUNT, 1)?[0] - passes_before;
     measured.verified = verify(&mut source, &mut dest, &regions, variant, run_dir)?;
     Ok(Outcome::Done(measured))
 }
@@ -212,6 +225,7 @@ fn figures(info: &Value) -> Result<Measured, String> {
         zero_pages: num("/ram/duplicate")?,
         passes: num("/ram/dirty-sync-count")?,
         mode: "bitmap + KVM_CLEAR_DIRTY_LOG (QEMU default)".into(),
+        guest_passes: 0,
         verified: false,
     })
 }

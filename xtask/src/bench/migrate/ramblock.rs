@@ -103,6 +103,7 @@ fn parse(stdout: &str) -> Result<Measured, String> {
         zero_pages: int("zero_pages")?,
         passes: int("passes")?,
         mode: v["mode"].as_str().unwrap_or("?").to_string(),
+        guest_passes: int("guest_progress")?,
         verified: v["verified"].as_bool() == Some(true),
     })
 }

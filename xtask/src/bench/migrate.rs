@@ -286,6 +286,7 @@ struct Side {
     total_ms: Option<f64>,
     downtime_ms: Option<f64>,
     bytes: Option<f64>,
+    guest_passes: Option<f64>,
     completed: usize,
     verified: usize,
     timed_out: usize,
@@ -306,6 +307,7 @@ impl Side {
             total_ms: med(|m| m.total_ms),
             downtime_ms: med(|m| m.downtime_ms),
             bytes: med(|m| m.bytes as f64),
+            guest_passes: med(|m| m.guest_passes as f64),
             completed: done.len(),
             verified: done.iter().filter(|m| m.verified).count(),
             timed_out: outcomes
@@ -334,6 +336,9 @@ fn table(label: &str, qemu: &[Outcome], ramblock: &[Outcome]) -> String {
         ("total time ms", q.total_ms, r.total_ms, 1.0, 0),
         ("downtime ms", q.downtime_ms, r.downtime_ms, 1.0, 0),
         ("MiB on wire", q.bytes, r.bytes, (1 << 20) as f64, 1),
+        // Not a cost but the pressure: how far each guest got while it
+        // migrated (a guest that barely runs dirties little).
+        ("guest loops", q.guest_passes, r.guest_passes, 1.0, 0),
     ];
     for (row, a, b, unit, precision) in rows {
         t += &format!(

@@ -24,7 +24,8 @@ tasks:
   ci                                  format, clippy, tests, docs, no_std builds, fuzz smoke
   bench [--report-only] [-p CRATE | CRATE] [FILTER]
                                       run criterion benches and print ratios to baselines
-  bench migrate                       (not yet available)
+  bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--runs N]
+                                      ramblock vs QEMU live migration
   fuzz TARGET [--seconds N]           run one cargo-fuzz target (default 60 s)";
 
 /// The workspace root: xtask lives one level below it.

@@ -46,9 +46,16 @@ fn run_target(sh: &Shell, target: &str, seconds: u32) -> Result<(), Error> {
     let dir = fuzz_dir();
     let _cd = sh.push_dir(&dir);
     let max_time = format!("-max_total_time={seconds}");
+    // Start from the committed seeds (a generated corpus grows beside them):
+    // without them a short run never gets past a stream's magic bytes.
+    // Debug assertions (`-a`) turn silent overflows into crashes.
+    let corpus = dir.join("corpus").join(target);
+    let seeds = dir.join("seeds").join(target);
+    sh.create_dir(&corpus)?;
+    let seeds: Vec<_> = seeds.exists().then_some(seeds).into_iter().collect();
     cmd!(
         sh,
-        "cargo +nightly fuzz run --fuzz-dir {dir} {target} -- {max_time}"
+        "cargo +nightly fuzz run -a --fuzz-dir {dir} {target} {corpus} {seeds...} -- {max_time}"
     )
     .run()?;
     Ok(())

@@ -353,14 +353,18 @@ impl<M: HostMemory, S: Storage> RamBlock<M, S> {
         self.migration.lock()
     }
 
-    /// The target pages covering `len` bytes at `offset`, checked against
-    /// the used length.
-    fn pages_of(&self, offset: ByteLen, len: ByteLen) -> Result<(usize, usize), AccessError> {
-        let err = AccessError::OutOfRange {
+    fn out_of_range(&self, offset: ByteLen, len: ByteLen) -> AccessError {
+        AccessError::OutOfRange {
             offset: offset.0,
             len: len.0,
             used_length: self.used_length.0,
-        };
+        }
+    }
+
+    /// The target pages covering `len` bytes at `offset`, checked against
+    /// the used length.
+    fn pages_of(&self, offset: ByteLen, len: ByteLen) -> Result<(usize, usize), AccessError> {
+        let err = self.out_of_range(offset, len);
         match offset.checked_add(len) {
             Some(end) if end <= self.used_length => {
                 if len.0 == 0 {
@@ -397,11 +401,7 @@ impl<M: HostMemory, S: Storage> RamBlock<M, S> {
         self.pages_of(offset, ByteLen(buf.len() as u64))?;
         self.region()
             .read(offset.0, buf)
-            .map_err(|_| AccessError::OutOfRange {
-                offset: offset.0,
-                len: buf.len() as u64,
-                used_length: self.used_length.0,
-            })
+            .map_err(|_| self.out_of_range(offset, ByteLen(buf.len() as u64)))
     }
 
     /// Writes `data` at block offset `offset`, as a device would, and marks
@@ -414,11 +414,7 @@ impl<M: HostMemory, S: Storage> RamBlock<M, S> {
         self.pages_of(offset, len)?;
         self.region()
             .write(offset.0, data)
-            .map_err(|_| AccessError::OutOfRange {
-                offset: offset.0,
-                len: len.0,
-                used_length: self.used_length.0,
-            })?;
+            .map_err(|_| self.out_of_range(offset, len))?;
         self.mark_dirty(offset, len, DirtyClients::all())
     }
 

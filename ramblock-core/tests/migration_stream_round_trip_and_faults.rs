@@ -12,9 +12,12 @@ use ramblock_core::dirty_log::SoftwareOnly;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
 use ramblock_core::name::BlockName;
-use ramblock_core::precopy::{migrate, MigrateError, MigrationHost, PassReport, PrecopyConfig};
+use ramblock_core::precopy::{
+    migrate, MigrateError, MigrationHost, MigrationStats, PassReport, PrecopyConfig,
+};
 use ramblock_core::stream::io::IoStream;
 use ramblock_core::stream::receiver::{send_ack, ReceiveError, Receiver, BOUNCE_BYTES};
+use std::convert::Infallible;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -136,6 +139,28 @@ fn snapshot(list: &List) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Runs the sender over `sock` (buffered, as a real sender would be), with
+/// the acknowledgement read from the same socket.
+fn send(
+    src: &List,
+    sock: &UnixStream,
+    host: &mut Host<'_>,
+    cfg: PrecopyConfig,
+) -> Result<MigrationStats, MigrateError<Infallible, std::io::Error, std::io::Error>> {
+    let mut out = IoStream(std::io::BufWriter::new(sock.try_clone().unwrap()));
+    let mut ack = IoStream(sock.try_clone().unwrap());
+    let mut buf = vec![0u8; 64 * 4096];
+    migrate(
+        src,
+        &mut SoftwareOnly,
+        &mut out,
+        &mut ack,
+        host,
+        cfg,
+        &mut buf,
+    )
+}
+
 fn receive_into(
     dest: &List,
     sock: UnixStream,
@@ -171,26 +196,14 @@ fn a_running_writer_is_migrated_byte_for_byte_including_a_resize() {
                 src.resize("vram", ByteLen(192 * PAGE)).unwrap();
             }
         }));
-        let mut out = IoStream(std::io::BufWriter::new(a.try_clone().unwrap()));
-        let mut ack = IoStream(a);
         // Never converge early: run all passes, then switch over.
         let cfg = PrecopyConfig {
             downtime_limit_ns: 0,
             max_passes: 4,
             ..PrecopyConfig::default()
         };
-        let mut buf = vec![0u8; 64 * 4096];
         // Keep passes going long enough for the resize to happen mid-migration.
-        let stats = migrate(
-            &src,
-            &mut SoftwareOnly,
-            &mut out,
-            &mut ack,
-            &mut host,
-            cfg,
-            &mut buf,
-        )
-        .unwrap();
+        let stats = send(&src, &a, &mut host, cfg).unwrap();
         let snap = snapshot(&src); // the guest is paused: this is the switch-over state
         stop.store(true, Ordering::SeqCst);
         let received = rx.join().unwrap().unwrap();
@@ -252,23 +265,11 @@ fn a_dropped_connection_stops_the_migration_and_the_guest_runs_on() {
             drop(b);
         });
         let mut host = Host::new(&vm);
-        let mut out = IoStream(a.try_clone().unwrap());
-        let mut ack = IoStream(a);
-        let mut buf = vec![0u8; 64 * 4096];
         let cfg = PrecopyConfig {
             auto_converge: true,
             ..PrecopyConfig::default()
         };
-        let err = migrate(
-            &src,
-            &mut SoftwareOnly,
-            &mut out,
-            &mut ack,
-            &mut host,
-            cfg,
-            &mut buf,
-        )
-        .unwrap_err();
+        let err = send(&src, &a, &mut host, cfg).unwrap_err();
         stop.store(true, Ordering::SeqCst);
         err
     });
@@ -296,19 +297,7 @@ fn a_destination_with_a_smaller_block_refuses_and_the_source_resumes() {
     let (err, rx) = std::thread::scope(|s| {
         let rx = s.spawn(|| receive_into(&dst, b));
         let mut host = Host::new(&vm);
-        let mut out = IoStream(a.try_clone().unwrap());
-        let mut ack = IoStream(a);
-        let mut buf = vec![0u8; 64 * 4096];
-        let err = migrate(
-            &src,
-            &mut SoftwareOnly,
-            &mut out,
-            &mut ack,
-            &mut host,
-            PrecopyConfig::default(),
-            &mut buf,
-        )
-        .unwrap_err();
+        let err = send(&src, &a, &mut host, PrecopyConfig::default()).unwrap_err();
         (err, rx.join().unwrap())
     });
     let rx = rx.unwrap_err();
@@ -351,24 +340,12 @@ fn a_block_added_mid_migration_fails_it_cleanly() {
                 .unwrap();
             }
         }));
-        let mut out = IoStream(a.try_clone().unwrap());
-        let mut ack = IoStream(a.try_clone().unwrap());
-        let mut buf = vec![0u8; 64 * 4096];
         let cfg = PrecopyConfig {
             downtime_limit_ns: 0,
             max_passes: 5,
             ..PrecopyConfig::default()
         };
-        let err = migrate(
-            &src,
-            &mut SoftwareOnly,
-            &mut out,
-            &mut ack,
-            &mut host,
-            cfg,
-            &mut buf,
-        )
-        .unwrap_err();
+        let err = send(&src, &a, &mut host, cfg).unwrap_err();
         a.shutdown(std::net::Shutdown::Both).unwrap();
         err
     });

@@ -37,7 +37,9 @@ const PAGES_PER_LOCK: usize = 4096;
 /// How the migration runs.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct PrecopyConfig {
-    /// Longest acceptable pause of the guest, in nanoseconds.
+    /// Longest acceptable pause of the guest, in nanoseconds. Zero means
+    /// never switch over on the estimate, only after `max_passes` (a fixed
+    /// number of passes, whatever the guest does).
     pub downtime_limit_ns: u64,
     /// Switch over after this many passes even if the estimate is too long.
     pub max_passes: u32,
@@ -292,9 +294,9 @@ impl<
             stats.add(&report);
             stats.dirty_rate = report.dirty_rate;
             dirty_found = remaining;
-            if report.estimated_ns <= self.cfg.downtime_limit_ns
-                || stats.passes >= self.cfg.max_passes
-            {
+            let fits =
+                self.cfg.downtime_limit_ns > 0 && report.estimated_ns <= self.cfg.downtime_limit_ns;
+            if fits || stats.passes >= self.cfg.max_passes {
                 break;
             }
             self.converge(&report);

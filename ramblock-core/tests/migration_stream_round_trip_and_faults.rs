@@ -191,9 +191,23 @@ fn a_running_writer_is_migrated_byte_for_byte_including_a_resize() {
         std::thread::sleep(Duration::from_millis(30));
         let mut host = Host::new(&vm);
         // Grow "vram" after pass 1, so the resize happens mid-migration.
+        // Passes 0-2 also dirty a few pages themselves, so each of the live
+        // passes 1-3 has work: on a loaded machine the writer thread may not
+        // run at all during a short pass, and an empty dirty set rightly
+        // switches over early.
         host.hook = Some(Box::new(|pass| {
             if pass == 1 {
                 src.resize("vram", ByteLen(192 * PAGE)).unwrap();
+            }
+            if pass > 2 {
+                return;
+            }
+            let view = src.read();
+            let ram = view.by_name("pc.ram").unwrap();
+            for k in 0..8u64 {
+                let page = 512 + u64::from(pass) * 8 + k;
+                ram.write(ByteLen(page * PAGE + 8), &[pass as u8 + 0x40])
+                    .unwrap();
             }
         }));
         // Never converge early: run all passes, then switch over.

@@ -106,15 +106,12 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
     steps.run("clippy", || {
         passed(cmd!(sh, "cargo clippy --workspace --all-targets -- -D warnings").run())
     });
-    // Doctests first and the main test run last, so the log's final test
-    // summary is the one that counts every test.
     steps.run("doctests", || {
         passed(tools::run_merged(cmd!(
             sh,
             "cargo test --workspace --doc --no-fail-fast"
         )))
     });
-    steps.run("tests", || tests(&sh));
     steps.run("rustdoc", || {
         let _flags = sh.push_env("RUSTDOCFLAGS", "-D warnings");
         passed(cmd!(sh, "cargo doc --workspace --no-deps").run())
@@ -146,6 +143,9 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
         }
     }
     steps.run("fuzz smoke", || fuzz::smoke(&sh));
+    // Last, so the end of the log is the test summary and, when one fails,
+    // nextest's repeat of its output (see .config/nextest.toml).
+    steps.run("tests", || tests(&sh));
 
     steps.print_summary(start.elapsed().as_secs_f64());
     Ok(if steps.any_failed() {

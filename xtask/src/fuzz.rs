@@ -41,10 +41,53 @@ fn targets() -> Result<Vec<String>, Error> {
     Ok(names)
 }
 
+/// Where a smoke run's libFuzzer output goes: thousands of progress lines
+/// that would push the test results out of the end of a CI log.
+fn smoke_log(target: &str) -> PathBuf {
+    crate::project_root()
+        .join("target")
+        .join(format!("fuzz-smoke-{target}.log"))
+}
+
+/// Runs one target for the smoke step with its output in [`smoke_log`]:
+/// prints libFuzzer's closing line when it passes, the log's last lines when
+/// it fails.
+fn smoke_target(sh: &Shell, target: &str) -> Result<(), Error> {
+    let log = smoke_log(target);
+    let file =
+        std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+    let _cd = sh.push_dir(fuzz_dir());
+    let status = std::process::Command::from(fuzz_command(sh, target, SMOKE_SECONDS)?)
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .status()
+        .map_err(|e| format!("cannot run cargo fuzz: {e}"))?;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    if status.success() {
+        let done = lines.iter().rev().find(|l| l.starts_with("Done "));
+        println!("fuzz {target}: {}", done.unwrap_or(&"done"));
+        Ok(())
+    } else {
+        println!("fuzz {target}: last lines of {}:", log.display());
+        for line in &lines[lines.len().saturating_sub(60)..] {
+            println!("  {line}");
+        }
+        Err(format!("cargo fuzz run {target} failed: {status}").into())
+    }
+}
+
 /// Runs one target for `seconds` from inside the fuzz crate.
 fn run_target(sh: &Shell, target: &str, seconds: u32) -> Result<(), Error> {
+    let _cd = sh.push_dir(fuzz_dir());
+    fuzz_command(sh, target, seconds)?.run()?;
+    Ok(())
+}
+
+/// The `cargo fuzz run` command for `target`, to run from the fuzz crate.
+fn fuzz_command<'a>(sh: &'a Shell, target: &str, seconds: u32) -> Result<xshell::Cmd<'a>, Error> {
     let dir = fuzz_dir();
-    let _cd = sh.push_dir(&dir);
     let max_time = format!("-max_total_time={seconds}");
     // Start from the committed seeds (a generated corpus grows beside them):
     // without them a short run never gets past a stream's magic bytes.
@@ -53,12 +96,10 @@ fn run_target(sh: &Shell, target: &str, seconds: u32) -> Result<(), Error> {
     let seeds = dir.join("seeds").join(target);
     sh.create_dir(&corpus)?;
     let seeds: Vec<_> = seeds.exists().then_some(seeds).into_iter().collect();
-    cmd!(
+    Ok(cmd!(
         sh,
         "cargo +nightly fuzz run -a --fuzz-dir {dir} {target} {corpus} {seeds...} -- {max_time}"
-    )
-    .run()?;
-    Ok(())
+    ))
 }
 
 /// `cargo xtask fuzz TARGET [--seconds N]`.
@@ -137,7 +178,7 @@ pub fn smoke(sh: &Shell) -> Result<Outcome, Error> {
     // Run them all, then report every failure together.
     let failed: Vec<&String> = targets
         .iter()
-        .filter(|t| match run_target(sh, t, SMOKE_SECONDS) {
+        .filter(|t| match smoke_target(sh, t) {
             Ok(()) => false,
             Err(e) => {
                 println!("fuzz target {t} failed: {e}");

@@ -21,7 +21,8 @@ pub struct MigrateOptions {
     /// Clear-map chunk: 2^shift pages per bit (6..=31).
     #[arg(long, default_value_t = 18)]
     pub clear_shift: u8,
-    /// Longest acceptable guest pause, in milliseconds.
+    /// Longest acceptable guest pause, in milliseconds (0: never switch
+    /// over early, run --max-passes passes).
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
     /// Bandwidth cap in MiB/s (0 = none).

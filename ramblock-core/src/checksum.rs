@@ -4,10 +4,15 @@
 //! CPU's multipliers busy, so hashing runs near memory speed; the lanes are
 //! mixed at the end. It detects corruption, it is not cryptographic.
 //!
-//! A block's checksum ([`Checksum::of_region`]) is defined over chunks of
-//! [`CHUNK`] bytes: each chunk is hashed on its own and the chunk digests are
-//! [combined](Checksum::combine) in order, so a host with threads can hash
-//! the chunks in parallel and get the same value.
+//! A block's checksum is defined page by page: each 4 KiB page's content is
+//! hashed and mixed with the page's index ([`page_digest`]), the digests are
+//! added (wrapping), and the sum is mixed with the length ([`finish_sum`]).
+//! A sum does not care about order, so:
+//! - a host with threads hashes chunks of [`CHUNK`] bytes in parallel and
+//!   [combines](Checksum::combine) them into [`Checksum::of_region`]'s value;
+//! - a [`PageLedger`] keeps the sum up to date *as pages are sent or
+//!   received*, replacing a page's old digest when it is sent again, so the
+//!   end-of-migration checksum costs nothing while the guest is paused.
 
 use crate::region::{HostRegion, OutOfRegion};
 
@@ -17,26 +22,6 @@ pub const CHUNK: u64 = 4 << 20;
 /// How many chunks cover `len` bytes.
 pub const fn chunk_count(len: u64) -> u64 {
     len.div_ceil(CHUNK)
-}
-
-/// Folds chunk digests, in order, into one value.
-struct Combiner(u64);
-
-impl Combiner {
-    fn new(len: u64) -> Combiner {
-        Combiner(len.wrapping_mul(K[2]) ^ K[3])
-    }
-
-    fn add(&mut self, digests: &[u64]) {
-        for &d in digests {
-            self.0 = (self.0 ^ d).wrapping_mul(K[0]).rotate_left(29);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        let h = self.0.wrapping_mul(K[1]);
-        h ^ (h >> 31)
-    }
 }
 
 const K: [u64; 4] = [
@@ -100,44 +85,158 @@ impl Checksum {
     /// The checksum of `len` bytes at the start of `region`: the
     /// [combination](Checksum::combine) of its chunks' digests.
     pub fn of_region(region: &HostRegion, len: u64) -> Result<u64, OutOfRegion> {
-        let mut digests = [0u64; 64];
-        let mut combined = Combiner::new(len);
-        let chunks = chunk_count(len);
-        let mut i = 0;
-        while i < chunks {
-            let n = (chunks - i).min(digests.len() as u64) as usize;
-            for (k, d) in digests[..n].iter_mut().enumerate() {
-                *d = Self::chunk_digest(region, i + k as u64, len)?;
-            }
-            combined.add(&digests[..n]);
-            i += n as u64;
+        let mut sum = 0u64;
+        for index in 0..chunk_count(len) {
+            sum = sum.wrapping_add(Self::chunk_digest(region, index, len)?);
         }
-        Ok(combined.finish())
+        Ok(finish_sum(sum, len))
     }
 
-    /// The digest of chunk `index` of the first `len` bytes of `region`,
-    /// read a page at a time through a bounce buffer.
+    /// The digest of chunk `index` of the first `len` bytes of `region`: the
+    /// sum of its pages' [digests](page_digest), read a page at a time
+    /// through a bounce buffer.
     pub fn chunk_digest(region: &HostRegion, index: u64, len: u64) -> Result<u64, OutOfRegion> {
         let start = index.saturating_mul(CHUNK);
         let end = start.saturating_add(CHUNK).min(len);
-        let mut sum = Checksum::new();
-        let mut page = [0u8; 4096];
+        let mut sum = 0u64;
+        let mut page = [0u8; PAGE];
         let mut at = start;
         while at < end {
-            let n = (end - at).min(page.len() as u64) as usize;
+            let n = (end - at).min(PAGE as u64) as usize;
             region.read(at, &mut page[..n])?;
-            sum.update(&page[..n]);
+            page[n..].fill(0);
+            sum = sum.wrapping_add(page_digest(at / PAGE as u64, &page));
             at += n as u64;
         }
-        Ok(sum.finish())
+        Ok(sum)
     }
 
-    /// Combines the digests of all chunks of a `len`-byte region, in order,
-    /// into the region's checksum.
+    /// Combines the digests of all chunks of a `len`-byte region (in any
+    /// order) into the region's checksum.
     pub fn combine(digests: &[u64], len: u64) -> u64 {
-        let mut c = Combiner::new(len);
-        c.add(digests);
-        c.finish()
+        finish_sum(digests.iter().fold(0, |a, &d| a.wrapping_add(d)), len)
+    }
+}
+
+const PAGE: usize = 4096;
+
+/// The digest of page `index` holding `content` (one 4 KiB page).
+pub fn page_digest(index: u64, content: &[u8]) -> u64 {
+    let mut c = Checksum::new();
+    c.update(content);
+    mix_index(c.finish(), index)
+}
+
+fn mix_index(hash: u64, index: u64) -> u64 {
+    let h = (hash ^ index.wrapping_mul(K[3])).wrapping_mul(K[1]);
+    h ^ (h >> 32)
+}
+
+/// A block's checksum from the wrapping sum of its pages' digests and its
+/// length in bytes.
+pub fn finish_sum(sum: u64, len: u64) -> u64 {
+    let h = (sum ^ len.wrapping_mul(K[2])).wrapping_mul(K[0]);
+    (h ^ (h >> 29)).wrapping_mul(K[1])
+}
+
+/// Keeps blocks' checksums current as pages are sent or received, so the
+/// end record needs no pass over memory while the guest is paused. Blocks
+/// are numbered as in the stream's block table, on both sides.
+pub trait PageLedger {
+    /// Pages `first..` of `block` now hold `data` (whole pages).
+    fn record(&mut self, block: usize, first: u64, data: &[u8]);
+    /// Pages `first..first + count` of `block` are now zero.
+    fn record_zero(&mut self, block: usize, first: u64, count: u64);
+    /// `block` now has `pages` pages: pages past the end no longer count.
+    fn truncate(&mut self, block: usize, pages: u64);
+    /// The checksum of `block`'s first `pages` pages, equal to
+    /// [`Checksum::of_region`] over memory holding what was recorded.
+    fn checksum(&self, block: usize, pages: u64) -> u64;
+}
+
+/// A [`PageLedger`] holding one digest per page (8 bytes per 4 KiB page).
+#[cfg(feature = "alloc")]
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    blocks: alloc::vec::Vec<BlockLedger>,
+    zero_hash: u64,
+}
+
+#[cfg(feature = "alloc")]
+#[derive(Clone, Debug, Default)]
+struct BlockLedger {
+    digests: alloc::vec::Vec<u64>,
+    sum: u64,
+}
+
+#[cfg(feature = "alloc")]
+impl BlockLedger {
+    fn set(&mut self, page: u64, digest: u64) {
+        let page = page as usize;
+        if page >= self.digests.len() {
+            self.digests.resize(page + 1, 0);
+        }
+        let old = core::mem::replace(&mut self.digests[page], digest);
+        self.sum = self.sum.wrapping_sub(old).wrapping_add(digest);
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl Ledger {
+    /// An empty ledger: nothing recorded.
+    pub fn new() -> Ledger {
+        let mut c = Checksum::new();
+        c.update(&[0u8; PAGE]);
+        Ledger {
+            blocks: alloc::vec::Vec::new(),
+            zero_hash: c.finish(),
+        }
+    }
+
+    fn block(&mut self, block: usize) -> &mut BlockLedger {
+        if block >= self.blocks.len() {
+            self.blocks.resize_with(block + 1, BlockLedger::default);
+        }
+        &mut self.blocks[block]
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl PageLedger for Ledger {
+    fn record(&mut self, block: usize, first: u64, data: &[u8]) {
+        let b = self.block(block);
+        for (k, page) in data.chunks(PAGE).enumerate() {
+            b.set(first + k as u64, page_digest(first + k as u64, page));
+        }
+    }
+
+    fn record_zero(&mut self, block: usize, first: u64, count: u64) {
+        let zero = self.zero_hash;
+        let b = self.block(block);
+        for page in first..first.saturating_add(count) {
+            b.set(page, mix_index(zero, page));
+        }
+    }
+
+    fn truncate(&mut self, block: usize, pages: u64) {
+        let b = self.block(block);
+        let keep = (pages as usize).min(b.digests.len());
+        let dropped = b.digests[keep..]
+            .iter()
+            .fold(0u64, |a, &d| a.wrapping_add(d));
+        b.sum = b.sum.wrapping_sub(dropped);
+        b.digests.truncate(keep);
+    }
+
+    fn checksum(&self, block: usize, pages: u64) -> u64 {
+        let sum = self.blocks.get(block).map_or(0, |b| {
+            let past: u64 = b
+                .digests
+                .get(pages as usize..)
+                .map_or(0, |d| d.iter().fold(0u64, |a, &x| a.wrapping_add(x)));
+            b.sum.wrapping_sub(past)
+        });
+        finish_sum(sum, pages * PAGE as u64)
     }
 }
 
@@ -175,6 +274,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "alloc")]
     #[allow(unsafe_code)] // wraps a test buffer in a HostRegion
     fn a_region_checksum_is_its_chunks_combined_and_sees_every_chunk() {
         extern crate std;
@@ -206,6 +306,35 @@ mod tests {
             r.write(at, &[(at % 251) as u8]).unwrap();
         }
         assert_eq!(Checksum::of_region(&r, len).unwrap(), whole);
+        // A ledger fed the pages in any order, some sent twice, agrees.
+        let mut ledger = Ledger::new();
+        ledger.record(0, 3, &std::vec![0xAB; 2 * PAGE]);
+        let pages = len / PAGE as u64;
+        let firsts: std::vec::Vec<u64> = (0..pages).step_by(5).collect();
+        for &first in firsts.iter().rev() {
+            let n = (pages - first).min(5);
+            let mut data = std::vec![0u8; n as usize * PAGE];
+            r.read(first * PAGE as u64, &mut data).unwrap();
+            ledger.record(0, first, &data);
+        }
+        assert_eq!(ledger.checksum(0, pages), whole);
+        ledger.record_zero(0, pages, 3);
+        assert_eq!(
+            ledger.checksum(0, pages),
+            whole,
+            "pages past the end do not count"
+        );
+        r.fill(0, 2 * PAGE, 0).unwrap();
+        ledger.record_zero(0, 0, 2);
+        assert_eq!(
+            ledger.checksum(0, pages),
+            Checksum::of_region(&r, len).unwrap()
+        );
+        ledger.truncate(0, 4);
+        assert_eq!(
+            ledger.checksum(0, 4),
+            Checksum::of_region(&r, 4 * PAGE as u64).unwrap()
+        );
         assert_ne!(
             Checksum::of_region(&r, len - 4096).unwrap(),
             whole,

@@ -16,7 +16,7 @@
 
 use crate::addr::{TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::bitmap::Storage;
-use crate::checksum::Checksum;
+use crate::checksum::{Checksum, PageLedger};
 use crate::dirty_log::DirtyLogSource;
 use crate::flags::BlockFlags;
 use crate::host::HostMemory;
@@ -126,8 +126,15 @@ pub trait MigrationHost {
     fn pass_done(&mut self, report: &PassReport) {
         let _ = report;
     }
-    /// The checksum of a block's contents at switch-over; override to
-    /// compute it in parallel.
+    /// A ledger to record every page sent in, so the end record's checksums
+    /// come from it instead of a pass over memory while the guest is
+    /// paused. Without one (the default), [`checksum`](Self::checksum) reads
+    /// the blocks at switch-over.
+    fn ledger(&mut self) -> Option<&mut dyn PageLedger> {
+        None
+    }
+    /// The checksum of a block's contents at switch-over when there is no
+    /// ledger; override to compute it in parallel.
     fn checksum(&mut self, region: &HostRegion, len: u64) -> u64 {
         Checksum::of_region(region, len).unwrap_or(0)
     }
@@ -471,6 +478,9 @@ impl<
                 if block.used_length().0 != slot.used_length {
                     slot.used_length = block.used_length().0;
                     block.migration().forget_past(block.used_pages());
+                    if let Some(ledger) = self.host.ledger() {
+                        ledger.truncate(i, block.used_pages() as u64);
+                    }
                     let _ = resized.push((i as u32, slot.used_length));
                 }
             }
@@ -540,6 +550,13 @@ impl<
                 j += 1;
             }
             let (first, n) = ((first + i) as u64, (j - i) as u32);
+            if let Some(ledger) = self.host.ledger() {
+                if zero {
+                    ledger.record_zero(block as usize, first, u64::from(n));
+                } else {
+                    ledger.record(block as usize, first, &self.buf[i * PAGE..j * PAGE]);
+                }
+            }
             if zero {
                 self.write(Record::Zero {
                     block,
@@ -582,11 +599,15 @@ impl<
             count: self.table.len() as u32,
         })?;
         let view = self.list.read();
-        for slot in &self.table {
+        for (index, slot) in self.table.iter().enumerate() {
             let Some(block) = view.by_name(slot.name.as_str()) else {
                 return Err(MigrateError::BlockRemoved(slot.name.clone()));
             };
-            let sum = self.host.checksum(&block.region(), block.used_length().0);
+            let pages = block.used_pages() as u64;
+            let sum = match self.host.ledger() {
+                Some(ledger) => ledger.checksum(index, pages),
+                None => self.host.checksum(&block.region(), block.used_length().0),
+            };
             self.out
                 .write_all(&sum.to_le_bytes())
                 .map_err(MigrateError::Write)?;

@@ -6,7 +6,7 @@ use ramblock_core::addr::{ByteLen, PageSize};
 use ramblock_core::bitmap::Owned;
 use ramblock_core::block::{BlockBitmaps, BlockSpec};
 use ramblock_core::buffer::BufferMemory;
-use ramblock_core::checksum::Checksum;
+use ramblock_core::checksum::{finish_sum, page_digest};
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
 use ramblock_core::name::BlockName;
@@ -382,16 +382,20 @@ fn every_prefix_of_a_good_stream_fails_cleanly_and_a_restart_succeeds() {
     .write(&mut s)
     .unwrap();
     Record::End { count: 2 }.write(&mut s).unwrap();
-    let mut ram = Checksum::new();
-    for &b in &src_pages {
-        ram.update(&vec![b; PAGE as usize]);
-    }
-    let mut vram = Checksum::new();
-    vram.update(&vec![0; 2 * PAGE as usize]);
-    vram.update(&vec![0x77; PAGE as usize]);
-    // Blocks this small are one checksum chunk each.
-    s.extend_from_slice(&Checksum::combine(&[ram.finish()], 8 * PAGE).to_le_bytes());
-    s.extend_from_slice(&Checksum::combine(&[vram.finish()], 3 * PAGE).to_le_bytes());
+    // The end checksums by their definition: page digests summed.
+    let sum = |pages: &[Vec<u8>]| {
+        let digests = pages.iter().enumerate();
+        let total = digests.fold(0u64, |a, (i, p)| a.wrapping_add(page_digest(i as u64, p)));
+        finish_sum(total, pages.len() as u64 * PAGE)
+    };
+    let ram: Vec<Vec<u8>> = src_pages.iter().map(|&b| vec![b; PAGE as usize]).collect();
+    let vram = vec![
+        vec![0; PAGE as usize],
+        vec![0; PAGE as usize],
+        vec![0x77; PAGE as usize],
+    ];
+    s.extend_from_slice(&sum(&ram).to_le_bytes());
+    s.extend_from_slice(&sum(&vram).to_le_bytes());
 
     let list = dest();
     for cut in (0..s.len()).step_by(997).chain([s.len() - 1]) {

@@ -13,7 +13,7 @@ use super::format::{
 use super::io::{ByteRead, ByteWrite, ReadError};
 use crate::addr::{ByteLen, TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::bitmap::Storage;
-use crate::checksum::Checksum;
+use crate::checksum::{Checksum, PageLedger};
 use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::list::{RamList, ResizeError};
@@ -239,6 +239,13 @@ pub type ChecksumFn = fn(&HostRegion, u64) -> Result<u64, OutOfRegion>;
 pub struct Receiver<'b> {
     bounce: &'b mut [u8],
     checksum: ChecksumFn,
+    ledger: Option<&'b mut dyn PageLedger>,
+}
+
+impl fmt::Debug for dyn PageLedger + '_ {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PageLedger")
+    }
 }
 
 /// The bounce buffer is smaller than one maximal record.
@@ -276,7 +283,18 @@ impl<'b> Receiver<'b> {
         Ok(Receiver {
             bounce,
             checksum: Checksum::of_region,
+            ledger: None,
         })
+    }
+
+    /// Records every page written in `ledger` and verifies the end
+    /// checksums from it: nothing is read back from memory while the source
+    /// guest is paused. The ledger must start empty (or hold only what an
+    /// earlier, failed receive recorded: a new stream's first pass records
+    /// every page again).
+    pub fn with_ledger(mut self, ledger: &'b mut dyn PageLedger) -> Self {
+        self.ledger = Some(ledger);
+        self
     }
 
     /// Verifies end checksums with `checksum`, which must compute the same
@@ -333,6 +351,9 @@ impl<'b> Receiver<'b> {
                     };
                     if is_pages {
                         region.write(start, &self.bounce[..len]).map_err(oob)?;
+                        if let Some(ledger) = self.ledger.as_deref_mut() {
+                            ledger.record(block as usize, first, &self.bounce[..len]);
+                        }
                         summary.pages += u64::from(count);
                     } else {
                         // Only write pages that are not zero already: a fresh
@@ -342,6 +363,9 @@ impl<'b> Receiver<'b> {
                             if !region.is_zero(at, TARGET_PAGE_SIZE as usize).map_err(oob)? {
                                 region.fill(at, TARGET_PAGE_SIZE as usize, 0).map_err(oob)?;
                             }
+                        }
+                        if let Some(ledger) = self.ledger.as_deref_mut() {
+                            ledger.record_zero(block as usize, first, u64::from(count));
                         }
                         summary.zero_pages += u64::from(count);
                     }
@@ -364,6 +388,9 @@ impl<'b> Receiver<'b> {
                             },
                         })?;
                     slot.used_pages = used_length >> TARGET_PAGE_SHIFT;
+                    if let Some(ledger) = self.ledger.as_deref_mut() {
+                        ledger.truncate(block as usize, slot.used_pages);
+                    }
                 }
                 Record::End { count } => {
                     if count as usize != table.len() {
@@ -373,19 +400,22 @@ impl<'b> Receiver<'b> {
                         });
                     }
                     events(ReceiveEvent::Verifying);
-                    for slot in &table {
+                    for (index, slot) in table.iter().enumerate() {
                         let expected = read_u64(r)?;
                         let view = list.read();
                         let dest = view
                             .by_name(slot.name.as_str())
                             .ok_or_else(|| ReceiveError::UnknownBlock(slot.name.clone()))?;
-                        let found = (self.checksum)(&dest.region(), dest.used_length().0).map_err(
-                            |_| ReceiveError::SizeMismatch {
-                                name: slot.name.clone(),
-                                source: slot.used_pages << TARGET_PAGE_SHIFT,
-                                destination: dest.used_length().0,
-                            },
-                        )?;
+                        let found = match self.ledger.as_deref() {
+                            Some(ledger) => ledger.checksum(index, slot.used_pages),
+                            None => (self.checksum)(&dest.region(), dest.used_length().0).map_err(
+                                |_| ReceiveError::SizeMismatch {
+                                    name: slot.name.clone(),
+                                    source: slot.used_pages << TARGET_PAGE_SHIFT,
+                                    destination: dest.used_length().0,
+                                },
+                            )?,
+                        };
                         if found != expected {
                             return Err(ReceiveError::ChecksumMismatch {
                                 name: slot.name.clone(),

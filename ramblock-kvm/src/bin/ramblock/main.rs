@@ -8,7 +8,6 @@
 //! split the two sides over TCP. Without `/dev/kvm` a host thread writes
 //! guest RAM through the block API instead.
 
-mod checksum;
 mod destination;
 mod kvm;
 mod memory;

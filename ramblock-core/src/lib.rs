@@ -14,6 +14,8 @@
 //! - [`block::RamBlock`]: a named block with its host memory and bitmaps.
 //! - [`bitmap`]: the atomic dirty bitmaps, the migration bitmap, the clear
 //!   map and the post-copy received map.
+//! - [`checkpoint::CheckpointCache`]: a COLO secondary's staging copy of a
+//!   block, committed to its RAM once a checkpoint is complete.
 //!
 //! ```
 //! use ramblock_core::addr::{ByteLen, PageSize, RamAddr};
@@ -71,6 +73,7 @@ pub mod addr;
 pub mod bitmap;
 pub mod block;
 pub mod buffer;
+pub mod checkpoint;
 pub mod checksum;
 pub mod dirty_log;
 pub mod flags;

@@ -5,4 +5,5 @@
 
 pub mod format;
 pub mod io;
+pub mod received_map;
 pub mod receiver;

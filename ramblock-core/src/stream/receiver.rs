@@ -240,6 +240,7 @@ pub struct Receiver<'b> {
     bounce: &'b mut [u8],
     checksum: ChecksumFn,
     ledger: Option<&'b mut dyn PageLedger>,
+    fresh: bool,
 }
 
 impl fmt::Debug for dyn PageLedger + '_ {
@@ -284,7 +285,18 @@ impl<'b> Receiver<'b> {
             bounce,
             checksum: Checksum::of_region,
             ledger: None,
+            fresh: false,
         })
+    }
+
+    /// Says the destination's blocks held only zeros before anything was
+    /// received into them (freshly allocated memory, received maps empty).
+    /// A zero page then needs no look at memory unless the block's received
+    /// map says something was written there: on a preallocated destination
+    /// that saves reading the whole RAM during the first pass.
+    pub fn with_fresh_destination(mut self) -> Self {
+        self.fresh = true;
+        self
     }
 
     /// Records every page written in `ledger` and verifies the end
@@ -349,8 +361,12 @@ impl<'b> Receiver<'b> {
                         count,
                         used_pages: dest.used_pages() as u64,
                     };
+                    // Every page written is recorded as received (pages
+                    // past a block's post-copy length just go unrecorded).
+                    let received = dest.received();
                     if is_pages {
                         region.write(start, &self.bounce[..len]).map_err(oob)?;
+                        let _ = received.mark_received(first as usize, count as usize);
                         if let Some(ledger) = self.ledger.as_deref_mut() {
                             ledger.record(block as usize, first, &self.bounce[..len]);
                         }
@@ -360,10 +376,15 @@ impl<'b> Receiver<'b> {
                         // destination page then stays untouched (unallocated).
                         for page in 0..u64::from(count) {
                             let at = start + (page << TARGET_PAGE_SHIFT);
-                            if !region.is_zero(at, TARGET_PAGE_SIZE as usize).map_err(oob)? {
+                            let index = (first + page) as usize;
+                            let untouched = self.fresh && received.is_received(index) == Ok(false);
+                            if !untouched
+                                && !region.is_zero(at, TARGET_PAGE_SIZE as usize).map_err(oob)?
+                            {
                                 region.fill(at, TARGET_PAGE_SIZE as usize, 0).map_err(oob)?;
                             }
                         }
+                        let _ = received.mark_received(first as usize, count as usize);
                         if let Some(ledger) = self.ledger.as_deref_mut() {
                             ledger.record_zero(block as usize, first, u64::from(count));
                         }

@@ -11,7 +11,8 @@ use std::net::{Shutdown, TcpStream};
 
 /// Receives one stream into `ram` and answers the source. On error the
 /// connection is shut down, so a source still sending notices at once.
-pub fn receive(ram: &GuestRam, stream: TcpStream) -> Result<ReceiveSummary, String> {
+/// `fresh`: `ram` holds only zeros (new memory), so zero pages need no look.
+pub fn receive(ram: &GuestRam, stream: TcpStream, fresh: bool) -> Result<ReceiveSummary, String> {
     let mut bounce = vec![0u8; BOUNCE_BYTES];
     // The end checksums come from what was received, page by page, so
     // verifying them adds nothing to the downtime.
@@ -19,6 +20,9 @@ pub fn receive(ram: &GuestRam, stream: TcpStream) -> Result<ReceiveSummary, Stri
     let mut receiver = Receiver::new(&mut bounce)
         .map_err(|e| e.to_string())?
         .with_ledger(&mut ledger);
+    if fresh {
+        receiver = receiver.with_fresh_destination();
+    }
     let reader = stream
         .try_clone()
         .map_err(|e| format!("cannot clone the connection: {e}"))?;

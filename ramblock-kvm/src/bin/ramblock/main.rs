@@ -18,7 +18,7 @@ mod workload;
 
 use clap::{Parser, Subcommand};
 use memory::{first_mismatch, guest_ram, GuestRam, Side};
-use options::MigrateOptions;
+use options::{Backing, MigrateOptions};
 use ramblock_core::dirty_log::SoftwareOnly;
 use report::Summary;
 use std::net::{TcpListener, TcpStream};
@@ -105,7 +105,9 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         Err(e) => return failed(summary, format!("accept on {addr} failed: {e}")),
     };
     let t0 = Instant::now();
-    match destination::receive(ram, conn) {
+    // A named file may hold data already; every other backing starts zero.
+    let fresh = !matches!(&opts.backing, Backing::File(p) if !p.is_dir());
+    match destination::receive(ram, conn, fresh) {
         Ok(r) => {
             summary.stats.total_ns = t0.elapsed().as_nanos() as u64;
             summary.stats.pages = r.pages;
@@ -214,7 +216,7 @@ fn run_source(
         let (conn, _) = listener
             .accept()
             .map_err(|e| format!("accept failed: {e}"))?;
-        destination::receive(dest, conn)
+        destination::receive(dest, conn, true)
     });
     let conn = TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let result = send(ram, guest, conn);

@@ -31,9 +31,14 @@ pub struct MigrateOptions {
     /// Switch over after this many passes at the latest.
     #[arg(long, default_value_t = 30)]
     pub max_passes: u32,
-    /// Throttle the vCPUs when the guest dirties memory faster than it is sent.
-    #[arg(long)]
+    /// Throttle the vCPUs when the guest dirties memory faster than it is
+    /// sent (the default: a guest that outruns the link would otherwise
+    /// keep the migration going until --max-passes).
+    #[arg(long, conflicts_with = "no_auto_converge")]
     pub auto_converge: bool,
+    /// Never throttle the vCPUs.
+    #[arg(long)]
+    pub no_auto_converge: bool,
     /// What the guest does: idle, increment (a byte in every page from
     /// 1 MiB up, forever), or random:RATE (random page writes per second).
     #[arg(long, default_value = "increment", value_parser = parse_workload)]

@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 
 /// Prints one line per pass on stderr.
 pub fn pass_line(r: &PassReport) {
-    eprintln!(
+    // One write per line: stderr is unbuffered.
+    let line = format!(
         "pass {:>2}: dirty {:>8} pages, sent {:>8} + {:>8} zero, {:>7.0} MiB/s, throttle {:>2}%, {:>8} left (~{} ms)",
         r.pass,
         r.dirty_found,
@@ -17,6 +18,7 @@ pub fn pass_line(r: &PassReport) {
         r.remaining,
         r.estimated_ns / 1_000_000,
     );
+    eprintln!("{line}");
 }
 
 /// Everything the summary reports.

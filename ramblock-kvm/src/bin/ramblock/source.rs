@@ -63,7 +63,7 @@ pub fn config(opts: &MigrateOptions) -> PrecopyConfig {
         downtime_limit_ns: opts.downtime_ms * 1_000_000,
         max_passes: opts.max_passes.max(1),
         bandwidth_limit: (opts.bandwidth_mib > 0).then_some(opts.bandwidth_mib << 20),
-        auto_converge: opts.auto_converge,
+        auto_converge: !opts.no_auto_converge,
     }
 }
 

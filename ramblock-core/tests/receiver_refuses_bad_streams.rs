@@ -6,7 +6,7 @@ use ramblock_core::addr::{ByteLen, PageSize};
 use ramblock_core::bitmap::Owned;
 use ramblock_core::block::{BlockBitmaps, BlockSpec};
 use ramblock_core::buffer::BufferMemory;
-use ramblock_core::checksum::{finish_sum, page_digest};
+use ramblock_core::checksum::{finish_sum, page_digest, Ledger};
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
 use ramblock_core::name::BlockName;
@@ -419,4 +419,89 @@ fn every_prefix_of_a_good_stream_fails_cleanly_and_a_restart_succeeds() {
         got.iter().map(|p| p.2).collect::<Vec<_>>(),
         [1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0x77]
     );
+}
+
+/// A destination whose memory starts zero (fresh), unlike the guard-filled
+/// one.
+fn fresh_dest() -> List {
+    let list = List::new();
+    let spec = BlockSpec::new(BlockName::new("ram").unwrap(), ByteLen(8 * PAGE))
+        .flags(BlockFlags::MIGRATABLE);
+    let mem = Mem::new(
+        vec![0; (8 * PAGE) as usize].into_boxed_slice(),
+        ByteLen(8 * PAGE),
+        PageSize::SIZE_4K,
+    )
+    .unwrap();
+    list.add(spec.clone(), mem, BlockBitmaps::for_spec(&spec).unwrap())
+        .unwrap();
+    list
+}
+
+/// A stream to [`fresh_dest`]: pass 0 sends pages 0-3 as 0x11 and 4-7 as
+/// zero, pass 1 sends pages 1-2 as zero again (the guest cleared them), and
+/// the end record carries `sum` for the final contents.
+fn fresh_stream(sum: u64) -> Vec<u8> {
+    let mut s = vec![];
+    table(&mut s, &[("ram", 8)]);
+    pages(&mut s, 0, 0, 4, 0x11);
+    let zero = |s: &mut Vec<u8>, first, count| {
+        Record::Zero {
+            block: 0,
+            first,
+            count,
+        }
+        .write(s)
+        .unwrap()
+    };
+    zero(&mut s, 4, 4);
+    zero(&mut s, 1, 2);
+    Record::End { count: 1 }.write(&mut s).unwrap();
+    s.extend_from_slice(&sum.to_le_bytes());
+    s
+}
+
+#[test]
+fn a_ledger_verifies_what_was_received_and_a_fresh_destination_still_clears_written_pages() {
+    let final_pages: Vec<Vec<u8>> = [0x11, 0, 0, 0x11, 0, 0, 0, 0]
+        .iter()
+        .map(|&b| vec![b; PAGE as usize])
+        .collect();
+    let digests = final_pages.iter().enumerate();
+    let total = digests.fold(0u64, |a, (i, p)| a.wrapping_add(page_digest(i as u64, p)));
+    let good = fresh_stream(finish_sum(total, 8 * PAGE));
+
+    let run = |stream: &[u8]| {
+        let list = fresh_dest();
+        let mut bounce = vec![0u8; BOUNCE_BYTES];
+        let mut ledger = Ledger::new();
+        let result = Receiver::new(&mut bounce)
+            .unwrap()
+            .with_ledger(&mut ledger)
+            .with_fresh_destination()
+            .receive(&list, &mut SliceReader::new(stream), |_| {});
+        let bytes: Vec<u8> = pages_of(&list).iter().map(|p| p.2).collect();
+        let received = list
+            .read()
+            .by_name("ram")
+            .unwrap()
+            .received()
+            .received_count();
+        (result, bytes, received)
+    };
+    let (result, bytes, received) = run(&good);
+    result.unwrap();
+    // Pages 1-2 were written in pass 0, so their zero records cleared them
+    // even though the destination started fresh.
+    assert_eq!(bytes, [0x11, 0, 0, 0x11, 0, 0, 0, 0]);
+    assert_eq!(received, 8, "every page is recorded as received");
+
+    // One byte flipped in transit: the ledger, fed what arrived, disagrees.
+    let mut bad = good.clone();
+    let payload = bad.iter().position(|&b| b == 0x11).unwrap();
+    bad[payload + 100] ^= 1;
+    assert!(matches!(
+        run(&bad).0,
+        Err(ReceiveError::ChecksumMismatch { .. })
+    ));
 }

@@ -6,6 +6,8 @@
 //! address, name and host pointer agree with the model, the version counter
 //! moved exactly when the layout changed, resize marked exactly the new used
 //! range dirty, and listeners heard exactly the model's events.
+mod common;
+use common::add_buffer_block;
 
 #[path = "../src/testing.rs"]
 #[allow(dead_code)]
@@ -14,7 +16,6 @@ mod testing;
 use ramblock_core::addr::{ByteLen, PageSize, RamAddr, BLOCK_ALIGN};
 use ramblock_core::bitmap::Owned;
 use ramblock_core::block::{BlockBitmaps, BlockSpec, RamBlock};
-use ramblock_core::buffer::BufferMemory;
 use ramblock_core::dirty_log::DirtyClient;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::{AddError, RamList, ResizeError};
@@ -25,7 +26,7 @@ use std::ptr::NonNull;
 use std::sync::Mutex;
 use testing::Rng;
 
-type Mem = BufferMemory<Box<[u8]>>;
+use common::Mem;
 type Block = RamBlock<Mem, Owned>;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -328,14 +329,7 @@ fn late_listener_is_replayed_existing_blocks_in_offset_order() {
     let list: RamList<'_, Mem, Owned, 8> = RamList::new();
     for (name, pages) in [("x", 70u64), ("y", 1), ("z", 64)] {
         let spec = BlockSpec::new(BlockName::new(name).unwrap(), ByteLen(pages * PAGE));
-        let mem = Mem::new(
-            vec![0u8; (pages * PAGE) as usize].into_boxed_slice(),
-            ByteLen(pages * PAGE),
-            PageSize::SIZE_4K,
-        )
-        .unwrap();
-        list.add(spec.clone(), mem, BlockBitmaps::for_spec(&spec).unwrap())
-            .unwrap();
+        add_buffer_block(&list, spec, 0);
     }
     list.remove("y").unwrap();
     let id = list.add_listener(&rec).unwrap();

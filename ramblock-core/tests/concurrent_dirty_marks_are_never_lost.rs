@@ -3,31 +3,25 @@
 //!   migration bitmap: every bit set is harvested exactly once;
 //! - readers look blocks up and mark pages dirty while another thread adds
 //!   and removes blocks: every mark lands in the right block.
+mod common;
+use common::add_buffer_block;
 
-use ramblock_core::addr::{ByteLen, PageSize, RamAddr};
+use ramblock_core::addr::{ByteLen, RamAddr};
 use ramblock_core::bitmap::Owned;
-use ramblock_core::block::{BlockBitmaps, BlockSpec};
-use ramblock_core::buffer::BufferMemory;
+use ramblock_core::block::BlockSpec;
 use ramblock_core::dirty_log::{DirtyClient, DirtyClients, SoftwareOnly};
 use ramblock_core::list::RamList;
 use ramblock_core::name::BlockName;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-type Mem = BufferMemory<Box<[u8]>>;
+use common::Mem;
 const PAGE: u64 = 4096;
 const RUN_FOR: Duration = Duration::from_millis(400);
 
 fn add(list: &RamList<'_, Mem, Owned, 8>, name: &str, pages: u64) -> RamAddr {
     let spec = BlockSpec::new(BlockName::new(name).unwrap(), ByteLen(pages * PAGE));
-    let mem = Mem::new(
-        vec![0u8; (pages * PAGE) as usize].into_boxed_slice(),
-        ByteLen(pages * PAGE),
-        PageSize::SIZE_4K,
-    )
-    .unwrap();
-    list.add(spec.clone(), mem, BlockBitmaps::for_spec(&spec).unwrap())
-        .unwrap()
+    add_buffer_block(list, spec, 0)
 }
 
 #[test]

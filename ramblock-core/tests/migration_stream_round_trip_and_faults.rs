@@ -3,11 +3,12 @@
 //! emulation does) while the pre-copy engine sends to a receiver over a
 //! socket pair. Plus the faults: a dropped connection, a refused stream, and
 //! blocks appearing mid-migration leave the source guest running.
+mod common;
+use common::add_buffer_block;
 
-use ramblock_core::addr::{ByteLen, PageSize};
+use ramblock_core::addr::ByteLen;
 use ramblock_core::bitmap::Owned;
-use ramblock_core::block::{BlockBitmaps, BlockSpec};
-use ramblock_core::buffer::BufferMemory;
+use ramblock_core::block::BlockSpec;
 use ramblock_core::dirty_log::SoftwareOnly;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-type Mem = BufferMemory<Box<[u8]>>;
+use common::Mem;
 type List = RamList<'static, Mem, Owned, 8>;
 const PAGE: u64 = 4096;
 
@@ -32,14 +33,7 @@ fn add(list: &List, name: &str, pages: u64, max_pages: u64) {
     if max_pages != pages {
         spec = spec.resizable(ByteLen(max_pages * PAGE));
     }
-    let mem = Mem::new(
-        vec![0u8; (max_pages * PAGE) as usize].into_boxed_slice(),
-        ByteLen(pages * PAGE),
-        PageSize::SIZE_4K,
-    )
-    .unwrap();
-    list.add(spec.clone(), mem, BlockBitmaps::for_spec(&spec).unwrap())
-        .unwrap();
+    add_buffer_block(list, spec, 0);
 }
 
 /// The "VM": a flag the writer honours, and what the engine asked of it.

@@ -5,15 +5,16 @@
 //! typed error and reports nothing. The maps for the malformed cases are
 //! built by an encoder written here from `docs/stream-format.md`, which must
 //! agree byte for byte with the writer.
+mod common;
+use common::add_buffer_block;
 
 #[path = "../src/testing.rs"]
 #[allow(dead_code)]
 mod testing;
 
-use ramblock_core::addr::{ByteLen, PageSize};
+use ramblock_core::addr::ByteLen;
 use ramblock_core::bitmap::Owned;
-use ramblock_core::block::{BlockBitmaps, BlockSpec};
-use ramblock_core::buffer::BufferMemory;
+use ramblock_core::block::BlockSpec;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
 use ramblock_core::name::BlockName;
@@ -25,7 +26,7 @@ use std::convert::Infallible;
 use std::ops::Range;
 use testing::Rng;
 
-type Mem = BufferMemory<Box<[u8]>>;
+use common::Mem;
 type List = RamList<'static, Mem, Owned, 8>;
 const PAGE: u64 = 4096;
 
@@ -49,14 +50,7 @@ fn add(list: &List, (name, pages, postcopy, migratable): Shape) {
     if !migratable {
         spec = spec.flags(BlockFlags::empty());
     }
-    let mem = Mem::new(
-        vec![0u8; (pages * PAGE) as usize].into_boxed_slice(),
-        ByteLen(pages * PAGE),
-        PageSize::SIZE_4K,
-    )
-    .unwrap();
-    list.add(spec.clone(), mem, BlockBitmaps::for_spec(&spec).unwrap())
-        .unwrap();
+    add_buffer_block(list, spec, 0);
 }
 
 /// The source's view: the same blocks, added in reverse order (so the list

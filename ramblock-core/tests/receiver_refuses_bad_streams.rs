@@ -1,11 +1,12 @@
 //! Every malformed stream gets its own typed error, pages outside the
 //! records already accepted are never written, and a receive can start again
 //! after an error.
+mod common;
+use common::add_buffer_block;
 
 use ramblock_core::addr::{ByteLen, PageSize};
 use ramblock_core::bitmap::Owned;
 use ramblock_core::block::{BlockBitmaps, BlockSpec};
-use ramblock_core::buffer::BufferMemory;
 use ramblock_core::checksum::{finish_sum, page_digest, Ledger};
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
@@ -15,7 +16,7 @@ use ramblock_core::stream::io::{ByteWrite, SliceReader};
 use ramblock_core::stream::receiver::{ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES};
 use std::convert::Infallible;
 
-type Mem = BufferMemory<Box<[u8]>>;
+use common::Mem;
 type List = RamList<'static, Mem, Owned, 4>;
 const PAGE: u64 = 4096;
 const GUARD: u8 = 0xA5;
@@ -32,14 +33,7 @@ fn dest() -> List {
             max_length: ByteLen(max * PAGE),
             ..BlockSpec::new(BlockName::new(name).unwrap(), ByteLen(pages * PAGE)).flags(flags)
         };
-        let mem = Mem::new(
-            vec![GUARD; (max * PAGE) as usize].into_boxed_slice(),
-            ByteLen(pages * PAGE),
-            PageSize::SIZE_4K,
-        )
-        .unwrap();
-        list.add(spec.clone(), mem, BlockBitmaps::for_spec(&spec).unwrap())
-            .unwrap();
+        add_buffer_block(&list, spec, GUARD);
     }
     list
 }
@@ -427,14 +421,7 @@ fn fresh_dest() -> List {
     let list = List::new();
     let spec = BlockSpec::new(BlockName::new("ram").unwrap(), ByteLen(8 * PAGE))
         .flags(BlockFlags::MIGRATABLE);
-    let mem = Mem::new(
-        vec![0; (8 * PAGE) as usize].into_boxed_slice(),
-        ByteLen(8 * PAGE),
-        PageSize::SIZE_4K,
-    )
-    .unwrap();
-    list.add(spec.clone(), mem, BlockBitmaps::for_spec(&spec).unwrap())
-        .unwrap();
+    add_buffer_block(&list, spec, 0);
     list
 }
 

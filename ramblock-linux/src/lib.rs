@@ -37,6 +37,7 @@
 //! Modules follow the OS areas they wrap: [`mmap`], [`memfd`], [`hugetlb`],
 //! `file` (private), [`prealloc`], [`advice`], [`numa`],
 //! [`error`], plus the [`builder`] and the [`memory`] itself.
+//! [`uffd`] serves userfaultfd faults on the memory (post-copy).
 #![deny(missing_docs)]
 
 pub mod advice;
@@ -49,6 +50,7 @@ pub mod memory;
 pub mod mmap;
 pub mod numa;
 pub mod prealloc;
+pub mod uffd;
 
 pub use advice::{Hint, LockMode};
 pub use builder::MemoryBuilder;

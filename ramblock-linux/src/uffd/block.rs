@@ -1,0 +1,306 @@
+//! [`RegisteredBlock`]: a block's [`LinuxMemory`] registered on a
+//! [`Userfaultfd`], placed into by block offset with bounds checked, so
+//! that placing is safe.
+
+use super::{Features, Fill, Ioctls, Placed, RegisterMode, UffdError, Userfaultfd};
+use crate::memory::{BackingKind, LinuxMemory};
+use crate::mmap::host_page_size;
+use ramblock_core::addr::PageSize;
+use ramblock_core::flags::BlockFlags;
+use ramblock_core::host::HostMemory;
+
+/// How userfaultfd treats a backing.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Class {
+    /// Private anonymous memory: missing and write-protect faults.
+    PrivateAnonymous,
+    /// shmem (shared anonymous memory, memfd): also minor faults.
+    Shmem,
+    /// hugetlb: whole hugepages, no zero page, also minor faults.
+    Hugetlb,
+    /// A file or caller memory: the kernel decides.
+    Unknown,
+}
+
+fn classify(mem: &LinuxMemory) -> (Class, &'static str) {
+    match mem.kind() {
+        BackingKind::Anonymous if mem.is_shared() => (Class::Shmem, "shared anonymous"),
+        BackingKind::Anonymous => (Class::PrivateAnonymous, "private anonymous"),
+        BackingKind::Hugetlb(_) => (Class::Hugetlb, "hugetlb"),
+        BackingKind::Memfd(Some(_)) => (Class::Hugetlb, "hugetlb memfd"),
+        BackingKind::Memfd(None) => (Class::Shmem, "memfd"),
+        BackingKind::File { hugetlbfs: true } => (Class::Hugetlb, "hugetlbfs file"),
+        BackingKind::File { hugetlbfs: false } => (Class::Unknown, "file"),
+        BackingKind::Caller => (Class::Unknown, "caller"),
+    }
+}
+
+/// Checks `mode` against the memory's backing and the descriptor's features.
+fn check_mode(uffd: &Userfaultfd, mem: &LinuxMemory, mode: RegisterMode) -> Result<(), UffdError> {
+    let (class, backing) = classify(mem);
+    let unsupported = |why| UffdError::ModeUnsupported { mode, backing, why };
+    let need = |feature: Features, needed_for| {
+        if uffd.features().contains(feature) {
+            Ok(())
+        } else {
+            Err(UffdError::FeatureMissing {
+                missing: feature,
+                offered: uffd.offered_features(),
+                needed_for,
+            })
+        }
+    };
+    if mode.is_empty() {
+        return Err(unsupported(
+            "no mode was given: ask for MISSING, MINOR and/or WRITE_PROTECT",
+        ));
+    }
+    if mode.contains(RegisterMode::MISSING) {
+        match class {
+            Class::Shmem => need(Features::MISSING_SHMEM, "missing faults on shared memory")?,
+            Class::Hugetlb => need(
+                Features::MISSING_HUGETLBFS,
+                "missing faults on hugetlb memory",
+            )?,
+            Class::PrivateAnonymous | Class::Unknown => {}
+        }
+    }
+    if mode.contains(RegisterMode::MINOR) {
+        match class {
+            Class::PrivateAnonymous => {
+                return Err(unsupported(
+                    "minor faults happen only on memory with a page cache: back the block with a memfd, shared memory or hugetlb",
+                ))
+            }
+            Class::Unknown => {}
+            _ if !mem.is_shared() => {
+                return Err(unsupported(
+                    "minor faults need a shared mapping: the page cache is filled through another mapping, which a private one never sees",
+                ))
+            }
+            Class::Shmem => need(Features::MINOR_SHMEM, "minor faults on shared memory")?,
+            Class::Hugetlb => need(Features::MINOR_HUGETLBFS, "minor faults on hugetlb memory")?,
+        }
+    }
+    if mode.contains(RegisterMode::WRITE_PROTECT) {
+        if mem.is_read_only() {
+            return Err(unsupported(
+                "a read-only mapping never takes write faults: map it writable",
+            ));
+        }
+        need(Features::PAGEFAULT_FLAG_WP, "write-protect faults")?;
+        if matches!(class, Class::Shmem | Class::Hugetlb) {
+            need(
+                Features::WP_HUGETLBFS_SHMEM,
+                "write-protect on shared or hugetlb memory",
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether every byte is zero (OR-folds 64-byte chunks, which vectorizes).
+fn is_zero(data: &[u8]) -> bool {
+    let chunks = data.chunks_exact(64);
+    let tail = chunks.remainder();
+    chunks
+        .chain(std::iter::once(tail))
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+/// A block's used memory registered on a [`Userfaultfd`], made by
+/// [`Userfaultfd::register_memory`].
+///
+/// It covers the used length at registration: after growing the block,
+/// register the new tail (or the whole block) again.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct RegisteredBlock {
+    base: usize,
+    len: usize,
+    page_size: PageSize,
+    ioctls: Ioctls,
+    mode: RegisterMode,
+}
+
+impl Userfaultfd {
+    /// Registers the used part of `mem` for `mode` and returns the block
+    /// to place pages into.
+    ///
+    /// `MISSING` works on every backing userfaultfd supports (shared memory
+    /// and hugetlb need [`Features::MISSING_SHMEM`] /
+    /// [`Features::MISSING_HUGETLBFS`]); `MINOR` only on shared memfd,
+    /// shared anonymous or shared hugetlb memory with
+    /// [`Features::MINOR_SHMEM`] / [`Features::MINOR_HUGETLBFS`];
+    /// `WRITE_PROTECT` needs [`Features::PAGEFAULT_FLAG_WP`] (and
+    /// [`Features::WP_HUGETLBFS_SHMEM`] off private anonymous memory).
+    /// Anything else is [`UffdError::ModeUnsupported`] or
+    /// [`UffdError::FeatureMissing`], before any system call.
+    pub fn register_memory(
+        &self,
+        mem: &LinuxMemory,
+        mode: RegisterMode,
+    ) -> Result<RegisteredBlock, UffdError> {
+        check_mode(self, mem, mode)?;
+        let base = mem.base().as_ptr() as usize;
+        // The used length fits the address space: it is mapped.
+        let len = usize::try_from(mem.used_len().0).unwrap_or(usize::MAX);
+        let page_size = mem.page_size();
+        let ioctls = self.register_range(base, len, mode, page_size)?;
+        Ok(RegisteredBlock {
+            base,
+            len,
+            page_size,
+            ioctls,
+            mode,
+        })
+    }
+}
+
+impl RegisteredBlock {
+    /// The block's first byte.
+    pub fn base(&self) -> *mut u8 {
+        self.base as *mut u8
+    }
+
+    /// The registered length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the registered length is zero (never: registration needs a page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The placement unit: the host page, or the hugepage size.
+    pub fn page_size(&self) -> usize {
+        self.page_size.bytes() as usize
+    }
+
+    /// The ioctls the kernel supports on the range.
+    pub fn ioctls(&self) -> Ioctls {
+        self.ioctls
+    }
+
+    /// The mode it was registered for.
+    pub fn mode(&self) -> RegisterMode {
+        self.mode
+    }
+
+    /// Whether zero pages can be placed without copying (`UFFDIO_ZEROPAGE`;
+    /// never on hugetlb memory).
+    pub fn supports_zeropage(&self) -> bool {
+        self.ioctls.contains(Ioctls::ZEROPAGE)
+    }
+
+    /// The block flags the registration earns: `UFFD_ZEROPAGE` when zero
+    /// pages can be placed, `UFFD_WRITE_PROTECT` when registered for
+    /// write-protect.
+    pub fn block_flags(&self) -> BlockFlags {
+        let mut flags = BlockFlags::empty();
+        if self.supports_zeropage() {
+            flags |= BlockFlags::UFFD_ZEROPAGE;
+        }
+        if self.mode.contains(RegisterMode::WRITE_PROTECT)
+            && self.ioctls.contains(Ioctls::WRITEPROTECT)
+        {
+            flags |= BlockFlags::UFFD_WRITE_PROTECT;
+        }
+        flags
+    }
+
+    /// Whether a fault address lies in the block.
+    pub fn contains(&self, addr: u64) -> bool {
+        let base = self.base as u64;
+        addr >= base && addr - base < self.len as u64
+    }
+
+    /// The block offset of the page holding a fault address, rounded down
+    /// to [`RegisteredBlock::page_size`]; `None` outside the block.
+    pub fn offset_of(&self, addr: u64) -> Option<u64> {
+        if !self.contains(addr) {
+            return None;
+        }
+        let offset = addr - self.base as u64;
+        Some(offset - offset % self.page_size.bytes())
+    }
+
+    /// Places one page of `data` at block `offset` and wakes the threads
+    /// waiting on it. `offset` must be a multiple of
+    /// [`RegisteredBlock::page_size`] inside the block and `data` exactly
+    /// one page; anything else is a typed error and nothing is placed. A
+    /// page of zeros is placed with `UFFDIO_ZEROPAGE` where the range
+    /// supports it, else copied. A page already there is
+    /// [`Placed::AlreadyPresent`] and keeps its contents.
+    pub fn place(&self, uffd: &Userfaultfd, offset: u64, data: &[u8]) -> Result<Placed, UffdError> {
+        let page = self.page_size.bytes();
+        if data.len() as u64 != page {
+            return Err(UffdError::WrongLength {
+                len: data.len() as u64,
+                page_size: self.page_size,
+            });
+        }
+        if offset % page != 0 {
+            return Err(UffdError::Unaligned {
+                what: "block offset",
+                value: offset,
+                page_size: self.page_size,
+            });
+        }
+        if offset
+            .checked_add(page)
+            .is_none_or(|end| end > self.len as u64)
+        {
+            return Err(UffdError::OutOfRange {
+                offset,
+                len: page,
+                block_len: self.len as u64,
+            });
+        }
+        let src = data.as_ptr() as usize;
+        if uffd.registry.overlaps(src, src + data.len()) {
+            return Err(UffdError::SourceRegistered {
+                src: src as u64,
+                len: data.len() as u64,
+            });
+        }
+        // In bounds: the offset is below the block's length, a usize.
+        let dst = self.base + offset as usize;
+        let fill =
+            if self.supports_zeropage() && self.page_size <= host_page_size() && is_zero(data) {
+                Fill::Zero
+            } else {
+                Fill::Copy(data.as_ptr())
+            };
+        // SAFETY: `dst` is one whole page inside the block (checked above).
+        // The kernel places pages only into ranges registered on `uffd`
+        // and only where no page is yet (EEXIST otherwise), so a block that
+        // was unregistered, unmapped or registered elsewhere gets an error,
+        // not a write. The block is guest RAM, reached only through raw
+        // pointers, so filling a missing page breaks no Rust borrow. The
+        // source is `data`, outside registered memory (checked above).
+        unsafe { uffd.fill(fill, dst, self.page_size(), self.page_size, true) }
+    }
+
+    /// Unregisters the block from `uffd`.
+    pub fn unregister(&self, uffd: &Userfaultfd) -> Result<(), UffdError> {
+        uffd.unregister(self.base(), self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection_sees_every_byte() {
+        let mut page = vec![0u8; 4096 + 7];
+        assert!(is_zero(&page));
+        for i in [0, 63, 64, 4095, 4096, 4102] {
+            page[i] = 1;
+            assert!(!is_zero(&page), "byte {i}");
+            page[i] = 0;
+        }
+        assert!(is_zero(&[]));
+    }
+}

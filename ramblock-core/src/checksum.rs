@@ -156,7 +156,7 @@ pub trait PageLedger {
 
 /// A [`PageLedger`] holding one digest per page (8 bytes per 4 KiB page).
 #[cfg(feature = "alloc")]
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Ledger {
     blocks: alloc::vec::Vec<BlockLedger>,
     zero_hash: u64,
@@ -198,6 +198,15 @@ impl Ledger {
             self.blocks.resize_with(block + 1, BlockLedger::default);
         }
         &mut self.blocks[block]
+    }
+}
+
+/// The same as [`Ledger::new`]: a derived default would leave the zero
+/// page's hash at 0 and record zero pages wrongly.
+#[cfg(feature = "alloc")]
+impl Default for Ledger {
+    fn default() -> Ledger {
+        Ledger::new()
     }
 }
 

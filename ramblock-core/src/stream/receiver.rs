@@ -366,7 +366,6 @@ impl<'b> Receiver<'b> {
                     let received = dest.received();
                     if is_pages {
                         region.write(start, &self.bounce[..len]).map_err(oob)?;
-                        let _ = received.mark_received(first as usize, count as usize);
                         if let Some(ledger) = self.ledger.as_deref_mut() {
                             ledger.record(block as usize, first, &self.bounce[..len]);
                         }
@@ -384,12 +383,12 @@ impl<'b> Receiver<'b> {
                                 region.fill(at, TARGET_PAGE_SIZE as usize, 0).map_err(oob)?;
                             }
                         }
-                        let _ = received.mark_received(first as usize, count as usize);
                         if let Some(ledger) = self.ledger.as_deref_mut() {
                             ledger.record_zero(block as usize, first, u64::from(count));
                         }
                         summary.zero_pages += u64::from(count);
                     }
+                    let _ = received.mark_received(first as usize, count as usize);
                 }
                 Record::Sync { pass, remaining } => {
                     // A hostile pass number must not overflow the count.

@@ -31,12 +31,9 @@ pub struct MigrateOptions {
     /// Switch over after this many passes at the latest.
     #[arg(long, default_value_t = 30)]
     pub max_passes: u32,
-    /// Throttle the vCPUs when the guest dirties memory faster than it is
-    /// sent (the default: a guest that outruns the link would otherwise
-    /// keep the migration going until --max-passes).
-    #[arg(long, conflicts_with = "no_auto_converge")]
-    pub auto_converge: bool,
-    /// Never throttle the vCPUs.
+    /// Never throttle the vCPUs. By default they are throttled when the
+    /// guest dirties memory faster than it is sent: a guest that outruns the
+    /// link would otherwise keep the migration going until --max-passes.
     #[arg(long)]
     pub no_auto_converge: bool,
     /// What the guest does: idle, increment (a byte in every page from

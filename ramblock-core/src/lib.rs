@@ -81,6 +81,7 @@ pub mod host;
 pub mod list;
 pub mod listener;
 pub mod name;
+pub mod postcopy;
 pub mod precopy;
 pub mod region;
 pub mod stream;

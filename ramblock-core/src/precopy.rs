@@ -22,14 +22,17 @@ use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::list::RamList;
 use crate::name::BlockName;
+use crate::postcopy::PostcopyStats;
 use crate::region::HostRegion;
 use crate::stream::format::{
-    read_array, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_RUN_PAGES,
+    read_array, Header, PageRequest, Record, ReturnMessage, TableEntry, ACK_ERR, ACK_OK,
+    MAX_RUN_PAGES,
 };
 use crate::stream::io::{ByteRead, ByteWrite, ReadError};
 use core::fmt;
+use core::ops::Range;
 
-const PAGE: usize = TARGET_PAGE_SIZE as usize;
+pub(crate) const PAGE: usize = TARGET_PAGE_SIZE as usize;
 /// Pages sent under one shared lock of the list, so writers are not held
 /// back for a whole pass.
 const PAGES_PER_LOCK: usize = 4096;
@@ -47,6 +50,11 @@ pub struct PrecopyConfig {
     pub bandwidth_limit: Option<u64>,
     /// Throttle the guest's vCPUs when it dirties memory faster than it is sent.
     pub auto_converge: bool,
+    /// Switch to post-copy after this many pre-copy passes (or at the pass
+    /// limit) instead of stopping the guest until everything is sent; a
+    /// pre-copy that converges first still ends the usual way. `Some(0)`
+    /// starts post-copy at once. See [`crate::postcopy`].
+    pub postcopy_after: Option<u32>,
 }
 
 impl Default for PrecopyConfig {
@@ -56,6 +64,7 @@ impl Default for PrecopyConfig {
             max_passes: 30,
             bandwidth_limit: None,
             auto_converge: false,
+            postcopy_after: None,
         }
     }
 }
@@ -106,8 +115,11 @@ pub struct MigrationStats {
     pub passes: u32,
     /// Dirty rate of the last live pass, pages per second.
     pub dirty_rate: f64,
-    /// Pages sent while the guest was paused.
+    /// Pages sent while the guest was paused (for post-copy: pages sent
+    /// after the guest moved to the destination).
     pub final_pages: u64,
+    /// What post-copy did, when the migration ended in post-copy.
+    pub postcopy: Option<PostcopyStats>,
 }
 
 /// What the engine needs from its surroundings.
@@ -138,6 +150,48 @@ pub trait MigrationHost {
     fn checksum(&mut self, region: &HostRegion, len: u64) -> u64 {
         Checksum::of_region(region, len).unwrap_or(0)
     }
+    /// Post-copy: writes the VMM's device state (vCPU registers and the
+    /// like, opaque to ramblock) into `buf` and returns its length (at most
+    /// `buf.len()` and [`MAX_DEVICE_STATE`](crate::stream::format::MAX_DEVICE_STATE)).
+    /// Called with the guest paused.
+    fn device_state(&mut self, buf: &mut [u8]) -> usize {
+        let _ = buf;
+        0
+    }
+    /// Post-copy: the next message from the destination's return path,
+    /// waiting at most `wait_ns` for one (0: just look). Hosts that never
+    /// run post-copy keep the default, which says the path is closed.
+    fn return_message(&mut self, wait_ns: u64) -> ReturnEvent {
+        let _ = wait_ns;
+        ReturnEvent::Closed
+    }
+    /// Post-copy: the connection broke; connect again (the engine then
+    /// sends the resume header on the same output). `false` gives up.
+    fn reconnect(&mut self) -> bool {
+        false
+    }
+    /// Post-copy, after a reconnect: reads the destination's received map
+    /// (`crate::stream::received_map`) from the new return path and calls
+    /// `missing(block, pages)` for every run of pages it lacks. `false` if
+    /// the map could not be read (the engine reconnects again). Call
+    /// `missing` while holding no lock of the list: it takes one.
+    fn received_map(&mut self, missing: &mut dyn FnMut(&str, Range<u64>)) -> bool {
+        let _ = missing;
+        false
+    }
+    /// Post-copy started: the guest now runs on the destination.
+    fn postcopy_started(&mut self) {}
+}
+
+/// What [`MigrationHost::return_message`] found.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ReturnEvent {
+    /// No message yet.
+    Nothing,
+    /// A message.
+    Message(ReturnMessage),
+    /// The return path is closed or failed (the connection broke).
+    Closed,
 }
 
 /// Why a migration failed. The source guest is running again.
@@ -160,6 +214,12 @@ pub enum MigrateError<D, W, R> {
     BlockRemoved(BlockName),
     /// A migratable block was added during the migration.
     BlockAdded(BlockName),
+    /// Post-copy: the destination asked for pages that do not exist.
+    BadRequest(PageRequest),
+    /// Post-copy: the connection broke and could not be resumed. The
+    /// guest's memory is split between the two sides: the source keeps its
+    /// paused guest and every page, so a new attempt can still finish.
+    PostcopyLost,
 }
 
 impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for MigrateError<D, W, R> {
@@ -181,6 +241,15 @@ impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for Migrate
                 write!(f, "block {n:?} was removed during the migration")
             }
             MigrateError::BlockAdded(n) => write!(f, "block {n:?} was added during the migration"),
+            MigrateError::BadRequest(r) => write!(
+                f,
+                "the destination asked for pages {}..+{} of block index {}, which do not exist",
+                r.first, r.count, r.block
+            ),
+            MigrateError::PostcopyLost => f.write_str(
+                "the post-copy connection broke and could not be resumed; the source keeps \
+                 the paused guest and all its pages",
+            ),
         }
     }
 }
@@ -190,29 +259,29 @@ impl<D: fmt::Debug + fmt::Display, W: fmt::Debug + fmt::Display, R: fmt::Debug +
 {
 }
 
-type Error<D, W, R> =
+pub(crate) type Error<D, W, R> =
     MigrateError<<D as DirtyLogSource>::Error, <W as ByteWrite>::Error, <R as ByteRead>::Error>;
 
 /// A block being migrated: its name and the used length last sent.
-struct Slot {
-    name: BlockName,
-    used_length: u64,
+pub(crate) struct Slot {
+    pub(crate) name: BlockName,
+    pub(crate) used_length: u64,
 }
 
 /// The migration in progress.
-struct Engine<'a, 'l, M, S: Storage, const N: usize, D, W, H> {
-    list: &'a RamList<'l, M, S, N>,
-    source: &'a mut D,
-    out: &'a mut W,
-    host: &'a mut H,
-    cfg: PrecopyConfig,
-    buf: &'a mut [u8],
-    table: heapless::Vec<Slot, N>,
-    version: u64,
+pub(crate) struct Engine<'a, 'l, M, S: Storage, const N: usize, D, W, H> {
+    pub(crate) list: &'a RamList<'l, M, S, N>,
+    pub(crate) source: &'a mut D,
+    pub(crate) out: &'a mut W,
+    pub(crate) host: &'a mut H,
+    pub(crate) cfg: PrecopyConfig,
+    pub(crate) buf: &'a mut [u8],
+    pub(crate) table: heapless::Vec<Slot, N>,
+    pub(crate) version: u64,
     /// Counters of the pass in progress.
-    pass: PassReport,
-    pass_start: u64,
-    throttle: u8,
+    pub(crate) pass: PassReport,
+    pub(crate) pass_start: u64,
+    pub(crate) throttle: u8,
 }
 
 /// Migrates every migratable block of `list` to the receiver at the other
@@ -288,7 +357,8 @@ impl<
             .iter()
             .map(|s| s.used_length >> TARGET_PAGE_SHIFT)
             .sum();
-        loop {
+        let mut postcopy = self.cfg.postcopy_after == Some(0);
+        while !postcopy {
             self.begin_pass(stats.passes, dirty_found);
             self.send_dirty()?;
             let newly = self.sync()?;
@@ -303,10 +373,22 @@ impl<
             dirty_found = remaining;
             let fits =
                 self.cfg.downtime_limit_ns > 0 && report.estimated_ns <= self.cfg.downtime_limit_ns;
-            if fits || stats.passes >= self.cfg.max_passes {
+            if fits {
+                break;
+            }
+            let limit = stats.passes >= self.cfg.max_passes;
+            if let Some(after) = self.cfg.postcopy_after {
+                postcopy = limit || stats.passes >= after;
+            } else if limit {
                 break;
             }
             self.converge(&report);
+        }
+        if postcopy {
+            self.postcopy(&mut stats, paused)?;
+            stats.total_ns = self.host.now_ns() - start;
+            self.host.set_throttle(0);
+            return Ok(stats);
         }
 
         // Switch-over.
@@ -341,7 +423,10 @@ impl<
         Ok(stats)
     }
 
-    fn write<E>(&mut self, record: Record) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+    pub(crate) fn write<E>(
+        &mut self,
+        record: Record,
+    ) -> Result<(), MigrateError<D::Error, W::Error, E>> {
         record.write(self.out).map_err(MigrateError::Write)?;
         self.pass.bytes += record_len(&record);
         Ok(())
@@ -375,6 +460,11 @@ impl<
         Header::new(self.table.len() as u32)
             .write(self.out)
             .map_err(MigrateError::Write)?;
+        self.write_table()
+    }
+
+    /// Writes the block table (after a new or a resumed stream's header).
+    pub(crate) fn write_table<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
         let view = self.list.read();
         for slot in &self.table {
             let Some(block) = view.by_name(slot.name.as_str()) else {
@@ -392,7 +482,7 @@ impl<
         Ok(())
     }
 
-    fn begin_pass(&mut self, pass: u32, dirty_found: u64) {
+    pub(crate) fn begin_pass(&mut self, pass: u32, dirty_found: u64) {
         self.pass = PassReport {
             pass,
             dirty_found,
@@ -402,7 +492,7 @@ impl<
         self.pass_start = self.host.now_ns();
     }
 
-    fn end_pass(&mut self, newly: u64, remaining: u64) -> PassReport {
+    pub(crate) fn end_pass(&mut self, newly: u64, remaining: u64) -> PassReport {
         let mut r = self.pass;
         r.duration_ns = (self.host.now_ns() - self.pass_start).max(1);
         let secs = r.duration_ns as f64 / 1e9;
@@ -438,7 +528,7 @@ impl<
     }
 
     /// Harvests every block's dirty log; returns the newly dirty count.
-    fn sync<E>(&mut self) -> Result<u64, MigrateError<D::Error, W::Error, E>> {
+    pub(crate) fn sync<E>(&mut self) -> Result<u64, MigrateError<D::Error, W::Error, E>> {
         self.reconcile()?;
         let view = self.list.read();
         let mut newly = 0;
@@ -452,7 +542,7 @@ impl<
         Ok(newly)
     }
 
-    fn remaining(&self) -> u64 {
+    pub(crate) fn remaining(&self) -> u64 {
         let view = self.list.read();
         self.table
             .iter()
@@ -531,7 +621,7 @@ impl<
 
     /// Copies `count` pages from `first` out of guest memory and sends them,
     /// zero pages as counts.
-    fn send_run<E>(
+    pub(crate) fn send_run<E>(
         &mut self,
         block: u32,
         region: &HostRegion,
@@ -594,7 +684,7 @@ impl<
     }
 
     /// The end record: one checksum per block, in table order.
-    fn write_end<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+    pub(crate) fn write_end<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
         self.write(Record::End {
             count: self.table.len() as u32,
         })?;
@@ -618,7 +708,7 @@ impl<
 }
 
 impl MigrationStats {
-    fn add(&mut self, r: &PassReport) {
+    pub(crate) fn add(&mut self, r: &PassReport) {
         self.passes += 1;
         self.bytes += r.bytes;
         self.pages += r.pages_sent;
@@ -627,11 +717,12 @@ impl MigrationStats {
 }
 
 /// Bytes of a record's header on the wire.
-fn record_len(r: &Record) -> u64 {
+pub(crate) fn record_len(r: &Record) -> u64 {
     match r {
         Record::Pages { .. } | Record::Zero { .. } => 17,
         Record::Sync { .. } | Record::Resize { .. } => 13,
-        Record::End { .. } => 5,
+        Record::End { .. } | Record::Postcopy { .. } => 5,
+        Record::Discard { .. } => 17,
     }
 }
 

@@ -403,7 +403,8 @@ fn every_prefix_of_a_good_stream_fails_cleanly_and_a_restart_succeeds() {
             pages: 9,
             zero_pages: 2,
             passes: 1,
-            blocks: 2
+            blocks: 2,
+            ..ReceiveSummary::default()
         }
     );
     let got = pages_of(&list);

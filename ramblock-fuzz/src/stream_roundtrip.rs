@@ -260,6 +260,7 @@ pub fn send(
         max_passes,
         bandwidth_limit: None,
         auto_converge: true,
+        postcopy_after: None,
     };
     let stats = with_buffers(|buf, _| {
         precopy::migrate(

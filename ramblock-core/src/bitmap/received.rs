@@ -82,6 +82,13 @@ impl<W: AsRef<[AtomicWord]>> ReceivedMap<W> {
         Ok(self.bits.set_range(page, count)?)
     }
 
+    /// Records `count` pages from `page` as not received (post-copy: the
+    /// source changed them after sending, so they were dropped).
+    pub fn mark_missing(&self, page: usize, count: usize) -> Result<(), ReceivedError> {
+        self.check(page, count)?;
+        Ok(self.bits.clear_range(page, count)?)
+    }
+
     /// Whether `page` has been received.
     pub fn is_received(&self, page: usize) -> Result<bool, ReceivedError> {
         self.check(page, 1)?;
@@ -153,6 +160,11 @@ mod tests {
         assert_eq!(map.received_count(), 11);
         assert_eq!(map.find_next_missing(0), Some(10));
         assert_eq!(map.find_next_missing(99), None);
+        map.mark_missing(3, 2).unwrap();
+        assert_eq!(map.received_count(), 9);
+        assert_eq!(map.find_next_missing(0), Some(3));
+        assert!(map.mark_missing(99, 2).is_err());
+        assert_eq!(map.received_count(), 9);
         map.reset();
         assert_eq!(map.received_count(), 0);
     }

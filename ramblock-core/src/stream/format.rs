@@ -18,6 +18,14 @@ pub const MAX_RUN_PAGES: u32 = 64;
 pub const ACK_OK: [u8; 4] = *b"RBOK";
 /// The receiver's refusal, followed by a u32 error code.
 pub const ACK_ERR: [u8; 4] = *b"RBER";
+/// A post-copy page request on the return path (see [`PageRequest`]).
+pub const REQUEST: [u8; 4] = *b"RBRQ";
+/// First bytes of a stream that resumes a broken post-copy migration: the
+/// header and block table follow as in a new stream, then the receiver
+/// answers with its received map and the records continue.
+pub const RESUME_MAGIC: [u8; 8] = *b"RBRESUME";
+/// Most bytes of VMM device state a `Postcopy` record carries.
+pub const MAX_DEVICE_STATE: u32 = 64 << 10;
 
 /// Record tags.
 pub mod tag {
@@ -31,6 +39,10 @@ pub mod tag {
     pub const RESIZE: u8 = 4;
     /// End of the stream, with checksums.
     pub const END: u8 = 5;
+    /// Post-copy: pages the destination must drop (they will come again).
+    pub const DISCARD: u8 = 6;
+    /// Post-copy starts: the guest runs on the destination from now on.
+    pub const POSTCOPY: u8 = 7;
 }
 
 /// The stream header.
@@ -96,6 +108,84 @@ pub enum Record {
         /// Checksums that follow.
         count: u32,
     },
+    /// Post-copy: pages `first .. first + count` of block `block` changed on
+    /// the source since they were sent; the destination drops them, and
+    /// they are sent again (on request or in the background).
+    Discard {
+        /// Index in the block table.
+        block: u32,
+        /// First target page.
+        first: u64,
+        /// Pages (any number within the block).
+        count: u32,
+    },
+    /// Post-copy starts: the source guest is paused for good, `state_len`
+    /// bytes of VMM device state follow (at most [`MAX_DEVICE_STATE`]), and
+    /// the destination runs the guest, asking for missing pages with
+    /// [`PageRequest`]s on the return path.
+    Postcopy {
+        /// Bytes of device state that follow.
+        state_len: u32,
+    },
+}
+
+/// A post-copy page request, destination to source: the guest needs pages
+/// `first .. first + count` of block `block` (a table index). The source
+/// sends them before anything else it has left.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Index in the block table.
+    pub block: u32,
+    /// First target page.
+    pub first: u64,
+    /// Pages.
+    pub count: u32,
+}
+
+/// A message on the return path (destination to source).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ReturnMessage {
+    /// The guest faulted on missing pages.
+    Request(PageRequest),
+    /// The receive ended: `Ok` after verified checksums, or the refusal's
+    /// error code.
+    Ack(Result<(), u32>),
+}
+
+impl PageRequest {
+    /// Bytes on the wire.
+    pub const LEN: usize = 20;
+
+    /// Writes the request (not flushed).
+    pub fn write<W: ByteWrite>(&self, w: &mut W) -> Result<(), W::Error> {
+        let mut b = [0u8; Self::LEN];
+        b[..4].copy_from_slice(&REQUEST);
+        b[4..8].copy_from_slice(&self.block.to_le_bytes());
+        b[8..16].copy_from_slice(&self.first.to_le_bytes());
+        b[16..20].copy_from_slice(&self.count.to_le_bytes());
+        w.write_all(&b)
+    }
+}
+
+impl ReturnMessage {
+    /// Reads one message; `Ok(Err(bytes))` when its first four bytes name
+    /// no message.
+    pub fn read<R: ByteRead>(r: &mut R) -> Result<Result<Self, [u8; 4]>, ReadError<R::Error>> {
+        let magic: [u8; 4] = read_array(r)?;
+        Ok(Ok(match magic {
+            REQUEST => ReturnMessage::Request(PageRequest {
+                block: read_u32(r)?,
+                first: read_u64(r)?,
+                count: read_u32(r)?,
+            }),
+            ACK_OK => {
+                read_u32(r)?;
+                ReturnMessage::Ack(Ok(()))
+            }
+            ACK_ERR => ReturnMessage::Ack(Err(read_u32(r)?)),
+            other => return Ok(Err(other)),
+        }))
+    }
 }
 
 /// Reads exactly `N` bytes.
@@ -135,17 +225,38 @@ impl Header {
         w.write_all(&b)
     }
 
+    /// Writes the header of a stream resuming a broken post-copy migration.
+    pub fn write_resume<W: ByteWrite>(&self, w: &mut W) -> Result<(), W::Error> {
+        w.write_all(&RESUME_MAGIC)?;
+        w.write_all(&self.version.to_le_bytes())?;
+        w.write_all(&[self.page_shift, 0])?;
+        w.write_all(&self.block_count.to_le_bytes())
+    }
+
     /// Reads a header; `Ok(None)` if the magic is wrong.
     pub fn read<R: ByteRead>(r: &mut R) -> Result<Option<Header>, ReadError<R::Error>> {
+        Ok(Self::read_either(r)?.and_then(|(h, resume)| (!resume).then_some(h)))
+    }
+
+    /// Reads a new stream's or a resumed stream's header; the flag says
+    /// which (`true`: resumed). `Ok(None)` if the magic is neither.
+    pub fn read_either<R: ByteRead>(
+        r: &mut R,
+    ) -> Result<Option<(Header, bool)>, ReadError<R::Error>> {
         let b: [u8; 16] = read_array(r)?;
-        if b[..8] != MAGIC {
-            return Ok(None);
-        }
-        Ok(Some(Header {
-            version: u16::from_le_bytes([b[8], b[9]]),
-            page_shift: b[10],
-            block_count: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
-        }))
+        let resume = match &b[..8] {
+            m if m == MAGIC => false,
+            m if m == RESUME_MAGIC => true,
+            _ => return Ok(None),
+        };
+        Ok(Some((
+            Header {
+                version: u16::from_le_bytes([b[8], b[9]]),
+                page_shift: b[10],
+                block_count: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+            },
+            resume,
+        )))
     }
 }
 
@@ -225,6 +336,22 @@ impl Record {
                 b[1..5].copy_from_slice(&count.to_le_bytes());
                 5
             }
+            Record::Discard {
+                block,
+                first,
+                count,
+            } => {
+                b[0] = tag::DISCARD;
+                b[1..5].copy_from_slice(&block.to_le_bytes());
+                b[5..13].copy_from_slice(&first.to_le_bytes());
+                b[13..17].copy_from_slice(&count.to_le_bytes());
+                17
+            }
+            Record::Postcopy { state_len } => {
+                b[0] = tag::POSTCOPY;
+                b[1..5].copy_from_slice(&state_len.to_le_bytes());
+                5
+            }
         };
         w.write_all(&b[..n])
     }
@@ -260,6 +387,14 @@ impl Record {
             tag::END => Record::End {
                 count: read_u32(r)?,
             },
+            tag::DISCARD => Record::Discard {
+                block: read_u32(r)?,
+                first: read_u64(r)?,
+                count: read_u32(r)?,
+            },
+            tag::POSTCOPY => Record::Postcopy {
+                state_len: read_u32(r)?,
+            },
             other => return Ok(Err(other)),
         }))
     }
@@ -294,6 +429,12 @@ mod tests {
                 used_length: 1 << 30,
             },
             Record::End { count: 2 },
+            Record::Discard {
+                block: 0,
+                first: 9,
+                count: 1 << 20,
+            },
+            Record::Postcopy { state_len: 300 },
         ];
         let mut out = Vec::new();
         Header::new(3).write(&mut out).unwrap();
@@ -326,6 +467,36 @@ mod tests {
             assert_eq!(Record::read(&mut r).unwrap(), Ok(want));
         }
         assert_eq!(Record::read(&mut SliceReader::new(&[9])).unwrap(), Err(9));
+        let mut back = Vec::new();
+        let req = PageRequest {
+            block: 2,
+            first: 77,
+            count: 512,
+        };
+        req.write(&mut back).unwrap();
+        back.extend_from_slice(b"RBER\x05\0\0\0RBOK\0\0\0\0XXXX");
+        let mut r = SliceReader::new(&back);
+        assert_eq!(
+            ReturnMessage::read(&mut r).unwrap(),
+            Ok(ReturnMessage::Request(req))
+        );
+        assert_eq!(
+            ReturnMessage::read(&mut r).unwrap(),
+            Ok(ReturnMessage::Ack(Err(5)))
+        );
+        assert_eq!(
+            ReturnMessage::read(&mut r).unwrap(),
+            Ok(ReturnMessage::Ack(Ok(())))
+        );
+        assert_eq!(ReturnMessage::read(&mut r).unwrap(), Err(*b"XXXX"));
+        let mut resumed = Vec::new();
+        Header::new(1).write_resume(&mut resumed).unwrap();
+        let mut r = SliceReader::new(&resumed);
+        assert_eq!(
+            Header::read_either(&mut r).unwrap(),
+            Some((Header::new(1), true))
+        );
+        assert_eq!(Header::read(&mut SliceReader::new(&resumed)).unwrap(), None);
         assert_eq!(
             Record::read(&mut SliceReader::new(&[1, 0])),
             Err(ReadError::Eof)

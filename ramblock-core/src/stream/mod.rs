@@ -5,5 +5,6 @@
 
 pub mod format;
 pub mod io;
+pub mod placement;
 pub mod received_map;
 pub mod receiver;

@@ -8,11 +8,13 @@
 //! receive from a fresh stream.
 
 use super::format::{
-    read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_RUN_PAGES, VERSION,
+    read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_DEVICE_STATE, MAX_RUN_PAGES, VERSION,
 };
 use super::io::{ByteRead, ByteWrite, ReadError};
+use super::placement::{Assembly, PostcopyTarget};
 use crate::addr::{ByteLen, TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::bitmap::Storage;
+use crate::block::RamBlock;
 use crate::checksum::{Checksum, PageLedger};
 use crate::flags::BlockFlags;
 use crate::host::HostMemory;
@@ -109,8 +111,61 @@ pub enum ReceiveError<E, H> {
     Truncated,
     /// The transport failed.
     Io(E),
-    /// The destination's host memory failed.
+    /// The destination's host memory (or, in post-copy, page placement)
+    /// failed.
     Host(H),
+    /// A record that cannot come at this point (say, a `Discard` after
+    /// post-copy started, or a resume header with no post-copy to resume).
+    OutOfPlace {
+        /// The record.
+        record: &'static str,
+        /// Why it cannot come now.
+        why: &'static str,
+    },
+    /// The source started post-copy, but this destination was not set up
+    /// for it ([`Receiver::receive_postcopy`]).
+    PostcopyUnsupported,
+    /// A `Postcopy` record announces more device state than allowed.
+    DeviceStateTooLarge(u32),
+    /// A post-copy record reaches past the block's post-copy length.
+    PastPostcopyLength {
+        /// The block.
+        name: BlockName,
+        /// First page of the record.
+        first: u64,
+        /// Pages in the record.
+        count: u32,
+        /// The block's post-copy length in pages.
+        postcopy_pages: u64,
+    },
+    /// A discard, or a post-copy run of a hugepage block, that does not
+    /// cover whole host pages.
+    NotWholeHostPages {
+        /// The block.
+        name: BlockName,
+        /// First page of the record.
+        first: u64,
+        /// The block's host page size.
+        page_size: u64,
+    },
+    /// A hugepage block's page is larger than the assembly buffer
+    /// ([`Receiver::with_hugepage_buffer`]).
+    HugepageBufferTooSmall {
+        /// The block.
+        name: BlockName,
+        /// Its host page size.
+        page_size: u64,
+        /// The buffer's size.
+        buffer: u64,
+    },
+    /// The post-copy stream ended with pages never received: the guest
+    /// would wait for them forever.
+    MissingAtEnd {
+        /// The block.
+        name: BlockName,
+        /// The first missing page.
+        page: u64,
+    },
 }
 
 impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
@@ -148,6 +203,22 @@ impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
             Truncated => f.write_str("the stream ended in the middle of a record"),
             Io(e) => write!(f, "transport failed: {e}"),
             Host(e) => write!(f, "destination memory failed: {e}"),
+            OutOfPlace { record, why } => write!(f, "unexpected {record} record: {why}"),
+            PostcopyUnsupported => f.write_str("the source started post-copy, which this destination was not set up for"),
+            DeviceStateTooLarge(n) => write!(f, "the post-copy record carries {n} bytes of device state, more than {MAX_DEVICE_STATE}"),
+            PastPostcopyLength { name, first, count, postcopy_pages } => write!(
+                f,
+                "post-copy record for pages {first}..+{count} of block {name:?} reaches past its post-copy length of {postcopy_pages} pages"
+            ),
+            NotWholeHostPages { name, first, page_size } => write!(
+                f,
+                "record at page {first} of block {name:?} does not cover whole {page_size:#x}-byte host pages"
+            ),
+            HugepageBufferTooSmall { name, page_size, buffer } => write!(
+                f,
+                "block {name:?} has {page_size:#x}-byte pages; the post-copy assembly buffer holds {buffer:#x}"
+            ),
+            MissingAtEnd { name, page } => write!(f, "post-copy ended but page {page} of block {name:?} never arrived"),
         }
     }
 }
@@ -184,6 +255,13 @@ impl<E, H> ReceiveError<E, H> {
             Truncated => 20,
             Io(_) => 21,
             Host(_) => 22,
+            OutOfPlace { .. } => 23,
+            PostcopyUnsupported => 24,
+            DeviceStateTooLarge(_) => 25,
+            PastPostcopyLength { .. } => 26,
+            NotWholeHostPages { .. } => 27,
+            HugepageBufferTooSmall { .. } => 28,
+            MissingAtEnd { .. } => 29,
         }
     }
 }
@@ -204,6 +282,10 @@ pub struct ReceiveSummary {
     pub pages: u64,
     /// Zero pages received.
     pub zero_pages: u64,
+    /// Pages dropped at the switch to post-copy.
+    pub discarded: u64,
+    /// Pages placed after the guest started here (post-copy).
+    pub postcopy_pages: u64,
     /// Sync markers seen (passes).
     pub passes: u32,
     /// Blocks verified by checksum.
@@ -222,6 +304,10 @@ pub enum ReceiveEvent {
     },
     /// The last data arrived; checksums are being verified.
     Verifying,
+    /// Post-copy started: the guest runs here now.
+    PostcopyStarted,
+    /// A resumed stream's table matched and the received map went back.
+    Resumed,
 }
 
 /// A table slot: the block's name and its used length in pages.
@@ -241,6 +327,11 @@ pub struct Receiver<'b> {
     checksum: ChecksumFn,
     ledger: Option<&'b mut dyn PageLedger>,
     fresh: bool,
+    assembly: Assembly<'b>,
+    /// Post-copy has started: the guest runs here, pages are placed.
+    postcopy: bool,
+    /// Counters of the receive in progress (kept across a resume).
+    summary: ReceiveSummary,
 }
 
 impl fmt::Debug for dyn PageLedger + '_ {
@@ -286,7 +377,25 @@ impl<'b> Receiver<'b> {
             checksum: Checksum::of_region,
             ledger: None,
             fresh: false,
+            assembly: Assembly::default(),
+            postcopy: false,
+            summary: ReceiveSummary::default(),
         })
+    }
+
+    /// Gives post-copy a buffer to assemble hugepages in: a hugepage is
+    /// placed whole, once all of its target pages arrived. It must hold the
+    /// largest host page of any block received in post-copy.
+    pub fn with_hugepage_buffer(mut self, buffer: &'b mut [u8]) -> Self {
+        self.assembly = Assembly::new(buffer);
+        self
+    }
+
+    /// Whether post-copy has started (the guest runs here): a receive that
+    /// failed on its transport then waits to be resumed with
+    /// [`Receiver::receive_postcopy`] on a new connection.
+    pub fn in_postcopy(&self) -> bool {
+        self.postcopy
     }
 
     /// Says the destination's blocks held only zeros before anything was
@@ -317,15 +426,67 @@ impl<'b> Receiver<'b> {
     }
 
     /// Receives one whole stream from `r` into the blocks of `list`,
-    /// reporting progress to `events`, and verifies the end checksums.
+    /// reporting progress to `events`, and verifies the end checksums. A
+    /// source that switches to post-copy is refused
+    /// ([`ReceiveError::PostcopyUnsupported`]); see
+    /// [`Receiver::receive_postcopy`].
     pub fn receive<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
         &mut self,
         list: &RamList<'_, M, S, N>,
         r: &mut R,
+        events: impl FnMut(ReceiveEvent),
+    ) -> Result2<ReceiveSummary, R, M> {
+        self.receive_into(list, r, None, events)
+    }
+
+    /// Like [`Receiver::receive`], for a destination that can take over the
+    /// guest in post-copy: `target` registers the blocks, starts the guest
+    /// and places pages. After a transport error during post-copy
+    /// ([`Receiver::in_postcopy`]), call this again with the next
+    /// connection: it must carry a resumed stream, and the receive goes on
+    /// where it stopped.
+    pub fn receive_postcopy<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
+        &mut self,
+        list: &RamList<'_, M, S, N>,
+        r: &mut R,
+        target: &mut dyn PostcopyTarget<Error = M::Error>,
+        events: impl FnMut(ReceiveEvent),
+    ) -> Result2<ReceiveSummary, R, M> {
+        self.receive_into(list, r, Some(target), events)
+    }
+
+    fn receive_into<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
+        &mut self,
+        list: &RamList<'_, M, S, N>,
+        r: &mut R,
+        mut target: Option<&mut dyn PostcopyTarget<Error = M::Error>>,
         mut events: impl FnMut(ReceiveEvent),
     ) -> Result2<ReceiveSummary, R, M> {
-        let mut table = Self::read_table(list, r)?;
-        let mut summary = ReceiveSummary::default();
+        let (mut table, resumed) = Self::read_table(list, r)?;
+        match (resumed, self.postcopy) {
+            (false, false) => self.summary = ReceiveSummary::default(),
+            (true, true) => {
+                // A hugepage half assembled when the connection broke was
+                // not placed, so the received map asks for all of it again.
+                self.assembly.abandon();
+                if let Some(t) = target.as_deref_mut() {
+                    t.resumed().map_err(ReceiveError::Host)?;
+                }
+                events(ReceiveEvent::Resumed);
+            }
+            (false, true) => {
+                return Err(ReceiveError::OutOfPlace {
+                    record: "stream header",
+                    why: "a new stream cannot start while a post-copy waits to be resumed",
+                })
+            }
+            (true, false) => {
+                return Err(ReceiveError::OutOfPlace {
+                    record: "resume header",
+                    why: "no post-copy migration is waiting to be resumed",
+                })
+            }
+        }
         loop {
             let record = Record::read(r)?.map_err(ReceiveError::UnknownRecord)?;
             match record {
@@ -340,10 +501,7 @@ impl<'b> Receiver<'b> {
                     count,
                 } => {
                     let slot = Self::check_run(&table, block, first, count)?;
-                    let (start, len) = (
-                        first << TARGET_PAGE_SHIFT,
-                        count as usize * TARGET_PAGE_SIZE as usize,
-                    );
+                    let len = count as usize * TARGET_PAGE_SIZE as usize;
                     let is_pages = matches!(record, Record::Pages { .. });
                     if is_pages {
                         r.read_exact(&mut self.bounce[..len])?;
@@ -354,48 +512,27 @@ impl<'b> Receiver<'b> {
                     let Some(dest) = view.by_name(slot.name.as_str()) else {
                         return Err(ReceiveError::UnknownBlock(slot.name.clone()));
                     };
-                    let region = dest.region();
-                    let oob = |_| ReceiveError::PastUsedLength {
-                        name: slot.name.clone(),
-                        first,
-                        count,
-                        used_pages: dest.used_pages() as u64,
-                    };
-                    // Every page written is recorded as received (pages
-                    // past a block's post-copy length just go unrecorded).
-                    let received = dest.received();
-                    if is_pages {
-                        region.write(start, &self.bounce[..len]).map_err(oob)?;
-                        if let Some(ledger) = self.ledger.as_deref_mut() {
-                            ledger.record(block as usize, first, &self.bounce[..len]);
-                        }
-                        summary.pages += u64::from(count);
+                    if self.postcopy {
+                        let target = target
+                            .as_deref_mut()
+                            .ok_or(ReceiveError::PostcopyUnsupported)?;
+                        self.place_run(target, dest, slot, block, first, count, is_pages)?;
                     } else {
-                        // Only write pages that are not zero already: a fresh
-                        // destination page then stays untouched (unallocated).
-                        for page in 0..u64::from(count) {
-                            let at = start + (page << TARGET_PAGE_SHIFT);
-                            let index = (first + page) as usize;
-                            let untouched = self.fresh && received.is_received(index) == Ok(false);
-                            if !untouched
-                                && !region.is_zero(at, TARGET_PAGE_SIZE as usize).map_err(oob)?
-                            {
-                                region.fill(at, TARGET_PAGE_SIZE as usize, 0).map_err(oob)?;
-                            }
-                        }
-                        if let Some(ledger) = self.ledger.as_deref_mut() {
-                            ledger.record_zero(block as usize, first, u64::from(count));
-                        }
-                        summary.zero_pages += u64::from(count);
+                        self.write_run(dest, slot, block, first, count, is_pages)?;
                     }
-                    let _ = received.mark_received(first as usize, count as usize);
                 }
                 Record::Sync { pass, remaining } => {
                     // A hostile pass number must not overflow the count.
-                    summary.passes = summary.passes.max(pass.saturating_add(1));
+                    self.summary.passes = self.summary.passes.max(pass.saturating_add(1));
                     events(ReceiveEvent::Sync { pass, remaining });
                 }
                 Record::Resize { block, used_length } => {
+                    if self.postcopy {
+                        return Err(ReceiveError::OutOfPlace {
+                            record: "resize",
+                            why: "the source guest is paused during post-copy",
+                        });
+                    }
                     let slot = table
                         .get_mut(block as usize)
                         .ok_or(ReceiveError::BadBlockIndex(block))?;
@@ -412,6 +549,67 @@ impl<'b> Receiver<'b> {
                         ledger.truncate(block as usize, slot.used_pages);
                     }
                 }
+                Record::Discard {
+                    block,
+                    first,
+                    count,
+                } => {
+                    if self.postcopy {
+                        return Err(ReceiveError::OutOfPlace {
+                            record: "discard",
+                            why: "post-copy has started",
+                        });
+                    }
+                    let slot = Self::check_span(&table, block, first, count)?;
+                    let view = list.read();
+                    let dest = view
+                        .by_name(slot.name.as_str())
+                        .ok_or_else(|| ReceiveError::UnknownBlock(slot.name.clone()))?;
+                    Self::check_postcopy_run(dest, slot, first, count)?;
+                    let per_page = dest.page_size().bytes() >> TARGET_PAGE_SHIFT;
+                    let end = first + u64::from(count);
+                    if first % per_page != 0 || (end % per_page != 0 && end != slot.used_pages) {
+                        return Err(ReceiveError::NotWholeHostPages {
+                            name: slot.name.clone(),
+                            first,
+                            page_size: dest.page_size().bytes(),
+                        });
+                    }
+                    let (start, len) = (
+                        first << TARGET_PAGE_SHIFT,
+                        u64::from(count) << TARGET_PAGE_SHIFT,
+                    );
+                    dest.memory()
+                        .discard(ByteLen(start), ByteLen(len))
+                        .map_err(ReceiveError::Host)?;
+                    // In range: check_postcopy_run kept it inside the map.
+                    let _ = dest.received().mark_missing(first as usize, count as usize);
+                    self.summary.discarded += u64::from(count);
+                }
+                Record::Postcopy { state_len } => {
+                    if self.postcopy {
+                        return Err(ReceiveError::OutOfPlace {
+                            record: "post-copy",
+                            why: "post-copy has started already",
+                        });
+                    }
+                    if state_len > MAX_DEVICE_STATE {
+                        return Err(ReceiveError::DeviceStateTooLarge(state_len));
+                    }
+                    let state = &mut self.bounce[..state_len as usize];
+                    r.read_exact(state)?;
+                    let target = target
+                        .as_deref_mut()
+                        .ok_or(ReceiveError::PostcopyUnsupported)?;
+                    for slot in &table {
+                        if let Some(dest) = list.read().by_name(slot.name.as_str()) {
+                            self.assembly.check(&slot.name, dest.page_size().bytes())?;
+                        }
+                    }
+                    target.start(state).map_err(ReceiveError::Host)?;
+                    self.postcopy = true;
+                    events(ReceiveEvent::PostcopyStarted);
+                }
                 Record::End { count } => {
                     if count as usize != table.len() {
                         return Err(ReceiveError::EndCountMismatch {
@@ -420,35 +618,170 @@ impl<'b> Receiver<'b> {
                         });
                     }
                     events(ReceiveEvent::Verifying);
-                    for (index, slot) in table.iter().enumerate() {
-                        let expected = read_u64(r)?;
-                        let view = list.read();
-                        let dest = view
-                            .by_name(slot.name.as_str())
-                            .ok_or_else(|| ReceiveError::UnknownBlock(slot.name.clone()))?;
-                        let found = match self.ledger.as_deref() {
-                            Some(ledger) => ledger.checksum(index, slot.used_pages),
-                            None => (self.checksum)(&dest.region(), dest.used_length().0).map_err(
-                                |_| ReceiveError::SizeMismatch {
-                                    name: slot.name.clone(),
-                                    source: slot.used_pages << TARGET_PAGE_SHIFT,
-                                    destination: dest.used_length().0,
-                                },
-                            )?,
-                        };
-                        if found != expected {
-                            return Err(ReceiveError::ChecksumMismatch {
-                                name: slot.name.clone(),
-                                expected,
-                                found,
-                            });
-                        }
-                        summary.blocks += 1;
-                    }
-                    return Ok(summary);
+                    self.verify_end(list, &table, r)?;
+                    self.postcopy = false;
+                    return Ok(self.summary);
                 }
             }
         }
+    }
+
+    /// Pre-copy: writes a run into guest memory.
+    fn write_run<E, M: HostMemory, S: Storage>(
+        &mut self,
+        dest: &RamBlock<M, S>,
+        slot: &Slot,
+        block: u32,
+        first: u64,
+        count: u32,
+        is_pages: bool,
+    ) -> Result<(), ReceiveError<E, M::Error>> {
+        let (start, len) = (
+            first << TARGET_PAGE_SHIFT,
+            count as usize * TARGET_PAGE_SIZE as usize,
+        );
+        let region = dest.region();
+        let oob = |_| ReceiveError::PastUsedLength {
+            name: slot.name.clone(),
+            first,
+            count,
+            used_pages: dest.used_pages() as u64,
+        };
+        // Every page written is recorded as received (pages past a block's
+        // post-copy length just go unrecorded).
+        let received = dest.received();
+        if is_pages {
+            region.write(start, &self.bounce[..len]).map_err(oob)?;
+            if let Some(ledger) = self.ledger.as_deref_mut() {
+                ledger.record(block as usize, first, &self.bounce[..len]);
+            }
+            self.summary.pages += u64::from(count);
+        } else {
+            // Only write pages that are not zero already: a fresh
+            // destination page then stays untouched (unallocated).
+            for page in 0..u64::from(count) {
+                let at = start + (page << TARGET_PAGE_SHIFT);
+                let index = (first + page) as usize;
+                let untouched = self.fresh && received.is_received(index) == Ok(false);
+                if !untouched && !region.is_zero(at, TARGET_PAGE_SIZE as usize).map_err(oob)? {
+                    region.fill(at, TARGET_PAGE_SIZE as usize, 0).map_err(oob)?;
+                }
+            }
+            if let Some(ledger) = self.ledger.as_deref_mut() {
+                ledger.record_zero(block as usize, first, u64::from(count));
+            }
+            self.summary.zero_pages += u64::from(count);
+        }
+        let _ = received.mark_received(first as usize, count as usize);
+        Ok(())
+    }
+
+    /// Post-copy: places a run through `target` (hugepages once whole),
+    /// marking what was placed received.
+    #[allow(clippy::too_many_arguments)]
+    fn place_run<E, M: HostMemory, S: Storage>(
+        &mut self,
+        target: &mut dyn PostcopyTarget<Error = M::Error>,
+        dest: &RamBlock<M, S>,
+        slot: &Slot,
+        block: u32,
+        first: u64,
+        count: u32,
+        is_pages: bool,
+    ) -> Result<(), ReceiveError<E, M::Error>> {
+        Self::check_postcopy_run(dest, slot, first, count)?;
+        let len = count as usize * TARGET_PAGE_SIZE as usize;
+        let data = is_pages.then_some(&self.bounce[..len]);
+        let page_size = dest.page_size().bytes();
+        let mut placed = |first: u64, data: Option<&[u8]>, pages: u64| {
+            let offset = first << TARGET_PAGE_SHIFT;
+            match data {
+                Some(d) => target.place(slot.name.as_str(), offset, d),
+                None => target.place_zero(slot.name.as_str(), offset, pages << TARGET_PAGE_SHIFT),
+            }
+            .map_err(ReceiveError::Host)?;
+            // In range: check_postcopy_run kept the run inside the map.
+            let _ = dest
+                .received()
+                .mark_received(first as usize, pages as usize);
+            if let Some(ledger) = self.ledger.as_deref_mut() {
+                match data {
+                    Some(d) => ledger.record(block as usize, first, d),
+                    None => ledger.record_zero(block as usize, first, pages),
+                }
+            }
+            Ok(())
+        };
+        if page_size <= TARGET_PAGE_SIZE {
+            placed(first, data, u64::from(count))?;
+        } else {
+            self.assembly.add(
+                block,
+                &slot.name,
+                page_size,
+                first,
+                count,
+                data,
+                &mut placed,
+            )?;
+        }
+        if is_pages {
+            self.summary.pages += u64::from(count);
+        } else {
+            self.summary.zero_pages += u64::from(count);
+        }
+        self.summary.postcopy_pages += u64::from(count);
+        Ok(())
+    }
+
+    /// Checks the end record's checksums (and, after post-copy, that every
+    /// page arrived).
+    fn verify_end<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
+        &mut self,
+        list: &RamList<'_, M, S, N>,
+        table: &[Slot],
+        r: &mut R,
+    ) -> Result2<(), R, M> {
+        for (index, slot) in table.iter().enumerate() {
+            let expected = read_u64(r)?;
+            let view = list.read();
+            let dest = view
+                .by_name(slot.name.as_str())
+                .ok_or_else(|| ReceiveError::UnknownBlock(slot.name.clone()))?;
+            if self.postcopy {
+                let received = dest.received();
+                let pages = slot.used_pages.min(received.postcopy_pages() as u64);
+                if let Some(page) = received
+                    .find_next_missing(0)
+                    .map(|p| p as u64)
+                    .filter(|&p| p < pages)
+                {
+                    return Err(ReceiveError::MissingAtEnd {
+                        name: slot.name.clone(),
+                        page,
+                    });
+                }
+            }
+            let found = match self.ledger.as_deref() {
+                Some(ledger) => ledger.checksum(index, slot.used_pages),
+                None => (self.checksum)(&dest.region(), dest.used_length().0).map_err(|_| {
+                    ReceiveError::SizeMismatch {
+                        name: slot.name.clone(),
+                        source: slot.used_pages << TARGET_PAGE_SHIFT,
+                        destination: dest.used_length().0,
+                    }
+                })?,
+            };
+            if found != expected {
+                return Err(ReceiveError::ChecksumMismatch {
+                    name: slot.name.clone(),
+                    expected,
+                    found,
+                });
+            }
+            self.summary.blocks += 1;
+        }
+        Ok(())
     }
 
     /// Reads the header and block table and matches every entry against the
@@ -456,8 +789,8 @@ impl<'b> Receiver<'b> {
     fn read_table<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
         list: &RamList<'_, M, S, N>,
         r: &mut R,
-    ) -> Result2<heapless::Vec<Slot, N>, R, M> {
-        let header = Header::read(r)?.ok_or(ReceiveError::BadMagic)?;
+    ) -> Result2<(heapless::Vec<Slot, N>, bool), R, M> {
+        let (header, resumed) = Header::read_either(r)?.ok_or(ReceiveError::BadMagic)?;
         if header.version != VERSION {
             return Err(ReceiveError::UnsupportedVersion(header.version));
         }
@@ -539,7 +872,7 @@ impl<'b> Receiver<'b> {
                     .unwrap_or_else(|_| unreachable!("names in the list are valid")),
             ));
         }
-        Ok(table)
+        Ok((table, resumed))
     }
 
     /// Checks a run record against the table: index, length, bounds.
@@ -549,10 +882,23 @@ impl<'b> Receiver<'b> {
         first: u64,
         count: u32,
     ) -> Result<&Slot, ReceiveError<E, H>> {
+        if count == 0 || count > MAX_RUN_PAGES {
+            return Err(ReceiveError::BadRunLength(count));
+        }
+        Self::check_span(table, block, first, count)
+    }
+
+    /// Checks a span of pages against the table: index, bounds.
+    fn check_span<E, H>(
+        table: &[Slot],
+        block: u32,
+        first: u64,
+        count: u32,
+    ) -> Result<&Slot, ReceiveError<E, H>> {
         let slot = table
             .get(block as usize)
             .ok_or(ReceiveError::BadBlockIndex(block))?;
-        if count == 0 || count > MAX_RUN_PAGES {
+        if count == 0 {
             return Err(ReceiveError::BadRunLength(count));
         }
         let end = first
@@ -567,6 +913,30 @@ impl<'b> Receiver<'b> {
             });
         }
         Ok(slot)
+    }
+}
+
+impl Receiver<'_> {
+    /// Checks a post-copy run or discard (already inside the used length)
+    /// against the block's post-copy length, and discards against its host
+    /// pages.
+    fn check_postcopy_run<E, M: HostMemory, S: Storage>(
+        dest: &RamBlock<M, S>,
+        slot: &Slot,
+        first: u64,
+        count: u32,
+    ) -> Result<(), ReceiveError<E, M::Error>> {
+        let postcopy_pages = dest.received().postcopy_pages() as u64;
+        // No overflow: check_span bounded first + count by the used length.
+        if first + u64::from(count) > postcopy_pages {
+            return Err(ReceiveError::PastPostcopyLength {
+                name: slot.name.clone(),
+                first,
+                count,
+                postcopy_pages,
+            });
+        }
+        Ok(())
     }
 }
 

@@ -64,6 +64,7 @@ pub fn config(opts: &MigrateOptions) -> PrecopyConfig {
         max_passes: opts.max_passes.max(1),
         bandwidth_limit: (opts.bandwidth_mib > 0).then_some(opts.bandwidth_mib << 20),
         auto_converge: !opts.no_auto_converge,
+        postcopy_after: None,
     }
 }
 

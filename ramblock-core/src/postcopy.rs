@@ -1,0 +1,385 @@
+//! Post-copy: the guest moves to the destination before all of its memory
+//! has, and pages follow on demand.
+//!
+//! When [`PrecopyConfig::postcopy_after`](crate::precopy::PrecopyConfig)
+//! says so, the engine ends pre-copy by pausing the guest, harvesting the
+//! dirty log once more and sending:
+//! 1. `Discard` records naming every page still dirty (in whole host pages
+//!    for hugepage blocks: a hugepage is placed whole, so it is sent whole);
+//! 2. a `Postcopy` record carrying the VMM's device state
+//!    ([`MigrationHost::device_state`]). From here the guest belongs to the
+//!    destination: the source never resumes it.
+//!
+//! Then it sends every page still dirty, answering the destination's page
+//! requests ([`MigrationHost::return_message`]) before anything else and
+//! moving its background cursor to just past each request (guests tend to
+//! touch memory in order). With nothing left it writes the end record and
+//! waits for the acknowledgement.
+//!
+//! **Recovery.** If the connection breaks, nothing is lost: the source's
+//! bitmaps and ledger stay as they are, [`MigrationHost::reconnect`] gets a
+//! new connection, the engine sends a resume header and the block table,
+//! and the destination's received map ([`MigrationHost::received_map`])
+//! marks every page it lacks dirty again, including pages that were in
+//! flight when the connection broke.
+
+use crate::addr::TARGET_PAGE_SHIFT;
+use crate::bitmap::Storage;
+use crate::dirty_log::DirtyLogSource;
+use crate::host::HostMemory;
+use crate::precopy::{Engine, MigrateError, MigrationHost, MigrationStats, ReturnEvent};
+use crate::stream::format::{
+    Header, PageRequest, Record, ReturnMessage, MAX_DEVICE_STATE, MAX_RUN_PAGES,
+};
+use crate::stream::io::ByteWrite;
+
+/// How long one wait for the destination's acknowledgement lasts before
+/// the engine looks again (the host decides when a silent path is dead).
+const ACK_POLL_NS: u64 = 100_000_000;
+
+/// What post-copy did.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PostcopyStats {
+    /// Pages the destination was told to drop at the switch.
+    pub discarded: u64,
+    /// Page requests received.
+    pub requests: u64,
+    /// Pages sent in answer to requests.
+    pub requested_pages: u64,
+    /// Pages sent in the background.
+    pub background_pages: u64,
+    /// Times the connection broke and was resumed.
+    pub resumes: u32,
+}
+
+/// Pages `start..end` of table block `index` (`(index, start, end)`).
+type Span = (usize, usize, usize);
+
+/// Why a post-copy step stopped.
+enum Stop<E> {
+    /// The connection broke: resume.
+    Broken,
+    /// Anything else: the migration fails.
+    Fatal(E),
+}
+
+/// A post-copy step's result, with the engine's error types.
+type StepResult<T, D, W, E> = Result<T, Stop<MigrateError<D, W, E>>>;
+
+/// Turns a write failure into a broken connection and keeps other errors.
+fn broken_on_write<D, W, R>(e: MigrateError<D, W, R>) -> Stop<MigrateError<D, W, R>> {
+    match e {
+        MigrateError::Write(_) => Stop::Broken,
+        other => Stop::Fatal(other),
+    }
+}
+
+impl<
+        M: HostMemory,
+        S: Storage,
+        const N: usize,
+        D: DirtyLogSource,
+        W: ByteWrite,
+        H: MigrationHost,
+    > Engine<'_, '_, M, S, N, D, W, H>
+{
+    /// Runs post-copy from the end of pre-copy to the acknowledged end.
+    /// `paused` goes back to false once the guest belongs to the
+    /// destination, so a failure afterwards does not resume it here.
+    pub(crate) fn postcopy<E>(
+        &mut self,
+        stats: &mut MigrationStats,
+        paused: &mut bool,
+    ) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        let pause_start = self.host.now_ns();
+        self.host.pause_guest();
+        *paused = true;
+        self.sync()?;
+        self.begin_pass(stats.passes, self.remaining());
+        self.whole_host_pages();
+        let mut pc = PostcopyStats {
+            discarded: self.write_discards::<E>()?,
+            ..PostcopyStats::default()
+        };
+        let room = self.buf.len().min(MAX_DEVICE_STATE as usize);
+        let state_len = self.host.device_state(&mut self.buf[..room]).min(room);
+        self.write(Record::Postcopy {
+            state_len: state_len as u32,
+        })?;
+        self.out
+            .write_all(&self.buf[..state_len])
+            .map_err(MigrateError::Write)?;
+        self.out.flush().map_err(MigrateError::Write)?;
+        self.pass.bytes += state_len as u64;
+        // The destination runs the guest now; never resume it here.
+        *paused = false;
+        stats.downtime_ns = self.host.now_ns() - pause_start;
+        self.host.postcopy_started();
+        let mut cursor = (0, 0);
+        loop {
+            match self.postcopy_send::<E>(&mut cursor, &mut pc) {
+                Ok(()) => break,
+                Err(Stop::Fatal(e)) => return Err(e),
+                Err(Stop::Broken) => {
+                    self.resume::<E>(&mut pc)?;
+                    cursor = (0, 0);
+                }
+            }
+        }
+        let report = self.end_pass(0, 0);
+        stats.final_pages = report.pages_sent + report.zero_pages;
+        stats.add(&report);
+        stats.postcopy = Some(pc);
+        Ok(())
+    }
+
+    /// Sends what is left, requests first, then the end record, and waits
+    /// for the acknowledgement.
+    fn postcopy_send<E>(
+        &mut self,
+        cursor: &mut (usize, usize),
+        pc: &mut PostcopyStats,
+    ) -> StepResult<(), D::Error, W::Error, E> {
+        loop {
+            self.answer_requests::<E>(cursor, pc)?;
+            let Some((index, page)) = self.next_background(*cursor) else {
+                break;
+            };
+            let per_page = self.pages_per_host_page(index);
+            let start = page - page % per_page;
+            let end = start + per_page.max(MAX_RUN_PAGES as usize);
+            pc.background_pages += self.send_range::<E>(index, start, end)?;
+            *cursor = (index, end);
+        }
+        self.write_end().map_err(broken_on_write)?;
+        self.out.flush().map_err(|_| Stop::Broken)?;
+        loop {
+            match self.host.return_message(ACK_POLL_NS) {
+                ReturnEvent::Nothing => {}
+                // Everything is on its way: late requests need no answer.
+                ReturnEvent::Message(ReturnMessage::Request(_)) => pc.requests += 1,
+                ReturnEvent::Message(ReturnMessage::Ack(Ok(()))) => return Ok(()),
+                ReturnEvent::Message(ReturnMessage::Ack(Err(code))) => {
+                    return Err(Stop::Fatal(MigrateError::Refused(code)))
+                }
+                ReturnEvent::Closed => return Err(Stop::Broken),
+            }
+        }
+    }
+
+    /// Sends the pages of every request waiting on the return path.
+    fn answer_requests<E>(
+        &mut self,
+        cursor: &mut (usize, usize),
+        pc: &mut PostcopyStats,
+    ) -> StepResult<(), D::Error, W::Error, E> {
+        let mut answered = false;
+        loop {
+            match self.host.return_message(0) {
+                ReturnEvent::Nothing => break,
+                ReturnEvent::Message(ReturnMessage::Request(r)) => {
+                    pc.requests += 1;
+                    let (index, start, end) = self.request_range::<E>(r).map_err(Stop::Fatal)?;
+                    pc.requested_pages += self.send_range::<E>(index, start, end)?;
+                    *cursor = (index, end);
+                    answered = true;
+                }
+                ReturnEvent::Message(ReturnMessage::Ack(_)) => {
+                    return Err(Stop::Fatal(MigrateError::BadAck))
+                }
+                ReturnEvent::Closed => return Err(Stop::Broken),
+            }
+        }
+        if answered {
+            // A vCPU is waiting for these pages: do not let them sit in a
+            // buffer behind background pages.
+            self.out.flush().map_err(|_| Stop::Broken)?;
+        }
+        Ok(())
+    }
+
+    /// The pages a request covers, widened to whole host pages and checked
+    /// against the table.
+    fn request_range<E>(
+        &self,
+        r: PageRequest,
+    ) -> Result<Span, MigrateError<D::Error, W::Error, E>> {
+        let index = r.block as usize;
+        let used = match self.table.get(index) {
+            Some(slot) => (slot.used_length >> TARGET_PAGE_SHIFT) as usize,
+            None => return Err(MigrateError::BadRequest(r)),
+        };
+        let first = usize::try_from(r.first).map_err(|_| MigrateError::BadRequest(r))?;
+        let end = first
+            .checked_add(r.count as usize)
+            .filter(|&e| r.count > 0 && e <= used)
+            .ok_or(MigrateError::BadRequest(r))?;
+        let per_page = self.pages_per_host_page(index);
+        let start = first - first % per_page;
+        let end = end.div_ceil(per_page).saturating_mul(per_page).min(used);
+        Ok((index, start, end))
+    }
+
+    /// Target pages per host page of table block `index`.
+    fn pages_per_host_page(&self, index: usize) -> usize {
+        let view = self.list.read();
+        view.by_name(self.table[index].name.as_str())
+            .map_or(1, |b| {
+                (b.page_size().bytes() >> TARGET_PAGE_SHIFT).max(1) as usize
+            })
+    }
+
+    /// The first dirty page at or after `cursor`, wrapping around once.
+    fn next_background(&self, cursor: (usize, usize)) -> Option<(usize, usize)> {
+        let view = self.list.read();
+        let count = self.table.len();
+        (0..=count).find_map(|step| {
+            let index = (cursor.0 + step) % count.max(1);
+            let from = if step == 0 { cursor.1 } else { 0 };
+            let block = view.by_name(self.table.get(index)?.name.as_str())?;
+            let used = block.used_pages();
+            let found = block
+                .migration()
+                .bitmap
+                .find_next_dirty(from)
+                .filter(|&p| p < used);
+            found.map(|p| (index, p))
+        })
+    }
+
+    /// Sends every dirty page of table block `index` in `start..end`;
+    /// returns how many.
+    fn send_range<E>(
+        &mut self,
+        index: usize,
+        start: usize,
+        end: usize,
+    ) -> StepResult<u64, D::Error, W::Error, E> {
+        let max_run = (self.buf.len() / crate::precopy::PAGE).min(MAX_RUN_PAGES as usize);
+        let mut from = start;
+        let mut sent = 0u64;
+        loop {
+            let view = self.list.read();
+            let Some(block) = view.by_name(self.table[index].name.as_str()) else {
+                let name = self.table[index].name.clone();
+                return Err(Stop::Fatal(MigrateError::BlockRemoved(name)));
+            };
+            let end = end.min(block.used_pages());
+            let info = block.info();
+            let region = block.region();
+            let mut state = block.migration();
+            let Some(first) = state.bitmap.find_next_dirty(from).filter(|&p| p < end) else {
+                return Ok(sent);
+            };
+            let run = state
+                .next_dirty_run(first, max_run.min(end - first), &info, self.source)
+                .map_err(|e| Stop::Fatal(MigrateError::DirtyLog(e)))?;
+            drop(state);
+            let Some(run) = run else { return Ok(sent) };
+            let count = run.end - run.start;
+            self.send_run::<E>(index as u32, &region, run.start, count)
+                .map_err(broken_on_write)?;
+            sent += count as u64;
+            from = run.end;
+        }
+    }
+
+    /// Widens the dirty set of hugepage blocks to whole host pages: the
+    /// destination places a hugepage whole, so it must get all of it.
+    fn whole_host_pages(&self) {
+        let view = self.list.read();
+        for slot in &self.table {
+            let Some(block) = view.by_name(slot.name.as_str()) else {
+                continue;
+            };
+            let per_page = (block.page_size().bytes() >> TARGET_PAGE_SHIFT).max(1) as usize;
+            if per_page <= 1 {
+                continue;
+            }
+            let used = block.used_pages();
+            let mut state = block.migration();
+            let mut from = 0;
+            while let Some(p) = state.bitmap.find_next_dirty(from).filter(|&p| p < used) {
+                let start = p - p % per_page;
+                let count = per_page.min(used - start);
+                let _ = state.bitmap.set_range(start, count);
+                from = start + per_page;
+            }
+        }
+    }
+
+    /// Names every dirty page in `Discard` records; returns how many.
+    fn write_discards<E>(&mut self) -> Result<u64, MigrateError<D::Error, W::Error, E>> {
+        let mut total = 0;
+        for index in 0..self.table.len() {
+            let mut from = 0;
+            loop {
+                let run = {
+                    let view = self.list.read();
+                    let Some(block) = view.by_name(self.table[index].name.as_str()) else {
+                        return Err(MigrateError::BlockRemoved(self.table[index].name.clone()));
+                    };
+                    let used = block.used_pages();
+                    let state = block.migration();
+                    state
+                        .bitmap
+                        .find_next_dirty(from)
+                        .filter(|&p| p < used)
+                        .map(|start| {
+                            let clean = state.bitmap.find_next_clean(start).unwrap_or(used);
+                            let end = clean.min(used).min(start + u32::MAX as usize);
+                            start..end
+                        })
+                };
+                let Some(run) = run else { break };
+                self.write(Record::Discard {
+                    block: index as u32,
+                    first: run.start as u64,
+                    count: (run.end - run.start) as u32,
+                })?;
+                total += (run.end - run.start) as u64;
+                from = run.end;
+            }
+        }
+        Ok(total)
+    }
+
+    /// After a broken connection: reconnects, sends the resume header and
+    /// table, and marks dirty every page the destination lacks.
+    fn resume<E>(
+        &mut self,
+        pc: &mut PostcopyStats,
+    ) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        loop {
+            if !self.host.reconnect() {
+                return Err(MigrateError::PostcopyLost);
+            }
+            let header = Header::new(self.table.len() as u32);
+            let sent = header
+                .write_resume(self.out)
+                .map_err(MigrateError::Write)
+                .and_then(|()| self.write_table::<E>())
+                .and_then(|()| self.out.flush().map_err(MigrateError::Write));
+            if sent.is_err() {
+                continue;
+            }
+            let list = self.list;
+            let marked = self.host.received_map(&mut |name, pages| {
+                let view = list.read();
+                if let Some(block) = view.by_name(name) {
+                    let used = block.used_pages() as u64;
+                    let (start, end) = (pages.start.min(used), pages.end.min(used));
+                    let mut state = block.migration();
+                    let _ = state
+                        .bitmap
+                        .set_range(start as usize, (end - start) as usize);
+                }
+            });
+            if marked {
+                self.whole_host_pages();
+                pc.resumes += 1;
+                return Ok(());
+            }
+        }
+    }
+}

@@ -20,8 +20,10 @@ pub trait PostcopyTarget {
 
     /// The source switched to post-copy: the discarded pages are dropped
     /// and marked missing. Register every block for missing-page faults and
-    /// start the guest from the VMM's device `state`.
-    fn start(&mut self, state: &[u8]) -> Result<(), Self::Error>;
+    /// start the guest from the VMM's device `state`. `table` names the
+    /// blocks in the stream's table order, which is what a
+    /// [`PageRequest`](super::format::PageRequest)'s block index refers to.
+    fn start(&mut self, state: &[u8], table: &[&str]) -> Result<(), Self::Error>;
 
     /// Places `data` (whole host pages) at byte `offset` of `block`, all
     /// at once, waking any vCPU waiting on it. Pages already present stay

@@ -606,7 +606,9 @@ impl<'b> Receiver<'b> {
                             self.assembly.check(&slot.name, dest.page_size().bytes())?;
                         }
                     }
-                    target.start(state).map_err(ReceiveError::Host)?;
+                    let names: heapless::Vec<&str, N> =
+                        table.iter().map(|s| s.name.as_str()).collect();
+                    target.start(state, &names).map_err(ReceiveError::Host)?;
                     self.postcopy = true;
                     events(ReceiveEvent::PostcopyStarted);
                 }

@@ -8,6 +8,8 @@ use crate::mmap::host_page_size;
 use ramblock_core::addr::PageSize;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::host::HostMemory;
+use rustix::mm::{MapFlags, ProtFlags};
+use std::sync::Mutex;
 
 /// How userfaultfd treats a backing.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -106,6 +108,71 @@ fn is_zero(data: &[u8]) -> bool {
     chunks
         .chain(std::iter::once(tail))
         .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+/// Bytes of zeros copied per `UFFDIO_COPY` where there is no zero page:
+/// one 2 MiB hugepage, many base pages.
+const ZERO_CHUNK: usize = 2 << 20;
+
+/// How many bytes of zeros to copy at a time into pages of `page_size`: a
+/// whole number of pages, at least [`ZERO_CHUNK`] unless one page is more.
+fn zero_chunk(page_size: PageSize) -> usize {
+    // Page sizes are powers of two up to 1 GiB, so either divides the other.
+    (page_size.bytes() as usize).max(ZERO_CHUNK)
+}
+
+/// `len` bytes of zeros to copy from, valid for the life of the process.
+///
+/// A private anonymous read-only mapping that is never written reads as
+/// the kernel's shared zero page: it costs page tables (4 KiB per 2 MiB),
+/// not memory. Mappings are made on first use, one per size asked for (in
+/// practice 2 MiB, and 1 GiB if 1 GiB hugetlb blocks are zero-filled) and
+/// kept, because another thread may be copying from them at any time.
+fn zeros(len: usize) -> Result<&'static [u8], UffdError> {
+    /// (address, length) of each mapping made.
+    static MAPPINGS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+    // The list only grows by whole entries; a panic cannot leave it torn.
+    let mut mappings = MAPPINGS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let found = mappings.iter().copied().find(|&(_, n)| n >= len);
+    let addr = match found {
+        Some((addr, _)) => addr,
+        None => {
+            // SAFETY: a fresh mapping at an address the kernel picks
+            // aliases nothing; it is read-only and never unmapped.
+            let ptr = unsafe {
+                rustix::mm::mmap_anonymous(
+                    std::ptr::null_mut(),
+                    len,
+                    ProtFlags::READ,
+                    MapFlags::PRIVATE | MapFlags::NORESERVE,
+                )
+            }
+            .map_err(|errno| {
+                UffdError::sys(
+                    "mmap",
+                    format!("mapping {len:#x} bytes of zeros to copy into hugetlb pages"),
+                    errno,
+                    "the address space is exhausted or limited (ulimit -v)",
+                )
+            })?;
+            // Map the zero page everywhere now. UFFDIO_COPY reads its
+            // source with page faults disabled; on a source page not yet
+            // mapped it falls back to copying into a temporary page first,
+            // which on hugetlb memory is a second hugepage from the pool
+            // (ENOMEM when the pool holds only what the block needs).
+            for at in (0..len).step_by(host_page_size().bytes() as usize) {
+                // SAFETY: inside the readable mapping just made.
+                let _ = unsafe { std::ptr::read_volatile((ptr as *const u8).add(at)) };
+            }
+            mappings.push((ptr as usize, len));
+            ptr as usize
+        }
+    };
+    // SAFETY: `addr .. addr + len` lies in a read-only mapping that is
+    // never written or unmapped, so it reads as zeros for 'static.
+    Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, len) })
 }
 
 /// A block's used memory registered on a [`Userfaultfd`], made by
@@ -240,23 +307,40 @@ impl RegisteredBlock {
                 page_size: self.page_size,
             });
         }
-        if offset % page != 0 {
-            return Err(UffdError::Unaligned {
-                what: "block offset",
-                value: offset,
-                page_size: self.page_size,
-            });
+        if self.supports_zeropage() && is_zero(data) {
+            self.zero_run(uffd, offset, page)
+        } else {
+            self.place_run(uffd, offset, data)
         }
-        if offset
-            .checked_add(page)
-            .is_none_or(|end| end > self.len as u64)
-        {
-            return Err(UffdError::OutOfRange {
-                offset,
-                len: page,
-                block_len: self.len as u64,
-            });
-        }
+    }
+
+    /// Places `data`, a run of whole pages, at block `offset` with one
+    /// `UFFDIO_COPY` and wakes the threads waiting anywhere in it.
+    ///
+    /// `offset` must be a multiple of [`RegisteredBlock::page_size`],
+    /// `data` a non-empty whole number of pages, and the run inside the
+    /// block; anything else is a typed error ([`UffdError::Unaligned`],
+    /// [`UffdError::EmptyRange`], [`UffdError::OutOfRange`],
+    /// [`UffdError::SourceRegistered`]) and nothing is placed.
+    ///
+    /// Pages of the run that are already present keep their contents: the
+    /// kernel stops at the first one (`EEXIST`), which is stepped over
+    /// (its waiters woken) and the copy resumed after it, so the call ends
+    /// with every page of the run present and returns
+    /// [`Placed::AlreadyPresent`]. That costs one more ioctl per present
+    /// page; a run that is all missing takes exactly one.
+    ///
+    /// `data` should be memory this process has touched (a receive buffer
+    /// is): the kernel reads it with page faults disabled, and a source
+    /// page not mapped yet sends it down a slower path that copies through
+    /// a temporary page, on hugetlb memory a spare hugepage from the pool.
+    pub fn place_run(
+        &self,
+        uffd: &Userfaultfd,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Placed, UffdError> {
+        let dst = self.run_start("place_run", offset, data.len() as u64)?;
         let src = data.as_ptr() as usize;
         if uffd.registry.overlaps(src, src + data.len()) {
             return Err(UffdError::SourceRegistered {
@@ -264,22 +348,101 @@ impl RegisteredBlock {
                 len: data.len() as u64,
             });
         }
+        // SAFETY: `dst .. dst + data.len()` is whole pages inside the block
+        // (run_start). The kernel places pages only into ranges registered
+        // on `uffd` and only where no page is yet (EEXIST otherwise), so a
+        // block that was unregistered, unmapped or registered elsewhere
+        // gets an error, not a write. The block is guest RAM, reached only
+        // through raw pointers, so filling a missing page breaks no Rust
+        // borrow. The source is `data`, outside registered memory
+        // (checked above).
+        unsafe {
+            uffd.fill(
+                Fill::Copy(data.as_ptr()),
+                dst,
+                data.len(),
+                self.page_size,
+                true,
+            )
+        }
+    }
+
+    /// Places `len` bytes of zero pages at block `offset` and wakes the
+    /// threads waiting in them; offset and length are checked as for
+    /// [`RegisteredBlock::place_run`], and present pages keep their
+    /// contents in the same way.
+    ///
+    /// Where the range supports it ([`RegisteredBlock::supports_zeropage`])
+    /// this is one `UFFDIO_ZEROPAGE`, which maps the shared zero page on
+    /// anonymous memory (no memory used until written). Elsewhere
+    /// (hugetlb) zeros are copied with `UFFDIO_COPY`, from a read-only
+    /// mapping of zeros made once per process and never written, so it
+    /// costs address space and page tables, not memory: one ioctl per
+    /// 2 MiB, or per page where pages are larger.
+    pub fn zero_run(&self, uffd: &Userfaultfd, offset: u64, len: u64) -> Result<Placed, UffdError> {
+        let dst = self.run_start("zero_run", offset, len)?;
+        // In bounds: the run is no longer than the block, a usize.
+        let len = len as usize;
+        if self.supports_zeropage() && self.page_size <= host_page_size() {
+            // SAFETY: as in place_run: whole pages inside the block, which
+            // the kernel fills only where missing and only if registered.
+            return unsafe { uffd.fill(Fill::Zero, dst, len, self.page_size, true) };
+        }
+        let chunk = zero_chunk(self.page_size);
+        let zeros = zeros(chunk)?;
+        let mut placed = Placed::Placed;
+        let mut done = 0;
+        while done < len {
+            let n = chunk.min(len - done);
+            // SAFETY: as in place_run; `n` is whole pages (the chunk is a
+            // multiple of the page size, and so is the run). The source is
+            // `n` readable bytes of the zero mapping, which is never
+            // registered (this module maps it for itself).
+            let result = unsafe {
+                uffd.fill(
+                    Fill::Copy(zeros.as_ptr()),
+                    dst + done,
+                    n,
+                    self.page_size,
+                    true,
+                )
+            }?;
+            if result == Placed::AlreadyPresent {
+                placed = Placed::AlreadyPresent;
+            }
+            done += n;
+        }
+        Ok(placed)
+    }
+
+    /// The address of the run `offset .. offset + len` for `op`, after
+    /// checking that it is a non-empty run of whole pages in the block.
+    fn run_start(&self, op: &'static str, offset: u64, len: u64) -> Result<usize, UffdError> {
+        let page = self.page_size.bytes();
+        if len == 0 {
+            return Err(UffdError::EmptyRange { op });
+        }
+        for (what, value) in [("block offset", offset), ("run length", len)] {
+            if value % page != 0 {
+                return Err(UffdError::Unaligned {
+                    what,
+                    value,
+                    page_size: self.page_size,
+                });
+            }
+        }
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.len as u64)
+        {
+            return Err(UffdError::OutOfRange {
+                offset,
+                len,
+                block_len: self.len as u64,
+            });
+        }
         // In bounds: the offset is below the block's length, a usize.
-        let dst = self.base + offset as usize;
-        let fill =
-            if self.supports_zeropage() && self.page_size <= host_page_size() && is_zero(data) {
-                Fill::Zero
-            } else {
-                Fill::Copy(data.as_ptr())
-            };
-        // SAFETY: `dst` is one whole page inside the block (checked above).
-        // The kernel places pages only into ranges registered on `uffd`
-        // and only where no page is yet (EEXIST otherwise), so a block that
-        // was unregistered, unmapped or registered elsewhere gets an error,
-        // not a write. The block is guest RAM, reached only through raw
-        // pointers, so filling a missing page breaks no Rust borrow. The
-        // source is `data`, outside registered memory (checked above).
-        unsafe { uffd.fill(fill, dst, self.page_size(), self.page_size, true) }
+        Ok(self.base + offset as usize)
     }
 
     /// Unregisters the block from `uffd`.

@@ -39,6 +39,7 @@ mod block;
 mod error;
 mod event;
 mod flags;
+pub mod latency;
 mod sys;
 
 pub use block::RegisteredBlock;

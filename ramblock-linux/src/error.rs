@@ -108,6 +108,13 @@ pub enum Error {
     /// The builder's options contradict each other or the host.
     #[error("invalid memory options: {0}")]
     Options(#[from] OptionsError),
+    /// userfaultfd failed (registering memory, placing pages).
+    #[error("userfaultfd: {0}")]
+    Userfault(#[from] crate::uffd::UffdError),
+    /// Post-copy on the destination failed outside the memory itself
+    /// (starting the guest, the return path).
+    #[error("post-copy: {0}")]
+    Postcopy(String),
     /// A system call failed.
     #[error("{call} failed for {what}: {errno} (errno {raw}); {hint}", raw = errno.raw_os_error())]
     Sys {

@@ -1,38 +1,140 @@
 //! The receiving side: one migration from a TCP connection into guest RAM,
-//! acknowledged on the same connection.
+//! acknowledged on the same connection; in post-copy, with the guest
+//! started here and its missing pages asked for, and (with resuming on)
+//! new connections accepted after a break.
 
+use crate::link::{RESUME_TIMEOUT, STREAM_BUFFER};
 use crate::memory::GuestRam;
-use crate::source::STREAM_BUFFER;
+use crate::postcopy_target::{StartGuest, Target};
+use crate::workload::Guest;
 use ramblock_core::checksum::Ledger;
 use ramblock_core::stream::io::IoStream;
-use ramblock_core::stream::receiver::{send_ack, ReceiveSummary, Receiver, BOUNCE_BYTES};
+use ramblock_core::stream::receiver::{
+    send_ack, ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES,
+};
+use ramblock_linux::uffd::latency::LatencySummary;
 use std::io::BufReader;
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The largest host page post-copy assembles (2 MiB hugetlb).
+const HUGEPAGE_BUFFER: usize = 2 << 20;
+
+/// How the destination receives.
+pub struct Incoming {
+    /// `ram` holds only zeros (new memory), so zero pages need no look.
+    pub fresh: bool,
+    /// Post-copy: how to start the guest here.
+    pub postcopy: Option<StartGuest>,
+    /// Where to accept a resumed connection after a post-copy break.
+    pub resume: Option<TcpListener>,
+}
+
+/// What a completed receive did.
+pub struct Received {
+    /// The receiver's totals.
+    pub summary: ReceiveSummary,
+    /// Post-copy fault waits.
+    pub latency: Option<LatencySummary>,
+    /// The guest started here by post-copy (running).
+    pub guest: Option<Box<dyn Guest>>,
+    /// Connections resumed after a break.
+    pub resumes: u32,
+}
 
 /// Receives one stream into `ram` and answers the source. On error the
 /// connection is shut down, so a source still sending notices at once.
-/// `fresh`: `ram` holds only zeros (new memory), so zero pages need no look.
-pub fn receive(ram: &GuestRam, stream: TcpStream, fresh: bool) -> Result<ReceiveSummary, String> {
+pub fn receive(
+    ram: &'static GuestRam,
+    stream: TcpStream,
+    how: Incoming,
+) -> Result<Received, String> {
     let mut bounce = vec![0u8; BOUNCE_BYTES];
+    let mut hugepage = vec![0u8; HUGEPAGE_BUFFER];
     // The end checksums come from what was received, page by page, so
     // verifying them adds nothing to the downtime.
     let mut ledger = Ledger::new();
     let mut receiver = Receiver::new(&mut bounce)
         .map_err(|e| e.to_string())?
-        .with_ledger(&mut ledger);
-    if fresh {
+        .with_ledger(&mut ledger)
+        .with_hugepage_buffer(&mut hugepage);
+    if how.fresh {
         receiver = receiver.with_fresh_destination();
     }
-    let reader = stream
-        .try_clone()
-        .map_err(|e| format!("cannot clone the connection: {e}"))?;
-    let mut input = IoStream(BufReader::with_capacity(STREAM_BUFFER, reader));
-    let result = receiver.receive(ram, &mut input, |_| {});
-    let acked = send_ack(&mut IoStream(&stream), &result);
+    let _ = stream.set_nodelay(true);
+    let ret = Arc::new(Mutex::new(
+        stream
+            .try_clone()
+            .map_err(|e| format!("cannot clone the connection: {e}"))?,
+    ));
+    let mut target = match how.postcopy {
+        Some(start) => Some(Target::new(ram, ret.clone(), start)?),
+        None => None,
+    };
+    let mut conn = stream;
+    let mut resumes = 0;
+    let result = loop {
+        let reader = conn
+            .try_clone()
+            .map_err(|e| format!("cannot clone the connection: {e}"))?;
+        let mut input = IoStream(BufReader::with_capacity(STREAM_BUFFER, reader));
+        let result = match target.as_mut() {
+            Some(t) => receiver.receive_postcopy(ram, &mut input, t, |_| {}),
+            None => receiver.receive(ram, &mut input, |_| {}),
+        };
+        let broken = matches!(result, Err(ReceiveError::Truncated | ReceiveError::Io(_)));
+        match (&how.resume, &mut target) {
+            (Some(listener), Some(t)) if broken && receiver.in_postcopy() => {
+                let _ = conn.shutdown(Shutdown::Both);
+                eprintln!("post-copy: the connection broke; waiting for the source to resume");
+                conn = accept(listener)?;
+                let _ = conn.set_nodelay(true);
+                t.next_connection = Some(
+                    conn.try_clone()
+                        .map_err(|e| format!("cannot clone the connection: {e}"))?,
+                );
+                resumes += 1;
+            }
+            _ => break result,
+        }
+    };
+    let acked = {
+        let mut ret = ret.lock().unwrap_or_else(|e| e.into_inner());
+        send_ack(&mut IoStream(&mut *ret), &result)
+    };
     if result.is_err() {
-        let _ = stream.shutdown(Shutdown::Both);
+        let _ = conn.shutdown(Shutdown::Both);
     }
+    let latency = target.as_ref().map(Target::latency);
+    let guest = target.and_then(Target::finish);
     let summary = result.map_err(|e| format!("destination refused the stream: {e}"))?;
     acked.map_err(|e| format!("cannot acknowledge: {e}"))?;
-    Ok(summary)
+    Ok(Received {
+        summary,
+        latency,
+        guest,
+        resumes,
+    })
+}
+
+/// Accepts the resumed connection, waiting at most [`RESUME_TIMEOUT`].
+fn accept(listener: &TcpListener) -> Result<TcpStream, String> {
+    let deadline = Instant::now() + RESUME_TIMEOUT;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot poll the listener: {e}"))?;
+    let conn = loop {
+        match listener.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => return Err(format!("post-copy: no resumed connection: {e}")),
+        }
+    };
+    let _ = listener.set_nonblocking(false);
+    conn.set_nonblocking(false)
+        .map_err(|e| format!("cannot set up the connection: {e}"))?;
+    Ok(conn)
 }

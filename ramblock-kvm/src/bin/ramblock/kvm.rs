@@ -3,13 +3,15 @@
 
 use crate::memory::{GuestRam, RAM_BLOCK};
 use crate::options::{MigrateOptions, Workload};
-use crate::source;
+use crate::postcopy_target::StartGuest;
+use crate::source::{self, Sent};
 use crate::workload::{Guest, HostWriter};
-use ramblock_core::precopy::MigrationStats;
 use ramblock_kvm::dirty::KvmDirtyLog;
 use ramblock_kvm::guest::Workload as GuestWorkload;
 use ramblock_kvm::memslot::BlockRange;
+use ramblock_kvm::mode::{DirtyLogMode, DirtyLogRequest};
 use ramblock_kvm::runner::VcpuRunner;
+use ramblock_kvm::vcpu_state::VcpuState;
 use ramblock_kvm::vm::{Vm, VmBuilder};
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -53,6 +55,12 @@ impl Guest for KvmGuest {
     }
     fn progress(&self) -> u64 {
         self.runner.as_ref().map_or(0, |r| r.heartbeats())
+    }
+    fn save_state(&mut self) -> Vec<u8> {
+        self.runner
+            .as_ref()
+            .and_then(|r| r.snapshot().ok())
+            .map_or_else(Vec::new, |s| s.to_bytes())
     }
     fn stop(&mut self) {
         if let Some(r) = self.runner.take() {
@@ -98,6 +106,57 @@ pub fn start(ram: &'static GuestRam, opts: &MigrateOptions) -> Result<Started, S
     Ok(Started { vm, guest })
 }
 
+/// A destination VM over `ram`, made before the migration so that starting
+/// the guest at the switch to post-copy only loads its registers. The
+/// returned closure starts it from the source's device state (no vCPU for
+/// an empty state: the source ran no vCPU program).
+pub fn prepare_destination(ram: &'static GuestRam) -> Result<StartGuest, String> {
+    let vm = Arc::new(
+        VmBuilder::new()
+            .dirty_log(DirtyLogRequest::Mode(DirtyLogMode::Bitmap))
+            .build()
+            .map_err(|e| e.to_string())?,
+    );
+    {
+        let view = ram.read();
+        let block = view.by_name(RAM_BLOCK).ok_or("no guest RAM block")?;
+        // SAFETY: `ram` is leaked ('static) and its block is never removed,
+        // so the memory behind the slot stays mapped for the life of the VM.
+        unsafe { vm.map_block(block, 0, BlockRange::Whole) }.map_err(|e| e.to_string())?;
+    }
+    let mut vcpu = Some(vm.create_vcpu(0).map_err(|e| e.to_string())?);
+    Ok(Box::new(move |state: &[u8]| {
+        if state.is_empty() {
+            return Ok(Box::new(KvmGuest { runner: None }) as Box<dyn Guest>);
+        }
+        let state = VcpuState::from_bytes(state).map_err(|e| e.to_string())?;
+        let vcpu = vcpu
+            .take()
+            .ok_or("the destination guest was started already")?;
+        vcpu.restore(&state).map_err(|e| e.to_string())?;
+        let runner = VcpuRunner::spawn(vm.clone(), vcpu).map_err(|e| e.to_string())?;
+        Ok(Box::new(KvmGuest {
+            runner: Some(runner),
+        }) as Box<dyn Guest>)
+    }))
+}
+
+/// Where the increment workload resumes from `state` (its next page), for
+/// checking a destination that ran on after post-copy.
+pub fn resume_point(ram: &GuestRam, state: &[u8]) -> Result<(GuestWorkload, u64), String> {
+    let top = ram
+        .read()
+        .by_name(RAM_BLOCK)
+        .ok_or("no guest RAM block")?
+        .used_length()
+        .0
+        .min(1 << 32);
+    let work = GuestWorkload::new(top).map_err(|e| e.to_string())?;
+    let state = VcpuState::from_bytes(state).map_err(|e| e.to_string())?;
+    let next = work.next_page_index(&state).map_err(|e| e.to_string())?;
+    Ok((work, next))
+}
+
 /// Switches dirty logging on, migrates, and switches it off again whatever
 /// the outcome.
 pub fn send(
@@ -105,8 +164,9 @@ pub fn send(
     ram: &GuestRam,
     guest: &mut dyn Guest,
     conn: TcpStream,
+    addr: &str,
     opts: &MigrateOptions,
-) -> Result<MigrationStats, String> {
+) -> Result<Sent, String> {
     let offset = ram
         .read()
         .by_name(RAM_BLOCK)
@@ -115,7 +175,7 @@ pub fn send(
     vm.set_block_logging(offset, true)
         .map_err(|e| e.to_string())?;
     let mut log = KvmDirtyLog::new(vm);
-    let result = source::send(ram, &mut log, guest, conn, opts);
+    let result = source::send(ram, &mut log, guest, conn, addr, opts);
     let off = vm.set_block_logging(offset, false);
     let stats = result?;
     off.map_err(|e| format!("migrated, but switching dirty logging off failed: {e}"))?;

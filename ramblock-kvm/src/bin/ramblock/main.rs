@@ -10,17 +10,23 @@
 
 mod destination;
 mod kvm;
+mod link;
 mod memory;
 mod options;
+mod postcopy_target;
 mod report;
 mod source;
 mod workload;
 
 use clap::{Parser, Subcommand};
-use memory::{first_mismatch, guest_ram, GuestRam, Side};
+use destination::Incoming;
+use memory::{first_mismatch, guest_ram, GuestRam, Side, RAM_BLOCK};
 use options::{Backing, MigrateOptions};
+use postcopy_target::StartGuest;
 use ramblock_core::dirty_log::SoftwareOnly;
+use ramblock_kvm::guest::ResumeMismatch;
 use report::Summary;
+use source::Sent;
 use std::net::{TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -84,13 +90,17 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         mode: "-".into(),
         ..Summary::default()
     };
-    let ram = match guest_ram(
-        opts.size,
-        &opts.backing,
-        opts.clear_shift,
-        Side::Destination,
-    ) {
+    let side = if opts.postcopy.is_some() {
+        Side::PostcopyDestination
+    } else {
+        Side::Destination
+    };
+    let ram = match guest_ram(opts.size, &opts.backing, opts.clear_shift, side) {
         Ok(r) => r,
+        Err(e) => return failed(summary, e),
+    };
+    let start_guest = match postcopy_guest(ram, opts) {
+        Ok(s) => s,
         Err(e) => return failed(summary, e),
     };
     let listener = match TcpListener::bind(addr) {
@@ -107,17 +117,48 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
     let t0 = Instant::now();
     // A named file may hold data already; every other backing starts zero.
     let fresh = !matches!(&opts.backing, Backing::File(p) if !p.is_dir());
-    match destination::receive(ram, conn, fresh) {
+    let how = Incoming {
+        fresh,
+        postcopy: start_guest,
+        resume: opts.resume.then(|| listener.try_clone().ok()).flatten(),
+    };
+    match destination::receive(ram, conn, how) {
         Ok(r) => {
             summary.stats.total_ns = t0.elapsed().as_nanos() as u64;
-            summary.stats.pages = r.pages;
-            summary.stats.zero_pages = r.zero_pages;
-            summary.stats.passes = r.passes;
+            summary.stats.pages = r.summary.pages;
+            summary.stats.zero_pages = r.summary.zero_pages;
+            summary.stats.passes = r.summary.passes;
+            summary.fault_latency = r.latency;
+            summary.resumes = r.resumes;
+            if let Some(mut guest) = r.guest {
+                // The guest runs here now; this program only demonstrates
+                // the move, so it stops it once the memory is verified.
+                summary.guest_progress = guest.progress();
+                guest.stop();
+            }
             summary.verified = Some(true);
             summary
         }
         Err(e) => failed(summary, e),
     }
+}
+
+/// How a post-copy destination starts the guest: a KVM vCPU loaded with
+/// the source's registers (prepared now, before the migration), or nothing
+/// without KVM (the source's writer was a host thread).
+fn postcopy_guest(
+    ram: &'static GuestRam,
+    opts: &MigrateOptions,
+) -> Result<Option<StartGuest>, String> {
+    if opts.postcopy.is_none() {
+        return Ok(None);
+    }
+    if opts.no_kvm || !std::path::Path::new("/dev/kvm").exists() {
+        return Ok(Some(Box::new(|_: &[u8]| {
+            Ok(Box::new(workload::NoGuest) as Box<dyn workload::Guest>)
+        })));
+    }
+    kvm::prepare_destination(ram).map(Some)
 }
 
 /// The source: start the guest, then migrate it to `--to` or to a local
@@ -155,7 +196,7 @@ fn outgoing(opts: &MigrateOptions) -> Summary {
                 opts,
                 &mut summary,
                 k.guest.as_mut(),
-                |ram, guest, conn| kvm::send(&vm, ram, guest, conn, opts),
+                |ram, guest, conn, addr| kvm::send(&vm, ram, guest, conn, addr, opts),
             );
             k.guest.stop();
             r
@@ -168,7 +209,9 @@ fn outgoing(opts: &MigrateOptions) -> Summary {
                 opts,
                 &mut summary,
                 writer.as_mut(),
-                |ram, guest, conn| source::send(ram, &mut SoftwareOnly, guest, conn, opts),
+                |ram, guest, conn, addr| {
+                    source::send(ram, &mut SoftwareOnly, guest, conn, addr, opts)
+                },
             );
             writer.stop();
             r
@@ -186,56 +229,107 @@ fn run_source(
     opts: &MigrateOptions,
     summary: &mut Summary,
     guest: &mut dyn Guest,
-    mut send: impl FnMut(
-        &GuestRam,
-        &mut dyn Guest,
-        TcpStream,
-    ) -> Result<ramblock_core::precopy::MigrationStats, String>,
+    mut send: impl FnMut(&GuestRam, &mut dyn Guest, TcpStream, &str) -> Result<Sent, String>,
 ) -> Result<(), String> {
     warm_up(guest, opts);
     let start_progress = guest.progress();
     if let Some(addr) = &opts.to {
         let conn = connect(addr)?;
-        let result = send(ram, guest, conn);
+        let result = send(ram, guest, conn, addr);
         summary.guest_progress = guest.progress() - start_progress;
-        summary.stats = result.map_err(|e| still_running(e, guest, opts))?;
+        summary.stats = result.map_err(|e| still_running(e, guest, opts))?.stats;
         summary.verified = Some(true); // the destination acknowledged its checksums
         return Ok(());
     }
     // Local: a destination in this process, over loopback TCP.
-    let dest = guest_ram(
-        opts.size,
-        &opts.backing,
-        opts.clear_shift,
-        Side::LocalDestination,
-    )?;
+    let side = if opts.postcopy.is_some() {
+        Side::PostcopyDestination
+    } else {
+        Side::LocalDestination
+    };
+    let dest = guest_ram(opts.size, &opts.backing, opts.clear_shift, side)?;
+    let start_guest = postcopy_guest(dest, opts)?;
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot listen on loopback: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let resume = if opts.resume || opts.break_postcopy.is_some() {
+        Some(listener.try_clone().map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
     let receiver = std::thread::spawn(move || {
         let (conn, _) = listener
             .accept()
             .map_err(|e| format!("accept failed: {e}"))?;
-        destination::receive(dest, conn, true)
+        let how = Incoming {
+            fresh: true,
+            postcopy: start_guest,
+            resume,
+        };
+        destination::receive(dest, conn, how)
     });
     let conn = TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let result = send(ram, guest, conn);
+    let result = send(ram, guest, conn, &addr.to_string());
     summary.guest_progress = guest.progress() - start_progress;
     let received = receiver
         .join()
         .map_err(|_| "the destination thread panicked".to_string())?;
-    summary.stats = result.map_err(|e| {
+    let sent = result.map_err(|e| {
         let e = match &received {
             Err(d) => format!("{e} ({d})"),
             Ok(_) => e,
         };
         still_running(e, guest, opts)
     })?;
-    received?;
-    // The source guest is paused at its switch-over state: compare.
-    summary.mismatch = first_mismatch(ram, dest);
+    summary.stats = sent.stats;
+    let received = received?;
+    summary.fault_latency = received.latency;
+    summary.resumes = received.resumes;
+    summary.mismatch = match received.guest {
+        // Post-copy: the destination guest ran on from the source's state.
+        Some(mut dest_guest) => {
+            dest_guest.stop();
+            summary.destination_progress = Some(dest_guest.progress());
+            verify_resumed(ram, dest, &sent.device_state)?
+        }
+        // The source guest is paused at its switch-over state: compare.
+        None => first_mismatch(ram, dest),
+    };
     summary.verified = Some(summary.mismatch.is_none());
     Ok(())
+}
+
+/// Checks a destination whose guest ran on after post-copy: with the
+/// increment workload's registers in `state`, every page must equal the
+/// source's but for the counter bytes the destination guest incremented
+/// since; without a vCPU state nothing ran there and the RAM must be equal.
+fn verify_resumed(
+    source: &GuestRam,
+    dest: &GuestRam,
+    state: &[u8],
+) -> Result<Option<(String, u64)>, String> {
+    if state.is_empty() {
+        return Ok(first_mismatch(source, dest));
+    }
+    let (work, next) = kvm::resume_point(source, state)?;
+    let (vs, vd) = (source.read(), dest.read());
+    let (Some(a), Some(b)) = (vs.by_name(RAM_BLOCK), vd.by_name(RAM_BLOCK)) else {
+        return Err("no guest RAM block".into());
+    };
+    Ok(
+        ramblock_kvm::guest::check_resumed_increment(&a.region(), &b.region(), &work, next)
+            .err()
+            .map(|m| {
+                eprintln!("post-copy verification: {m}");
+                let page = match m {
+                    ResumeMismatch::Byte { page, .. } | ResumeMismatch::Increment { page, .. } => {
+                        page
+                    }
+                    _ => 0,
+                };
+                (RAM_BLOCK.to_string(), page)
+            }),
+    )
 }
 
 /// Runs the guest until it has written its memory once (or 10 s passed),

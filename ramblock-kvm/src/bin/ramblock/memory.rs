@@ -27,6 +27,9 @@ pub enum Side {
     /// A destination in the same process as its source: preallocated too,
     /// and never sharing a named file with the source.
     LocalDestination,
+    /// A post-copy destination (in either process): not preallocated, as
+    /// pages that never arrived must stay missing for userfaultfd to see.
+    PostcopyDestination,
 }
 
 /// Builds `size` bytes of guest RAM over `backing` and returns a list
@@ -46,7 +49,7 @@ pub fn guest_ram(
             // Two blocks in one process never share a file: the local
             // destination gets an unlinked file beside the source's.
             let path = match side {
-                Side::LocalDestination if !path.is_dir() => path
+                Side::LocalDestination | Side::PostcopyDestination if !path.is_dir() => path
                     .parent()
                     .filter(|p| !p.as_os_str().is_empty())
                     .unwrap_or(Path::new("."))
@@ -57,7 +60,7 @@ pub fn guest_ram(
         }
     };
     let builder = match side {
-        Side::Source => builder,
+        Side::Source | Side::PostcopyDestination => builder,
         Side::Destination | Side::LocalDestination => builder.prealloc(Prealloc::default()),
     };
     let memory = builder

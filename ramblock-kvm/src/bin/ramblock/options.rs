@@ -46,6 +46,20 @@ pub struct MigrateOptions {
     /// Be the source: migrate to a destination listening on tcp:HOST:PORT.
     #[arg(long, value_parser = parse_endpoint)]
     pub to: Option<String>,
+    /// Switch to post-copy after N pre-copy passes (default 1; 0: at once)
+    /// unless pre-copy converges first: the guest moves to the destination
+    /// and its missing pages follow on demand. Give it to the destination
+    /// too (`--incoming ... --postcopy`), so it does not preallocate RAM.
+    #[arg(long, num_args = 0..=1, default_missing_value = "1", value_name = "N")]
+    pub postcopy: Option<u32>,
+    /// If the connection breaks during post-copy, reconnect and resume
+    /// instead of failing (both sides keep their state meanwhile).
+    #[arg(long)]
+    pub resume: bool,
+    /// Testing: break the connection at up to 3 random points during
+    /// post-copy, from this seed (one-process runs only; implies --resume).
+    #[arg(long, hide = true, value_name = "SEED")]
+    pub break_postcopy: Option<u64>,
     /// Do not use /dev/kvm even if present (a host thread writes instead).
     #[arg(long)]
     pub no_kvm: bool,

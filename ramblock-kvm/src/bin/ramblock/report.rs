@@ -2,6 +2,7 @@
 //! JSON).
 
 use ramblock_core::precopy::{MigrationStats, PassReport};
+use ramblock_linux::uffd::latency::LatencySummary;
 use std::fmt::Write as _;
 
 /// Prints one line per pass on stderr.
@@ -42,6 +43,12 @@ pub struct Summary {
     pub guest_progress: u64,
     /// The error, if the migration failed.
     pub error: Option<String>,
+    /// Post-copy: how long faulting pages waited (destination side).
+    pub fault_latency: Option<LatencySummary>,
+    /// Post-copy: connections resumed after a break (destination side).
+    pub resumes: u32,
+    /// Post-copy: the destination guest's progress (loop passes).
+    pub destination_progress: Option<u64>,
 }
 
 impl Summary {
@@ -75,6 +82,35 @@ impl Summary {
         let _ = writeln!(o, "passes          {:>10}", s.passes);
         let _ = writeln!(o, "dirty rate      {:>10.0} pages/s", s.dirty_rate);
         let _ = writeln!(o, "guest progress  {:>10}", self.guest_progress);
+        if let Some(pc) = &s.postcopy {
+            let _ = writeln!(
+                o,
+                "post-copy       {:>10} pages discarded, {} requests",
+                pc.discarded, pc.requests
+            );
+            let _ = writeln!(o, "requested pages {:>10}", pc.requested_pages);
+            let _ = writeln!(o, "background pages{:>10}", pc.background_pages);
+            let _ = writeln!(o, "resumes         {:>10}", pc.resumes);
+        }
+        if let Some(l) = &self.fault_latency {
+            let us = |ns: u64| ns as f64 / 1e3;
+            let _ = writeln!(
+                o,
+                "fault latency   {:>10.0} us p50, {:.0} us p99, {:.0} us max ({} faults)",
+                us(l.p50_ns),
+                us(l.p99_ns),
+                us(l.max_ns),
+                l.faults
+            );
+            let _ = writeln!(
+                o,
+                "guest stall     {:>10.1} ms (downtime + fault waits)",
+                ms(self.stall_ns())
+            );
+        }
+        if let Some(p) = self.destination_progress {
+            let _ = writeln!(o, "dest. progress  {p:>10}");
+        }
         match (&self.verified, &self.mismatch) {
             (Some(true), _) => o.push_str("verified\n"),
             (Some(false), Some((block, page))) => {
@@ -85,16 +121,38 @@ impl Summary {
         o
     }
 
+    /// How long the guest could not run: the downtime, plus in post-copy
+    /// the time its vCPU waited for faulting pages.
+    pub fn stall_ns(&self) -> u64 {
+        self.stats.downtime_ns + self.fault_latency.map_or(0, |l| l.total_wait_ns)
+    }
+
     /// One JSON object.
     pub fn json(&self) -> String {
         let s = &self.stats;
+        let pc = s.postcopy.unwrap_or_default();
+        let l = self.fault_latency.unwrap_or_default();
+        let postcopy = format!(
+            ",\"postcopy\":{},\"discarded_pages\":{},\"requests\":{},\"requested_pages\":{},\"background_pages\":{},\"resumes\":{},\"faults\":{},\"fault_p50_us\":{:.1},\"fault_p99_us\":{:.1},\"fault_max_us\":{:.1},\"guest_stall_ms\":{:.3}",
+            s.postcopy.is_some(),
+            pc.discarded,
+            pc.requests,
+            pc.requested_pages,
+            pc.background_pages,
+            pc.resumes.max(self.resumes),
+            l.faults,
+            l.p50_ns as f64 / 1e3,
+            l.p99_ns as f64 / 1e3,
+            l.max_ns as f64 / 1e3,
+            self.stall_ns() as f64 / 1e6,
+        );
         let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
         let opt = |v: &Option<String>| {
             v.as_ref()
                 .map_or("null".to_string(), |e| format!("\"{}\"", esc(e)))
         };
         format!(
-            "{{\"role\":\"{}\",\"size\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"total_ms\":{:.3},\"setup_ms\":{:.3},\"downtime_ms\":{:.3},\"bytes\":{},\"pages\":{},\"zero_pages\":{},\"passes\":{},\"dirty_rate\":{:.1},\"guest_progress\":{},\"verified\":{},\"mismatch\":{},\"error\":{}}}",
+            "{{\"role\":\"{}\",\"size\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"total_ms\":{:.3},\"setup_ms\":{:.3},\"downtime_ms\":{:.3},\"bytes\":{},\"pages\":{},\"zero_pages\":{},\"passes\":{},\"dirty_rate\":{:.1},\"guest_progress\":{},\"verified\":{},\"mismatch\":{},\"error\":{}{}}}",
             self.role,
             self.size,
             esc(&self.backing),
@@ -111,6 +169,7 @@ impl Summary {
             self.verified.map_or("null".to_string(), |v| v.to_string()),
             opt(&self.mismatch.as_ref().map(|(b, p)| format!("{b} page {p}"))),
             opt(&self.error),
+            postcopy,
         )
     }
 }

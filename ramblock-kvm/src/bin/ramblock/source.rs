@@ -1,34 +1,33 @@
 //! The sending side: the pre-copy engine over a TCP connection, with the
 //! guest paused, resumed and throttled through [`Guest`].
 
+use crate::link::{Breaks, Link};
 use crate::memory::GuestRam;
 use crate::options::MigrateOptions;
 use crate::report::pass_line;
 use crate::workload::Guest;
 use ramblock_core::checksum::{Ledger, PageLedger};
 use ramblock_core::dirty_log::DirtyLogSource;
-use ramblock_core::precopy::{migrate, MigrationHost, MigrationStats, PassReport, PrecopyConfig};
+use ramblock_core::precopy::{
+    migrate, MigrationHost, MigrationStats, PassReport, PrecopyConfig, ReturnEvent,
+};
 use ramblock_core::stream::io::IoStream;
-use std::io::BufWriter;
+use ramblock_core::stream::received_map::{read_received_map, scratch_words};
 use std::net::TcpStream;
+use std::ops::Range;
 use std::time::{Duration, Instant};
-
-/// Socket buffering: smaller than a 64-page record, so record payloads go
-/// straight between the socket and the page buffer, and only the small
-/// record headers are coalesced.
-pub const STREAM_BUFFER: usize = 64 << 10;
-
-/// How long the source waits for the destination's acknowledgement after
-/// the end record (verifying checksums takes well under a second per GiB).
-const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The engine's view of this process.
 struct ProgramHost<'g> {
+    ram: &'g GuestRam,
     guest: &'g mut dyn Guest,
     t0: Instant,
     quiet: bool,
     /// Every page sent, so the end checksums cost nothing in the downtime.
     ledger: Ledger,
+    link: Link,
+    /// The guest's device state, as sent at the switch to post-copy.
+    state: &'g mut Vec<u8>,
 }
 
 impl MigrationHost for ProgramHost<'_> {
@@ -55,6 +54,47 @@ impl MigrationHost for ProgramHost<'_> {
             pass_line(report);
         }
     }
+    fn device_state(&mut self, buf: &mut [u8]) -> usize {
+        *self.state = self.guest.save_state();
+        let n = self.state.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.state[..n]);
+        n
+    }
+    fn return_message(&mut self, wait_ns: u64) -> ReturnEvent {
+        self.link.next_event(Duration::from_nanos(wait_ns))
+    }
+    fn reconnect(&mut self) -> bool {
+        self.link.reconnect()
+    }
+    fn received_map(&mut self, missing: &mut dyn FnMut(&str, Range<u64>)) -> bool {
+        let Ok(stream) = self.link.stream() else {
+            return false;
+        };
+        let mut runs = Vec::new();
+        let read = {
+            let view = self.ram.read();
+            let mut scratch = vec![0u64; scratch_words(&view)];
+            read_received_map(&mut IoStream(stream), &view, &mut scratch, |b, r| {
+                runs.push((b.name().to_string(), r))
+            })
+        };
+        match read {
+            Ok(_) => {
+                for (name, pages) in runs {
+                    missing(&name, pages);
+                }
+                self.link.read_requests();
+                true
+            }
+            Err(e) => {
+                eprintln!("post-copy: bad received map from the destination: {e}");
+                false
+            }
+        }
+    }
+    fn postcopy_started(&mut self) {
+        self.link.postcopy_started();
+    }
 }
 
 /// The engine configuration the options ask for.
@@ -64,33 +104,44 @@ pub fn config(opts: &MigrateOptions) -> PrecopyConfig {
         max_passes: opts.max_passes.max(1),
         bandwidth_limit: (opts.bandwidth_mib > 0).then_some(opts.bandwidth_mib << 20),
         auto_converge: !opts.no_auto_converge,
-        postcopy_after: None,
+        postcopy_after: opts.postcopy,
     }
 }
 
-/// Migrates `ram` over `stream`. On failure the guest runs on (the engine
-/// resumed it) and the error says what happened.
+/// What the source sent besides pages.
+#[derive(Debug, Default)]
+pub struct Sent {
+    /// The engine's totals.
+    pub stats: MigrationStats,
+    /// The device state sent at the switch to post-copy (empty otherwise).
+    pub device_state: Vec<u8>,
+}
+
+/// Migrates `ram` over `stream`, connected to `addr`. On a pre-copy failure
+/// the guest runs on (the engine resumed it); after post-copy started it
+/// stays paused (it runs on the destination). The error says what
+/// happened.
 pub fn send<D: DirtyLogSource>(
     ram: &GuestRam,
     source: &mut D,
     guest: &mut dyn Guest,
     stream: TcpStream,
+    addr: &str,
     opts: &MigrateOptions,
-) -> Result<MigrationStats, String> {
-    let writer = stream
-        .try_clone()
-        .map_err(|e| format!("cannot clone the connection: {e}"))?;
-    let mut out = IoStream(BufWriter::with_capacity(STREAM_BUFFER, writer));
-    // A destination that goes silent must not hang the source forever.
-    stream
-        .set_read_timeout(Some(ACK_TIMEOUT))
-        .map_err(|e| format!("cannot set a timeout on the connection: {e}"))?;
-    let mut ack = IoStream(stream);
+) -> Result<Sent, String> {
+    let breaks = opts.break_postcopy.map(Breaks::new);
+    let resume = opts.resume || breaks.is_some();
+    let (link, mut out) = Link::new(stream, addr.to_string(), resume, breaks)?;
+    let mut ack = link.ack_reader()?;
+    let mut device_state = Vec::new();
     let mut host = ProgramHost {
+        ram,
         guest,
         t0: Instant::now(),
         quiet: opts.json,
         ledger: Ledger::new(),
+        link,
+        state: &mut device_state,
     };
     let mut buf = vec![0u8; 64 * 4096];
     migrate(
@@ -102,5 +153,9 @@ pub fn send<D: DirtyLogSource>(
         config(opts),
         &mut buf,
     )
+    .map(|stats| Sent {
+        stats,
+        device_state: device_state.clone(),
+    })
     .map_err(|e| e.to_string())
 }

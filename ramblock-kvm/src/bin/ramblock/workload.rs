@@ -19,6 +19,11 @@ pub trait Guest: Send {
     fn set_throttle(&mut self, percent: u8);
     /// Work done so far (completed loop passes, or pages written).
     fn progress(&self) -> u64;
+    /// The paused guest's device state for a post-copy destination (empty:
+    /// nothing to start there).
+    fn save_state(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
     /// Stops for good.
     fn stop(&mut self);
 }
@@ -141,4 +146,18 @@ impl Drop for HostWriter {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A post-copy destination with nothing to run (the source's writer was a
+/// host thread, whose state does not move).
+pub struct NoGuest;
+
+impl Guest for NoGuest {
+    fn pause(&mut self) {}
+    fn resume(&mut self) {}
+    fn set_throttle(&mut self, _: u8) {}
+    fn progress(&self) -> u64 {
+        0
+    }
+    fn stop(&mut self) {}
 }

@@ -1,0 +1,280 @@
+//! The source's connection to the destination, as post-copy needs it: a
+//! writer the engine keeps while the connection under it can be replaced
+//! (resume), a thread reading page requests off the return path, and, for
+//! tests, seeded connection breaks.
+
+use ramblock_core::precopy::ReturnEvent;
+use ramblock_core::stream::format::ReturnMessage;
+use ramblock_core::stream::io::{ByteWrite, IoStream};
+use std::cell::RefCell;
+use std::io::{BufWriter, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
+
+/// Socket buffering: smaller than a 64-page record, so record payloads go
+/// straight between the socket and the page buffer, and only the small
+/// record headers are coalesced.
+pub const STREAM_BUFFER: usize = 64 << 10;
+
+/// The kernel's send buffer during post-copy: pages already sent wait in
+/// it, and a vCPU faulting on one of them waits with them, so it is kept
+/// to what loopback drains in well under a millisecond.
+pub const POSTCOPY_SOCKET_BUFFER: usize = 256 << 10;
+
+/// How long a resuming side keeps trying to reconnect.
+pub const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the source waits for anything on the return path before it
+/// calls the connection dead (verifying checksums takes well under a
+/// second per GiB).
+pub const RETURN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The connection in use, shared by the engine's writer and the host.
+struct Current {
+    stream: TcpStream,
+    writer: BufWriter<TcpStream>,
+    /// Bytes written since post-copy started on this connection.
+    postcopy_bytes: u64,
+    /// Break the connection when `postcopy_bytes` passes this.
+    break_at: Option<u64>,
+    postcopy: bool,
+}
+
+/// The engine's output: writes to whatever connection is current.
+pub struct LinkWriter(Rc<RefCell<Current>>);
+
+impl ByteWrite for LinkWriter {
+    type Error = std::io::Error;
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), std::io::Error> {
+        let mut c = self.0.borrow_mut();
+        if c.postcopy {
+            c.postcopy_bytes += buf.len() as u64;
+            if c.break_at.is_some_and(|at| c.postcopy_bytes >= at) {
+                // A test's injected break: both directions go down, as
+                // when a cable is pulled.
+                let _ = c.stream.shutdown(Shutdown::Both);
+            }
+        }
+        c.writer.write_all(buf)
+    }
+    fn flush(&mut self) -> Result<(), std::io::Error> {
+        self.0.borrow_mut().writer.flush()
+    }
+}
+
+/// Seeded break points for `--break-postcopy`.
+pub struct Breaks {
+    state: u64,
+    left: u32,
+}
+
+impl Breaks {
+    /// Up to three breaks from `seed`.
+    pub fn new(seed: u64) -> Breaks {
+        Breaks {
+            state: seed ^ 0x9E37_79B9_7F4A_7C15,
+            left: 3,
+        }
+    }
+
+    /// Bytes into the next post-copy connection at which to break it, if
+    /// any break is left: between 64 KiB and 32 MiB.
+    fn next(&mut self) -> Option<u64> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        Some((64 << 10) + self.state % (32 << 20))
+    }
+}
+
+/// The host's side of the connection.
+pub struct Link {
+    addr: String,
+    current: Rc<RefCell<Current>>,
+    events: Option<Receiver<ReturnEvent>>,
+    breaks: Option<Breaks>,
+    resume: bool,
+}
+
+impl Link {
+    /// Wraps a connected stream to `addr`. `resume`: reconnect after a
+    /// post-copy break.
+    pub fn new(
+        stream: TcpStream,
+        addr: String,
+        resume: bool,
+        breaks: Option<Breaks>,
+    ) -> Result<(Link, LinkWriter), String> {
+        let current = Rc::new(RefCell::new(current(stream)?));
+        let writer = LinkWriter(current.clone());
+        Ok((
+            Link {
+                addr,
+                current,
+                events: None,
+                breaks,
+                resume,
+            },
+            writer,
+        ))
+    }
+
+    /// A reader for the pre-copy acknowledgement (the same connection).
+    pub fn ack_reader(&self) -> Result<IoStream<TcpStream>, String> {
+        let s = self.current.borrow().stream.try_clone();
+        s.map(IoStream)
+            .map_err(|e| format!("cannot clone the connection: {e}"))
+    }
+
+    /// Post-copy started: read the return path from now on, and arm the
+    /// next test break.
+    pub fn postcopy_started(&mut self) {
+        let mut c = self.current.borrow_mut();
+        set_send_buffer(&c.stream, POSTCOPY_SOCKET_BUFFER);
+        c.postcopy = true;
+        c.break_at = self.breaks.as_mut().and_then(Breaks::next);
+        let stream = c.stream.try_clone();
+        drop(c);
+        self.events = stream.ok().map(spawn_reader);
+    }
+
+    /// The next return-path event, waiting up to `wait`.
+    pub fn next_event(&mut self, wait: Duration) -> ReturnEvent {
+        let Some(rx) = &self.events else {
+            return ReturnEvent::Closed;
+        };
+        let got = if wait.is_zero() {
+            rx.try_recv().map_err(|e| e == TryRecvError::Disconnected)
+        } else {
+            rx.recv_timeout(wait)
+                .map_err(|e| e == RecvTimeoutError::Disconnected)
+        };
+        match got {
+            Ok(event) => event,
+            Err(false) => ReturnEvent::Nothing,
+            Err(true) => ReturnEvent::Closed,
+        }
+    }
+
+    /// Connects again after a break (when resuming is on), retrying for
+    /// [`RESUME_TIMEOUT`].
+    pub fn reconnect(&mut self) -> bool {
+        self.events = None;
+        if !self.resume {
+            return false;
+        }
+        let _ = self.current.borrow().stream.shutdown(Shutdown::Both);
+        let deadline = Instant::now() + RESUME_TIMEOUT;
+        let stream = loop {
+            match TcpStream::connect(&self.addr) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => {
+                    eprintln!("post-copy: cannot reconnect to {}: {e}", self.addr);
+                    return false;
+                }
+            }
+        };
+        match current(stream) {
+            Ok(mut c) => {
+                set_send_buffer(&c.stream, POSTCOPY_SOCKET_BUFFER);
+                c.postcopy = true;
+                c.break_at = self.breaks.as_mut().and_then(Breaks::next);
+                *self.current.borrow_mut() = c;
+                eprintln!("post-copy: connection broke; reconnected to {}", self.addr);
+                true
+            }
+            Err(e) => {
+                eprintln!("post-copy: {e}");
+                false
+            }
+        }
+    }
+
+    /// The current connection, for reading the received map.
+    pub fn stream(&self) -> Result<TcpStream, String> {
+        self.current
+            .borrow()
+            .stream
+            .try_clone()
+            .map_err(|e| format!("cannot clone the connection: {e}"))
+    }
+
+    /// Starts reading page requests on the current connection.
+    pub fn read_requests(&mut self) {
+        self.events = self.stream().ok().map(spawn_reader);
+    }
+}
+
+/// Caps the kernel's send buffer of `stream` (best effort: a failure only
+/// costs latency).
+pub fn set_send_buffer(stream: &TcpStream, bytes: usize) {
+    set_buffer(stream, libc::SO_SNDBUF, bytes);
+}
+
+/// Caps the kernel's receive buffer of `stream`, likewise.
+pub fn set_receive_buffer(stream: &TcpStream, bytes: usize) {
+    set_buffer(stream, libc::SO_RCVBUF, bytes);
+}
+
+fn set_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) {
+    let value = bytes as libc::c_int;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local,
+    // on a descriptor `stream` keeps open.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// A connection set up for migration: no Nagle delay (a page request or
+/// an urgent page must not wait), a timeout on reads.
+fn current(stream: TcpStream) -> Result<Current, String> {
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(RETURN_TIMEOUT))
+        .map_err(|e| format!("cannot set a timeout on the connection: {e}"))?;
+    let clone = stream
+        .try_clone()
+        .map_err(|e| format!("cannot clone the connection: {e}"))?;
+    Ok(Current {
+        stream,
+        writer: BufWriter::with_capacity(STREAM_BUFFER, clone),
+        postcopy_bytes: 0,
+        break_at: None,
+        postcopy: false,
+    })
+}
+
+/// Reads return-path messages into a channel until the connection ends.
+fn spawn_reader(stream: TcpStream) -> Receiver<ReturnEvent> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut input = IoStream(stream);
+        loop {
+            let event = match ReturnMessage::read(&mut input) {
+                Ok(Ok(m)) => ReturnEvent::Message(m),
+                Ok(Err(_)) | Err(_) => ReturnEvent::Closed,
+            };
+            let closed = event == ReturnEvent::Closed;
+            if tx.send(event).is_err() || closed {
+                return;
+            }
+        }
+    });
+    rx
+}

@@ -48,6 +48,19 @@ pub unsafe trait HostMemory {
     /// as zero afterwards. Both are multiples of the page size.
     fn discard(&self, offset: ByteLen, len: ByteLen) -> Result<(), Self::Error>;
 
+    /// Reports `report(first, count)`, in 4 KiB pages from the start of
+    /// the memory, for the pages in `first .. first + pages` (inside the
+    /// used length) that were never written since they were mapped or
+    /// discarded, so read as zero, when the host can tell cheaply; returns
+    /// `false` when it cannot (the default), having reported nothing. A
+    /// migration's first pass sends such pages as zero without reading
+    /// them; it must make sure writes from the moment of the call on are
+    /// logged.
+    fn untouched_runs(&self, first: u64, pages: u64, report: &mut dyn FnMut(u64, u64)) -> bool {
+        let _ = (first, pages, report);
+        false
+    }
+
     /// Writes back `offset .. offset + len` to persistent backing, if any.
     fn sync(&self, offset: ByteLen, len: ByteLen) -> Result<(), Self::Error> {
         let _ = (offset, len);

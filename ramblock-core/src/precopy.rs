@@ -360,6 +360,9 @@ impl<
         let mut postcopy = self.cfg.postcopy_after == Some(0);
         while !postcopy {
             self.begin_pass(stats.passes, dirty_found);
+            if stats.passes == 0 {
+                self.send_untouched()?;
+            }
             self.send_dirty()?;
             let newly = self.sync()?;
             let remaining = self.remaining();
@@ -583,6 +586,78 @@ impl<
         }
         for (block, used_length) in resized {
             self.write(Record::Resize { block, used_length })?;
+        }
+        Ok(())
+    }
+
+    /// Pass 0: sends the pages the host memory says were never written as
+    /// zero runs without reading them (a fresh guest's RAM is mostly such
+    /// pages). Each clear-map chunk is cleared in the hypervisor first, so
+    /// a write after the host's look is logged, and one before it shows.
+    fn send_untouched<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        for index in 0..self.table.len() {
+            let view = self.list.read();
+            let Some(block) = view.by_name(self.table[index].name.as_str()) else {
+                continue;
+            };
+            let info = block.info();
+            let used = block.used_pages();
+            let mut state = block.migration();
+            let chunk_pages = 1usize << state.clear_map.shift().min(40);
+            let (out, host, pass, source) = (
+                &mut *self.out,
+                &mut *self.host,
+                &mut self.pass,
+                &mut *self.source,
+            );
+            let mut chunk = 0;
+            while chunk < used {
+                let end = chunk.saturating_add(chunk_pages).min(used);
+                if let Ok(Some(c)) = state.clear_map.test_and_clear_chunk_of(chunk) {
+                    let c_end = c.end.min(used);
+                    if c.start < c_end {
+                        source
+                            .clear(&info, c.start, c_end - c.start)
+                            .map_err(MigrateError::DirtyLog)?;
+                    }
+                }
+                let mut failed = None;
+                block.memory().untouched_runs(
+                    chunk as u64,
+                    (end - chunk) as u64,
+                    &mut |first, count| {
+                        let mut p = first;
+                        while p < first + count && failed.is_none() {
+                            let n = (first + count - p).min(u64::from(MAX_RUN_PAGES));
+                            // Only pages still to send (all of them in pass 0).
+                            if state.bitmap.clear_range(p as usize, n as usize) != Ok(n) {
+                                let _ = state.bitmap.set_range(p as usize, n as usize);
+                                p += n;
+                                continue;
+                            }
+                            let record = Record::Zero {
+                                block: index as u32,
+                                first: p,
+                                count: n as u32,
+                            };
+                            if let Err(e) = record.write(out) {
+                                failed = Some(e);
+                                return;
+                            }
+                            pass.bytes += record_len(&record);
+                            pass.zero_pages += n;
+                            if let Some(ledger) = host.ledger() {
+                                ledger.record_zero(index, p, n);
+                            }
+                            p += n;
+                        }
+                    },
+                );
+                if let Some(e) = failed {
+                    return Err(MigrateError::Write(e));
+                }
+                chunk = end;
+            }
         }
         Ok(())
     }

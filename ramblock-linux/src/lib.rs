@@ -49,6 +49,7 @@ pub mod memfd;
 pub mod memory;
 pub mod mmap;
 pub mod numa;
+mod pagemap;
 pub mod prealloc;
 pub mod uffd;
 

@@ -418,6 +418,18 @@ unsafe impl HostMemory for LinuxMemory {
         Ok(())
     }
 
+    /// Private anonymous memory only: its page tables say which pages were
+    /// ever written. Shared memory can be written through other mappings,
+    /// which this process's page tables do not show.
+    fn untouched_runs(&self, first: u64, pages: u64, report: &mut dyn FnMut(u64, u64)) -> bool {
+        if self.kind != BackingKind::Anonymous || self.shared {
+            return false;
+        }
+        let pages = pages.min((self.used.0 >> 12).saturating_sub(first));
+        let start = self.base.as_ptr() as usize + (first << 12) as usize;
+        crate::pagemap::untouched_runs(start, pages, &mut |f, c| report(first + f, c)).is_ok()
+    }
+
     fn discard(&self, offset: ByteLen, len: ByteLen) -> Result<(), Error> {
         self.check_used_range(offset, len)?;
         if self.read_only {

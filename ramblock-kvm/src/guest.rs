@@ -14,6 +14,11 @@
 //!   guest RAM, doing `out` to [`HEARTBEAT_PORT`] once per full pass. It
 //!   uses no `hlt` or `int`, which some nested hosts refuse at CPL 3.
 //!
+//! For post-copy switch-over, [`Workload::next_page_index`] reads from a
+//! saved [`VcpuState`] which page the loop writes next, and
+//! [`check_resumed_increment`] verifies a destination that resumed the loop
+//! from that state against the source's memory.
+//!
 //! Both enter CPL 3 through the vCPU's segment state (`KVM_SET_SREGS`), not
 //! by an `iret` from CPL 0: on hosts where KVM's instruction emulator runs
 //! CPL 0 code (shadow paging, such as PVM) a protected-mode `iret` or far
@@ -24,6 +29,7 @@
 
 use crate::error::KvmError;
 use crate::vcpu::{Vcpu, VcpuEvent};
+use crate::vcpu_state::VcpuState;
 use crate::vm::Vm;
 use kvm_bindings::{kvm_regs, kvm_segment};
 use ramblock_core::region::HostRegion;
@@ -297,6 +303,21 @@ const USER_STACK: u32 = 0x7000;
 const KERNEL_STACK: u32 = 0x8000;
 const TSS_LEN: u32 = 104;
 
+// Where each instruction of [`Workload::user_code`] starts, from
+// `USER_CODE_GPA` (cs has base 0, so `rip` is `USER_CODE_GPA` plus these).
+const AT_MOV_EBX: u64 = 0;
+const AT_MOV_ECX: u64 = 5;
+const AT_INC: u64 = 10;
+const AT_ADD: u64 = 12;
+const AT_DEC: u64 = 18;
+const AT_JNZ: u64 = 19;
+const AT_OUT: u64 = 21;
+const AT_JMP: u64 = 23;
+/// Bytes of the workload's code.
+const CODE_LEN: u64 = 25;
+/// The zero flag in `rflags`.
+const ZF: u64 = 1 << 6;
+
 /// The CPL 3 page-touching loop; see the module docs.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -329,6 +350,92 @@ impl Workload {
         enter_user32(vcpu, USER_CODE_GPA)
     }
 
+    /// Which page (0-based from [`WORKLOAD_FIRST`]) the loop increments
+    /// next when resumed from `state`, a state of a vCPU running this
+    /// workload: at the `inc`, the page `ebx` points at; at the `add`
+    /// after it, the one after that; at the `dec` or `jnz`, the page `ebx`
+    /// already points at; at `out`, `jmp` or the two `mov`s, page 0 (the
+    /// next pass). A page one past the last means page 0. `rip` may be on
+    /// the `out` or already past it: KVM may step over an `out` only when
+    /// the vCPU next enters `KVM_RUN`.
+    ///
+    /// `ebx`, `ecx` and, at the `jnz`, the zero flag must be what the loop
+    /// has at that `rip`; otherwise the prediction would not hold and the
+    /// answer is [`KvmError::WorkloadState`], as for a `rip` outside the
+    /// loop.
+    pub fn next_page_index(&self, state: &VcpuState) -> Result<u64, KvmError> {
+        let r = &state.regs;
+        // 32-bit code: only the low halves are the guest's ebx and ecx.
+        let (ebx, ecx) = (r.rbx & 0xffff_ffff, r.rcx & 0xffff_ffff);
+        let pages = self.pages();
+        let bad = |why: String| KvmError::WorkloadState {
+            rip: r.rip,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            why,
+        };
+        // The page `ebx` points at, `pages` for one past the last.
+        let index = |lowest: u64, highest: u64| {
+            let (lo, hi) = (
+                WORKLOAD_FIRST + lowest * PAGE,
+                WORKLOAD_FIRST + highest * PAGE,
+            );
+            if ebx < lo || ebx > hi || ebx % PAGE != 0 {
+                return Err(bad(format!(
+                    "here ebx must be a page address in {lo:#x}..={hi:#x}"
+                )));
+            }
+            Ok((ebx - WORKLOAD_FIRST) / PAGE)
+        };
+        let expect_ecx = |want: u64| {
+            if ecx == want {
+                Ok(())
+            } else {
+                Err(bad(format!("here ecx must be {want} (pages left)")))
+            }
+        };
+        let at = r.rip.wrapping_sub(USER_CODE_GPA);
+        match at {
+            AT_MOV_EBX => Ok(0),
+            AT_MOV_ECX => {
+                index(0, 0)?;
+                Ok(0)
+            }
+            AT_OUT | AT_JMP => {
+                index(pages, pages)?;
+                expect_ecx(0)?;
+                Ok(0)
+            }
+            AT_INC | AT_ADD => {
+                let i = index(0, pages - 1)?;
+                expect_ecx(pages - i)?;
+                Ok((i + u64::from(at == AT_ADD)) % pages)
+            }
+            AT_DEC | AT_JNZ => {
+                // `add` has moved ebx on; `dec` has counted it at the `jnz`.
+                let i = index(1, pages)?;
+                let left = pages - i;
+                if at == AT_DEC {
+                    expect_ecx(left + 1)?;
+                } else {
+                    expect_ecx(left)?;
+                    if (r.rflags & ZF != 0) != (left == 0) {
+                        return Err(bad(format!(
+                            "at the jnz the zero flag must be {} (ecx is {ecx})",
+                            u8::from(left == 0)
+                        )));
+                    }
+                }
+                Ok(i % pages)
+            }
+            _ => Err(bad(format!(
+                "rip is not the start of an instruction of the workload loop at \
+                 {USER_CODE_GPA:#x}..{:#x}",
+                USER_CODE_GPA + CODE_LEN
+            ))),
+        }
+    }
+
     /// CPL 3: `for (;;) { for each page: inc byte [page]; out HEARTBEAT }`.
     fn user_code(&self) -> Vec<u8> {
         let mut c = vec![0xbb]; // start: mov ebx, WORKLOAD_FIRST
@@ -343,6 +450,220 @@ impl Workload {
         c.extend_from_slice(&[0xe6, HEARTBEAT_PORT as u8, 0xeb, 0xe7]);
         c
     }
+}
+
+/// How far a destination got after resuming the [`Workload`]: it wrote
+/// every page `full_passes` times, then `extra_pages` more pages from the
+/// one it resumed at.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ResumedDelta {
+    /// Full passes over all pages, modulo 256 (a page's first byte counts
+    /// its writes in 8 bits).
+    pub full_passes: u8,
+    /// Pages written once more, a cyclic run from the page resumed at;
+    /// always fewer than the workload's pages (a run over all of them is
+    /// one more full pass).
+    pub extra_pages: u64,
+}
+
+/// The increment [`check_resumed_increment`] expected on a page.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ExpectedDelta {
+    /// Only this one (after the run of extra pages has ended).
+    Exactly(u8),
+    /// Either the run of extra pages goes on (`run`) or it ends here
+    /// (`after_run`, one less).
+    RunOrAfter {
+        /// The increment of the pages in the run.
+        run: u8,
+        /// The increment of the pages after it.
+        after_run: u8,
+    },
+}
+
+impl std::fmt::Display for ExpectedDelta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpectedDelta::Exactly(d) => write!(f, "+{d}"),
+            ExpectedDelta::RunOrAfter { run, after_run } => write!(
+                f,
+                "+{run} (the run of extra pages goes on) or +{after_run} (it ends here)"
+            ),
+        }
+    }
+}
+
+/// How a destination's memory differs from what resuming the [`Workload`]
+/// from the source's memory can produce. Pages are numbered from the start
+/// of the regions (guest-physical page numbers when they are mapped at 0).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeMismatch {
+    /// The regions cannot be compared.
+    #[error("source is {source_len:#x} bytes and destination {destination_len:#x}; both must be the same size, at least the workload's top {top:#x}")]
+    Size {
+        /// Bytes in the source region.
+        source_len: u64,
+        /// Bytes in the destination region.
+        destination_len: u64,
+        /// The workload's top.
+        top: u64,
+    },
+    /// The page to resume at is not one of the workload's.
+    #[error("next page {next_page} was given, but the workload has pages 0..{pages}; pass Workload::next_page_index of the state the destination resumed from")]
+    NextPage {
+        /// The page given.
+        next_page: u64,
+        /// The workload's pages.
+        pages: u64,
+    },
+    /// A byte the workload never writes differs.
+    #[error("page {page:#x}: byte {offset:#x} is {source_byte:#04x} in the source but {destination_byte:#04x} in the destination, and the workload never writes it; the copy or the destination's memory is wrong there")]
+    Byte {
+        /// The page holding it.
+        page: u64,
+        /// The byte's offset in the regions.
+        offset: u64,
+        /// The source's byte.
+        source_byte: u8,
+        /// The destination's byte.
+        destination_byte: u8,
+    },
+    /// A workload page's first byte was not incremented as resuming the
+    /// loop at `next_page` would have.
+    #[error("page {page:#x}: first byte went from {source_byte:#04x} (source) to {destination_byte:#04x} (destination), +{found}, but {expected} was expected; the destination did not resume where the source stopped, or this page was lost or corrupted")]
+    Increment {
+        /// The first page (in the loop's order from `next_page`) that does
+        /// not fit.
+        page: u64,
+        /// The source's first byte.
+        source_byte: u8,
+        /// The destination's first byte.
+        destination_byte: u8,
+        /// Their difference, modulo 256.
+        found: u8,
+        /// What would have fitted.
+        expected: ExpectedDelta,
+    },
+}
+
+/// Bytes compared per read: large enough that a 4 GiB check is a few
+/// thousand reads, small enough to stay in cache.
+const CHECK_CHUNK: usize = 1 << 20;
+
+/// Checks `destination` against `source` after the destination, an exact
+/// copy of the source, ran `workload` resumed at page `next_page`
+/// ([`Workload::next_page_index`]): every byte outside the workload's pages
+/// and every byte but the first of each of them is unchanged, and the
+/// first bytes went up (modulo 256) by some `F + 1` on a cyclic run of
+/// pages starting at `next_page` and by `F` on all the others.
+///
+/// Reads both regions once, 1 MiB at a time, and keeps two bytes per
+/// workload page. Bytes outside the workload's pages are checked first, in
+/// address order; then the increments, in the loop's order from
+/// `next_page`, so the page reported is the first where the pattern
+/// breaks.
+pub fn check_resumed_increment(
+    source: &HostRegion,
+    destination: &HostRegion,
+    workload: &Workload,
+    next_page: u64,
+) -> Result<ResumedDelta, ResumeMismatch> {
+    let len = source.len() as u64;
+    let size = ResumeMismatch::Size {
+        source_len: len,
+        destination_len: destination.len() as u64,
+        top: workload.top,
+    };
+    if destination.len() as u64 != len || len < workload.top {
+        return Err(size);
+    }
+    let pages = workload.pages();
+    if next_page >= pages {
+        return Err(ResumeMismatch::NextPage { next_page, pages });
+    }
+    // The (source, destination) first bytes of each workload page.
+    let mut firsts: Vec<(u8, u8)> = Vec::with_capacity(pages as usize);
+    let (mut src, mut dst) = (vec![0u8; CHECK_CHUNK], vec![0u8; CHECK_CHUNK]);
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(CHECK_CHUNK as u64) as usize;
+        let (src, dst) = (&mut src[..n], &mut dst[..n]);
+        source.read(at, src).map_err(|_| size)?;
+        destination.read(at, dst).map_err(|_| size)?;
+        // CHECK_CHUNK is a page multiple, so pages start at chunk offsets
+        // that are page multiples too.
+        let page_chunks = src.chunks(PAGE as usize).zip(dst.chunks(PAGE as usize));
+        for (i, (s, d)) in page_chunks.enumerate() {
+            let base = at + i as u64 * PAGE;
+            let skip = match (s.first(), d.first()) {
+                (Some(&s0), Some(&d0)) if (WORKLOAD_FIRST..workload.top).contains(&base) => {
+                    firsts.push((s0, d0));
+                    1
+                }
+                _ => 0,
+            };
+            let (s, d) = (s.get(skip..).unwrap_or(&[]), d.get(skip..).unwrap_or(&[]));
+            if s != d {
+                if let Some(k) = s.iter().zip(d).position(|(a, b)| a != b) {
+                    let offset = base + (skip + k) as u64;
+                    return Err(ResumeMismatch::Byte {
+                        page: offset / PAGE,
+                        offset,
+                        source_byte: s[k],
+                        destination_byte: d[k],
+                    });
+                }
+            }
+        }
+        at += n as u64;
+    }
+    // The increments in the order the loop writes them from `next_page`:
+    // `d0` (the run's, or everyone's if there is no run) for a while, then
+    // `d0 - 1` for the rest.
+    let first_page = WORKLOAD_FIRST / PAGE;
+    let delta = |j: u64| {
+        firsts
+            .get(j as usize)
+            .map(|&(s, d)| (s, d, d.wrapping_sub(s)))
+    };
+    let Some((_, _, d0)) = delta(next_page) else {
+        return Err(size);
+    };
+    let after_run = d0.wrapping_sub(1);
+    let mut run_end = None;
+    for k in 1..pages {
+        let j = (next_page + k) % pages;
+        let Some((source_byte, destination_byte, found)) = delta(j) else {
+            return Err(size);
+        };
+        let expected = match run_end {
+            None if found == d0 => continue,
+            None if found == after_run => {
+                run_end = Some(k);
+                continue;
+            }
+            None => ExpectedDelta::RunOrAfter { run: d0, after_run },
+            Some(_) if found == after_run => continue,
+            Some(_) => ExpectedDelta::Exactly(after_run),
+        };
+        return Err(ResumeMismatch::Increment {
+            page: first_page + j,
+            source_byte,
+            destination_byte,
+            found,
+            expected,
+        });
+    }
+    Ok(match run_end {
+        None => ResumedDelta {
+            full_passes: d0,
+            extra_pages: 0,
+        },
+        Some(run) => ResumedDelta {
+            full_passes: after_run,
+            extra_pages: run,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -380,5 +701,163 @@ mod tests {
         assert_eq!(25 + (u[24] as i8 as i64), 0);
         assert!(Workload::new(1 << 20).is_err());
         assert!(Workload::new((1 << 32) + 4096).is_err());
+    }
+
+    #[test]
+    fn instruction_offsets_match_the_code() {
+        let u = Workload::new(3 << 20).unwrap().user_code();
+        assert_eq!(u.len() as u64, CODE_LEN);
+        let opcode = |at: u64| u[at as usize];
+        assert_eq!(opcode(AT_MOV_EBX), 0xbb);
+        assert_eq!(opcode(AT_MOV_ECX), 0xb9);
+        assert_eq!(&u[AT_INC as usize..][..2], &[0xfe, 0x03]);
+        assert_eq!(&u[AT_ADD as usize..][..2], &[0x81, 0xc3]);
+        assert_eq!(opcode(AT_DEC), 0x49);
+        assert_eq!(opcode(AT_JNZ), 0x75);
+        assert_eq!(opcode(AT_OUT), 0xe6);
+        assert_eq!(opcode(AT_JMP), 0xeb);
+    }
+
+    /// A model CPU for the workload's eight instructions: runs one and
+    /// returns the page index an `inc` wrote.
+    fn step(w: &Workload, r: &mut kvm_regs) -> Option<u64> {
+        let at = r.rip - USER_CODE_GPA;
+        let mut next = at + 2;
+        let mut wrote = None;
+        match at {
+            AT_MOV_EBX => (r.rbx, next) = (WORKLOAD_FIRST, AT_MOV_ECX),
+            AT_MOV_ECX => (r.rcx, next) = (w.pages(), AT_INC),
+            AT_INC => wrote = Some((r.rbx - WORKLOAD_FIRST) / PAGE),
+            AT_ADD => (r.rbx, next) = (r.rbx + PAGE, AT_DEC),
+            AT_DEC => {
+                r.rcx -= 1;
+                r.rflags = if r.rcx == 0 {
+                    r.rflags | ZF
+                } else {
+                    r.rflags & !ZF
+                };
+                next = AT_JNZ;
+            }
+            AT_JNZ if r.rflags & ZF == 0 => next = AT_INC,
+            AT_JNZ | AT_OUT => {}
+            AT_JMP => next = AT_MOV_EBX,
+            _ => panic!("model left the loop at {at}"),
+        }
+        r.rip = USER_CODE_GPA + next;
+        wrote
+    }
+
+    fn state(regs: kvm_regs) -> VcpuState {
+        VcpuState {
+            regs,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn next_page_index_predicts_the_model_cpu_at_every_instruction() {
+        for pages in [1, 2, 5] {
+            let w = Workload::new(WORKLOAD_FIRST + pages * PAGE).unwrap();
+            // Fresh from `load`: rip at the start, ebx and ecx zero.
+            let mut r = kvm_regs {
+                rip: USER_CODE_GPA,
+                rflags: 0x3002,
+                ..Default::default()
+            };
+            for _ in 0..3 * (4 * pages + 4) {
+                let predicted = w.next_page_index(&state(r));
+                let mut ahead = r;
+                let actual = std::iter::repeat_with(|| step(&w, &mut ahead))
+                    .flatten()
+                    .next();
+                assert_eq!(predicted.ok(), actual, "{pages} pages, {r:x?}");
+                step(&w, &mut r);
+            }
+        }
+    }
+
+    #[test]
+    fn next_page_index_on_hand_made_states() {
+        let w = Workload::new(WORKLOAD_FIRST + 4 * PAGE).unwrap();
+        let at = |off: u64, ebx: u64, ecx: u64, zf: bool| {
+            let regs = kvm_regs {
+                rip: USER_CODE_GPA + off,
+                // Junk in the upper halves: the guest is 32-bit.
+                rbx: 0xdead_0000_0000_0000 | ebx,
+                rcx: ecx,
+                rflags: 0x3002 | if zf { ZF } else { 0 },
+                ..Default::default()
+            };
+            w.next_page_index(&state(regs))
+        };
+        let page = |i: u64| WORKLOAD_FIRST + i * PAGE;
+        assert_eq!(at(AT_INC, page(2), 2, false).unwrap(), 2);
+        assert_eq!(at(AT_ADD, page(2), 2, false).unwrap(), 3);
+        assert_eq!(at(AT_ADD, page(3), 1, false).unwrap(), 0);
+        assert_eq!(at(AT_DEC, page(3), 2, false).unwrap(), 3);
+        assert_eq!(at(AT_JNZ, page(3), 1, false).unwrap(), 3);
+        // The last page: ebx has reached top.
+        assert_eq!(at(AT_DEC, page(4), 1, false).unwrap(), 0);
+        assert_eq!(at(AT_JNZ, page(4), 0, true).unwrap(), 0);
+        // `out`, before or after KVM stepped over it.
+        assert_eq!(at(AT_OUT, page(4), 0, true).unwrap(), 0);
+        assert_eq!(at(AT_JMP, page(4), 0, true).unwrap(), 0);
+        assert_eq!(at(AT_MOV_ECX, page(0), 0, true).unwrap(), 0);
+        for (off, ebx, ecx, zf, why) in [
+            (AT_INC + 1, page(0), 4, false, "mid-instruction"),
+            (CODE_LEN, page(4), 0, true, "past the code"),
+            (0, 0, 0, false, "below the code"),
+            (AT_INC, page(4), 0, false, "inc at top"),
+            (AT_INC, page(1) + 8, 3, false, "unaligned ebx"),
+            (AT_INC, page(1), 4, false, "ecx off by one"),
+            (AT_DEC, page(0), 4, false, "dec before any add"),
+            (AT_JNZ, page(3), 1, true, "zero flag set with ecx 1"),
+            (AT_JNZ, page(4), 0, false, "zero flag clear with ecx 0"),
+            (AT_OUT, page(3), 0, true, "out before the last page"),
+        ] {
+            let off = if off == 0 {
+                u64::MAX - USER_CODE_GPA
+            } else {
+                off
+            };
+            assert!(
+                matches!(at(off, ebx, ecx, zf), Err(KvmError::WorkloadState { .. })),
+                "{why}"
+            );
+        }
+    }
+
+    /// A region over a test's buffer.
+    fn region(buf: &mut [u8]) -> HostRegion {
+        // SAFETY: every caller keeps `buf` alive and untouched except
+        // through the region while using it.
+        unsafe { HostRegion::new(std::ptr::NonNull::new(buf.as_mut_ptr()).unwrap(), buf.len()) }
+    }
+
+    #[test]
+    fn checks_read_past_one_chunk() {
+        // Pages on both sides of the first 1 MiB chunk boundary and a
+        // region that does not end on a page: a byte in the last, partial
+        // page is still compared.
+        let w = Workload::new(WORKLOAD_FIRST + 3 * PAGE).unwrap();
+        let len = w.top as usize + 100;
+        let mut a = vec![7u8; len];
+        let mut b = a.clone();
+        for j in 0..3 {
+            b[(WORKLOAD_FIRST + j * PAGE) as usize] += 2 + u8::from(j == 2);
+        }
+        let got = check_resumed_increment(&region(&mut a), &region(&mut b), &w, 2);
+        assert_eq!(
+            got,
+            Ok(ResumedDelta {
+                full_passes: 2,
+                extra_pages: 1
+            })
+        );
+        b[len - 1] = 0;
+        assert!(matches!(
+            check_resumed_increment(&region(&mut a), &region(&mut b), &w, 2),
+            Err(ResumeMismatch::Byte { page, .. }) if page == w.top / PAGE
+        ));
     }
 }

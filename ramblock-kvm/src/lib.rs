@@ -34,6 +34,7 @@ pub mod mode;
 pub mod runner;
 pub mod sys;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 
 pub use error::KvmError;

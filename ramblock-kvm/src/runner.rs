@@ -14,6 +14,11 @@
 //! vCPU sleeps `run_time * f / (1 - f)`, so it is stopped a fraction `f` of
 //! the time.
 //!
+//! Snapshots (post-copy switch-over): [`VcpuRunner::snapshot`] asks the
+//! paused thread, which owns the vCPU, to read its registers
+//! ([`Vcpu::save`]) and waits for the answer; the thread goes straight back
+//! to waiting, so the guest stays paused.
+//!
 //! Reaping (dirty-ring mode): the same ticker collects the VM's dirty rings
 //! every [`REAP_TICK`] while the vCPU runs, as QEMU's reaper thread does, so
 //! a guest that writes fast never fills its ring between harvests. KVM
@@ -26,6 +31,7 @@ use crate::error::KvmError;
 use crate::guest::HEARTBEAT_PORT;
 use crate::mode::DirtyLogMode;
 use crate::vcpu::{Vcpu, VcpuEvent};
+use crate::vcpu_state::VcpuState;
 use crate::vm::Vm;
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
@@ -81,6 +87,9 @@ fn install_handler() {
 enum Request {
     Run,
     Pause,
+    /// Paused, and the thread is to put the vCPU's state in
+    /// `Control::snapshot`, then go back to `Pause`.
+    Snapshot,
     Stop,
 }
 
@@ -96,6 +105,8 @@ struct Control {
     request: Request,
     state: State,
     error: Option<KvmError>,
+    /// The answer to a `Request::Snapshot`.
+    snapshot: Option<Result<VcpuState, KvmError>>,
 }
 
 #[derive(Debug)]
@@ -115,6 +126,7 @@ fn lock(m: &Mutex<Control>) -> MutexGuard<'_, Control> {
 /// A vCPU on its own thread; see the module docs.
 #[derive(Debug)]
 pub struct VcpuRunner {
+    vcpu_id: u64,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<Vcpu>>,
     ticker: Option<JoinHandle<()>>,
@@ -131,6 +143,7 @@ impl VcpuRunner {
                 request: Request::Run,
                 state: State::Running,
                 error: None,
+                snapshot: None,
             }),
             changed: Condvar::new(),
             heartbeats: AtomicU64::new(0),
@@ -138,6 +151,7 @@ impl VcpuRunner {
             ticker_stop: AtomicBool::new(false),
         });
         let s = shared.clone();
+        let vcpu_id = vcpu.id();
         let vm_for_ticker = vm.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id()))
@@ -172,6 +186,7 @@ impl VcpuRunner {
             })
             .ok();
         Ok(VcpuRunner {
+            vcpu_id,
             shared,
             thread: Some(thread),
             ticker,
@@ -208,13 +223,67 @@ impl VcpuRunner {
     /// Stops the guest and returns once the vCPU is out of `KVM_RUN` (its
     /// writes are all in memory and in the dirty log).
     pub fn pause(&self) {
-        lock(&self.shared.control).request = Request::Pause;
+        {
+            let mut c = lock(&self.shared.control);
+            // Already paused (perhaps taking a snapshot) or stopping: leave
+            // that request alone.
+            if c.request == Request::Run {
+                c.request = Request::Pause;
+            }
+        }
         self.wait_until_stopped();
+    }
+
+    /// The paused vCPU's register state ([`Vcpu::save`]), read by its
+    /// thread, which then stays paused: the guest runs no instruction.
+    /// A runner that is running or has stopped is
+    /// [`KvmError::NotPaused`]; pause it first.
+    pub fn snapshot(&self) -> Result<VcpuState, KvmError> {
+        let mut c = lock(&self.shared.control);
+        // Another caller's snapshot in flight: wait until it has been
+        // answered and its answer taken, so answers do not cross.
+        while c.request == Request::Snapshot || c.snapshot.is_some() {
+            c = self.wait(c);
+        }
+        let state = match (c.request, c.state) {
+            (Request::Pause, State::Paused) => None,
+            (_, State::Stopped) | (Request::Stop, _) => Some("stopped"),
+            _ => Some("running"),
+        };
+        if let Some(state) = state {
+            return Err(KvmError::NotPaused {
+                what: "a vCPU state snapshot",
+                vcpu: self.vcpu_id,
+                state,
+            });
+        }
+        c.request = Request::Snapshot;
+        c.snapshot = None;
+        self.shared.changed.notify_all();
+        loop {
+            if let Some(answer) = c.snapshot.take() {
+                self.shared.changed.notify_all();
+                return answer;
+            }
+            c = self.wait(c);
+        }
+    }
+
+    fn wait<'g>(&self, c: MutexGuard<'g, Control>) -> MutexGuard<'g, Control> {
+        self.shared
+            .changed
+            .wait(c)
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Lets a paused guest run again.
     pub fn resume(&self) {
         let mut c = lock(&self.shared.control);
+        // A snapshot in flight finishes first (the guest must not move
+        // under it), then the resume takes effect.
+        while c.request == Request::Snapshot {
+            c = self.wait(c);
+        }
         if c.request == Request::Pause {
             c.request = Request::Run;
             self.shared.changed.notify_all();
@@ -294,6 +363,11 @@ fn vcpu_thread(vm: &Vm, mut vcpu: Vcpu, s: &Shared) -> Vcpu {
             loop {
                 match c.request {
                     Request::Run => break,
+                    Request::Snapshot => {
+                        c.snapshot = Some(vcpu.save());
+                        c.request = Request::Pause;
+                        s.changed.notify_all();
+                    }
                     Request::Pause => {
                         c.state = State::Paused;
                         s.changed.notify_all();

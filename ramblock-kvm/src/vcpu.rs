@@ -1,6 +1,7 @@
 //! [`Vcpu`]: one virtual CPU, run until it does something the VMM must see.
 
 use crate::error::KvmError;
+use crate::vcpu_state::VcpuState;
 use crate::vm::Vm;
 use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -55,6 +56,66 @@ impl Vcpu {
     /// How many times the dirty ring filled up and was drained.
     pub fn ring_full_exits(&self) -> u64 {
         self.ring_full_exits
+    }
+
+    /// The vCPU's register state, for migration. It must not be running.
+    ///
+    /// KVM may finish an I/O exit (for `out`: step `rip` past it) only on
+    /// the next `KVM_RUN`, keeping that pending step where `KVM_GET_REGS`
+    /// does not show it (hosts that emulate the `out` have stepped already).
+    /// So this first enters `KVM_RUN` with `immediate_exit` set, which
+    /// completes a pending step and returns `EINTR` without running a guest
+    /// instruction (the KVM API's documented way to make the state
+    /// consistent before migrating); then it reads `KVM_GET_SREGS` and
+    /// `KVM_GET_REGS`. Kernels that check `immediate_exit` first leave
+    /// `rip` on the `out`, which then runs again on the destination.
+    pub fn save(&mut self) -> Result<VcpuState, KvmError> {
+        let id = self.id;
+        self.fd.set_kvm_immediate_exit(1);
+        // The exit borrows the fd; keep only what the error needs.
+        let settled = self.fd.run().map(|exit| format!("{exit:?}"));
+        self.fd.set_kvm_immediate_exit(0);
+        match settled {
+            Err(e) if e.errno() == Errno::EINTR as i32 => {}
+            Err(e) => {
+                return Err(KvmError::ioctl(
+                    format!("KVM_RUN with immediate_exit (vCPU {id}), to complete a pending exit"),
+                    Errno::from_raw(e.errno()),
+                ))
+            }
+            Ok(exit) => {
+                return Err(KvmError::Guest {
+                    vcpu: id,
+                    what: format!(
+                        "completing a pending exit before saving the state gave exit {exit}, \
+                         where KVM_RUN with immediate_exit should return EINTR"
+                    ),
+                })
+            }
+        }
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| KvmError::from_kvm(format!("KVM_GET_SREGS (vCPU {id})"), e))?;
+        let regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| KvmError::from_kvm(format!("KVM_GET_REGS (vCPU {id})"), e))?;
+        Ok(VcpuState { regs, sregs })
+    }
+
+    /// Loads `state` (from [`Vcpu::save`], possibly on another VM whose
+    /// memory holds the same guest): `KVM_SET_SREGS`, then `KVM_SET_REGS`
+    /// (segments and modes first, so `rip` and `rflags` are taken in the
+    /// mode they belong to).
+    pub fn restore(&self, state: &VcpuState) -> Result<(), KvmError> {
+        let id = self.id;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(|e| KvmError::from_kvm(format!("KVM_SET_SREGS (vCPU {id})"), e))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(|e| KvmError::from_kvm(format!("KVM_SET_REGS (vCPU {id})"), e))
     }
 
     /// Runs the guest until it does port output or is interrupted. A full

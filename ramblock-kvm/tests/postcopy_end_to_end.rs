@@ -1,0 +1,335 @@
+//! `ramblock migrate --postcopy` end to end, through the real binary: the
+//! guest moves to the destination before all of its memory has, keeps
+//! writing there, and its missing pages follow on demand.
+//!
+//! In one-process runs the program checks the destination byte for byte
+//! against a model of what the resumed guest wrote; two processes compare
+//! end checksums. Each run is bounded: a child still running after
+//! [`LIMIT`] is killed and the test fails, so a post-copy that hangs
+//! (a lost page request, a resume that never comes) shows as a failure
+//! rather than a stuck suite.
+//!
+//! Tests that need a destination guest print `skipped: no /dev/kvm`; the
+//! two-process and host-writer tests run either way.
+
+use ramblock_core::addr::PageSize;
+use ramblock_linux::hugetlb::PoolReservation;
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const SIZE: &str = "128M";
+/// Target pages in [`SIZE`]: everything, when post-copy starts at once.
+const ALL_PAGES: u64 = (128 << 20) / 4096;
+/// Longest any one `ramblock` process may run (a run takes well under a
+/// second here).
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// One pre-copy pass, then post-copy: pre-copy never converges first, so
+/// the pages the guest dirtied during that pass are left to post-copy.
+const AFTER_ONE_PASS: [&str; 4] = ["--postcopy", "1", "--downtime-ms", "0"];
+
+fn kvm_or_skip() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("skipped: no /dev/kvm ({e})");
+            false
+        }
+    }
+}
+
+/// A `ramblock migrate --json` child whose output is collected as it
+/// comes (so a full pipe never stalls it) and which is killed if dropped
+/// while still running.
+struct Running {
+    what: String,
+    child: Child,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> Option<JoinHandle<Vec<u8>>> {
+    let mut pipe = pipe?;
+    Some(std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    }))
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ramblock"))
+            .arg("migrate")
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ramblock");
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        Running {
+            what: format!("ramblock migrate --json {}", args.join(" ")),
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn collected(&mut self) -> (Vec<u8>, Vec<u8>) {
+        let join = |h: Option<JoinHandle<Vec<u8>>>| h.map_or(Vec::new(), |h| h.join().unwrap());
+        (join(self.stdout.take()), join(self.stderr.take()))
+    }
+
+    /// Waits for the exit; kills the child and fails after [`LIMIT`].
+    fn finish(mut self) -> Output {
+        let deadline = Instant::now() + LIMIT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for ramblock") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let (out, err) = self.collected();
+                panic!(
+                    "`{}` still running after {LIMIT:?}; killed it\nstdout: {}\nstderr: {}",
+                    self.what,
+                    String::from_utf8_lossy(&out),
+                    String::from_utf8_lossy(&err)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let (stdout, stderr) = self.collected();
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `ramblock migrate --json ARGS` to the end, within [`LIMIT`].
+fn run(args: &[&str]) -> Output {
+    Running::start(args).finish()
+}
+
+/// The summary line, and stderr for failure messages.
+fn texts(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// The raw value of `key` in the one-line JSON summary (numbers, booleans
+/// and null as written; strings keep their quotes).
+fn field<'j>(json: &'j str, key: &str) -> &'j str {
+    let label = format!("\"{key}\":");
+    let at = json
+        .find(&label)
+        .unwrap_or_else(|| panic!("no {key} in {json}"));
+    let rest = &json[at + label.len()..];
+    let end = if let Some(inside) = rest.strip_prefix('"') {
+        // Up to the closing quote, stepping over escaped characters.
+        let mut escaped = false;
+        1 + inside
+            .char_indices()
+            .find(|&(_, c)| {
+                let close = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                close
+            })
+            .map_or(rest.len() - 1, |(i, _)| i + 1)
+    } else {
+        rest.find([',', '}']).unwrap_or(rest.len())
+    };
+    &rest[..end]
+}
+
+fn number(json: &str, key: &str) -> f64 {
+    field(json, key)
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} is not a number in {json}"))
+}
+
+/// Checks what every successful post-copy run shows: exit 0, no error,
+/// post-copy ran, the destination verified, and every discarded page was
+/// sent again (answering a request or in the background).
+fn assert_postcopy_verified(o: &Output, what: &str) -> String {
+    let (json, err) = texts(o);
+    assert!(o.status.success(), "{what}: {json}\n{err}");
+    assert_eq!(field(&json, "error"), "null", "{what}: {json}");
+    assert_eq!(field(&json, "postcopy"), "true", "{what}: {json}");
+    assert_eq!(field(&json, "verified"), "true", "{what}: {json}");
+    let resent = number(&json, "requested_pages") + number(&json, "background_pages");
+    assert!(
+        resent >= number(&json, "discarded_pages"),
+        "{what}: fewer pages sent in post-copy than were discarded: {json}"
+    );
+    json
+}
+
+/// After one pre-copy pass: the pages the guest dirtied during it are
+/// discarded, and the guest, running on at the destination, is checked
+/// against the model.
+fn assert_migrated_after_one_pass(backing: &str) {
+    let o = run(&[&["--size", SIZE, "--backing", backing][..], &AFTER_ONE_PASS].concat());
+    let json = assert_postcopy_verified(&o, backing);
+    assert!(
+        number(&json, "discarded_pages") > 0.0,
+        "{backing}: the guest dirtied nothing during the pre-copy pass: {json}"
+    );
+    // The pre-copy pass and the post-copy one.
+    assert_eq!(field(&json, "passes"), "2", "{backing}: {json}");
+}
+
+#[test]
+fn a_writing_guest_moves_in_postcopy_over_every_backing() {
+    if !kvm_or_skip() {
+        return;
+    }
+    assert_migrated_after_one_pass("anonymous");
+    assert_migrated_after_one_pass("memfd");
+    // Both sides' 128 MiB in 2 MiB pages, reserved for the test.
+    match PoolReservation::reserve(PageSize::SIZE_2M, 2 * 64) {
+        Ok(_pool) => assert_migrated_after_one_pass("hugetlb"),
+        Err(e) => println!("skipped: hugetlb backing: {e}"),
+    }
+}
+
+#[test]
+fn postcopy_at_once_serves_the_destination_guests_faults() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let o = run(&["--size", SIZE, "--postcopy", "0"]);
+    let json = assert_postcopy_verified(&o, "--postcopy 0");
+    assert_eq!(
+        number(&json, "discarded_pages") as u64,
+        ALL_PAGES,
+        "with no pre-copy pass every page is left to post-copy: {json}"
+    );
+    assert!(
+        number(&json, "faults") > 0.0,
+        "the destination guest never waited for a page: {json}"
+    );
+    assert!(number(&json, "requests") > 0.0, "{json}");
+    assert!(number(&json, "fault_p99_us") > 0.0, "{json}");
+}
+
+/// One run with the connection broken at seeded points during post-copy.
+fn assert_survives_breaks(backing: &str, seed: u64) {
+    let seed = seed.to_string();
+    let what = format!("{backing}, --break-postcopy {seed}");
+    let o = run(&[
+        "--size",
+        SIZE,
+        "--backing",
+        backing,
+        "--postcopy",
+        "0",
+        "--break-postcopy",
+        &seed,
+    ]);
+    let json = assert_postcopy_verified(&o, &what);
+    assert!(
+        number(&json, "resumes") >= 1.0,
+        "{what}: the connection was never resumed: {json}"
+    );
+}
+
+#[test]
+fn postcopy_resumes_after_connection_breaks() {
+    if !kvm_or_skip() {
+        return;
+    }
+    for seed in 1..=4 {
+        assert_survives_breaks("anonymous", seed);
+    }
+    assert_survives_breaks("memfd", 5);
+}
+
+/// A free loopback port (bound, then released for a child to take).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn two_processes_over_tcp_finish_in_postcopy_and_verify() {
+    let port = free_port();
+    let endpoint = format!("tcp:127.0.0.1:{port}");
+    let dest = Running::start(&[
+        "--incoming",
+        &endpoint,
+        "--size",
+        SIZE,
+        "--postcopy",
+        "--resume",
+    ]);
+    let src = run(&[
+        &["--to", &endpoint, "--size", SIZE, "--resume"][..],
+        &AFTER_ONE_PASS,
+    ]
+    .concat());
+    let dest = dest.finish();
+    let ((s, s_err), (d, d_err)) = (texts(&src), texts(&dest));
+    assert!(src.status.success(), "source: {s}\n{s_err}");
+    assert!(dest.status.success(), "destination: {d}\n{d_err}");
+    assert_eq!(field(&s, "role"), "\"source\"");
+    assert_eq!(field(&d, "role"), "\"destination\"");
+    assert_eq!(field(&s, "postcopy"), "true", "{s}");
+    assert!(number(&s, "discarded_pages") > 0.0, "{s}");
+    assert_eq!(
+        field(&d, "verified"),
+        "true",
+        "the destination's checksums did not match: {d}"
+    );
+    assert_eq!(field(&s, "pages"), field(&d, "pages"), "{s}\n{d}");
+}
+
+#[test]
+fn without_kvm_a_host_writer_moves_in_postcopy() {
+    // At once: no destination guest runs, so nothing faults and every page
+    // goes in the background; the RAM is compared exactly.
+    let at_once = ["--size", SIZE, "--no-kvm", "--workload", "random:20000"];
+    let o = run(&[&at_once[..], &["--postcopy", "0"]].concat());
+    let json = assert_postcopy_verified(&o, "--no-kvm --postcopy 0");
+    assert_eq!(field(&json, "mode"), "\"software\"", "{json}");
+    assert_eq!(number(&json, "discarded_pages") as u64, ALL_PAGES, "{json}");
+    assert_eq!(number(&json, "faults"), 0.0, "{json}");
+    assert_eq!(number(&json, "requests"), 0.0, "{json}");
+    assert_eq!(
+        number(&json, "background_pages") as u64,
+        ALL_PAGES,
+        "{json}"
+    );
+    // After one pass: the pages the writer dirtied meanwhile are discarded
+    // and sent again.
+    let o = run(&[&at_once[..], &AFTER_ONE_PASS].concat());
+    let json = assert_postcopy_verified(&o, "--no-kvm --postcopy 1");
+    assert!(number(&json, "guest_progress") > 0.0, "{json}");
+    assert!(number(&json, "discarded_pages") > 0.0, "{json}");
+}

@@ -24,6 +24,7 @@ use memory::{first_mismatch, guest_ram, GuestRam, Side, RAM_BLOCK};
 use options::{Backing, MigrateOptions};
 use postcopy_target::StartGuest;
 use ramblock_core::dirty_log::SoftwareOnly;
+use ramblock_core::postcopy::PostcopyStats;
 use ramblock_kvm::guest::ResumeMismatch;
 use report::Summary;
 use source::Sent;
@@ -130,6 +131,18 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
             summary.stats.passes = r.summary.passes;
             summary.fault_latency = r.latency;
             summary.resumes = r.resumes;
+            if r.summary.postcopy_pages > 0 || r.summary.discarded > 0 {
+                // This side's view: what it dropped, what it placed after
+                // the guest started here (the source splits the latter into
+                // requested and background pages).
+                summary.stats.postcopy = Some(PostcopyStats {
+                    discarded: r.summary.discarded,
+                    requests: r.latency.map_or(0, |l| l.faults),
+                    background_pages: r.summary.postcopy_pages,
+                    resumes: r.resumes,
+                    ..PostcopyStats::default()
+                });
+            }
             if let Some(mut guest) = r.guest {
                 // The guest runs here now; this program only demonstrates
                 // the move, so it stops it once the memory is verified.

@@ -17,10 +17,21 @@ pub fn add_buffer_block<const N: usize>(
     spec: BlockSpec,
     fill: u8,
 ) -> RamAddr {
+    add_buffer_block_with_page_size(list, spec, fill, PageSize::SIZE_4K)
+}
+
+/// Like [`add_buffer_block`], with host pages of `page_size` (say, a 2 MiB
+/// "hugepage" block over a plain buffer).
+pub fn add_buffer_block_with_page_size<const N: usize>(
+    list: &RamList<'_, Mem, Owned, N>,
+    spec: BlockSpec,
+    fill: u8,
+    page_size: PageSize,
+) -> RamAddr {
     let mem = Mem::new(
         vec![fill; spec.max_length.0 as usize].into_boxed_slice(),
         spec.used_length,
-        PageSize::SIZE_4K,
+        page_size,
     )
     .unwrap();
     let bitmaps = BlockBitmaps::for_spec(&spec).unwrap();

@@ -148,7 +148,7 @@ impl<
             let per_page = self.pages_per_host_page(index);
             let start = page - page % per_page;
             let end = start + per_page.max(MAX_RUN_PAGES as usize);
-            pc.background_pages += self.send_range::<E>(index, start, end)?;
+            self.send_range::<E>(index, start, end, &mut pc.background_pages)?;
             *cursor = (index, end);
         }
         self.write_end().map_err(broken_on_write)?;
@@ -180,7 +180,7 @@ impl<
                 ReturnEvent::Message(ReturnMessage::Request(r)) => {
                     pc.requests += 1;
                     let (index, start, end) = self.request_range::<E>(r).map_err(Stop::Fatal)?;
-                    pc.requested_pages += self.send_range::<E>(index, start, end)?;
+                    self.send_range::<E>(index, start, end, &mut pc.requested_pages)?;
                     *cursor = (index, end);
                     answered = true;
                 }
@@ -247,17 +247,17 @@ impl<
         })
     }
 
-    /// Sends every dirty page of table block `index` in `start..end`;
-    /// returns how many.
+    /// Sends every dirty page of table block `index` in `start..end`,
+    /// adding each run sent to `sent` (also when a later run fails).
     fn send_range<E>(
         &mut self,
         index: usize,
         start: usize,
         end: usize,
-    ) -> StepResult<u64, D::Error, W::Error, E> {
+        sent: &mut u64,
+    ) -> StepResult<(), D::Error, W::Error, E> {
         let max_run = (self.buf.len() / crate::precopy::PAGE).min(MAX_RUN_PAGES as usize);
         let mut from = start;
-        let mut sent = 0u64;
         loop {
             let view = self.list.read();
             let Some(block) = view.by_name(self.table[index].name.as_str()) else {
@@ -269,17 +269,17 @@ impl<
             let region = block.region();
             let mut state = block.migration();
             let Some(first) = state.bitmap.find_next_dirty(from).filter(|&p| p < end) else {
-                return Ok(sent);
+                return Ok(());
             };
             let run = state
                 .next_dirty_run(first, max_run.min(end - first), &info, self.source)
                 .map_err(|e| Stop::Fatal(MigrateError::DirtyLog(e)))?;
             drop(state);
-            let Some(run) = run else { return Ok(sent) };
+            let Some(run) = run else { return Ok(()) };
             let count = run.end - run.start;
             self.send_run::<E>(index as u32, &region, run.start, count)
                 .map_err(broken_on_write)?;
-            sent += count as u64;
+            *sent += count as u64;
             from = run.end;
         }
     }

@@ -674,7 +674,11 @@ impl<'b> Receiver<'b> {
             }
             self.summary.zero_pages += u64::from(count);
         }
-        let _ = received.mark_received(first as usize, count as usize);
+        // Only pages inside the post-copy length have a bit to set.
+        let end = (first + u64::from(count)).min(received.postcopy_pages() as u64);
+        if first < end {
+            let _ = received.mark_received(first as usize, (end - first) as usize);
+        }
         Ok(())
     }
 
@@ -695,6 +699,7 @@ impl<'b> Receiver<'b> {
         let len = count as usize * TARGET_PAGE_SIZE as usize;
         let data = is_pages.then_some(&self.bounce[..len]);
         let page_size = dest.page_size().bytes();
+        let placed_pages = &mut self.summary.postcopy_pages;
         let mut placed = |first: u64, data: Option<&[u8]>, pages: u64| {
             let offset = first << TARGET_PAGE_SHIFT;
             match data {
@@ -706,6 +711,7 @@ impl<'b> Receiver<'b> {
             let _ = dest
                 .received()
                 .mark_received(first as usize, pages as usize);
+            *placed_pages += pages;
             if let Some(ledger) = self.ledger.as_deref_mut() {
                 match data {
                     Some(d) => ledger.record(block as usize, first, d),
@@ -732,7 +738,6 @@ impl<'b> Receiver<'b> {
         } else {
             self.summary.zero_pages += u64::from(count);
         }
-        self.summary.postcopy_pages += u64::from(count);
         Ok(())
     }
 

@@ -12,6 +12,8 @@
 //! Tests that need a destination guest print `skipped: no /dev/kvm`; the
 //! two-process and host-writer tests run either way.
 
+mod common;
+use common::kvm_or_skip;
 use ramblock_core::addr::PageSize;
 use ramblock_linux::hugetlb::PoolReservation;
 use std::io::Read;
@@ -30,20 +32,6 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// One pre-copy pass, then post-copy: pre-copy never converges first, so
 /// the pages the guest dirtied during that pass are left to post-copy.
 const AFTER_ONE_PASS: [&str; 4] = ["--postcopy", "1", "--downtime-ms", "0"];
-
-fn kvm_or_skip() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            println!("skipped: no /dev/kvm ({e})");
-            false
-        }
-    }
-}
 
 /// A `ramblock migrate --json` child whose output is collected as it
 /// comes (so a full pipe never stalls it) and which is killed if dropped

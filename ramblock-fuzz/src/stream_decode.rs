@@ -138,7 +138,10 @@ fn model_receive(
 ) -> Result<ReceiveSummary, Code> {
     let mut r = Cursor(data);
     let header = r.take(16)?;
-    if header[..8] != *b"RAMBLOCK" {
+    // A resume header is read like a new one, then refused: nothing waits
+    // to be resumed here.
+    let resume = header[..8] == *b"RBRESUME";
+    if header[..8] != *b"RAMBLOCK" && !resume {
         return Err(1);
     }
     let version = u16::from_le_bytes([header[8], header[9]]);
@@ -193,6 +196,9 @@ fn model_receive(
         b.flags.contains(BlockFlags::MIGRATABLE) && !table.iter().any(|s| s.block == i)
     }) {
         return Err(8);
+    }
+    if resume {
+        return Err(23);
     }
     let mut summary = ReceiveSummary::default();
     loop {
@@ -256,6 +262,37 @@ fn model_receive(
                     summary.blocks += 1;
                 }
                 return Ok(summary);
+            }
+            6 => {
+                // Discard: the same checks as a run (no length cap), then
+                // the block's post-copy length (its used length when the
+                // list was made); the pages read as zero afterwards.
+                let (index, first, count) = (r.u32()?, r.u64()?, r.u32()?);
+                let slot = table.get(index as usize).ok_or(13u32)?;
+                if count == 0 {
+                    return Err(14);
+                }
+                let end = first.checked_add(u64::from(count)).ok_or(15u32)?;
+                if end > slot.used_pages {
+                    return Err(16);
+                }
+                if end > LAYOUT[slot.block].1 {
+                    return Err(26);
+                }
+                let mem = &mut blocks[slot.block].memory;
+                mem[first as usize * PAGE..end as usize * PAGE].fill(0);
+                summary.discarded += u64::from(count);
+                touched.extend((first..end).map(|p| (slot.block, p)));
+            }
+            7 => {
+                // Post-copy: this destination (plain `receive`) refuses it
+                // once the device state has been read.
+                let state_len = r.u32()?;
+                if state_len > 64 << 10 {
+                    return Err(25);
+                }
+                r.take(state_len as usize)?;
+                return Err(24);
             }
             _ => return Err(12),
         }

@@ -889,6 +889,10 @@ impl<'b> Receiver<'b> {
         first: u64,
         count: u32,
     ) -> Result<&Slot, ReceiveError<E, H>> {
+        // The index is checked before the length, as the format lists them.
+        if block as usize >= table.len() {
+            return Err(ReceiveError::BadBlockIndex(block));
+        }
         if count == 0 || count > MAX_RUN_PAGES {
             return Err(ReceiveError::BadRunLength(count));
         }

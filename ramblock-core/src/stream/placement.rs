@@ -5,7 +5,7 @@
 //! so pages cannot be written with plain stores: each must appear at once,
 //! whole, and wake whatever waits on it (`UFFDIO_COPY` on Linux). A
 //! [`PostcopyTarget`] does that. A hugepage can only be placed whole, so
-//! the target pages of a hugepage block are collected in an [`Assembly`]
+//! the target pages of a hugepage block are collected in an assembly
 //! buffer first; the source sends each hugepage's pages in order and
 //! without interruption.
 

@@ -26,6 +26,8 @@ tasks:
                                       run criterion benches and print ratios to baselines
   bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--runs N]
                                       ramblock vs QEMU live migration
+  bench postcopy [--runs N] [--size 1G]
+                                      post-copy fault latency and guest stall vs pre-copy
   fuzz TARGET [--seconds N]           run one cargo-fuzz target (default 60 s)";
 
 /// The workspace root: xtask lives one level below it.

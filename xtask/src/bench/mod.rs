@@ -7,6 +7,7 @@
 //! See [`report`] for where the numbers are read from.
 
 mod migrate;
+mod postcopy;
 mod report;
 
 use crate::Error;
@@ -16,12 +17,16 @@ use xshell::cmd;
 
 const USAGE: &str = "usage: bench [--report-only] [-p CRATE | CRATE] [FILTER]";
 
-/// `cargo xtask bench [--report-only] [-p CRATE | CRATE] [FILTER]` and
-/// `cargo xtask bench migrate ...`. Without a crate every workspace crate is
-/// benched; a filter is handed to criterion (a substring of the benchmark id).
+/// `cargo xtask bench [--report-only] [-p CRATE | CRATE] [FILTER]`,
+/// `cargo xtask bench migrate ...` and `cargo xtask bench postcopy ...`.
+/// Without a crate every workspace crate is benched; a filter is handed to
+/// criterion (a substring of the benchmark id).
 pub fn run(args: &[String]) -> Result<ExitCode, Error> {
     if args.first().is_some_and(|a| a == "migrate") {
         return Ok(migrate::run(&args[1..]));
+    }
+    if args.first().is_some_and(|a| a == "postcopy") {
+        return Ok(postcopy::run(&args[1..]));
     }
     let mut report_only = false;
     let mut package: Option<String> = None;

@@ -1,0 +1,532 @@
+//! `cargo xtask bench postcopy [--runs N] [--size 1G]`: post-copy's fault
+//! latency on loopback, and the guest's stall against pure pre-copy.
+//!
+//! It runs `ramblock migrate --json` (source and destination in one process,
+//! loopback TCP, the default `increment` guest) `--runs` times in each of
+//! three [`MODES`], taking the modes in turn within each round so a slow
+//! spell of the shared machine hits all of them alike. It prints the medians
+//! as a Markdown table, with each post-copy mode's guest stall as a ratio to
+//! pre-copy's from the same run, and fails if any run did not verify. The
+//! method is described in `docs/bench-postcopy.md`. Only run on demand:
+//! `cargo xtask ci` does not call it.
+
+use serde_json::Value;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "usage: cargo xtask bench postcopy [--runs N] [--size 1G]";
+
+/// The longest one `ramblock migrate` (warm-up, migration and the final
+/// byte-for-byte check) may take before it is reported as timed out.
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The p99 fault latency the issue asks post-copy to stay under.
+const P99_TARGET_US: f64 = 1000.0;
+
+/// One way of migrating the same guest.
+struct Mode {
+    /// Its column heading.
+    name: &'static str,
+    /// What it adds to `ramblock migrate --json --size=...`.
+    args: &'static [&'static str],
+}
+
+/// The baseline first: the table's ratios are against column 0.
+const MODES: [Mode; 3] = [
+    Mode {
+        name: "pre-copy",
+        args: &[],
+    },
+    // Without `--downtime-ms 0` pre-copy may converge before its first pass
+    // ends and never switch; 0 forces the switch after the pass.
+    Mode {
+        name: "post-copy after 1 pass",
+        args: &["--postcopy", "1", "--downtime-ms", "0"],
+    },
+    Mode {
+        name: "post-copy at once",
+        args: &["--postcopy", "0"],
+    },
+];
+
+#[derive(Debug)]
+struct Options {
+    runs: usize,
+    size: u64,
+}
+
+/// Parses `512M` or `4G` (binary units, at least 64 MiB).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('M') => (&s[..s.len() - 1], 20),
+        Some('G') => (&s[..s.len() - 1], 30),
+        _ => return Err(format!("size {s:?}: write it as 512M or 4G")),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?}: write it as 512M or 4G"))?;
+    match n.checked_shl(shift).filter(|v| v >> shift == n) {
+        Some(bytes) if bytes >= 64 << 20 => Ok(bytes),
+        Some(_) => Err(format!("size {s:?}: at least 64M")),
+        None => Err(format!("size {s:?} is too large")),
+    }
+}
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        runs: 5,
+        size: 1 << 30,
+    };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| format!("`{arg}` needs a value; {USAGE}"))
+        };
+        match arg.as_str() {
+            "--runs" => {
+                o.runs = value()?
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("`--runs` needs a positive count; {USAGE}"))?
+            }
+            "--size" => o.size = parse_size(value()?)?,
+            other => return Err(format!("unexpected argument `{other}`; {USAGE}")),
+        }
+    }
+    Ok(o)
+}
+
+/// Runs the post-copy benchmark.
+pub fn run(args: &[String]) -> ExitCode {
+    let options = match parse(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match bench(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: bench postcopy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(options: &Options) -> Result<(), String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err("no /dev/kvm: the guest runs under KVM on both sides".into());
+    }
+    let root = crate::project_root();
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "ramblock-kvm",
+            "--bin",
+            "ramblock",
+        ])
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("building ramblock failed ({status})"));
+    }
+    let binary = root.join("target/release/ramblock");
+    let label = format!(
+        "{} GiB increment",
+        options.size as f64 / (1u64 << 30) as f64
+    );
+
+    let mut outcomes: Vec<Vec<Outcome>> = MODES.iter().map(|_| Vec::new()).collect();
+    for n in 1..=options.runs {
+        for (mode, runs) in MODES.iter().zip(&mut outcomes) {
+            let outcome = migrate(&binary, options.size, mode.args);
+            println!(
+                "{label} run {n}/{}: {:<22} {}",
+                options.runs,
+                mode.name,
+                describe(&outcome)
+            );
+            runs.push(outcome);
+        }
+    }
+    println!("\n{}", table(&label, &outcomes));
+    let total = outcomes.iter().map(Vec::len).sum::<usize>();
+    let verified = outcomes
+        .iter()
+        .flatten()
+        .filter(|o| matches!(o, Ok(r) if r.verified));
+    let unverified = total - verified.count();
+    if unverified > 0 {
+        return Err(format!(
+            "{unverified} of {total} runs did not complete verified (see the run lines above)"
+        ));
+    }
+    Ok(())
+}
+
+/// What one `ramblock migrate --json` reported.
+#[derive(Clone, Debug)]
+struct Run {
+    /// Whether it switched to post-copy.
+    postcopy: bool,
+    total_ms: f64,
+    downtime_ms: f64,
+    /// Downtime plus the destination vCPU's fault waits.
+    guest_stall_ms: f64,
+    faults: u64,
+    fault_p50_us: f64,
+    fault_p99_us: f64,
+    fault_max_us: f64,
+    /// The destination was checked equal to the source.
+    verified: bool,
+}
+
+/// A run's figures, or why there are none.
+type Outcome = Result<Run, String>;
+
+/// Kills the child on drop (timeouts and errors included).
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads a pipe to its end on a thread, so a chatty child never blocks on a
+/// full pipe while it is polled for exit.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    })
+}
+
+/// Runs `binary migrate --json --size=SIZE ARGS...` once.
+fn migrate(binary: &Path, size: u64, args: &[&str]) -> Outcome {
+    let child = Command::new(binary)
+        .args(["migrate", "--json"])
+        .arg(format!("--size={}M", size >> 20))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+    let mut guard = Guard(child);
+    let stdout = drain(guard.0.stdout.take());
+    let stderr = drain(guard.0.stderr.take());
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    loop {
+        match guard.0.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() >= deadline => {
+                return Err(format!("timed out after {} s", RUN_TIMEOUT.as_secs()))
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(format!("waiting for ramblock failed: {e}")),
+        }
+    }
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    parse_summary(&stdout).map_err(|e| format!("{e}; stderr: {}", stderr.trim()))
+}
+
+/// Reads the summary line `ramblock migrate --json` prints last.
+fn parse_summary(stdout: &str) -> Outcome {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| format!("ramblock printed no JSON summary: {stdout:?}"))?;
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("bad summary {line:?}: {e}"))?;
+    if let Some(error) = v["error"].as_str() {
+        return Err(format!("ramblock migration failed: {error}"));
+    }
+    let float = |k: &str| {
+        v[k].as_f64()
+            .ok_or_else(|| format!("summary has no {k}: {line}"))
+    };
+    Ok(Run {
+        postcopy: v["postcopy"]
+            .as_bool()
+            .ok_or_else(|| format!("summary has no postcopy: {line}"))?,
+        total_ms: float("total_ms")?,
+        downtime_ms: float("downtime_ms")?,
+        guest_stall_ms: float("guest_stall_ms")?,
+        faults: v["faults"]
+            .as_u64()
+            .ok_or_else(|| format!("summary has no faults: {line}"))?,
+        fault_p50_us: float("fault_p50_us")?,
+        fault_p99_us: float("fault_p99_us")?,
+        fault_max_us: float("fault_max_us")?,
+        verified: v["verified"].as_bool() == Some(true),
+    })
+}
+
+fn describe(o: &Outcome) -> String {
+    match o {
+        Ok(r) => format!(
+            "total {:.0} ms, downtime {:.1} ms, stall {:.1} ms, {} faults (p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs), {}{}",
+            r.total_ms,
+            r.downtime_ms,
+            r.guest_stall_ms,
+            r.faults,
+            r.fault_p50_us,
+            r.fault_p99_us,
+            r.fault_max_us,
+            if r.postcopy { "post-copy, " } else { "" },
+            if r.verified { "verified" } else { "NOT VERIFIED" },
+        ),
+        Err(e) => format!("FAILED: {e}"),
+    }
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+/// One mode's column: medians over its completed runs; the fault figures
+/// only over the runs that went post-copy (a pre-copy run has no faults).
+struct Column {
+    total_ms: Option<f64>,
+    downtime_ms: Option<f64>,
+    guest_stall_ms: Option<f64>,
+    faults: Option<f64>,
+    fault_p50_us: Option<f64>,
+    fault_p99_us: Option<f64>,
+    worst_p99_us: Option<f64>,
+    worst_max_us: Option<f64>,
+    postcopy: usize,
+    verified: usize,
+    runs: usize,
+}
+
+impl Column {
+    fn of(outcomes: &[Outcome]) -> Column {
+        let done: Vec<&Run> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+        let switched: Vec<&Run> = done.iter().copied().filter(|r| r.postcopy).collect();
+        let med = |runs: &[&Run], f: fn(&Run) -> f64| median(runs.iter().map(|r| f(r)).collect());
+        let worst = |f: fn(&Run) -> f64| switched.iter().map(|r| f(r)).reduce(f64::max);
+        Column {
+            total_ms: med(&done, |r| r.total_ms),
+            downtime_ms: med(&done, |r| r.downtime_ms),
+            guest_stall_ms: med(&done, |r| r.guest_stall_ms),
+            faults: med(&switched, |r| r.faults as f64),
+            fault_p50_us: med(&switched, |r| r.fault_p50_us),
+            fault_p99_us: med(&switched, |r| r.fault_p99_us),
+            worst_p99_us: worst(|r| r.fault_p99_us),
+            worst_max_us: worst(|r| r.fault_max_us),
+            postcopy: switched.len(),
+            verified: done.iter().filter(|r| r.verified).count(),
+            runs: outcomes.len(),
+        }
+    }
+}
+
+/// The Markdown table of [`MODES`] side by side, `outcomes[i]` being mode
+/// `i`'s runs, and a line on the p99 target.
+fn table(label: &str, outcomes: &[Vec<Outcome>]) -> String {
+    let columns: Vec<Column> = outcomes.iter().map(|o| Column::of(o)).collect();
+    let cell = |v: Option<f64>, precision: usize| {
+        v.map_or("-".to_string(), |v| format!("{v:.precision$}"))
+    };
+    let mut t = format!(
+        "{label}, medians of {} runs per mode\n\n| figure |",
+        columns.first().map_or(0, |c| c.runs)
+    );
+    for mode in MODES.iter().take(columns.len()) {
+        t += &format!(" {} |", mode.name);
+    }
+    t += &format!("\n|---|{}\n", "---:|".repeat(columns.len()));
+    let mut row = |name: &str, cells: Vec<String>| {
+        t += &format!("| {name} | {} |\n", cells.join(" | "));
+    };
+    let figure = |f: fn(&Column) -> Option<f64>, precision: usize| {
+        columns.iter().map(|c| cell(f(c), precision)).collect()
+    };
+    row("total ms", figure(|c| c.total_ms, 0));
+    row("downtime ms", figure(|c| c.downtime_ms, 1));
+    row("guest stall ms", figure(|c| c.guest_stall_ms, 1));
+    let baseline = columns.first().and_then(|c| c.guest_stall_ms);
+    let ratios = columns.iter().map(|c| match (c.guest_stall_ms, baseline) {
+        (Some(s), Some(b)) if b > 0.0 => format!("{:.2}x", s / b),
+        _ => "-".to_string(),
+    });
+    row("stall / pre-copy", ratios.collect());
+    row("faults", figure(|c| c.faults, 0));
+    row("fault p50 µs", figure(|c| c.fault_p50_us, 0));
+    row("fault p99 µs", figure(|c| c.fault_p99_us, 0));
+    row("fault p99 µs, worst run", figure(|c| c.worst_p99_us, 0));
+    row("fault max µs, worst run", figure(|c| c.worst_max_us, 0));
+    row(
+        "went post-copy",
+        columns
+            .iter()
+            .map(|c| format!("{}/{}", c.postcopy, c.runs))
+            .collect(),
+    );
+    row(
+        "verified",
+        columns
+            .iter()
+            .map(|c| format!("{}/{}", c.verified, c.runs))
+            .collect(),
+    );
+    let verdicts: Vec<String> = MODES
+        .iter()
+        .zip(&columns)
+        .filter_map(|(mode, c)| {
+            let (p99, worst) = (c.fault_p99_us?, c.worst_p99_us?);
+            let met = |us: f64| if us < P99_TARGET_US { "met" } else { "NOT met" };
+            Some(format!(
+                "{}: median {p99:.0} µs {}, worst run {worst:.0} µs {}",
+                mode.name,
+                met(p99),
+                met(worst)
+            ))
+        })
+        .collect();
+    t += "\ntarget: fault p99 < 1 ms — ";
+    t += &if verdicts.is_empty() {
+        "cannot be judged (no run went post-copy)".to_string()
+    } else {
+        verdicts.join("; ")
+    };
+    t + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse() {
+        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        let o = parse(&args("--runs 3 --size 512M")).unwrap();
+        assert_eq!((o.runs, o.size), (3, 512 << 20));
+        let d = parse(&[]).unwrap();
+        assert_eq!((d.runs, d.size), (5, 1 << 30));
+        assert!(parse(&args("--runs 0")).is_err());
+        assert!(parse(&args("--runs")).is_err());
+        assert!(parse(&args("--size 1T")).is_err());
+        assert!(parse(&args("--size 32M")).is_err());
+        assert!(parse(&args("--size 99999999999G")).is_err());
+        assert!(parse(&args("--sizes 1G")).is_err());
+    }
+
+    #[test]
+    fn summary_lines_parse_and_errors_surface() {
+        let ok = r#"{"role":"local","size":1073741824,"backing":"anonymous","mode":"manual","total_ms":1053.040,"setup_ms":0.024,"downtime_ms":0.185,"bytes":1072775748,"pages":261891,"zero_pages":253,"passes":1,"dirty_rate":0.0,"guest_progress":0,"verified":true,"mismatch":null,"error":null,"postcopy":true,"discarded_pages":262144,"requests":1170,"requested_pages":2,"background_pages":262142,"resumes":0,"faults":1170,"fault_p50_us":180.8,"fault_p99_us":560.5,"fault_max_us":1955.5,"guest_stall_ms":242.061}"#;
+        let r = parse_summary(&format!("noise\n{ok}\n")).unwrap();
+        assert!(r.postcopy && r.verified);
+        assert_eq!(r.faults, 1170);
+        assert_eq!(
+            (r.fault_p50_us, r.fault_p99_us, r.fault_max_us),
+            (180.8, 560.5, 1955.5)
+        );
+        assert_eq!(
+            (r.total_ms, r.downtime_ms, r.guest_stall_ms),
+            (1053.04, 0.185, 242.061)
+        );
+        let failed = ok.replace(r#""error":null"#, r#""error":"connection reset""#);
+        assert!(parse_summary(&failed)
+            .unwrap_err()
+            .contains("connection reset"));
+        let mismatch = ok.replace(r#""verified":true"#, r#""verified":false"#);
+        assert!(!parse_summary(&mismatch).unwrap().verified);
+        // A binary from before post-copy: the bench must say so, not report zeros.
+        let old = &ok[..ok.find(r#","postcopy""#).unwrap()];
+        assert!(parse_summary(&format!("{old}}}"))
+            .unwrap_err()
+            .contains("postcopy"));
+        assert!(parse_summary("").is_err());
+    }
+
+    fn run(postcopy: bool, stall: f64, p99: f64) -> Outcome {
+        Ok(Run {
+            postcopy,
+            total_ms: 1000.0,
+            downtime_ms: if postcopy { 1.0 } else { stall },
+            guest_stall_ms: stall,
+            faults: if postcopy { 1000 } else { 0 },
+            fault_p50_us: if postcopy { 200.0 } else { 0.0 },
+            fault_p99_us: p99,
+            fault_max_us: p99 * 2.0,
+            verified: true,
+        })
+    }
+
+    #[test]
+    fn medians_ratios_worst_runs_and_the_target() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+        let outcomes = vec![
+            vec![
+                run(false, 100.0, 0.0),
+                run(false, 300.0, 0.0),
+                run(false, 200.0, 0.0),
+            ],
+            vec![
+                run(true, 300.0, 500.0),
+                run(true, 400.0, 1500.0),
+                run(true, 500.0, 600.0),
+            ],
+            vec![
+                run(true, 50.0, 700.0),
+                Err("timed out".into()),
+                // Pre-copy converged: counts for total and stall, not faults.
+                run(false, 90.0, 0.0),
+            ],
+        ];
+        let t = table("1 GiB increment", &outcomes);
+        // Stall medians 200, 400 and 70 ms: ratios against pre-copy's.
+        assert!(
+            t.contains("| stall / pre-copy | 1.00x | 2.00x | 0.35x |"),
+            "{t}"
+        );
+        assert!(t.contains("| fault p99 µs | - | 600 | 700 |"), "{t}");
+        assert!(
+            t.contains("| fault p99 µs, worst run | - | 1500 | 700 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| fault max µs, worst run | - | 3000 | 1400 |"),
+            "{t}"
+        );
+        assert!(t.contains("| went post-copy | 0/3 | 3/3 | 1/3 |"), "{t}");
+        assert!(t.contains("| verified | 3/3 | 3/3 | 2/3 |"), "{t}");
+        assert!(
+            t.contains(
+                "post-copy after 1 pass: median 600 µs met, worst run 1500 µs NOT met; \
+                 post-copy at once: median 700 µs met, worst run 700 µs met"
+            ),
+            "{t}"
+        );
+        let none = table("x", &[vec![run(false, 1.0, 0.0)]]);
+        assert!(none.contains("cannot be judged"), "{none}");
+    }
+}

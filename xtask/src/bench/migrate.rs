@@ -68,7 +68,8 @@ struct Options {
     runs: usize,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+/// Parses `512M` or `4G` (binary units, at least 64 MiB).
+pub(super) fn parse_size(s: &str) -> Result<u64, String> {
     let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
         Some('M') => (&s[..s.len() - 1], 20),
         Some('G') => (&s[..s.len() - 1], 30),
@@ -77,10 +78,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("size {s:?}: write it as 512M or 4G"))?;
-    if n == 0 || n << shift < 64 << 20 {
-        return Err(format!("size {s:?}: at least 64M"));
+    match n.checked_shl(shift).filter(|v| v >> shift == n) {
+        Some(bytes) if bytes >= 64 << 20 => Ok(bytes),
+        Some(_) => Err(format!("size {s:?}: at least 64M")),
+        None => Err(format!("size {s:?} is too large")),
     }
-    Ok(n << shift)
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -268,7 +270,8 @@ fn describe(o: &Outcome) -> String {
     }
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
+/// The median of `values` (the mean of the middle two for an even count).
+pub(super) fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
     }

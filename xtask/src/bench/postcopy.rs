@@ -10,6 +10,7 @@
 //! method is described in `docs/bench-postcopy.md`. Only run on demand:
 //! `cargo xtask ci` does not call it.
 
+use super::migrate::{median, parse_size};
 use serde_json::Value;
 use std::io::Read;
 use std::path::Path;
@@ -56,23 +57,6 @@ const MODES: [Mode; 3] = [
 struct Options {
     runs: usize,
     size: u64,
-}
-
-/// Parses `512M` or `4G` (binary units, at least 64 MiB).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('M') => (&s[..s.len() - 1], 20),
-        Some('G') => (&s[..s.len() - 1], 30),
-        _ => return Err(format!("size {s:?}: write it as 512M or 4G")),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("size {s:?}: write it as 512M or 4G"))?;
-    match n.checked_shl(shift).filter(|v| v >> shift == n) {
-        Some(bytes) if bytes >= 64 << 20 => Ok(bytes),
-        Some(_) => Err(format!("size {s:?}: at least 64M")),
-        None => Err(format!("size {s:?} is too large")),
-    }
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -293,19 +277,6 @@ fn describe(o: &Outcome) -> String {
         ),
         Err(e) => format!("FAILED: {e}"),
     }
-}
-
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    Some(if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    })
 }
 
 /// One mode's column: medians over its completed runs; the fault figures

@@ -43,6 +43,16 @@ struct Current {
     postcopy: bool,
 }
 
+impl Current {
+    /// Post-copy runs on this connection: small send buffer, byte count
+    /// for the next test break.
+    fn enter_postcopy(&mut self, breaks: Option<&mut Breaks>) {
+        set_send_buffer(&self.stream, POSTCOPY_SOCKET_BUFFER);
+        self.postcopy = true;
+        self.break_at = breaks.and_then(Breaks::next);
+    }
+}
+
 /// The engine's output: writes to whatever connection is current.
 pub struct LinkWriter(Rc<RefCell<Current>>);
 
@@ -137,9 +147,7 @@ impl Link {
     /// next test break.
     pub fn postcopy_started(&mut self) {
         let mut c = self.current.borrow_mut();
-        set_send_buffer(&c.stream, POSTCOPY_SOCKET_BUFFER);
-        c.postcopy = true;
-        c.break_at = self.breaks.as_mut().and_then(Breaks::next);
+        c.enter_postcopy(self.breaks.as_mut());
         let stream = c.stream.try_clone();
         drop(c);
         self.events = stream.ok().map(spawn_reader);
@@ -186,9 +194,7 @@ impl Link {
         };
         match current(stream) {
             Ok(mut c) => {
-                set_send_buffer(&c.stream, POSTCOPY_SOCKET_BUFFER);
-                c.postcopy = true;
-                c.break_at = self.breaks.as_mut().and_then(Breaks::next);
+                c.enter_postcopy(self.breaks.as_mut());
                 *self.current.borrow_mut() = c;
                 eprintln!("post-copy: connection broke; reconnected to {}", self.addr);
                 true

@@ -23,7 +23,7 @@ use crate::host::HostMemory;
 use crate::list::RamList;
 use crate::name::BlockName;
 use crate::postcopy::PostcopyStats;
-use crate::region::HostRegion;
+use crate::region::{HostRegion, OutOfRegion};
 use crate::stream::format::{
     read_array, Header, PageRequest, Record, ReturnMessage, TableEntry, ACK_ERR, ACK_OK,
     MAX_RUN_PAGES,
@@ -220,6 +220,9 @@ pub enum MigrateError<D, W, R> {
     /// guest's memory is split between the two sides: the source keeps its
     /// paused guest and every page, so a new attempt can still finish.
     PostcopyLost,
+    /// A dirty run reached outside its block's memory: the dirty bitmap
+    /// and the block's length disagree (a bug, refused rather than read).
+    RunOutsideBlock(OutOfRegion),
 }
 
 impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for MigrateError<D, W, R> {
@@ -250,6 +253,9 @@ impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for Migrate
                 "the post-copy connection broke and could not be resumed; the source keeps \
                  the paused guest and all its pages",
             ),
+            MigrateError::RunOutsideBlock(e) => {
+                write!(f, "a dirty run reached outside its block: {e}")
+            }
         }
     }
 }
@@ -694,8 +700,12 @@ impl<
         Ok(())
     }
 
-    /// Copies `count` pages from `first` out of guest memory and sends them,
-    /// zero pages as counts.
+    /// Sends `count` pages from `first`, zero pages as counts. The pages
+    /// are read in place: checked for zeros, hashed for the ledger and
+    /// handed to the writer without a copy. A page the guest changes
+    /// meanwhile may go out torn, but it is dirty again (its clear-map chunk
+    /// was cleared before this), so a later pass, at the latest the one
+    /// with the guest paused, sends it again and records its final digest.
     pub(crate) fn send_run<E>(
         &mut self,
         block: u32,
@@ -703,23 +713,29 @@ impl<
         first: usize,
         count: usize,
     ) -> Result<(), MigrateError<D::Error, W::Error, E>> {
-        let bytes = count * PAGE;
         // In range: next_dirty_run keeps runs inside the used length, which
-        // the region covers.
-        let _ = region.read((first * PAGE) as u64, &mut self.buf[..bytes]);
+        // the region covers; a run that is not is a bug, refused below.
+        let run = region
+            .subregion((first * PAGE) as u64, count * PAGE)
+            .map_err(MigrateError::RunOutsideBlock)?;
+        let is_zero = |i: usize| run.is_zero((i * PAGE) as u64, PAGE) == Ok(true);
         let mut i = 0;
         while i < count {
-            let zero = is_zero_page(&self.buf[i * PAGE..(i + 1) * PAGE]);
+            let zero = is_zero(i);
             let mut j = i + 1;
-            while j < count && is_zero_page(&self.buf[j * PAGE..(j + 1) * PAGE]) == zero {
+            while j < count && is_zero(j) == zero {
                 j += 1;
             }
             let (first, n) = ((first + i) as u64, (j - i) as u32);
+            // In range: i < j <= count.
+            let pages = run
+                .subregion((i * PAGE) as u64, (j - i) * PAGE)
+                .map_err(MigrateError::RunOutsideBlock)?;
             if let Some(ledger) = self.host.ledger() {
                 if zero {
                     ledger.record_zero(block as usize, first, u64::from(n));
                 } else {
-                    ledger.record(block as usize, first, &self.buf[i * PAGE..j * PAGE]);
+                    ledger.record_region(block as usize, first, &pages);
                 }
             }
             if zero {
@@ -735,9 +751,7 @@ impl<
                     first,
                     count: n,
                 })?;
-                self.out
-                    .write_all(&self.buf[i * PAGE..j * PAGE])
-                    .map_err(MigrateError::Write)?;
+                self.out.write_region(&pages).map_err(MigrateError::Write)?;
                 self.pass.bytes += (j - i) as u64 * PAGE as u64;
                 self.pass.pages_sent += u64::from(n);
             }
@@ -799,10 +813,4 @@ pub(crate) fn record_len(r: &Record) -> u64 {
         Record::End { .. } | Record::Postcopy { .. } => 5,
         Record::Discard { .. } => 17,
     }
-}
-
-/// Whether a page is all zero (OR-folds words; vectorizes).
-fn is_zero_page(page: &[u8]) -> bool {
-    page.chunks_exact(64)
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }

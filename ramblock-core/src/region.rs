@@ -130,20 +130,37 @@ impl HostRegion {
     }
 
     /// Whether `len` bytes at `offset` are all zero. Reads the memory in
-    /// place, 64 bytes per step, so a zero check costs no copy.
+    /// place, so a zero check costs no copy.
     pub fn is_zero(&self, offset: u64, len: usize) -> Result<bool, OutOfRegion> {
+        self.scan(offset, len, |block| {
+            block.iter().fold(0u8, |acc, &b| acc | b) == 0
+        })
+    }
+
+    /// Hands `len` bytes at `offset` to `visit` 64 bytes at a time, in
+    /// order, until `visit` returns `false`; returns whether it never did.
+    /// A last block shorter than 64 bytes is padded with zeros.
+    ///
+    /// This is how the memory is read in place (checked for zeros, hashed)
+    /// without a copy: each 64-byte block goes through the stack, which
+    /// the optimiser turns into plain loads.
+    pub fn scan(
+        &self,
+        offset: u64,
+        len: usize,
+        mut visit: impl FnMut(&[u8; 64]) -> bool,
+    ) -> Result<bool, OutOfRegion> {
         let start = self.check(offset, len)?;
         let mut at = 0;
         while at < len {
             let n = (len - at).min(64);
             let mut block = [0u8; 64];
             // SAFETY: start + at + n <= start + len, inside the checked
-            // range; a 64-byte copy to the stack stays in registers once
-            // optimised, and is the same racy-by-design read as `read`.
+            // range; the same racy-by-design read as `read`.
             unsafe {
                 core::ptr::copy_nonoverlapping(self.as_ptr().add(start + at), block.as_mut_ptr(), n)
             };
-            if block.iter().fold(0u8, |acc, &b| acc | b) != 0 {
+            if !visit(&block) {
                 return Ok(false);
             }
             at += n;
@@ -182,5 +199,28 @@ mod tests {
         assert!(r.subregion(61, 4).is_err());
         r.fill(0, 64, 0).unwrap();
         assert!(r.is_zero(0, 64).unwrap());
+        // A scan sees the bytes in order, zero-padded, and stops when told.
+        r.write(0, &[9; 3]).unwrap();
+        let mut seen = std::vec::Vec::new();
+        assert_eq!(
+            r.subregion(0, 3).unwrap().scan(0, 3, |b| {
+                seen.push(*b);
+                true
+            }),
+            Ok(true)
+        );
+        let mut padded = [0u8; 64];
+        padded[..3].fill(9);
+        assert_eq!(seen, [padded]);
+        let mut calls = 0;
+        assert_eq!(
+            r.scan(0, 64, |_| {
+                calls += 1;
+                false
+            }),
+            Ok(false)
+        );
+        assert_eq!(calls, 1);
+        assert!(r.scan(1, 64, |_| true).is_err());
     }
 }

@@ -37,7 +37,8 @@
 //! Modules follow the OS areas they wrap: [`mmap`], [`memfd`], [`hugetlb`],
 //! `file` (private), [`prealloc`], [`advice`], [`numa`],
 //! [`error`], plus the [`builder`] and the [`memory`] itself.
-//! [`uffd`] serves userfaultfd faults on the memory (post-copy).
+//! [`uffd`] serves userfaultfd faults on the memory (post-copy);
+//! [`send`] writes a migration stream to a socket straight from guest memory.
 #![deny(missing_docs)]
 
 pub mod advice;
@@ -51,6 +52,7 @@ pub mod mmap;
 pub mod numa;
 mod pagemap;
 pub mod prealloc;
+pub mod send;
 pub mod uffd;
 
 pub use advice::{Hint, LockMode};

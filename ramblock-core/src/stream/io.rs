@@ -4,6 +4,7 @@
 //! needs. [`SliceReader`] reads from memory (tests, fuzzing, firmware);
 //! with the `std` feature, `IoStream` adapts any `std::io::Read`/`Write`.
 
+use crate::region::HostRegion;
 use core::fmt;
 
 /// Why a read could not complete.
@@ -41,6 +42,24 @@ pub trait ByteWrite {
     /// Writes all of `buf`, or fails.
     fn write_all(&mut self, buf: &[u8]) -> Result<(), Self::Error>;
 
+    /// Writes all of `region`: guest memory the guest may be changing while
+    /// it is sent (pre-copy sends again whatever changes). The default
+    /// copies it out a page at a time; a transport that can hand the memory
+    /// to the kernel in place (`writev` on a socket) overrides this and
+    /// saves the copy.
+    fn write_region(&mut self, region: &HostRegion) -> Result<(), Self::Error> {
+        let mut page = [0u8; 4096];
+        let mut at = 0;
+        while at < region.len() {
+            let n = (region.len() - at).min(page.len());
+            // In range: at + n <= region.len().
+            let _ = region.read(at as u64, &mut page[..n]);
+            self.write_all(&page[..n])?;
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Pushes buffered bytes out.
     fn flush(&mut self) -> Result<(), Self::Error> {
         Ok(())
@@ -58,6 +77,9 @@ impl<T: ByteWrite + ?Sized> ByteWrite for &mut T {
     type Error = T::Error;
     fn write_all(&mut self, buf: &[u8]) -> Result<(), T::Error> {
         (**self).write_all(buf)
+    }
+    fn write_region(&mut self, region: &HostRegion) -> Result<(), T::Error> {
+        (**self).write_region(region)
     }
     fn flush(&mut self) -> Result<(), T::Error> {
         (**self).flush()

@@ -4,10 +4,11 @@
 //! tests, seeded connection breaks.
 
 use ramblock_core::precopy::ReturnEvent;
+use ramblock_core::region::HostRegion;
 use ramblock_core::stream::format::ReturnMessage;
 use ramblock_core::stream::io::{ByteWrite, IoStream};
+use ramblock_linux::send::FdWriter;
 use std::cell::RefCell;
-use std::io::{BufWriter, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
@@ -35,7 +36,8 @@ pub const RETURN_TIMEOUT: Duration = Duration::from_secs(120);
 /// The connection in use, shared by the engine's writer and the host.
 struct Current {
     stream: TcpStream,
-    writer: BufWriter<TcpStream>,
+    /// Sends page runs straight from guest memory.
+    writer: FdWriter<TcpStream>,
     /// Bytes written since post-copy started on this connection.
     postcopy_bytes: u64,
     /// Break the connection when `postcopy_bytes` passes this.
@@ -56,22 +58,35 @@ impl Current {
 /// The engine's output: writes to whatever connection is current.
 pub struct LinkWriter(Rc<RefCell<Current>>);
 
-impl ByteWrite for LinkWriter {
-    type Error = std::io::Error;
-    fn write_all(&mut self, buf: &[u8]) -> Result<(), std::io::Error> {
-        let mut c = self.0.borrow_mut();
+impl LinkWriter {
+    /// Counts `bytes` about to be written in post-copy and breaks the
+    /// connection when a test's break point is passed.
+    fn account(c: &mut Current, bytes: usize) {
         if c.postcopy {
-            c.postcopy_bytes += buf.len() as u64;
+            c.postcopy_bytes += bytes as u64;
             if c.break_at.is_some_and(|at| c.postcopy_bytes >= at) {
                 // A test's injected break: both directions go down, as
                 // when a cable is pulled.
                 let _ = c.stream.shutdown(Shutdown::Both);
             }
         }
+    }
+}
+
+impl ByteWrite for LinkWriter {
+    type Error = std::io::Error;
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), std::io::Error> {
+        let mut c = self.0.borrow_mut();
+        Self::account(&mut c, buf.len());
         c.writer.write_all(buf)
     }
+    fn write_region(&mut self, region: &HostRegion) -> Result<(), std::io::Error> {
+        let mut c = self.0.borrow_mut();
+        Self::account(&mut c, region.len());
+        c.writer.write_region(region)
+    }
     fn flush(&mut self) -> Result<(), std::io::Error> {
-        self.0.borrow_mut().writer.flush()
+        ByteWrite::flush(&mut self.0.borrow_mut().writer)
     }
 }
 
@@ -259,7 +274,7 @@ fn current(stream: TcpStream) -> Result<Current, String> {
         .map_err(|e| format!("cannot clone the connection: {e}"))?;
     Ok(Current {
         stream,
-        writer: BufWriter::with_capacity(STREAM_BUFFER, clone),
+        writer: FdWriter::new(clone),
         postcopy_bytes: 0,
         break_at: None,
         postcopy: false,

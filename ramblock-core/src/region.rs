@@ -154,11 +154,24 @@ impl HostRegion {
         let mut at = 0;
         while at < len {
             let n = (len - at).min(64);
-            let mut block = [0u8; 64];
-            // SAFETY: start + at + n <= start + len, inside the checked
-            // range; the same racy-by-design read as `read`.
-            unsafe {
-                core::ptr::copy_nonoverlapping(self.as_ptr().add(start + at), block.as_mut_ptr(), n)
+            let block = if n == 64 {
+                // SAFETY: start + at + 64 <= start + len, inside the checked
+                // range; the same racy-by-design read as `read`. A fixed
+                // size compiles to vector loads, not a `memcpy` call.
+                unsafe {
+                    core::ptr::read_unaligned(self.as_ptr().add(start + at).cast::<[u8; 64]>())
+                }
+            } else {
+                let mut block = [0u8; 64];
+                // SAFETY: as above, for the last n < 64 bytes.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(
+                        self.as_ptr().add(start + at),
+                        block.as_mut_ptr(),
+                        n,
+                    )
+                };
+                block
             };
             if !visit(&block) {
                 return Ok(false);

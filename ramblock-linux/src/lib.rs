@@ -38,12 +38,14 @@
 //! `file` (private), [`prealloc`], [`advice`], [`numa`],
 //! [`error`], plus the [`builder`] and the [`memory`] itself.
 //! [`uffd`] serves userfaultfd faults on the memory (post-copy);
-//! [`send`] writes a migration stream to a socket straight from guest memory.
+//! [`fd_stream`] moves a migration stream between a socket and guest memory
+//! without a user-space copy.
 #![deny(missing_docs)]
 
 pub mod advice;
 pub mod builder;
 pub mod error;
+pub mod fd_stream;
 mod file;
 pub mod hugetlb;
 pub mod memfd;
@@ -52,7 +54,6 @@ pub mod mmap;
 pub mod numa;
 mod pagemap;
 pub mod prealloc;
-pub mod send;
 pub mod uffd;
 
 pub use advice::{Hint, LockMode};

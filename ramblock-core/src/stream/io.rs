@@ -32,6 +32,16 @@ pub trait ByteRead {
 
     /// Fills `buf` completely, or fails.
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ReadError<Self::Error>>;
+
+    /// Reads the next `region.len()` bytes straight into `region` (guest
+    /// memory) and returns `true`, but only if the transport already holds
+    /// all of them, so the read cannot stop short; otherwise reads nothing
+    /// and returns `false` (the default). A receiver then skips its bounce
+    /// buffer without ever leaving a record half written.
+    fn read_ready_into(&mut self, region: &HostRegion) -> Result<bool, ReadError<Self::Error>> {
+        let _ = region;
+        Ok(false)
+    }
 }
 
 /// A sink of bytes.
@@ -70,6 +80,9 @@ impl<T: ByteRead + ?Sized> ByteRead for &mut T {
     type Error = T::Error;
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ReadError<T::Error>> {
         (**self).read_exact(buf)
+    }
+    fn read_ready_into(&mut self, region: &HostRegion) -> Result<bool, ReadError<T::Error>> {
+        (**self).read_ready_into(region)
     }
 }
 
@@ -115,6 +128,18 @@ impl ByteRead for SliceReader<'_> {
         buf.copy_from_slice(head);
         self.data = tail;
         Ok(())
+    }
+
+    /// Everything is in memory: ready whenever enough bytes remain.
+    fn read_ready_into(&mut self, region: &HostRegion) -> Result<bool, ReadError<Self::Error>> {
+        if region.len() > self.data.len() {
+            return Ok(false);
+        }
+        let (head, tail) = self.data.split_at(region.len());
+        // In range: `head` is exactly the region's length.
+        let _ = region.write(0, head);
+        self.data = tail;
+        Ok(true)
     }
 }
 

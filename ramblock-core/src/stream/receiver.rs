@@ -2,7 +2,8 @@
 //!
 //! Every record is checked against the block it names before a byte of guest
 //! memory is written; a `Pages` record's payload is read completely into a
-//! bounce buffer first, so a truncated or refused record writes nothing. On
+//! bounce buffer first, or straight into guest memory when the transport
+//! already holds all of it, so a truncated or refused record writes nothing. On
 //! any error the pages of the records accepted before it stay written and
 //! nothing else is touched; calling [`Receiver::receive`] again starts a new
 //! receive from a fresh stream.
@@ -503,6 +504,12 @@ impl<'b> Receiver<'b> {
                     let slot = Self::check_run(&table, block, first, count)?;
                     let len = count as usize * TARGET_PAGE_SIZE as usize;
                     let is_pages = matches!(record, Record::Pages { .. });
+                    if is_pages
+                        && !self.postcopy
+                        && self.read_in_place(list, slot, block, first, count, r)?
+                    {
+                        continue;
+                    }
                     if is_pages {
                         r.read_exact(&mut self.bounce[..len])?;
                     }
@@ -649,8 +656,6 @@ impl<'b> Receiver<'b> {
             count,
             used_pages: dest.used_pages() as u64,
         };
-        // Every page written is recorded as received (pages past a block's
-        // post-copy length just go unrecorded).
         let received = dest.received();
         if is_pages {
             region.write(start, &self.bounce[..len]).map_err(oob)?;
@@ -674,12 +679,50 @@ impl<'b> Receiver<'b> {
             }
             self.summary.zero_pages += u64::from(count);
         }
-        // Only pages inside the post-copy length have a bit to set.
+        Self::mark_received(dest, first, count);
+        Ok(())
+    }
+
+    /// Every page written is recorded as received (pages past a block's
+    /// post-copy length just go unrecorded: they have no bit).
+    fn mark_received<M: HostMemory, S: Storage>(dest: &RamBlock<M, S>, first: u64, count: u32) {
+        let received = dest.received();
         let end = (first + u64::from(count)).min(received.postcopy_pages() as u64);
         if first < end {
             let _ = received.mark_received(first as usize, (end - first) as usize);
         }
-        Ok(())
+    }
+
+    /// Reads a pre-copy `Pages` payload straight into guest memory when the
+    /// transport already holds all of it ([`ByteRead::read_ready_into`]),
+    /// saving the copy through the bounce buffer; `false` when it does not
+    /// (or the run is not inside the block), and the caller stages it.
+    fn read_in_place<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
+        &mut self,
+        list: &RamList<'_, M, S, N>,
+        slot: &Slot,
+        block: u32,
+        first: u64,
+        count: u32,
+        r: &mut R,
+    ) -> Result2<bool, R, M> {
+        let view = list.read();
+        let Some(dest) = view.by_name(slot.name.as_str()) else {
+            return Ok(false);
+        };
+        let len = count as usize * TARGET_PAGE_SIZE as usize;
+        let Ok(pages) = dest.region().subregion(first << TARGET_PAGE_SHIFT, len) else {
+            return Ok(false);
+        };
+        if !r.read_ready_into(&pages)? {
+            return Ok(false);
+        }
+        if let Some(ledger) = self.ledger.as_deref_mut() {
+            ledger.record_region(block as usize, first, &pages);
+        }
+        self.summary.pages += u64::from(count);
+        Self::mark_received(dest, first, count);
+        Ok(true)
     }
 
     /// Post-copy: places a run through `target` (hugepages once whole),

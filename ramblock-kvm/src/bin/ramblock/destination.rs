@@ -3,7 +3,7 @@
 //! started here and its missing pages asked for, and (with resuming on)
 //! new connections accepted after a break.
 
-use crate::link::{RESUME_TIMEOUT, STREAM_BUFFER};
+use crate::link::RESUME_TIMEOUT;
 use crate::memory::GuestRam;
 use crate::postcopy_target::{StartGuest, Target};
 use crate::workload::Guest;
@@ -12,8 +12,8 @@ use ramblock_core::stream::io::IoStream;
 use ramblock_core::stream::receiver::{
     send_ack, ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES,
 };
+use ramblock_linux::fd_stream::FdReader;
 use ramblock_linux::uffd::latency::LatencySummary;
-use std::io::BufReader;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -78,7 +78,7 @@ pub fn receive(
         let reader = conn
             .try_clone()
             .map_err(|e| format!("cannot clone the connection: {e}"))?;
-        let mut input = IoStream(BufReader::with_capacity(STREAM_BUFFER, reader));
+        let mut input = FdReader::new(reader);
         let result = match target.as_mut() {
             Some(t) => receiver.receive_postcopy(ram, &mut input, t, |_| {}),
             None => receiver.receive(ram, &mut input, |_| {}),

@@ -7,18 +7,13 @@ use ramblock_core::precopy::ReturnEvent;
 use ramblock_core::region::HostRegion;
 use ramblock_core::stream::format::ReturnMessage;
 use ramblock_core::stream::io::{ByteWrite, IoStream};
-use ramblock_linux::send::FdWriter;
+use ramblock_linux::fd_stream::FdWriter;
 use std::cell::RefCell;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
-
-/// Socket buffering: smaller than a 64-page record, so record payloads go
-/// straight between the socket and the page buffer, and only the small
-/// record headers are coalesced.
-pub const STREAM_BUFFER: usize = 64 << 10;
 
 /// The kernel's send buffer during post-copy: pages already sent wait in
 /// it, and a vCPU faulting on one of them waits with them, so it is kept

@@ -49,6 +49,10 @@ pub const HEARTBEAT_PORT: u16 = 0x11;
 /// Where [`Workload`] starts writing: everything below holds its code and
 /// tables.
 pub const WORKLOAD_FIRST: u64 = 1 << 20;
+/// Where x86 keeps the IOAPIC and local APIC (`0xFEE0_0000`): guest RAM
+/// mapped there is shadowed by KVM's APIC page, so a write to it exits as
+/// MMIO. The 32-bit test guest's workload stops below it.
+pub const MMIO_HOLE: u64 = 0xFEC0_0000;
 
 const PAGE: u64 = 4096;
 
@@ -326,6 +330,13 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// The loop for a guest with `ram_len` bytes of RAM from address 0:
+    /// every page from 1 MiB to the end of RAM or to the [`MMIO_HOLE`],
+    /// whichever comes first (a 4 GiB guest's last 20 MiB are not written).
+    pub fn for_ram(ram_len: u64) -> Result<Workload, KvmError> {
+        Workload::new(ram_len.min(MMIO_HOLE))
+    }
+
     /// A loop over every page in `WORKLOAD_FIRST..top`.
     pub fn new(top: u64) -> Result<Workload, KvmError> {
         if top <= WORKLOAD_FIRST || top > 1 << 32 || top % PAGE != 0 {
@@ -701,6 +712,9 @@ mod tests {
         assert_eq!(25 + (u[24] as i8 as i64), 0);
         assert!(Workload::new(1 << 20).is_err());
         assert!(Workload::new((1 << 32) + 4096).is_err());
+        // RAM reaching the APIC pages: the loop stops below the MMIO hole.
+        assert_eq!(Workload::for_ram(1 << 32).unwrap().top, MMIO_HOLE);
+        assert_eq!(Workload::for_ram(1 << 30).unwrap().top, 1 << 30);
     }
 
     #[test]

@@ -56,6 +56,9 @@ impl Guest for KvmGuest {
     fn progress(&self) -> u64 {
         self.runner.as_ref().map_or(0, |r| r.heartbeats())
     }
+    fn failure(&self) -> Option<String> {
+        self.runner.as_ref().and_then(|r| r.error())
+    }
     fn save_state(&mut self) -> Vec<u8> {
         self.runner
             .as_ref()
@@ -91,8 +94,7 @@ pub fn start(ram: &'static GuestRam, opts: &MigrateOptions) -> Result<Started, S
     unsafe { vm.map_block(block, 0, BlockRange::Whole) }.map_err(|e| e.to_string())?;
     let guest: Box<dyn Guest> = match opts.workload {
         Workload::Increment => {
-            let top = block.used_length().0.min(1 << 32);
-            let work = GuestWorkload::new(top).map_err(|e| e.to_string())?;
+            let work = GuestWorkload::for_ram(block.used_length().0).map_err(|e| e.to_string())?;
             let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
             work.load(&block.region(), &vcpu)
                 .map_err(|e| e.to_string())?;
@@ -144,14 +146,13 @@ pub fn prepare_destination(ram: &'static GuestRam) -> Result<StartGuest, String>
 /// Where the increment workload resumes from `state` (its next page), for
 /// checking a destination that ran on after post-copy.
 pub fn resume_point(ram: &GuestRam, state: &[u8]) -> Result<(GuestWorkload, u64), String> {
-    let top = ram
+    let len = ram
         .read()
         .by_name(RAM_BLOCK)
         .ok_or("no guest RAM block")?
         .used_length()
-        .0
-        .min(1 << 32);
-    let work = GuestWorkload::new(top).map_err(|e| e.to_string())?;
+        .0;
+    let work = GuestWorkload::for_ram(len).map_err(|e| e.to_string())?;
     let state = VcpuState::from_bytes(state).map_err(|e| e.to_string())?;
     let next = work.next_page_index(&state).map_err(|e| e.to_string())?;
     Ok((work, next))

@@ -244,7 +244,7 @@ fn run_source(
     guest: &mut dyn Guest,
     mut send: impl FnMut(&GuestRam, &mut dyn Guest, TcpStream, &str) -> Result<Sent, String>,
 ) -> Result<(), String> {
-    warm_up(guest, opts);
+    warm_up(guest, opts)?;
     let start_progress = guest.progress();
     if let Some(addr) = &opts.to {
         let conn = connect(addr)?;
@@ -284,6 +284,7 @@ fn run_source(
     let conn = TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let result = send(ram, guest, conn, &addr.to_string());
     summary.guest_progress = guest.progress() - start_progress;
+    let result = result.and_then(|sent| guest_alive(guest).map(|()| sent));
     let received = receiver
         .join()
         .map_err(|_| "the destination thread panicked".to_string())?;
@@ -345,16 +346,29 @@ fn verify_resumed(
     )
 }
 
-/// Runs the guest until it has written its memory once (or 10 s passed),
-/// so the migration moves real data.
-fn warm_up(guest: &mut dyn Guest, opts: &MigrateOptions) {
+/// Runs the guest until it has written its memory once, so the migration
+/// moves real data. First writes cost most on a nested host (about 3 s
+/// per GiB here), so the wait allows 10 s plus 10 s per GiB before it
+/// goes on regardless; a vCPU that died is an error.
+fn warm_up(guest: &mut dyn Guest, opts: &MigrateOptions) -> Result<(), String> {
     if opts.workload != options::Workload::Increment {
         std::thread::sleep(Duration::from_millis(200));
-        return;
+        return guest_alive(guest);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while guest.progress() < 1 && Instant::now() < deadline {
+    let gib = opts.size.div_ceil(1 << 30) as u32;
+    let deadline = Instant::now() + Duration::from_secs(10) * (1 + gib);
+    while guest.progress() < 1 && Instant::now() < deadline && guest.failure().is_none() {
         std::thread::sleep(Duration::from_millis(5));
+    }
+    guest_alive(guest)
+}
+
+/// An error if the source guest's vCPU stopped on its own: a migration of
+/// a dead guest would "verify" memory nobody was writing.
+fn guest_alive(guest: &dyn Guest) -> Result<(), String> {
+    match guest.failure() {
+        Some(e) => Err(format!("the source guest stopped: {e}")),
+        None => Ok(()),
     }
 }
 

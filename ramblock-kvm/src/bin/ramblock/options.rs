@@ -86,7 +86,8 @@ pub enum Backing {
 pub enum Workload {
     /// Nothing writes.
     Idle,
-    /// Increment a byte in every page from 1 MiB to the top, in a loop.
+    /// Increment a byte in every page from 1 MiB to the top of RAM (below
+    /// the APIC hole at 0xFEC0_0000), in a loop.
     Increment,
     /// Random page writes at this many pages per second.
     Random(u64),

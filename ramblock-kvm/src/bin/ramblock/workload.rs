@@ -19,6 +19,10 @@ pub trait Guest: Send {
     fn set_throttle(&mut self, percent: u8);
     /// Work done so far (completed loop passes, or pages written).
     fn progress(&self) -> u64;
+    /// Why the guest stopped on its own (a vCPU error), if it did.
+    fn failure(&self) -> Option<String> {
+        None
+    }
     /// The paused guest's device state for a post-copy destination (empty:
     /// nothing to start there).
     fn save_state(&mut self) -> Vec<u8> {

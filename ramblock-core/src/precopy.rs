@@ -488,6 +488,11 @@ impl<
                 .write(slot.name.as_str(), self.out)
                 .map_err(MigrateError::Write)?;
         }
+        if let Some(ledger) = self.host.ledger() {
+            for (index, slot) in self.table.iter().enumerate() {
+                ledger.reserve(index, slot.used_length >> TARGET_PAGE_SHIFT);
+            }
+        }
         Ok(())
     }
 

@@ -464,6 +464,11 @@ impl<'b> Receiver<'b> {
         mut events: impl FnMut(ReceiveEvent),
     ) -> Result2<ReceiveSummary, R, M> {
         let (mut table, resumed) = Self::read_table(list, r)?;
+        if let Some(ledger) = self.ledger.as_deref_mut() {
+            for (index, slot) in table.iter().enumerate() {
+                ledger.reserve(index, slot.used_pages);
+            }
+        }
         match (resumed, self.postcopy) {
             (false, false) => self.summary = ReceiveSummary::default(),
             (true, true) => {

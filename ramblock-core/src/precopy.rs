@@ -48,7 +48,8 @@ pub struct PrecopyConfig {
     pub max_passes: u32,
     /// Bytes per second on the wire, if capped.
     pub bandwidth_limit: Option<u64>,
-    /// Throttle the guest's vCPUs when it dirties memory faster than it is sent.
+    /// Throttle the guest's vCPUs when it dirties more than half of what a
+    /// pass sends ([`next_throttle`] says how much).
     pub auto_converge: bool,
     /// Switch to post-copy after this many pre-copy passes (or at the pass
     /// limit) instead of stopping the guest until everything is sent; a
@@ -525,19 +526,15 @@ impl<
     }
 
     /// Auto-converge: when the guest dirtied more than half of what the pass
-    /// sent, slow its vCPUs (20%, then 10% more per pass, at most 99%).
+    /// sent, slow its vCPUs ([`next_throttle`]).
     fn converge(&mut self, r: &PassReport) {
         if !self.cfg.auto_converge {
             return;
         }
         let dirtied_bytes = r.dirty_rate * (r.duration_ns as f64 / 1e9) * PAGE as f64;
-        if dirtied_bytes > r.bytes as f64 / 2.0 {
-            self.throttle = if self.throttle == 0 {
-                20
-            } else {
-                (self.throttle + 10).min(99)
-            };
-            self.host.set_throttle(self.throttle);
+        if let Some(throttle) = next_throttle(self.throttle, r.bytes as f64, dirtied_bytes) {
+            self.throttle = throttle;
+            self.host.set_throttle(throttle);
         }
     }
 
@@ -810,6 +807,33 @@ impl MigrationStats {
     }
 }
 
+/// Auto-converge's throttle (percent of the time the vCPUs sleep) after a
+/// pass that sent `sent` bytes while the guest, throttled at `current`,
+/// dirtied `dirtied` bytes; `None` while it dirties at most half of what is
+/// sent (QEMU's trigger).
+///
+/// Otherwise the vCPUs' running share is scaled by `sent / 2 ÷ dirtied`, so
+/// that at the rate just measured the guest would dirty half of what is
+/// sent: a guest dirtying as fast as the link sends is throttled 50% at
+/// once instead of climbing QEMU's fixed steps pass by pass while it
+/// re-dirties everything. The steps stay a floor (20% the first time, then
+/// 10 points more each time), and 99% the ceiling.
+pub fn next_throttle(current: u8, sent: f64, dirtied: f64) -> Option<u8> {
+    if dirtied <= sent / 2.0 {
+        return None;
+    }
+    let floor = if current == 0 {
+        20
+    } else {
+        current.saturating_add(10)
+    };
+    let running = f64::from(100 - current.min(99));
+    // dirtied > 0 here, so the division is finite.
+    let proportional = (100.0 - running * (sent / 2.0) / dirtied).ceil();
+    let proportional = proportional.clamp(0.0, 99.0) as u8;
+    Some(floor.max(proportional).min(99))
+}
+
 /// Bytes of a record's header on the wire.
 pub(crate) fn record_len(r: &Record) -> u64 {
     match r {
@@ -817,5 +841,32 @@ pub(crate) fn record_len(r: &Record) -> u64 {
         Record::Sync { .. } | Record::Resize { .. } => 13,
         Record::End { .. } | Record::Postcopy { .. } => 5,
         Record::Discard { .. } => 17,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_throttle;
+
+    #[test]
+    fn the_throttle_scales_the_running_share_to_halve_the_dirty_rate() {
+        const MIB: f64 = 1048576.0;
+        // At most half dirtied: no throttle, whatever the current one.
+        assert_eq!(next_throttle(0, 100.0 * MIB, 50.0 * MIB), None);
+        assert_eq!(next_throttle(40, 100.0 * MIB, 10.0 * MIB), None);
+        // A guest dirtying as fast as the link sends: half its running time.
+        assert_eq!(next_throttle(0, 100.0 * MIB, 100.0 * MIB), Some(50));
+        // Barely over half: QEMU's first step is the floor (17% < 20%).
+        assert_eq!(next_throttle(0, 100.0 * MIB, 60.0 * MIB), Some(20));
+        // Already at 50% and still dirtying 80%: 50% running * 0.625 =
+        // 31.25% running, so 69% (above the floor of 60%).
+        assert_eq!(next_throttle(50, 100.0 * MIB, 80.0 * MIB), Some(69));
+        // Just over half at 30%: the floor, 10 points more.
+        assert_eq!(next_throttle(30, 100.0 * MIB, 51.0 * MIB), Some(40));
+        // Never past 99%, nothing sent included.
+        assert_eq!(next_throttle(0, 1.0 * MIB, 1000.0 * MIB), Some(99));
+        assert_eq!(next_throttle(95, 100.0 * MIB, 100.0 * MIB), Some(99));
+        assert_eq!(next_throttle(99, 0.0, 1.0), Some(99));
+        assert_eq!(next_throttle(0, 0.0, 1.0), Some(99));
     }
 }

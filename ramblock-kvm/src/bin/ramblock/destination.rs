@@ -4,10 +4,9 @@
 //! new connections accepted after a break.
 
 use crate::link::RESUME_TIMEOUT;
-use crate::memory::GuestRam;
+use crate::memory::{ledger_for, GuestRam};
 use crate::postcopy_target::{StartGuest, Target};
 use crate::workload::Guest;
-use ramblock_core::checksum::Ledger;
 use ramblock_core::stream::io::IoStream;
 use ramblock_core::stream::receiver::{
     send_ack, ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES,
@@ -54,7 +53,7 @@ pub fn receive(
     let mut hugepage = vec![0u8; HUGEPAGE_BUFFER];
     // The end checksums come from what was received, page by page, so
     // verifying them adds nothing to the downtime.
-    let mut ledger = Ledger::new();
+    let mut ledger = ledger_for(ram);
     let mut receiver = Receiver::new(&mut bounce)
         .map_err(|e| e.to_string())?
         .with_ledger(&mut ledger)

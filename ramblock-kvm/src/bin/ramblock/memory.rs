@@ -4,6 +4,7 @@ use crate::options::Backing;
 use ramblock_core::addr::{ByteLen, PageSize};
 use ramblock_core::bitmap::Owned;
 use ramblock_core::block::{BlockBitmaps, BlockSpec};
+use ramblock_core::checksum::{Ledger, PageLedger};
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
 use ramblock_core::name::BlockName;
@@ -75,6 +76,16 @@ pub fn guest_ram(
     list.add(spec, memory, bitmaps)
         .map_err(|e| format!("cannot add {RAM_BLOCK}: {e}"))?;
     Ok(list)
+}
+
+/// A page ledger for `ram`'s one block (table index 0), its room made
+/// now: before the migration's clock starts, not page by page during it.
+pub fn ledger_for(ram: &GuestRam) -> Ledger {
+    let mut ledger = Ledger::new();
+    if let Some(block) = ram.read().by_name(RAM_BLOCK) {
+        ledger.reserve(0, block.used_pages() as u64);
+    }
+    ledger
 }
 
 /// The first page whose contents differ between `a` and `b` (same block

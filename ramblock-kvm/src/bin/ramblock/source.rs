@@ -2,7 +2,7 @@
 //! guest paused, resumed and throttled through [`Guest`].
 
 use crate::link::{Breaks, Link};
-use crate::memory::GuestRam;
+use crate::memory::{ledger_for, GuestRam};
 use crate::options::MigrateOptions;
 use crate::report::pass_line;
 use crate::workload::Guest;
@@ -139,7 +139,7 @@ pub fn send<D: DirtyLogSource>(
         guest,
         t0: Instant::now(),
         quiet: opts.json,
-        ledger: Ledger::new(),
+        ledger: ledger_for(ram),
         link,
         state: &mut device_state,
     };

@@ -1,18 +1,21 @@
-//! Minimal test guests: hand-assembled 32-bit protected-mode code, no
-//! firmware, no paging.
+//! Minimal test guests: hand-assembled code, no firmware.
 //!
 //! - [`PageWriter`]: writes one byte to each page of a list, then does
-//!   `out` to [`EXIT_PORT`]: straight-line code, one 10-byte
+//!   `out` to [`EXIT_PORT`]: straight-line 32-bit code without paging, one
 //!   `mov byte [addr], imm8` per page. It starts directly at CPL 3 (segment
-//!   state set with `KVM_SET_SREGS`, IOPL 3), so it touches no stack and
-//!   runs natively even where KVM emulates CPL 0: on such a host an emulated
-//!   store loop can outrun the dirty ring's full check and overflow it
-//!   (the kernel warns "should never get full" and drops entries).
-//! - [`Workload`]: runs at CPL 3 (GDT with ring-3 code and data segments,
-//!   a TSS, IOPL 3 so `out` is allowed there) and loops forever
+//!   state set with `KVM_SET_SREGS`, IOPL 3) and touches no stack. On PVM
+//!   it runs in KVM's instruction emulator (no paging), which is fast
+//!   enough for the tests that use it and keeps it simple.
+//! - [`Workload`]: the migration workload, which must run at full speed.
+//!   It runs at CPL 3 in 64-bit long mode with paging on (an identity map
+//!   of the low 4 GiB in 2 MiB user pages; GDT with ring-3 segments; a TSS
+//!   whose I/O bitmap allows its ports; IOPL 3) and loops forever
 //!   incrementing one byte in every 4 KiB page from 1 MiB to the top of
-//!   guest RAM, doing `out` to [`HEARTBEAT_PORT`] once per full pass. It
-//!   uses no `hlt` or `int`, which some nested hosts refuse at CPL 3.
+//!   guest RAM (below the [`MMIO_HOLE`]), doing `out` to
+//!   [`HEARTBEAT_PORT`] once per full pass. It uses no `hlt` or `int`,
+//!   which some nested hosts refuse at CPL 3. PVM runs such code natively;
+//!   the same loop without paging was emulated instruction by instruction
+//!   (about 0.4 M pages a second, a hundredth of the native rate).
 //!
 //! For post-copy switch-over, [`Workload::next_page_index`] reads from a
 //! saved [`VcpuState`] which page the loop writes next, and
@@ -64,7 +67,8 @@ struct Seg {
     limit: u32,
     /// Access byte: present, DPL, S, type.
     access: u8,
-    /// Granularity and default size (the descriptor's high nibble).
+    /// Granularity, default size and long mode (the descriptor's high
+    /// nibble: G, D/B, L, AVL).
     flags: u8,
 }
 
@@ -106,7 +110,7 @@ impl Seg {
             dpl: self.access >> 5 & 3,
             db: self.flags >> 2 & 1,
             s: self.access >> 4 & 1,
-            l: 0,
+            l: self.flags >> 1 & 1,
             g,
             avl: 0,
             unusable: 0,
@@ -124,11 +128,16 @@ const TSS: Seg = Seg {
     selector: 0x28,
     base: TSS_GPA as u32,
     limit: TSS_LEN - 1,
-    access: 0x8b, // present, 32-bit TSS, busy
+    access: 0x8b, // present, busy TSS (32-bit, or 64-bit in long mode)
     flags: 0,
 };
-const GDT: [Seg; 5] = [CODE0, DATA0, CODE3, DATA3, TSS];
-const GDT_LIMIT: u16 = 6 * 8 - 1;
+/// Ring-3 64-bit code (L set, D clear), for the [`Workload`] in long mode.
+/// It follows the TSS, whose descriptor takes two slots in long mode.
+const CODE3_64: Seg = Seg {
+    flags: 0xa,
+    ..Seg::flat(0x38 | 3, 0xfb)
+};
+const GDT_LIMIT: u16 = 8 * 8 - 1;
 
 /// Writes the GDT (null, ring-0 code/data, ring-3 code/data, TSS) and the
 /// TSS into `low`, the host memory at guest-physical 0.
@@ -137,15 +146,34 @@ fn load_tables(low: &HostRegion) -> Result<(), KvmError> {
         low.write(gpa, bytes)
             .map_err(|e| KvmError::GuestLayout(format!("low memory too small: {e}")))
     };
-    let gdt: Vec<u8> = std::iter::once(0)
-        .chain(GDT.iter().map(|s| s.descriptor()))
-        .flat_map(u64::to_le_bytes)
-        .collect();
+    // The TSS descriptor's upper half (long mode) is zero: its base is low.
+    let gdt: Vec<u8> = [
+        0,
+        CODE0.descriptor(),
+        DATA0.descriptor(),
+        CODE3.descriptor(),
+    ]
+    .into_iter()
+    .chain([
+        DATA3.descriptor(),
+        TSS.descriptor(),
+        0,
+        CODE3_64.descriptor(),
+    ])
+    .flat_map(u64::to_le_bytes)
+    .collect();
     put(GDT_GPA, &gdt)?;
     let mut tss = [0u8; TSS_LEN as usize];
-    tss[4..8].copy_from_slice(&KERNEL_STACK.to_le_bytes()); // esp0
-    tss[8..10].copy_from_slice(&DATA0.selector.to_le_bytes()); // ss0
-    tss[102..104].copy_from_slice(&(TSS_LEN as u16).to_le_bytes()); // no I/O bitmap
+    tss[4..8].copy_from_slice(&KERNEL_STACK.to_le_bytes()); // esp0 (rsp0's low half)
+    tss[8..10].copy_from_slice(&DATA0.selector.to_le_bytes()); // ss0 (32-bit)
+                                                               // An I/O bitmap allowing exactly the guests' ports. IOPL 3 allows them
+                                                               // too, but PVM checks the bitmap when it runs CPL 3 code natively.
+    tss[102..104].copy_from_slice(&IO_BITMAP_OFFSET.to_le_bytes());
+    let bitmap = &mut tss[IO_BITMAP_OFFSET as usize..];
+    bitmap.fill(0xff);
+    for port in [EXIT_PORT, HEARTBEAT_PORT, YIELD_PORT] {
+        bitmap[usize::from(port / 8)] &= !(1 << (port % 8));
+    }
     put(TSS_GPA, &tss)
 }
 
@@ -177,6 +205,64 @@ fn enter_user32(vcpu: &Vcpu, rip: u64) -> Result<(), KvmError> {
     vcpu.fd()
         .set_regs(&regs)
         .map_err(|e| KvmError::from_kvm(format!("KVM_SET_REGS (vCPU {})", vcpu.id()), e))
+}
+
+/// Puts the vCPU at CPL 3 in 64-bit long mode at `rip`, with paging on the
+/// identity map [`write_identity_map`] built (IOPL 3 and the TSS's I/O
+/// bitmap for `out`, interrupts off), without running any CPL 0 code.
+/// PVM runs CPL 3 code natively only with paging on; without it, every
+/// instruction goes through KVM's emulator (about 1.5 M per second).
+fn enter_user64(vcpu: &Vcpu, rip: u64) -> Result<(), KvmError> {
+    enter_flat32(vcpu, rip, |s| {
+        set_tables(s);
+        s.cr3 = PML4_GPA;
+        s.cr4 |= CR4_PAE;
+        s.cr0 |= CR0_PG;
+        s.efer |= EFER_LME | EFER_LMA;
+        s.cs = CODE3_64.kvm();
+        for seg in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
+            *seg = DATA3.kvm();
+        }
+    })?;
+    let regs = kvm_regs {
+        rip,
+        rsp: u64::from(USER_STACK),
+        rflags: 0x3002,
+        ..Default::default()
+    };
+    vcpu.fd()
+        .set_regs(&regs)
+        .map_err(|e| KvmError::from_kvm(format!("KVM_SET_REGS (vCPU {})", vcpu.id()), e))
+}
+
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+/// Writes 4-level page tables at [`PML4_GPA`] mapping guest-virtual
+/// `0..4 GiB` to the same guest-physical addresses in 2 MiB user pages
+/// (present, writable, user). They fill `PML4_GPA..PML4_GPA + 6 pages`,
+/// below [`WORKLOAD_FIRST`], so the workload never writes them.
+fn write_identity_map(low: &HostRegion) -> Result<(), KvmError> {
+    const PRESENT_RW_USER: u64 = 0x7;
+    const HUGE: u64 = 0x80;
+    let pdpt = PML4_GPA + PAGE;
+    let mut tables = vec![0u8; 6 * PAGE as usize];
+    let mut entry = |table: u64, index: u64, value: u64| {
+        let at = ((table - PML4_GPA) + index * 8) as usize;
+        tables[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    };
+    entry(PML4_GPA, 0, pdpt | PRESENT_RW_USER);
+    for gib in 0..4 {
+        let pd = pdpt + PAGE * (1 + gib);
+        entry(pdpt, gib, pd | PRESENT_RW_USER);
+        for i in 0..512 {
+            entry(pd, i, (gib << 30 | i << 21) | HUGE | PRESENT_RW_USER);
+        }
+    }
+    low.write(PML4_GPA, &tables)
+        .map_err(|e| KvmError::GuestLayout(format!("low memory too small: {e}")))
 }
 
 /// Puts the vCPU in 32-bit protected mode (no paging) at CPL 0 with flat
@@ -305,7 +391,11 @@ const USER_CODE_GPA: u64 = 0x3000;
 pub const PAGE_WRITER_CODE: u64 = 0x4000;
 const USER_STACK: u32 = 0x7000;
 const KERNEL_STACK: u32 = 0x8000;
-const TSS_LEN: u32 = 104;
+/// The [`Workload`]'s page tables: `0x9000..0xF000`.
+const PML4_GPA: u64 = 0x9000;
+/// The TSS's I/O bitmap: ports 0..32, then the 0xFF byte that ends it.
+const IO_BITMAP_OFFSET: u16 = 104;
+const TSS_LEN: u32 = IO_BITMAP_OFFSET as u32 + 5;
 
 // Where each instruction of [`Workload::user_code`] starts, from
 // `USER_CODE_GPA` (cs has base 0, so `rip` is `USER_CODE_GPA` plus these).
@@ -314,11 +404,11 @@ const AT_MOV_ECX: u64 = 5;
 const AT_INC: u64 = 10;
 const AT_ADD: u64 = 12;
 const AT_DEC: u64 = 18;
-const AT_JNZ: u64 = 19;
-const AT_OUT: u64 = 21;
-const AT_JMP: u64 = 23;
+const AT_JNZ: u64 = 20;
+const AT_OUT: u64 = 22;
+const AT_JMP: u64 = 24;
 /// Bytes of the workload's code.
-const CODE_LEN: u64 = 25;
+const CODE_LEN: u64 = 26;
 /// The zero flag in `rflags`.
 const ZF: u64 = 1 << 6;
 
@@ -356,9 +446,10 @@ impl Workload {
     /// guest-physical `0..1 MiB` (or more), and points `vcpu` at it, at CPL 3.
     pub fn load(&self, low: &HostRegion, vcpu: &Vcpu) -> Result<(), KvmError> {
         load_tables(low)?;
+        write_identity_map(low)?;
         low.write(USER_CODE_GPA, &self.user_code())
             .map_err(|e| KvmError::GuestLayout(format!("low memory too small: {e}")))?;
-        enter_user32(vcpu, USER_CODE_GPA)
+        enter_user64(vcpu, USER_CODE_GPA)
     }
 
     /// Which page (0-based from [`WORKLOAD_FIRST`]) the loop increments
@@ -447,18 +538,20 @@ impl Workload {
         }
     }
 
-    /// CPL 3: `for (;;) { for each page: inc byte [page]; out HEARTBEAT }`.
+    /// CPL 3, 64-bit: `for (;;) { for each page: inc byte [page]; out
+    /// HEARTBEAT }`. 32-bit operations zero-extend, so rbx and rcx never
+    /// hold more than their low halves.
     fn user_code(&self) -> Vec<u8> {
         let mut c = vec![0xbb]; // start: mov ebx, WORKLOAD_FIRST
         c.extend_from_slice(&(WORKLOAD_FIRST as u32).to_le_bytes());
         c.push(0xb9); // mov ecx, pages
         c.extend_from_slice(&(self.pages() as u32).to_le_bytes());
-        // loop (offset 10): inc byte [ebx]; add ebx, 4096; dec ecx; jnz loop
+        // loop (offset 10): inc byte [rbx]; add ebx, 4096; dec ecx; jnz loop
         c.extend_from_slice(&[
-            0xfe, 0x03, 0x81, 0xc3, 0x00, 0x10, 0x00, 0x00, 0x49, 0x75, 0xf5,
+            0xfe, 0x03, 0x81, 0xc3, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xf4,
         ]);
         // out HEARTBEAT, al; jmp start
-        c.extend_from_slice(&[0xe6, HEARTBEAT_PORT as u8, 0xeb, 0xe7]);
+        c.extend_from_slice(&[0xe6, HEARTBEAT_PORT as u8, 0xeb, 0xe6]);
         c
     }
 }
@@ -685,12 +778,58 @@ mod tests {
     fn descriptors_match_the_known_encodings() {
         assert_eq!(CODE0.descriptor(), 0x00cf_9b00_0000_ffff);
         assert_eq!(DATA3.descriptor(), 0x00cf_f300_0000_ffff);
-        assert_eq!(TSS.descriptor(), 0x0000_8b00_2000_0067);
+        assert_eq!(TSS.descriptor(), 0x0000_8b00_2000_006c);
         let k = CODE3.kvm();
         assert_eq!(
-            (k.limit, k.dpl, k.type_, k.db, k.g),
-            (0xffff_ffff, 3, 0xb, 1, 1)
+            (k.limit, k.dpl, k.type_, k.db, k.l, k.g),
+            (0xffff_ffff, 3, 0xb, 1, 0, 1)
         );
+        // 64-bit code: L set, D clear.
+        assert_eq!(CODE3_64.descriptor(), 0x00af_fb00_0000_ffff);
+        let k = CODE3_64.kvm();
+        assert_eq!((k.selector, k.dpl, k.db, k.l), (0x3b, 3, 0, 1));
+    }
+
+    #[test]
+    fn the_identity_map_and_io_bitmap_say_what_the_guest_needs() {
+        let mut low = vec![0u8; 1 << 20];
+        // SAFETY: `low` outlives the region and is only used through it.
+        let r = unsafe {
+            HostRegion::new(
+                core::ptr::NonNull::new(low.as_mut_ptr()).unwrap(),
+                low.len(),
+            )
+        };
+        write_identity_map(&r).unwrap();
+        load_tables(&r).unwrap();
+        let q = |gpa: u64| u64::from_le_bytes(low[gpa as usize..][..8].try_into().unwrap());
+        // Walk the tables for a few addresses: each maps to itself.
+        for va in [
+            0u64,
+            0x3000,
+            WORKLOAD_FIRST,
+            (1 << 30) + 0x20_0000,
+            MMIO_HOLE - PAGE,
+        ] {
+            let pdpt = q(PML4_GPA) & !0xfff;
+            let pd = q(pdpt + (va >> 30) * 8);
+            assert_eq!(pd & 0x7, 0x7, "present, writable, user");
+            let pde = q((pd & !0xfff) + (va >> 21 & 511) * 8);
+            assert_eq!(pde & 0x87, 0x87, "a 2 MiB user page");
+            assert_eq!((pde & !0x1f_ffff) | (va & 0x1f_ffff), va);
+        }
+        assert!(PML4_GPA + 6 * PAGE <= WORKLOAD_FIRST);
+        // The I/O bitmap lets exactly the guests' ports through.
+        let bitmap = &low[(TSS_GPA + u64::from(IO_BITMAP_OFFSET)) as usize..][..5];
+        for port in 0..32u16 {
+            let allowed = bitmap[usize::from(port / 8)] >> (port % 8) & 1 == 0;
+            assert_eq!(
+                allowed,
+                [EXIT_PORT, HEARTBEAT_PORT, YIELD_PORT].contains(&port),
+                "port {port:#x}"
+            );
+        }
+        assert_eq!(bitmap[4], 0xff, "the bitmap's end marker");
     }
 
     #[test]
@@ -705,11 +844,11 @@ mod tests {
         assert!(page_writer_program(&[1 << 32], 0).is_err());
         let w = Workload::new(3 << 20).unwrap();
         let u = w.user_code();
-        assert_eq!(u.len(), 25);
+        assert_eq!(u.len(), 26);
         assert_eq!(u32::from_le_bytes(u[6..10].try_into().unwrap()), 512);
         // jnz back to offset 10, jmp back to 0.
-        assert_eq!(21 + (u[20] as i8 as i64), 10);
-        assert_eq!(25 + (u[24] as i8 as i64), 0);
+        assert_eq!(22 + (u[21] as i8 as i64), 10);
+        assert_eq!(26 + (u[25] as i8 as i64), 0);
         assert!(Workload::new(1 << 20).is_err());
         assert!(Workload::new((1 << 32) + 4096).is_err());
         // RAM reaching the APIC pages: the loop stops below the MMIO hole.
@@ -726,7 +865,7 @@ mod tests {
         assert_eq!(opcode(AT_MOV_ECX), 0xb9);
         assert_eq!(&u[AT_INC as usize..][..2], &[0xfe, 0x03]);
         assert_eq!(&u[AT_ADD as usize..][..2], &[0x81, 0xc3]);
-        assert_eq!(opcode(AT_DEC), 0x49);
+        assert_eq!(&u[AT_DEC as usize..][..2], &[0xff, 0xc9]);
         assert_eq!(opcode(AT_JNZ), 0x75);
         assert_eq!(opcode(AT_OUT), 0xe6);
         assert_eq!(opcode(AT_JMP), 0xeb);

@@ -412,6 +412,14 @@ impl Vm {
             .fd
             .create_vcpu(id)
             .map_err(|e| KvmError::from_kvm(format!("KVM_CREATE_VCPU({id})"), e))?;
+        // Everything the host supports, so a guest may enter long mode:
+        // KVM refuses EFER.LME for a vCPU whose CPUID lacks it.
+        let cpuid = self
+            ._kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| KvmError::from_kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(|e| KvmError::from_kvm(format!("KVM_SET_CPUID2 (vCPU {id})"), e))?;
         if let DirtyLogMode::Ring { entries } = self.mode {
             // SAFETY: `fd` owns the vCPU descriptor and outlives the borrow.
             let raw = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };

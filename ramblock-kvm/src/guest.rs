@@ -393,6 +393,8 @@ const USER_STACK: u32 = 0x7000;
 const KERNEL_STACK: u32 = 0x8000;
 /// The [`Workload`]'s page tables: `0x9000..0xF000`.
 const PML4_GPA: u64 = 0x9000;
+// The workload never writes its own page tables.
+const _: () = assert!(PML4_GPA + 6 * PAGE <= WORKLOAD_FIRST);
 /// The TSS's I/O bitmap: ports 0..32, then the 0xFF byte that ends it.
 const IO_BITMAP_OFFSET: u16 = 104;
 const TSS_LEN: u32 = IO_BITMAP_OFFSET as u32 + 5;
@@ -818,7 +820,6 @@ mod tests {
             assert_eq!(pde & 0x87, 0x87, "a 2 MiB user page");
             assert_eq!((pde & !0x1f_ffff) | (va & 0x1f_ffff), va);
         }
-        assert!(PML4_GPA + 6 * PAGE <= WORKLOAD_FIRST);
         // The I/O bitmap lets exactly the guests' ports through.
         let bitmap = &low[(TSS_GPA + u64::from(IO_BITMAP_OFFSET)) as usize..][..5];
         for port in 0..32u16 {

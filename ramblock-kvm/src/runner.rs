@@ -229,6 +229,8 @@ impl VcpuRunner {
             // that request alone.
             if c.request == Request::Run {
                 c.request = Request::Pause;
+                // Wakes a vCPU napping for the throttle.
+                self.shared.changed.notify_all();
             }
         }
         self.wait_until_stopped();
@@ -352,6 +354,29 @@ impl Drop for VcpuRunner {
     }
 }
 
+/// The throttle's sleep, on the control condvar so that a pause or stop
+/// ends it at once (a migration pauses the guest to switch over, and every
+/// millisecond of waiting for a napping vCPU is downtime). Returns whether
+/// the vCPU may run on.
+fn throttle_nap(s: &Shared, nap: Duration) -> bool {
+    let deadline = Instant::now() + nap;
+    let mut c = lock(&s.control);
+    loop {
+        if c.request != Request::Run {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return true;
+        }
+        c = s
+            .changed
+            .wait_timeout(c, deadline - now)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+}
+
 fn vcpu_thread(vm: &Vm, mut vcpu: Vcpu, s: &Shared) -> Vcpu {
     let run = vcpu.fd_mut().get_kvm_run();
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::addr_of_mut!(run.immediate_exit)));
@@ -385,11 +410,16 @@ fn vcpu_thread(vm: &Vm, mut vcpu: Vcpu, s: &Shared) -> Vcpu {
         }
         let ppm = f64::from(s.throttle_ppm.load(Ordering::Relaxed)) / 1e6;
         if ppm > 0.0 && !last_run.is_zero() {
-            std::thread::sleep(
-                last_run
-                    .mul_f64(ppm / (1.0 - ppm))
-                    .min(Duration::from_secs(1)),
-            );
+            // A run longer than a tick began before the throttle did (the
+            // ticker kicks every tick once it is set): it earns one tick's
+            // nap, not one proportional to time spent unthrottled.
+            let nap = last_run
+                .min(THROTTLE_TICK)
+                .mul_f64(ppm / (1.0 - ppm))
+                .min(Duration::from_secs(1));
+            if !throttle_nap(s, nap) {
+                continue; // a pause or stop came: answer it before running
+            }
         }
         let t0 = Instant::now();
         let event = vcpu.run(vm);
@@ -416,5 +446,54 @@ fn vcpu_thread(vm: &Vm, mut vcpu: Vcpu, s: &Shared) -> Vcpu {
         s.changed.notify_all();
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
         return vcpu;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(request: Request) -> Arc<Shared> {
+        Arc::new(Shared {
+            control: Mutex::new(Control {
+                request,
+                state: State::Running,
+                error: None,
+                snapshot: None,
+            }),
+            changed: Condvar::new(),
+            heartbeats: AtomicU64::new(0),
+            throttle_ppm: AtomicU32::new(0),
+            ticker_stop: AtomicBool::new(false),
+        })
+    }
+
+    /// A pause or stop ends the throttle's nap: a vCPU never keeps a
+    /// migration's switch-over waiting while it sleeps. (Were the nap not
+    /// cut short, these would sleep for an hour.)
+    #[test]
+    fn a_pause_or_stop_ends_the_throttle_nap() {
+        let hour = Duration::from_secs(3600);
+        assert!(!throttle_nap(&shared(Request::Pause), hour));
+        assert!(!throttle_nap(&shared(Request::Stop), hour));
+        // Asked while napping: the request's notification wakes it.
+        let s = shared(Request::Run);
+        let napper = {
+            let s = s.clone();
+            std::thread::spawn(move || throttle_nap(&s, hour))
+        };
+        while !napper.is_finished() {
+            let mut c = lock(&s.control);
+            c.request = Request::Pause;
+            s.changed.notify_all();
+            drop(c);
+            std::thread::yield_now();
+        }
+        assert!(!napper.join().unwrap());
+        // Nothing asked: the nap runs its course and the vCPU runs on.
+        assert!(throttle_nap(
+            &shared(Request::Run),
+            Duration::from_millis(1)
+        ));
     }
 }

@@ -186,40 +186,24 @@ fn set_tables(s: &mut kvm_bindings::kvm_sregs) {
     s.tr = TSS.kvm();
 }
 
-/// Puts the vCPU at CPL 3 in 32-bit protected mode (flat ring-3 segments,
-/// IOPL 3, interrupts off) at `rip`, without running any CPL 0 code.
-fn enter_user32(vcpu: &Vcpu, rip: u64) -> Result<(), KvmError> {
+/// Puts the vCPU at CPL 3 at `rip` (flat ring-3 segments, IOPL 3,
+/// interrupts off), without running any CPL 0 code: in 32-bit protected
+/// mode without paging, or with `long_mode` in 64-bit long mode with paging
+/// on the identity map [`write_identity_map`] built (the TSS's I/O bitmap
+/// also allows `out`). PVM runs CPL 3 code natively only with paging on;
+/// without it, every instruction goes through KVM's emulator (about 1.5 M
+/// per second).
+fn enter_user(vcpu: &Vcpu, rip: u64, long_mode: bool) -> Result<(), KvmError> {
     enter_flat32(vcpu, rip, |s| {
         set_tables(s);
         s.cs = CODE3.kvm();
-        for seg in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
-            *seg = DATA3.kvm();
+        if long_mode {
+            s.cr3 = PML4_GPA;
+            s.cr4 |= CR4_PAE;
+            s.cr0 |= CR0_PG;
+            s.efer |= EFER_LME | EFER_LMA;
+            s.cs = CODE3_64.kvm();
         }
-    })?;
-    let regs = kvm_regs {
-        rip,
-        rsp: u64::from(USER_STACK),
-        rflags: 0x3002,
-        ..Default::default()
-    };
-    vcpu.fd()
-        .set_regs(&regs)
-        .map_err(|e| KvmError::from_kvm(format!("KVM_SET_REGS (vCPU {})", vcpu.id()), e))
-}
-
-/// Puts the vCPU at CPL 3 in 64-bit long mode at `rip`, with paging on the
-/// identity map [`write_identity_map`] built (IOPL 3 and the TSS's I/O
-/// bitmap for `out`, interrupts off), without running any CPL 0 code.
-/// PVM runs CPL 3 code natively only with paging on; without it, every
-/// instruction goes through KVM's emulator (about 1.5 M per second).
-fn enter_user64(vcpu: &Vcpu, rip: u64) -> Result<(), KvmError> {
-    enter_flat32(vcpu, rip, |s| {
-        set_tables(s);
-        s.cr3 = PML4_GPA;
-        s.cr4 |= CR4_PAE;
-        s.cr0 |= CR0_PG;
-        s.efer |= EFER_LME | EFER_LMA;
-        s.cs = CODE3_64.kvm();
         for seg in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
             *seg = DATA3.kvm();
         }
@@ -362,7 +346,7 @@ impl PageWriter {
         self.low
             .write(PAGE_WRITER_CODE, &code)
             .map_err(|e| KvmError::GuestLayout(e.to_string()))?;
-        enter_user32(&self.vcpu, PAGE_WRITER_CODE)?;
+        enter_user(&self.vcpu, PAGE_WRITER_CODE, false)?;
         loop {
             match self.vcpu.run(vm)? {
                 VcpuEvent::IoOut {
@@ -451,7 +435,7 @@ impl Workload {
         write_identity_map(low)?;
         low.write(USER_CODE_GPA, &self.user_code())
             .map_err(|e| KvmError::GuestLayout(format!("low memory too small: {e}")))?;
-        enter_user64(vcpu, USER_CODE_GPA)
+        enter_user(vcpu, USER_CODE_GPA, true)
     }
 
     /// Which page (0-based from [`WORKLOAD_FIRST`]) the loop increments

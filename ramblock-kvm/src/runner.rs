@@ -119,6 +119,24 @@ struct Shared {
     ticker_stop: AtomicBool,
 }
 
+impl Shared {
+    /// A running vCPU's shared state, with `request` pending.
+    fn new(request: Request) -> Shared {
+        Shared {
+            control: Mutex::new(Control {
+                request,
+                state: State::Running,
+                error: None,
+                snapshot: None,
+            }),
+            changed: Condvar::new(),
+            heartbeats: AtomicU64::new(0),
+            throttle_ppm: AtomicU32::new(0),
+            ticker_stop: AtomicBool::new(false),
+        }
+    }
+}
+
 fn lock(m: &Mutex<Control>) -> MutexGuard<'_, Control> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -138,18 +156,7 @@ impl VcpuRunner {
     /// runner with an error ([`VcpuRunner::error`]).
     pub fn spawn(vm: Arc<Vm>, vcpu: Vcpu) -> Result<VcpuRunner, KvmError> {
         install_handler();
-        let shared = Arc::new(Shared {
-            control: Mutex::new(Control {
-                request: Request::Run,
-                state: State::Running,
-                error: None,
-                snapshot: None,
-            }),
-            changed: Condvar::new(),
-            heartbeats: AtomicU64::new(0),
-            throttle_ppm: AtomicU32::new(0),
-            ticker_stop: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(Request::Run));
         let s = shared.clone();
         let vcpu_id = vcpu.id();
         let vm_for_ticker = vm.clone();
@@ -454,18 +461,7 @@ mod tests {
     use super::*;
 
     fn shared(request: Request) -> Arc<Shared> {
-        Arc::new(Shared {
-            control: Mutex::new(Control {
-                request,
-                state: State::Running,
-                error: None,
-                snapshot: None,
-            }),
-            changed: Condvar::new(),
-            heartbeats: AtomicU64::new(0),
-            throttle_ppm: AtomicU32::new(0),
-            ticker_stop: AtomicBool::new(false),
-        })
+        Arc::new(Shared::new(request))
     }
 
     /// A pause or stop ends the throttle's nap: a vCPU never keeps a

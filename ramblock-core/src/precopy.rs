@@ -830,8 +830,12 @@ pub fn next_throttle(current: u8, sent: f64, dirtied: f64) -> Option<u8> {
     };
     let running = f64::from(100 - current.min(99));
     // dirtied > 0 here, so the division is finite.
-    let proportional = (100.0 - running * (sent / 4.0) / dirtied).ceil();
-    let proportional = proportional.clamp(0.0, 99.0) as u8;
+    let wanted = (100.0 - running * (sent / 4.0) / dirtied).clamp(0.0, 99.0);
+    // Rounded up (`f64::ceil` is not in `core`); the cast truncates.
+    let mut proportional = wanted as u8;
+    if f64::from(proportional) < wanted {
+        proportional += 1;
+    }
     Some(floor.max(proportional).min(99))
 }
 

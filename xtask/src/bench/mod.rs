@@ -8,6 +8,7 @@
 
 mod migrate;
 mod postcopy;
+mod ramblock_run;
 mod report;
 
 use crate::Error;

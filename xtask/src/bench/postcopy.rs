@@ -11,12 +11,10 @@
 //! `cargo xtask ci` does not call it.
 
 use super::migrate::{median, parse_size};
-use serde_json::Value;
-use std::io::Read;
+use super::ramblock_run::{migrate_json, RunFailure, Summary};
 use std::path::Path;
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
 
 const USAGE: &str = "usage: cargo xtask bench postcopy [--runs N] [--size 1G]";
 
@@ -177,88 +175,37 @@ struct Run {
 /// A run's figures, or why there are none.
 type Outcome = Result<Run, String>;
 
-/// Kills the child on drop (timeouts and errors included).
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Reads a pipe to its end on a thread, so a chatty child never blocks on a
-/// full pipe while it is polled for exit.
-fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    })
-}
-
 /// Runs `binary migrate --json --size=SIZE ARGS...` once.
 fn migrate(binary: &Path, size: u64, args: &[&str]) -> Outcome {
-    let child = Command::new(binary)
-        .args(["migrate", "--json"])
-        .arg(format!("--size={}M", size >> 20))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
-    let mut guard = Guard(child);
-    let stdout = drain(guard.0.stdout.take());
-    let stderr = drain(guard.0.stderr.take());
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    loop {
-        match guard.0.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() >= deadline => {
-                return Err(format!("timed out after {} s", RUN_TIMEOUT.as_secs()))
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(format!("waiting for ramblock failed: {e}")),
-        }
+    let args: Vec<String> = std::iter::once(format!("--size={}M", size >> 20))
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect();
+    match migrate_json(binary, &args, RUN_TIMEOUT) {
+        Ok(summary) => run_of(&summary),
+        Err(RunFailure::TimedOut) => Err(format!("timed out after {} s", RUN_TIMEOUT.as_secs())),
+        Err(RunFailure::Failed(e)) => Err(e),
     }
-    let stdout = stdout.join().unwrap_or_default();
-    let stderr = stderr.join().unwrap_or_default();
-    parse_summary(&stdout).map_err(|e| format!("{e}; stderr: {}", stderr.trim()))
+}
+
+/// The figures of a summary line.
+fn run_of(s: &Summary) -> Outcome {
+    Ok(Run {
+        postcopy: s.flag("postcopy")?,
+        total_ms: s.float("total_ms")?,
+        downtime_ms: s.float("downtime_ms")?,
+        guest_stall_ms: s.float("guest_stall_ms")?,
+        faults: s.int("faults")?,
+        fault_p50_us: s.float("fault_p50_us")?,
+        fault_p99_us: s.float("fault_p99_us")?,
+        fault_max_us: s.float("fault_max_us")?,
+        verified: s.value["verified"].as_bool() == Some(true),
+    })
 }
 
 /// Reads the summary line `ramblock migrate --json` prints last.
+#[cfg(test)]
 fn parse_summary(stdout: &str) -> Outcome {
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .ok_or_else(|| format!("ramblock printed no JSON summary: {stdout:?}"))?;
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("bad summary {line:?}: {e}"))?;
-    if let Some(error) = v["error"].as_str() {
-        return Err(format!("ramblock migration failed: {error}"));
-    }
-    let float = |k: &str| {
-        v[k].as_f64()
-            .ok_or_else(|| format!("summary has no {k}: {line}"))
-    };
-    Ok(Run {
-        postcopy: v["postcopy"]
-            .as_bool()
-            .ok_or_else(|| format!("summary has no postcopy: {line}"))?,
-        total_ms: float("total_ms")?,
-        downtime_ms: float("downtime_ms")?,
-        guest_stall_ms: float("guest_stall_ms")?,
-        faults: v["faults"]
-            .as_u64()
-            .ok_or_else(|| format!("summary has no faults: {line}"))?,
-        fault_p50_us: float("fault_p50_us")?,
-        fault_p99_us: float("fault_p99_us")?,
-        fault_max_us: float("fault_max_us")?,
-        verified: v["verified"].as_bool() == Some(true),
-    })
+    run_of(&super::ramblock_run::parse_summary(stdout)?)
 }
 
 fn describe(o: &Outcome) -> String {

@@ -3,21 +3,11 @@
 
 use super::image::Variant;
 use super::{Measured, Outcome, MIGRATION_TIMEOUT};
-use serde_json::Value;
-use std::io::Read;
+#[cfg(test)]
+use crate::bench::ramblock_run::parse_summary;
+use crate::bench::ramblock_run::{migrate_json, RunFailure, Summary};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// Kills the child on drop (timeouts and errors included).
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::time::Duration;
 
 /// Runs `binary migrate` for a `size`-byte guest doing `variant`.
 ///
@@ -29,83 +19,47 @@ pub fn migrate(binary: &Path, size: u64, variant: Variant) -> Outcome {
         Variant::Increment => "increment",
         Variant::Idle => "idle",
     };
-    let mut command = Command::new(binary);
-    command
-        .args([
-            "migrate",
-            "--json",
-            "--dirty-log",
-            "manual",
-            "--workload",
-            workload,
-        ])
-        .arg(format!("--size={}M", size >> 20))
-        .arg(format!("--downtime-ms={}", super::qemu::DOWNTIME_LIMIT_MS))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = match command.spawn() {
-        Ok(c) => c,
-        Err(e) => return Outcome::Failed(format!("cannot run {}: {e}", binary.display())),
-    };
-    let mut guard = Guard(child);
+    let args = [
+        "--dirty-log".to_string(),
+        "manual".to_string(),
+        "--workload".to_string(),
+        workload.to_string(),
+        format!("--size={}M", size >> 20),
+        format!("--downtime-ms={}", super::qemu::DOWNTIME_LIMIT_MS),
+    ];
     // Migration, warm-up and the byte-for-byte check all count against the
     // timeout here; QEMU's clock starts at `migrate`, so this is generous to
     // QEMU, never to ramblock.
-    let deadline = Instant::now() + MIGRATION_TIMEOUT + Duration::from_secs(30);
-    loop {
-        match guard.0.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() >= deadline => return Outcome::TimedOut,
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Outcome::Failed(format!("waiting for ramblock failed: {e}")),
-        }
-    }
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    if let Some(mut out) = guard.0.stdout.take() {
-        let _ = out.read_to_string(&mut stdout);
-    }
-    if let Some(mut err) = guard.0.stderr.take() {
-        let _ = err.read_to_string(&mut stderr);
-    }
-    match parse(&stdout) {
+    let timeout = MIGRATION_TIMEOUT + Duration::from_secs(30);
+    match migrate_json(binary, &args, timeout)
+        .and_then(|s| measured(&s).map_err(RunFailure::Failed))
+    {
         Ok(m) => Outcome::Done(m),
-        Err(e) => Outcome::Failed(format!("{e}; stderr: {}", stderr.trim())),
+        Err(RunFailure::TimedOut) => Outcome::TimedOut,
+        Err(RunFailure::Failed(e)) => Outcome::Failed(e),
     }
 }
 
-/// Reads the summary line `ramblock migrate --json` prints.
-fn parse(stdout: &str) -> Result<Measured, String> {
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .ok_or_else(|| format!("ramblock printed no JSON summary: {stdout:?}"))?;
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("bad summary {line:?}: {e}"))?;
-    if let Some(error) = v["error"].as_str() {
-        return Err(format!("ramblock migration failed: {error}"));
-    }
-    let float = |k: &str| {
-        v[k].as_f64()
-            .ok_or_else(|| format!("summary has no {k}: {line}"))
-    };
-    let int = |k: &str| {
-        v[k].as_u64()
-            .ok_or_else(|| format!("summary has no {k}: {line}"))
-    };
+/// The figures of a summary line.
+fn measured(s: &Summary) -> Result<Measured, String> {
     Ok(Measured {
-        total_ms: float("total_ms")?,
-        downtime_ms: float("downtime_ms")?,
-        setup_ms: float("setup_ms")?,
-        bytes: int("bytes")?,
-        pages: int("pages")?,
-        zero_pages: int("zero_pages")?,
-        passes: int("passes")?,
-        mode: v["mode"].as_str().unwrap_or("?").to_string(),
-        guest_passes: int("guest_progress")?,
-        verified: v["verified"].as_bool() == Some(true),
+        total_ms: s.float("total_ms")?,
+        downtime_ms: s.float("downtime_ms")?,
+        setup_ms: s.float("setup_ms")?,
+        bytes: s.int("bytes")?,
+        pages: s.int("pages")?,
+        zero_pages: s.int("zero_pages")?,
+        passes: s.int("passes")?,
+        mode: s.value["mode"].as_str().unwrap_or("?").to_string(),
+        guest_passes: s.int("guest_progress")?,
+        verified: s.value["verified"].as_bool() == Some(true),
     })
+}
+
+/// Reads the summary line `ramblock migrate --json` prints.
+#[cfg(test)]
+fn parse(stdout: &str) -> Result<Measured, String> {
+    measured(&parse_summary(stdout)?)
 }
 
 #[cfg(test)]

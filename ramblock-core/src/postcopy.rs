@@ -96,7 +96,10 @@ impl<
         *paused = true;
         self.sync()?;
         self.begin_pass(stats.passes, self.remaining());
-        self.send_past_postcopy_length()?;
+        // Pages dirty at or past a block's post-copy length go now, the
+        // pre-copy way: after the switch the destination places only pages
+        // inside it (and refuses the rest with `PastPostcopyLength`).
+        self.send_dirty_from(|b| (b.postcopy_length().0 >> TARGET_PAGE_SHIFT) as usize)?;
         self.whole_host_pages();
         let mut pc = PostcopyStats {
             discarded: self.write_discards::<E>()?,
@@ -283,33 +286,6 @@ impl<
             *sent += count as u64;
             from = run.end;
         }
-    }
-
-    /// Sends, while the guest is paused and before the switch, the dirty
-    /// pages at or past each block's post-copy length: the destination
-    /// places only pages inside it after the switch (it refuses the rest
-    /// with `PastPostcopyLength`), so these go the pre-copy way.
-    fn send_past_postcopy_length<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
-        let max_run = (self.buf.len() / crate::precopy::PAGE).min(MAX_RUN_PAGES as usize);
-        for index in 0..self.table.len() {
-            loop {
-                let view = self.list.read();
-                let Some(block) = view.by_name(self.table[index].name.as_str()) else {
-                    return Err(MigrateError::BlockRemoved(self.table[index].name.clone()));
-                };
-                let start = (block.postcopy_length().0 >> TARGET_PAGE_SHIFT) as usize;
-                let info = block.info();
-                let region = block.region();
-                let mut state = block.migration();
-                let run = state
-                    .next_dirty_run(start, max_run, &info, self.source)
-                    .map_err(MigrateError::DirtyLog)?;
-                drop(state);
-                let Some(run) = run else { break };
-                self.send_run::<E>(index as u32, &region, run.start, run.end - run.start)?;
-            }
-        }
-        Ok(())
     }
 
     /// Widens the dirty set of hugepage blocks to whole host pages: the

@@ -16,6 +16,7 @@
 
 use crate::addr::{TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::bitmap::Storage;
+use crate::block::RamBlock;
 use crate::checksum::{Checksum, PageLedger};
 use crate::dirty_log::DirtyLogSource;
 use crate::flags::BlockFlags;
@@ -292,9 +293,10 @@ pub(crate) struct Engine<'a, 'l, M, S: Storage, const N: usize, D, W, H> {
 }
 
 /// Migrates every migratable block of `list` to the receiver at the other
-/// end of `out`, reading its acknowledgement from `ack`. `buf` stages pages
-/// (one page at least; 64 pages makes the largest records). Dirty logging
-/// must be on before the call.
+/// end of `out`, reading its acknowledgement from `ack`. `buf` (one page at
+/// least) bounds the records: a run has at most as many pages as it holds,
+/// up to 64; pages themselves go out in place. In post-copy it holds the
+/// device state. Dirty logging must be on before the call.
 #[allow(clippy::too_many_arguments)]
 pub fn migrate<M, S, const N: usize, D, W, R, H>(
     list: &RamList<'_, M, S, N>,
@@ -672,15 +674,25 @@ impl<
 
     /// Sends every dirty page of every block.
     fn send_dirty<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        self.send_dirty_from(|_| 0)
+    }
+
+    /// Sends every dirty page of every block from page `first_page(block)`
+    /// on.
+    pub(crate) fn send_dirty_from<E>(
+        &mut self,
+        first_page: impl Fn(&RamBlock<M, S>) -> usize,
+    ) -> Result<(), MigrateError<D::Error, W::Error, E>> {
         let max_run = (self.buf.len() / PAGE).min(MAX_RUN_PAGES as usize);
         for index in 0..self.table.len() {
-            let mut from = 0;
+            let mut next = None;
             loop {
                 self.reconcile()?;
                 let view = self.list.read();
                 let Some(block) = view.by_name(self.table[index].name.as_str()) else {
                     return Err(MigrateError::BlockRemoved(self.table[index].name.clone()));
                 };
+                let mut from = next.unwrap_or_else(|| first_page(block));
                 let info = block.info();
                 let region = block.region();
                 let mut state = block.migration();
@@ -697,6 +709,7 @@ impl<
                 if sent < PAGES_PER_LOCK {
                     break; // the block has no dirty page left
                 }
+                next = Some(from);
             }
         }
         Ok(())

@@ -334,7 +334,7 @@ impl<M: HostMemory, S: Storage> RamBlock<M, S> {
     }
 
     /// The used part of the block's host memory.
-    pub fn region(&self) -> HostRegion {
+    pub fn region(&self) -> HostRegion<'_> {
         self.memory.region()
     }
 

@@ -8,26 +8,132 @@
 use crate::addr::{ByteLen, PageSize};
 use crate::host::HostMemory;
 use core::fmt;
+use core::marker::PhantomData;
 use core::ptr::NonNull;
 
-/// Host memory over a byte buffer (`&'static mut [u8]`, `Box<[u8]>`, ...).
-pub struct BufferMemory<B> {
-    // Kept only to own the storage; all access goes through `base`.
-    _buf: B,
+/// Storage whose bytes stay at one address while the value holding them
+/// moves: a borrowed slice or array, a `Box<[u8]>`, a `Vec<u8>`.
+///
+/// [`BufferMemory`] takes its storage apart into a raw pointer and a length
+/// when it is built and puts it back together when it is dropped, so the
+/// pointer it hands out never goes through a reference that a move could
+/// invalidate. An inline array is refused, because its bytes move with it:
+///
+/// ```compile_fail
+/// use ramblock_core::{addr::{ByteLen, PageSize}, buffer::BufferMemory};
+/// let m = BufferMemory::new([0u8; 4096], ByteLen(4096), PageSize::SIZE_4K);
+/// ```
+///
+/// # Safety
+/// [`StableBuffer::into_raw_parts`] returns a pointer to `len` bytes that
+/// stay valid for reads and writes, at that address, and reachable by no
+/// one else until [`StableBuffer::from_raw_parts`] rebuilds the value from
+/// exactly those parts.
+pub unsafe trait StableBuffer: Sized {
+    /// Gives up the storage as a pointer to its first byte and its length.
+    fn into_raw_parts(self) -> (NonNull<u8>, usize);
+
+    /// Rebuilds the storage from what [`StableBuffer::into_raw_parts`]
+    /// returned.
+    ///
+    /// # Safety
+    /// `ptr` and `len` come from one call of `into_raw_parts` on a value of
+    /// this type, and are used for this only once.
+    unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize) -> Self;
+}
+
+/// A pointer to a slice's first byte that is never null (dangling when empty).
+fn slice_start(slice: &mut [u8]) -> NonNull<u8> {
+    NonNull::new(slice.as_mut_ptr()).unwrap_or(NonNull::dangling())
+}
+
+// SAFETY: the referent lives, unaliased, for the reference's lifetime; rebuilding it
+// from its own parts restores it as it was.
+unsafe impl StableBuffer for &mut [u8] {
+    fn into_raw_parts(self) -> (NonNull<u8>, usize) {
+        (slice_start(self), self.len())
+    }
+
+    unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize) -> Self {
+        // SAFETY: the caller passes back the parts of a `&mut [u8]` of this lifetime.
+        unsafe { core::slice::from_raw_parts_mut(ptr.as_ptr(), len) }
+    }
+}
+
+// SAFETY: as for a slice; the array's length is fixed by its type.
+unsafe impl<const N: usize> StableBuffer for &mut [u8; N] {
+    fn into_raw_parts(self) -> (NonNull<u8>, usize) {
+        (slice_start(self), N)
+    }
+
+    unsafe fn from_raw_parts(ptr: NonNull<u8>, _len: usize) -> Self {
+        // SAFETY: the caller passes back the pointer of a `&mut [u8; N]` of this lifetime.
+        unsafe { &mut *ptr.as_ptr().cast::<[u8; N]>() }
+    }
+}
+
+// SAFETY: `Box::into_raw` hands over the allocation, which stays put until
+// `Box::from_raw` takes it back.
+#[cfg(feature = "alloc")]
+unsafe impl StableBuffer for alloc::boxed::Box<[u8]> {
+    fn into_raw_parts(self) -> (NonNull<u8>, usize) {
+        let len = self.len();
+        let raw = alloc::boxed::Box::into_raw(self);
+        let ptr = NonNull::new(raw.cast::<u8>()).unwrap_or(NonNull::dangling());
+        (ptr, len)
+    }
+
+    unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize) -> Self {
+        let raw = core::ptr::slice_from_raw_parts_mut(ptr.as_ptr(), len);
+        // SAFETY: the caller passes back what `Box::into_raw` returned.
+        unsafe { alloc::boxed::Box::from_raw(raw) }
+    }
+}
+
+// SAFETY: as for `Box<[u8]>`, which the vector becomes (dropping any spare
+// capacity, so the length is all that is needed to rebuild it).
+#[cfg(feature = "alloc")]
+unsafe impl StableBuffer for alloc::vec::Vec<u8> {
+    fn into_raw_parts(self) -> (NonNull<u8>, usize) {
+        self.into_boxed_slice().into_raw_parts()
+    }
+
+    unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize) -> Self {
+        // SAFETY: the parts are those of the boxed slice made above.
+        unsafe { <alloc::boxed::Box<[u8]> as StableBuffer>::from_raw_parts(ptr, len) }.into_vec()
+    }
+}
+
+/// Host memory over a byte buffer whose address stays put (see
+/// [`StableBuffer`]): `&mut [u8]`, `&'static mut [u8; N]`, `Box<[u8]>`,
+/// `Vec<u8>`.
+pub struct BufferMemory<B: StableBuffer> {
+    // The storage, taken apart so that no reference to it is alive while
+    // regions write through `base`; rebuilt by `Drop`.
     base: NonNull<u8>,
+    buffer_len: usize,
     reserved: ByteLen,
     used: ByteLen,
     page_size: PageSize,
+    _storage: PhantomData<B>,
 }
 
-// SAFETY: the buffer is owned (or uniquely borrowed) by this value, and the raw
-// pointer only aliases it; sending the value sends the buffer.
-unsafe impl<B: Send> Send for BufferMemory<B> {}
+// SAFETY: the value owns (or uniquely borrows) the storage behind `base`;
+// sending the value sends the storage, so it is as sendable as `B`.
+unsafe impl<B: StableBuffer + Send> Send for BufferMemory<B> {}
 // SAFETY: shared access only reads the pointer fields; guest-RAM accesses go
 // through HostRegion, which is designed for concurrent use.
-unsafe impl<B: Sync> Sync for BufferMemory<B> {}
+unsafe impl<B: StableBuffer + Sync> Sync for BufferMemory<B> {}
 
-impl<B> fmt::Debug for BufferMemory<B> {
+impl<B: StableBuffer> Drop for BufferMemory<B> {
+    fn drop(&mut self) {
+        // SAFETY: `base` and `buffer_len` are the parts `new` took from a `B`,
+        // and this is the only place that gives them back.
+        drop(unsafe { B::from_raw_parts(self.base, self.buffer_len) });
+    }
+}
+
+impl<B: StableBuffer> fmt::Debug for BufferMemory<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BufferMemory")
             .field("base", &self.base)
@@ -78,23 +184,32 @@ impl fmt::Display for BufferError {
 
 impl core::error::Error for BufferError {}
 
-impl<B: AsMut<[u8]>> BufferMemory<B> {
+impl<B: StableBuffer> BufferMemory<B> {
     /// Uses all of `buf` as the reservation, with the first `used` bytes
     /// accessible. The buffer's length is rounded down to whole pages.
-    pub fn new(mut buf: B, used: ByteLen, page_size: PageSize) -> Result<Self, BufferError> {
-        let slice = buf.as_mut();
-        let reserved = ByteLen(slice.len() as u64 & !(page_size.bytes() - 1));
-        let base = NonNull::new(slice.as_mut_ptr()).unwrap_or(NonNull::dangling());
+    pub fn new(buf: B, used: ByteLen, page_size: PageSize) -> Result<Self, BufferError> {
+        let (base, buffer_len) = buf.into_raw_parts();
+        let reserved = ByteLen(buffer_len as u64 & !(page_size.bytes() - 1));
         let mut mem = BufferMemory {
-            _buf: buf,
             base,
+            buffer_len,
             reserved,
             used: ByteLen::ZERO,
             page_size,
+            _storage: PhantomData,
         };
+        // On error `mem` is dropped, which hands the storage back and frees it.
         mem.check(ByteLen::ZERO, used)?;
         mem.used = used;
         Ok(mem)
+    }
+
+    /// Gives the storage back.
+    pub fn into_inner(self) -> B {
+        let this = core::mem::ManuallyDrop::new(self);
+        // SAFETY: the parts `new` took from a `B`; `ManuallyDrop` keeps
+        // `Drop` from rebuilding them a second time.
+        unsafe { B::from_raw_parts(this.base, this.buffer_len) }
     }
 
     fn check(&self, offset: ByteLen, len: ByteLen) -> Result<(), BufferError> {
@@ -116,10 +231,10 @@ impl<B: AsMut<[u8]>> BufferMemory<B> {
     }
 }
 
-// SAFETY: `base` points at the buffer, which this value owns and never moves
-// (the buffer types used are references or boxes whose contents stay put);
-// `used <= reserved <= buffer length` is kept by `check`.
-unsafe impl<B: AsMut<[u8]>> HostMemory for BufferMemory<B> {
+// SAFETY: `base` points at the storage, which this value owns and which
+// stays put (`StableBuffer`); `used <= reserved <= buffer length` is kept by
+// `check`.
+unsafe impl<B: StableBuffer> HostMemory for BufferMemory<B> {
     type Error = BufferError;
 
     fn base(&self) -> NonNull<u8> {
@@ -186,5 +301,39 @@ mod tests {
         let r = mem.region();
         assert!(!r.is_zero(0, 4096).unwrap());
         assert!(r.is_zero(4096, 4096).unwrap());
+        let back = mem.into_inner();
+        assert_eq!(back.len(), 5 * 4096);
+        assert_eq!((back[0], back[4096], back[8192]), (7, 0, 7));
+    }
+
+    /// Every kind of storage keeps its bytes where the memory's regions
+    /// point, however the memory value moves (Miri checks the pointers).
+    #[test]
+    fn every_storage_kind_survives_moves() {
+        fn exercise<B: StableBuffer>(buf: B) -> B {
+            let mem = BufferMemory::new(buf, ByteLen(4096), PageSize::SIZE_4K).unwrap();
+            let moved = [mem];
+            let [mem] = moved;
+            mem.region().write(10, b"moved").unwrap();
+            let boxed = std::boxed::Box::new(mem);
+            boxed.region().write(20, b"boxed").unwrap();
+            let mut out = [0u8; 5];
+            boxed.region().read(10, &mut out).unwrap();
+            assert_eq!(&out, b"moved");
+            boxed.into_inner()
+        }
+        let v = exercise(vec![0u8; 4096]);
+        assert_eq!((&v[10..15], &v[20..25]), (&b"moved"[..], &b"boxed"[..]));
+        let b = exercise(vec![0u8; 4096].into_boxed_slice());
+        assert_eq!(&b[10..15], b"moved");
+        let mut array = [0u8; 4096];
+        exercise(&mut array);
+        assert_eq!(&array[20..25], b"boxed");
+        let mut slice = vec![0u8; 4096];
+        exercise(&mut slice[..]);
+        assert_eq!(&slice[10..15], b"moved");
+        // A failed `new` hands the storage back to be freed, not leaked
+        // (Miri's leak check sees it).
+        assert!(BufferMemory::new(vec![0u8; 4096], ByteLen(8192), PageSize::SIZE_4K).is_err());
     }
 }

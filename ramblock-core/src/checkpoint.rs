@@ -280,7 +280,7 @@ impl<M: HostMemory, W: AsRef<[u64]> + AsMut<[u64]>> CheckpointCache<M, W> {
     /// region, see the module docs), consecutive marked pages as one run,
     /// then clears the marks. A `ram` shorter than the cache is refused
     /// before anything is copied, and the marks are kept.
-    pub fn commit(&mut self, ram: HostRegion) -> Result<CommitStats, CheckpointError> {
+    pub fn commit(&mut self, ram: HostRegion<'_>) -> Result<CommitStats, CheckpointError> {
         let pages = self.marks.len();
         let needed = pages as u64 * TARGET_PAGE_SIZE;
         if (ram.len() as u64) < needed {

@@ -72,7 +72,7 @@ impl Checksum {
     /// a multiple of 64 bytes (any tail is hashed zero-padded).
     pub fn update_region(
         &mut self,
-        region: &HostRegion,
+        region: &HostRegion<'_>,
         offset: u64,
         len: usize,
     ) -> Result<(), OutOfRegion> {
@@ -106,7 +106,7 @@ impl Checksum {
 
     /// The checksum of `len` bytes at the start of `region`: the
     /// [combination](Checksum::combine) of its chunks' digests.
-    pub fn of_region(region: &HostRegion, len: u64) -> Result<u64, OutOfRegion> {
+    pub fn of_region(region: &HostRegion<'_>, len: u64) -> Result<u64, OutOfRegion> {
         let mut sum = 0u64;
         for index in 0..chunk_count(len) {
             sum = sum.wrapping_add(Self::chunk_digest(region, index, len)?);
@@ -117,7 +117,7 @@ impl Checksum {
     /// The digest of chunk `index` of the first `len` bytes of `region`: the
     /// sum of its pages' [digests](page_digest), read in place (a partial
     /// last page through a zero-padded copy).
-    pub fn chunk_digest(region: &HostRegion, index: u64, len: u64) -> Result<u64, OutOfRegion> {
+    pub fn chunk_digest(region: &HostRegion<'_>, index: u64, len: u64) -> Result<u64, OutOfRegion> {
         let start = index.saturating_mul(CHUNK);
         let end = start.saturating_add(CHUNK).min(len);
         let mut sum = 0u64;
@@ -158,7 +158,7 @@ pub fn page_digest(index: u64, content: &[u8]) -> u64 {
 /// equal to [`page_digest`] of a copy of the page.
 pub fn page_digest_region(
     index: u64,
-    region: &HostRegion,
+    region: &HostRegion<'_>,
     offset: u64,
 ) -> Result<u64, OutOfRegion> {
     let mut c = Checksum::new();
@@ -186,7 +186,7 @@ pub trait PageLedger {
     fn record(&mut self, block: usize, first: u64, data: &[u8]);
     /// Pages `first..` of `block` now hold what `pages` holds (whole
     /// pages), read in place. The default copies each page out first.
-    fn record_region(&mut self, block: usize, first: u64, pages: &HostRegion) {
+    fn record_region(&mut self, block: usize, first: u64, pages: &HostRegion<'_>) {
         let mut page = [0u8; PAGE];
         for (k, at) in (0..pages.len() / PAGE).map(|k| (k as u64, (k * PAGE) as u64)) {
             // In range: `at` is a whole page inside the region.
@@ -275,7 +275,7 @@ impl PageLedger for Ledger {
         }
     }
 
-    fn record_region(&mut self, block: usize, first: u64, pages: &HostRegion) {
+    fn record_region(&mut self, block: usize, first: u64, pages: &HostRegion<'_>) {
         let b = self.block(block);
         for k in 0..(pages.len() / PAGE) as u64 {
             // In range: page k lies inside the region.
@@ -376,13 +376,7 @@ mod tests {
         for (i, b) in buf.iter_mut().enumerate() {
             *b = (i % 251) as u8;
         }
-        // SAFETY: `buf` outlives the region and is only used through it.
-        let r = unsafe {
-            HostRegion::new(
-                core::ptr::NonNull::new(buf.as_mut_ptr()).unwrap(),
-                buf.len(),
-            )
-        };
+        let r = HostRegion::from_mut_slice(&mut buf);
         let whole = Checksum::of_region(&r, len).unwrap();
         let digests: std::vec::Vec<u64> = (0..chunk_count(len))
             .map(|i| Checksum::chunk_digest(&r, i, len).unwrap())

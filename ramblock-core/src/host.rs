@@ -69,13 +69,14 @@ pub unsafe trait HostMemory {
 
     /// The accessible part of the memory as a bounds-checked region.
     ///
-    /// The region must not be used after the memory shrinks or is dropped;
-    /// borrowing it from a block in a [`crate::list::RamList`] guarantees that.
-    fn region(&self) -> HostRegion {
+    /// The region borrows the memory, so it cannot outlive it or survive a
+    /// shrink ([`HostMemory::set_used_len`] takes `&mut self`).
+    fn region(&self) -> HostRegion<'_> {
         // A used length that does not fit the address space could not be mapped.
         let len = usize::try_from(self.used_len().0).unwrap_or(usize::MAX);
         // SAFETY: the trait's contract keeps `base .. base + used_len` mapped
-        // while `self` is alive and not shrunk.
+        // while `self` is alive and not shrunk, and the region's lifetime is
+        // the borrow of `self`, which rules out both.
         unsafe { HostRegion::new(self.base(), len) }
     }
 }

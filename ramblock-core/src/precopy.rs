@@ -149,7 +149,7 @@ pub trait MigrationHost {
     }
     /// The checksum of a block's contents at switch-over when there is no
     /// ledger; override to compute it in parallel.
-    fn checksum(&mut self, region: &HostRegion, len: u64) -> u64 {
+    fn checksum(&mut self, region: &HostRegion<'_>, len: u64) -> u64 {
         Checksum::of_region(region, len).unwrap_or(0)
     }
     /// Post-copy: writes the VMM's device state (vCPU registers and the
@@ -724,7 +724,7 @@ impl<
     pub(crate) fn send_run<E>(
         &mut self,
         block: u32,
-        region: &HostRegion,
+        region: &HostRegion<'_>,
         first: usize,
         count: usize,
     ) -> Result<(), MigrateError<D::Error, W::Error, E>> {

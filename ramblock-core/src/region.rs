@@ -6,21 +6,65 @@
 #![allow(unsafe_code)]
 
 use core::fmt;
+use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 /// A byte range of host memory that other agents (the guest) may access
-/// concurrently.
+/// concurrently, borrowed for `'a` from the memory it views.
+///
+/// The lifetime is what makes the view sound: a region obtained from
+/// [`crate::host::HostMemory::region`] or [`crate::block::RamBlock::region`]
+/// borrows that memory, so the compiler refuses to let it outlive the memory
+/// or survive a shrink (which needs `&mut`). Code that really needs a region
+/// with no borrow (a fault thread, an iovec, a memslot) builds one with the
+/// `unsafe` [`HostRegion::new`] and takes on its contract.
+///
+/// A region cannot outlive the memory it came from:
+///
+/// ```compile_fail
+/// use ramblock_core::{addr::{ByteLen, PageSize}, buffer::BufferMemory, host::HostMemory};
+/// let r = {
+///     let m = BufferMemory::new(vec![0u8; 4096], ByteLen(4096), PageSize::SIZE_4K).unwrap();
+///     m.region()
+/// };
+/// r.write(0, b"x").unwrap();
+/// ```
+///
+/// nor survive a shrink of it:
+///
+/// ```compile_fail
+/// use ramblock_core::{addr::{ByteLen, PageSize}, buffer::BufferMemory, host::HostMemory};
+/// let mut m = BufferMemory::new(vec![0u8; 8192], ByteLen(8192), PageSize::SIZE_4K).unwrap();
+/// let r = m.region();
+/// m.set_used_len(ByteLen(0)).unwrap();
+/// r.write(4096, b"x").unwrap();
+/// ```
+///
+/// The same borrow holds for a block's region:
+///
+/// ```compile_fail
+/// use ramblock_core::{addr::{ByteLen, PageSize, RamAddr}, bitmap::Owned,
+///     block::{BlockBitmaps, BlockSpec}, buffer::BufferMemory, list::RamList, name::BlockName};
+/// let list: RamList<'_, BufferMemory<Vec<u8>>, Owned, 4> = RamList::new();
+/// let memory = BufferMemory::new(vec![0u8; 4096], ByteLen(4096), PageSize::SIZE_4K).unwrap();
+/// let spec = BlockSpec::new(BlockName::new("ram").unwrap(), ByteLen(4096));
+/// list.add(spec, memory, BlockBitmaps::allocate(ByteLen(4096), 18).unwrap()).unwrap();
+/// let r = list.read().by_name("ram").unwrap().region();
+/// r.write(0, b"x").unwrap();
+/// ```
 #[derive(Copy, Clone)]
-pub struct HostRegion {
+pub struct HostRegion<'a> {
     ptr: NonNull<u8>,
     len: usize,
+    _memory: PhantomData<&'a [u8]>,
 }
 
-// SAFETY: a HostRegion is an address range, not ownership; all access is through
-// raw copies whose validity the creator of the region guaranteed.
-unsafe impl Send for HostRegion {}
+// SAFETY: a HostRegion is an address range borrowed from memory that may be
+// shared between threads; all access is through raw copies whose validity the
+// creator of the region guaranteed for `'a`.
+unsafe impl Send for HostRegion<'_> {}
 // SAFETY: as above; concurrent copies through raw pointers are the point.
-unsafe impl Sync for HostRegion {}
+unsafe impl Sync for HostRegion<'_> {}
 
 /// An access outside a [`HostRegion`].
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -45,21 +89,59 @@ impl fmt::Display for OutOfRegion {
 
 impl core::error::Error for OutOfRegion {}
 
-impl fmt::Debug for HostRegion {
+impl fmt::Debug for HostRegion<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "HostRegion({:p}, {:#x})", self.ptr, self.len)
     }
 }
 
-impl HostRegion {
-    /// Wraps `len` bytes at `ptr`.
+impl<'a> HostRegion<'a> {
+    /// Wraps `len` bytes at `ptr` for the lifetime `'a` the caller chooses.
     ///
     /// # Safety
-    /// `ptr..ptr + len` must stay mapped and readable for as long as the
-    /// region or a copy of it is used, and writable if [`HostRegion::write`]
-    /// or [`HostRegion::fill`] is called.
-    pub const unsafe fn new(ptr: NonNull<u8>, len: usize) -> HostRegion {
-        HostRegion { ptr, len }
+    /// `ptr..ptr + len` must stay mapped and readable for all of `'a` (which
+    /// the caller picks: tie it to the owner of the memory where possible),
+    /// and writable if [`HostRegion::write`] or [`HostRegion::fill`] is
+    /// called. No Rust reference to those bytes may be used while the region
+    /// writes them.
+    pub const unsafe fn new(ptr: NonNull<u8>, len: usize) -> HostRegion<'a> {
+        HostRegion {
+            ptr,
+            len,
+            _memory: PhantomData,
+        }
+    }
+
+    /// The empty region: every access but a zero-length one is out of range.
+    pub const EMPTY: HostRegion<'static> = HostRegion {
+        ptr: NonNull::dangling(),
+        len: 0,
+        _memory: PhantomData,
+    };
+
+    /// A region over a byte buffer the caller owns, borrowing it mutably so
+    /// nothing else can reach the bytes while the region lives.
+    pub fn from_mut_slice(buf: &'a mut [u8]) -> HostRegion<'a> {
+        let ptr = NonNull::new(buf.as_mut_ptr()).unwrap_or(NonNull::dangling());
+        // SAFETY: the mutable borrow keeps `buf` alive, in place and unaliased
+        // for `'a`.
+        unsafe { HostRegion::new(ptr, buf.len()) }
+    }
+
+    /// The same bytes for a lifetime the caller picks, for code that must
+    /// hold a region past the borrow it came from: a fault thread or a
+    /// post-copy target placing pages for a whole migration, an iovec
+    /// handed to the kernel.
+    ///
+    /// # Safety
+    /// As for [`HostRegion::new`]: the bytes must stay mapped (the memory
+    /// neither dropped nor shrunk below this region) for all of `'b`.
+    pub const unsafe fn detach<'b>(self) -> HostRegion<'b> {
+        HostRegion {
+            ptr: self.ptr,
+            len: self.len,
+            _memory: PhantomData,
+        }
     }
 
     /// The first byte.
@@ -78,12 +160,16 @@ impl HostRegion {
     }
 
     /// A sub-range of this region.
-    pub fn subregion(&self, offset: u64, len: usize) -> Result<HostRegion, OutOfRegion> {
+    pub fn subregion(&self, offset: u64, len: usize) -> Result<HostRegion<'a>, OutOfRegion> {
         let start = self.check(offset, len)?;
         // SAFETY: the sub-range lies inside this region, so the creator's
         // guarantee covers it; start <= self.len keeps the add in bounds.
         let ptr = unsafe { self.ptr.add(start) };
-        Ok(HostRegion { ptr, len })
+        Ok(HostRegion {
+            ptr,
+            len,
+            _memory: PhantomData,
+        })
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<usize, OutOfRegion> {
@@ -189,8 +275,7 @@ mod tests {
     #[test]
     fn accesses_are_bounds_checked() {
         let mut buf = [0u8; 64];
-        // SAFETY: `buf` outlives the region and is only used through it below.
-        let r = unsafe { HostRegion::new(NonNull::new(buf.as_mut_ptr()).unwrap(), buf.len()) };
+        let r = HostRegion::from_mut_slice(&mut buf);
         r.write(60, &[1, 2, 3, 4]).unwrap();
         assert_eq!(
             r.write(61, &[1, 2, 3, 4]),

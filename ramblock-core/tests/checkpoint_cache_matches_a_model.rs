@@ -39,7 +39,7 @@ fn memory(pages: u64, fill: impl Fn(usize) -> u8) -> Mem {
     .unwrap()
 }
 
-fn contents(region: &HostRegion) -> Vec<u8> {
+fn contents(region: &HostRegion<'_>) -> Vec<u8> {
     let mut out = vec![0u8; region.len()];
     region.read(0, &mut out).unwrap();
     out

@@ -522,7 +522,7 @@ struct GuestTarget<'a> {
     list: &'a List,
     shared: &'a DestShared,
     /// Per block, in list order: name, memory, host page size.
-    regions: Vec<(String, HostRegion, u64)>,
+    regions: Vec<(String, HostRegion<'a>, u64)>,
     /// Per block: pages present (received before the switch and not
     /// discarded, or placed since).
     present: Vec<Vec<bool>>,
@@ -538,7 +538,12 @@ impl<'a> GuestTarget<'a> {
         let regions = list
             .read()
             .iter()
-            .map(|b| (b.name().to_string(), b.region(), b.page_size().bytes()))
+            .map(|b| {
+                // SAFETY: `list` outlives the target ('a) and no block is
+                // removed or shrunk while a migration places pages into it.
+                let region = unsafe { b.region().detach() };
+                (b.name().to_string(), region, b.page_size().bytes())
+            })
             .collect();
         GuestTarget {
             list,
@@ -559,7 +564,7 @@ impl<'a> GuestTarget<'a> {
 
     /// Checks a placement of `len` bytes at `offset` of `block` and marks
     /// its pages present; returns the block's memory.
-    fn claim(&mut self, block: &str, offset: u64, len: u64) -> Option<HostRegion> {
+    fn claim(&mut self, block: &str, offset: u64, len: u64) -> Option<HostRegion<'_>> {
         let Some(i) = self.regions.iter().position(|(n, ..)| n == block) else {
             self.violation(format!("placement into unknown block {block:?}"));
             return None;
@@ -1287,31 +1292,33 @@ fn all_pages(out: &mut Vec<u8>, fill: impl Fn(u32, u64) -> u8) {
 
 /// A target that copies placed pages in and records what it was asked.
 #[derive(Default)]
-struct Recorder {
-    regions: Vec<(String, HostRegion)>,
+struct Recorder<'a> {
+    regions: Vec<(String, HostRegion<'a>)>,
     starts: Vec<Started>,
     placed: Vec<(String, u64, u64)>,
     resumes: u32,
 }
 
-impl Recorder {
-    fn new(list: &List) -> Self {
+impl<'a> Recorder<'a> {
+    fn new(list: &'a List) -> Self {
         Recorder {
             regions: list
                 .read()
                 .iter()
-                .map(|b| (b.name().to_string(), b.region()))
+                // SAFETY: `list` outlives the recorder ('a) and no block is
+                // removed or shrunk while it places pages.
+                .map(|b| (b.name().to_string(), unsafe { b.region().detach() }))
                 .collect(),
             ..Recorder::default()
         }
     }
 
-    fn region(&self, block: &str) -> HostRegion {
+    fn region(&self, block: &str) -> HostRegion<'a> {
         self.regions.iter().find(|(n, _)| n == block).unwrap().1
     }
 }
 
-impl PostcopyTarget for Recorder {
+impl PostcopyTarget for Recorder<'_> {
     type Error = BufferError;
     fn start(&mut self, state: &[u8], table: &[&str]) -> Result<(), BufferError> {
         let table = table.iter().map(|n| n.to_string()).collect();
@@ -1339,12 +1346,12 @@ type BadResult = Result<ReceiveSummary, ReceiveError<Infallible, BufferError>>;
 
 /// Receives `streams` one after the other with one receiver (post-copy
 /// capable unless `plain`, with a hugepage buffer of `huge_buf` bytes).
-fn receive_streams(
-    list: &List,
+fn receive_streams<'l>(
+    list: &'l List,
     streams: &[&[u8]],
     plain: bool,
     huge_buf: usize,
-) -> (Vec<BadResult>, Recorder, bool) {
+) -> (Vec<BadResult>, Recorder<'l>, bool) {
     let mut bounce = vec![0u8; BOUNCE_BYTES];
     let mut huge = vec![0u8; huge_buf];
     let mut rx = Receiver::new(&mut bounce)
@@ -1365,7 +1372,7 @@ fn receive_streams(
     (results, target, rx.in_postcopy())
 }
 
-fn receive_one(list: &List, stream: &[u8]) -> (BadResult, Recorder, bool) {
+fn receive_one<'l>(list: &'l List, stream: &[u8]) -> (BadResult, Recorder<'l>, bool) {
     let (mut results, target, in_postcopy) = receive_streams(list, &[stream], false, HUGE as usize);
     (results.remove(0), target, in_postcopy)
 }

@@ -175,7 +175,9 @@ fn bench(c: &mut Criterion) {
         .step_by(50 * 4096)
         .map(|off| SLOT_GPA + off)
         .collect();
-    let low = block(&list.read(), "boot").memory().region();
+    // SAFETY: the bench never removes or shrinks the boot block, and the
+    // list outlives the writer.
+    let low = unsafe { block(&list.read(), "boot").memory().region().detach() };
     let mut writer = PageWriter::new(vm.create_vcpu(0).unwrap(), low).unwrap();
     writer.write_pages(vm, &pages, 1).unwrap();
     let newly = harvest_only(list, &mut log);

@@ -141,7 +141,7 @@ const GDT_LIMIT: u16 = 8 * 8 - 1;
 
 /// Writes the GDT (null, ring-0 code/data, ring-3 code/data, TSS) and the
 /// TSS into `low`, the host memory at guest-physical 0.
-fn load_tables(low: &HostRegion) -> Result<(), KvmError> {
+fn load_tables(low: &HostRegion<'_>) -> Result<(), KvmError> {
     let put = |gpa: u64, bytes: &[u8]| {
         low.write(gpa, bytes)
             .map_err(|e| KvmError::GuestLayout(format!("low memory too small: {e}")))
@@ -228,7 +228,7 @@ const EFER_LMA: u64 = 1 << 10;
 /// `0..4 GiB` to the same guest-physical addresses in 2 MiB user pages
 /// (present, writable, user). They fill `PML4_GPA..PML4_GPA + 6 pages`,
 /// below [`WORKLOAD_FIRST`], so the workload never writes them.
-fn write_identity_map(low: &HostRegion) -> Result<(), KvmError> {
+fn write_identity_map(low: &HostRegion<'_>) -> Result<(), KvmError> {
     const PRESENT_RW_USER: u64 = 0x7;
     const HUGE: u64 = 0x80;
     let pdpt = PML4_GPA + PAGE;
@@ -311,17 +311,17 @@ pub fn page_writer_program(pages: &[u64], value: u8) -> Result<Vec<u8>, KvmError
 
 /// A vCPU that writes lists of pages on request; see the module docs.
 #[derive(Debug)]
-pub struct PageWriter {
+pub struct PageWriter<'a> {
     vcpu: Vcpu,
-    low: HostRegion,
+    low: HostRegion<'a>,
 }
 
-impl PageWriter {
+impl<'a> PageWriter<'a> {
     /// A writer on `vcpu` whose tables and program live in `low`, the host
     /// memory the VM maps at guest-physical 0 (at least
     /// [`PAGE_WRITER_CODE`] plus 10 bytes per page written). Loading them
     /// does not touch any dirty bitmap, and running them reads `low` only.
-    pub fn new(vcpu: Vcpu, low: HostRegion) -> Result<PageWriter, KvmError> {
+    pub fn new(vcpu: Vcpu, low: HostRegion<'a>) -> Result<PageWriter<'a>, KvmError> {
         load_tables(&low)?;
         Ok(PageWriter { vcpu, low })
     }
@@ -430,7 +430,7 @@ impl Workload {
 
     /// Writes the GDT, TSS and code into `low`, the host memory behind
     /// guest-physical `0..1 MiB` (or more), and points `vcpu` at it, at CPL 3.
-    pub fn load(&self, low: &HostRegion, vcpu: &Vcpu) -> Result<(), KvmError> {
+    pub fn load(&self, low: &HostRegion<'_>, vcpu: &Vcpu) -> Result<(), KvmError> {
         load_tables(low)?;
         write_identity_map(low)?;
         low.write(USER_CODE_GPA, &self.user_code())
@@ -653,8 +653,8 @@ const CHECK_CHUNK: usize = 1 << 20;
 /// `next_page`, so the page reported is the first where the pattern
 /// breaks.
 pub fn check_resumed_increment(
-    source: &HostRegion,
-    destination: &HostRegion,
+    source: &HostRegion<'_>,
+    destination: &HostRegion<'_>,
     workload: &Workload,
     next_page: u64,
 ) -> Result<ResumedDelta, ResumeMismatch> {
@@ -779,13 +779,7 @@ mod tests {
     #[test]
     fn the_identity_map_and_io_bitmap_say_what_the_guest_needs() {
         let mut low = vec![0u8; 1 << 20];
-        // SAFETY: `low` outlives the region and is only used through it.
-        let r = unsafe {
-            HostRegion::new(
-                core::ptr::NonNull::new(low.as_mut_ptr()).unwrap(),
-                low.len(),
-            )
-        };
+        let r = HostRegion::from_mut_slice(&mut low);
         write_identity_map(&r).unwrap();
         load_tables(&r).unwrap();
         let q = |gpa: u64| u64::from_le_bytes(low[gpa as usize..][..8].try_into().unwrap());
@@ -966,10 +960,8 @@ mod tests {
     }
 
     /// A region over a test's buffer.
-    fn region(buf: &mut [u8]) -> HostRegion {
-        // SAFETY: every caller keeps `buf` alive and untouched except
-        // through the region while using it.
-        unsafe { HostRegion::new(std::ptr::NonNull::new(buf.as_mut_ptr()).unwrap(), buf.len()) }
+    fn region(buf: &mut [u8]) -> HostRegion<'_> {
+        HostRegion::from_mut_slice(buf)
     }
 
     #[test]

@@ -19,7 +19,6 @@ use ramblock_kvm::runner::VcpuRunner;
 use ramblock_kvm::vcpu::VcpuEvent;
 use ramblock_kvm::vcpu_state::VcpuState;
 use ramblock_kvm::KvmError;
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,10 +26,8 @@ const PAGE: u64 = 4096;
 const FIRST_PAGE: u64 = WORKLOAD_FIRST / PAGE;
 
 /// A region over a test's buffer.
-fn buffer_region(buf: &mut [u8]) -> HostRegion {
-    // SAFETY: every caller keeps `buf` alive, and touches it only through
-    // the region, while the region is used.
-    unsafe { HostRegion::new(NonNull::new(buf.as_mut_ptr()).unwrap(), buf.len()) }
+fn buffer_region(buf: &mut [u8]) -> HostRegion<'_> {
+    HostRegion::from_mut_slice(buf)
 }
 
 /// The model: what the workload does to `ram` when it resumes at page
@@ -212,7 +209,7 @@ fn wait_for(runner: &VcpuRunner, n: u64) {
     }
 }
 
-fn snapshot_of(region: &HostRegion) -> Vec<u8> {
+fn snapshot_of(region: &HostRegion<'_>) -> Vec<u8> {
     let mut copy = vec![0u8; region.len()];
     region.read(0, &mut copy).unwrap();
     copy

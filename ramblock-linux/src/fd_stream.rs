@@ -57,7 +57,7 @@ impl<T: Write + AsFd> FdWriter<T> {
 
     /// Sends the queue and then `region` with as few `writev(2)` calls as
     /// the kernel allows, retrying short writes and `EINTR`.
-    fn send_with(&mut self, region: &HostRegion) -> io::Result<()> {
+    fn send_with(&mut self, region: &HostRegion<'_>) -> io::Result<()> {
         let (mut head, mut body) = (0usize, 0usize);
         while head < self.queued.len() || body < region.len() {
             let iov = [
@@ -114,16 +114,14 @@ impl<T: Write + AsFd> ByteWrite for FdWriter<T> {
         Ok(())
     }
 
-    fn write_region(&mut self, region: &HostRegion) -> io::Result<()> {
+    fn write_region(&mut self, region: &HostRegion<'_>) -> io::Result<()> {
         self.send_with(region)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         if !self.queued.is_empty() {
             // Empty region: sends just the queue.
-            // SAFETY: a dangling, zero-length region is never dereferenced.
-            let empty = unsafe { HostRegion::new(core::ptr::NonNull::dangling(), 0) };
-            self.send_with(&empty)?;
+            self.send_with(&HostRegion::EMPTY)?;
         }
         self.inner.flush()
     }
@@ -206,7 +204,7 @@ impl<T: Read + AsFd> ByteRead for FdReader<T> {
         Ok(())
     }
 
-    fn read_ready_into(&mut self, region: &HostRegion) -> Result<bool, ReadError<io::Error>> {
+    fn read_ready_into(&mut self, region: &HostRegion<'_>) -> Result<bool, ReadError<io::Error>> {
         let len = region.len();
         let ahead = (self.filled - self.pos).min(len);
         if ahead < len && self.queued_in_kernel().is_none_or(|q| q < len - ahead) {
@@ -252,14 +250,8 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::thread;
 
-    fn region_of(buf: &mut [u8]) -> HostRegion {
-        // SAFETY: the test keeps `buf` alive and unused while the region is.
-        unsafe {
-            HostRegion::new(
-                core::ptr::NonNull::new(buf.as_mut_ptr()).unwrap(),
-                buf.len(),
-            )
-        }
+    fn region_of(buf: &mut [u8]) -> HostRegion<'_> {
+        HostRegion::from_mut_slice(buf)
     }
 
     /// Headers, regions larger than the socket buffer (so writev comes back
@@ -305,7 +297,7 @@ mod tests {
         assert!(got == expected, "the stream differs from what was written");
     }
 
-    fn pages_of(r: &HostRegion) -> Vec<u8> {
+    fn pages_of(r: &HostRegion<'_>) -> Vec<u8> {
         let mut v = vec![0; r.len()];
         r.read(0, &mut v).unwrap();
         v

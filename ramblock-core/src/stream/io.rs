@@ -38,7 +38,7 @@ pub trait ByteRead {
     /// all of them, so the read cannot stop short; otherwise reads nothing
     /// and returns `false` (the default). A receiver then skips its bounce
     /// buffer without ever leaving a record half written.
-    fn read_ready_into(&mut self, region: &HostRegion) -> Result<bool, ReadError<Self::Error>> {
+    fn read_ready_into(&mut self, region: &HostRegion<'_>) -> Result<bool, ReadError<Self::Error>> {
         let _ = region;
         Ok(false)
     }
@@ -57,7 +57,7 @@ pub trait ByteWrite {
     /// copies it out a page at a time; a transport that can hand the memory
     /// to the kernel in place (`writev` on a socket) overrides this and
     /// saves the copy.
-    fn write_region(&mut self, region: &HostRegion) -> Result<(), Self::Error> {
+    fn write_region(&mut self, region: &HostRegion<'_>) -> Result<(), Self::Error> {
         let mut page = [0u8; 4096];
         let mut at = 0;
         while at < region.len() {
@@ -81,7 +81,7 @@ impl<T: ByteRead + ?Sized> ByteRead for &mut T {
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ReadError<T::Error>> {
         (**self).read_exact(buf)
     }
-    fn read_ready_into(&mut self, region: &HostRegion) -> Result<bool, ReadError<T::Error>> {
+    fn read_ready_into(&mut self, region: &HostRegion<'_>) -> Result<bool, ReadError<T::Error>> {
         (**self).read_ready_into(region)
     }
 }
@@ -91,7 +91,7 @@ impl<T: ByteWrite + ?Sized> ByteWrite for &mut T {
     fn write_all(&mut self, buf: &[u8]) -> Result<(), T::Error> {
         (**self).write_all(buf)
     }
-    fn write_region(&mut self, region: &HostRegion) -> Result<(), T::Error> {
+    fn write_region(&mut self, region: &HostRegion<'_>) -> Result<(), T::Error> {
         (**self).write_region(region)
     }
     fn flush(&mut self) -> Result<(), T::Error> {
@@ -131,7 +131,7 @@ impl ByteRead for SliceReader<'_> {
     }
 
     /// Everything is in memory: ready whenever enough bytes remain.
-    fn read_ready_into(&mut self, region: &HostRegion) -> Result<bool, ReadError<Self::Error>> {
+    fn read_ready_into(&mut self, region: &HostRegion<'_>) -> Result<bool, ReadError<Self::Error>> {
         if region.len() > self.data.len() {
             return Ok(false);
         }

@@ -319,7 +319,7 @@ struct Slot {
 
 /// How a block's checksum is computed: [`Checksum::of_region`], or a
 /// parallel computation of the same value.
-pub type ChecksumFn = fn(&HostRegion, u64) -> Result<u64, OutOfRegion>;
+pub type ChecksumFn = fn(&HostRegion<'_>, u64) -> Result<u64, OutOfRegion>;
 
 /// Receives migration streams into a destination's blocks.
 #[derive(Debug)]

@@ -92,9 +92,13 @@ pub fn add(
         .expect("add block")
 }
 
-/// The host memory of block `name`.
-pub fn region(list: &List<'_>, name: &str) -> HostRegion {
-    list.read().by_name(name).unwrap().memory().region()
+/// The host memory of block `name`, for as long as the list is borrowed.
+pub fn region<'l>(list: &'l List<'_>, name: &str) -> HostRegion<'l> {
+    let view = list.read();
+    // SAFETY: the tests never remove or shrink a block of a list they keep,
+    // and the region lives no longer than the borrow of the list ('l); the
+    // read guard is dropped only so the tests can harvest and resize others.
+    unsafe { view.by_name(name).unwrap().memory().region().detach() }
 }
 
 /// Maps `range` of `block` at `gpa`. Every test declares its list before

@@ -75,7 +75,7 @@ impl ByteWrite for LinkWriter {
         Self::account(&mut c, buf.len());
         c.writer.write_all(buf)
     }
-    fn write_region(&mut self, region: &HostRegion) -> Result<(), std::io::Error> {
+    fn write_region(&mut self, region: &HostRegion<'_>) -> Result<(), std::io::Error> {
         let mut c = self.0.borrow_mut();
         Self::account(&mut c, region.len());
         c.writer.write_region(region)

@@ -134,34 +134,6 @@ pub enum KvmError {
         /// What happened.
         what: String,
     },
-    /// A test-guest program does not fit or makes no sense.
-    #[error("test guest: {0}")]
-    GuestLayout(String),
-    /// A vCPU state blob could not be decoded.
-    #[error(transparent)]
-    VcpuState(#[from] crate::vcpu_state::VcpuStateError),
-    /// The operation needs a paused vCPU runner.
-    #[error("{what} needs vCPU {vcpu}'s runner paused, but it is {state}; call pause() first")]
-    NotPaused {
-        /// The operation.
-        what: &'static str,
-        /// The vCPU.
-        vcpu: u64,
-        /// `"running"` or `"stopped"`.
-        state: &'static str,
-    },
-    /// A vCPU state is not a point in the [`crate::guest::Workload`] loop.
-    #[error("vCPU state with rip {rip:#x}, ebx {rbx:#x}, ecx {rcx:#x} is not a point in the workload loop: {why}; was it taken from a vCPU running this Workload?")]
-    WorkloadState {
-        /// The instruction pointer.
-        rip: u64,
-        /// The page pointer.
-        rbx: u64,
-        /// The page counter.
-        rcx: u64,
-        /// What does not fit.
-        why: String,
-    },
 }
 
 impl KvmError {

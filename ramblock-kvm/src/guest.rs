@@ -31,6 +31,7 @@
 //! same either way and never relies on the emulator.
 
 use crate::error::KvmError;
+use crate::guest_error::GuestError;
 use crate::vcpu::{Vcpu, VcpuEvent};
 use crate::vcpu_state::VcpuState;
 use crate::vm::Vm;
@@ -141,10 +142,10 @@ const GDT_LIMIT: u16 = 8 * 8 - 1;
 
 /// Writes the GDT (null, ring-0 code/data, ring-3 code/data, TSS) and the
 /// TSS into `low`, the host memory at guest-physical 0.
-fn load_tables(low: &HostRegion<'_>) -> Result<(), KvmError> {
+fn load_tables(low: &HostRegion<'_>) -> Result<(), GuestError> {
     let put = |gpa: u64, bytes: &[u8]| {
         low.write(gpa, bytes)
-            .map_err(|e| KvmError::GuestLayout(format!("low memory too small: {e}")))
+            .map_err(|e| GuestError::Layout(format!("low memory too small: {e}")))
     };
     // The TSS descriptor's upper half (long mode) is zero: its base is low.
     let gdt: Vec<u8> = [
@@ -193,7 +194,7 @@ fn set_tables(s: &mut kvm_bindings::kvm_sregs) {
 /// also allows `out`). PVM runs CPL 3 code natively only with paging on;
 /// without it, every instruction goes through KVM's emulator (about 1.5 M
 /// per second).
-fn enter_user(vcpu: &Vcpu, rip: u64, long_mode: bool) -> Result<(), KvmError> {
+fn enter_user(vcpu: &Vcpu, rip: u64, long_mode: bool) -> Result<(), GuestError> {
     enter_flat32(vcpu, rip, |s| {
         set_tables(s);
         s.cs = CODE3.kvm();
@@ -216,7 +217,7 @@ fn enter_user(vcpu: &Vcpu, rip: u64, long_mode: bool) -> Result<(), KvmError> {
     };
     vcpu.fd()
         .set_regs(&regs)
-        .map_err(|e| KvmError::from_kvm(format!("KVM_SET_REGS (vCPU {})", vcpu.id()), e))
+        .map_err(|e| KvmError::from_kvm(format!("KVM_SET_REGS (vCPU {})", vcpu.id()), e).into())
 }
 
 const CR0_PG: u64 = 1 << 31;
@@ -228,7 +229,7 @@ const EFER_LMA: u64 = 1 << 10;
 /// `0..4 GiB` to the same guest-physical addresses in 2 MiB user pages
 /// (present, writable, user). They fill `PML4_GPA..PML4_GPA + 6 pages`,
 /// below [`WORKLOAD_FIRST`], so the workload never writes them.
-fn write_identity_map(low: &HostRegion<'_>) -> Result<(), KvmError> {
+fn write_identity_map(low: &HostRegion<'_>) -> Result<(), GuestError> {
     const PRESENT_RW_USER: u64 = 0x7;
     const HUGE: u64 = 0x80;
     let pdpt = PML4_GPA + PAGE;
@@ -246,7 +247,7 @@ fn write_identity_map(low: &HostRegion<'_>) -> Result<(), KvmError> {
         }
     }
     low.write(PML4_GPA, &tables)
-        .map_err(|e| KvmError::GuestLayout(format!("low memory too small: {e}")))
+        .map_err(|e| GuestError::Layout(format!("low memory too small: {e}")))
 }
 
 /// Puts the vCPU in 32-bit protected mode (no paging) at CPL 0 with flat
@@ -255,7 +256,7 @@ fn enter_flat32(
     vcpu: &Vcpu,
     rip: u64,
     extra: impl FnOnce(&mut kvm_bindings::kvm_sregs),
-) -> Result<(), KvmError> {
+) -> Result<(), GuestError> {
     let id = vcpu.id();
     let mut sregs = vcpu
         .fd()
@@ -283,13 +284,13 @@ fn enter_flat32(
     };
     vcpu.fd()
         .set_regs(&regs)
-        .map_err(|e| KvmError::from_kvm(format!("KVM_SET_REGS (vCPU {id})"), e))
+        .map_err(|e| KvmError::from_kvm(format!("KVM_SET_REGS (vCPU {id})"), e).into())
 }
 
 /// The [`PageWriter`] program for `pages` (guest-physical addresses below
 /// 4 GiB): `mov byte [page], value` for each, with `out YIELD_PORT, al`
 /// after every [`YIELD_EVERY`] of them, then `out EXIT_PORT, al`.
-pub fn page_writer_program(pages: &[u64], value: u8) -> Result<Vec<u8>, KvmError> {
+pub fn page_writer_program(pages: &[u64], value: u8) -> Result<Vec<u8>, GuestError> {
     let mut code = Vec::with_capacity(pages.len() * 11 + 8);
     code.extend_from_slice(&[0xb0, value]); // mov al, value
     for (i, &gpa) in pages.iter().enumerate() {
@@ -297,7 +298,7 @@ pub fn page_writer_program(pages: &[u64], value: u8) -> Result<Vec<u8>, KvmError
             code.extend_from_slice(&[0xe6, YIELD_PORT as u8]);
         }
         let addr = u32::try_from(gpa).map_err(|_| {
-            KvmError::GuestLayout(format!(
+            GuestError::Layout(format!(
                 "page {gpa:#x} is above 4 GiB; the 32-bit test guest cannot reach it"
             ))
         })?;
@@ -321,7 +322,7 @@ impl<'a> PageWriter<'a> {
     /// memory the VM maps at guest-physical 0 (at least
     /// [`PAGE_WRITER_CODE`] plus 10 bytes per page written). Loading them
     /// does not touch any dirty bitmap, and running them reads `low` only.
-    pub fn new(vcpu: Vcpu, low: HostRegion<'a>) -> Result<PageWriter<'a>, KvmError> {
+    pub fn new(vcpu: Vcpu, low: HostRegion<'a>) -> Result<PageWriter<'a>, GuestError> {
         load_tables(&low)?;
         Ok(PageWriter { vcpu, low })
     }
@@ -333,11 +334,11 @@ impl<'a> PageWriter<'a> {
 
     /// Runs a program that writes `value` to the first byte of each page in
     /// `pages` (guest-physical, below 4 GiB), until it reports done.
-    pub fn write_pages(&mut self, vm: &Vm, pages: &[u64], value: u8) -> Result<(), KvmError> {
+    pub fn write_pages(&mut self, vm: &Vm, pages: &[u64], value: u8) -> Result<(), GuestError> {
         let code = page_writer_program(pages, value)?;
         let room = self.low.len().saturating_sub(PAGE_WRITER_CODE as usize);
         if code.len() > room {
-            return Err(KvmError::GuestLayout(format!(
+            return Err(GuestError::Layout(format!(
                 "a program for {} pages needs {} bytes, low memory has {room} past {PAGE_WRITER_CODE:#x}",
                 pages.len(),
                 code.len(),
@@ -345,7 +346,7 @@ impl<'a> PageWriter<'a> {
         }
         self.low
             .write(PAGE_WRITER_CODE, &code)
-            .map_err(|e| KvmError::GuestLayout(e.to_string()))?;
+            .map_err(|e| GuestError::Layout(e.to_string()))?;
         enter_user(&self.vcpu, PAGE_WRITER_CODE, false)?;
         loop {
             match self.vcpu.run(vm)? {
@@ -357,9 +358,11 @@ impl<'a> PageWriter<'a> {
                 }
                 | VcpuEvent::Interrupted => continue,
                 VcpuEvent::IoOut { port, data } => {
-                    return Err(KvmError::Guest {
+                    return Err(GuestError::UnexpectedPort {
                         vcpu: self.vcpu.id(),
-                        what: format!("page writer wrote {data:#x} to unexpected port {port:#x}"),
+                        who: "the page writer",
+                        port,
+                        data,
                     })
                 }
             }
@@ -409,14 +412,14 @@ impl Workload {
     /// The loop for a guest with `ram_len` bytes of RAM from address 0:
     /// every page from 1 MiB to the end of RAM or to the [`MMIO_HOLE`],
     /// whichever comes first (a 4 GiB guest's last 20 MiB are not written).
-    pub fn for_ram(ram_len: u64) -> Result<Workload, KvmError> {
+    pub fn for_ram(ram_len: u64) -> Result<Workload, GuestError> {
         Workload::new(ram_len.min(MMIO_HOLE))
     }
 
     /// A loop over every page in `WORKLOAD_FIRST..top`.
-    pub fn new(top: u64) -> Result<Workload, KvmError> {
+    pub fn new(top: u64) -> Result<Workload, GuestError> {
         if top <= WORKLOAD_FIRST || top > 1 << 32 || top % PAGE != 0 {
-            return Err(KvmError::GuestLayout(format!(
+            return Err(GuestError::Layout(format!(
                 "workload top {top:#x} must be a page multiple above 1 MiB and at most 4 GiB"
             )));
         }
@@ -430,11 +433,11 @@ impl Workload {
 
     /// Writes the GDT, TSS and code into `low`, the host memory behind
     /// guest-physical `0..1 MiB` (or more), and points `vcpu` at it, at CPL 3.
-    pub fn load(&self, low: &HostRegion<'_>, vcpu: &Vcpu) -> Result<(), KvmError> {
+    pub fn load(&self, low: &HostRegion<'_>, vcpu: &Vcpu) -> Result<(), GuestError> {
         load_tables(low)?;
         write_identity_map(low)?;
         low.write(USER_CODE_GPA, &self.user_code())
-            .map_err(|e| KvmError::GuestLayout(format!("low memory too small: {e}")))?;
+            .map_err(|e| GuestError::Layout(format!("low memory too small: {e}")))?;
         enter_user(vcpu, USER_CODE_GPA, true)
     }
 
@@ -449,14 +452,14 @@ impl Workload {
     ///
     /// `ebx`, `ecx` and, at the `jnz`, the zero flag must be what the loop
     /// has at that `rip`; otherwise the prediction would not hold and the
-    /// answer is [`KvmError::WorkloadState`], as for a `rip` outside the
+    /// answer is [`GuestError::WorkloadState`], as for a `rip` outside the
     /// loop.
-    pub fn next_page_index(&self, state: &VcpuState) -> Result<u64, KvmError> {
+    pub fn next_page_index(&self, state: &VcpuState) -> Result<u64, GuestError> {
         let r = &state.regs;
         // 32-bit code: only the low halves are the guest's ebx and ecx.
         let (ebx, ecx) = (r.rbx & 0xffff_ffff, r.rcx & 0xffff_ffff);
         let pages = self.pages();
-        let bad = |why: String| KvmError::WorkloadState {
+        let bad = |why: String| GuestError::WorkloadState {
             rip: r.rip,
             rbx: r.rbx,
             rcx: r.rcx,
@@ -953,7 +956,7 @@ mod tests {
                 off
             };
             assert!(
-                matches!(at(off, ebx, ecx, zf), Err(KvmError::WorkloadState { .. })),
+                matches!(at(off, ebx, ecx, zf), Err(GuestError::WorkloadState { .. })),
                 "{why}"
             );
         }

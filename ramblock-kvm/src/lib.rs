@@ -11,9 +11,7 @@
 //! - [`dirty::RingLog`] (`KVM_CAP_DIRTY_LOG_RING`, drained per vCPU).
 //!
 //! The mode is picked from the host's [`caps::Capabilities`] or asked for
-//! with a [`mode::DirtyLogRequest`]. [`guest`] has tiny hand-assembled
-//! guests for tests, and [`runner`] a vCPU thread that can be paused,
-//! resumed and throttled, for migration.
+//! with a [`mode::DirtyLogRequest`].
 //!
 //! ```no_run
 //! use ramblock_kvm::dirty::KvmDirtyLog;
@@ -23,18 +21,39 @@
 //! let _log = KvmDirtyLog::new(&vm);
 //! # Ok::<(), ramblock_kvm::error::KvmError>(())
 //! ```
+//!
+//! # Feature flags
+//!
+//! None is on by default: a VMM gets the library above and nothing else.
+//!
+//! - `test-guest`: demo and test code for this crate's tests, benches and
+//!   program, not for a VMM. `guest` has tiny hand-assembled guests (a page
+//!   writer and the migration workload), `runner` a vCPU thread that can be
+//!   paused, resumed, throttled and snapshotted, and `vcpu_state` the
+//!   register blob (`KVM_GET_REGS` and `KVM_GET_SREGS` only) a post-copy
+//!   switch-over carries, with `Vcpu::save` and `Vcpu::restore`. Their
+//!   failures are `GuestError`, which wraps a [`KvmError`].
+//! - `cli`: the `ramblock` program (`cargo ramblock migrate`); implies
+//!   `test-guest` and adds its command-line parser (clap).
 #![deny(missing_docs)]
 
 pub mod caps;
 pub mod dirty;
 pub mod error;
+#[cfg(feature = "test-guest")]
 pub mod guest;
+#[cfg(feature = "test-guest")]
+pub mod guest_error;
 pub mod memslot;
 pub mod mode;
+#[cfg(feature = "test-guest")]
 pub mod runner;
 pub mod sys;
 pub mod vcpu;
+#[cfg(feature = "test-guest")]
 pub mod vcpu_state;
 pub mod vm;
 
 pub use error::KvmError;
+#[cfg(feature = "test-guest")]
+pub use guest_error::GuestError;

@@ -27,8 +27,8 @@
 //! do not stop a vCPU whose ring is full (seen with PVM): there, a ring left
 //! to fill silently loses entries.
 
-use crate::error::KvmError;
 use crate::guest::HEARTBEAT_PORT;
+use crate::guest_error::GuestError;
 use crate::mode::DirtyLogMode;
 use crate::vcpu::{Vcpu, VcpuEvent};
 use crate::vcpu_state::VcpuState;
@@ -104,9 +104,9 @@ enum State {
 struct Control {
     request: Request,
     state: State,
-    error: Option<KvmError>,
+    error: Option<GuestError>,
     /// The answer to a `Request::Snapshot`.
-    snapshot: Option<Result<VcpuState, KvmError>>,
+    snapshot: Option<Result<VcpuState, GuestError>>,
 }
 
 #[derive(Debug)]
@@ -154,7 +154,7 @@ impl VcpuRunner {
     /// Starts running `vcpu` (already pointed at its guest) on a new thread.
     /// Each `out` to [`HEARTBEAT_PORT`] is counted; any other exit stops the
     /// runner with an error ([`VcpuRunner::error`]).
-    pub fn spawn(vm: Arc<Vm>, vcpu: Vcpu) -> Result<VcpuRunner, KvmError> {
+    pub fn spawn(vm: Arc<Vm>, vcpu: Vcpu) -> Result<VcpuRunner, GuestError> {
         install_handler();
         let shared = Arc::new(Shared::new(Request::Run));
         let s = shared.clone();
@@ -163,9 +163,9 @@ impl VcpuRunner {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id()))
             .spawn(move || vcpu_thread(&vm, vcpu, &s))
-            .map_err(|e| KvmError::Guest {
-                vcpu: 0,
-                what: format!("cannot start the vCPU thread: {e}"),
+            .map_err(|source| GuestError::Spawn {
+                vcpu: vcpu_id,
+                source,
             })?;
         let pthread = thread.as_pthread_t();
         let s = shared.clone();
@@ -246,8 +246,8 @@ impl VcpuRunner {
     /// The paused vCPU's register state ([`Vcpu::save`]), read by its
     /// thread, which then stays paused: the guest runs no instruction.
     /// A runner that is running or has stopped is
-    /// [`KvmError::NotPaused`]; pause it first.
-    pub fn snapshot(&self) -> Result<VcpuState, KvmError> {
+    /// [`GuestError::NotPaused`]; pause it first.
+    pub fn snapshot(&self) -> Result<VcpuState, GuestError> {
         let mut c = lock(&self.shared.control);
         // Another caller's snapshot in flight: wait until it has been
         // answered and its answer taken, so answers do not cross.
@@ -260,7 +260,7 @@ impl VcpuRunner {
             _ => Some("running"),
         };
         if let Some(state) = state {
-            return Err(KvmError::NotPaused {
+            return Err(GuestError::NotPaused {
                 what: "a vCPU state snapshot",
                 vcpu: self.vcpu_id,
                 state,
@@ -333,11 +333,11 @@ impl VcpuRunner {
 
     /// Stops the vCPU for good and gives it back, with the error that
     /// stopped it early, if any.
-    pub fn stop(mut self) -> (Option<Vcpu>, Option<KvmError>) {
+    pub fn stop(mut self) -> (Option<Vcpu>, Option<GuestError>) {
         self.shutdown()
     }
 
-    fn shutdown(&mut self) -> (Option<Vcpu>, Option<KvmError>) {
+    fn shutdown(&mut self) -> (Option<Vcpu>, Option<GuestError>) {
         {
             let mut c = lock(&self.shared.control);
             c.request = Request::Stop;
@@ -396,7 +396,7 @@ fn vcpu_thread(vm: &Vm, mut vcpu: Vcpu, s: &Shared) -> Vcpu {
                 match c.request {
                     Request::Run => break,
                     Request::Snapshot => {
-                        c.snapshot = Some(vcpu.save());
+                        c.snapshot = Some(vcpu.save().map_err(GuestError::from));
                         c.request = Request::Pause;
                         s.changed.notify_all();
                     }
@@ -440,11 +440,13 @@ fn vcpu_thread(vm: &Vm, mut vcpu: Vcpu, s: &Shared) -> Vcpu {
                 continue;
             }
             Ok(VcpuEvent::Interrupted) => continue,
-            Ok(VcpuEvent::IoOut { port, data }) => KvmError::Guest {
+            Ok(VcpuEvent::IoOut { port, data }) => GuestError::UnexpectedPort {
                 vcpu: vcpu.id(),
-                what: format!("wrote {data:#x} to port {port:#x}, which the runner does not serve"),
+                who: "the runner",
+                port,
+                data,
             },
-            Err(e) => e,
+            Err(e) => e.into(),
         };
         let mut c = lock(&s.control);
         c.error = Some(error);

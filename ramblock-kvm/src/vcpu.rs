@@ -1,6 +1,7 @@
 //! [`Vcpu`]: one virtual CPU, run until it does something the VMM must see.
 
 use crate::error::KvmError;
+#[cfg(feature = "test-guest")]
 use crate::vcpu_state::VcpuState;
 use crate::vm::Vm;
 use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
@@ -59,6 +60,8 @@ impl Vcpu {
     }
 
     /// The vCPU's register state, for migration. It must not be running.
+    /// Feature `test-guest`: [`VcpuState`] holds what the test guests use,
+    /// not all of a vCPU's state.
     ///
     /// KVM may finish an I/O exit (for `out`: step `rip` past it) only on
     /// the next `KVM_RUN`, keeping that pending step where `KVM_GET_REGS`
@@ -69,6 +72,7 @@ impl Vcpu {
     /// consistent before migrating); then it reads `KVM_GET_SREGS` and
     /// `KVM_GET_REGS`. Kernels that check `immediate_exit` first leave
     /// `rip` on the `out`, which then runs again on the destination.
+    #[cfg(feature = "test-guest")]
     pub fn save(&mut self) -> Result<VcpuState, KvmError> {
         let id = self.id;
         self.fd.set_kvm_immediate_exit(1);
@@ -108,6 +112,7 @@ impl Vcpu {
     /// memory holds the same guest): `KVM_SET_SREGS`, then `KVM_SET_REGS`
     /// (segments and modes first, so `rip` and `rflags` are taken in the
     /// mode they belong to).
+    #[cfg(feature = "test-guest")]
     pub fn restore(&self, state: &VcpuState) -> Result<(), KvmError> {
         let id = self.id;
         self.fd

@@ -174,7 +174,7 @@ impl VcpuState {
 
     /// Decodes a blob from [`VcpuState::to_bytes`], checking its magic,
     /// version, lengths, checksum and segment fields before using any of it.
-    pub fn from_bytes(blob: &[u8]) -> Result<VcpuState, crate::KvmError> {
+    pub fn from_bytes(blob: &[u8]) -> Result<VcpuState, crate::GuestError> {
         Ok(decode(blob)?)
     }
 }
@@ -313,7 +313,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::KvmError;
+    use crate::GuestError;
 
     /// A state with every field distinct, so a swapped or dropped field
     /// shows up in the round trip.
@@ -400,7 +400,7 @@ mod tests {
 
     fn err(blob: &[u8]) -> VcpuStateError {
         match VcpuState::from_bytes(blob) {
-            Err(KvmError::VcpuState(e)) => e,
+            Err(GuestError::VcpuState(e)) => e,
             other => panic!("expected a VcpuStateError, got {other:?}"),
         }
     }

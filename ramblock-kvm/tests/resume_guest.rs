@@ -18,7 +18,7 @@ use ramblock_kvm::mode::DirtyLogRequest;
 use ramblock_kvm::runner::VcpuRunner;
 use ramblock_kvm::vcpu::VcpuEvent;
 use ramblock_kvm::vcpu_state::VcpuState;
-use ramblock_kvm::KvmError;
+use ramblock_kvm::GuestError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -239,7 +239,7 @@ fn a_guest_resumed_from_shipped_state_continues_where_it_stopped() {
     let source = VcpuRunner::spawn(vm_a.clone(), vcpu_a).unwrap();
     assert!(matches!(
         source.snapshot(),
-        Err(KvmError::NotPaused {
+        Err(GuestError::NotPaused {
             state: "running",
             ..
         })
@@ -384,7 +384,7 @@ fn a_stopped_runner_refuses_a_snapshot() {
     runner.pause();
     assert!(matches!(
         runner.snapshot(),
-        Err(KvmError::NotPaused {
+        Err(GuestError::NotPaused {
             state: "stopped",
             ..
         })

@@ -115,6 +115,8 @@ fn bench(options: &Options) -> Result<(), String> {
             "ramblock-kvm",
             "--bin",
             "ramblock",
+            "--features",
+            "cli",
         ])
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;

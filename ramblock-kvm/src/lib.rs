@@ -32,9 +32,15 @@ pub mod guest;
 pub mod memslot;
 pub mod mode;
 pub mod runner;
-pub mod sys;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;
 
 pub use error::KvmError;
+
+/// Locks `m`, carrying on if a thread panicked while holding it: the slot
+/// table and the ring list stay consistent because every update is a single
+/// assignment at the end.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -149,7 +149,7 @@ impl Vm {
     /// [`KvmError::LogBuffer`] before the kernel sees it. The call the
     /// harvest makes, without it: in bitmap mode it takes (and clears) what
     /// the next harvest would have reported; a ring VM has no bitmap (KVM
-    /// answers `ENXIO`).
+    /// refuses with `ENXIO`).
     pub fn get_dirty_log(&self, id: SlotId, bitmap: &mut [u64]) -> Result<(), KvmError> {
         let slots = lock(&self.slots);
         let slot = slots.get(id).ok_or(KvmError::UnknownSlot(id.0))?;

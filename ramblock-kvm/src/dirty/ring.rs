@@ -11,7 +11,7 @@ use super::{require, ModeKernel};
 use crate::caps::Capabilities;
 use crate::error::KvmError;
 use crate::lock;
-use crate::memslot::{SlotId, SlotTable};
+use crate::memslot::{Slot, SlotId, SlotTable};
 use crate::mode::DirtyLogMode;
 use crate::vm::Vm;
 use kvm_bindings::{kvm_dirty_gfn, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL};
@@ -146,7 +146,7 @@ impl ModeKernel for Ring {
     }
 
     /// Nothing per slot: the entries arrived in the pending bits.
-    fn fetch(&self, _: &VmFd, _: &mut crate::memslot::Slot) -> Result<bool, KvmError> {
+    fn fetch(&self, _: &VmFd, _: &mut Slot) -> Result<bool, KvmError> {
         Ok(false)
     }
 }

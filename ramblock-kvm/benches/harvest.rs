@@ -26,15 +26,14 @@ use ramblock_core::flags::BlockFlags;
 use ramblock_core::host::HostMemory;
 use ramblock_core::list::RamList;
 use ramblock_core::name::BlockName;
+use ramblock_kvm::dirty::bitmap::get_dirty_log;
 use ramblock_kvm::dirty::{BitmapLog, KvmDirtyLog, ManualProtectLog, RingLog};
 use ramblock_kvm::guest::PageWriter;
 use ramblock_kvm::memslot::{BlockRange, SlotId};
 use ramblock_kvm::mode::{DirtyLogMode, DirtyLogRequest};
-use ramblock_kvm::sys;
 use ramblock_kvm::vm::{Vm, VmBuilder};
 use ramblock_linux::{LinuxMemory, MemoryBuilder};
 use std::hint::black_box;
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 const SLOT_GPA: u64 = 1 << 20;
@@ -119,8 +118,9 @@ fn bench(c: &mut Criterion) {
     let manual = vm_for(list, DirtyLogMode::ManualProtect);
     let ring = vm_for(list, DirtyLogMode::Ring { entries: 4096 });
     println!("host KVM: {}", bitmap_vm.capabilities());
-    // SAFETY: the VM fd outlives every use of the borrow below.
-    let bitmap_fd = unsafe { BorrowedFd::borrow_raw(bitmap_vm.fd().as_raw_fd()) };
+    // SAFETY: the fd is only used below for KVM_GET_DIRTY_LOG of `big`'s
+    // slot into buffers of BIG / 4096 bits, one per page of the slot.
+    let bitmap_fd = unsafe { bitmap_vm.fd() };
 
     let mut g = c.benchmark_group("harvest_8g_clean");
     g.sample_size(10)
@@ -128,13 +128,13 @@ fn bench(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(300));
     drain(list, &mut KvmDirtyLog::new(&bitmap_vm));
     g.bench_function("baseline", |b| {
-        b.iter(|| sys::get_dirty_log(bitmap_fd, bitmap_slot.0, black_box(&mut buf)).unwrap())
+        // SAFETY: `buf` holds one bit per page of the BIG-byte slot.
+        b.iter(|| unsafe { get_dirty_log(bitmap_fd, bitmap_slot.0, black_box(&mut buf)) }.unwrap())
     });
     g.bench_function("kvm_ioctls_get_dirty_log", |b| {
         b.iter(|| {
             black_box(
-                bitmap_vm
-                    .fd()
+                bitmap_fd
                     .get_dirty_log(bitmap_slot.0, BIG as usize)
                     .unwrap(),
             )
@@ -182,17 +182,19 @@ fn bench(c: &mut Criterion) {
     writer.write_pages(vm, &pages, 1).unwrap();
     let newly = harvest_only(list, &mut log);
     println!("1% case: {} pages written, {newly} harvested", pages.len());
-    // SAFETY: the VM fd outlives every use of the borrow below.
-    let fd = unsafe { BorrowedFd::borrow_raw(vm.fd().as_raw_fd()) };
+    // SAFETY: as for `bitmap_fd`: only dirty-log fetches of the BIG-byte
+    // slot, into buffers sized for it.
+    let fd = unsafe { vm.fd() };
     let mut g = c.benchmark_group("harvest_8g_1pct");
     g.sample_size(10)
         .measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_millis(300));
     g.bench_function("baseline", |b| {
-        b.iter(|| sys::get_dirty_log(fd, slot.0, black_box(&mut buf)).unwrap())
+        // SAFETY: `buf` holds one bit per page of the BIG-byte slot.
+        b.iter(|| unsafe { get_dirty_log(fd, slot.0, black_box(&mut buf)) }.unwrap())
     });
     g.bench_function("kvm_ioctls_get_dirty_log", |b| {
-        b.iter(|| black_box(vm.fd().get_dirty_log(slot.0, BIG as usize).unwrap()))
+        b.iter(|| black_box(fd.get_dirty_log(slot.0, BIG as usize).unwrap()))
     });
     g.bench_function("manual", |b| {
         b.iter(|| black_box(harvest_only(list, &mut log)))

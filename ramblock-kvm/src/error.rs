@@ -86,6 +86,35 @@ pub enum KvmError {
     /// No slot with this id.
     #[error("no memslot {0} exists; it was never added or has been removed")]
     UnknownSlot(u32),
+    /// A dirty-log buffer is too short for its slot; refused before the
+    /// kernel, which would write one bit per page of the slot, saw it.
+    #[error("slot {slot} has {pages} pages, so its dirty log needs {needed} 64-bit words, but the buffer has {words}; size it with ramblock_core::bitmap::words_for")]
+    LogBuffer {
+        /// The slot.
+        slot: u32,
+        /// Pages in the slot.
+        pages: u64,
+        /// Words the log needs.
+        needed: usize,
+        /// Words the buffer has.
+        words: usize,
+    },
+    /// A block passed as resized is not the memory its slots map.
+    #[error("slot {slot} maps block {block:?} at host {host:#x} with {reserved:#x} bytes reserved, but the block passed has its memory at {found_host:#x} with {found_len:#x} bytes used; pass the block that was mapped")]
+    ForeignBlock {
+        /// The slot.
+        slot: u32,
+        /// The mapped block's name.
+        block: String,
+        /// Where the slot's memory starts.
+        host: u64,
+        /// Bytes reserved there, as vouched for when it was mapped.
+        reserved: u64,
+        /// Where the block passed has its memory.
+        found_host: u64,
+        /// The block's used length.
+        found_len: u64,
+    },
     /// The page range is not inside the block's used length.
     #[error(
         "pages {first}..+{count} of block {block:?} were asked for, but it has {used} used pages"

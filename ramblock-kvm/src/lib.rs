@@ -48,7 +48,6 @@ pub mod memslot;
 pub mod mode;
 #[cfg(feature = "test-guest")]
 pub mod runner;
-pub mod sys;
 pub mod vcpu;
 #[cfg(feature = "test-guest")]
 pub mod vcpu_state;
@@ -57,3 +56,10 @@ pub mod vm;
 pub use error::KvmError;
 #[cfg(feature = "test-guest")]
 pub use guest_error::GuestError;
+
+/// Locks `m`, carrying on if a thread panicked while holding it: the slot
+/// table and the ring list stay consistent because every update is a single
+/// assignment at the end.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

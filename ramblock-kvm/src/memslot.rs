@@ -89,6 +89,10 @@ pub struct Slot {
     pub len: u64,
     /// Host address of the first byte.
     pub host: u64,
+    /// Bytes from `host` to the end of the block's reservation: what the
+    /// caller of [`crate::vm::Vm::map_block`] promised stays reserved for
+    /// the block, so the most a [`BlockRange::Whole`] slot may grow to.
+    pub reserved: u64,
     /// The block's RAM address (its identity among live blocks).
     pub block: RamAddr,
     /// The block's name, for messages.
@@ -229,6 +233,7 @@ mod tests {
             gpa,
             len,
             host: 0,
+            reserved: len,
             block: RamAddr(0),
             block_name: "b".into(),
             first_page: 0,

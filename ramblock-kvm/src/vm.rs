@@ -1,31 +1,28 @@
 //! [`Vm`]: a KVM virtual machine whose guest RAM is ramblock blocks.
 //!
 //! The VM owns the slot table (ids, ranges, each slot's dirty-log buffers)
-//! and, in ring mode, every vCPU's dirty ring. It is `Sync`: vCPU threads
-//! drain rings on ring-full exits while the migration thread harvests.
-//! Lock order: rings, then slots.
+//! and its dirty-log mode's kernel side ([`crate::dirty`]), enabled once
+//! when the VM is built. It is `Sync`: vCPU threads drain rings on
+//! ring-full exits while the migration thread harvests.
 
-use crate::caps::{Capabilities, MANUAL_PROTECT_WANTED};
+use crate::caps::Capabilities;
+use crate::dirty::{self, ModeKernel};
 use crate::error::KvmError;
+use crate::lock;
 use crate::memslot::{BlockRange, Slot, SlotId, SlotLog, SlotTable};
 use crate::mode::{DirtyLogMode, DirtyLogRequest};
-use crate::sys::{self, DirtyRing};
 use crate::vcpu::Vcpu;
-use kvm_bindings::{
-    kvm_enable_cap, kvm_userspace_memory_region, kvm_userspace_memory_region2,
-    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-};
+use kvm_bindings::{kvm_userspace_memory_region, kvm_userspace_memory_region2};
 use kvm_ioctls::{Kvm, VmFd};
 use nix::errno::Errno;
 use ramblock_core::addr::RamAddr;
-use ramblock_core::bitmap::{MigrationBitmap, Storage, WORD_BITS};
+use ramblock_core::bitmap::{MigrationBitmap, Storage};
 use ramblock_core::block::RamBlock;
 use ramblock_core::dirty_log::BlockInfo;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::host::HostMemory;
 use ramblock_core::listener::RamListener;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 /// Where x86 KVM puts the three pages it needs for real-mode emulation on
 /// hosts without unrestricted guests: just under 4 GiB, outside any RAM the
@@ -62,52 +59,7 @@ impl VmBuilder {
         })?;
         let caps = Capabilities::probe(&fd);
         let mode = self.request.resolve(&caps)?;
-        let mut ring_acq_rel = false;
-        match mode {
-            DirtyLogMode::Bitmap => {}
-            DirtyLogMode::ManualProtect => {
-                enable_cap(
-                    &fd,
-                    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                    MANUAL_PROTECT_WANTED.into(),
-                )
-                .map_err(|e| KvmError::ioctl("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", e))?;
-            }
-            DirtyLogMode::Ring { entries } => {
-                ring_acq_rel = caps.dirty_ring_acq_rel_max_bytes > 0;
-                let (cap, max) = if ring_acq_rel {
-                    (
-                        KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
-                        caps.dirty_ring_acq_rel_max_bytes,
-                    )
-                } else {
-                    (KVM_CAP_DIRTY_LOG_RING, caps.dirty_ring_max_bytes)
-                };
-                let entry = std::mem::size_of::<kvm_bindings::kvm_dirty_gfn>() as u64;
-                let bytes = u64::from(entries) * entry;
-                if !entries.is_power_of_two() || bytes > u64::from(max) {
-                    return Err(KvmError::RingSize {
-                        entries,
-                        why: format!(
-                            "it must be a power of two of at most {} entries on this host",
-                            u64::from(max) / entry
-                        ),
-                    });
-                }
-                enable_cap(&fd, cap, bytes).map_err(|errno| match errno {
-                    Errno::EINVAL => KvmError::RingSize {
-                        entries,
-                        why: "KVM refused it (EINVAL): it is below the kernel's minimum (one \
-                              page, and more than the entries KVM reserves per vCPU); use a \
-                              larger power of two"
-                            .into(),
-                    },
-                    errno => {
-                        KvmError::ioctl(format!("KVM_ENABLE_CAP(dirty ring, {bytes} B)"), errno)
-                    }
-                })?;
-            }
-        }
+        let log = dirty::enable(&fd, &caps, mode)?;
         #[cfg(target_arch = "x86_64")]
         fd.set_tss_address(TSS_ADDRESS)
             .map_err(|e| KvmError::from_kvm("KVM_SET_TSS_ADDR", e))?;
@@ -115,22 +67,11 @@ impl VmBuilder {
             _kvm: kvm,
             fd,
             caps,
-            mode,
-            ring_acq_rel,
+            log,
             slots: Mutex::new(SlotTable::new(caps.memslots)),
-            rings: Mutex::new(Vec::new()),
             listener_error: Mutex::new(None),
         })
     }
-}
-
-fn enable_cap(fd: &VmFd, cap: u32, arg0: u64) -> Result<(), Errno> {
-    let mut c = kvm_enable_cap {
-        cap,
-        ..Default::default()
-    };
-    c.args[0] = arg0;
-    fd.enable_cap(&c).map_err(|e| Errno::from_raw(e.errno()))
 }
 
 /// A snapshot of one slot, for callers and tests.
@@ -158,17 +99,10 @@ pub struct Vm {
     _kvm: Kvm,
     fd: VmFd,
     caps: Capabilities,
-    mode: DirtyLogMode,
-    ring_acq_rel: bool,
+    /// The dirty-log mode's kernel side, chosen once by [`VmBuilder::build`].
+    log: Box<dyn ModeKernel>,
     slots: Mutex<SlotTable>,
-    rings: Mutex<Vec<DirtyRing>>,
     listener_error: Mutex<Option<KvmError>>,
-}
-
-/// Locks `m`, carrying on if a thread panicked while holding it: the tables
-/// stay consistent because every update is a single assignment at the end.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Vm {
@@ -184,22 +118,42 @@ impl Vm {
 
     /// The dirty-log mode in use.
     pub fn mode(&self) -> DirtyLogMode {
-        self.mode
+        self.log.mode()
     }
 
     /// Whether the ring uses the acquire/release variant.
     pub fn ring_acq_rel(&self) -> bool {
-        self.ring_acq_rel
+        self.log.ring_acq_rel()
     }
 
     /// The kvm-ioctls VM fd, for calls ramblock does not wrap.
-    pub fn fd(&self) -> &VmFd {
+    ///
+    /// # Safety
+    /// Some of kvm-ioctls' safe calls trust a size the kernel does not
+    /// check, and ramblock's own checks trust its slot table. The caller
+    /// must not:
+    /// - call [`VmFd::get_dirty_log`] with a `memory_size` below the slot's
+    ///   length: it allocates its bitmap from that size, and the kernel
+    ///   writes one bit per page of the slot past its end (use
+    ///   [`Vm::get_dirty_log`], which checks);
+    /// - create, resize or delete, through the fd, a slot whose id this
+    ///   VM's table holds ([`Vm::slots`]): the table's lengths size every
+    ///   buffer the kernel writes a slot's log into.
+    pub unsafe fn fd(&self) -> &VmFd {
         &self.fd
     }
 
-    fn raw(&self) -> BorrowedFd<'_> {
-        // SAFETY: `self.fd` owns the descriptor and outlives the borrow.
-        unsafe { BorrowedFd::borrow_raw(self.fd.as_raw_fd()) }
+    /// `KVM_GET_DIRTY_LOG` for slot `id` into `bitmap`, which must hold one
+    /// bit per page of the slot (`words_for(pages)` words, see
+    /// [`SlotInfo::len`]); a shorter one is refused with
+    /// [`KvmError::LogBuffer`] before the kernel sees it. The call the
+    /// harvest makes, without it: in bitmap mode it takes (and clears) what
+    /// the next harvest would have reported; a ring VM has no bitmap (KVM
+    /// refuses with `ENXIO`).
+    pub fn get_dirty_log(&self, id: SlotId, bitmap: &mut [u64]) -> Result<(), KvmError> {
+        let slots = lock(&self.slots);
+        let slot = slots.get(id).ok_or(KvmError::UnknownSlot(id.0))?;
+        dirty::bitmap::get_checked(&self.fd, slot, bitmap)
     }
 
     /// The slots, by id.
@@ -260,11 +214,24 @@ impl Vm {
     /// read-only if the block is, with dirty logging off.
     ///
     /// # Safety
-    /// The block's host memory must stay mapped at the same address until
-    /// the slot is removed ([`Vm::unmap`], [`Vm::unmap_block`], or by
-    /// registering the VM as a [`RamListener`] of the block's list, which
-    /// unmaps a block's slots when the list removes it): the guest writes
-    /// through the slot into whatever lives at that address.
+    /// KVM, and the guest through it, may write any byte the slot maps at
+    /// any time while the slot exists, so the block's host memory (its
+    /// reservation, from [`HostMemory::base`] for the block's
+    /// `max_length`, which a [`BlockRange::Whole`] slot grows into when the
+    /// block grows) must stay reserved for this block at the same address,
+    /// neither unmapped nor reused for anything else, until the slot is
+    /// gone from KVM, which is when:
+    /// - [`Vm::unmap`] or [`Vm::unmap_block`] returned `Ok` for it; or
+    /// - the VM, registered as a [`RamListener`] of the block's list, heard
+    ///   the block's removal and [`Vm::take_listener_error`] then reports
+    ///   nothing (a removal that failed leaves the slot in place); or
+    /// - the `Vm` and every [`Vcpu`] created from it have been dropped (a
+    ///   vCPU's fd keeps KVM's VM, and its slots, alive).
+    ///
+    /// Shrinking the block does not end the promise for the part cut off
+    /// (the slot still maps it unless the VM is the list's listener).
+    /// Nothing may hold a Rust reference into the memory meanwhile; the
+    /// core's regions only copy, which is fine.
     pub unsafe fn map_block<M: HostMemory, S: Storage>(
         &self,
         block: &RamBlock<M, S>,
@@ -295,7 +262,11 @@ impl Vm {
             id: slots.next_id()?,
             gpa,
             len,
-            host: block.region().as_ptr() as u64 + (first << 12),
+            // The base never moves while the memory lives (HostMemory's
+            // contract); `first + count` is within the used length, so
+            // inside the reservation.
+            host: block.memory().base().as_ptr() as u64 + (first << 12),
+            reserved: block.max_length().0 - (first << 12),
             block: block.offset(),
             block_name: block.name().into(),
             first_page: first,
@@ -355,16 +326,35 @@ impl Vm {
     /// follow its new used length. KVM cannot resize a slot, so each is
     /// deleted and re-created under the same id; pages logged dirty in the
     /// old slot are saved first and reported by the next harvest.
+    ///
+    /// The slots are found by the block's RAM address, so `block` must be
+    /// the block they map: its memory must start where the slot's does and
+    /// its used length fit the reservation [`Vm::map_block`]'s caller
+    /// vouched for, or nothing changes and the answer is
+    /// [`KvmError::ForeignBlock`] (another list's block at the same RAM
+    /// address would otherwise hand KVM memory nobody vouched for).
     pub fn block_resized<M: HostMemory, S: Storage>(
         &self,
         block: &RamBlock<M, S>,
     ) -> Result<(), KvmError> {
-        if !self.mode.uses_bitmap() {
-            self.collect_dirty_rings()?;
-        }
+        self.log.collect(&self.fd, &self.slots)?;
         let mut slots = lock(&self.slots);
         let ids: Vec<SlotId> = slots.ids_of_block(block.offset()).collect();
+        let base = block.memory().base().as_ptr() as u64;
         let len = block.used_length().0;
+        // All checked before any slot changes.
+        for slot in ids.iter().filter_map(|&id| slots.get(id)) {
+            if slot.range == BlockRange::Whole && (slot.host != base || len > slot.reserved) {
+                return Err(KvmError::ForeignBlock {
+                    slot: slot.id.0,
+                    block: slot.block_name.clone(),
+                    host: slot.host,
+                    reserved: slot.reserved,
+                    found_host: base,
+                    found_len: len,
+                });
+            }
+        }
         for id in ids {
             let Some(slot) = slots.get(id) else { continue };
             if slot.range != BlockRange::Whole || slot.len == len {
@@ -374,14 +364,7 @@ impl Vm {
             let Some(slot) = slots.get_mut(id) else {
                 continue;
             };
-            if slot.logging && self.mode.uses_bitmap() {
-                sys::get_dirty_log(self.raw(), id.0, &mut slot.log.buf).map_err(|e| {
-                    KvmError::ioctl(format!("KVM_GET_DIRTY_LOG (slot {})", id.0), e)
-                })?;
-                let saved = std::mem::take(&mut slot.log.buf);
-                slot.log.stash(&saved);
-                slot.log.buf = saved;
-            }
+            dirty::save_before_recreate(&*self.log, &self.fd, slot)?;
             self.set_region(slot, 0)?;
             let old = slot.len;
             slot.len = len;
@@ -392,7 +375,6 @@ impl Vm {
                 slots.remove(id)?;
                 return Err(e);
             }
-            slot.host = block.region().as_ptr() as u64;
             let pages = slot.pages();
             slot.log.resize(pages);
             // The new slot's log starts afresh: nothing of it is harvested.
@@ -420,45 +402,18 @@ impl Vm {
             .map_err(|e| KvmError::from_kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         fd.set_cpuid2(&cpuid)
             .map_err(|e| KvmError::from_kvm(format!("KVM_SET_CPUID2 (vCPU {id})"), e))?;
-        if let DirtyLogMode::Ring { entries } = self.mode {
-            // SAFETY: `fd` owns the vCPU descriptor and outlives the borrow.
-            let raw = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
-            let ring = DirtyRing::map(raw, entries)
-                .map_err(|e| KvmError::ioctl(format!("mmap of vCPU {id}'s dirty ring"), e))?;
-            lock(&self.rings).push(ring);
-        }
+        self.log.vcpu_created(&fd, id)?;
         Ok(Vcpu::new(fd, id))
     }
 
     /// Ring mode: drains every vCPU's ring into the slots' pending bits and
     /// re-arms the collected pages with `KVM_RESET_DIRTY_RINGS`. Returns how
-    /// many entries were collected. Entries still in a running vCPU's
-    /// hardware log (Intel PML) appear at its next exit, so the final
-    /// harvest of a migration runs with the vCPUs stopped.
+    /// many entries were collected (always 0 in the bitmap modes). Entries
+    /// still in a running vCPU's hardware log (Intel PML) appear at its
+    /// next exit, so the final harvest of a migration runs with the vCPUs
+    /// stopped.
     pub fn collect_dirty_rings(&self) -> Result<u64, KvmError> {
-        let mut rings = lock(&self.rings);
-        let mut slots = lock(&self.slots);
-        let mut total = 0u64;
-        for ring in rings.iter_mut() {
-            total += u64::from(ring.collect(|e| {
-                // Only address space 0 (no SMM) is mapped.
-                if e.slot >> 16 != 0 {
-                    return;
-                }
-                if let Some(slot) = slots.get_mut(SlotId(e.slot & 0xffff)) {
-                    if slot.logging && e.offset < slot.pages() {
-                        let (w, b) = (e.offset as usize / WORD_BITS, e.offset % 64);
-                        slot.log.pending[w] |= 1 << b;
-                        slot.log.pending_any = true;
-                    }
-                }
-            }));
-        }
-        if total > 0 {
-            sys::reset_dirty_rings(self.raw())
-                .map_err(|e| KvmError::ioctl("KVM_RESET_DIRTY_RINGS", e))?;
-        }
-        Ok(total)
+        self.log.collect(&self.fd, &self.slots)
     }
 
     /// Merges the log of every logging slot of `block` into `into`; see the
@@ -468,167 +423,19 @@ impl Vm {
         block: &BlockInfo<'_>,
         into: &mut MigrationBitmap<&mut [u64]>,
     ) -> Result<u64, KvmError> {
-        let mut slots = lock(&self.slots);
-        let mut newly = 0;
-        for slot in slots.iter_mut() {
-            if slot.block != block.offset || !slot.logging {
-                continue;
-            }
-            let id = slot.id.0;
-            if self.mode.uses_bitmap() {
-                sys::get_dirty_log(self.raw(), id, &mut slot.log.buf)
-                    .map_err(|e| KvmError::ioctl(format!("KVM_GET_DIRTY_LOG (slot {id})"), e))?;
-                if self.mode == DirtyLogMode::ManualProtect {
-                    for (h, b) in slot.log.harvested.iter_mut().zip(&slot.log.buf) {
-                        *h |= *b;
-                    }
-                }
-                newly += merge(slot, into, block, false)?;
-            }
-            if slot.log.pending_any {
-                newly += merge(slot, into, block, true)?;
-                slot.log.pending.fill(0);
-                slot.log.pending_any = false;
-            }
-        }
-        Ok(newly)
+        dirty::harvest(&*self.log, &self.fd, &self.slots, block, into)
     }
 
     /// Manual protect: re-protects the harvested pages among `count` pages
-    /// of `block` from `first`, with `KVM_CLEAR_DIRTY_LOG` over 64-page
-    /// aligned ranges whose bitmap holds only those pages.
+    /// of `block` from `first`; nothing in the other modes.
     pub(crate) fn clear_harvested(
         &self,
         block: &BlockInfo<'_>,
         first: usize,
         count: usize,
     ) -> Result<(), KvmError> {
-        let (first, end) = (first as u64, first as u64 + count as u64);
-        let mut slots = lock(&self.slots);
-        for slot in slots.iter_mut() {
-            if slot.block != block.offset || !slot.logging {
-                continue;
-            }
-            // The part of the request inside this slot.
-            let start = first.max(slot.first_page);
-            let stop = end.min(slot.first_page + slot.pages());
-            if start >= stop {
-                continue;
-            }
-            let (lo, hi) = (start - slot.first_page, stop - slot.first_page);
-            clear_slot_range(self.raw(), slot, lo, hi)?;
-        }
-        Ok(())
+        dirty::clear(&*self.log, &self.fd, &self.slots, block, first, count)
     }
-}
-
-/// ORs the slot's fetched log (`pending == false`) or its pending bits into
-/// `into` at the slot's place in the block.
-fn merge(
-    slot: &Slot,
-    into: &mut MigrationBitmap<&mut [u64]>,
-    block: &BlockInfo<'_>,
-    pending: bool,
-) -> Result<u64, KvmError> {
-    let words = if pending {
-        &slot.log.pending
-    } else {
-        &slot.log.buf
-    };
-    merge_nonzero(into, slot.first_page as usize, words, slot.pages() as usize).map_err(|_| {
-        KvmError::Bitmap {
-            slot: slot.id.0,
-            block: block.name.into(),
-            first: slot.first_page,
-            count: slot.pages(),
-            len: into.len() as u64,
-        }
-    })
-}
-
-/// `into.merge_log(first, words, bits)`, but only over the runs of 8-word
-/// groups that have a bit set. A log is mostly zeros; finding them with a
-/// plain OR (which vectorizes) is several times cheaper than merging them,
-/// which counts newly-set bits word by word.
-fn merge_nonzero(
-    into: &mut MigrationBitmap<&mut [u64]>,
-    first: usize,
-    words: &[u64],
-    bits: usize,
-) -> Result<u64, ramblock_core::bitmap::BitRangeError> {
-    const GROUP: usize = 8;
-    let words = &words[..bits.div_ceil(WORD_BITS).min(words.len())];
-    let nonzero = |at: usize| {
-        let end = (at + GROUP).min(words.len());
-        (words[at..end].iter().fold(0, |acc, &w| acc | w) != 0, end)
-    };
-    let (mut newly, mut i) = (0, 0);
-    while i < words.len() {
-        let (any, end) = nonzero(i);
-        if !any {
-            i = end;
-            continue;
-        }
-        let start = i;
-        i = end;
-        while i < words.len() {
-            let (any, end) = nonzero(i);
-            if !any {
-                break;
-            }
-            i = end;
-        }
-        let run_bits = (i * WORD_BITS).min(bits) - start * WORD_BITS;
-        newly += into.merge_log(first + start * WORD_BITS, &words[start..i], run_bits)?;
-    }
-    Ok(newly)
-}
-
-/// Issues `KVM_CLEAR_DIRTY_LOG` for slot pages `lo..hi`: the range is widened
-/// to 64-page words (as KVM requires), but the bitmap passed holds only bits
-/// inside `lo..hi` that were harvested, which are then forgotten.
-fn clear_slot_range(vm: BorrowedFd<'_>, slot: &mut Slot, lo: u64, hi: u64) -> Result<(), KvmError> {
-    /// Words per ioctl: 2^20 words = 2^26 pages (256 GiB), well within u32.
-    const MAX_WORDS: usize = 1 << 20;
-    let pages = slot.pages();
-    let (w_lo, w_hi) = ((lo / 64) as usize, hi.div_ceil(64) as usize);
-    let mut w = w_lo;
-    while w < w_hi {
-        let n = (w_hi - w).min(MAX_WORDS);
-        let SlotLog { buf, harvested, .. } = &mut slot.log;
-        let mut any = 0;
-        for (i, out) in buf[..n].iter_mut().enumerate() {
-            let word = w + i;
-            let bit0 = word as u64 * 64;
-            let mut mask = !0u64;
-            if lo > bit0 {
-                mask &= !0u64 << (lo - bit0);
-            }
-            if hi < bit0 + 64 {
-                mask &= !0u64 >> (bit0 + 64 - hi);
-            }
-            let take = harvested[word] & mask;
-            harvested[word] &= !take;
-            *out = take;
-            any |= take;
-        }
-        if any != 0 {
-            let first_page = w as u64 * 64;
-            let num_pages = ((w + n) as u64 * 64).min(pages) - first_page;
-            sys::clear_dirty_log(vm, slot.id.0, first_page, num_pages as u32, &mut buf[..n])
-                .map_err(|e| {
-                    KvmError::ioctl(
-                        format!(
-                            "KVM_CLEAR_DIRTY_LOG (slot {}, pages {first_page}..+{num_pages})",
-                            slot.id.0
-                        ),
-                        e,
-                    )
-                })?;
-        }
-        w += n;
-    }
-    Ok(())
 }
 
 impl<M: HostMemory, S: Storage> RamListener<M, S> for Vm {
@@ -646,43 +453,6 @@ impl<M: HostMemory, S: Storage> RamListener<M, S> for Vm {
     ) {
         if let Err(e) = Vm::block_resized(self, block) {
             lock(&self.listener_error).get_or_insert(e);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn merging_only_nonzero_groups_equals_merging_everything() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for bits in [1usize, 63, 64, 65, 511, 512, 1000, 4096] {
-            for first in [0usize, 3, 64, 130] {
-                let words: Vec<u64> = (0..bits.div_ceil(64))
-                    .map(|_| match next() % 4 {
-                        0 => next() & next(),
-                        1 => !0,
-                        _ => 0,
-                    })
-                    .collect();
-                let len = first + bits + 7;
-                let (mut a, mut b) = (vec![0u64; len.div_ceil(64)], vec![0u64; len.div_ceil(64)]);
-                let mut ma = MigrationBitmap::new(&mut a[..], len).unwrap();
-                let mut mb = MigrationBitmap::new(&mut b[..], len).unwrap();
-                ma.set_range(first, 1).unwrap();
-                mb.set_range(first, 1).unwrap();
-                let want = mb.merge_log(first, &words, bits).unwrap();
-                assert_eq!(merge_nonzero(&mut ma, first, &words, bits).unwrap(), want);
-                assert_eq!(ma.words(), mb.words(), "bits {bits} first {first}");
-                assert_eq!(ma.dirty_count(), mb.dirty_count());
-            }
         }
     }
 }

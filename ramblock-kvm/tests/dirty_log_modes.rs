@@ -10,6 +10,7 @@ use ramblock_kvm::memslot::BlockRange;
 use ramblock_kvm::mode::{DirtyLogMode, DirtyLogRequest};
 use ramblock_kvm::vm::Vm;
 use ramblock_kvm::KvmError;
+use std::collections::BTreeSet;
 
 const BOOT_GPA: u64 = 0;
 const A_GPA: u64 = 1 << 20;
@@ -212,4 +213,84 @@ fn bitmap_and_manual_logs_refuse_the_wrong_vm() {
     assert!(err.to_string().contains("manual"), "{err}");
     assert!(RingLog::new(&vm).is_err());
     assert!(BitmapLog::new(&vm).is_ok());
+}
+
+/// `Vm::get_dirty_log` checks the buffer against the slot before the
+/// kernel, which writes one bit per page of the slot, sees it: a short
+/// buffer (the issue's `get_dirty_log(vm_fd, 0, &mut [])`, which corrupted
+/// the heap) is a typed error, and no ioctl is made. Bitmap mode's fetch
+/// also clears the log, so the pages written before the refused calls still
+/// being there proves the refused calls never reached KVM.
+#[test]
+fn a_dirty_log_buffer_shorter_than_its_slot_never_reaches_the_kernel() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let list = List::new();
+    add(&list, "boot", 128 << 10, |s| s);
+    add(&list, "ram-a", (A_PAGES as u64) << 12, |s| s);
+    let vm = vm(DirtyLogRequest::Mode(DirtyLogMode::Bitmap));
+    map_all(&vm, &list, &[("boot", BOOT_GPA), ("ram-a", A_GPA)]);
+    let slot = vm.slots().into_iter().find(|s| s.gpa == A_GPA).unwrap().id;
+    let mut guest = PageWriter::new(vm.create_vcpu(0).unwrap(), region(&list, "boot")).unwrap();
+    guest
+        .write_pages(&vm, &[gpa(A_GPA, 5), gpa(A_GPA, A_PAGES - 1)], 7)
+        .unwrap();
+
+    let words = A_PAGES / 64;
+    for short in [0, 1, words - 1] {
+        let mut buf = vec![0u64; short];
+        let err = vm.get_dirty_log(slot, &mut buf).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KvmError::LogBuffer { slot: s, pages, needed, words: w }
+                    if s == slot.0 && pages == A_PAGES as u64 && needed == words && w == short
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("needs 8 64-bit words"), "{err}");
+    }
+    let mut empty: [u64; 0] = [];
+    assert!(matches!(
+        vm.get_dirty_log(slot, &mut empty),
+        Err(KvmError::LogBuffer { words: 0, .. })
+    ));
+    let mut buf = vec![0u64; words];
+    assert!(matches!(
+        vm.get_dirty_log(ramblock_kvm::memslot::SlotId(99), &mut buf),
+        Err(KvmError::UnknownSlot(99))
+    ));
+
+    let pages = |buf: &[u64]| -> BTreeSet<usize> {
+        (0..buf.len() * 64)
+            .filter(|&p| buf[p / 64] >> (p % 64) & 1 == 1)
+            .collect()
+    };
+    vm.get_dirty_log(slot, &mut buf).unwrap();
+    assert_eq!(
+        pages(&buf),
+        set(&[5, A_PAGES - 1]),
+        "the refused calls fetched (and cleared) nothing"
+    );
+    // A longer buffer is fine; the fetch cleared the log.
+    let mut long = vec![!0u64; words + 3];
+    vm.get_dirty_log(slot, &mut long).unwrap();
+    assert_eq!(pages(&long[..words]), set(&[]));
+    drop(guest);
+
+    // A ring VM has no bitmap: a well-sized buffer reaches KVM, which says so.
+    if let Some(ring) = smallest_ring_vm() {
+        let block = list.read();
+        let id = map(
+            &ring,
+            block.by_name("ram-a").unwrap(),
+            A_GPA,
+            BlockRange::Whole,
+        )
+        .unwrap();
+        ring.set_logging(id, true).unwrap();
+        let err = ring.get_dirty_log(id, &mut buf).unwrap_err();
+        assert_eq!(err.errno(), Some(nix::errno::Errno::ENXIO), "{err}");
+    }
 }

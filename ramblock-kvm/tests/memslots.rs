@@ -230,3 +230,48 @@ fn growing_a_block_grows_its_slot_and_removing_it_removes_the_slot() {
         assert!(vm.slots().is_empty());
     }
 }
+
+/// `Vm::block_resized` is safe, and re-registers memory with KVM: it finds
+/// the slots by RAM address, so a block of another list at the same
+/// address must not get its memory (which nobody vouched for, and which may
+/// be freed while the slot maps it) handed to KVM.
+#[test]
+fn a_resize_of_another_lists_block_at_the_same_address_is_refused() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mapped = List::new();
+    let other = List::new();
+    let at = add(&mapped, "ram", MIB, |s| s.resizable(ByteLen(4 * MIB)));
+    assert_eq!(
+        add(&other, "ram", 2 * MIB, |s| s.resizable(ByteLen(4 * MIB))),
+        at,
+        "both blocks are at the same RAM address"
+    );
+    let vm = vm(DirtyLogRequest::Auto);
+    let slot = map(
+        &vm,
+        mapped.read().by_name("ram").unwrap(),
+        MIB,
+        BlockRange::Whole,
+    )
+    .unwrap();
+    vm.set_logging(slot, true).unwrap();
+    let err = vm
+        .block_resized(other.read().by_name("ram").unwrap())
+        .unwrap_err();
+    assert!(
+        matches!(err, KvmError::ForeignBlock { slot: 0, found_len, .. } if found_len == 2 * MIB),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("pass the block that was mapped"),
+        "{err}"
+    );
+    assert_eq!(vm.slots()[0].len, MIB, "the slot is unchanged");
+    // The mapped block itself still resizes its slot.
+    mapped.resize("ram", ByteLen(3 * MIB)).unwrap();
+    vm.block_resized(mapped.read().by_name("ram").unwrap())
+        .unwrap();
+    assert_eq!(vm.slots()[0].len, 3 * MIB);
+}

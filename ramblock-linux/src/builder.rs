@@ -130,7 +130,11 @@ impl MemoryBuilder {
     /// # Safety
     /// `ptr .. ptr + len` must be mapped readable and writable for as long as
     /// the built [`LinuxMemory`] lives, and not be unmapped or remapped by
-    /// anyone while it does.
+    /// anyone while it does. It becomes guest RAM: safe calls discard it,
+    /// preallocate it, and let userfaultfd fill or write-protect it
+    /// ([`Userfaultfd::register_memory`](crate::uffd::Userfaultfd::register_memory)),
+    /// so nothing may access it through Rust references while the
+    /// [`LinuxMemory`] lives.
     pub unsafe fn caller(ptr: NonNull<u8>, len: ByteLen, page_size: PageSize) -> MemoryBuilder {
         Self::new(Origin::Caller { ptr, page_size }, len)
     }

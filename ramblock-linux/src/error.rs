@@ -112,9 +112,12 @@ pub enum Error {
     #[error("userfaultfd: {0}")]
     Userfault(#[from] crate::uffd::UffdError),
     /// Post-copy on the destination failed outside the memory itself
-    /// (starting the guest, the return path).
+    /// (registering blocks, starting the guest, the return path). The
+    /// core's receiver reports a post-copy target's errors as the memory's,
+    /// so [`PostcopyDestination`](crate::postcopy::PostcopyDestination)'s
+    /// arrive here.
     #[error("post-copy: {0}")]
-    Postcopy(String),
+    Postcopy(#[from] crate::postcopy::PostcopyError),
     /// A system call failed.
     #[error("{call} failed for {what}: {errno} (errno {raw}); {hint}", raw = errno.raw_os_error())]
     Sys {
@@ -242,6 +245,8 @@ impl Error {
         match self {
             Error::Sys { errno, .. } | Error::File { errno, .. } => Some(*errno),
             Error::HugetlbPoolExhausted { errno, .. } => *errno,
+            Error::Userfault(e) => e.errno(),
+            Error::Postcopy(e) => e.errno(),
             _ => None,
         }
     }

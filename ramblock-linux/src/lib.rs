@@ -37,7 +37,9 @@
 //! Modules follow the OS areas they wrap: [`mmap`], [`memfd`], [`hugetlb`],
 //! `file` (private), [`prealloc`], [`advice`], [`numa`],
 //! [`error`], plus the [`builder`] and the [`memory`] itself.
-//! [`uffd`] serves userfaultfd faults on the memory (post-copy);
+//! [`uffd`] wraps userfaultfd on the memory, and [`postcopy`] builds the
+//! post-copy destination on it (registration, the fault thread, page
+//! requests on the return path);
 //! [`fd_stream`] moves a migration stream between a socket and guest memory
 //! without a user-space copy.
 #![deny(missing_docs)]
@@ -53,6 +55,7 @@ pub mod memory;
 pub mod mmap;
 pub mod numa;
 mod pagemap;
+pub mod postcopy;
 pub mod prealloc;
 pub mod uffd;
 

@@ -195,8 +195,8 @@ impl LinuxMemory {
     /// threads (default `min(cores, 16, size / 64 MiB)`).
     ///
     /// A hugetlb pool that runs dry gives [`Error::HugetlbPoolExhausted`],
-    /// never a SIGBUS. Guest vCPUs must not be writing the memory while the
-    /// touch fallback runs (it rewrites each page's first byte).
+    /// never a SIGBUS. Guest vCPUs may keep running: the touch fallback
+    /// rewrites each page's first byte atomically, so no write is lost.
     pub fn preallocate(&self, settings: Prealloc) -> Result<(), Error> {
         self.preallocate_range(ByteLen::ZERO, self.used, settings)
     }
@@ -217,8 +217,8 @@ impl LinuxMemory {
             no_reserve: self.no_reserve,
             writable: !self.read_only,
         };
-        // SAFETY: the range is accessible memory we own (checked above); the
-        // touch fallback's no-concurrent-writer rule is documented above.
+        // SAFETY: the range is accessible guest RAM we own (checked above),
+        // reached by Rust code only through raw pointers.
         unsafe { prealloc::preallocate(range, settings) }
     }
 

@@ -17,7 +17,7 @@ const CHUNK: usize = 16 << 10;
 /// `start .. start + pages * 4096` (a page-aligned address in this
 /// process) that is neither present nor swapped. `Err` when the file
 /// cannot be read (no /proc); nothing is reported then.
-pub fn untouched_runs(
+pub(crate) fn untouched_runs(
     start: usize,
     pages: u64,
     report: &mut dyn FnMut(u64, u64),

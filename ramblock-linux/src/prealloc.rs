@@ -15,6 +15,7 @@ use ramblock_core::addr::PageSize;
 use rustix::io::Errno;
 use rustix::mm::Advice;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// How pages are faulted in.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -70,9 +71,10 @@ pub(crate) struct Range {
 /// Faults in every page of `range` with `settings`.
 ///
 /// # Safety
-/// The range must be accessible memory this crate owns. Touching rewrites
-/// each page's first byte with its own value, so nothing may write the
-/// range concurrently when the touch fallback runs.
+/// The range must be accessible memory this crate owns, which Rust code
+/// reaches only through raw pointers (guest RAM). The touch fallback
+/// rewrites each page's first byte atomically, so concurrent writers (a
+/// vCPU, a device) lose nothing.
 pub(crate) unsafe fn preallocate(range: Range, settings: Prealloc) -> Result<(), Error> {
     if range.len == 0 {
         return Ok(());
@@ -157,14 +159,21 @@ unsafe fn fault_in(chunk: Range, method: PreallocMethod) -> Result<(), Error> {
             Err(e) => return Err(e),
         }
     }
-    // SAFETY: the caller guarantees the chunk is accessible and not written
-    // concurrently, so rewriting each page's first byte keeps its contents.
+    // SAFETY: the caller guarantees the chunk is accessible guest RAM.
     unsafe { touch(chunk) };
     Ok(())
 }
 
 /// Writes each page's first byte back to itself (or reads it, for read-only
 /// memory), which makes the kernel back the page.
+///
+/// The write is a compare-and-exchange of the byte with itself: a plain
+/// read and write back would undo a write another thread (a vCPU) made in
+/// between, and an idempotent `fetch_or(0)` may be compiled to a load,
+/// which would map the zero page instead of backing the page. A
+/// compare-and-exchange that succeeds is a write; one that fails means
+/// another writer changed the byte, which backed the page (on x86 the
+/// locked instruction writes either way).
 ///
 /// # Safety
 /// As for [`preallocate`].
@@ -173,13 +182,19 @@ unsafe fn touch(chunk: Range) {
     let mut at = chunk.start;
     while at < chunk.start + chunk.len {
         let p = at as *mut u8;
-        // SAFETY: `p` is inside the accessible chunk; volatile keeps the
-        // compiler from dropping an access whose only point is the fault.
-        unsafe {
-            let v = p.read_volatile();
-            if chunk.writable {
-                p.write_volatile(v);
-            }
+        if chunk.writable {
+            // SAFETY: `p` is inside the accessible, writable chunk (the
+            // caller's contract) and a u8 is always aligned; guest RAM is
+            // never behind a Rust reference, and the other accesses to it
+            // (vCPUs, copies) cannot be torn by a one-byte atomic.
+            let byte = unsafe { AtomicU8::from_ptr(p) };
+            let v = byte.load(Ordering::Relaxed);
+            let _ = byte.compare_exchange(v, v, Ordering::Relaxed, Ordering::Relaxed);
+        } else {
+            // SAFETY: `p` is inside the accessible chunk; volatile keeps
+            // the compiler from dropping a read whose only point is the
+            // fault.
+            let _ = unsafe { p.read_volatile() };
         }
         at += page;
     }

@@ -24,7 +24,7 @@
 use ramblock_core::addr::{ByteLen, PageSize};
 use ramblock_core::host::HostMemory;
 use ramblock_linux::hugetlb::PoolReservation;
-use ramblock_linux::uffd::latency::FaultLatency;
+use ramblock_linux::postcopy::FaultLatency;
 use ramblock_linux::uffd::{Event, Features, Placed, RegisterMode, UffdError, Userfaultfd};
 use ramblock_linux::{LinuxMemory, MemoryBuilder, Prealloc};
 use std::ops::Deref;

@@ -85,9 +85,10 @@ fn registrations_need_a_mode_and_whole_pages() {
     assert!(matches!(e, UffdError::ModeUnsupported { .. }), "{e}");
 
     let base = ramblock_core::host::HostMemory::base(&mem).as_ptr();
-    let e = uffd
-        .register(base.wrapping_add(100), 4096, RegisterMode::MISSING)
-        .unwrap_err();
+    // SAFETY: `mem` is guest RAM of this test, never referenced; it is
+    // refused before the kernel sees it (misaligned).
+    let e =
+        unsafe { uffd.register(base.wrapping_add(100), 4096, RegisterMode::MISSING) }.unwrap_err();
     assert!(
         matches!(
             e,
@@ -98,17 +99,19 @@ fn registrations_need_a_mode_and_whole_pages() {
         ),
         "{e}"
     );
-    let e = uffd.register(base, 0, RegisterMode::MISSING).unwrap_err();
+    // SAFETY: as above; refused (empty).
+    let e = unsafe { uffd.register(base, 0, RegisterMode::MISSING) }.unwrap_err();
     assert!(matches!(e, UffdError::EmptyRange { .. }), "{e}");
     // The raw registration works on the same memory, and reports its ioctls.
-    let ioctls = uffd.register(base, 1 << 20, RegisterMode::MISSING).unwrap();
+    // SAFETY: `mem`'s used part, which this test reaches only through
+    // copies, outlives the descriptor's use of it.
+    let ioctls = unsafe { uffd.register(base, 1 << 20, RegisterMode::MISSING) }.unwrap();
     assert!(ioctls.contains(ramblock_linux::uffd::Ioctls::COPY));
     // A second userfaultfd cannot take the same range: the kernel says
     // EBUSY, kept in the error with a hint.
     let Some(other) = open() else { return };
-    let e = other
-        .register(base, 1 << 20, RegisterMode::MISSING)
-        .unwrap_err();
+    // SAFETY: as above.
+    let e = unsafe { other.register(base, 1 << 20, RegisterMode::MISSING) }.unwrap_err();
     assert_eq!(e.errno(), Some(Errno::BUSY), "{e}");
     assert!(e.to_string().contains("another userfaultfd"), "{e}");
 }

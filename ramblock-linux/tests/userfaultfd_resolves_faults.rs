@@ -126,7 +126,7 @@ fn next_fault(uffd: &Userfaultfd) -> (u64, bool, bool, bool) {
 
 /// Serves one read fault on page `page` of `block` with `data`, checking
 /// the event and that the reader sees exactly `data`.
-fn serve_read_fault(uffd: &Userfaultfd, block: &RegisteredBlock, page: usize, data: &[u8]) {
+fn serve_read_fault(uffd: &Userfaultfd, block: &RegisteredBlock<'_>, page: usize, data: &[u8]) {
     let ps = block.page_size();
     let start = block.base() as usize + page * ps;
     // Touch a byte inside the page, not its first one: the event is
@@ -403,16 +403,16 @@ fn hugetlb_pages_are_placed_whole() {
 
     // The raw registration finds the hugepage size itself (from smaps).
     block.unregister(&uffd).unwrap();
-    let e = uffd
-        .register((base + PAGE) as *mut u8, HUGE, RegisterMode::MISSING)
+    // SAFETY: refused before the kernel sees it (not hugepage aligned).
+    let e = unsafe { uffd.register((base + PAGE) as *mut u8, HUGE, RegisterMode::MISSING) }
         .unwrap_err();
     assert!(
         e.to_string().contains("2 MiB"),
         "misaligned for hugetlb: {e}"
     );
-    let ioctls = uffd
-        .register(block.base(), 2 * HUGE, RegisterMode::MISSING)
-        .unwrap();
+    // SAFETY: the block's memory, guest RAM of this test reached only
+    // through copies, which outlives the descriptor's use of it.
+    let ioctls = unsafe { uffd.register(block.base(), 2 * HUGE, RegisterMode::MISSING) }.unwrap();
     assert!(ioctls.contains(Ioctls::COPY) && !ioctls.contains(Ioctls::ZEROPAGE));
     // SAFETY: refused before any ioctl (a 4 KiB copy into hugetlb memory).
     let raw = unsafe { uffd.copy(block.base(), &pattern(PAGE, 1), true) }.unwrap_err();

@@ -1,6 +1,32 @@
 //! [`RegisteredBlock`]: a block's [`LinuxMemory`] registered on a
 //! [`Userfaultfd`], placed into by block offset with bounds checked, so
-//! that placing is safe.
+//! that placing is safe. It borrows the memory, so the compiler refuses a
+//! placement after the memory is dropped or resized:
+//!
+//! ```compile_fail
+//! use ramblock_core::addr::ByteLen;
+//! use ramblock_linux::uffd::{RegisterMode, Userfaultfd};
+//! use ramblock_linux::MemoryBuilder;
+//!
+//! let uffd = Userfaultfd::new().unwrap();
+//! let mem = MemoryBuilder::anonymous(ByteLen(2 << 20)).build().unwrap();
+//! let block = uffd.register_memory(&mem, RegisterMode::MISSING).unwrap();
+//! drop(mem); // error: `mem` is still borrowed by `block`
+//! block.place(&uffd, 0, &[0u8; 4096]).unwrap();
+//! ```
+//!
+//! ```compile_fail
+//! use ramblock_core::addr::ByteLen;
+//! use ramblock_core::host::HostMemory;
+//! use ramblock_linux::uffd::{RegisterMode, Userfaultfd};
+//! use ramblock_linux::MemoryBuilder;
+//!
+//! let uffd = Userfaultfd::new().unwrap();
+//! let mut mem = MemoryBuilder::anonymous(ByteLen(4 << 20)).build().unwrap();
+//! let block = uffd.register_memory(&mem, RegisterMode::MISSING).unwrap();
+//! mem.set_used_len(ByteLen(2 << 20)).unwrap(); // error: borrowed by `block`
+//! block.place(&uffd, 3 << 20, &[0u8; 4096]).unwrap();
+//! ```
 
 use super::{Features, Fill, Ioctls, Placed, RegisterMode, UffdError, Userfaultfd};
 use crate::memory::{BackingKind, LinuxMemory};
@@ -9,6 +35,7 @@ use ramblock_core::addr::PageSize;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::host::HostMemory;
 use rustix::mm::{MapFlags, ProtFlags};
+use std::marker::PhantomData;
 use std::sync::Mutex;
 
 /// How userfaultfd treats a backing.
@@ -176,17 +203,21 @@ fn zeros(len: usize) -> Result<&'static [u8], UffdError> {
 }
 
 /// A block's used memory registered on a [`Userfaultfd`], made by
-/// [`Userfaultfd::register_memory`].
+/// [`Userfaultfd::register_memory`] (or found again by
+/// [`Userfaultfd::registered`]).
 ///
 /// It covers the used length at registration: after growing the block,
-/// register the new tail (or the whole block) again.
+/// register the new tail (or the whole block) again. It borrows the
+/// memory (`'m`), which therefore stays mapped and cannot shrink while the
+/// block is used.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct RegisteredBlock {
+pub struct RegisteredBlock<'m> {
     base: usize,
     len: usize,
     page_size: PageSize,
     ioctls: Ioctls,
     mode: RegisterMode,
+    memory: PhantomData<&'m LinuxMemory>,
 }
 
 impl Userfaultfd {
@@ -202,16 +233,19 @@ impl Userfaultfd {
     /// [`Features::WP_HUGETLBFS_SHMEM`] off private anonymous memory).
     /// Anything else is [`UffdError::ModeUnsupported`] or
     /// [`UffdError::FeatureMissing`], before any system call.
-    pub fn register_memory(
+    pub fn register_memory<'m>(
         &self,
-        mem: &LinuxMemory,
+        mem: &'m LinuxMemory,
         mode: RegisterMode,
-    ) -> Result<RegisteredBlock, UffdError> {
+    ) -> Result<RegisteredBlock<'m>, UffdError> {
         check_mode(self, mem, mode)?;
         let base = mem.base().as_ptr() as usize;
         // The used length fits the address space: it is mapped.
         let len = usize::try_from(mem.used_len().0).unwrap_or(usize::MAX);
         let page_size = mem.page_size();
+        // The range is `mem`'s used part: guest RAM, which Rust code reaches
+        // only through copies (HostRegion), so the kernel filling its
+        // missing pages breaks no borrow.
         let ioctls = self.register_range(base, len, mode, page_size)?;
         Ok(RegisteredBlock {
             base,
@@ -219,11 +253,40 @@ impl Userfaultfd {
             page_size,
             ioctls,
             mode,
+            memory: PhantomData,
+        })
+    }
+
+    /// The registration [`Userfaultfd::register_memory`] made for `mem`, as
+    /// long as this descriptor still holds one starting at or before its
+    /// base (`None` otherwise), covering at most its current used length.
+    ///
+    /// This is for a registration that outlives any one borrow of the
+    /// memory, such as a post-copy destination's whose blocks sit in a
+    /// block list: register once, then borrow the block (under the list's
+    /// read lock, which keeps it from being resized or removed) for each
+    /// placement. The record is this descriptor's own; if the memory was
+    /// unmapped since, the kernel refuses placements there.
+    pub fn registered<'m>(&self, mem: &'m LinuxMemory) -> Option<RegisteredBlock<'m>> {
+        let base = mem.base().as_ptr() as usize;
+        let used = usize::try_from(mem.used_len().0).unwrap_or(usize::MAX);
+        let record = self.registry.find(base, 1)?;
+        if record.page_size != mem.page_size() {
+            return None;
+        }
+        let len = (record.end - base).min(used);
+        (len > 0).then_some(RegisteredBlock {
+            base,
+            len,
+            page_size: record.page_size,
+            ioctls: record.ioctls,
+            mode: record.mode,
+            memory: PhantomData,
         })
     }
 }
 
-impl RegisteredBlock {
+impl RegisteredBlock<'_> {
     /// The block's first byte.
     pub fn base(&self) -> *mut u8 {
         self.base as *mut u8
@@ -349,13 +412,14 @@ impl RegisteredBlock {
             });
         }
         // SAFETY: `dst .. dst + data.len()` is whole pages inside the block
-        // (run_start). The kernel places pages only into ranges registered
-        // on `uffd` and only where no page is yet (EEXIST otherwise), so a
-        // block that was unregistered, unmapped or registered elsewhere
-        // gets an error, not a write. The block is guest RAM, reached only
-        // through raw pointers, so filling a missing page breaks no Rust
-        // borrow. The source is `data`, outside registered memory
-        // (checked above).
+        // (run_start), whose memory `self` borrows, so it is still mapped
+        // and at least `len` long. The kernel places pages only into ranges
+        // registered on `uffd` and only where no page is yet (EEXIST
+        // otherwise), so a block that was unregistered or registered
+        // elsewhere gets an error, not a write. The block is guest RAM,
+        // reached only through raw pointers, so filling a missing page
+        // breaks no Rust borrow. The source is `data`, outside registered
+        // memory (checked above).
         unsafe {
             uffd.fill(
                 Fill::Copy(data.as_ptr()),

@@ -17,6 +17,28 @@
 //! checks the mode against the backing and gives a [`RegisteredBlock`]
 //! whose safe [`RegisteredBlock::place`] takes block offsets.
 //!
+//! **What is safe.** Every call that hands the kernel a caller's address
+//! and can change what memory holds or who may touch it is either checked
+//! against something the compiler keeps alive or `unsafe`:
+//! - a [`RegisteredBlock`] borrows the [`LinuxMemory`](crate::LinuxMemory)
+//!   it covers, so it cannot be used once the memory is dropped or (through
+//!   `&mut`, or a block list's write lock) resized, and it places only
+//!   inside that memory's used length, which is guest RAM (reached only
+//!   through copies, never Rust references);
+//! - raw-address registration and placement ([`Userfaultfd::register`],
+//!   [`Userfaultfd::copy`], [`Userfaultfd::zeropage`],
+//!   [`Userfaultfd::continue_minor`]) are `unsafe fn`s;
+//! - [`Userfaultfd::unregister`], [`Userfaultfd::wake`] and
+//!   [`Userfaultfd::write_protect`] take raw addresses but stay safe: the
+//!   kernel acts only on ranges registered on this descriptor (which safe
+//!   code can only do for guest RAM), and none of them changes contents.
+//!   Write-protecting guest RAM makes a writer wait until it is lifted,
+//!   which is what it is for.
+//! - [`Userfaultfd::register_memory`] on the memory a post-copy fault
+//!   thread serves is long-lived; [`Userfaultfd::registered`] gives its
+//!   [`RegisteredBlock`] again later, borrowing the memory only for as long
+//!   as a placement takes.
+//!
 //! ```no_run
 //! use ramblock_core::addr::ByteLen;
 //! use ramblock_linux::uffd::{Event, RegisterMode, Userfaultfd};
@@ -39,7 +61,6 @@ mod block;
 mod error;
 mod event;
 mod flags;
-pub mod latency;
 mod sys;
 
 pub use block::RegisteredBlock;
@@ -63,6 +84,10 @@ struct Registration {
     start: usize,
     end: usize,
     page_size: PageSize,
+    /// What the kernel said the range supports, and the mode asked for,
+    /// so that [`Userfaultfd::registered`] can hand the block back.
+    ioctls: Ioctls,
+    mode: RegisterMode,
 }
 
 /// The ranges a [`Userfaultfd`] registered, with their page sizes, so that
@@ -419,7 +444,15 @@ impl Userfaultfd {
     /// `/proc/self/smaps` (use [`Userfaultfd::register_memory`] for a
     /// block, which knows it). A thread that then faults on a missing page
     /// sleeps until it is placed: serve the events, or it waits forever.
-    pub fn register(
+    ///
+    /// # Safety
+    /// `start .. start + len` must be memory of this process that nothing
+    /// reads or writes through Rust references for as long as it stays
+    /// registered (guest RAM, reached through raw pointers or
+    /// [`HostRegion`](ramblock_core::region::HostRegion)s): a missing page
+    /// there can be filled by this descriptor's placements, and a
+    /// write-protected one stalls its writers, behind the compiler's back.
+    pub unsafe fn register(
         &self,
         start: *mut u8,
         len: usize,
@@ -431,6 +464,9 @@ impl Userfaultfd {
         self.register_range(start, len, mode, page_size)
     }
 
+    /// Registers `start .. start + len` (whole pages of `page_size`) for
+    /// `mode`. Only this module calls it, for ranges an `unsafe` caller or
+    /// a borrowed [`LinuxMemory`](crate::LinuxMemory) vouches for.
     fn register_range(
         &self,
         start: usize,
@@ -464,16 +500,22 @@ impl Userfaultfd {
                 register_hint(errno),
             )
         })?;
+        let ioctls = Ioctls::from_bits_retain(arg.ioctls);
         self.registry.record(Registration {
             start,
             end: start + len,
             page_size,
+            ioctls,
+            mode,
         });
-        Ok(Ioctls::from_bits_retain(arg.ioctls))
+        Ok(ioctls)
     }
 
     /// Unregisters `start .. start + len`; faults there are no longer
     /// reported, and threads waiting on them are woken.
+    ///
+    /// Safe with any address: the kernel unregisters only what this
+    /// descriptor registered, and nothing's contents change.
     pub fn unregister(&self, start: *mut u8, len: usize) -> Result<(), UffdError> {
         let start = start as usize;
         let page_size = self
@@ -760,6 +802,10 @@ impl Userfaultfd {
 
     /// Wakes the threads waiting on faults in `start .. start + len`
     /// without placing anything (after placing with `wake: false`).
+    ///
+    /// Safe with any address: it only wakes threads waiting on this
+    /// descriptor's faults (a woken thread whose page is still missing
+    /// faults again), and changes no memory.
     pub fn wake(&self, start: *mut u8, len: usize) -> Result<(), UffdError> {
         let start = start as usize;
         check_pages("UFFDIO_WAKE", start, len, host_page_size())?;
@@ -787,6 +833,14 @@ impl Userfaultfd {
     /// matters when lifting: protecting has no one to wake). The range
     /// must be registered for [`RegisterMode::WRITE_PROTECT`]; pages not
     /// present are not protected (unless [`Features::WP_UNPOPULATED`]).
+    /// A range this descriptor has not registered is
+    /// [`UffdError::NotRegistered`], before any ioctl.
+    ///
+    /// Safe: the kernel changes protection only inside ranges registered
+    /// on this descriptor for write-protect, which safe code can register
+    /// only over guest RAM ([`Userfaultfd::register_memory`]); contents
+    /// never change, and a writer there waits until the protection is
+    /// lifted.
     pub fn write_protect(
         &self,
         start: *mut u8,
@@ -795,10 +849,7 @@ impl Userfaultfd {
         wake: bool,
     ) -> Result<(), UffdError> {
         let start = start as usize;
-        let page_size = self
-            .registry
-            .find(start, len)
-            .map_or_else(host_page_size, |r| r.page_size);
+        let page_size = self.registered_page_size(start, len)?;
         check_pages("UFFDIO_WRITEPROTECT", start, len, page_size)?;
         // Protecting wakes no one, and the kernel refuses DONTWAKE with it.
         let mode = match (protect, wake) {
@@ -855,6 +906,8 @@ mod tests {
             start,
             end,
             page_size: PageSize::SIZE_4K,
+            ioctls: Ioctls::empty(),
+            mode: RegisterMode::MISSING,
         };
         let spans = |registry: &Registry| -> Vec<(usize, usize)> {
             registry.list().iter().map(|r| (r.start, r.end)).collect()

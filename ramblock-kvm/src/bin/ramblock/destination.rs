@@ -1,21 +1,48 @@
 //! The receiving side: one migration from a TCP connection into guest RAM,
 //! acknowledged on the same connection; in post-copy, with the guest
-//! started here and its missing pages asked for, and (with resuming on)
-//! new connections accepted after a break.
+//! started here and its missing pages asked for (ramblock-linux's
+//! `PostcopyDestination`), and (with resuming on) new connections accepted
+//! after a break.
 
-use crate::link::RESUME_TIMEOUT;
+use crate::link::{set_receive_buffer, POSTCOPY_SOCKET_BUFFER, RESUME_TIMEOUT};
 use crate::memory::{ledger_for, GuestRam};
-use crate::postcopy_target::{StartGuest, Target};
 use crate::workload::Guest;
 use ramblock_core::stream::io::IoStream;
 use ramblock_core::stream::receiver::{
     send_ack, ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES,
 };
 use ramblock_linux::fd_stream::FdReader;
-use ramblock_linux::uffd::latency::LatencySummary;
+use ramblock_linux::postcopy::{LatencySummary, PostcopyDestination};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Starts the guest from the source's device state.
+pub type StartGuest = Box<dyn FnMut(&[u8]) -> Result<Box<dyn Guest>, String> + Send>;
+
+/// The post-copy destination this program runs.
+type Target = PostcopyDestination<&'static GuestRam, TcpStream, Box<dyn Guest>>;
+
+/// The library's destination over `ram`, answering on `ret`; `start` runs
+/// the guest once the source switches to post-copy.
+fn postcopy_target(
+    ram: &'static GuestRam,
+    ret: &Arc<Mutex<TcpStream>>,
+    mut start: StartGuest,
+) -> Result<Target, String> {
+    let conn = ret
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .try_clone()
+        .map_err(|e| format!("cannot clone the connection: {e}"))?;
+    let start = Box::new(move |state: &[u8]| {
+        // Pages queue in the receive buffer too; a faulting vCPU waits
+        // behind them.
+        set_receive_buffer(&conn, POSTCOPY_SOCKET_BUFFER);
+        start(state).map_err(Into::into)
+    });
+    PostcopyDestination::new(ram, ret.clone(), start).map_err(|e| e.to_string())
+}
 
 /// The largest host page post-copy assembles (2 MiB hugetlb).
 const HUGEPAGE_BUFFER: usize = 2 << 20;
@@ -68,7 +95,7 @@ pub fn receive(
             .map_err(|e| format!("cannot clone the connection: {e}"))?,
     ));
     let mut target = match how.postcopy {
-        Some(start) => Some(Target::new(ram, ret.clone(), start)?),
+        Some(start) => Some(postcopy_target(ram, &ret, start)?),
         None => None,
     };
     let mut conn = stream;
@@ -89,7 +116,8 @@ pub fn receive(
                 eprintln!("post-copy: the connection broke; waiting for the source to resume");
                 conn = accept(listener)?;
                 let _ = conn.set_nodelay(true);
-                t.next_connection = Some(
+                set_receive_buffer(&conn, POSTCOPY_SOCKET_BUFFER);
+                t.set_next_connection(
                     conn.try_clone()
                         .map_err(|e| format!("cannot clone the connection: {e}"))?,
                 );
@@ -106,6 +134,9 @@ pub fn receive(
         let _ = conn.shutdown(Shutdown::Both);
     }
     let latency = target.as_ref().map(Target::latency);
+    if let Some(Err(e)) = target.as_mut().map(Target::stop_faults) {
+        eprintln!("post-copy: {e}");
+    }
     let guest = target.and_then(Target::finish);
     let summary = result.map_err(|e| format!("destination refused the stream: {e}"))?;
     acked.map_err(|e| format!("cannot acknowledge: {e}"))?;

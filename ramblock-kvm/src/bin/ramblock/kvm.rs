@@ -1,9 +1,9 @@
 //! The KVM source: guest RAM mapped as a memslot, the CPL 3 increment
 //! workload on a vCPU thread, and the VM's dirty log for the engine.
 
+use crate::destination::StartGuest;
 use crate::memory::{GuestRam, RAM_BLOCK};
 use crate::options::{MigrateOptions, Workload};
-use crate::postcopy_target::StartGuest;
 use crate::source::{self, Sent};
 use crate::workload::{Guest, HostWriter};
 use ramblock_kvm::dirty::KvmDirtyLog;

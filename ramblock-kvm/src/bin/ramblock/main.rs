@@ -13,16 +13,14 @@ mod kvm;
 mod link;
 mod memory;
 mod options;
-mod postcopy_target;
 mod report;
 mod source;
 mod workload;
 
 use clap::{Parser, Subcommand};
-use destination::Incoming;
+use destination::{Incoming, StartGuest};
 use memory::{first_mismatch, guest_ram, GuestRam, Side, RAM_BLOCK};
 use options::{Backing, MigrateOptions};
-use postcopy_target::StartGuest;
 use ramblock_core::dirty_log::SoftwareOnly;
 use ramblock_core::postcopy::PostcopyStats;
 use ramblock_kvm::guest::ResumeMismatch;

@@ -2,7 +2,7 @@
 //! JSON).
 
 use ramblock_core::precopy::{MigrationStats, PassReport};
-use ramblock_linux::uffd::latency::LatencySummary;
+use ramblock_linux::postcopy::LatencySummary;
 use std::fmt::Write as _;
 
 /// Prints one line per pass on stderr.

@@ -80,9 +80,8 @@ pub mod flags;
 pub mod host;
 pub mod list;
 pub mod listener;
+pub mod migrate;
 pub mod name;
-pub mod postcopy;
-pub mod precopy;
 pub mod region;
 pub mod stream;
 #[cfg(test)]

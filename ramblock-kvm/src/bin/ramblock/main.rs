@@ -24,7 +24,7 @@ use memory::{first_mismatch, guest_ram, GuestRam, Side, RAM_BLOCK};
 use options::{Backing, MigrateOptions};
 use postcopy_target::StartGuest;
 use ramblock_core::dirty_log::SoftwareOnly;
-use ramblock_core::postcopy::PostcopyStats;
+use ramblock_core::migrate::PostcopyStats;
 use ramblock_kvm::guest::ResumeMismatch;
 use report::Summary;
 use source::Sent;

@@ -217,7 +217,7 @@ impl<'b> Receiver<'b> {
         mut target: Option<&mut dyn PostcopyTarget<Error = M::Error>>,
         mut events: impl FnMut(ReceiveEvent),
     ) -> Result2<ReceiveSummary, R, M> {
-        let (mut table, resumed) = Self::read_table(list, r)?;
+        let (table, resumed) = Self::read_table(list, r)?;
         if let Some(ledger) = self.ledger.as_deref_mut() {
             for (index, slot) in table.iter().enumerate() {
                 ledger.reserve(index, slot.used_pages);
@@ -247,149 +247,37 @@ impl<'b> Receiver<'b> {
                 })
             }
         }
+        let mut session = Session {
+            rx: self,
+            list,
+            r,
+            // Shortens the target's object lifetime to the session's.
+            target: target.map(|t| t as &mut dyn PostcopyTarget<Error = M::Error>),
+            table,
+            events,
+        };
         loop {
-            let record = Record::read(r)?.map_err(ReceiveError::UnknownRecord)?;
+            let record = Record::read(&mut *session.r)?.map_err(ReceiveError::UnknownRecord)?;
             match record {
                 Record::Pages {
                     block,
                     first,
                     count,
-                }
-                | Record::Zero {
+                } => session.on_pages(block, first, count)?,
+                Record::Zero {
                     block,
                     first,
                     count,
-                } => {
-                    let slot = Self::check_run(&table, block, first, count)?;
-                    let len = count as usize * TARGET_PAGE_SIZE as usize;
-                    let is_pages = matches!(record, Record::Pages { .. });
-                    if is_pages
-                        && !self.postcopy
-                        && self.read_in_place(list, slot, block, first, count, r)?
-                    {
-                        continue;
-                    }
-                    if is_pages {
-                        r.read_exact(&mut self.bounce[..len])?;
-                    }
-                    let view = list.read();
-                    // Checked against the list when the table was read; the
-                    // block cannot have left a list being migrated into.
-                    let Some(dest) = view.by_name(slot.name.as_str()) else {
-                        return Err(ReceiveError::UnknownBlock(slot.name.clone()));
-                    };
-                    if self.postcopy {
-                        let target = target
-                            .as_deref_mut()
-                            .ok_or(ReceiveError::PostcopyUnsupported)?;
-                        self.place_run(target, dest, slot, block, first, count, is_pages)?;
-                    } else {
-                        self.write_run(dest, slot, block, first, count, is_pages)?;
-                    }
-                }
-                Record::Sync { pass, remaining } => {
-                    // A hostile pass number must not overflow the count.
-                    self.summary.passes = self.summary.passes.max(pass.saturating_add(1));
-                    events(ReceiveEvent::Sync { pass, remaining });
-                }
-                Record::Resize { block, used_length } => {
-                    if self.postcopy {
-                        return Err(ReceiveError::OutOfPlace {
-                            record: "resize",
-                            why: "the source guest is paused during post-copy",
-                        });
-                    }
-                    let slot = table
-                        .get_mut(block as usize)
-                        .ok_or(ReceiveError::BadBlockIndex(block))?;
-                    list.resize(slot.name.as_str(), ByteLen(used_length))
-                        .map_err(|e| match e {
-                            ResizeError::Host(h) => ReceiveError::Host(h),
-                            _ => ReceiveError::ResizeRefused {
-                                name: slot.name.clone(),
-                                length: used_length,
-                            },
-                        })?;
-                    slot.used_pages = used_length >> TARGET_PAGE_SHIFT;
-                    if let Some(ledger) = self.ledger.as_deref_mut() {
-                        ledger.truncate(block as usize, slot.used_pages);
-                    }
-                }
+                } => session.on_zero(block, first, count)?,
+                Record::Sync { pass, remaining } => session.on_sync(pass, remaining),
+                Record::Resize { block, used_length } => session.on_resize(block, used_length)?,
                 Record::Discard {
                     block,
                     first,
                     count,
-                } => {
-                    if self.postcopy {
-                        return Err(ReceiveError::OutOfPlace {
-                            record: "discard",
-                            why: "post-copy has started",
-                        });
-                    }
-                    let slot = Self::check_span(&table, block, first, count)?;
-                    let view = list.read();
-                    let dest = view
-                        .by_name(slot.name.as_str())
-                        .ok_or_else(|| ReceiveError::UnknownBlock(slot.name.clone()))?;
-                    Self::check_postcopy_run(dest, slot, first, count)?;
-                    let per_page = dest.page_size().bytes() >> TARGET_PAGE_SHIFT;
-                    let end = first + u64::from(count);
-                    if first % per_page != 0 || (end % per_page != 0 && end != slot.used_pages) {
-                        return Err(ReceiveError::NotWholeHostPages {
-                            name: slot.name.clone(),
-                            first,
-                            page_size: dest.page_size().bytes(),
-                        });
-                    }
-                    let (start, len) = (
-                        first << TARGET_PAGE_SHIFT,
-                        u64::from(count) << TARGET_PAGE_SHIFT,
-                    );
-                    dest.memory()
-                        .discard(ByteLen(start), ByteLen(len))
-                        .map_err(ReceiveError::Host)?;
-                    // In range: check_postcopy_run kept it inside the map.
-                    let _ = dest.received().mark_missing(first as usize, count as usize);
-                    self.summary.discarded += u64::from(count);
-                }
-                Record::Postcopy { state_len } => {
-                    if self.postcopy {
-                        return Err(ReceiveError::OutOfPlace {
-                            record: "post-copy",
-                            why: "post-copy has started already",
-                        });
-                    }
-                    if state_len > MAX_DEVICE_STATE {
-                        return Err(ReceiveError::DeviceStateTooLarge(state_len));
-                    }
-                    let state = &mut self.bounce[..state_len as usize];
-                    r.read_exact(state)?;
-                    let target = target
-                        .as_deref_mut()
-                        .ok_or(ReceiveError::PostcopyUnsupported)?;
-                    for slot in &table {
-                        if let Some(dest) = list.read().by_name(slot.name.as_str()) {
-                            self.assembly.check(&slot.name, dest.page_size().bytes())?;
-                        }
-                    }
-                    let names: heapless::Vec<&str, N> =
-                        table.iter().map(|s| s.name.as_str()).collect();
-                    target.start(state, &names).map_err(ReceiveError::Host)?;
-                    self.postcopy = true;
-                    events(ReceiveEvent::PostcopyStarted);
-                }
-                Record::End { count } => {
-                    if count as usize != table.len() {
-                        return Err(ReceiveError::EndCountMismatch {
-                            count,
-                            blocks: table.len() as u32,
-                        });
-                    }
-                    events(ReceiveEvent::Verifying);
-                    self.verify_end(list, &table, r)?;
-                    self.postcopy = false;
-                    return Ok(self.summary);
-                }
+                } => session.on_discard(block, first, count)?,
+                Record::Postcopy { state_len } => session.on_postcopy(state_len)?,
+                Record::End { count } => return session.on_end(count),
             }
         }
     }
@@ -750,6 +638,196 @@ impl Receiver<'_> {
             });
         }
         Ok(())
+    }
+}
+
+/// One receive in progress: the stream, the destination list, the table
+/// the stream's blocks were matched to, and one handler per record kind.
+struct Session<'s, 'b, 'l, R, M: HostMemory, S: Storage, const N: usize, F> {
+    rx: &'s mut Receiver<'b>,
+    list: &'s RamList<'l, M, S, N>,
+    r: &'s mut R,
+    target: Option<&'s mut dyn PostcopyTarget<Error = M::Error>>,
+    table: heapless::Vec<Slot, N>,
+    events: F,
+}
+
+impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEvent)>
+    Session<'_, '_, '_, R, M, S, N, F>
+{
+    /// `Pages`: a run of pages. Before post-copy the payload goes straight
+    /// into guest memory when the transport already holds all of it;
+    /// otherwise it is staged whole in the bounce buffer first, so a
+    /// truncated record writes nothing.
+    fn on_pages(&mut self, block: u32, first: u64, count: u32) -> Result2<(), R, M> {
+        let slot = Receiver::check_run(&self.table, block, first, count)?;
+        if !self.rx.postcopy
+            && self
+                .rx
+                .read_in_place(self.list, slot, block, first, count, &mut *self.r)?
+        {
+            return Ok(());
+        }
+        let len = count as usize * TARGET_PAGE_SIZE as usize;
+        self.r.read_exact(&mut self.rx.bounce[..len])?;
+        self.store_run(block, first, count, true)
+    }
+
+    /// `Zero`: a run of zero pages, as a count.
+    fn on_zero(&mut self, block: u32, first: u64, count: u32) -> Result2<(), R, M> {
+        Receiver::check_run::<R::Error, M::Error>(&self.table, block, first, count)?;
+        self.store_run(block, first, count, false)
+    }
+
+    /// Writes (pre-copy) or places (post-copy) a run `check_run` accepted,
+    /// its data (for `Pages`) in the bounce buffer.
+    fn store_run(
+        &mut self,
+        block: u32,
+        first: u64,
+        count: u32,
+        is_pages: bool,
+    ) -> Result2<(), R, M> {
+        let slot = self
+            .table
+            .get(block as usize)
+            .ok_or(ReceiveError::BadBlockIndex(block))?;
+        let view = self.list.read();
+        // Checked against the list when the table was read; the block
+        // cannot have left a list being migrated into.
+        let Some(dest) = view.by_name(slot.name.as_str()) else {
+            return Err(ReceiveError::UnknownBlock(slot.name.clone()));
+        };
+        if self.rx.postcopy {
+            let target = self
+                .target
+                .as_deref_mut()
+                .ok_or(ReceiveError::PostcopyUnsupported)?;
+            self.rx
+                .place_run(target, dest, slot, block, first, count, is_pages)
+        } else {
+            self.rx.write_run(dest, slot, block, first, count, is_pages)
+        }
+    }
+
+    /// `Sync`: the source finished a pass.
+    fn on_sync(&mut self, pass: u32, remaining: u64) {
+        // A hostile pass number must not overflow the count.
+        self.rx.summary.passes = self.rx.summary.passes.max(pass.saturating_add(1));
+        (self.events)(ReceiveEvent::Sync { pass, remaining });
+    }
+
+    /// `Resize`: a resizable block's used length changed on the source.
+    fn on_resize(&mut self, block: u32, used_length: u64) -> Result2<(), R, M> {
+        if self.rx.postcopy {
+            return Err(ReceiveError::OutOfPlace {
+                record: "resize",
+                why: "the source guest is paused during post-copy",
+            });
+        }
+        let slot = self
+            .table
+            .get_mut(block as usize)
+            .ok_or(ReceiveError::BadBlockIndex(block))?;
+        self.list
+            .resize(slot.name.as_str(), ByteLen(used_length))
+            .map_err(|e| match e {
+                ResizeError::Host(h) => ReceiveError::Host(h),
+                _ => ReceiveError::ResizeRefused {
+                    name: slot.name.clone(),
+                    length: used_length,
+                },
+            })?;
+        slot.used_pages = used_length >> TARGET_PAGE_SHIFT;
+        if let Some(ledger) = self.rx.ledger.as_deref_mut() {
+            ledger.truncate(block as usize, slot.used_pages);
+        }
+        Ok(())
+    }
+
+    /// `Discard`, just before post-copy: pages the source will send again
+    /// are dropped and marked missing, in whole host pages.
+    fn on_discard(&mut self, block: u32, first: u64, count: u32) -> Result2<(), R, M> {
+        if self.rx.postcopy {
+            return Err(ReceiveError::OutOfPlace {
+                record: "discard",
+                why: "post-copy has started",
+            });
+        }
+        let slot = Receiver::check_span(&self.table, block, first, count)?;
+        let view = self.list.read();
+        let dest = view
+            .by_name(slot.name.as_str())
+            .ok_or_else(|| ReceiveError::UnknownBlock(slot.name.clone()))?;
+        Receiver::check_postcopy_run(dest, slot, first, count)?;
+        let per_page = dest.page_size().bytes() >> TARGET_PAGE_SHIFT;
+        let end = first + u64::from(count);
+        if first % per_page != 0 || (end % per_page != 0 && end != slot.used_pages) {
+            return Err(ReceiveError::NotWholeHostPages {
+                name: slot.name.clone(),
+                first,
+                page_size: dest.page_size().bytes(),
+            });
+        }
+        let (start, len) = (
+            first << TARGET_PAGE_SHIFT,
+            u64::from(count) << TARGET_PAGE_SHIFT,
+        );
+        dest.memory()
+            .discard(ByteLen(start), ByteLen(len))
+            .map_err(ReceiveError::Host)?;
+        // In range: check_postcopy_run kept it inside the map.
+        let _ = dest.received().mark_missing(first as usize, count as usize);
+        self.rx.summary.discarded += u64::from(count);
+        Ok(())
+    }
+
+    /// `Postcopy`: the guest moves here. Reads the device state, checks
+    /// that every hugepage block can be assembled, and starts the guest
+    /// through the target.
+    fn on_postcopy(&mut self, state_len: u32) -> Result2<(), R, M> {
+        if self.rx.postcopy {
+            return Err(ReceiveError::OutOfPlace {
+                record: "post-copy",
+                why: "post-copy has started already",
+            });
+        }
+        if state_len > MAX_DEVICE_STATE {
+            return Err(ReceiveError::DeviceStateTooLarge(state_len));
+        }
+        let state = &mut self.rx.bounce[..state_len as usize];
+        self.r.read_exact(state)?;
+        let target = self
+            .target
+            .as_deref_mut()
+            .ok_or(ReceiveError::PostcopyUnsupported)?;
+        for slot in &self.table {
+            if let Some(dest) = self.list.read().by_name(slot.name.as_str()) {
+                self.rx
+                    .assembly
+                    .check(&slot.name, dest.page_size().bytes())?;
+            }
+        }
+        let names: heapless::Vec<&str, N> = self.table.iter().map(|s| s.name.as_str()).collect();
+        target.start(state, &names).map_err(ReceiveError::Host)?;
+        self.rx.postcopy = true;
+        (self.events)(ReceiveEvent::PostcopyStarted);
+        Ok(())
+    }
+
+    /// `End`: verifies every block's checksum (and, after post-copy, that
+    /// every page arrived); the receive is complete.
+    fn on_end(&mut self, count: u32) -> Result2<ReceiveSummary, R, M> {
+        if count as usize != self.table.len() {
+            return Err(ReceiveError::EndCountMismatch {
+                count,
+                blocks: self.table.len() as u32,
+            });
+        }
+        (self.events)(ReceiveEvent::Verifying);
+        self.rx.verify_end(self.list, &self.table, &mut *self.r)?;
+        self.rx.postcopy = false;
+        Ok(self.rx.summary)
     }
 }
 

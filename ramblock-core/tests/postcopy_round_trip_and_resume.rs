@@ -1775,11 +1775,11 @@ fn postcopy_records_past_the_postcopy_length_are_refused() {
 }
 
 /// A pre-copy run that crosses a block's post-copy length must still count
-/// its pages below that length as received. Fails today: receiver.rs
-/// `write_run` calls `received.mark_received(first, count)` for the whole
-/// run, which the received map refuses as a whole (the run ends past the
-/// post-copy length), so pages 0..8 of "short" stay "missing" and the end
-/// reports `MissingAtEnd`.
+/// its pages below that length as received. Failed before the fix: the
+/// receiver's `write_run` called `received.mark_received(first, count)` for
+/// the whole run, which the received map refuses as a whole (the run ends
+/// past the post-copy length), so pages 0..8 of "short" stayed "missing" and
+/// the end reported `MissingAtEnd`.
 #[test]
 fn a_precopy_run_across_the_postcopy_length_counts_as_received() {
     let list = bad_dest();

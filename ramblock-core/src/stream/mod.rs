@@ -1,6 +1,7 @@
 //! The migration stream on the wire: its format, the byte-stream traits it
 //! runs over, and the received map the destination sends back for post-copy
-//! recovery. The engines that write and read it are in [`crate::migrate`].
+//! recovery. The engines that write and read it are in
+//! [`crate::migrate`](mod@crate::migrate).
 //!
 //! The format is documented in `docs/stream-format.md`.
 

@@ -18,6 +18,7 @@ use crate::region::HostRegion;
 use crate::stream::format::{Record, TableEntry, MAX_RUN_PAGES};
 use crate::stream::io::ByteWrite;
 
+/// Bytes per target page, as a `usize` for slicing and run lengths.
 pub(super) const PAGE: usize = TARGET_PAGE_SIZE as usize;
 /// Pages sent under one shared lock of the list, so writers are not held
 /// back for a whole pass.

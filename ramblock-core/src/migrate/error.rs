@@ -78,5 +78,7 @@ impl<D: fmt::Debug + fmt::Display, W: fmt::Debug + fmt::Display, R: fmt::Debug +
 {
 }
 
+/// [`MigrateError`] with the error types of the engine's dirty-log source,
+/// output and acknowledgement reader.
 pub(crate) type Error<D, W, R> =
     MigrateError<<D as DirtyLogSource>::Error, <W as ByteWrite>::Error, <R as ByteRead>::Error>;

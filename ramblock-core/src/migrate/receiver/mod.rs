@@ -7,6 +7,12 @@
 //! any error the pages of the records accepted before it stay written and
 //! nothing else is touched; calling [`Receiver::receive`] again starts a new
 //! receive from a fresh stream.
+//!
+//! [`Receiver`] reads the header and block table, then hands each record to
+//! its own handler (a private `Session`'s `on_pages`, `on_zero`, `on_sync`,
+//! `on_resize`, `on_discard`, `on_postcopy` and `on_end`). Every failure is
+//! a [`ReceiveError`] ([`error`]); once post-copy starts, pages are placed
+//! through a [`PostcopyTarget`] ([`placement`]).
 
 pub mod error;
 pub mod placement;

@@ -3,28 +3,29 @@
 //! run on.
 //!
 //! The core never makes a system call. Host memory arrives through the
-//! [`host::HostMemory`] trait (implemented over mmap, memfd, hugetlb and files
-//! by `ramblock-linux`, or over a plain buffer by [`buffer::BufferMemory`]),
-//! and the hypervisor's dirty log through [`dirty_log::DirtyLogSource`]
-//! (implemented by `ramblock-kvm`).
+//! [`HostMemory`] trait (implemented over mmap, memfd, hugetlb and files by
+//! `ramblock-linux`, or over a plain buffer by [`BufferMemory`]), and the
+//! hypervisor's dirty log through [`DirtyLogSource`] (implemented by
+//! `ramblock-kvm`).
 //!
-//! Main types:
-//! - [`list::RamList`]: up to `N` blocks, placed best-fit in the RAM address
+//! Main types, all re-exported here from the module that defines them:
+//! - [`RamList`]: up to `N` blocks, placed best-fit in the RAM address
 //!   space, looked up by address, name or host pointer from any thread.
-//! - [`block::RamBlock`]: a named block with its host memory and bitmaps.
+//! - [`RamBlock`]: a named block ([`BlockSpec`], [`BlockName`]) with its
+//!   host memory and bitmaps ([`BlockBitmaps`]).
 //! - [`bitmap`]: the atomic dirty bitmaps, the migration bitmap, the clear
 //!   map and the post-copy received map.
-//! - [`checkpoint::CheckpointCache`]: a COLO secondary's staging copy of a
-//!   block, committed to its RAM once a checkpoint is complete.
+//! - [`migrate`](mod@migrate): live migration, the sending engine ([`migrate()`],
+//!   [`PrecopyConfig`], [`MigrationHost`]) and the [`Receiver`], over the
+//!   wire format of [`stream`].
+//! - [`CheckpointCache`]: a COLO secondary's staging copy of a block,
+//!   committed to its RAM once a checkpoint is complete.
 //!
 //! ```
-//! use ramblock_core::addr::{ByteLen, PageSize, RamAddr};
-//! use ramblock_core::bitmap::{AtomicWord, Borrowed};
-//! use ramblock_core::block::{BlockBitmaps, BlockSpec};
-//! use ramblock_core::buffer::BufferMemory;
-//! use ramblock_core::dirty_log::{DirtyClient, DirtyClients, SoftwareOnly};
-//! use ramblock_core::list::RamList;
-//! use ramblock_core::name::BlockName;
+//! use ramblock_core::{
+//!     AtomicWord, BlockBitmaps, BlockName, BlockSpec, Borrowed, BufferMemory, ByteLen,
+//!     DirtyClient, DirtyClients, PageSize, RamAddr, RamList, SoftwareOnly,
+//! };
 //!
 //! // A firmware VMM with no allocator: 256 KiB of RAM and its bitmaps, all
 //! // in caller storage (one word covers 64 pages).
@@ -57,8 +58,8 @@
 //!
 //! # Features
 //! - `std`: adapters from `std::io` to the stream's byte traits
-//!   (`stream::io::IoStream`); implies `alloc`.
-//! - `alloc`: heap-owned bitmap storage (`bitmap::Owned`,
+//!   (`IoStream`); implies `alloc`.
+//! - `alloc`: heap-owned bitmap storage (`Owned`,
 //!   `BlockBitmaps::allocate`). Without it nothing allocates.
 #![no_std]
 #![deny(missing_docs)]
@@ -81,10 +82,33 @@ pub mod flags;
 pub mod host;
 pub mod list;
 pub mod listener;
+pub mod migrate;
 pub mod name;
-pub mod postcopy;
-pub mod precopy;
 pub mod region;
 pub mod stream;
 #[cfg(test)]
 mod testing;
+
+pub use addr::{ByteLen, PageCount, PageSize, RamAddr};
+#[cfg(feature = "alloc")]
+pub use bitmap::Owned;
+pub use bitmap::{AtomicWord, Borrowed, Storage};
+pub use block::{AccessError, BlockBitmaps, BlockSpec, RamBlock};
+pub use buffer::{BufferError, BufferMemory};
+pub use checkpoint::{CheckpointCache, CheckpointError};
+#[cfg(feature = "alloc")]
+pub use checksum::Ledger;
+pub use checksum::{Checksum, PageLedger};
+pub use dirty_log::{DirtyClient, DirtyClients, DirtyLogSource, SoftwareOnly};
+pub use flags::{BlockFlags, FlagsError};
+pub use host::HostMemory;
+pub use list::{AddError, RamList, ResizeError};
+pub use migrate::{
+    migrate, MigrateError, MigrationHost, MigrationStats, PostcopyTarget, PrecopyConfig,
+    ReceiveError, ReceiveSummary, Receiver,
+};
+pub use name::{BlockName, NameError};
+pub use region::{HostRegion, OutOfRegion};
+#[cfg(feature = "std")]
+pub use stream::io::IoStream;
+pub use stream::io::{ByteRead, ByteWrite, ReadError, SliceReader};

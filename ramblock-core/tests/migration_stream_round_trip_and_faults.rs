@@ -12,12 +12,12 @@ use ramblock_core::block::BlockSpec;
 use ramblock_core::dirty_log::SoftwareOnly;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
-use ramblock_core::name::BlockName;
-use ramblock_core::precopy::{
+use ramblock_core::migrate::receiver::{send_ack, ReceiveError, Receiver, BOUNCE_BYTES};
+use ramblock_core::migrate::{
     migrate, MigrateError, MigrationHost, MigrationStats, PassReport, PrecopyConfig,
 };
+use ramblock_core::name::BlockName;
 use ramblock_core::stream::io::IoStream;
-use ramblock_core::stream::receiver::{send_ack, ReceiveError, Receiver, BOUNCE_BYTES};
 use std::convert::Infallible;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
@@ -158,7 +158,7 @@ fn send(
 fn receive_into(
     dest: &List,
     sock: UnixStream,
-) -> Result<ramblock_core::stream::receiver::ReceiveSummary, String> {
+) -> Result<ramblock_core::migrate::receiver::ReceiveSummary, String> {
     let mut bounce = vec![0u8; BOUNCE_BYTES];
     let mut rx = Receiver::new(&mut bounce).unwrap();
     let mut reader = IoStream(std::io::BufReader::new(sock.try_clone().unwrap()));

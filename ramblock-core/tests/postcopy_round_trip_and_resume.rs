@@ -27,20 +27,20 @@ use ramblock_core::buffer::BufferError;
 use ramblock_core::checksum::{Checksum, Ledger};
 use ramblock_core::dirty_log::SoftwareOnly;
 use ramblock_core::list::RamList;
-use ramblock_core::name::BlockName;
-use ramblock_core::precopy::{
+use ramblock_core::migrate::receiver::{
+    send_ack, ReceiveError, ReceiveEvent, ReceiveSummary, Receiver, BOUNCE_BYTES,
+};
+use ramblock_core::migrate::PostcopyTarget;
+use ramblock_core::migrate::{
     migrate, MigrateError, MigrationHost, MigrationStats, PrecopyConfig, ReturnEvent,
 };
+use ramblock_core::name::BlockName;
 use ramblock_core::region::HostRegion;
 use ramblock_core::stream::format::{
     Header, PageRequest, Record, ReturnMessage, TableEntry, MAX_DEVICE_STATE,
 };
 use ramblock_core::stream::io::{ByteWrite, IoStream, SliceReader};
-use ramblock_core::stream::placement::PostcopyTarget;
 use ramblock_core::stream::received_map::{read_received_map, scratch_words, write_received_map};
-use ramblock_core::stream::receiver::{
-    send_ack, ReceiveError, ReceiveEvent, ReceiveSummary, Receiver, BOUNCE_BYTES,
-};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io::{BufReader, Write};
@@ -357,7 +357,7 @@ impl MigrationHost for Source<'_> {
 
     fn set_throttle(&mut self, _: u8) {}
 
-    fn pass_done(&mut self, report: &ramblock_core::precopy::PassReport) {
+    fn pass_done(&mut self, report: &ramblock_core::migrate::PassReport) {
         // Dirty a few pages after pass 0, so post-copy has something to
         // discard whatever the writer thread got to do. (Also called once
         // post-copy ends; the guest is paused for good by then.)
@@ -1782,11 +1782,11 @@ fn postcopy_records_past_the_postcopy_length_are_refused() {
 }
 
 /// A pre-copy run that crosses a block's post-copy length must still count
-/// its pages below that length as received. Fails today: receiver.rs
-/// `write_run` calls `received.mark_received(first, count)` for the whole
-/// run, which the received map refuses as a whole (the run ends past the
-/// post-copy length), so pages 0..8 of "short" stay "missing" and the end
-/// reports `MissingAtEnd`.
+/// its pages below that length as received. Failed before the fix: the
+/// receiver's `write_run` called `received.mark_received(first, count)` for
+/// the whole run, which the received map refuses as a whole (the run ends
+/// past the post-copy length), so pages 0..8 of "short" stayed "missing" and
+/// the end reported `MissingAtEnd`.
 #[test]
 fn a_precopy_run_across_the_postcopy_length_counts_as_received() {
     let list = bad_dest();

@@ -10,10 +10,10 @@ use ramblock_core::block::{BlockBitmaps, BlockSpec};
 use ramblock_core::checksum::{finish_sum, page_digest, Ledger};
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
+use ramblock_core::migrate::receiver::{ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES};
 use ramblock_core::name::BlockName;
 use ramblock_core::stream::format::{Header, Record, TableEntry, MAX_RUN_PAGES};
 use ramblock_core::stream::io::{ByteWrite, SliceReader};
-use ramblock_core::stream::receiver::{ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES};
 use std::convert::Infallible;
 
 use common::Mem;

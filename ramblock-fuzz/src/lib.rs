@@ -13,7 +13,7 @@
 //! | [`ram_list`] | `RamList` over `BufferMemory`, listeners | `BTreeMap` of blocks, best fit by brute force |
 //! | [`clear_map`] | `ClearMap`, `ReceivedMap` | `Vec<bool>` per chunk / page |
 //! | [`stream_decode`] | the stream `Receiver` fed arbitrary bytes | a byte-by-byte model receiver over guard-filled memory |
-//! | [`stream_roundtrip`] | `precopy::migrate` then `Receiver` | the source's memory |
+//! | [`stream_roundtrip`] | `migrate::migrate` then `Receiver` | the source's memory |
 //!
 //! Each module has `check(&Input) -> Result<(), Mismatch>` (the model run)
 //! and `fuzz(&[u8])` (bytes to input, check, panic with a reproducer: the

@@ -28,8 +28,8 @@ use ramblock_core::buffer::BufferMemory;
 use ramblock_core::checksum::Checksum;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::host::HostMemory;
+use ramblock_core::migrate::receiver::{ReceiveError, ReceiveSummary, Receiver};
 use ramblock_core::stream::io::SliceReader;
-use ramblock_core::stream::receiver::{ReceiveError, ReceiveSummary, Receiver};
 use std::collections::BTreeSet;
 
 const PAGE: usize = 4096;

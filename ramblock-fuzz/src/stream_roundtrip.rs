@@ -1,4 +1,4 @@
-//! Encode, then decode: `precopy::migrate` must reproduce the source's
+//! Encode, then decode: `migrate::migrate` must reproduce the source's
 //! memory exactly on a fresh destination.
 //!
 //! A source list of one to three blocks (some resizable) gets arbitrary page
@@ -22,11 +22,11 @@ use ramblock_core::buffer::BufferMemory;
 use ramblock_core::dirty_log::SoftwareOnly;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
+use ramblock_core::migrate::receiver::{Receiver, BOUNCE_BYTES};
+use ramblock_core::migrate::{self, MigrationHost, MigrationStats, PassReport, PrecopyConfig};
 use ramblock_core::name::BlockName;
-use ramblock_core::precopy::{self, MigrationHost, MigrationStats, PassReport, PrecopyConfig};
 use ramblock_core::stream::format::ACK_OK;
 use ramblock_core::stream::io::SliceReader;
-use ramblock_core::stream::receiver::{Receiver, BOUNCE_BYTES};
 
 const PAGE: usize = 4096;
 /// The lists' capacity.
@@ -263,7 +263,7 @@ pub fn send(
         postcopy_after: None,
     };
     let stats = with_buffers(|buf, _| {
-        precopy::migrate(
+        migrate::migrate(
             list,
             &mut SoftwareOnly,
             &mut out,

@@ -20,7 +20,8 @@ fn replay(target: &str, fuzz: fn(&[u8])) -> usize {
 /// `regressions/stream_decode/sync-pass-u32-max`: a valid header and table,
 /// then a `Sync` record whose pass number is `u32::MAX`. The receiver
 /// counted passes with `summary.passes.max(pass + 1)`
-/// (`ramblock-core/src/stream/receiver.rs`, the `Record::Sync` arm), which
+/// (then `ramblock-core/src/stream/receiver.rs`, the `Record::Sync` arm; now
+/// `migrate/receiver/mod.rs`, `Session::on_sync`), which
 /// overflows: a panic in debug builds ("attempt to add with overflow"), and
 /// in release builds a pass count of 0. A malformed stream must be an error
 /// or a clean end, never a panic; the model expects the count to saturate

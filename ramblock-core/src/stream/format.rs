@@ -295,10 +295,24 @@ impl TableEntry {
 }
 
 impl Record {
+    /// The longest record header on the wire ([`Record::wire_len`]).
+    pub const MAX_LEN: usize = 17;
+
+    /// Bytes of this record's header on the wire (its payload not
+    /// included): the one table of record lengths, which the writer and
+    /// the sender's byte counts both use.
+    pub const fn wire_len(&self) -> usize {
+        match self {
+            Record::Pages { .. } | Record::Zero { .. } | Record::Discard { .. } => 17,
+            Record::Sync { .. } | Record::Resize { .. } => 13,
+            Record::End { .. } | Record::Postcopy { .. } => 5,
+        }
+    }
+
     /// Writes the record header.
     pub fn write<W: ByteWrite>(&self, w: &mut W) -> Result<(), W::Error> {
-        let mut b = [0u8; 17];
-        let n = match *self {
+        let mut b = [0u8; Self::MAX_LEN];
+        match *self {
             Record::Pages {
                 block,
                 first,
@@ -317,24 +331,20 @@ impl Record {
                 b[1..5].copy_from_slice(&block.to_le_bytes());
                 b[5..13].copy_from_slice(&first.to_le_bytes());
                 b[13..17].copy_from_slice(&count.to_le_bytes());
-                17
             }
             Record::Sync { pass, remaining } => {
                 b[0] = tag::SYNC;
                 b[1..5].copy_from_slice(&pass.to_le_bytes());
                 b[5..13].copy_from_slice(&remaining.to_le_bytes());
-                13
             }
             Record::Resize { block, used_length } => {
                 b[0] = tag::RESIZE;
                 b[1..5].copy_from_slice(&block.to_le_bytes());
                 b[5..13].copy_from_slice(&used_length.to_le_bytes());
-                13
             }
             Record::End { count } => {
                 b[0] = tag::END;
                 b[1..5].copy_from_slice(&count.to_le_bytes());
-                5
             }
             Record::Discard {
                 block,
@@ -345,15 +355,13 @@ impl Record {
                 b[1..5].copy_from_slice(&block.to_le_bytes());
                 b[5..13].copy_from_slice(&first.to_le_bytes());
                 b[13..17].copy_from_slice(&count.to_le_bytes());
-                17
             }
             Record::Postcopy { state_len } => {
                 b[0] = tag::POSTCOPY;
                 b[1..5].copy_from_slice(&state_len.to_le_bytes());
-                5
             }
-        };
-        w.write_all(&b[..n])
+        }
+        w.write_all(&b[..self.wire_len()])
     }
 
     /// Reads a record header; `Ok(Err(tag))` for an unknown tag.
@@ -446,7 +454,12 @@ mod tests {
         .write("pc.ram", &mut out)
         .unwrap();
         for r in &records {
-            r.write(&mut out).unwrap();
+            // The length table agrees with what the writer puts out.
+            let mut one = Vec::new();
+            r.write(&mut one).unwrap();
+            assert_eq!(one.len(), r.wire_len());
+            assert!(r.wire_len() <= Record::MAX_LEN);
+            out.extend_from_slice(&one);
         }
         let mut r = SliceReader::new(&out);
         assert_eq!(Header::read(&mut r).unwrap(), Some(Header::new(3)));

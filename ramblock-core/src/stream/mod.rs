@@ -1,10 +1,10 @@
-//! The migration stream: its wire format, the byte-stream traits it runs
-//! over, and the receiving side. The sending side is [`crate::precopy`].
+//! The migration stream on the wire: its format, the byte-stream traits it
+//! runs over, and the received map the destination sends back for post-copy
+//! recovery. The engines that write and read it are in
+//! [`crate::migrate`](mod@crate::migrate).
 //!
 //! The format is documented in `docs/stream-format.md`.
 
 pub mod format;
 pub mod io;
-pub mod placement;
 pub mod received_map;
-pub mod receiver;

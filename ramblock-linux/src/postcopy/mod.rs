@@ -4,7 +4,7 @@
 //!
 //! [`PostcopyDestination`] is the core's
 //! [`PostcopyTarget`] over a block list of [`LinuxMemory`]: hand it to
-//! [`Receiver::receive_postcopy`](ramblock_core::stream::receiver::Receiver::receive_postcopy).
+//! [`Receiver::receive_postcopy`](ramblock_core::migrate::receiver::Receiver::receive_postcopy).
 //! When the source switches to post-copy it
 //! 1. registers every block of the stream's table for missing-page faults
 //!    on its own [`Userfaultfd`];
@@ -35,7 +35,7 @@
 //! use ramblock_core::block::{BlockBitmaps, BlockSpec};
 //! use ramblock_core::list::RamList;
 //! use ramblock_core::name::BlockName;
-//! use ramblock_core::stream::receiver::{send_ack, Receiver, BOUNCE_BYTES};
+//! use ramblock_core::migrate::receiver::{send_ack, Receiver, BOUNCE_BYTES};
 //! use ramblock_core::stream::io::IoStream;
 //! use ramblock_linux::fd_stream::FdReader;
 //! use ramblock_linux::postcopy::{PostcopyDestination, StartGuest};
@@ -80,9 +80,9 @@ use ramblock_core::addr::TARGET_PAGE_SHIFT;
 use ramblock_core::bitmap::Storage;
 use ramblock_core::host::HostMemory;
 use ramblock_core::list::RamList;
+use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::stream::format::PageRequest;
 use ramblock_core::stream::io::IoStream;
-use ramblock_core::stream::placement::PostcopyTarget;
 use ramblock_core::stream::received_map::write_received_map;
 use std::fmt;
 use std::io::Write;

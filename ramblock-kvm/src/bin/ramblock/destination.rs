@@ -7,10 +7,10 @@
 use crate::link::{set_receive_buffer, POSTCOPY_SOCKET_BUFFER, RESUME_TIMEOUT};
 use crate::memory::{ledger_for, GuestRam};
 use crate::workload::Guest;
-use ramblock_core::stream::io::IoStream;
-use ramblock_core::stream::receiver::{
+use ramblock_core::migrate::receiver::{
     send_ack, ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES,
 };
+use ramblock_core::stream::io::IoStream;
 use ramblock_linux::fd_stream::FdReader;
 use ramblock_linux::postcopy::{LatencySummary, PostcopyDestination};
 use std::net::{Shutdown, TcpListener, TcpStream};

@@ -3,7 +3,7 @@
 //! (resume), a thread reading page requests off the return path, and, for
 //! tests, seeded connection breaks.
 
-use ramblock_core::precopy::ReturnEvent;
+use ramblock_core::migrate::ReturnEvent;
 use ramblock_core::region::HostRegion;
 use ramblock_core::stream::format::ReturnMessage;
 use ramblock_core::stream::io::{ByteWrite, IoStream};

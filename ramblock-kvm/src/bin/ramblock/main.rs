@@ -22,7 +22,7 @@ use destination::{Incoming, StartGuest};
 use memory::{first_mismatch, guest_ram, GuestRam, Side, RAM_BLOCK};
 use options::{Backing, MigrateOptions};
 use ramblock_core::dirty_log::SoftwareOnly;
-use ramblock_core::postcopy::PostcopyStats;
+use ramblock_core::migrate::PostcopyStats;
 use ramblock_kvm::guest::ResumeMismatch;
 use report::Summary;
 use source::Sent;

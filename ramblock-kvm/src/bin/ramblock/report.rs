@@ -1,7 +1,7 @@
 //! Progress lines while a migration runs, and the closing summary (text or
 //! JSON).
 
-use ramblock_core::precopy::{MigrationStats, PassReport};
+use ramblock_core::migrate::{MigrationStats, PassReport};
 use ramblock_linux::postcopy::LatencySummary;
 use std::fmt::Write as _;
 

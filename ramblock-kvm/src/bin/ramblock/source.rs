@@ -8,7 +8,7 @@ use crate::report::pass_line;
 use crate::workload::Guest;
 use ramblock_core::checksum::{Ledger, PageLedger};
 use ramblock_core::dirty_log::DirtyLogSource;
-use ramblock_core::precopy::{
+use ramblock_core::migrate::{
     migrate, MigrationHost, MigrationStats, PassReport, PrecopyConfig, ReturnEvent,
 };
 use ramblock_core::stream::io::IoStream;

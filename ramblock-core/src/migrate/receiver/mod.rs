@@ -7,12 +7,19 @@
 //! any error the pages of the records accepted before it stay written and
 //! nothing else is touched; calling [`Receiver::receive`] again starts a new
 //! receive from a fresh stream.
+//!
+//! [`Receiver`] reads the header and block table, then hands each record to
+//! its own handler (a private `Session`'s `on_pages`, `on_zero`, `on_sync`,
+//! `on_resize`, `on_discard`, `on_postcopy` and `on_end`). Every failure is
+//! a [`ReceiveError`] ([`error`]); once post-copy starts, pages are placed
+//! through a [`PostcopyTarget`] ([`placement`]).
 
-use super::format::{
-    read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_DEVICE_STATE, MAX_RUN_PAGES, VERSION,
-};
-use super::io::{ByteRead, ByteWrite, ReadError};
-use super::placement::{Assembly, PostcopyTarget};
+pub mod error;
+pub mod placement;
+
+pub use error::ReceiveError;
+pub use placement::PostcopyTarget;
+
 use crate::addr::{ByteLen, TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::bitmap::Storage;
 use crate::block::RamBlock;
@@ -22,259 +29,12 @@ use crate::host::HostMemory;
 use crate::list::{RamList, ResizeError};
 use crate::name::BlockName;
 use crate::region::{HostRegion, OutOfRegion};
+use crate::stream::format::{
+    read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_DEVICE_STATE, MAX_RUN_PAGES, VERSION,
+};
+use crate::stream::io::{ByteRead, ByteWrite};
 use core::fmt;
-
-/// Why a receive failed. Names are the block's name as the source sent it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReceiveError<E, H> {
-    /// The stream does not start with the magic bytes.
-    BadMagic,
-    /// The stream's version is not one this code reads.
-    UnsupportedVersion(u16),
-    /// The source's target page size differs (log2 given).
-    TargetPageSizeMismatch(u8),
-    /// The block table names more blocks than the destination list can hold.
-    TooManyBlocks {
-        /// Blocks in the table.
-        count: u32,
-    },
-    /// A table entry's name is empty, not UTF-8, or contains NUL.
-    BadBlockName,
-    /// The table names a block the destination does not have.
-    UnknownBlock(BlockName),
-    /// The table names a block twice.
-    DuplicateBlock(BlockName),
-    /// A migratable destination block is missing from the table.
-    MissingBlock(BlockName),
-    /// The block's host page size differs between the two sides.
-    PageSizeMismatch {
-        /// The block.
-        name: BlockName,
-        /// Source page size.
-        source: u64,
-        /// Destination page size.
-        destination: u64,
-    },
-    /// The block's used length cannot be matched on the destination.
-    SizeMismatch {
-        /// The block.
-        name: BlockName,
-        /// Source used length.
-        source: u64,
-        /// Destination used length (max length for resizable blocks).
-        destination: u64,
-    },
-    /// The destination block is read-only and cannot be written.
-    ReadOnlyBlock(BlockName),
-    /// A record with an unknown tag.
-    UnknownRecord(u8),
-    /// A record names a table index past the table.
-    BadBlockIndex(u32),
-    /// A run of zero pages or more than the maximum.
-    BadRunLength(u32),
-    /// `first + count` overflows.
-    LengthOverflow,
-    /// A record runs past the block's used length.
-    PastUsedLength {
-        /// The block.
-        name: BlockName,
-        /// First page of the record.
-        first: u64,
-        /// Pages in the record.
-        count: u32,
-        /// The block's used length in pages.
-        used_pages: u64,
-    },
-    /// The destination refused a resize the source sent.
-    ResizeRefused {
-        /// The block.
-        name: BlockName,
-        /// The length asked for.
-        length: u64,
-    },
-    /// The end record's checksum count differs from the table's size.
-    EndCountMismatch {
-        /// Checksums announced.
-        count: u32,
-        /// Blocks in the table.
-        blocks: u32,
-    },
-    /// A block's contents differ from the source's at switch-over.
-    ChecksumMismatch {
-        /// The block.
-        name: BlockName,
-        /// The source's checksum.
-        expected: u64,
-        /// The destination's.
-        found: u64,
-    },
-    /// The stream ended in the middle of something.
-    Truncated,
-    /// The transport failed.
-    Io(E),
-    /// The destination's host memory (or, in post-copy, page placement)
-    /// failed.
-    Host(H),
-    /// A record that cannot come at this point (say, a `Discard` after
-    /// post-copy started, or a resume header with no post-copy to resume).
-    OutOfPlace {
-        /// The record.
-        record: &'static str,
-        /// Why it cannot come now.
-        why: &'static str,
-    },
-    /// The source started post-copy, but this destination was not set up
-    /// for it ([`Receiver::receive_postcopy`]).
-    PostcopyUnsupported,
-    /// A `Postcopy` record announces more device state than allowed.
-    DeviceStateTooLarge(u32),
-    /// A post-copy record reaches past the block's post-copy length.
-    PastPostcopyLength {
-        /// The block.
-        name: BlockName,
-        /// First page of the record.
-        first: u64,
-        /// Pages in the record.
-        count: u32,
-        /// The block's post-copy length in pages.
-        postcopy_pages: u64,
-    },
-    /// A discard, or a post-copy run of a hugepage block, that does not
-    /// cover whole host pages.
-    NotWholeHostPages {
-        /// The block.
-        name: BlockName,
-        /// First page of the record.
-        first: u64,
-        /// The block's host page size.
-        page_size: u64,
-    },
-    /// A hugepage block's page is larger than the assembly buffer
-    /// ([`Receiver::with_hugepage_buffer`]).
-    HugepageBufferTooSmall {
-        /// The block.
-        name: BlockName,
-        /// Its host page size.
-        page_size: u64,
-        /// The buffer's size.
-        buffer: u64,
-    },
-    /// The post-copy stream ended with pages never received: the guest
-    /// would wait for them forever.
-    MissingAtEnd {
-        /// The block.
-        name: BlockName,
-        /// The first missing page.
-        page: u64,
-    },
-}
-
-impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use ReceiveError::*;
-        match self {
-            BadMagic => f.write_str("not a ramblock migration stream (bad magic)"),
-            UnsupportedVersion(v) => write!(f, "stream version {v} is not supported (this build reads {VERSION})"),
-            TargetPageSizeMismatch(s) => write!(f, "source target page is 2^{s} bytes, destination uses 2^{TARGET_PAGE_SHIFT}"),
-            TooManyBlocks { count } => write!(f, "the stream names {count} blocks, more than the destination can hold"),
-            BadBlockName => f.write_str("a block name in the stream is empty, not UTF-8, or contains NUL"),
-            UnknownBlock(n) => write!(f, "block {n:?} does not exist on the destination"),
-            DuplicateBlock(n) => write!(f, "block {n:?} appears twice in the block table"),
-            MissingBlock(n) => write!(f, "destination block {n:?} is not in the stream"),
-            PageSizeMismatch { name, source, destination } => {
-                write!(f, "block {name:?}: page size {source:#x} on the source, {destination:#x} here")
-            }
-            SizeMismatch { name, source, destination } => {
-                write!(f, "block {name:?}: {source:#x} bytes on the source, the destination has {destination:#x}")
-            }
-            ReadOnlyBlock(n) => write!(f, "destination block {n:?} is read-only"),
-            UnknownRecord(t) => write!(f, "unknown record tag {t}"),
-            BadBlockIndex(i) => write!(f, "record names block index {i}, past the block table"),
-            BadRunLength(c) => write!(f, "record of {c} pages (1..={MAX_RUN_PAGES} allowed)"),
-            LengthOverflow => f.write_str("record's first page plus count overflows"),
-            PastUsedLength { name, first, count, used_pages } => write!(
-                f,
-                "record for pages {first}..+{count} of block {name:?} runs past its {used_pages} used pages"
-            ),
-            ResizeRefused { name, length } => write!(f, "block {name:?} cannot be resized to {length:#x}"),
-            EndCountMismatch { count, blocks } => write!(f, "end record has {count} checksums for {blocks} blocks"),
-            ChecksumMismatch { name, expected, found } => {
-                write!(f, "block {name:?} differs from the source (checksum {found:#x}, expected {expected:#x})")
-            }
-            Truncated => f.write_str("the stream ended in the middle of a record"),
-            Io(e) => write!(f, "transport failed: {e}"),
-            Host(e) => write!(f, "destination memory failed: {e}"),
-            OutOfPlace { record, why } => write!(f, "unexpected {record} record: {why}"),
-            PostcopyUnsupported => f.write_str("the source started post-copy, which this destination was not set up for"),
-            DeviceStateTooLarge(n) => write!(f, "the post-copy record carries {n} bytes of device state, more than {MAX_DEVICE_STATE}"),
-            PastPostcopyLength { name, first, count, postcopy_pages } => write!(
-                f,
-                "post-copy record for pages {first}..+{count} of block {name:?} reaches past its post-copy length of {postcopy_pages} pages"
-            ),
-            NotWholeHostPages { name, first, page_size } => write!(
-                f,
-                "record at page {first} of block {name:?} does not cover whole {page_size:#x}-byte host pages"
-            ),
-            HugepageBufferTooSmall { name, page_size, buffer } => write!(
-                f,
-                "block {name:?} has {page_size:#x}-byte pages; the post-copy assembly buffer holds {buffer:#x}"
-            ),
-            MissingAtEnd { name, page } => write!(f, "post-copy ended but page {page} of block {name:?} never arrived"),
-        }
-    }
-}
-
-impl<E: fmt::Debug + fmt::Display, H: fmt::Debug + fmt::Display> core::error::Error
-    for ReceiveError<E, H>
-{
-}
-
-impl<E, H> ReceiveError<E, H> {
-    /// A stable number for this error, sent back to the source in a refusal.
-    pub fn code(&self) -> u32 {
-        use ReceiveError::*;
-        match self {
-            BadMagic => 1,
-            UnsupportedVersion(_) => 2,
-            TargetPageSizeMismatch(_) => 3,
-            TooManyBlocks { .. } => 4,
-            BadBlockName => 5,
-            UnknownBlock(_) => 6,
-            DuplicateBlock(_) => 7,
-            MissingBlock(_) => 8,
-            PageSizeMismatch { .. } => 9,
-            SizeMismatch { .. } => 10,
-            ReadOnlyBlock(_) => 11,
-            UnknownRecord(_) => 12,
-            BadBlockIndex(_) => 13,
-            BadRunLength(_) => 14,
-            LengthOverflow => 15,
-            PastUsedLength { .. } => 16,
-            ResizeRefused { .. } => 17,
-            EndCountMismatch { .. } => 18,
-            ChecksumMismatch { .. } => 19,
-            Truncated => 20,
-            Io(_) => 21,
-            Host(_) => 22,
-            OutOfPlace { .. } => 23,
-            PostcopyUnsupported => 24,
-            DeviceStateTooLarge(_) => 25,
-            PastPostcopyLength { .. } => 26,
-            NotWholeHostPages { .. } => 27,
-            HugepageBufferTooSmall { .. } => 28,
-            MissingAtEnd { .. } => 29,
-        }
-    }
-}
-
-impl<E, H> From<ReadError<E>> for ReceiveError<E, H> {
-    fn from(e: ReadError<E>) -> Self {
-        match e {
-            ReadError::Eof => ReceiveError::Truncated,
-            ReadError::Io(e) => ReceiveError::Io(e),
-        }
-    }
-}
+use placement::Assembly;
 
 /// What a completed receive did.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -463,7 +223,7 @@ impl<'b> Receiver<'b> {
         mut target: Option<&mut dyn PostcopyTarget<Error = M::Error>>,
         mut events: impl FnMut(ReceiveEvent),
     ) -> Result2<ReceiveSummary, R, M> {
-        let (mut table, resumed) = Self::read_table(list, r)?;
+        let (table, resumed) = Self::read_table(list, r)?;
         if let Some(ledger) = self.ledger.as_deref_mut() {
             for (index, slot) in table.iter().enumerate() {
                 ledger.reserve(index, slot.used_pages);
@@ -493,149 +253,37 @@ impl<'b> Receiver<'b> {
                 })
             }
         }
+        let mut session = Session {
+            rx: self,
+            list,
+            r,
+            // Shortens the target's object lifetime to the session's.
+            target: target.map(|t| t as &mut dyn PostcopyTarget<Error = M::Error>),
+            table,
+            events,
+        };
         loop {
-            let record = Record::read(r)?.map_err(ReceiveError::UnknownRecord)?;
+            let record = Record::read(&mut *session.r)?.map_err(ReceiveError::UnknownRecord)?;
             match record {
                 Record::Pages {
                     block,
                     first,
                     count,
-                }
-                | Record::Zero {
+                } => session.on_pages(block, first, count)?,
+                Record::Zero {
                     block,
                     first,
                     count,
-                } => {
-                    let slot = Self::check_run(&table, block, first, count)?;
-                    let len = count as usize * TARGET_PAGE_SIZE as usize;
-                    let is_pages = matches!(record, Record::Pages { .. });
-                    if is_pages
-                        && !self.postcopy
-                        && self.read_in_place(list, slot, block, first, count, r)?
-                    {
-                        continue;
-                    }
-                    if is_pages {
-                        r.read_exact(&mut self.bounce[..len])?;
-                    }
-                    let view = list.read();
-                    // Checked against the list when the table was read; the
-                    // block cannot have left a list being migrated into.
-                    let Some(dest) = view.by_name(slot.name.as_str()) else {
-                        return Err(ReceiveError::UnknownBlock(slot.name.clone()));
-                    };
-                    if self.postcopy {
-                        let target = target
-                            .as_deref_mut()
-                            .ok_or(ReceiveError::PostcopyUnsupported)?;
-                        self.place_run(target, dest, slot, block, first, count, is_pages)?;
-                    } else {
-                        self.write_run(dest, slot, block, first, count, is_pages)?;
-                    }
-                }
-                Record::Sync { pass, remaining } => {
-                    // A hostile pass number must not overflow the count.
-                    self.summary.passes = self.summary.passes.max(pass.saturating_add(1));
-                    events(ReceiveEvent::Sync { pass, remaining });
-                }
-                Record::Resize { block, used_length } => {
-                    if self.postcopy {
-                        return Err(ReceiveError::OutOfPlace {
-                            record: "resize",
-                            why: "the source guest is paused during post-copy",
-                        });
-                    }
-                    let slot = table
-                        .get_mut(block as usize)
-                        .ok_or(ReceiveError::BadBlockIndex(block))?;
-                    list.resize(slot.name.as_str(), ByteLen(used_length))
-                        .map_err(|e| match e {
-                            ResizeError::Host(h) => ReceiveError::Host(h),
-                            _ => ReceiveError::ResizeRefused {
-                                name: slot.name.clone(),
-                                length: used_length,
-                            },
-                        })?;
-                    slot.used_pages = used_length >> TARGET_PAGE_SHIFT;
-                    if let Some(ledger) = self.ledger.as_deref_mut() {
-                        ledger.truncate(block as usize, slot.used_pages);
-                    }
-                }
+                } => session.on_zero(block, first, count)?,
+                Record::Sync { pass, remaining } => session.on_sync(pass, remaining),
+                Record::Resize { block, used_length } => session.on_resize(block, used_length)?,
                 Record::Discard {
                     block,
                     first,
                     count,
-                } => {
-                    if self.postcopy {
-                        return Err(ReceiveError::OutOfPlace {
-                            record: "discard",
-                            why: "post-copy has started",
-                        });
-                    }
-                    let slot = Self::check_span(&table, block, first, count)?;
-                    let view = list.read();
-                    let dest = view
-                        .by_name(slot.name.as_str())
-                        .ok_or_else(|| ReceiveError::UnknownBlock(slot.name.clone()))?;
-                    Self::check_postcopy_run(dest, slot, first, count)?;
-                    let per_page = dest.page_size().bytes() >> TARGET_PAGE_SHIFT;
-                    let end = first + u64::from(count);
-                    if first % per_page != 0 || (end % per_page != 0 && end != slot.used_pages) {
-                        return Err(ReceiveError::NotWholeHostPages {
-                            name: slot.name.clone(),
-                            first,
-                            page_size: dest.page_size().bytes(),
-                        });
-                    }
-                    let (start, len) = (
-                        first << TARGET_PAGE_SHIFT,
-                        u64::from(count) << TARGET_PAGE_SHIFT,
-                    );
-                    dest.memory()
-                        .discard(ByteLen(start), ByteLen(len))
-                        .map_err(ReceiveError::Host)?;
-                    // In range: check_postcopy_run kept it inside the map.
-                    let _ = dest.received().mark_missing(first as usize, count as usize);
-                    self.summary.discarded += u64::from(count);
-                }
-                Record::Postcopy { state_len } => {
-                    if self.postcopy {
-                        return Err(ReceiveError::OutOfPlace {
-                            record: "post-copy",
-                            why: "post-copy has started already",
-                        });
-                    }
-                    if state_len > MAX_DEVICE_STATE {
-                        return Err(ReceiveError::DeviceStateTooLarge(state_len));
-                    }
-                    let state = &mut self.bounce[..state_len as usize];
-                    r.read_exact(state)?;
-                    let target = target
-                        .as_deref_mut()
-                        .ok_or(ReceiveError::PostcopyUnsupported)?;
-                    for slot in &table {
-                        if let Some(dest) = list.read().by_name(slot.name.as_str()) {
-                            self.assembly.check(&slot.name, dest.page_size().bytes())?;
-                        }
-                    }
-                    let names: heapless::Vec<&str, N> =
-                        table.iter().map(|s| s.name.as_str()).collect();
-                    target.start(state, &names).map_err(ReceiveError::Host)?;
-                    self.postcopy = true;
-                    events(ReceiveEvent::PostcopyStarted);
-                }
-                Record::End { count } => {
-                    if count as usize != table.len() {
-                        return Err(ReceiveError::EndCountMismatch {
-                            count,
-                            blocks: table.len() as u32,
-                        });
-                    }
-                    events(ReceiveEvent::Verifying);
-                    self.verify_end(list, &table, r)?;
-                    self.postcopy = false;
-                    return Ok(self.summary);
-                }
+                } => session.on_discard(block, first, count)?,
+                Record::Postcopy { state_len } => session.on_postcopy(state_len)?,
+                Record::End { count } => return session.on_end(count),
             }
         }
     }
@@ -996,6 +644,196 @@ impl Receiver<'_> {
             });
         }
         Ok(())
+    }
+}
+
+/// One receive in progress: the stream, the destination list, the table
+/// the stream's blocks were matched to, and one handler per record kind.
+struct Session<'s, 'b, 'l, R, M: HostMemory, S: Storage, const N: usize, F> {
+    rx: &'s mut Receiver<'b>,
+    list: &'s RamList<'l, M, S, N>,
+    r: &'s mut R,
+    target: Option<&'s mut dyn PostcopyTarget<Error = M::Error>>,
+    table: heapless::Vec<Slot, N>,
+    events: F,
+}
+
+impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEvent)>
+    Session<'_, '_, '_, R, M, S, N, F>
+{
+    /// `Pages`: a run of pages. Before post-copy the payload goes straight
+    /// into guest memory when the transport already holds all of it;
+    /// otherwise it is staged whole in the bounce buffer first, so a
+    /// truncated record writes nothing.
+    fn on_pages(&mut self, block: u32, first: u64, count: u32) -> Result2<(), R, M> {
+        let slot = Receiver::check_run(&self.table, block, first, count)?;
+        if !self.rx.postcopy
+            && self
+                .rx
+                .read_in_place(self.list, slot, block, first, count, &mut *self.r)?
+        {
+            return Ok(());
+        }
+        let len = count as usize * TARGET_PAGE_SIZE as usize;
+        self.r.read_exact(&mut self.rx.bounce[..len])?;
+        self.store_run(block, first, count, true)
+    }
+
+    /// `Zero`: a run of zero pages, as a count.
+    fn on_zero(&mut self, block: u32, first: u64, count: u32) -> Result2<(), R, M> {
+        Receiver::check_run::<R::Error, M::Error>(&self.table, block, first, count)?;
+        self.store_run(block, first, count, false)
+    }
+
+    /// Writes (pre-copy) or places (post-copy) a run `check_run` accepted,
+    /// its data (for `Pages`) in the bounce buffer.
+    fn store_run(
+        &mut self,
+        block: u32,
+        first: u64,
+        count: u32,
+        is_pages: bool,
+    ) -> Result2<(), R, M> {
+        let slot = self
+            .table
+            .get(block as usize)
+            .ok_or(ReceiveError::BadBlockIndex(block))?;
+        let view = self.list.read();
+        // Checked against the list when the table was read; the block
+        // cannot have left a list being migrated into.
+        let Some(dest) = view.by_name(slot.name.as_str()) else {
+            return Err(ReceiveError::UnknownBlock(slot.name.clone()));
+        };
+        if self.rx.postcopy {
+            let target = self
+                .target
+                .as_deref_mut()
+                .ok_or(ReceiveError::PostcopyUnsupported)?;
+            self.rx
+                .place_run(target, dest, slot, block, first, count, is_pages)
+        } else {
+            self.rx.write_run(dest, slot, block, first, count, is_pages)
+        }
+    }
+
+    /// `Sync`: the source finished a pass.
+    fn on_sync(&mut self, pass: u32, remaining: u64) {
+        // A hostile pass number must not overflow the count.
+        self.rx.summary.passes = self.rx.summary.passes.max(pass.saturating_add(1));
+        (self.events)(ReceiveEvent::Sync { pass, remaining });
+    }
+
+    /// `Resize`: a resizable block's used length changed on the source.
+    fn on_resize(&mut self, block: u32, used_length: u64) -> Result2<(), R, M> {
+        if self.rx.postcopy {
+            return Err(ReceiveError::OutOfPlace {
+                record: "resize",
+                why: "the source guest is paused during post-copy",
+            });
+        }
+        let slot = self
+            .table
+            .get_mut(block as usize)
+            .ok_or(ReceiveError::BadBlockIndex(block))?;
+        self.list
+            .resize(slot.name.as_str(), ByteLen(used_length))
+            .map_err(|e| match e {
+                ResizeError::Host(h) => ReceiveError::Host(h),
+                _ => ReceiveError::ResizeRefused {
+                    name: slot.name.clone(),
+                    length: used_length,
+                },
+            })?;
+        slot.used_pages = used_length >> TARGET_PAGE_SHIFT;
+        if let Some(ledger) = self.rx.ledger.as_deref_mut() {
+            ledger.truncate(block as usize, slot.used_pages);
+        }
+        Ok(())
+    }
+
+    /// `Discard`, just before post-copy: pages the source will send again
+    /// are dropped and marked missing, in whole host pages.
+    fn on_discard(&mut self, block: u32, first: u64, count: u32) -> Result2<(), R, M> {
+        if self.rx.postcopy {
+            return Err(ReceiveError::OutOfPlace {
+                record: "discard",
+                why: "post-copy has started",
+            });
+        }
+        let slot = Receiver::check_span(&self.table, block, first, count)?;
+        let view = self.list.read();
+        let dest = view
+            .by_name(slot.name.as_str())
+            .ok_or_else(|| ReceiveError::UnknownBlock(slot.name.clone()))?;
+        Receiver::check_postcopy_run(dest, slot, first, count)?;
+        let per_page = dest.page_size().bytes() >> TARGET_PAGE_SHIFT;
+        let end = first + u64::from(count);
+        if first % per_page != 0 || (end % per_page != 0 && end != slot.used_pages) {
+            return Err(ReceiveError::NotWholeHostPages {
+                name: slot.name.clone(),
+                first,
+                page_size: dest.page_size().bytes(),
+            });
+        }
+        let (start, len) = (
+            first << TARGET_PAGE_SHIFT,
+            u64::from(count) << TARGET_PAGE_SHIFT,
+        );
+        dest.memory()
+            .discard(ByteLen(start), ByteLen(len))
+            .map_err(ReceiveError::Host)?;
+        // In range: check_postcopy_run kept it inside the map.
+        let _ = dest.received().mark_missing(first as usize, count as usize);
+        self.rx.summary.discarded += u64::from(count);
+        Ok(())
+    }
+
+    /// `Postcopy`: the guest moves here. Reads the device state, checks
+    /// that every hugepage block can be assembled, and starts the guest
+    /// through the target.
+    fn on_postcopy(&mut self, state_len: u32) -> Result2<(), R, M> {
+        if self.rx.postcopy {
+            return Err(ReceiveError::OutOfPlace {
+                record: "post-copy",
+                why: "post-copy has started already",
+            });
+        }
+        if state_len > MAX_DEVICE_STATE {
+            return Err(ReceiveError::DeviceStateTooLarge(state_len));
+        }
+        let state = &mut self.rx.bounce[..state_len as usize];
+        self.r.read_exact(state)?;
+        let target = self
+            .target
+            .as_deref_mut()
+            .ok_or(ReceiveError::PostcopyUnsupported)?;
+        for slot in &self.table {
+            if let Some(dest) = self.list.read().by_name(slot.name.as_str()) {
+                self.rx
+                    .assembly
+                    .check(&slot.name, dest.page_size().bytes())?;
+            }
+        }
+        let names: heapless::Vec<&str, N> = self.table.iter().map(|s| s.name.as_str()).collect();
+        target.start(state, &names).map_err(ReceiveError::Host)?;
+        self.rx.postcopy = true;
+        (self.events)(ReceiveEvent::PostcopyStarted);
+        Ok(())
+    }
+
+    /// `End`: verifies every block's checksum (and, after post-copy, that
+    /// every page arrived); the receive is complete.
+    fn on_end(&mut self, count: u32) -> Result2<ReceiveSummary, R, M> {
+        if count as usize != self.table.len() {
+            return Err(ReceiveError::EndCountMismatch {
+                count,
+                blocks: self.table.len() as u32,
+            });
+        }
+        (self.events)(ReceiveEvent::Verifying);
+        self.rx.verify_end(self.list, &self.table, &mut *self.r)?;
+        self.rx.postcopy = false;
+        Ok(self.rx.summary)
     }
 }
 

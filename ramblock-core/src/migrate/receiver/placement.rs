@@ -9,7 +9,7 @@
 //! buffer first; the source sends each hugepage's pages in order and
 //! without interruption.
 
-use super::receiver::ReceiveError;
+use super::error::ReceiveError;
 use crate::addr::{TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::name::BlockName;
 
@@ -22,7 +22,7 @@ pub trait PostcopyTarget {
     /// and marked missing. Register every block for missing-page faults and
     /// start the guest from the VMM's device `state`. `table` names the
     /// blocks in the stream's table order, which is what a
-    /// [`PageRequest`](super::format::PageRequest)'s block index refers to.
+    /// [`PageRequest`](crate::stream::format::PageRequest)'s block index refers to.
     fn start(&mut self, state: &[u8], table: &[&str]) -> Result<(), Self::Error>;
 
     /// Places `data` (whole host pages) at byte `offset` of `block`, all

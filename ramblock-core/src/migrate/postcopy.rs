@@ -1,7 +1,7 @@
 //! Post-copy: the guest moves to the destination before all of its memory
 //! has, and pages follow on demand.
 //!
-//! When [`PrecopyConfig::postcopy_after`](crate::precopy::PrecopyConfig)
+//! When [`PrecopyConfig::postcopy_after`](super::PrecopyConfig)
 //! says so, the engine ends pre-copy by pausing the guest, harvesting the
 //! dirty log once more and sending:
 //! 1. `Discard` records naming every page still dirty (in whole host pages
@@ -23,11 +23,14 @@
 //! marks every page it lacks dirty again, including pages that were in
 //! flight when the connection broke.
 
+use super::engine::{Engine, PAGE};
+use super::error::MigrateError;
+use super::host::{MigrationHost, ReturnEvent};
+use super::stats::{MigrationStats, PostcopyStats};
 use crate::addr::TARGET_PAGE_SHIFT;
 use crate::bitmap::Storage;
 use crate::dirty_log::DirtyLogSource;
 use crate::host::HostMemory;
-use crate::precopy::{Engine, MigrateError, MigrationHost, MigrationStats, ReturnEvent};
 use crate::stream::format::{
     Header, PageRequest, Record, ReturnMessage, MAX_DEVICE_STATE, MAX_RUN_PAGES,
 };
@@ -36,21 +39,6 @@ use crate::stream::io::ByteWrite;
 /// How long one wait for the destination's acknowledgement lasts before
 /// the engine looks again (the host decides when a silent path is dead).
 const ACK_POLL_NS: u64 = 100_000_000;
-
-/// What post-copy did.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct PostcopyStats {
-    /// Pages the destination was told to drop at the switch.
-    pub discarded: u64,
-    /// Page requests received.
-    pub requests: u64,
-    /// Pages sent in answer to requests.
-    pub requested_pages: u64,
-    /// Pages sent in the background.
-    pub background_pages: u64,
-    /// Times the connection broke and was resumed.
-    pub resumes: u32,
-}
 
 /// Pages `start..end` of table block `index` (`(index, start, end)`).
 type Span = (usize, usize, usize);
@@ -260,7 +248,7 @@ impl<
         end: usize,
         sent: &mut u64,
     ) -> StepResult<(), D::Error, W::Error, E> {
-        let max_run = (self.buf.len() / crate::precopy::PAGE).min(MAX_RUN_PAGES as usize);
+        let max_run = (self.buf.len() / PAGE).min(MAX_RUN_PAGES as usize);
         let mut from = start;
         loop {
             let view = self.list.read();

@@ -1,0 +1,312 @@
+//! The state of a migration in progress and the sending steps both phases
+//! share: writing records and the block table, pass accounting, harvesting
+//! the dirty log, noticing layout changes, and sending dirty runs.
+
+use super::config::PrecopyConfig;
+use super::error::MigrateError;
+use super::host::MigrationHost;
+use super::stats::PassReport;
+use crate::addr::{TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
+use crate::bitmap::Storage;
+use crate::block::RamBlock;
+use crate::dirty_log::DirtyLogSource;
+use crate::flags::BlockFlags;
+use crate::host::HostMemory;
+use crate::list::RamList;
+use crate::name::BlockName;
+use crate::region::HostRegion;
+use crate::stream::format::{Record, TableEntry, MAX_RUN_PAGES};
+use crate::stream::io::ByteWrite;
+
+/// Bytes per target page, as a `usize` for slicing and run lengths.
+pub(super) const PAGE: usize = TARGET_PAGE_SIZE as usize;
+/// Pages sent under one shared lock of the list, so writers are not held
+/// back for a whole pass.
+const PAGES_PER_LOCK: usize = 4096;
+
+/// A block being migrated: its name and the used length last sent.
+pub(super) struct Slot {
+    pub(super) name: BlockName,
+    pub(super) used_length: u64,
+}
+
+/// The migration in progress.
+pub(super) struct Engine<'a, 'l, M, S: Storage, const N: usize, D, W, H> {
+    pub(super) list: &'a RamList<'l, M, S, N>,
+    pub(super) source: &'a mut D,
+    pub(super) out: &'a mut W,
+    pub(super) host: &'a mut H,
+    pub(super) cfg: PrecopyConfig,
+    pub(super) buf: &'a mut [u8],
+    pub(super) table: heapless::Vec<Slot, N>,
+    pub(super) version: u64,
+    /// Counters of the pass in progress.
+    pub(super) pass: PassReport,
+    pub(super) pass_start: u64,
+    pub(super) throttle: u8,
+}
+
+impl<
+        M: HostMemory,
+        S: Storage,
+        const N: usize,
+        D: DirtyLogSource,
+        W: ByteWrite,
+        H: MigrationHost,
+    > Engine<'_, '_, M, S, N, D, W, H>
+{
+    /// Writes a record's header, counting its bytes in the pass.
+    pub(super) fn write<E>(
+        &mut self,
+        record: Record,
+    ) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        record.write(self.out).map_err(MigrateError::Write)?;
+        self.pass.bytes += record.wire_len() as u64;
+        Ok(())
+    }
+
+    /// Writes the block table (after a new or a resumed stream's header).
+    pub(super) fn write_table<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        let view = self.list.read();
+        for slot in &self.table {
+            let Some(block) = view.by_name(slot.name.as_str()) else {
+                return Err(MigrateError::BlockRemoved(slot.name.clone()));
+            };
+            let entry = TableEntry {
+                used_length: slot.used_length,
+                page_size: block.page_size().bytes(),
+                flags: block.flags().bits(),
+            };
+            entry
+                .write(slot.name.as_str(), self.out)
+                .map_err(MigrateError::Write)?;
+        }
+        if let Some(ledger) = self.host.ledger() {
+            for (index, slot) in self.table.iter().enumerate() {
+                ledger.reserve(index, slot.used_length >> TARGET_PAGE_SHIFT);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn begin_pass(&mut self, pass: u32, dirty_found: u64) {
+        self.pass = PassReport {
+            pass,
+            dirty_found,
+            throttle: self.throttle,
+            ..PassReport::default()
+        };
+        self.pass_start = self.host.now_ns();
+    }
+
+    pub(super) fn end_pass(&mut self, newly: u64, remaining: u64) -> PassReport {
+        let mut r = self.pass;
+        r.duration_ns = (self.host.now_ns() - self.pass_start).max(1);
+        let secs = r.duration_ns as f64 / 1e9;
+        r.bandwidth = r.bytes as f64 / secs;
+        r.dirty_rate = newly as f64 / secs;
+        r.remaining = remaining;
+        r.estimated_ns = if remaining == 0 {
+            0
+        } else if r.bandwidth > 0.0 {
+            (remaining as f64 * PAGE as f64 / r.bandwidth * 1e9) as u64
+        } else {
+            u64::MAX
+        };
+        self.host.pass_done(&r);
+        r
+    }
+
+    /// Harvests every block's dirty log; returns the newly dirty count.
+    pub(super) fn sync<E>(&mut self) -> Result<u64, MigrateError<D::Error, W::Error, E>> {
+        self.reconcile()?;
+        let view = self.list.read();
+        let mut newly = 0;
+        for slot in &self.table {
+            if let Some(block) = view.by_name(slot.name.as_str()) {
+                newly += block
+                    .sync_dirty_log(self.source)
+                    .map_err(MigrateError::DirtyLog)?;
+            }
+        }
+        Ok(newly)
+    }
+
+    pub(super) fn remaining(&self) -> u64 {
+        let view = self.list.read();
+        self.table
+            .iter()
+            .filter_map(|s| view.by_name(s.name.as_str()))
+            .map(|b| b.migration().bitmap.dirty_count())
+            .sum()
+    }
+
+    /// Notices layout changes through the version counter: a resize is sent
+    /// on, anything else fails the migration.
+    fn reconcile<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        if self.list.version() == self.version {
+            return Ok(());
+        }
+        let mut resized: heapless::Vec<(u32, u64), N> = heapless::Vec::new();
+        {
+            let view = self.list.read();
+            self.version = self.list.version();
+            for (i, slot) in self.table.iter_mut().enumerate() {
+                let Some(block) = view.by_name(slot.name.as_str()) else {
+                    return Err(MigrateError::BlockRemoved(slot.name.clone()));
+                };
+                if block.used_length().0 != slot.used_length {
+                    slot.used_length = block.used_length().0;
+                    block.migration().forget_past(block.used_pages());
+                    if let Some(ledger) = self.host.ledger() {
+                        ledger.truncate(i, block.used_pages() as u64);
+                    }
+                    let _ = resized.push((i as u32, slot.used_length));
+                }
+            }
+            if let Some(added) = view.iter().find(|b| {
+                b.flags().contains(BlockFlags::MIGRATABLE)
+                    && !self.table.iter().any(|s| s.name.as_str() == b.name())
+            }) {
+                return Err(MigrateError::BlockAdded(added.name.clone()));
+            }
+        }
+        for (block, used_length) in resized {
+            self.write(Record::Resize { block, used_length })?;
+        }
+        Ok(())
+    }
+
+    /// Sends every dirty page of every block from page `first_page(block)`
+    /// on.
+    pub(super) fn send_dirty_from<E>(
+        &mut self,
+        first_page: impl Fn(&RamBlock<M, S>) -> usize,
+    ) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        let max_run = (self.buf.len() / PAGE).min(MAX_RUN_PAGES as usize);
+        for index in 0..self.table.len() {
+            let mut next = None;
+            loop {
+                self.reconcile()?;
+                let view = self.list.read();
+                let Some(block) = view.by_name(self.table[index].name.as_str()) else {
+                    return Err(MigrateError::BlockRemoved(self.table[index].name.clone()));
+                };
+                let mut from = next.unwrap_or_else(|| first_page(block));
+                let info = block.info();
+                let region = block.region();
+                let mut state = block.migration();
+                let mut sent = 0;
+                while sent < PAGES_PER_LOCK {
+                    let run = state
+                        .next_dirty_run(from, max_run, &info, self.source)
+                        .map_err(MigrateError::DirtyLog)?;
+                    let Some(run) = run else { break };
+                    self.send_run(index as u32, &region, run.start, run.end - run.start)?;
+                    sent += run.end - run.start;
+                    from = run.end;
+                }
+                if sent < PAGES_PER_LOCK {
+                    break; // the block has no dirty page left
+                }
+                next = Some(from);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `count` pages from `first`, zero pages as counts. The pages
+    /// are read in place: checked for zeros, hashed for the ledger and
+    /// handed to the writer without a copy. A page the guest changes
+    /// meanwhile may go out torn, but it is dirty again (its clear-map chunk
+    /// was cleared before this), so a later pass, at the latest the one
+    /// with the guest paused, sends it again and records its final digest.
+    pub(super) fn send_run<E>(
+        &mut self,
+        block: u32,
+        region: &HostRegion<'_>,
+        first: usize,
+        count: usize,
+    ) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        // In range: next_dirty_run keeps runs inside the used length, which
+        // the region covers; a run that is not is a bug, refused below.
+        let run = region
+            .subregion((first * PAGE) as u64, count * PAGE)
+            .map_err(MigrateError::RunOutsideBlock)?;
+        let is_zero = |i: usize| run.is_zero((i * PAGE) as u64, PAGE) == Ok(true);
+        let mut i = 0;
+        while i < count {
+            let zero = is_zero(i);
+            let mut j = i + 1;
+            while j < count && is_zero(j) == zero {
+                j += 1;
+            }
+            let (first, n) = ((first + i) as u64, (j - i) as u32);
+            // In range: i < j <= count.
+            let pages = run
+                .subregion((i * PAGE) as u64, (j - i) * PAGE)
+                .map_err(MigrateError::RunOutsideBlock)?;
+            if let Some(ledger) = self.host.ledger() {
+                if zero {
+                    ledger.record_zero(block as usize, first, u64::from(n));
+                } else {
+                    ledger.record_region(block as usize, first, &pages);
+                }
+            }
+            if zero {
+                self.write(Record::Zero {
+                    block,
+                    first,
+                    count: n,
+                })?;
+                self.pass.zero_pages += u64::from(n);
+            } else {
+                self.write(Record::Pages {
+                    block,
+                    first,
+                    count: n,
+                })?;
+                self.out.write_region(&pages).map_err(MigrateError::Write)?;
+                self.pass.bytes += (j - i) as u64 * PAGE as u64;
+                self.pass.pages_sent += u64::from(n);
+            }
+            i = j;
+        }
+        self.throttle_bandwidth();
+        Ok(())
+    }
+
+    /// Sleeps as needed to keep the pass under the bandwidth cap.
+    fn throttle_bandwidth(&mut self) {
+        if let Some(limit) = self.cfg.bandwidth_limit.filter(|&l| l > 0) {
+            let due = (self.pass.bytes as u128 * 1_000_000_000 / u128::from(limit)) as u64;
+            let elapsed = self.host.now_ns() - self.pass_start;
+            if due > elapsed {
+                self.host.sleep_ns(due - elapsed);
+            }
+        }
+    }
+
+    /// The end record: one checksum per block, in table order.
+    pub(super) fn write_end<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        self.write(Record::End {
+            count: self.table.len() as u32,
+        })?;
+        let view = self.list.read();
+        for (index, slot) in self.table.iter().enumerate() {
+            let Some(block) = view.by_name(slot.name.as_str()) else {
+                return Err(MigrateError::BlockRemoved(slot.name.clone()));
+            };
+            let pages = block.used_pages() as u64;
+            let sum = match self.host.ledger() {
+                Some(ledger) => ledger.checksum(index, pages),
+                None => self.host.checksum(&block.region(), block.used_length().0),
+            };
+            self.out
+                .write_all(&sum.to_le_bytes())
+                .map_err(MigrateError::Write)?;
+            self.pass.bytes += 8;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,84 @@
+//! Why a migration failed, for both phases of the sending side.
+
+use crate::dirty_log::DirtyLogSource;
+use crate::name::BlockName;
+use crate::region::OutOfRegion;
+use crate::stream::format::PageRequest;
+use crate::stream::io::{ByteRead, ByteWrite, ReadError};
+use core::fmt;
+
+/// Why a migration failed. The source guest is running again.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MigrateError<D, W, R> {
+    /// The buffer passed in holds less than one page.
+    BufferTooSmall,
+    /// The hypervisor's dirty log failed.
+    DirtyLog(D),
+    /// Writing the stream failed (connection closed?).
+    Write(W),
+    /// Reading the receiver's acknowledgement failed.
+    Ack(ReadError<R>),
+    /// The receiver refused the stream with this error code
+    /// (`ReceiveError::code`).
+    Refused(u32),
+    /// The receiver answered something that is not an acknowledgement.
+    BadAck,
+    /// A block was removed during the migration.
+    BlockRemoved(BlockName),
+    /// A migratable block was added during the migration.
+    BlockAdded(BlockName),
+    /// Post-copy: the destination asked for pages that do not exist.
+    BadRequest(PageRequest),
+    /// Post-copy: the connection broke and could not be resumed. The
+    /// guest's memory is split between the two sides: the source keeps its
+    /// paused guest and every page, so a new attempt can still finish.
+    PostcopyLost,
+    /// A dirty run reached outside its block's memory: the dirty bitmap
+    /// and the block's length disagree (a bug, refused rather than read).
+    RunOutsideBlock(OutOfRegion),
+}
+
+impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for MigrateError<D, W, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MigrateError::BufferTooSmall => {
+                f.write_str("the send buffer must hold at least one 4 KiB page")
+            }
+            MigrateError::DirtyLog(e) => write!(f, "dirty log failed: {e}"),
+            MigrateError::Write(e) => write!(f, "sending failed: {e}"),
+            MigrateError::Ack(e) => write!(f, "no acknowledgement from the destination: {e}"),
+            MigrateError::Refused(code) => {
+                write!(f, "the destination refused the stream (error code {code})")
+            }
+            MigrateError::BadAck => f.write_str(
+                "the destination answered with something that is not an acknowledgement",
+            ),
+            MigrateError::BlockRemoved(n) => {
+                write!(f, "block {n:?} was removed during the migration")
+            }
+            MigrateError::BlockAdded(n) => write!(f, "block {n:?} was added during the migration"),
+            MigrateError::BadRequest(r) => write!(
+                f,
+                "the destination asked for pages {}..+{} of block index {}, which do not exist",
+                r.first, r.count, r.block
+            ),
+            MigrateError::PostcopyLost => f.write_str(
+                "the post-copy connection broke and could not be resumed; the source keeps \
+                 the paused guest and all its pages",
+            ),
+            MigrateError::RunOutsideBlock(e) => {
+                write!(f, "a dirty run reached outside its block: {e}")
+            }
+        }
+    }
+}
+
+impl<D: fmt::Debug + fmt::Display, W: fmt::Debug + fmt::Display, R: fmt::Debug + fmt::Display>
+    core::error::Error for MigrateError<D, W, R>
+{
+}
+
+/// [`MigrateError`] with the error types of the engine's dirty-log source,
+/// output and acknowledgement reader.
+pub(crate) type Error<D, W, R> =
+    MigrateError<<D as DirtyLogSource>::Error, <W as ByteWrite>::Error, <R as ByteRead>::Error>;

@@ -1,0 +1,80 @@
+//! What the sending engine needs from its surroundings: a clock, the
+//! guest's vCPUs, and (for post-copy) the return path.
+
+use super::stats::PassReport;
+use crate::checksum::{Checksum, PageLedger};
+use crate::region::HostRegion;
+use crate::stream::format::ReturnMessage;
+use core::ops::Range;
+
+/// What the engine needs from its surroundings.
+pub trait MigrationHost {
+    /// A monotonic clock in nanoseconds.
+    fn now_ns(&mut self) -> u64;
+    /// Sleeps (bandwidth cap).
+    fn sleep_ns(&mut self, ns: u64);
+    /// Stops the guest's vCPUs and waits until they are stopped.
+    fn pause_guest(&mut self);
+    /// Lets the vCPUs run again (only after a failed switch-over).
+    fn resume_guest(&mut self);
+    /// Makes the vCPUs sleep `percent` of the time (auto-converge).
+    fn set_throttle(&mut self, percent: u8);
+    /// Called after each pass.
+    fn pass_done(&mut self, report: &PassReport) {
+        let _ = report;
+    }
+    /// A ledger to record every page sent in, so the end record's checksums
+    /// come from it instead of a pass over memory while the guest is
+    /// paused. Without one (the default), [`checksum`](Self::checksum) reads
+    /// the blocks at switch-over.
+    fn ledger(&mut self) -> Option<&mut dyn PageLedger> {
+        None
+    }
+    /// The checksum of a block's contents at switch-over when there is no
+    /// ledger; override to compute it in parallel.
+    fn checksum(&mut self, region: &HostRegion<'_>, len: u64) -> u64 {
+        Checksum::of_region(region, len).unwrap_or(0)
+    }
+    /// Post-copy: writes the VMM's device state (vCPU registers and the
+    /// like, opaque to ramblock) into `buf` and returns its length (at most
+    /// `buf.len()` and [`MAX_DEVICE_STATE`](crate::stream::format::MAX_DEVICE_STATE)).
+    /// Called with the guest paused.
+    fn device_state(&mut self, buf: &mut [u8]) -> usize {
+        let _ = buf;
+        0
+    }
+    /// Post-copy: the next message from the destination's return path,
+    /// waiting at most `wait_ns` for one (0: just look). Hosts that never
+    /// run post-copy keep the default, which says the path is closed.
+    fn return_message(&mut self, wait_ns: u64) -> ReturnEvent {
+        let _ = wait_ns;
+        ReturnEvent::Closed
+    }
+    /// Post-copy: the connection broke; connect again (the engine then
+    /// sends the resume header on the same output). `false` gives up.
+    fn reconnect(&mut self) -> bool {
+        false
+    }
+    /// Post-copy, after a reconnect: reads the destination's received map
+    /// (`crate::stream::received_map`) from the new return path and calls
+    /// `missing(block, pages)` for every run of pages it lacks. `false` if
+    /// the map could not be read (the engine reconnects again). Call
+    /// `missing` while holding no lock of the list: it takes one.
+    fn received_map(&mut self, missing: &mut dyn FnMut(&str, Range<u64>)) -> bool {
+        let _ = missing;
+        false
+    }
+    /// Post-copy started: the guest now runs on the destination.
+    fn postcopy_started(&mut self) {}
+}
+
+/// What [`MigrationHost::return_message`] found.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ReturnEvent {
+    /// No message yet.
+    Nothing,
+    /// A message.
+    Message(ReturnMessage),
+    /// The return path is closed or failed (the connection broke).
+    Closed,
+}

@@ -1,0 +1,284 @@
+//! The pre-copy migration engine (the sending side).
+//!
+//! Pass 0 sends every page. Each later pass harvests the dirty log, then
+//! sends what is dirty, clearing each clear-map chunk in the hypervisor just
+//! before its first page goes out. After each pass the engine estimates the
+//! dirty rate and the bandwidth; when the pages left could be sent within
+//! the downtime limit (or the pass limit is reached) it pauses the guest,
+//! runs a final sync and send, writes the end record with a checksum of
+//! every block, and waits for the receiver's acknowledgement.
+//!
+//! Blocks added or removed during the migration fail it cleanly; a resize of
+//! a resizable block is carried to the destination. On any failure the guest
+//! is resumed and unthrottled: a failed migration never harms the source.
+//! Switching the dirty log off afterwards is the caller's job, as switching
+//! it on was.
+//!
+//! The switch to post-copy is in [`super::postcopy`], the throttle policy in
+//! [`super::converge`].
+
+use super::config::PrecopyConfig;
+use super::engine::{Engine, Slot, PAGE};
+use super::error::{Error, MigrateError};
+use super::host::MigrationHost;
+use super::stats::{MigrationStats, PassReport};
+use crate::addr::TARGET_PAGE_SHIFT;
+use crate::bitmap::Storage;
+use crate::dirty_log::DirtyLogSource;
+use crate::flags::BlockFlags;
+use crate::host::HostMemory;
+use crate::list::RamList;
+use crate::stream::format::{read_array, Header, Record, ACK_ERR, ACK_OK, MAX_RUN_PAGES};
+use crate::stream::io::{ByteRead, ByteWrite};
+
+/// Migrates every migratable block of `list` to the receiver at the other
+/// end of `out`, reading its acknowledgement from `ack`. `buf` (one page at
+/// least) bounds the records: a run has at most as many pages as it holds,
+/// up to 64; pages themselves go out in place. In post-copy it holds the
+/// device state. Dirty logging must be on before the call.
+#[allow(clippy::too_many_arguments)]
+pub fn migrate<M, S, const N: usize, D, W, R, H>(
+    list: &RamList<'_, M, S, N>,
+    source: &mut D,
+    out: &mut W,
+    ack: &mut R,
+    host: &mut H,
+    cfg: PrecopyConfig,
+    buf: &mut [u8],
+) -> Result<MigrationStats, Error<D, W, R>>
+where
+    M: HostMemory,
+    S: Storage,
+    D: DirtyLogSource,
+    W: ByteWrite,
+    R: ByteRead,
+    H: MigrationHost,
+{
+    if buf.len() < PAGE {
+        return Err(MigrateError::BufferTooSmall);
+    }
+    let mut engine = Engine {
+        list,
+        source,
+        out,
+        host,
+        cfg,
+        buf,
+        table: heapless::Vec::new(),
+        version: 0,
+        pass: PassReport::default(),
+        pass_start: 0,
+        throttle: 0,
+    };
+    let mut paused = false;
+    let result = engine.run(ack, &mut paused);
+    if result.is_err() {
+        // Never harm the source: let the guest run at full speed again.
+        engine.host.set_throttle(0);
+        if paused {
+            engine.host.resume_guest();
+        }
+    }
+    result
+}
+
+impl<
+        M: HostMemory,
+        S: Storage,
+        const N: usize,
+        D: DirtyLogSource,
+        W: ByteWrite,
+        H: MigrationHost,
+    > Engine<'_, '_, M, S, N, D, W, H>
+{
+    fn run<R: ByteRead>(
+        &mut self,
+        ack: &mut R,
+        paused: &mut bool,
+    ) -> Result<MigrationStats, Error<D, W, R>> {
+        let mut stats = MigrationStats::default();
+        let start = self.host.now_ns();
+        self.setup()?;
+        stats.setup_ns = self.host.now_ns() - start;
+        let mut dirty_found: u64 = self
+            .table
+            .iter()
+            .map(|s| s.used_length >> TARGET_PAGE_SHIFT)
+            .sum();
+        let mut postcopy = self.cfg.postcopy_after == Some(0);
+        while !postcopy {
+            self.begin_pass(stats.passes, dirty_found);
+            if stats.passes == 0 {
+                self.send_untouched()?;
+            }
+            self.send_dirty()?;
+            let newly = self.sync()?;
+            let remaining = self.remaining();
+            self.write(Record::Sync {
+                pass: stats.passes,
+                remaining,
+            })?;
+            let report = self.end_pass(newly, remaining);
+            stats.add(&report);
+            stats.dirty_rate = report.dirty_rate;
+            dirty_found = remaining;
+            let fits =
+                self.cfg.downtime_limit_ns > 0 && report.estimated_ns <= self.cfg.downtime_limit_ns;
+            if fits {
+                break;
+            }
+            let limit = stats.passes >= self.cfg.max_passes;
+            if let Some(after) = self.cfg.postcopy_after {
+                postcopy = limit || stats.passes >= after;
+            } else if limit {
+                break;
+            }
+            self.converge(&report);
+        }
+        if postcopy {
+            self.postcopy(&mut stats, paused)?;
+            stats.total_ns = self.host.now_ns() - start;
+            self.host.set_throttle(0);
+            return Ok(stats);
+        }
+
+        // Switch-over.
+        let pause_start = self.host.now_ns();
+        self.host.pause_guest();
+        *paused = true;
+        self.sync()?;
+        self.begin_pass(stats.passes, self.remaining());
+        self.send_dirty()?;
+        self.write(Record::Sync {
+            pass: stats.passes,
+            remaining: 0,
+        })?;
+        self.write_end()?;
+        self.out.flush().map_err(MigrateError::Write)?;
+        let report = self.end_pass(0, 0);
+        stats.final_pages = report.pages_sent + report.zero_pages;
+        stats.add(&report);
+        let answer: [u8; 8] = read_array(ack).map_err(MigrateError::Ack)?;
+        let now = self.host.now_ns();
+        match (
+            &answer[..4],
+            u32::from_le_bytes([answer[4], answer[5], answer[6], answer[7]]),
+        ) {
+            (a, _) if a == ACK_OK => {}
+            (a, code) if a == ACK_ERR => return Err(MigrateError::Refused(code)),
+            _ => return Err(MigrateError::BadAck),
+        }
+        stats.downtime_ns = now - pause_start;
+        stats.total_ns = now - start;
+        self.host.set_throttle(0);
+        Ok(stats)
+    }
+
+    /// Builds the table, marks every used page dirty, resets the log, and
+    /// sends the header and table.
+    fn setup<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        {
+            let view = self.list.read();
+            self.version = self.list.version();
+            for block in view
+                .iter()
+                .filter(|b| b.flags().contains(BlockFlags::MIGRATABLE))
+            {
+                let mut st = block.migration();
+                let len = st.bitmap.len();
+                let _ = st.bitmap.clear_range(0, len);
+                let _ = st.bitmap.set_range(0, block.used_pages());
+                drop(st);
+                block
+                    .sync_dirty_log(self.source)
+                    .map_err(MigrateError::DirtyLog)?;
+                // Room for every block: the table has the list's capacity.
+                let _ = self.table.push(Slot {
+                    name: block.name.clone(),
+                    used_length: block.used_length().0,
+                });
+            }
+        }
+        Header::new(self.table.len() as u32)
+            .write(self.out)
+            .map_err(MigrateError::Write)?;
+        self.write_table()
+    }
+
+    /// Pass 0: sends the pages the host memory says were never written as
+    /// zero runs without reading them (a fresh guest's RAM is mostly such
+    /// pages). Each clear-map chunk is cleared in the hypervisor first, so
+    /// a write after the host's look is logged, and one before it shows.
+    fn send_untouched<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        for index in 0..self.table.len() {
+            let view = self.list.read();
+            let Some(block) = view.by_name(self.table[index].name.as_str()) else {
+                continue;
+            };
+            let info = block.info();
+            let used = block.used_pages();
+            let mut state = block.migration();
+            let chunk_pages = 1usize << state.clear_map.shift().min(40);
+            let (out, host, pass, source) = (
+                &mut *self.out,
+                &mut *self.host,
+                &mut self.pass,
+                &mut *self.source,
+            );
+            let mut chunk = 0;
+            while chunk < used {
+                let end = chunk.saturating_add(chunk_pages).min(used);
+                if let Ok(Some(c)) = state.clear_map.test_and_clear_chunk_of(chunk) {
+                    let c_end = c.end.min(used);
+                    if c.start < c_end {
+                        source
+                            .clear(&info, c.start, c_end - c.start)
+                            .map_err(MigrateError::DirtyLog)?;
+                    }
+                }
+                let mut failed = None;
+                block.memory().untouched_runs(
+                    chunk as u64,
+                    (end - chunk) as u64,
+                    &mut |first, count| {
+                        let mut p = first;
+                        while p < first + count && failed.is_none() {
+                            let n = (first + count - p).min(u64::from(MAX_RUN_PAGES));
+                            // Only pages still to send (all of them in pass 0).
+                            if state.bitmap.clear_range(p as usize, n as usize) != Ok(n) {
+                                let _ = state.bitmap.set_range(p as usize, n as usize);
+                                p += n;
+                                continue;
+                            }
+                            let record = Record::Zero {
+                                block: index as u32,
+                                first: p,
+                                count: n as u32,
+                            };
+                            if let Err(e) = record.write(out) {
+                                failed = Some(e);
+                                return;
+                            }
+                            pass.bytes += record.wire_len() as u64;
+                            pass.zero_pages += n;
+                            if let Some(ledger) = host.ledger() {
+                                ledger.record_zero(index, p, n);
+                            }
+                            p += n;
+                        }
+                    },
+                );
+                if let Some(e) = failed {
+                    return Err(MigrateError::Write(e));
+                }
+                chunk = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every dirty page of every block.
+    fn send_dirty<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        self.send_dirty_from(|_| 0)
+    }
+}

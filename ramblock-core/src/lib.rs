@@ -77,7 +77,6 @@ pub mod buffer;
 pub mod checkpoint;
 pub mod checksum;
 pub mod dirty_log;
-pub mod fault_latency;
 pub mod flags;
 pub mod host;
 pub mod list;

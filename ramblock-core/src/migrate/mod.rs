@@ -24,6 +24,7 @@ pub mod config;
 pub mod converge;
 mod engine;
 pub mod error;
+pub mod fault_latency;
 pub mod host;
 pub mod postcopy;
 pub mod precopy;

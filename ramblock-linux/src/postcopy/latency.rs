@@ -2,11 +2,11 @@
 //! thread and the receiver, timed with the monotonic clock.
 //!
 //! The statistics themselves (which pages wait, nearest-rank percentiles)
-//! are pure and live in [`ramblock_core::fault_latency`]; this adds only
+//! are pure and live in [`ramblock_core::migrate::fault_latency`]; this adds only
 //! what needs the host: a clock reading and a lock.
 
-use ramblock_core::fault_latency::FaultWaits;
-pub use ramblock_core::fault_latency::LatencySummary;
+use ramblock_core::migrate::fault_latency::FaultWaits;
+pub use ramblock_core::migrate::fault_latency::LatencySummary;
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};

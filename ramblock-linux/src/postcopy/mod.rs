@@ -249,7 +249,7 @@ where
     /// received and ends their faults' waits. The block list stays read
     /// locked throughout, so the block cannot be resized or removed while
     /// its memory is borrowed; marking before ending the waits closes the
-    /// race with the fault thread (see [`ramblock_core::fault_latency`]).
+    /// race with the fault thread (see [`ramblock_core::migrate::fault_latency`]).
     fn place_with(
         &self,
         name: &str,

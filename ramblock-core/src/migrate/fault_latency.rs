@@ -1,6 +1,6 @@
 //! Post-copy fault latency: how long faulting pages wait for the source,
 //! and which ones still wait. Pure statistics beside
-//! [`PostcopyStats`](crate::postcopy::PostcopyStats): the caller reads the
+//! [`PostcopyStats`](crate::migrate::stats::PostcopyStats): the caller reads the
 //! clock and passes nanoseconds in, so nothing here makes a system call.
 //!
 //! [`LatencySummary`] (count, nearest-rank p50/p99, maximum, total) needs

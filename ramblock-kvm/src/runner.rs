@@ -29,7 +29,6 @@
 
 use crate::guest::HEARTBEAT_PORT;
 use crate::guest_error::GuestError;
-use crate::mode::DirtyLogMode;
 use crate::vcpu::{Vcpu, VcpuEvent};
 use crate::vcpu_state::VcpuState;
 use crate::vm::Vm;
@@ -169,7 +168,7 @@ impl VcpuRunner {
             })?;
         let pthread = thread.as_pthread_t();
         let s = shared.clone();
-        let reap = matches!(vm_for_ticker.mode(), DirtyLogMode::Ring { .. });
+        let reap = vm_for_ticker.needs_reaping();
         let ticker = std::thread::Builder::new()
             .name("vcpu-ticker".into())
             .spawn(move || {

@@ -126,6 +126,13 @@ impl Vm {
         self.log.ring_acq_rel()
     }
 
+    /// Whether the dirty log must be reaped ([`Vm::collect_dirty_rings`])
+    /// periodically while vCPUs run, not only at each harvest: true for the
+    /// dirty ring, whose full ring stops its vCPU.
+    pub fn needs_reaping(&self) -> bool {
+        self.log.needs_reaping()
+    }
+
     /// The kvm-ioctls VM fd, for calls ramblock does not wrap.
     ///
     /// # Safety

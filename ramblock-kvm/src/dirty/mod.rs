@@ -73,6 +73,12 @@ pub(crate) trait ModeKernel: fmt::Debug + Send + Sync {
         false
     }
 
+    /// Whether the log must be reaped while vCPUs run (a full ring stops
+    /// its vCPU until it is), not only at each harvest.
+    fn needs_reaping(&self) -> bool {
+        false
+    }
+
     /// vCPU `id` of the VM was just created as `vcpu`.
     fn vcpu_created(&self, vcpu: &VcpuFd, id: u64) -> Result<(), KvmError> {
         let _ = (vcpu, id);

@@ -109,6 +109,10 @@ impl ModeKernel for Ring {
         self.acq_rel
     }
 
+    fn needs_reaping(&self) -> bool {
+        true
+    }
+
     fn vcpu_created(&self, vcpu: &VcpuFd, id: u64) -> Result<(), KvmError> {
         let ring = DirtyRing::map(vcpu, self.entries)
             .map_err(|e| KvmError::ioctl(format!("mmap of vCPU {id}'s dirty ring"), e))?;

@@ -30,6 +30,15 @@ mod raw {
 /// with no idea how long `bitmap` is: slot `slot` (address space
 /// `slot >> 16`) of `vm` must have at most `bitmap.len() * 64` pages, and
 /// must not be re-created larger while the call runs.
+///
+/// Safe code cannot make the call that once let the kernel write past an
+/// empty slice:
+///
+/// ```compile_fail
+/// # fn f(vm: &kvm_ioctls::VmFd) {
+/// let _ = ramblock_kvm::dirty::bitmap::get_dirty_log(vm, 0, &mut []);
+/// # }
+/// ```
 pub unsafe fn get_dirty_log(vm: &VmFd, slot: u32, bitmap: &mut [u64]) -> nix::Result<()> {
     let log = kvm_dirty_log {
         slot,

@@ -52,6 +52,30 @@ impl BackingKind {
 ///
 /// Built with [`crate::MemoryBuilder`]. Dropping it unmaps the reservation
 /// (never caller memory) and closes the backing file descriptor.
+///
+/// A region of it borrows it, so it can neither outlive the mapping:
+///
+/// ```compile_fail
+/// use ramblock_core::{addr::ByteLen, host::HostMemory};
+/// let r = {
+///     let m = ramblock_linux::MemoryBuilder::anonymous(ByteLen(2 << 20)).build().unwrap();
+///     m.region()
+/// };
+/// r.write(0, b"x").unwrap();
+/// ```
+///
+/// nor survive a shrink that makes its tail inaccessible:
+///
+/// ```compile_fail
+/// use ramblock_core::{addr::ByteLen, host::HostMemory};
+/// let mut m = ramblock_linux::MemoryBuilder::anonymous(ByteLen(2 << 20))
+///     .max_length(ByteLen(4 << 20))
+///     .build()
+///     .unwrap();
+/// let r = m.region();
+/// m.set_used_len(ByteLen(0)).unwrap();
+/// r.write(0x1000, b"x").unwrap();
+/// ```
 pub struct LinuxMemory {
     pub(crate) base: NonNull<u8>,
     pub(crate) reserved: ByteLen,

@@ -126,6 +126,11 @@ impl Vm {
         self.log.ring_acq_rel()
     }
 
+    /// Whether harvested pages stay writable until cleared (manual protect).
+    pub(crate) fn log_needs_clear(&self) -> bool {
+        self.log.needs_clear()
+    }
+
     /// Whether the dirty log must be reaped ([`Vm::collect_dirty_rings`])
     /// periodically while vCPUs run, not only at each harvest: true for the
     /// dirty ring, whose full ring stops its vCPU.

@@ -9,8 +9,7 @@ use crate::mode::DirtyLogMode;
 use crate::vm::Vm;
 use kvm_bindings::kvm_dirty_log;
 use kvm_ioctls::VmFd;
-use ramblock_core::bitmap::{words_for, MigrationBitmap};
-use ramblock_core::dirty_log::{BlockInfo, DirtyLogSource};
+use ramblock_core::bitmap::words_for;
 use std::os::fd::AsRawFd;
 
 /// The raw ioctl nix generates; see [`get_dirty_log`].
@@ -101,7 +100,7 @@ impl ModeKernel for Bitmap {
     }
 }
 
-/// Bitmap mode's [`DirtyLogSource`]; see the module docs.
+/// Bitmap mode's [`DirtyLogSource`](ramblock_core::dirty_log::DirtyLogSource); see the module docs.
 #[derive(Copy, Clone, Debug)]
 pub struct BitmapLog<'vm> {
     pub(super) vm: &'vm Vm,
@@ -114,25 +113,5 @@ impl<'vm> BitmapLog<'vm> {
     pub fn new(vm: &'vm Vm) -> Result<Self, KvmError> {
         require(vm, "the bitmap dirty log", DirtyLogMode::Bitmap)?;
         Ok(BitmapLog { vm })
-    }
-}
-
-impl DirtyLogSource for BitmapLog<'_> {
-    type Error = KvmError;
-
-    fn needs_clear(&self) -> bool {
-        false
-    }
-
-    fn harvest(
-        &mut self,
-        block: &BlockInfo<'_>,
-        into: &mut MigrationBitmap<&mut [u64]>,
-    ) -> Result<u64, KvmError> {
-        self.vm.harvest_slots(block, into)
-    }
-
-    fn clear(&mut self, _: &BlockInfo<'_>, _: usize, _: usize) -> Result<(), KvmError> {
-        Ok(())
     }
 }

@@ -12,8 +12,6 @@ use crate::mode::DirtyLogMode;
 use crate::vm::Vm;
 use kvm_bindings::{kvm_clear_dirty_log, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2};
 use kvm_ioctls::VmFd;
-use ramblock_core::bitmap::MigrationBitmap;
-use ramblock_core::dirty_log::{BlockInfo, DirtyLogSource};
 use std::os::fd::AsRawFd;
 
 /// The raw ioctl nix generates; see [`clear_dirty_log`].
@@ -84,6 +82,10 @@ impl ModeKernel for Manual {
         DirtyLogMode::ManualProtect
     }
 
+    fn needs_clear(&self) -> bool {
+        true
+    }
+
     /// The fetch leaves the pages writable: remember what it reported, so
     /// [`ModeKernel::clear`] re-protects exactly that.
     fn fetch(&self, vm: &VmFd, slot: &mut Slot) -> Result<bool, KvmError> {
@@ -144,7 +146,7 @@ impl ModeKernel for Manual {
     }
 }
 
-/// Manual-protect mode's [`DirtyLogSource`]; see the module docs.
+/// Manual-protect mode's [`DirtyLogSource`](ramblock_core::dirty_log::DirtyLogSource); see the module docs.
 #[derive(Copy, Clone, Debug)]
 pub struct ManualProtectLog<'vm> {
     pub(super) vm: &'vm Vm,
@@ -160,25 +162,5 @@ impl<'vm> ManualProtectLog<'vm> {
             DirtyLogMode::ManualProtect,
         )?;
         Ok(ManualProtectLog { vm })
-    }
-}
-
-impl DirtyLogSource for ManualProtectLog<'_> {
-    type Error = KvmError;
-
-    fn needs_clear(&self) -> bool {
-        true
-    }
-
-    fn harvest(
-        &mut self,
-        block: &BlockInfo<'_>,
-        into: &mut MigrationBitmap<&mut [u64]>,
-    ) -> Result<u64, KvmError> {
-        self.vm.harvest_slots(block, into)
-    }
-
-    fn clear(&mut self, block: &BlockInfo<'_>, first: usize, count: usize) -> Result<(), KvmError> {
-        self.vm.clear_harvested(block, first, count)
     }
 }

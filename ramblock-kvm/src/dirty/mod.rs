@@ -73,6 +73,12 @@ pub(crate) trait ModeKernel: fmt::Debug + Send + Sync {
         false
     }
 
+    /// Whether harvested pages stay unprotected until cleared
+    /// ([`DirtyLogSource::needs_clear`]).
+    fn needs_clear(&self) -> bool {
+        false
+    }
+
     /// Whether the log must be reaped while vCPUs run (a full ring stops
     /// its vCPU until it is), not only at each harvest.
     fn needs_reaping(&self) -> bool {
@@ -293,37 +299,55 @@ impl<'vm> KvmDirtyLog<'vm> {
     }
 }
 
-impl DirtyLogSource for KvmDirtyLog<'_> {
-    type Error = KvmError;
-
-    fn needs_clear(&self) -> bool {
-        match self {
-            KvmDirtyLog::Bitmap(l) => l.needs_clear(),
-            KvmDirtyLog::ManualProtect(l) => l.needs_clear(),
-            KvmDirtyLog::Ring(l) => l.needs_clear(),
-        }
-    }
-
-    fn harvest(
-        &mut self,
-        block: &BlockInfo<'_>,
-        into: &mut MigrationBitmap<&mut [u64]>,
-    ) -> Result<u64, KvmError> {
-        match self {
-            KvmDirtyLog::Bitmap(l) => l.harvest(block, into),
-            KvmDirtyLog::ManualProtect(l) => l.harvest(block, into),
-            KvmDirtyLog::Ring(l) => l.harvest(block, into),
-        }
-    }
-
-    fn clear(&mut self, block: &BlockInfo<'_>, first: usize, count: usize) -> Result<(), KvmError> {
-        match self {
-            KvmDirtyLog::Bitmap(l) => l.clear(block, first, count),
-            KvmDirtyLog::ManualProtect(l) => l.clear(block, first, count),
-            KvmDirtyLog::Ring(l) => l.clear(block, first, count),
+impl<'vm> KvmDirtyLog<'vm> {
+    fn vm(&self) -> &'vm Vm {
+        match *self {
+            KvmDirtyLog::Bitmap(l) => l.vm,
+            KvmDirtyLog::ManualProtect(l) => l.vm,
+            KvmDirtyLog::Ring(l) => l.vm,
         }
     }
 }
+
+/// Implements [`DirtyLogSource`] for a log type, given how to reach the VM
+/// it logs. Every mode shares one implementation: the mode's own kernel
+/// work was chosen once, when the VM was built, and the VM dispatches to it.
+macro_rules! vm_dirty_log_source {
+    ($log:ident, |$this:ident| $vm:expr) => {
+        impl DirtyLogSource for $log<'_> {
+            type Error = KvmError;
+
+            fn needs_clear(&self) -> bool {
+                let $this = self;
+                $vm.log_needs_clear()
+            }
+
+            fn harvest(
+                &mut self,
+                block: &BlockInfo<'_>,
+                into: &mut MigrationBitmap<&mut [u64]>,
+            ) -> Result<u64, KvmError> {
+                let $this = &*self;
+                $vm.harvest_slots(block, into)
+            }
+
+            fn clear(
+                &mut self,
+                block: &BlockInfo<'_>,
+                first: usize,
+                count: usize,
+            ) -> Result<(), KvmError> {
+                let $this = &*self;
+                $vm.clear_harvested(block, first, count)
+            }
+        }
+    };
+}
+
+vm_dirty_log_source!(KvmDirtyLog, |log| log.vm());
+vm_dirty_log_source!(BitmapLog, |log| log.vm);
+vm_dirty_log_source!(ManualProtectLog, |log| log.vm);
+vm_dirty_log_source!(RingLog, |log| log.vm);
 
 #[cfg(test)]
 mod tests {

@@ -17,8 +17,7 @@ use crate::vm::Vm;
 use kvm_bindings::{kvm_dirty_gfn, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL};
 use kvm_ioctls::{VcpuFd, VmFd};
 use nix::errno::Errno;
-use ramblock_core::bitmap::{MigrationBitmap, WORD_BITS};
-use ramblock_core::dirty_log::{BlockInfo, DirtyLogSource};
+use ramblock_core::bitmap::WORD_BITS;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -280,7 +279,7 @@ fn host_page_size() -> usize {
     }
 }
 
-/// Dirty-ring mode's [`DirtyLogSource`]; see the module docs.
+/// Dirty-ring mode's [`DirtyLogSource`](ramblock_core::dirty_log::DirtyLogSource); see the module docs.
 #[derive(Copy, Clone, Debug)]
 pub struct RingLog<'vm> {
     pub(super) vm: &'vm Vm,
@@ -291,26 +290,5 @@ impl<'vm> RingLog<'vm> {
     pub fn new(vm: &'vm Vm) -> Result<Self, KvmError> {
         require(vm, "the dirty-ring log", DirtyLogMode::Ring { entries: 0 })?;
         Ok(RingLog { vm })
-    }
-}
-
-impl DirtyLogSource for RingLog<'_> {
-    type Error = KvmError;
-
-    fn needs_clear(&self) -> bool {
-        false
-    }
-
-    /// Drains the rings first, then merges the block's pending bits.
-    fn harvest(
-        &mut self,
-        block: &BlockInfo<'_>,
-        into: &mut MigrationBitmap<&mut [u64]>,
-    ) -> Result<u64, KvmError> {
-        self.vm.harvest_slots(block, into)
-    }
-
-    fn clear(&mut self, _: &BlockInfo<'_>, _: usize, _: usize) -> Result<(), KvmError> {
-        Ok(())
     }
 }

@@ -218,8 +218,15 @@ mod tests {
 
     #[test]
     fn word_masks_cover_exactly_the_range() {
-        for start in 0..200 {
-            for end in start..200 {
+        // Every pair natively; under Miri, which runs this thousands of times
+        // slower, the word edges and their neighbours, where a mask goes wrong.
+        let points: Vec<usize> = if cfg!(miri) {
+            [0, 1, 2, 63, 64, 65, 127, 128, 129, 191, 192, 199].into()
+        } else {
+            (0..200).collect()
+        };
+        for &start in &points {
+            for end in points.iter().copied().filter(|&e| e >= start) {
                 let mut bits = [0u64; 4];
                 for_each_word_mask(start, end, |w, m| bits[w] |= m);
                 let set: Vec<usize> = (0..256)

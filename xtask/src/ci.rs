@@ -4,9 +4,13 @@
 //! shows the whole picture; the exit status is non-zero if any step failed.
 //! A step that cannot run on this host (a rustup target that cannot be
 //! installed, no nightly for fuzzing) prints one loud `skipped:` line and is
-//! marked skipped rather than failed.
+//! marked skipped rather than failed. A test that skipped itself (no KVM,
+//! hugepages or userfaultfd here) is echoed as a `skipped:` line with its
+//! name after the run and counted in the table's note column.
 
-use crate::{fuzz, tools, Error};
+use crate::skips::{self, Skip};
+use crate::{fuzz, sanitize, tools, Error};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 use xshell::{cmd, Shell};
@@ -19,6 +23,8 @@ const NO_STD_TARGETS: [&str; 2] = ["x86_64-unknown-none", "thumbv7em-none-eabihf
 pub enum Outcome {
     /// It ran and passed.
     Passed,
+    /// It ran and passed; the note goes in the summary table.
+    PassedWithNote(String),
     /// It could not run here, for the reason given.
     Skipped(String),
 }
@@ -33,6 +39,7 @@ struct StepRecord {
     name: String,
     status: Status,
     seconds: f64,
+    note: String,
 }
 
 /// Runs steps and remembers how each went.
@@ -43,21 +50,23 @@ impl Steps {
     fn run(&mut self, name: &str, step: impl FnOnce() -> Result<Outcome, Error>) {
         println!("\n==> {name}");
         let start = Instant::now();
-        let status = match step() {
-            Ok(Outcome::Passed) => Status::Ok,
+        let (status, note) = match step() {
+            Ok(Outcome::Passed) => (Status::Ok, String::new()),
+            Ok(Outcome::PassedWithNote(note)) => (Status::Ok, note),
             Ok(Outcome::Skipped(reason)) => {
                 println!("skipped: {name}: {reason}");
-                Status::Skipped
+                (Status::Skipped, String::new())
             }
             Err(e) => {
                 println!("FAILED: {name}: {e}");
-                Status::Failed
+                (Status::Failed, String::new())
             }
         };
         self.0.push(StepRecord {
             name: name.to_string(),
             status,
             seconds: start.elapsed().as_secs_f64(),
+            note,
         });
     }
 
@@ -77,17 +86,24 @@ impl Steps {
             .max()
             .unwrap_or(4)
             .max(4);
-        println!("\n{:<width$}  {:<7}  {:>8}", "step", "status", "seconds");
-        println!("{:-<width$}  {:-<7}  {:->8}", "", "", "");
+        println!(
+            "\n{:<width$}  {:<7}  {:>8}  note",
+            "step", "status", "seconds"
+        );
+        println!("{:-<width$}  {:-<7}  {:->8}  ----", "", "", "");
         for s in &self.0 {
             let status = match s.status {
                 Status::Ok => "ok",
                 Status::Failed => "FAILED",
                 Status::Skipped => "skipped",
             };
-            println!("{:<width$}  {status:<7}  {:>8.1}", s.name, s.seconds);
+            let line = format!(
+                "{:<width$}  {status:<7}  {:>8.1}  {}",
+                s.name, s.seconds, s.note
+            );
+            println!("{}", line.trim_end());
         }
-        println!("{:-<width$}  {:-<7}  {:->8}", "", "", "");
+        println!("{:-<width$}  {:-<7}  {:->8}  ----", "", "", "");
         let verdict = if self.any_failed() { "FAILED" } else { "ok" };
         println!("{:<width$}  {verdict:<7}  {total:>8.1}", "total");
     }
@@ -143,6 +159,8 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
         }
     }
     steps.run("fuzz smoke", || fuzz::smoke(&sh));
+    steps.run("miri (core)", || sanitize::miri(&sh));
+    steps.run("asan (linux, kvm)", || sanitize::asan(&sh));
     // Last, so the end of the log is the test summary and, when one fails,
     // nextest's repeat of its output (see .config/nextest.toml).
     steps.run("tests", || tests(&sh));
@@ -158,17 +176,66 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
 /// The workspace's tests: nextest when installed (faster, runs test binaries
 /// in parallel), plain `cargo test` otherwise. Doctests run in their own step.
 fn tests(sh: &Shell) -> Result<Outcome, Error> {
-    if tools::has_cargo_subcommand(sh, "nextest") {
-        passed(tools::run_merged(cmd!(
-            sh,
-            "cargo nextest run --workspace --no-fail-fast"
-        )))
+    let skips = if tools::has_cargo_subcommand(sh, "nextest") {
+        let junit = crate::project_root().join("target/nextest/ci/junit.xml");
+        nextest_with_skips(
+            cmd!(
+                sh,
+                "cargo nextest run --profile ci --workspace --no-fail-fast"
+            ),
+            &junit,
+        )?
     } else {
         println!("xtask: cargo-nextest is not installed; using cargo test");
-        passed(tools::run_merged(cmd!(
+        cargo_test_with_skips(cmd!(
             sh,
-            "cargo test --workspace --lib --bins --tests --no-fail-fast"
-        )))
+            "cargo test --workspace --lib --bins --tests --no-fail-fast -- --show-output"
+        ))?
+    };
+    skips::print(&skips);
+    Ok(Outcome::PassedWithNote(skips::note(&skips)))
+}
+
+/// Runs a `cargo nextest run --profile ci` command, whose JUnit report at
+/// `junit` keeps passing tests' output, and returns the tests that printed
+/// `skipped:`. When tests fail, the error names the skips too, so the count
+/// is not lost.
+pub fn nextest_with_skips(cmd: xshell::Cmd<'_>, junit: &Path) -> Result<Vec<Skip>, Error> {
+    // A report left by an earlier run must not be read as this run's.
+    let _ = std::fs::remove_file(junit);
+    let result = tools::run_merged(cmd);
+    let skips = skips::from_junit(junit);
+    match (result, skips) {
+        (Ok(()), Ok(skips)) => Ok(skips),
+        (Ok(()), Err(e)) => Err(e.into()),
+        (Err(e), Ok(skips)) => {
+            skips::print(&skips);
+            Err(format!("{e} ({})", or_none(&skips::note(&skips))).into())
+        }
+        (Err(e), Err(_)) => Err(e),
+    }
+}
+
+/// Runs a `cargo test ... -- --show-output` command (libtest prints passing
+/// tests' output after each binary) and returns the tests that printed
+/// `skipped:`.
+pub fn cargo_test_with_skips(cmd: xshell::Cmd<'_>) -> Result<Vec<Skip>, Error> {
+    let (result, log) = tools::run_captured(cmd);
+    let skips = skips::from_libtest_log(&log);
+    match result {
+        Ok(()) => Ok(skips),
+        Err(e) => {
+            skips::print(&skips);
+            Err(format!("{e} ({})", or_none(&skips::note(&skips))).into())
+        }
+    }
+}
+
+fn or_none(note: &str) -> &str {
+    if note.is_empty() {
+        "no test skipped"
+    } else {
+        note
     }
 }
 

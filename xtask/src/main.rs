@@ -1,7 +1,8 @@
 //! `cargo xtask`: the project's tasks, one module each.
 //!
 //! - `cargo xtask ci`: everything CI checks (format, lints, tests, docs,
-//!   `no_std` builds, a fuzz smoke run), with a summary table at the end.
+//!   `no_std` builds, a fuzz smoke run, Miri over the core's tests and
+//!   AddressSanitizer over the host crates'), with a summary table at the end.
 //! - `cargo xtask bench [--report-only] [-p CRATE | CRATE] [FILTER]`: criterion
 //!   benches and the table of ratios against each figure's baseline.
 //! - `cargo xtask fuzz TARGET [--seconds N]`: one cargo-fuzz target.
@@ -9,6 +10,8 @@
 mod bench;
 mod ci;
 mod fuzz;
+mod sanitize;
+mod skips;
 mod tools;
 
 use std::path::PathBuf;
@@ -21,7 +24,8 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  ci                                  format, clippy, tests, docs, no_std builds, fuzz smoke
+  ci                                  format, clippy, tests, docs, no_std builds, fuzz smoke,
+                                      Miri (core), AddressSanitizer (linux, kvm)
   bench [--report-only] [-p CRATE | CRATE] [FILTER]
                                       run criterion benches and print ratios to baselines
   bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--runs N]

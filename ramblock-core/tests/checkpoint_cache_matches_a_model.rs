@@ -39,6 +39,18 @@ fn memory(pages: u64, fill: impl Fn(usize) -> u8) -> Mem {
     .unwrap()
 }
 
+/// Zeroed memory of `pages` pages, without a call per byte (which Miri
+/// takes seconds over).
+fn zeroed(pages: u64) -> Mem {
+    let bytes = vec![0u8; (pages * PAGE) as usize];
+    Mem::new(
+        bytes.into_boxed_slice(),
+        ByteLen(pages * PAGE),
+        PageSize::SIZE_4K,
+    )
+    .unwrap()
+}
+
 fn contents(region: &HostRegion<'_>) -> Vec<u8> {
     let mut out = vec![0u8; region.len()];
     region.read(0, &mut out).unwrap();
@@ -176,6 +188,15 @@ fn run(seed: u64, pages: u64, steps: usize) {
 
 #[test]
 fn random_checkpoints_match_the_model() {
+    // Under Miri, which runs this thousands of times slower (and fills
+    // memory a byte per call), small blocks and few steps: the word edges
+    // of the marks (63, 64, 65 pages) are checked natively.
+    if cfg!(miri) {
+        for (seed, pages) in [(1, 1), (2, 3)] {
+            run(seed, pages, 30);
+        }
+        return;
+    }
     for (seed, pages) in [(1, 1), (2, 63), (3, 64), (4, 65), (5, 130)] {
         run(seed, pages, 1500);
     }
@@ -183,7 +204,7 @@ fn random_checkpoints_match_the_model() {
 
 #[test]
 fn construction_errors_are_typed_and_hand_everything_back() {
-    let short = memory(2, |_| 0);
+    let short = zeroed(2);
     let rejected = CheckpointCache::allocate(short, ByteLen(3 * PAGE)).unwrap_err();
     assert_eq!(
         rejected.error,
@@ -194,7 +215,7 @@ fn construction_errors_are_typed_and_hand_everything_back() {
     );
     assert_eq!(rejected.cache.used_len(), ByteLen(2 * PAGE));
 
-    let rejected = CheckpointCache::allocate(memory(2, |_| 0), ByteLen(PAGE + 1)).unwrap_err();
+    let rejected = CheckpointCache::allocate(zeroed(2), ByteLen(PAGE + 1)).unwrap_err();
     assert_eq!(
         rejected.error,
         CheckpointError::Unaligned {
@@ -205,7 +226,7 @@ fn construction_errors_are_typed_and_hand_everything_back() {
     assert_eq!(mark_words_needed(ByteLen(65 * PAGE)), 2);
     let mut words = [7u64; 1];
     let rejected =
-        CheckpointCache::new(memory(65, |_| 0), &mut words[..], ByteLen(65 * PAGE)).unwrap_err();
+        CheckpointCache::new(zeroed(65), &mut words[..], ByteLen(65 * PAGE)).unwrap_err();
     assert_eq!(
         rejected.error,
         CheckpointError::Storage(StorageTooSmall {

@@ -36,9 +36,28 @@ const ASAN_EXCLUDED: [(&str, &str); 4] = [
     ),
 ];
 
+/// The core's integration test binaries Miri does not run yet, and why
+/// (printed in the step's output). Miri interprets a 4 KiB page's checksum
+/// in about a second, and these migrate hundreds of pages per test; they
+/// need Miri-sized blocks first.
+const MIRI_NOT_YET: [(&str, &str); 3] = [
+    (
+        "migration_stream_round_trip_and_faults",
+        "migrates blocks of hundreds of pages with a writer thread; not yet sized for Miri",
+    ),
+    (
+        "postcopy_round_trip_and_resume",
+        "migrates 2048 pages (2 MiB hugepages) per test; not yet sized for Miri",
+    ),
+    (
+        "receiver_refuses_bad_streams",
+        "replays every prefix of whole streams; about 10 minutes under Miri, not yet sized",
+    ),
+];
+
 /// `cargo +nightly miri test -p ramblock-core`: the core's unit,
-/// integration and doc tests under Miri. Skipped only when the `miri` or
-/// `rust-src` component cannot be installed.
+/// integration (less [`MIRI_NOT_YET`]) and doc tests under Miri. Skipped
+/// only when the `miri` or `rust-src` component cannot be installed.
 pub fn miri(sh: &Shell) -> Result<Outcome, Error> {
     for component in ["miri", "rust-src"] {
         if let Some(reason) = tools::ensure_nightly_component(sh, component) {
@@ -48,11 +67,29 @@ pub fn miri(sh: &Shell) -> Result<Outcome, Error> {
     // Builds Miri's sysroot once (quietly after the first time), so its
     // output does not land in the middle of the tests'.
     cmd!(sh, "cargo +nightly miri setup").run()?;
-    tools::run_merged(cmd!(
+    println!("xtask: left out of the Miri run (they run natively in the `tests` step):");
+    for (binary, why) in MIRI_NOT_YET {
+        println!("  {binary}: {why}");
+    }
+    let tests: Vec<String> = test_binaries(&["ramblock-core"])?
+        .into_iter()
+        .filter(|t| !MIRI_NOT_YET.iter().any(|(b, _)| b == t))
+        .flat_map(|t| ["--test".to_string(), t])
+        .collect();
+    // Unit and integration tests, then doc tests (cargo runs `--doc` alone).
+    let units = tools::run_merged(cmd!(
         sh,
-        "cargo +nightly miri test -p ramblock-core --no-fail-fast"
-    ))?;
-    Ok(Outcome::Passed)
+        "cargo +nightly miri test -p ramblock-core --lib {tests...} --no-fail-fast"
+    ));
+    let docs = tools::run_merged(cmd!(
+        sh,
+        "cargo +nightly miri test -p ramblock-core --doc --no-fail-fast"
+    ));
+    units.and(docs)?;
+    Ok(Outcome::PassedWithNote(format!(
+        "{} core test binaries not yet run",
+        MIRI_NOT_YET.len()
+    )))
 }
 
 /// The `ramblock-linux` and `ramblock-kvm` tests built with
@@ -69,8 +106,9 @@ pub fn asan(sh: &Shell) -> Result<Outcome, Error> {
         println!("  {binary}: {why}");
     }
     let _flags = sh.push_env("RUSTFLAGS", "-Zsanitizer=address");
-    // A leak is not what this step hunts, and a test that fails leaks its
-    // memory on purpose (a faulting thread may still read it).
+    // A leak is not what this step hunts: tests leak on purpose (a 'static
+    // list for a fault thread; a failing test's memory, which a faulting
+    // thread may still read), and LeakSanitizer would fail them for it.
     let _options = sh.push_env("ASAN_OPTIONS", "detect_leaks=0");
     let packages = ["-p", "ramblock-linux", "-p", "ramblock-kvm"];
     let common = ["--target", ASAN_TARGET, "--target-dir", ASAN_TARGET_DIR];

@@ -14,6 +14,7 @@
 //!   received*, replacing a page's old digest when it is sent again, so the
 //!   end-of-migration checksum costs nothing while the guest is paused.
 
+use crate::addr::ByteLen;
 use crate::region::{HostRegion, OutOfRegion};
 
 /// Bytes per independently hashed chunk.
@@ -73,7 +74,7 @@ impl Checksum {
     pub fn update_region(
         &mut self,
         region: &HostRegion<'_>,
-        offset: u64,
+        offset: ByteLen,
         len: usize,
     ) -> Result<(), OutOfRegion> {
         region.scan(offset, len, |block| {
@@ -126,11 +127,11 @@ impl Checksum {
         while at < end {
             let n = (end - at).min(PAGE as u64) as usize;
             if n == PAGE {
-                sum = sum.wrapping_add(page_digest_region(at / PAGE as u64, region, at)?);
+                sum = sum.wrapping_add(page_digest_region(at / PAGE as u64, region, ByteLen(at))?);
                 at += n as u64;
                 continue;
             }
-            region.read(at, &mut page[..n])?;
+            region.read(ByteLen(at), &mut page[..n])?;
             page[n..].fill(0);
             sum = sum.wrapping_add(page_digest(at / PAGE as u64, &page));
             at += n as u64;
@@ -159,7 +160,7 @@ pub fn page_digest(index: u64, content: &[u8]) -> u64 {
 pub fn page_digest_region(
     index: u64,
     region: &HostRegion<'_>,
-    offset: u64,
+    offset: ByteLen,
 ) -> Result<u64, OutOfRegion> {
     let mut c = Checksum::new();
     c.update_region(region, offset, PAGE)?;
@@ -188,9 +189,9 @@ pub trait PageLedger {
     /// pages), read in place. The default copies each page out first.
     fn record_region(&mut self, block: usize, first: u64, pages: &HostRegion<'_>) {
         let mut page = [0u8; PAGE];
-        for (k, at) in (0..pages.len() / PAGE).map(|k| (k as u64, (k * PAGE) as u64)) {
+        for k in 0..(pages.len() / PAGE) as u64 {
             // In range: `at` is a whole page inside the region.
-            let _ = pages.read(at, &mut page);
+            let _ = pages.read(ByteLen::from_pages(k), &mut page);
             self.record(block, first + k, &page);
         }
     }
@@ -279,7 +280,7 @@ impl PageLedger for Ledger {
         let b = self.block(block);
         for k in 0..(pages.len() / PAGE) as u64 {
             // In range: page k lies inside the region.
-            let digest = page_digest_region(first + k, pages, k * PAGE as u64).unwrap_or(0);
+            let digest = page_digest_region(first + k, pages, ByteLen::from_pages(k)).unwrap_or(0);
             b.set(first + k, digest);
         }
     }
@@ -384,13 +385,13 @@ mod tests {
         assert_eq!(digests.len(), 3);
         assert_eq!(Checksum::combine(&digests, len), whole);
         for at in [0, CHUNK + 5, len - 1] {
-            r.fill(at, 1, 0xEE).unwrap();
+            r.fill(ByteLen(at), 1, 0xEE).unwrap();
             assert_ne!(
                 Checksum::of_region(&r, len).unwrap(),
                 whole,
                 "a change at {at}"
             );
-            r.write(at, &[(at % 251) as u8]).unwrap();
+            r.write(ByteLen(at), &[(at % 251) as u8]).unwrap();
         }
         assert_eq!(Checksum::of_region(&r, len).unwrap(), whole);
         // A ledger fed the pages in any order, some sent twice, agrees.
@@ -401,7 +402,7 @@ mod tests {
         for &first in firsts.iter().rev() {
             let n = (pages - first).min(5);
             let mut data = std::vec![0u8; n as usize * PAGE];
-            r.read(first * PAGE as u64, &mut data).unwrap();
+            r.read(ByteLen::from_pages(first), &mut data).unwrap();
             ledger.record(0, first, &data);
         }
         assert_eq!(ledger.checksum(0, pages), whole);
@@ -428,7 +429,7 @@ mod tests {
         copying.record(0, 1, &std::vec![0xCD; PAGE]);
         for &first in &firsts {
             let n = (pages - first).min(5) as usize;
-            let run = r.subregion(first * PAGE as u64, n * PAGE).unwrap();
+            let run = r.subregion(ByteLen::from_pages(first), n * PAGE).unwrap();
             in_place.record_region(0, first, &run);
             copying.record_region(0, first, &run);
         }
@@ -440,7 +441,7 @@ mod tests {
             whole,
             "pages past the end do not count"
         );
-        r.fill(0, 2 * PAGE, 0).unwrap();
+        r.fill(ByteLen::ZERO, 2 * PAGE, 0).unwrap();
         ledger.record_zero(0, 0, 2);
         assert_eq!(
             ledger.checksum(0, pages),
@@ -454,14 +455,14 @@ mod tests {
             reserved.checksum(0, pages),
             Ledger::new().checksum(0, pages)
         );
-        reserved.record_region(0, 0, &r.subregion(0, len as usize).unwrap());
-        r.fill(PAGE as u64, 300 * PAGE, 0).unwrap();
+        reserved.record_region(0, 0, &r.subregion(ByteLen::ZERO, len as usize).unwrap());
+        r.fill(ByteLen::from_pages(1), 300 * PAGE, 0).unwrap();
         reserved.record_zero(0, 1, 300);
         assert_eq!(
             reserved.checksum(0, pages),
             Checksum::of_region(&r, len).unwrap()
         );
-        ledger.record_region(0, 0, &r.subregion(0, len as usize).unwrap());
+        ledger.record_region(0, 0, &r.subregion(ByteLen::ZERO, len as usize).unwrap());
         ledger.truncate(0, 4);
         assert_eq!(
             ledger.checksum(0, 4),

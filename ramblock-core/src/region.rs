@@ -3,8 +3,13 @@
 //! Guest RAM is written concurrently by vCPUs and devices, so Rust references
 //! to it would be unsound. Every access goes through a bounds-checked copy
 //! here instead, the way vm-memory's `VolatileSlice` does it.
+//!
+//! Offsets into a region are [`ByteLen`], like every offset inside a block;
+//! the lengths of copies (and of the region) are `usize` because they size
+//! Rust slices and iovecs (see [`crate::addr`]).
 #![allow(unsafe_code)]
 
+use crate::addr::ByteLen;
 use core::fmt;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
@@ -27,7 +32,7 @@ use core::ptr::NonNull;
 ///     let m = BufferMemory::new(vec![0u8; 4096], ByteLen(4096), PageSize::SIZE_4K).unwrap();
 ///     m.region()
 /// };
-/// r.write(0, b"x").unwrap();
+/// r.write(ByteLen(0), b"x").unwrap();
 /// ```
 ///
 /// nor survive a shrink of it:
@@ -37,7 +42,7 @@ use core::ptr::NonNull;
 /// let mut m = BufferMemory::new(vec![0u8; 8192], ByteLen(8192), PageSize::SIZE_4K).unwrap();
 /// let r = m.region();
 /// m.set_used_len(ByteLen(0)).unwrap();
-/// r.write(4096, b"x").unwrap();
+/// r.write(ByteLen(4096), b"x").unwrap();
 /// ```
 ///
 /// The same borrow holds for a block's region:
@@ -50,7 +55,7 @@ use core::ptr::NonNull;
 /// let spec = BlockSpec::new(BlockName::new("ram").unwrap(), ByteLen(4096));
 /// list.add(spec, memory, BlockBitmaps::allocate(ByteLen(4096), 18).unwrap()).unwrap();
 /// let r = list.read().by_name("ram").unwrap().region();
-/// r.write(0, b"x").unwrap();
+/// r.write(ByteLen(0), b"x").unwrap();
 /// ```
 #[derive(Copy, Clone)]
 pub struct HostRegion<'a> {
@@ -70,11 +75,11 @@ unsafe impl Sync for HostRegion<'_> {}
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct OutOfRegion {
     /// First byte asked for.
-    pub offset: u64,
+    pub offset: ByteLen,
     /// Bytes asked for.
-    pub len: u64,
+    pub len: ByteLen,
     /// Size of the region.
-    pub region_len: u64,
+    pub region_len: ByteLen,
 }
 
 impl fmt::Display for OutOfRegion {
@@ -160,7 +165,7 @@ impl<'a> HostRegion<'a> {
     }
 
     /// A sub-range of this region.
-    pub fn subregion(&self, offset: u64, len: usize) -> Result<HostRegion<'a>, OutOfRegion> {
+    pub fn subregion(&self, offset: ByteLen, len: usize) -> Result<HostRegion<'a>, OutOfRegion> {
         let start = self.check(offset, len)?;
         // SAFETY: the sub-range lies inside this region, so the creator's
         // guarantee covers it; start <= self.len keeps the add in bounds.
@@ -172,13 +177,13 @@ impl<'a> HostRegion<'a> {
         })
     }
 
-    fn check(&self, offset: u64, len: usize) -> Result<usize, OutOfRegion> {
+    fn check(&self, offset: ByteLen, len: usize) -> Result<usize, OutOfRegion> {
         let err = OutOfRegion {
             offset,
-            len: len as u64,
-            region_len: self.len as u64,
+            len: ByteLen::from_usize(len),
+            region_len: ByteLen::from_usize(self.len),
         };
-        let start = usize::try_from(offset).map_err(|_| err)?;
+        let start = offset.to_usize().ok_or(err)?;
         match start.checked_add(len) {
             Some(end) if end <= self.len => Ok(start),
             _ => Err(err),
@@ -186,7 +191,7 @@ impl<'a> HostRegion<'a> {
     }
 
     /// Copies `buf.len()` bytes from `offset` into `buf`.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), OutOfRegion> {
+    pub fn read(&self, offset: ByteLen, buf: &mut [u8]) -> Result<(), OutOfRegion> {
         let start = self.check(offset, buf.len())?;
         // SAFETY: the range was bounds-checked against the region, which the
         // creator guaranteed readable; `buf` is a distinct Rust buffer.
@@ -197,7 +202,7 @@ impl<'a> HostRegion<'a> {
     }
 
     /// Copies `data` to `offset`.
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), OutOfRegion> {
+    pub fn write(&self, offset: ByteLen, data: &[u8]) -> Result<(), OutOfRegion> {
         let start = self.check(offset, data.len())?;
         // SAFETY: bounds-checked; the creator guaranteed the region writable
         // for callers of `write`; `data` is a distinct Rust buffer.
@@ -208,7 +213,7 @@ impl<'a> HostRegion<'a> {
     }
 
     /// Fills `len` bytes at `offset` with `byte`.
-    pub fn fill(&self, offset: u64, len: usize, byte: u8) -> Result<(), OutOfRegion> {
+    pub fn fill(&self, offset: ByteLen, len: usize, byte: u8) -> Result<(), OutOfRegion> {
         let start = self.check(offset, len)?;
         // SAFETY: bounds-checked and writable as for `write`.
         unsafe { core::ptr::write_bytes(self.as_ptr().add(start), byte, len) };
@@ -217,7 +222,7 @@ impl<'a> HostRegion<'a> {
 
     /// Whether `len` bytes at `offset` are all zero. Reads the memory in
     /// place, so a zero check costs no copy.
-    pub fn is_zero(&self, offset: u64, len: usize) -> Result<bool, OutOfRegion> {
+    pub fn is_zero(&self, offset: ByteLen, len: usize) -> Result<bool, OutOfRegion> {
         self.scan(offset, len, |block| {
             block.iter().fold(0u8, |acc, &b| acc | b) == 0
         })
@@ -232,7 +237,7 @@ impl<'a> HostRegion<'a> {
     /// the optimiser turns into plain loads.
     pub fn scan(
         &self,
-        offset: u64,
+        offset: ByteLen,
         len: usize,
         mut visit: impl FnMut(&[u8; 64]) -> bool,
     ) -> Result<bool, OutOfRegion> {
@@ -276,35 +281,37 @@ mod tests {
     fn accesses_are_bounds_checked() {
         let mut buf = [0u8; 64];
         let r = HostRegion::from_mut_slice(&mut buf);
-        r.write(60, &[1, 2, 3, 4]).unwrap();
+        r.write(ByteLen(60), &[1, 2, 3, 4]).unwrap();
         assert_eq!(
-            r.write(61, &[1, 2, 3, 4]),
+            r.write(ByteLen(61), &[1, 2, 3, 4]),
             Err(OutOfRegion {
-                offset: 61,
-                len: 4,
-                region_len: 64
+                offset: ByteLen(61),
+                len: ByteLen(4),
+                region_len: ByteLen(64)
             })
         );
-        assert!(r.read(u64::MAX, &mut [0; 1]).is_err());
+        assert!(r.read(ByteLen(u64::MAX), &mut [0; 1]).is_err());
         let mut out = [0u8; 4];
-        r.read(60, &mut out).unwrap();
+        r.read(ByteLen(60), &mut out).unwrap();
         assert_eq!(out, [1, 2, 3, 4]);
-        assert!(r.is_zero(0, 60).unwrap());
-        assert!(!r.is_zero(0, 61).unwrap());
-        let sub = r.subregion(60, 4).unwrap();
-        sub.read(0, &mut out).unwrap();
+        assert!(r.is_zero(ByteLen(0), 60).unwrap());
+        assert!(!r.is_zero(ByteLen(0), 61).unwrap());
+        let sub = r.subregion(ByteLen(60), 4).unwrap();
+        sub.read(ByteLen(0), &mut out).unwrap();
         assert_eq!(out, [1, 2, 3, 4]);
-        assert!(r.subregion(61, 4).is_err());
-        r.fill(0, 64, 0).unwrap();
-        assert!(r.is_zero(0, 64).unwrap());
+        assert!(r.subregion(ByteLen(61), 4).is_err());
+        r.fill(ByteLen(0), 64, 0).unwrap();
+        assert!(r.is_zero(ByteLen(0), 64).unwrap());
         // A scan sees the bytes in order, zero-padded, and stops when told.
-        r.write(0, &[9; 3]).unwrap();
+        r.write(ByteLen(0), &[9; 3]).unwrap();
         let mut seen = std::vec::Vec::new();
         assert_eq!(
-            r.subregion(0, 3).unwrap().scan(0, 3, |b| {
-                seen.push(*b);
-                true
-            }),
+            r.subregion(ByteLen(0), 3)
+                .unwrap()
+                .scan(ByteLen(0), 3, |b| {
+                    seen.push(*b);
+                    true
+                }),
             Ok(true)
         );
         let mut padded = [0u8; 64];
@@ -312,13 +319,13 @@ mod tests {
         assert_eq!(seen, [padded]);
         let mut calls = 0;
         assert_eq!(
-            r.scan(0, 64, |_| {
+            r.scan(ByteLen(0), 64, |_| {
                 calls += 1;
                 false
             }),
             Ok(false)
         );
         assert_eq!(calls, 1);
-        assert!(r.scan(1, 64, |_| true).is_err());
+        assert!(r.scan(ByteLen(1), 64, |_| true).is_err());
     }
 }

@@ -17,7 +17,7 @@ use crate::dirty_log::{BlockInfo, DirtyClient, DirtyClients, DirtyLogSource};
 use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::name::BlockName;
-use crate::region::HostRegion;
+use crate::region::{HostRegion, RegionError};
 use core::fmt;
 use core::ops::Range;
 
@@ -415,9 +415,10 @@ impl<M: HostMemory, S: Storage> RamBlock<M, S> {
         }
         let len = ByteLen::from_usize(data.len());
         self.pages_of(offset, len)?;
-        self.region()
-            .write(offset, data)
-            .map_err(|_| self.out_of_range(offset, len))?;
+        self.region().write(offset, data).map_err(|e| match e {
+            RegionError::ReadOnly { .. } => AccessError::ReadOnly,
+            RegionError::OutOfRange { .. } => self.out_of_range(offset, len),
+        })?;
         self.mark_dirty(offset, len, DirtyClients::all())
     }
 

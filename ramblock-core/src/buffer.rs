@@ -6,6 +6,7 @@
 #![allow(unsafe_code)]
 
 use crate::addr::{ByteLen, PageSize};
+use crate::atomic_copy::{self, Granule};
 use crate::host::HostMemory;
 use core::fmt;
 use core::marker::PhantomData;
@@ -262,8 +263,13 @@ unsafe impl<B: StableBuffer> HostMemory for BufferMemory<B> {
     fn discard(&self, offset: ByteLen, len: ByteLen) -> Result<(), BufferError> {
         self.check(offset, len)?;
         let (start, len) = (offset.0 as usize, len.0 as usize);
-        // SAFETY: checked inside the reservation, which this value owns.
-        unsafe { core::ptr::write_bytes(self.base.as_ptr().add(start), 0, len) };
+        // SAFETY: checked inside the reservation, which this value owns;
+        // regions may read it concurrently, so the zeroing is atomic too,
+        // with the granule its regions use (the same start, whole pages).
+        unsafe {
+            let granule = Granule::of(self.base.as_ptr(), self.reserved.0 as usize);
+            atomic_copy::fill(self.base.as_ptr().add(start), len, 0, granule)
+        };
         Ok(())
     }
 }

@@ -15,7 +15,7 @@
 //!   end-of-migration checksum costs nothing while the guest is paused.
 
 use crate::addr::ByteLen;
-use crate::region::{HostRegion, OutOfRegion};
+use crate::region::{HostRegion, RegionError};
 
 /// Bytes per independently hashed chunk.
 pub const CHUNK: u64 = 4 << 20;
@@ -76,7 +76,7 @@ impl Checksum {
         region: &HostRegion<'_>,
         offset: ByteLen,
         len: usize,
-    ) -> Result<(), OutOfRegion> {
+    ) -> Result<(), RegionError> {
         region.scan(offset, len, |block| {
             self.mix32(&block[..32]);
             self.mix32(&block[32..]);
@@ -107,7 +107,7 @@ impl Checksum {
 
     /// The checksum of `len` bytes at the start of `region`: the
     /// [combination](Checksum::combine) of its chunks' digests.
-    pub fn of_region(region: &HostRegion<'_>, len: u64) -> Result<u64, OutOfRegion> {
+    pub fn of_region(region: &HostRegion<'_>, len: u64) -> Result<u64, RegionError> {
         let mut sum = 0u64;
         for index in 0..chunk_count(len) {
             sum = sum.wrapping_add(Self::chunk_digest(region, index, len)?);
@@ -118,7 +118,7 @@ impl Checksum {
     /// The digest of chunk `index` of the first `len` bytes of `region`: the
     /// sum of its pages' [digests](page_digest), read in place (a partial
     /// last page through a zero-padded copy).
-    pub fn chunk_digest(region: &HostRegion<'_>, index: u64, len: u64) -> Result<u64, OutOfRegion> {
+    pub fn chunk_digest(region: &HostRegion<'_>, index: u64, len: u64) -> Result<u64, RegionError> {
         let start = index.saturating_mul(CHUNK);
         let end = start.saturating_add(CHUNK).min(len);
         let mut sum = 0u64;
@@ -161,7 +161,7 @@ pub fn page_digest_region(
     index: u64,
     region: &HostRegion<'_>,
     offset: ByteLen,
-) -> Result<u64, OutOfRegion> {
+) -> Result<u64, RegionError> {
     let mut c = Checksum::new();
     c.update_region(region, offset, PAGE)?;
     Ok(mix_index(c.finish(), index))

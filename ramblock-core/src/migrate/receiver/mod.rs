@@ -28,7 +28,7 @@ use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::list::{RamList, ResizeError};
 use crate::name::BlockName;
-use crate::region::{HostRegion, OutOfRegion};
+use crate::region::{HostRegion, RegionError};
 use crate::stream::format::{
     read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_DEVICE_STATE, MAX_RUN_PAGES, VERSION,
 };
@@ -79,7 +79,7 @@ struct Slot {
 
 /// How a block's checksum is computed: [`Checksum::of_region`], or a
 /// parallel computation of the same value.
-pub type ChecksumFn = fn(&HostRegion<'_>, u64) -> Result<u64, OutOfRegion>;
+pub type ChecksumFn = fn(&HostRegion<'_>, u64) -> Result<u64, RegionError>;
 
 /// Receives migration streams into a destination's blocks.
 #[derive(Debug)]

@@ -217,7 +217,7 @@ fn enter_user(vcpu: &Vcpu, rip: u64, long_mode: bool) -> Result<(), GuestError> 
         rflags: 0x3002,
         ..Default::default()
     };
-    vcpu.fd()
+    vcpu.kvm_fd()
         .set_regs(&regs)
         .map_err(|e| KvmError::from_kvm(format!("KVM_SET_REGS (vCPU {})", vcpu.id()), e).into())
 }
@@ -261,7 +261,7 @@ fn enter_flat32(
 ) -> Result<(), GuestError> {
     let id = vcpu.id();
     let mut sregs = vcpu
-        .fd()
+        .kvm_fd()
         .get_sregs()
         .map_err(|e| KvmError::from_kvm(format!("KVM_GET_SREGS (vCPU {id})"), e))?;
     sregs.cs = CODE0.kvm();
@@ -276,7 +276,7 @@ fn enter_flat32(
     }
     sregs.cr0 = (sregs.cr0 | 1) & !(1 << 31); // PE on, PG off
     extra(&mut sregs);
-    vcpu.fd()
+    vcpu.kvm_fd()
         .set_sregs(&sregs)
         .map_err(|e| KvmError::from_kvm(format!("KVM_SET_SREGS (vCPU {id})"), e))?;
     let regs = kvm_regs {
@@ -284,7 +284,7 @@ fn enter_flat32(
         rflags: 2,
         ..Default::default()
     };
-    vcpu.fd()
+    vcpu.kvm_fd()
         .set_regs(&regs)
         .map_err(|e| KvmError::from_kvm(format!("KVM_SET_REGS (vCPU {id})"), e).into())
 }

@@ -422,7 +422,8 @@ fn a_state_saved_at_a_heartbeat_exit_resumes_with_the_next_pass() {
             other => panic!("{other:?}"),
         }
     }
-    let at_exit = vcpu_a.fd().get_regs().unwrap();
+    // SAFETY: KVM_GET_REGS writes only into the struct kvm-ioctls returns.
+    let at_exit = unsafe { vcpu_a.fd() }.get_regs().unwrap();
     let ram = snapshot_of(&ram_a);
     let state = vcpu_a.save().unwrap();
     // Saving completed the `out` at most: rip moved past it (2 bytes) or

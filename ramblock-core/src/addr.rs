@@ -4,6 +4,27 @@
 //! blocks; it is not a guest-physical address. Lengths are [`ByteLen`], page
 //! counts are [`PageCount`]. Arithmetic that can overflow is `checked_*` and
 //! returns `None` instead of wrapping.
+//!
+//! # Offsets and page indexes
+//!
+//! A byte offset inside a block or a region
+//! ([`RamBlock::read`](crate::block::RamBlock::read),
+//! [`HostRegion::read`](crate::region::HostRegion::read),
+//! [`HostMemory::discard`](crate::host::HostMemory::discard),
+//! [`PostcopyTarget::place`](crate::migrate::PostcopyTarget::place)) is a
+//! [`ByteLen`] counted from the block's or region's first byte: the same
+//! quantity as a length, so `offset + len` needs no conversion. Three
+//! other representations remain, each for one reason:
+//!
+//! - a target page index in a trait or a wire record
+//!   ([`HostMemory::untouched_runs`](crate::host::HostMemory::untouched_runs),
+//!   a page request) is a `u64` page number ([`ByteLen::page_index`] and
+//!   [`ByteLen::from_pages`] convert), because a block may hold more pages
+//!   than a 32-bit `usize` counts;
+//! - a page index into a bitmap is a `usize`, because it indexes a slice of
+//!   words in this address space;
+//! - the length of a copy through a `HostRegion` (and of the region itself)
+//!   is a `usize`, because it sizes a Rust slice or an iovec.
 
 use core::fmt;
 
@@ -21,7 +42,11 @@ pub const BLOCK_ALIGN: u64 = BLOCK_ALIGN_PAGES * TARGET_PAGE_SIZE;
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RamAddr(pub u64);
 
-/// A length in bytes.
+/// A byte count, or a byte offset from the start of a block or region.
+///
+/// Offsets and lengths share the type so that `offset + len` is checked
+/// arithmetic on one quantity; see the [module docs](self) for where a page
+/// index or a `usize` is used instead.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ByteLen(pub u64);
 
@@ -55,6 +80,35 @@ impl RamAddr {
 impl ByteLen {
     /// Zero bytes.
     pub const ZERO: ByteLen = ByteLen(0);
+
+    /// The length of an in-memory buffer (a slice's `len()`).
+    pub const fn from_usize(n: usize) -> ByteLen {
+        // Lossless: no supported target has pointers wider than 64 bits.
+        ByteLen(n as u64)
+    }
+
+    /// The offset of target page `page` (or the length of `page` target
+    /// pages). Saturates at `u64::MAX`, an offset no block contains, so an
+    /// absurd page number fails the bounds check it reaches next instead of
+    /// wrapping to a valid one.
+    pub const fn from_pages(page: u64) -> ByteLen {
+        ByteLen(page.saturating_mul(TARGET_PAGE_SIZE))
+    }
+
+    /// The index of the target page containing this offset.
+    pub const fn page_index(self) -> u64 {
+        self.0 >> TARGET_PAGE_SHIFT
+    }
+
+    /// The value as a `usize`, to index or size a buffer, or `None` if it
+    /// does not fit this address space.
+    pub const fn to_usize(self) -> Option<usize> {
+        if self.0 <= usize::MAX as u64 {
+            Some(self.0 as usize)
+        } else {
+            None
+        }
+    }
 
     /// `self + other`, or `None` on overflow.
     pub const fn checked_add(self, other: ByteLen) -> Option<ByteLen> {
@@ -160,6 +214,13 @@ impl fmt::Display for ByteLen {
     }
 }
 
+/// Hexadecimal, as offsets appear in error messages (`{:#x}`).
+impl fmt::LowerHex for ByteLen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
 impl fmt::Display for PageSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         human_size(self.0, f)
@@ -212,5 +273,11 @@ mod tests {
         assert_eq!(ByteLen(4097).checked_align_up(4096), Some(ByteLen(8192)));
         assert_eq!(PageCount(u64::MAX).checked_bytes(), None);
         assert_eq!(ByteLen(4097).target_pages(), PageCount(2));
+        assert_eq!(ByteLen::from_pages(3), ByteLen(3 * TARGET_PAGE_SIZE));
+        assert_eq!(ByteLen::from_pages(u64::MAX), ByteLen(u64::MAX));
+        assert_eq!(ByteLen(3 * TARGET_PAGE_SIZE + 1).page_index(), 3);
+        assert_eq!(ByteLen::from_usize(7), ByteLen(7));
+        assert_eq!(ByteLen(7).to_usize(), Some(7));
+        assert_eq!(std::format!("{:#x}", ByteLen(0x1000)), "0x1000");
     }
 }

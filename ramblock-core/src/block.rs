@@ -8,7 +8,7 @@
 //! post-copy received map. Blocks are created by
 //! [`crate::list::RamList::add`].
 
-use crate::addr::{ByteLen, PageSize, RamAddr, TARGET_PAGE_SHIFT};
+use crate::addr::{ByteLen, PageSize, RamAddr};
 use crate::bitmap::{
     words_for, AtomicBitmap, ClearMap, ClearShiftError, MigrationBitmap, ReceivedMap, Storage,
     DEFAULT_CLEAR_SHIFT,
@@ -17,7 +17,7 @@ use crate::dirty_log::{BlockInfo, DirtyClient, DirtyClients, DirtyLogSource};
 use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::name::BlockName;
-use crate::region::HostRegion;
+use crate::region::{HostRegion, RegionError};
 use core::fmt;
 use core::ops::Range;
 
@@ -218,11 +218,11 @@ pub enum AccessError {
     /// The range is not inside the block's used length.
     OutOfRange {
         /// Offset asked for, from the block's start.
-        offset: u64,
+        offset: ByteLen,
         /// Bytes asked for.
-        len: u64,
+        len: ByteLen,
         /// The block's used length.
-        used_length: u64,
+        used_length: ByteLen,
     },
     /// The block is read-only.
     ReadOnly,
@@ -355,9 +355,9 @@ impl<M: HostMemory, S: Storage> RamBlock<M, S> {
 
     fn out_of_range(&self, offset: ByteLen, len: ByteLen) -> AccessError {
         AccessError::OutOfRange {
-            offset: offset.0,
-            len: len.0,
-            used_length: self.used_length.0,
+            offset,
+            len,
+            used_length: self.used_length,
         }
     }
 
@@ -370,8 +370,10 @@ impl<M: HostMemory, S: Storage> RamBlock<M, S> {
                 if len.0 == 0 {
                     return Ok((0, 0));
                 }
-                let first = (offset.0 >> TARGET_PAGE_SHIFT) as usize;
-                let last = ((end.0 - 1) >> TARGET_PAGE_SHIFT) as usize;
+                // Bitmap indexes are usize; a block fits the address
+                // space, so its page numbers do too.
+                let first = offset.page_index() as usize;
+                let last = ByteLen(end.0 - 1).page_index() as usize;
                 Ok((first, last - first + 1))
             }
             _ => Err(err),
@@ -398,10 +400,11 @@ impl<M: HostMemory, S: Storage> RamBlock<M, S> {
 
     /// Copies `buf.len()` bytes from block offset `offset`.
     pub fn read(&self, offset: ByteLen, buf: &mut [u8]) -> Result<(), AccessError> {
-        self.pages_of(offset, ByteLen(buf.len() as u64))?;
+        let len = ByteLen::from_usize(buf.len());
+        self.pages_of(offset, len)?;
         self.region()
-            .read(offset.0, buf)
-            .map_err(|_| self.out_of_range(offset, ByteLen(buf.len() as u64)))
+            .read(offset, buf)
+            .map_err(|_| self.out_of_range(offset, len))
     }
 
     /// Writes `data` at block offset `offset`, as a device would, and marks
@@ -410,11 +413,12 @@ impl<M: HostMemory, S: Storage> RamBlock<M, S> {
         if self.flags.contains(BlockFlags::READ_ONLY) {
             return Err(AccessError::ReadOnly);
         }
-        let len = ByteLen(data.len() as u64);
+        let len = ByteLen::from_usize(data.len());
         self.pages_of(offset, len)?;
-        self.region()
-            .write(offset.0, data)
-            .map_err(|_| self.out_of_range(offset, len))?;
+        self.region().write(offset, data).map_err(|e| match e {
+            RegionError::ReadOnly { .. } => AccessError::ReadOnly,
+            RegionError::OutOfRange { .. } => self.out_of_range(offset, len),
+        })?;
         self.mark_dirty(offset, len, DirtyClients::all())
     }
 

@@ -6,6 +6,7 @@
 #![allow(unsafe_code)]
 
 use crate::addr::{ByteLen, PageSize};
+use crate::atomic_copy::{self, Granule};
 use crate::host::HostMemory;
 use core::fmt;
 use core::marker::PhantomData;
@@ -262,8 +263,13 @@ unsafe impl<B: StableBuffer> HostMemory for BufferMemory<B> {
     fn discard(&self, offset: ByteLen, len: ByteLen) -> Result<(), BufferError> {
         self.check(offset, len)?;
         let (start, len) = (offset.0 as usize, len.0 as usize);
-        // SAFETY: checked inside the reservation, which this value owns.
-        unsafe { core::ptr::write_bytes(self.base.as_ptr().add(start), 0, len) };
+        // SAFETY: checked inside the reservation, which this value owns;
+        // regions may read it concurrently, so the zeroing is atomic too,
+        // with the granule its regions use (the same start, whole pages).
+        unsafe {
+            let granule = Granule::of(self.base.as_ptr(), self.reserved.0 as usize);
+            atomic_copy::fill(self.base.as_ptr().add(start), len, 0, granule)
+        };
         Ok(())
     }
 }
@@ -299,8 +305,8 @@ mod tests {
         );
         mem.discard(ByteLen(4096), ByteLen(4096)).unwrap();
         let r = mem.region();
-        assert!(!r.is_zero(0, 4096).unwrap());
-        assert!(r.is_zero(4096, 4096).unwrap());
+        assert!(!r.is_zero(ByteLen(0), 4096).unwrap());
+        assert!(r.is_zero(ByteLen(4096), 4096).unwrap());
         let back = mem.into_inner();
         assert_eq!(back.len(), 5 * 4096);
         assert_eq!((back[0], back[4096], back[8192]), (7, 0, 7));
@@ -314,11 +320,11 @@ mod tests {
             let mem = BufferMemory::new(buf, ByteLen(4096), PageSize::SIZE_4K).unwrap();
             let moved = [mem];
             let [mem] = moved;
-            mem.region().write(10, b"moved").unwrap();
+            mem.region().write(ByteLen(10), b"moved").unwrap();
             let boxed = std::boxed::Box::new(mem);
-            boxed.region().write(20, b"boxed").unwrap();
+            boxed.region().write(ByteLen(20), b"boxed").unwrap();
             let mut out = [0u8; 5];
-            boxed.region().read(10, &mut out).unwrap();
+            boxed.region().read(ByteLen(10), &mut out).unwrap();
             assert_eq!(&out, b"moved");
             boxed.into_inner()
         }

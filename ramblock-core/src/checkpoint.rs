@@ -258,7 +258,7 @@ impl<M: HostMemory, W: AsRef<[u64]> + AsMut<[u64]>> CheckpointCache<M, W> {
             });
         }
         let (index, _) = self.range(page, 1)?;
-        if let Err(e) = self.cache.region().write(page * TARGET_PAGE_SIZE, data) {
+        if let Err(e) = self.cache.region().write(ByteLen::from_pages(page), data) {
             unreachable!("the cache covers every page in range: {e}");
         }
         let _ = self.marks.set_range(index, 1);
@@ -299,7 +299,7 @@ impl<M: HostMemory, W: AsRef<[u64]> + AsMut<[u64]>> CheckpointCache<M, W> {
             // raw access to guest RAM), so the run goes page by page through
             // the stack; both regions cover every page below `pages`.
             for page in start..end {
-                let at = page as u64 * TARGET_PAGE_SIZE;
+                let at = ByteLen::from_pages(page as u64);
                 if let Err(e) = cache.read(at, &mut bounce) {
                     unreachable!("checked at construction: {e}");
                 }

@@ -14,7 +14,8 @@
 //!   received*, replacing a page's old digest when it is sent again, so the
 //!   end-of-migration checksum costs nothing while the guest is paused.
 
-use crate::region::{HostRegion, OutOfRegion};
+use crate::addr::ByteLen;
+use crate::region::{HostRegion, RegionError};
 
 /// Bytes per independently hashed chunk.
 #[cfg(not(miri))]
@@ -79,9 +80,9 @@ impl Checksum {
     pub fn update_region(
         &mut self,
         region: &HostRegion<'_>,
-        offset: u64,
+        offset: ByteLen,
         len: usize,
-    ) -> Result<(), OutOfRegion> {
+    ) -> Result<(), RegionError> {
         region.scan(offset, len, |block| {
             self.mix32(&block[..32]);
             self.mix32(&block[32..]);
@@ -112,7 +113,7 @@ impl Checksum {
 
     /// The checksum of `len` bytes at the start of `region`: the
     /// [combination](Checksum::combine) of its chunks' digests.
-    pub fn of_region(region: &HostRegion<'_>, len: u64) -> Result<u64, OutOfRegion> {
+    pub fn of_region(region: &HostRegion<'_>, len: u64) -> Result<u64, RegionError> {
         let mut sum = 0u64;
         for index in 0..chunk_count(len) {
             sum = sum.wrapping_add(Self::chunk_digest(region, index, len)?);
@@ -123,7 +124,7 @@ impl Checksum {
     /// The digest of chunk `index` of the first `len` bytes of `region`: the
     /// sum of its pages' [digests](page_digest), read in place (a partial
     /// last page through a zero-padded copy).
-    pub fn chunk_digest(region: &HostRegion<'_>, index: u64, len: u64) -> Result<u64, OutOfRegion> {
+    pub fn chunk_digest(region: &HostRegion<'_>, index: u64, len: u64) -> Result<u64, RegionError> {
         let start = index.saturating_mul(CHUNK);
         let end = start.saturating_add(CHUNK).min(len);
         let mut sum = 0u64;
@@ -132,11 +133,11 @@ impl Checksum {
         while at < end {
             let n = (end - at).min(PAGE as u64) as usize;
             if n == PAGE {
-                sum = sum.wrapping_add(page_digest_region(at / PAGE as u64, region, at)?);
+                sum = sum.wrapping_add(page_digest_region(at / PAGE as u64, region, ByteLen(at))?);
                 at += n as u64;
                 continue;
             }
-            region.read(at, &mut page[..n])?;
+            region.read(ByteLen(at), &mut page[..n])?;
             page[n..].fill(0);
             sum = sum.wrapping_add(page_digest(at / PAGE as u64, &page));
             at += n as u64;
@@ -165,8 +166,8 @@ pub fn page_digest(index: u64, content: &[u8]) -> u64 {
 pub fn page_digest_region(
     index: u64,
     region: &HostRegion<'_>,
-    offset: u64,
-) -> Result<u64, OutOfRegion> {
+    offset: ByteLen,
+) -> Result<u64, RegionError> {
     let mut c = Checksum::new();
     c.update_region(region, offset, PAGE)?;
     Ok(mix_index(c.finish(), index))
@@ -194,9 +195,9 @@ pub trait PageLedger {
     /// pages), read in place. The default copies each page out first.
     fn record_region(&mut self, block: usize, first: u64, pages: &HostRegion<'_>) {
         let mut page = [0u8; PAGE];
-        for (k, at) in (0..pages.len() / PAGE).map(|k| (k as u64, (k * PAGE) as u64)) {
+        for k in 0..(pages.len() / PAGE) as u64 {
             // In range: `at` is a whole page inside the region.
-            let _ = pages.read(at, &mut page);
+            let _ = pages.read(ByteLen::from_pages(k), &mut page);
             self.record(block, first + k, &page);
         }
     }
@@ -285,7 +286,7 @@ impl PageLedger for Ledger {
         let b = self.block(block);
         for k in 0..(pages.len() / PAGE) as u64 {
             // In range: page k lies inside the region.
-            let digest = page_digest_region(first + k, pages, k * PAGE as u64).unwrap_or(0);
+            let digest = page_digest_region(first + k, pages, ByteLen::from_pages(k)).unwrap_or(0);
             b.set(first + k, digest);
         }
     }
@@ -394,13 +395,13 @@ mod tests {
         assert_eq!(digests.len(), 3);
         assert_eq!(Checksum::combine(&digests, len), whole);
         for at in [0, CHUNK + 5, len - 1] {
-            r.fill(at, 1, 0xEE).unwrap();
+            r.fill(ByteLen(at), 1, 0xEE).unwrap();
             assert_ne!(
                 Checksum::of_region(&r, len).unwrap(),
                 whole,
                 "a change at {at}"
             );
-            r.write(at, &[(at % 251) as u8]).unwrap();
+            r.write(ByteLen(at), &[(at % 251) as u8]).unwrap();
         }
         assert_eq!(Checksum::of_region(&r, len).unwrap(), whole);
         // A ledger fed the pages in any order, some sent twice, agrees.
@@ -411,7 +412,7 @@ mod tests {
         for &first in firsts.iter().rev() {
             let n = (pages - first).min(5);
             let mut data = std::vec![0u8; n as usize * PAGE];
-            r.read(first * PAGE as u64, &mut data).unwrap();
+            r.read(ByteLen::from_pages(first), &mut data).unwrap();
             ledger.record(0, first, &data);
         }
         assert_eq!(ledger.checksum(0, pages), whole);
@@ -438,7 +439,7 @@ mod tests {
         copying.record(0, 1, &std::vec![0xCD; PAGE]);
         for &first in &firsts {
             let n = (pages - first).min(5) as usize;
-            let run = r.subregion(first * PAGE as u64, n * PAGE).unwrap();
+            let run = r.subregion(ByteLen::from_pages(first), n * PAGE).unwrap();
             in_place.record_region(0, first, &run);
             copying.record_region(0, first, &run);
         }
@@ -450,7 +451,7 @@ mod tests {
             whole,
             "pages past the end do not count"
         );
-        r.fill(0, 2 * PAGE, 0).unwrap();
+        r.fill(ByteLen::ZERO, 2 * PAGE, 0).unwrap();
         ledger.record_zero(0, 0, 2);
         assert_eq!(
             ledger.checksum(0, pages),
@@ -464,15 +465,15 @@ mod tests {
             reserved.checksum(0, pages),
             Ledger::new().checksum(0, pages)
         );
-        reserved.record_region(0, 0, &r.subregion(0, len as usize).unwrap());
+        reserved.record_region(0, 0, &r.subregion(ByteLen::ZERO, len as usize).unwrap());
         let zeros = if cfg!(miri) { pages - 2 } else { 300 };
-        r.fill(PAGE as u64, zeros as usize * PAGE, 0).unwrap();
+        r.fill(ByteLen::from_pages(1), zeros as usize * PAGE, 0).unwrap();
         reserved.record_zero(0, 1, zeros);
         assert_eq!(
             reserved.checksum(0, pages),
             Checksum::of_region(&r, len).unwrap()
         );
-        ledger.record_region(0, 0, &r.subregion(0, len as usize).unwrap());
+        ledger.record_region(0, 0, &r.subregion(ByteLen::ZERO, len as usize).unwrap());
         ledger.truncate(0, 4);
         assert_eq!(
             ledger.checksum(0, 4),

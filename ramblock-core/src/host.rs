@@ -20,7 +20,7 @@ use core::ptr::NonNull;
 /// Implementors guarantee that:
 /// - [`HostMemory::base`] returns the same pointer for the object's lifetime;
 /// - `base .. base + used_len()` stays mapped and readable (and writable,
-///   unless the memory is read-only) until the length shrinks or the object
+///   unless [`HostMemory::read_only`] says otherwise) until the length shrinks or the object
 ///   is dropped;
 /// - `reserved_len()` and `page_size()` never change, `used_len()` changes only
 ///   through [`HostMemory::set_used_len`], and `used_len() <= reserved_len()`.
@@ -61,6 +61,13 @@ pub unsafe trait HostMemory {
         false
     }
 
+    /// Whether the memory is mapped read-only: its regions then refuse
+    /// writes ([`crate::region::RegionError::ReadOnly`]) instead of
+    /// faulting.
+    fn read_only(&self) -> bool {
+        false
+    }
+
     /// Writes back `offset .. offset + len` to persistent backing, if any.
     fn sync(&self, offset: ByteLen, len: ByteLen) -> Result<(), Self::Error> {
         let _ = (offset, len);
@@ -76,7 +83,14 @@ pub unsafe trait HostMemory {
         let len = usize::try_from(self.used_len().0).unwrap_or(usize::MAX);
         // SAFETY: the trait's contract keeps `base .. base + used_len` mapped
         // while `self` is alive and not shrunk, and the region's lifetime is
-        // the borrow of `self`, which rules out both.
-        unsafe { HostRegion::new(self.base(), len) }
+        // the borrow of `self`, which rules out both; memory that is not
+        // writable gets a region that refuses writes.
+        unsafe {
+            if self.read_only() {
+                HostRegion::new_read_only(self.base(), len)
+            } else {
+                HostRegion::new(self.base(), len)
+            }
+        }
     }
 }

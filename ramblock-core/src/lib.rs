@@ -71,6 +71,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod addr;
+mod atomic_copy;
 pub mod bitmap;
 pub mod block;
 pub mod buffer;
@@ -107,7 +108,7 @@ pub use migrate::{
     ReceiveError, ReceiveSummary, Receiver,
 };
 pub use name::{BlockName, NameError};
-pub use region::{HostRegion, OutOfRegion};
+pub use region::{HostRegion, RegionError};
 #[cfg(feature = "std")]
 pub use stream::io::IoStream;
 pub use stream::io::{ByteRead, ByteWrite, ReadError, SliceReader};

@@ -93,6 +93,10 @@ pub enum AddError {
     },
     /// The clear-map shift is outside `6..=31`.
     ClearShift(u8),
+    /// The host memory is mapped read-only but the block's flags lack
+    /// `READ_ONLY`, so writes (a device's, an incoming migration's) would
+    /// fault.
+    MemoryReadOnly,
     /// Caller-supplied bitmap storage is too small.
     Storage(StorageTooSmall),
     /// No gap in the RAM address space is large enough.
@@ -131,6 +135,9 @@ impl fmt::Display for AddError {
                 "host memory has {memory:#x} bytes accessible, the block's used length is {block:#x}"
             ),
             AddError::ClearShift(s) => write!(f, "clear-map shift {s} is outside 6..=31"),
+            AddError::MemoryReadOnly => f.write_str(
+                "host memory is read-only but the block is not; add BlockFlags::READ_ONLY (or use the memory's flags)",
+            ),
             AddError::Storage(e) => write!(f, "bitmap storage: {e}"),
             AddError::AddressSpaceFull => f.write_str("no gap in the RAM address space fits the block"),
             AddError::ListFull { capacity } => write!(f, "the block list is full ({capacity} blocks)"),
@@ -412,6 +419,9 @@ impl<'l, M: HostMemory, S: Storage, const N: usize> RamList<'l, M, S, N> {
                     max: max.0,
                 });
             }
+        }
+        if memory.read_only() && !spec.flags.contains(BlockFlags::READ_ONLY) {
+            return Err(AddError::MemoryReadOnly);
         }
         if memory.reserved_len() < max {
             return Err(AddError::MemoryTooSmall {

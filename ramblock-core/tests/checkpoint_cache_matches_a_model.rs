@@ -53,7 +53,7 @@ fn zeroed(pages: u64) -> Mem {
 
 fn contents(region: &HostRegion<'_>) -> Vec<u8> {
     let mut out = vec![0u8; region.len()];
-    region.read(0, &mut out).unwrap();
+    region.read(ByteLen::ZERO, &mut out).unwrap();
     out
 }
 
@@ -136,7 +136,7 @@ fn run(seed: u64, pages: u64, steps: usize) {
                 let full = block.region();
                 if rng.below(4) == 0 {
                     let short = rng.below(pages * PAGE) as usize;
-                    let got = cache.commit(full.subregion(0, short).unwrap());
+                    let got = cache.commit(full.subregion(ByteLen::ZERO, short).unwrap());
                     let want = CheckpointError::RamTooShort {
                         ram_len: short as u64,
                         needed: pages * PAGE,

@@ -401,9 +401,9 @@ fn marking_dirty_outside_blocks_is_an_error() {
     assert_eq!(
         list.mark_dirty(RamAddr(3 * PAGE), ByteLen(PAGE + 1), DirtyClients::all()),
         Err(DirtyError::Access(AccessError::OutOfRange {
-            offset: 3 * PAGE,
-            len: PAGE + 1,
-            used_length: 4 * PAGE
+            offset: ByteLen(3 * PAGE),
+            len: ByteLen(PAGE + 1),
+            used_length: ByteLen(4 * PAGE)
         }))
     );
     assert_eq!(
@@ -413,9 +413,9 @@ fn marking_dirty_outside_blocks_is_an_error() {
             DirtyClients::all()
         ),
         Err(DirtyError::Access(AccessError::OutOfRange {
-            offset: PAGE,
-            len: u64::MAX,
-            used_length: 4 * PAGE
+            offset: ByteLen(PAGE),
+            len: ByteLen(u64::MAX),
+            used_length: ByteLen(4 * PAGE)
         }))
     );
     for b in list.read().iter() {
@@ -452,9 +452,9 @@ fn block_access_outside_used_length_or_to_read_only_is_an_error() {
     );
     let ram = view.by_name("ram").unwrap();
     let oob = AccessError::OutOfRange {
-        offset: 2 * PAGE - 1,
-        len: 2,
-        used_length: 2 * PAGE,
+        offset: ByteLen(2 * PAGE - 1),
+        len: ByteLen(2),
+        used_length: ByteLen(2 * PAGE),
     };
     assert_eq!(ram.write(ByteLen(2 * PAGE - 1), b"xy"), Err(oob));
     assert_eq!(ram.read(ByteLen(2 * PAGE - 1), &mut [0; 2]), Err(oob));

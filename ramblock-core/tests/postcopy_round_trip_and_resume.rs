@@ -127,7 +127,10 @@ fn fill_source(list: &List, seed: u64) {
             page_bytes.fill(((page * 31 + b as u64 * 7 + seed) % 255) as u8 + 1);
             let tag = seed ^ ((b as u64) << 48) ^ (page << 8) ^ 0xA5;
             page_bytes[..8].copy_from_slice(&tag.to_le_bytes());
-            block.region().write(page * PAGE, &page_bytes).unwrap();
+            block
+                .region()
+                .write(ByteLen::from_pages(page), &page_bytes)
+                .unwrap();
         }
     }
 }
@@ -614,16 +617,21 @@ impl PostcopyTarget for GuestTarget<'_> {
         Ok(())
     }
 
-    fn place(&mut self, block: &str, offset: u64, data: &[u8]) -> Result<(), BufferError> {
-        if let Some(region) = self.claim(block, offset, data.len() as u64) {
+    fn place(&mut self, block: &str, offset: ByteLen, data: &[u8]) -> Result<(), BufferError> {
+        if let Some(region) = self.claim(block, offset.0, data.len() as u64) {
             region.write(offset, data).unwrap();
         }
         Ok(())
     }
 
-    fn place_zero(&mut self, block: &str, offset: u64, len: u64) -> Result<(), BufferError> {
-        if let Some(region) = self.claim(block, offset, len) {
-            region.fill(offset, len as usize, 0).unwrap();
+    fn place_zero(
+        &mut self,
+        block: &str,
+        offset: ByteLen,
+        len: ByteLen,
+    ) -> Result<(), BufferError> {
+        if let Some(region) = self.claim(block, offset.0, len.0) {
+            region.fill(offset, len.0 as usize, 0).unwrap();
         }
         Ok(())
     }
@@ -1325,15 +1333,20 @@ impl PostcopyTarget for Recorder<'_> {
         self.starts.push((state.to_vec(), table));
         Ok(())
     }
-    fn place(&mut self, block: &str, offset: u64, data: &[u8]) -> Result<(), BufferError> {
+    fn place(&mut self, block: &str, offset: ByteLen, data: &[u8]) -> Result<(), BufferError> {
         self.placed
-            .push((block.to_string(), offset, data.len() as u64));
+            .push((block.to_string(), offset.0, data.len() as u64));
         self.region(block).write(offset, data).unwrap();
         Ok(())
     }
-    fn place_zero(&mut self, block: &str, offset: u64, len: u64) -> Result<(), BufferError> {
-        self.placed.push((block.to_string(), offset, len));
-        self.region(block).fill(offset, len as usize, 0).unwrap();
+    fn place_zero(
+        &mut self,
+        block: &str,
+        offset: ByteLen,
+        len: ByteLen,
+    ) -> Result<(), BufferError> {
+        self.placed.push((block.to_string(), offset.0, len.0));
+        self.region(block).fill(offset, len.0 as usize, 0).unwrap();
         Ok(())
     }
     fn resumed(&mut self) -> Result<(), BufferError> {
@@ -1406,7 +1419,7 @@ fn checksums(fill: impl Fn(u32, u64) -> u8) -> Vec<u8> {
     for (i, b) in view.iter().enumerate() {
         for p in 0..b.used_pages() as u64 {
             b.region()
-                .fill(p * PAGE, PAGE as usize, fill(i as u32, p))
+                .fill(ByteLen::from_pages(p), PAGE as usize, fill(i as u32, p))
                 .unwrap();
         }
         let sum = Checksum::of_region(&b.region(), b.used_length().0).unwrap();
@@ -1703,7 +1716,7 @@ fn a_hugepage_run_must_start_or_continue_a_hugepage() {
             .by_name("huge")
             .unwrap()
             .region()
-            .is_zero(0, (2 * HUGE) as usize)
+            .is_zero(ByteLen::ZERO, (2 * HUGE) as usize)
             .unwrap());
     }
 }

@@ -564,9 +564,9 @@ pub fn check(input: &Input) -> Result<(), Mismatch> {
                         let off = addr - b.offset;
                         if off + len > b.used {
                             Err(DirtyError::Access(AccessError::OutOfRange {
-                                offset: off,
-                                len,
-                                used_length: b.used,
+                                offset: ByteLen(off),
+                                len: ByteLen(len),
+                                used_length: ByteLen(b.used),
                             }))
                         } else {
                             if len > 0 {
@@ -606,9 +606,9 @@ pub fn check(input: &Input) -> Result<(), Mismatch> {
                             Err(AccessError::ReadOnly)
                         } else if off + len > b.used {
                             Err(AccessError::OutOfRange {
-                                offset: off,
-                                len,
-                                used_length: b.used,
+                                offset: ByteLen(off),
+                                len: ByteLen(len),
+                                used_length: ByteLen(b.used),
                             })
                         } else {
                             b.memory[off as usize..(off + len) as usize].fill(byte);

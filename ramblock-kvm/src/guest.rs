@@ -36,6 +36,7 @@ use crate::vcpu::{Vcpu, VcpuEvent};
 use crate::vcpu_state::VcpuState;
 use crate::vm::Vm;
 use kvm_bindings::{kvm_regs, kvm_segment};
+use ramblock_core::addr::ByteLen;
 use ramblock_core::region::HostRegion;
 
 /// The port [`PageWriter`] programs write to when done.
@@ -143,8 +144,9 @@ const GDT_LIMIT: u16 = 8 * 8 - 1;
 /// Writes the GDT (null, ring-0 code/data, ring-3 code/data, TSS) and the
 /// TSS into `low`, the host memory at guest-physical 0.
 fn load_tables(low: &HostRegion<'_>) -> Result<(), GuestError> {
+    // Low memory starts at guest-physical 0, so a GPA in it is its offset.
     let put = |gpa: u64, bytes: &[u8]| {
-        low.write(gpa, bytes)
+        low.write(ByteLen(gpa), bytes)
             .map_err(|e| GuestError::Layout(format!("low memory too small: {e}")))
     };
     // The TSS descriptor's upper half (long mode) is zero: its base is low.
@@ -215,7 +217,7 @@ fn enter_user(vcpu: &Vcpu, rip: u64, long_mode: bool) -> Result<(), GuestError> 
         rflags: 0x3002,
         ..Default::default()
     };
-    vcpu.fd()
+    vcpu.kvm_fd()
         .set_regs(&regs)
         .map_err(|e| KvmError::from_kvm(format!("KVM_SET_REGS (vCPU {})", vcpu.id()), e).into())
 }
@@ -246,7 +248,7 @@ fn write_identity_map(low: &HostRegion<'_>) -> Result<(), GuestError> {
             entry(pd, i, (gib << 30 | i << 21) | HUGE | PRESENT_RW_USER);
         }
     }
-    low.write(PML4_GPA, &tables)
+    low.write(ByteLen(PML4_GPA), &tables)
         .map_err(|e| GuestError::Layout(format!("low memory too small: {e}")))
 }
 
@@ -259,7 +261,7 @@ fn enter_flat32(
 ) -> Result<(), GuestError> {
     let id = vcpu.id();
     let mut sregs = vcpu
-        .fd()
+        .kvm_fd()
         .get_sregs()
         .map_err(|e| KvmError::from_kvm(format!("KVM_GET_SREGS (vCPU {id})"), e))?;
     sregs.cs = CODE0.kvm();
@@ -274,7 +276,7 @@ fn enter_flat32(
     }
     sregs.cr0 = (sregs.cr0 | 1) & !(1 << 31); // PE on, PG off
     extra(&mut sregs);
-    vcpu.fd()
+    vcpu.kvm_fd()
         .set_sregs(&sregs)
         .map_err(|e| KvmError::from_kvm(format!("KVM_SET_SREGS (vCPU {id})"), e))?;
     let regs = kvm_regs {
@@ -282,7 +284,7 @@ fn enter_flat32(
         rflags: 2,
         ..Default::default()
     };
-    vcpu.fd()
+    vcpu.kvm_fd()
         .set_regs(&regs)
         .map_err(|e| KvmError::from_kvm(format!("KVM_SET_REGS (vCPU {id})"), e).into())
 }
@@ -345,7 +347,7 @@ impl<'a> PageWriter<'a> {
             )));
         }
         self.low
-            .write(PAGE_WRITER_CODE, &code)
+            .write(ByteLen(PAGE_WRITER_CODE), &code)
             .map_err(|e| GuestError::Layout(e.to_string()))?;
         enter_user(&self.vcpu, PAGE_WRITER_CODE, false)?;
         loop {
@@ -436,7 +438,7 @@ impl Workload {
     pub fn load(&self, low: &HostRegion<'_>, vcpu: &Vcpu) -> Result<(), GuestError> {
         load_tables(low)?;
         write_identity_map(low)?;
-        low.write(USER_CODE_GPA, &self.user_code())
+        low.write(ByteLen(USER_CODE_GPA), &self.user_code())
             .map_err(|e| GuestError::Layout(format!("low memory too small: {e}")))?;
         enter_user(vcpu, USER_CODE_GPA, true)
     }
@@ -681,8 +683,8 @@ pub fn check_resumed_increment(
     while at < len {
         let n = (len - at).min(CHECK_CHUNK as u64) as usize;
         let (src, dst) = (&mut src[..n], &mut dst[..n]);
-        source.read(at, src).map_err(|_| size)?;
-        destination.read(at, dst).map_err(|_| size)?;
+        source.read(ByteLen(at), src).map_err(|_| size)?;
+        destination.read(ByteLen(at), dst).map_err(|_| size)?;
         // CHECK_CHUNK is a page multiple, so pages start at chunk offsets
         // that are page multiples too.
         let page_chunks = src.chunks(PAGE as usize).zip(dst.chunks(PAGE as usize));

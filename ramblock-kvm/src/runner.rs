@@ -384,13 +384,13 @@ fn throttle_nap(s: &Shared, nap: Duration) -> bool {
 }
 
 fn vcpu_thread(vm: &Vm, mut vcpu: Vcpu, s: &Shared) -> Vcpu {
-    let run = vcpu.fd_mut().get_kvm_run();
+    let run = vcpu.kvm_fd_mut().get_kvm_run();
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::addr_of_mut!(run.immediate_exit)));
     let mut last_run = Duration::ZERO;
     loop {
         {
             let mut c = lock(&s.control);
-            vcpu.fd_mut().set_kvm_immediate_exit(0);
+            vcpu.kvm_fd_mut().set_kvm_immediate_exit(0);
             loop {
                 match c.request {
                     Request::Run => break,

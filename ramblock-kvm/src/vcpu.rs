@@ -45,12 +45,33 @@ impl Vcpu {
     }
 
     /// The kvm-ioctls vCPU fd, for register setup.
-    pub fn fd(&self) -> &VcpuFd {
+    ///
+    /// # Safety
+    /// Some of kvm-ioctls' safe `VcpuFd` calls pass the kernel addresses
+    /// taken from their arguments unchecked (`enable_cap`'s `args`, for
+    /// capabilities whose argument is a user pointer), and the dirty ring
+    /// mapped for this vCPU must not be re-sized behind ramblock: the
+    /// caller makes only calls whose pointers are valid for what the kernel
+    /// does with them, and no call that changes the ring.
+    pub unsafe fn fd(&self) -> &VcpuFd {
         &self.fd
     }
 
     /// The kvm-ioctls vCPU fd, mutably (`kvm_run` access).
-    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+    ///
+    /// # Safety
+    /// As for [`Vcpu::fd`].
+    pub unsafe fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
+    /// [`Vcpu::fd`] for this crate's own calls, which keep its rules.
+    pub(crate) fn kvm_fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// [`Vcpu::fd_mut`] for this crate's own calls.
+    pub(crate) fn kvm_fd_mut(&mut self) -> &mut VcpuFd {
         &mut self.fd
     }
 

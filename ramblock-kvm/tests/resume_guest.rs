@@ -8,6 +8,7 @@
 mod common;
 
 use common::*;
+use ramblock_core::addr::ByteLen;
 use ramblock_core::region::HostRegion;
 use ramblock_kvm::guest::{
     check_resumed_increment, ExpectedDelta, ResumeMismatch, ResumedDelta, Workload, HEARTBEAT_PORT,
@@ -211,7 +212,7 @@ fn wait_for(runner: &VcpuRunner, n: u64) {
 
 fn snapshot_of(region: &HostRegion<'_>) -> Vec<u8> {
     let mut copy = vec![0u8; region.len()];
-    region.read(0, &mut copy).unwrap();
+    region.read(ByteLen::ZERO, &mut copy).unwrap();
     copy
 }
 
@@ -279,7 +280,7 @@ fn a_guest_resumed_from_shipped_state_continues_where_it_stopped() {
         "source paused after {beats} passes at rip {:#x} ebx {:#x}: next page {next}",
         received.regs.rip, received.regs.rbx
     );
-    ram_b.write(0, &paused_ram).unwrap();
+    ram_b.write(ByteLen::ZERO, &paused_ram).unwrap();
     let vcpu_b = vm_b.create_vcpu(0).unwrap();
     vcpu_b.restore(&received).unwrap();
     let destination = VcpuRunner::spawn(vm_b.clone(), vcpu_b).unwrap();
@@ -320,6 +321,7 @@ fn a_guest_resumed_from_shipped_state_continues_where_it_stopped() {
     // Corrupt the paused destination, one byte at a time.
     let far = FIRST_PAGE + (next + pages / 2) % pages;
     let flip = |offset: u64, by: u8| {
+        let offset = ByteLen(offset);
         let mut b = [0u8];
         ram_b.read(offset, &mut b).unwrap();
         ram_b.write(offset, &[b[0].wrapping_add(by)]).unwrap();
@@ -420,7 +422,8 @@ fn a_state_saved_at_a_heartbeat_exit_resumes_with_the_next_pass() {
             other => panic!("{other:?}"),
         }
     }
-    let at_exit = vcpu_a.fd().get_regs().unwrap();
+    // SAFETY: KVM_GET_REGS writes only into the struct kvm-ioctls returns.
+    let at_exit = unsafe { vcpu_a.fd() }.get_regs().unwrap();
     let ram = snapshot_of(&ram_a);
     let state = vcpu_a.save().unwrap();
     // Saving completed the `out` at most: rip moved past it (2 bytes) or
@@ -438,7 +441,7 @@ fn a_state_saved_at_a_heartbeat_exit_resumes_with_the_next_pass() {
     // The guest's own code says where rip is: on the `out` (0xe6) or past it.
     let opcode = |rip: u64| {
         let mut b = [0u8];
-        ram_a.read(rip, &mut b).unwrap();
+        ram_a.read(ByteLen(rip), &mut b).unwrap();
         b[0]
     };
     let on_out = opcode(state.regs.rip) == 0xe6;
@@ -448,7 +451,7 @@ fn a_state_saved_at_a_heartbeat_exit_resumes_with_the_next_pass() {
     );
     assert_eq!(work.next_page_index(&state).unwrap(), 0);
 
-    ram_b.write(0, &ram).unwrap();
+    ram_b.write(ByteLen::ZERO, &ram).unwrap();
     let mut vcpu_b = vm_b.create_vcpu(0).unwrap();
     vcpu_b
         .restore(&VcpuState::from_bytes(&state.to_bytes()).unwrap())

@@ -15,6 +15,7 @@
 //! receiver stages the payload in its bounce buffer otherwise.
 #![allow(unsafe_code)]
 
+use ramblock_core::addr::ByteLen;
 use ramblock_core::region::HostRegion;
 use ramblock_core::stream::io::{ByteRead, ByteWrite, ReadError};
 use std::io::{self, Read, Write};
@@ -211,7 +212,7 @@ impl<T: Read + AsFd> ByteRead for FdReader<T> {
             return Ok(false);
         }
         // In range: ahead <= len.
-        let _ = region.write(0, &self.ahead[self.pos..self.pos + ahead]);
+        let _ = region.write(ByteLen::ZERO, &self.ahead[self.pos..self.pos + ahead]);
         self.pos += ahead;
         let mut at = ahead;
         while at < len {
@@ -278,7 +279,10 @@ mod tests {
             w.write_all(&header).unwrap();
             expected.extend_from_slice(&header);
             let part = region
-                .subregion(u64::from(k) * 4096, (1 << 20) + usize::from(k) * 4096)
+                .subregion(
+                    ByteLen::from_pages(k.into()),
+                    (1 << 20) + usize::from(k) * 4096,
+                )
                 .unwrap();
             w.write_region(&part)
                 .unwrap_or_else(|e| panic!("region {k}: {e}"));
@@ -299,7 +303,7 @@ mod tests {
 
     fn pages_of(r: &HostRegion<'_>) -> Vec<u8> {
         let mut v = vec![0; r.len()];
-        r.read(0, &mut v).unwrap();
+        r.read(ByteLen::ZERO, &mut v).unwrap();
         v
     }
 
@@ -323,7 +327,7 @@ mod tests {
         let payload: Vec<u8> = (0..64 << 10).map(|i: u32| (i % 253) as u8).collect();
         let mut guest = vec![0xEEu8; 80 << 10];
         let region = region_of(&mut guest);
-        let target = region.subregion(4096, payload.len()).unwrap();
+        let target = region.subregion(ByteLen(4096), payload.len()).unwrap();
 
         a.write_all(b"header-1").unwrap();
         a.write_all(&payload[..40 << 10]).unwrap();

@@ -29,9 +29,9 @@
 //!
 //! let mem = MemoryBuilder::anonymous(ByteLen(2 << 20)).shared(true).build().unwrap();
 //! let ram = mem.region();
-//! ram.write(0x1000, b"guest").unwrap();
+//! ram.write(ByteLen(0x1000), b"guest").unwrap();
 //! mem.discard(ByteLen(0), ByteLen(2 << 20)).unwrap();
-//! assert!(ram.is_zero(0, 2 << 20).unwrap());
+//! assert!(ram.is_zero(ByteLen(0), 2 << 20).unwrap());
 //! ```
 //!
 //! Modules follow the OS areas they wrap: [`mmap`], [`memfd`], [`hugetlb`],

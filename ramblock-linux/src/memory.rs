@@ -370,6 +370,10 @@ impl LinuxMemory {
 unsafe impl HostMemory for LinuxMemory {
     type Error = Error;
 
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
     fn base(&self) -> NonNull<u8> {
         self.base
     }

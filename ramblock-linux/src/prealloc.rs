@@ -15,7 +15,7 @@ use ramblock_core::addr::PageSize;
 use rustix::io::Errno;
 use rustix::mm::Advice;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// How pages are faulted in.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -164,15 +164,15 @@ unsafe fn fault_in(chunk: Range, method: PreallocMethod) -> Result<(), Error> {
     Ok(())
 }
 
-/// Writes each page's first byte back to itself (or reads it, for read-only
+/// Writes each page's first word back to itself (or reads it, for read-only
 /// memory), which makes the kernel back the page.
 ///
-/// The write is a compare-and-exchange of the byte with itself: a plain
+/// The write is a compare-and-exchange of the word with itself: a plain
 /// read and write back would undo a write another thread (a vCPU) made in
 /// between, and an idempotent `fetch_or(0)` may be compiled to a load,
 /// which would map the zero page instead of backing the page. A
 /// compare-and-exchange that succeeds is a write; one that fails means
-/// another writer changed the byte, which backed the page (on x86 the
+/// another writer changed the word, which backed the page (on x86 the
 /// locked instruction writes either way).
 ///
 /// # Safety
@@ -183,13 +183,14 @@ unsafe fn touch(chunk: Range) {
     while at < chunk.start + chunk.len {
         let p = at as *mut u8;
         if chunk.writable {
-            // SAFETY: `p` is inside the accessible, writable chunk (the
-            // caller's contract) and a u8 is always aligned; guest RAM is
-            // never behind a Rust reference, and the other accesses to it
-            // (vCPUs, copies) cannot be torn by a one-byte atomic.
-            let byte = unsafe { AtomicU8::from_ptr(p) };
-            let v = byte.load(Ordering::Relaxed);
-            let _ = byte.compare_exchange(v, v, Ordering::Relaxed, Ordering::Relaxed);
+            // SAFETY: `p` starts a page inside the accessible, writable
+            // chunk (the caller's contract), so it is word-aligned and the
+            // word is inside it; guest RAM is never behind a Rust reference,
+            // and `HostRegion` accesses page-aligned memory in the same
+            // whole words, so no access of another size races this one.
+            let word = unsafe { AtomicUsize::from_ptr(p.cast::<usize>()) };
+            let v = word.load(Ordering::Relaxed);
+            let _ = word.compare_exchange(v, v, Ordering::Relaxed, Ordering::Relaxed);
         } else {
             // SAFETY: `p` is inside the accessible chunk; volatile keeps
             // the compiler from dropping a read whose only point is the

@@ -151,7 +151,7 @@ fn shared_file_conforms_and_keeps_data_in_the_file() {
             tail_released: false,
         },
     );
-    mem.region().write(0, b"persist").unwrap();
+    mem.region().write(ByteLen::ZERO, b"persist").unwrap();
     mem.sync(ByteLen(0), ByteLen(4096)).unwrap();
     drop(mem);
     let data = std::fs::read(&path).unwrap();
@@ -170,7 +170,7 @@ fn private_file_conforms_without_touching_the_file_until_discard() {
         .unwrap();
     assert_eq!(mem.fd_offset(), 4 * MIB);
     let mut first = [0u8; 4];
-    mem.region().read(0, &mut first).unwrap();
+    mem.region().read(ByteLen::ZERO, &mut first).unwrap();
     assert_eq!(first, [0x11; 4], "the mapping starts at the offset");
     check_host_memory(
         &mut mem,
@@ -230,7 +230,7 @@ fn read_only_file_conforms_and_refuses_discard() {
         },
     );
     let mut b = [0u8; 2];
-    mem.region().read(MIB, &mut b).unwrap();
+    mem.region().read(ByteLen(MIB), &mut b).unwrap();
     assert_eq!(b, [0x5a; 2]);
     let err = mem.discard(ByteLen(0), ByteLen(4096)).unwrap_err();
     assert!(

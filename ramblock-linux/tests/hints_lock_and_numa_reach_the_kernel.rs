@@ -52,9 +52,9 @@ fn mlock_pins_the_used_part_and_follows_resizes_and_discards() {
         4 * MIB,
         "the grown part is locked too"
     );
-    mem.region().write(MIB, b"x").unwrap();
+    mem.region().write(ByteLen(MIB), b"x").unwrap();
     mem.discard(ByteLen(MIB), ByteLen(MIB)).unwrap();
-    assert!(mem.region().is_zero(MIB, MIB as usize).unwrap());
+    assert!(mem.region().is_zero(ByteLen(MIB), MIB as usize).unwrap());
     assert_eq!(
         span_at(base).locked_kb << 10,
         4 * MIB,
@@ -76,7 +76,7 @@ fn mlock_on_fault_locks_only_touched_pages() {
     let vma = span_at(base);
     assert!(vma.has_flag("lf"), "{vma:?}");
     assert_eq!(vma.locked_kb, 0, "nothing touched yet: {vma:?}");
-    mem.region().fill(0, MIB as usize, 1).unwrap();
+    mem.region().fill(ByteLen::ZERO, MIB as usize, 1).unwrap();
     assert_eq!(span_at(base).locked_kb << 10, MIB);
 }
 

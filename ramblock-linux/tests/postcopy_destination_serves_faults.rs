@@ -130,7 +130,7 @@ fn faults_become_requests_and_placements_wake_the_guest() {
     assert_eq!(*state.lock().unwrap(), b"vcpu registers");
     // Pushed before the guest gets there: read without a fault.
     target
-        .place("pc.ram", 6 * PAGE as u64, &pattern(6))
+        .place("pc.ram", ByteLen::from_pages(6), &pattern(6))
         .unwrap();
 
     // Pages 0, 5 and 100 fault in turn, each asked for once.
@@ -143,11 +143,11 @@ fn faults_become_requests_and_placements_wake_the_guest() {
         );
         if zero {
             target
-                .place_zero("pc.ram", page * PAGE as u64, PAGE as u64)
+                .place_zero("pc.ram", ByteLen::from_pages(page), ByteLen::from_pages(1))
                 .unwrap();
         } else {
             target
-                .place("pc.ram", page * PAGE as u64, &pattern(page))
+                .place("pc.ram", ByteLen::from_pages(page), &pattern(page))
                 .unwrap();
         }
     }
@@ -180,7 +180,7 @@ fn faults_become_requests_and_placements_wake_the_guest() {
     let r = next_request(&mut source);
     assert_eq!((r.block, r.first, r.count), (0, 200, 1), "asked again");
     target
-        .place("pc.ram", 200 * PAGE as u64, &pattern(200))
+        .place("pc.ram", ByteLen::from_pages(200), &pattern(200))
         .unwrap();
 
     // The guest read what was placed.
@@ -217,7 +217,11 @@ fn misuse_is_a_typed_postcopy_error() {
         other => panic!("expected a post-copy error, got {other}"),
     };
     // Nothing registered before the switch.
-    let e = postcopy(target.place("pc.ram", 0, &pattern(0)).unwrap_err());
+    let e = postcopy(
+        target
+            .place("pc.ram", ByteLen::ZERO, &pattern(0))
+            .unwrap_err(),
+    );
     assert!(
         matches!(e, PostcopyError::NotRegistered { ref name } if name == "pc.ram"),
         "{e}"
@@ -226,17 +230,29 @@ fn misuse_is_a_typed_postcopy_error() {
     target.start(&[], &["pc.ram"]).unwrap();
     let e = postcopy(target.start(&[], &["pc.ram"]).unwrap_err());
     assert!(matches!(e, PostcopyError::AlreadyStarted), "{e}");
-    let e = postcopy(target.place("other", 0, &pattern(0)).unwrap_err());
+    let e = postcopy(
+        target
+            .place("other", ByteLen::ZERO, &pattern(0))
+            .unwrap_err(),
+    );
     assert!(matches!(e, PostcopyError::NotRegistered { .. }), "{e}");
     // The block's own checks: an unaligned offset and a run past its end.
-    let e = postcopy(target.place("pc.ram", 100, &pattern(0)).unwrap_err());
+    let e = postcopy(
+        target
+            .place("pc.ram", ByteLen(100), &pattern(0))
+            .unwrap_err(),
+    );
     assert!(
         matches!(e, PostcopyError::Userfault(UffdError::Unaligned { .. })),
         "{e}"
     );
     let e = postcopy(
         target
-            .place_zero("pc.ram", (PAGES * PAGE) as u64, PAGE as u64)
+            .place_zero(
+                "pc.ram",
+                ByteLen::from_usize(PAGES * PAGE),
+                ByteLen::from_pages(1),
+            )
             .unwrap_err(),
     );
     assert!(

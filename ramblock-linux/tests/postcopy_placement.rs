@@ -239,7 +239,7 @@ fn serve_postcopy(mem: &LinuxMemory, uffd: &Userfaultfd, discards: &[Discard], o
     // Pre-copy: every page holds the pattern.
     let original = pattern(len, 0x5a);
     mem.region()
-        .write(0, &original)
+        .write(ByteLen::ZERO, &original)
         .expect("writing the pre-copy pattern");
     let before = residency(base, len);
     assert_eq!(
@@ -708,7 +708,7 @@ fn dontneed_alone_leaves_shared_pages_stale() {
         return;
     };
     let stale = pattern(4 * PAGE, 0x21);
-    mem.region().write(0, &stale).unwrap();
+    mem.region().write(ByteLen::ZERO, &stale).unwrap();
     let base = mem.base().as_ptr() as usize;
     // SAFETY: the page is this test's memory; its contents may go.
     unsafe {

@@ -54,7 +54,7 @@ fn every_method_and_thread_count_backs_every_page() {
 #[test]
 fn preallocation_keeps_existing_contents() {
     let mem = MemoryBuilder::memfd(ByteLen(8 * MIB)).build().unwrap();
-    mem.region().write(5 * MIB, b"kept").unwrap();
+    mem.region().write(ByteLen(5 * MIB), b"kept").unwrap();
     for method in [PreallocMethod::Populate, PreallocMethod::Touch] {
         mem.preallocate(Prealloc {
             threads: NonZeroUsize::new(2),
@@ -62,7 +62,7 @@ fn preallocation_keeps_existing_contents() {
         })
         .unwrap();
         let mut got = [0u8; 4];
-        mem.region().read(5 * MIB, &mut got).unwrap();
+        mem.region().read(ByteLen(5 * MIB), &mut got).unwrap();
         assert_eq!(&got, b"kept");
     }
 }

@@ -10,6 +10,11 @@
 //! Storage comes from the caller (`&[AtomicWord]`, `&mut [u64]`) or, with the
 //! `alloc` feature, is owned; see [`Storage`]. Ranges are `start` and `count`
 //! in pages, and every range outside a bitmap is a [`BitRangeError`].
+//!
+//! Page indexes here are `usize` because they index slices of words; the
+//! traits and wire records carry `u64` page numbers and byte offsets as
+//! [`ByteLen`](crate::addr::ByteLen), converting at the edge (see
+//! [`crate::addr`]).
 
 mod atomic;
 mod clear_map;

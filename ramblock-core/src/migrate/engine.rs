@@ -6,7 +6,7 @@ use super::config::PrecopyConfig;
 use super::error::MigrateError;
 use super::host::MigrationHost;
 use super::stats::PassReport;
-use crate::addr::{TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
+use crate::addr::{ByteLen, TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::bitmap::Storage;
 use crate::block::RamBlock;
 use crate::dirty_log::DirtyLogSource;
@@ -231,9 +231,9 @@ impl<
         // In range: next_dirty_run keeps runs inside the used length, which
         // the region covers; a run that is not is a bug, refused below.
         let run = region
-            .subregion((first * PAGE) as u64, count * PAGE)
+            .subregion(ByteLen::from_pages(first as u64), count * PAGE)
             .map_err(MigrateError::RunOutsideBlock)?;
-        let is_zero = |i: usize| run.is_zero((i * PAGE) as u64, PAGE) == Ok(true);
+        let is_zero = |i: usize| run.is_zero(ByteLen::from_pages(i as u64), PAGE) == Ok(true);
         let mut i = 0;
         while i < count {
             let zero = is_zero(i);
@@ -244,7 +244,7 @@ impl<
             let (first, n) = ((first + i) as u64, (j - i) as u32);
             // In range: i < j <= count.
             let pages = run
-                .subregion((i * PAGE) as u64, (j - i) * PAGE)
+                .subregion(ByteLen::from_pages(i as u64), (j - i) * PAGE)
                 .map_err(MigrateError::RunOutsideBlock)?;
             if let Some(ledger) = self.host.ledger() {
                 if zero {

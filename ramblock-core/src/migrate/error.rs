@@ -2,7 +2,7 @@
 
 use crate::dirty_log::DirtyLogSource;
 use crate::name::BlockName;
-use crate::region::OutOfRegion;
+use crate::region::RegionError;
 use crate::stream::format::PageRequest;
 use crate::stream::io::{ByteRead, ByteWrite, ReadError};
 use core::fmt;
@@ -35,7 +35,7 @@ pub enum MigrateError<D, W, R> {
     PostcopyLost,
     /// A dirty run reached outside its block's memory: the dirty bitmap
     /// and the block's length disagree (a bug, refused rather than read).
-    RunOutsideBlock(OutOfRegion),
+    RunOutsideBlock(RegionError),
 }
 
 impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for MigrateError<D, W, R> {

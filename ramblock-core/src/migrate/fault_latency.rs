@@ -5,17 +5,17 @@
 //!
 //! [`LatencySummary`] (count, nearest-rank p50/p99, maximum, total) needs
 //! no allocator: [`LatencySummary::from_sorted`] summarises any sorted
-//! slice of waits. [`FaultWaits`] (feature `alloc`) is the bookkeeping a
+//! slice of waits. `FaultWaits` (feature `alloc`) is the bookkeeping a
 //! post-copy destination keeps:
 //!
-//! - the fault thread calls [`FaultWaits::fault`] for each page fault it
+//! - the fault thread calls `FaultWaits::fault` for each page fault it
 //!   reads; only the first fault on a page starts its wait and asks for a
 //!   request to be sent (a vCPU retrying, or several vCPUs touching the
 //!   same page, add nothing);
-//! - the receiver calls [`FaultWaits::placed`] (or
-//!   [`FaultWaits::placed_run`]) once it has placed pages, which ends
+//! - the receiver calls `FaultWaits::placed` (or
+//!   `FaultWaits::placed_run`) once it has placed pages, which ends
 //!   their waits and records how long each took;
-//! - after a reconnect, [`FaultWaits::pending_keys`] names the pages to
+//! - after a reconnect, `FaultWaits::pending_keys` names the pages to
 //!   request again.
 //!
 //! A page can be placed while its fault is being read (the receiver was
@@ -27,11 +27,11 @@
 //!
 //! Keys are the caller's: one per page, such as
 //! `block_index << 48 | page_index`, so that a run's pages have consecutive
-//! keys for [`FaultWaits::placed_run`].
+//! keys for `FaultWaits::placed_run`.
 //!
 //! ```
 //! # #[cfg(feature = "alloc")] {
-//! use ramblock_core::fault_latency::FaultWaits;
+//! use ramblock_core::migrate::fault_latency::FaultWaits;
 //!
 //! let mut waits = FaultWaits::new();
 //! assert!(waits.fault(7, 1_000), "first fault on page 7: send a request");

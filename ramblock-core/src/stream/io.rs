@@ -4,6 +4,7 @@
 //! needs. [`SliceReader`] reads from memory (tests, fuzzing, firmware);
 //! with the `std` feature, `IoStream` adapts any `std::io::Read`/`Write`.
 
+use crate::addr::ByteLen;
 use crate::region::HostRegion;
 use core::fmt;
 
@@ -63,7 +64,7 @@ pub trait ByteWrite {
         while at < region.len() {
             let n = (region.len() - at).min(page.len());
             // In range: at + n <= region.len().
-            let _ = region.read(at as u64, &mut page[..n]);
+            let _ = region.read(ByteLen::from_usize(at), &mut page[..n]);
             self.write_all(&page[..n])?;
             at += n;
         }
@@ -137,7 +138,7 @@ impl ByteRead for SliceReader<'_> {
         }
         let (head, tail) = self.data.split_at(region.len());
         // In range: `head` is exactly the region's length.
-        let _ = region.write(0, head);
+        let _ = region.write(ByteLen::ZERO, head);
         self.data = tail;
         Ok(true)
     }

@@ -161,7 +161,9 @@ where
 /// The first byte of page `page` of block `name`.
 pub fn first_byte(list: &List<'_>, name: &str, page: usize) -> u8 {
     let mut b = [0u8];
-    region(list, name).read(page as u64 * 4096, &mut b).unwrap();
+    region(list, name)
+        .read(ByteLen::from_pages(page as u64), &mut b)
+        .unwrap();
     b[0]
 }
 

@@ -76,7 +76,7 @@ pub use latency::{FaultLatency, LatencySummary};
 use crate::error::Error;
 use crate::memory::LinuxMemory;
 use crate::uffd::{Event, Features, RegisterMode, UffdError, Userfaultfd};
-use ramblock_core::addr::TARGET_PAGE_SHIFT;
+use ramblock_core::addr::{ByteLen, TARGET_PAGE_SHIFT};
 use ramblock_core::bitmap::Storage;
 use ramblock_core::host::HostMemory;
 use ramblock_core::list::RamList;
@@ -463,15 +463,19 @@ where
         Ok(self.start_postcopy(state, table)?)
     }
 
-    fn place(&mut self, block: &str, offset: u64, data: &[u8]) -> Result<(), Error> {
+    // UffdBlock speaks the kernel's u64 offsets; the ByteLen is unwrapped
+    // here, at the edge of the core's types.
+    fn place(&mut self, block: &str, offset: ByteLen, data: &[u8]) -> Result<(), Error> {
         let uffd = &*self.uffd;
+        let offset = offset.0;
         Ok(self.place_with(block, offset, data.len() as u64, |reg| {
             reg.place_run(uffd, offset, data).map(drop)
         })?)
     }
 
-    fn place_zero(&mut self, block: &str, offset: u64, len: u64) -> Result<(), Error> {
+    fn place_zero(&mut self, block: &str, offset: ByteLen, len: ByteLen) -> Result<(), Error> {
         let uffd = &*self.uffd;
+        let (offset, len) = (offset.0, len.0);
         Ok(self.place_with(block, offset, len, |reg| {
             reg.zero_run(uffd, offset, len).map(drop)
         })?)

@@ -222,7 +222,7 @@ where
         );
         let region = mem.region();
         assert!(
-            region.is_zero(off as u64, len).unwrap(),
+            region.is_zero(ByteLen::from_usize(off), len).unwrap(),
             "discarded pages must read as zero"
         );
         verify_pages(mem, 0, off);
@@ -288,8 +288,8 @@ fn fill_pages<M: HostMemory>(mem: &M, from: usize, to: usize) {
     let region = mem.region();
     for off in (from..to).step_by(ps) {
         let p = pattern(off / ps);
-        region.write(off as u64, &p).unwrap();
-        region.write((off + ps - 8) as u64, &p).unwrap();
+        region.write(ByteLen::from_usize(off), &p).unwrap();
+        region.write(ByteLen::from_usize(off + ps - 8), &p).unwrap();
     }
 }
 
@@ -299,7 +299,7 @@ fn verify_pages<M: HostMemory>(mem: &M, from: usize, to: usize) {
     let mut got = [0u8; 8];
     for off in (from..to).step_by(ps) {
         for at in [off, off + ps - 8] {
-            region.read(at as u64, &mut got).unwrap();
+            region.read(ByteLen::from_usize(at), &mut got).unwrap();
             assert_eq!(got, pattern(off / ps), "page at {off:#x} lost its contents");
         }
     }

@@ -28,7 +28,7 @@ use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::list::{RamList, ResizeError};
 use crate::name::BlockName;
-use crate::region::{HostRegion, OutOfRegion};
+use crate::region::{HostRegion, RegionError};
 use crate::stream::format::{
     read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_DEVICE_STATE, MAX_RUN_PAGES, VERSION,
 };
@@ -79,7 +79,7 @@ struct Slot {
 
 /// How a block's checksum is computed: [`Checksum::of_region`], or a
 /// parallel computation of the same value.
-pub type ChecksumFn = fn(&HostRegion<'_>, u64) -> Result<u64, OutOfRegion>;
+pub type ChecksumFn = fn(&HostRegion<'_>, u64) -> Result<u64, RegionError>;
 
 /// Receives migration streams into a destination's blocks.
 #[derive(Debug)]
@@ -299,7 +299,7 @@ impl<'b> Receiver<'b> {
         is_pages: bool,
     ) -> Result<(), ReceiveError<E, M::Error>> {
         let (start, len) = (
-            first << TARGET_PAGE_SHIFT,
+            ByteLen::from_pages(first),
             count as usize * TARGET_PAGE_SIZE as usize,
         );
         let region = dest.region();
@@ -320,7 +320,7 @@ impl<'b> Receiver<'b> {
             // Only write pages that are not zero already: a fresh
             // destination page then stays untouched (unallocated).
             for page in 0..u64::from(count) {
-                let at = start + (page << TARGET_PAGE_SHIFT);
+                let at = ByteLen::from_pages(first + page);
                 let index = (first + page) as usize;
                 let untouched = self.fresh && received.is_received(index) == Ok(false);
                 if !untouched && !region.is_zero(at, TARGET_PAGE_SIZE as usize).map_err(oob)? {
@@ -364,7 +364,7 @@ impl<'b> Receiver<'b> {
             return Ok(false);
         };
         let len = count as usize * TARGET_PAGE_SIZE as usize;
-        let Ok(pages) = dest.region().subregion(first << TARGET_PAGE_SHIFT, len) else {
+        let Ok(pages) = dest.region().subregion(ByteLen::from_pages(first), len) else {
             return Ok(false);
         };
         if !r.read_ready_into(&pages)? {
@@ -397,10 +397,10 @@ impl<'b> Receiver<'b> {
         let page_size = dest.page_size().bytes();
         let placed_pages = &mut self.summary.postcopy_pages;
         let mut placed = |first: u64, data: Option<&[u8]>, pages: u64| {
-            let offset = first << TARGET_PAGE_SHIFT;
+            let offset = ByteLen::from_pages(first);
             match data {
                 Some(d) => target.place(slot.name.as_str(), offset, d),
-                None => target.place_zero(slot.name.as_str(), offset, pages << TARGET_PAGE_SHIFT),
+                None => target.place_zero(slot.name.as_str(), offset, ByteLen::from_pages(pages)),
             }
             .map_err(ReceiveError::Host)?;
             // In range: check_postcopy_run kept the run inside the map.

@@ -10,7 +10,7 @@
 //! without interruption.
 
 use super::error::ReceiveError;
-use crate::addr::{TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
+use crate::addr::{ByteLen, TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::name::BlockName;
 
 /// What a post-copy destination does with the guest and its pages.
@@ -28,10 +28,11 @@ pub trait PostcopyTarget {
     /// Places `data` (whole host pages) at byte `offset` of `block`, all
     /// at once, waking any vCPU waiting on it. Pages already present stay
     /// as they are.
-    fn place(&mut self, block: &str, offset: u64, data: &[u8]) -> Result<(), Self::Error>;
+    fn place(&mut self, block: &str, offset: ByteLen, data: &[u8]) -> Result<(), Self::Error>;
 
     /// Places `len` bytes of zeros at byte `offset` of `block`, likewise.
-    fn place_zero(&mut self, block: &str, offset: u64, len: u64) -> Result<(), Self::Error>;
+    fn place_zero(&mut self, block: &str, offset: ByteLen, len: ByteLen)
+        -> Result<(), Self::Error>;
 
     /// A resumed stream's block table matched: send the received map
     /// (`crate::stream::received_map::write_received_map`) on the new

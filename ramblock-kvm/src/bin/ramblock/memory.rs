@@ -109,8 +109,8 @@ pub fn first_mismatch(a: &GuestRam, b: &GuestRam) -> Option<(String, u64)> {
         let mut at = 0;
         while at < len {
             let n = (len - at).min(pa.len() as u64) as usize;
-            ra.read(at, &mut pa[..n]).ok()?;
-            rb.read(at, &mut pb[..n]).ok()?;
+            ra.read(ByteLen(at), &mut pa[..n]).ok()?;
+            rb.read(ByteLen(at), &mut pb[..n]).ok()?;
             if pa[..n] != pb[..n] {
                 let page = pa[..n]
                     .chunks(4096)

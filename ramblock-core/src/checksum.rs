@@ -467,7 +467,8 @@ mod tests {
         );
         reserved.record_region(0, 0, &r.subregion(ByteLen::ZERO, len as usize).unwrap());
         let zeros = if cfg!(miri) { pages - 2 } else { 300 };
-        r.fill(ByteLen::from_pages(1), zeros as usize * PAGE, 0).unwrap();
+        r.fill(ByteLen::from_pages(1), zeros as usize * PAGE, 0)
+            .unwrap();
         reserved.record_zero(0, 1, zeros);
         assert_eq!(
             reserved.checksum(0, pages),

@@ -22,7 +22,13 @@ const RUN_FOR: Duration = Duration::from_millis(400);
 /// the code it interprets, thousands of times slower: in `RUN_FOR` it
 /// would not do the work the tests check was done. Natively the threads
 /// run thousands of rounds in `RUN_FOR`.
-const MIRI_MIN_ROUNDS: u64 = if cfg!(miri) { 12 } else { 0 };
+const MIRI_MIN_ROUNDS: u64 = 12;
+
+/// Whether a thread that ran `rounds` must go on under Miri regardless of
+/// the clock.
+fn miri_wants_more(rounds: u64) -> bool {
+    cfg!(miri) && rounds < MIRI_MIN_ROUNDS
+}
 
 fn add(list: &RamList<'_, Mem, Owned, 8>, name: &str, pages: u64) -> RamAddr {
     let spec = BlockSpec::new(BlockName::new(name).unwrap(), ByteLen(pages * PAGE));
@@ -49,7 +55,7 @@ fn two_setters_and_a_harvester_lose_no_bit() {
                     let mut x = 0x1234_5678 + t;
                     let deadline = Instant::now() + RUN_FOR;
                     let mut rounds = 0;
-                    while Instant::now() < deadline || rounds < MIRI_MIN_ROUNDS {
+                    while Instant::now() < deadline || miri_wants_more(rounds) {
                         rounds += 1;
                         x ^= x << 13;
                         x ^= x >> 7;
@@ -125,7 +131,7 @@ fn lookups_and_marks_proceed_while_blocks_come_and_go() {
         let churner = s.spawn(|| {
             let mut rounds = 0u64;
             let deadline = Instant::now() + RUN_FOR;
-            while Instant::now() < deadline || rounds < MIRI_MIN_ROUNDS {
+            while Instant::now() < deadline || miri_wants_more(rounds) {
                 add(&list, "hotplug", 1 + rounds % 100);
                 let _ = list.remove("hotplug").unwrap();
                 rounds += 1;

@@ -10,7 +10,6 @@
 
 use crate::skips::{self, Skip};
 use crate::{fuzz, sanitize, tools, Error};
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 use xshell::{cmd, Shell};
@@ -177,14 +176,10 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
 /// in parallel), plain `cargo test` otherwise. Doctests run in their own step.
 fn tests(sh: &Shell) -> Result<Outcome, Error> {
     let skips = if tools::has_cargo_subcommand(sh, "nextest") {
-        let junit = crate::project_root().join("target/nextest/ci/junit.xml");
-        nextest_with_skips(
-            cmd!(
-                sh,
-                "cargo nextest run --profile ci --workspace --no-fail-fast"
-            ),
-            &junit,
-        )?
+        nextest_with_skips(cmd!(
+            sh,
+            "cargo nextest run --profile ci --workspace --no-fail-fast"
+        ))?
     } else {
         println!("xtask: cargo-nextest is not installed; using cargo test");
         cargo_test_with_skips(cmd!(
@@ -196,15 +191,18 @@ fn tests(sh: &Shell) -> Result<Outcome, Error> {
     Ok(Outcome::PassedWithNote(skips::note(&skips)))
 }
 
-/// Runs a `cargo nextest run --profile ci` command, whose JUnit report at
-/// `junit` keeps passing tests' output, and returns the tests that printed
+/// Runs a `cargo nextest run --profile ci` command, whose JUnit report
+/// keeps passing tests' output, and returns the tests that printed
 /// `skipped:`. When tests fail, the error names the skips too, so the count
 /// is not lost.
-pub fn nextest_with_skips(cmd: xshell::Cmd<'_>, junit: &Path) -> Result<Vec<Skip>, Error> {
+pub fn nextest_with_skips(cmd: xshell::Cmd<'_>) -> Result<Vec<Skip>, Error> {
+    // nextest's store is under the workspace root (its `[store] dir`,
+    // target/nextest), whatever `--target-dir` says.
+    let junit = crate::project_root().join("target/nextest/ci/junit.xml");
     // A report left by an earlier run must not be read as this run's.
-    let _ = std::fs::remove_file(junit);
+    let _ = std::fs::remove_file(&junit);
     let result = tools::run_merged(cmd);
-    let skips = skips::from_junit(junit);
+    let skips = skips::from_junit(&junit);
     match (result, skips) {
         (Ok(()), Ok(skips)) => Ok(skips),
         (Ok(()), Err(e)) => Err(e.into()),

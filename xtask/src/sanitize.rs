@@ -119,16 +119,10 @@ pub fn asan(sh: &Shell) -> Result<Outcome, Error> {
             .collect::<Vec<_>>()
             .join(" | ");
         let filter = format!("not ({filter})");
-        let junit = crate::project_root()
-            .join(ASAN_TARGET_DIR)
-            .join("nextest/ci/junit.xml");
-        crate::ci::nextest_with_skips(
-            cmd!(
-                sh,
-                "cargo +nightly nextest run --profile ci {packages...} {common...} --no-fail-fast -E {filter}"
-            ),
-            &junit,
-        )
+        crate::ci::nextest_with_skips(cmd!(
+            sh,
+            "cargo +nightly nextest run --profile ci {packages...} {common...} --no-fail-fast -E {filter}"
+        ))
     } else {
         println!("xtask: cargo-nextest is not installed; using cargo test");
         let tests: Vec<String> = test_binaries(&["ramblock-linux", "ramblock-kvm"])?

@@ -193,7 +193,7 @@ fn random_checkpoints_match_the_model() {
     // of the marks (63, 64, 65 pages) are checked natively.
     if cfg!(miri) {
         for (seed, pages) in [(1, 1), (2, 3)] {
-            run(seed, pages, 30);
+            run(seed, pages, 12);
         }
         return;
     }

@@ -293,6 +293,32 @@ fn a_dropped_connection_stops_the_migration_and_the_guest_runs_on() {
     );
 }
 
+/// A destination that receives everything but answers "OK" with a
+/// non-zero code has not said it succeeded: the source fails and resumes.
+#[test]
+fn an_ok_answer_with_a_code_is_no_success() {
+    let src: List = RamList::new();
+    add(&src, "pc.ram", 64, 64);
+    let dst: List = RamList::new();
+    add(&dst, "pc.ram", 64, 64);
+    let vm = Arc::new(Vm::default());
+    let (a, b) = UnixStream::pair().unwrap();
+    vm.paused_ack.store(true, Ordering::SeqCst); // no writer thread here
+    let err = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut bounce = vec![0u8; BOUNCE_BYTES];
+            let mut rx = Receiver::new(&mut bounce).unwrap();
+            let mut reader = IoStream(std::io::BufReader::new(b.try_clone().unwrap()));
+            rx.receive(&dst, &mut reader, |_| {}).unwrap();
+            std::io::Write::write_all(&mut &b, b"RBOK\x01\0\0\0").unwrap();
+        });
+        let mut host = Host::new(&vm);
+        send(&src, &a, &mut host, PrecopyConfig::default()).unwrap_err()
+    });
+    assert!(matches!(err, MigrateError::BadAck), "{err}");
+    assert!(!vm.paused.load(Ordering::SeqCst), "the source guest runs");
+}
+
 #[test]
 fn a_destination_with_a_smaller_block_refuses_and_the_source_resumes() {
     let src: List = RamList::new();

@@ -494,6 +494,52 @@ fn a_ledger_verifies_what_was_received_and_a_fresh_destination_still_clears_writ
     ));
 }
 
+/// A `Discard` in a stream that never goes to post-copy leaves the pages
+/// zero; the ledger records them as zero, so an end checksum that vouches
+/// for their earlier content fails instead of passing with wrong memory.
+#[test]
+fn a_discard_that_is_never_resent_fails_ledger_verification() {
+    let final_pages: Vec<Vec<u8>> = [0x11, 0, 0, 0x11, 0, 0, 0, 0]
+        .iter()
+        .map(|&b| vec![b; PAGE as usize])
+        .collect();
+    let digests = final_pages.iter().enumerate();
+    let total = digests.fold(0u64, |a, (i, p)| a.wrapping_add(page_digest(i as u64, p)));
+    let good = fresh_stream(finish_sum(total, 8 * PAGE));
+    // The same stream with page 3 discarded just before the end.
+    let end_at = good.len() - 8 - Record::End { count: 1 }.wire_len();
+    let mut discarding = good[..end_at].to_vec();
+    Record::Discard {
+        block: 0,
+        first: 3,
+        count: 1,
+    }
+    .write(&mut discarding)
+    .unwrap();
+    discarding.extend_from_slice(&good[end_at..]);
+
+    let run = |stream: &[u8]| {
+        let list = fresh_dest();
+        let mut bounce = vec![0u8; BOUNCE_BYTES];
+        let mut ledger = Ledger::new();
+        let result = Receiver::new(&mut bounce)
+            .unwrap()
+            .with_ledger(&mut ledger)
+            .receive(&list, &mut SliceReader::new(stream), |_| {});
+        let bytes: Vec<u8> = pages_of(&list).iter().map(|p| p.2).collect();
+        (result, bytes)
+    };
+    let (result, bytes) = run(&good);
+    result.unwrap();
+    assert_eq!(bytes, [0x11, 0, 0, 0x11, 0, 0, 0, 0]);
+    let (result, bytes) = run(&discarding);
+    assert_eq!(bytes, [0x11, 0, 0, 0, 0, 0, 0, 0], "page 3 was discarded");
+    assert!(
+        matches!(result, Err(ReceiveError::ChecksumMismatch { .. })),
+        "{result:?}"
+    );
+}
+
 /// A reader that never offers its bytes in place, so every payload goes
 /// through the receiver's bounce buffer (as over a transport that cannot
 /// tell what it holds).

@@ -164,7 +164,9 @@ impl<
             &answer[..4],
             u32::from_le_bytes([answer[4], answer[5], answer[6], answer[7]]),
         ) {
-            (a, _) if a == ACK_OK => {}
+            // "OK" carries a zero code; anything else is not an answer
+            // this side understands, so it is no success.
+            (a, 0) if a == ACK_OK => {}
             (a, code) if a == ACK_ERR => return Err(MigrateError::Refused(code)),
             _ => return Err(MigrateError::BadAck),
         }

@@ -178,10 +178,11 @@ impl ReturnMessage {
                 first: read_u64(r)?,
                 count: read_u32(r)?,
             }),
-            ACK_OK => {
-                read_u32(r)?;
-                ReturnMessage::Ack(Ok(()))
-            }
+            // "OK" carries a zero code; with any other it names no message.
+            ACK_OK => match read_u32(r)? {
+                0 => ReturnMessage::Ack(Ok(())),
+                _ => return Ok(Err(ACK_OK)),
+            },
             ACK_ERR => ReturnMessage::Ack(Err(read_u32(r)?)),
             other => return Ok(Err(other)),
         }))
@@ -487,7 +488,7 @@ mod tests {
             count: 512,
         };
         req.write(&mut back).unwrap();
-        back.extend_from_slice(b"RBER\x05\0\0\0RBOK\0\0\0\0XXXX");
+        back.extend_from_slice(b"RBER\x05\0\0\0RBOK\0\0\0\0RBOK\x01\0\0\0XXXX");
         let mut r = SliceReader::new(&back);
         assert_eq!(
             ReturnMessage::read(&mut r).unwrap(),
@@ -501,6 +502,8 @@ mod tests {
             ReturnMessage::read(&mut r).unwrap(),
             Ok(ReturnMessage::Ack(Ok(())))
         );
+        // "OK" with a code is no success.
+        assert_eq!(ReturnMessage::read(&mut r).unwrap(), Err(*b"RBOK"));
         assert_eq!(ReturnMessage::read(&mut r).unwrap(), Err(*b"XXXX"));
         let mut resumed = Vec::new();
         Header::new(1).write_resume(&mut resumed).unwrap();

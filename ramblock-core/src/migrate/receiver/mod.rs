@@ -784,6 +784,13 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
             .map_err(ReceiveError::Host)?;
         // In range: check_postcopy_run kept it inside the map.
         let _ = dest.received().mark_missing(first as usize, count as usize);
+        // The pages read as zero now: the ledger must vouch for that, not
+        // for what arrived before, or a stream that discards pages and
+        // never sends them again would verify with wrong memory. (A page
+        // placed later in post-copy is recorded again then.)
+        if let Some(ledger) = self.rx.ledger.as_deref_mut() {
+            ledger.record_zero(block as usize, first, u64::from(count));
+        }
         self.rx.summary.discarded += u64::from(count);
         Ok(())
     }

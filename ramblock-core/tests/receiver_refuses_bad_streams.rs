@@ -449,15 +449,21 @@ fn fresh_stream(sum: u64) -> Vec<u8> {
     s
 }
 
-#[test]
-fn a_ledger_verifies_what_was_received_and_a_fresh_destination_still_clears_written_pages() {
+/// [`fresh_stream`] with the end checksum of what it leaves: pages
+/// `[0x11, 0, 0, 0x11, 0, 0, 0, 0]`.
+fn verified_fresh_stream() -> Vec<u8> {
     let final_pages: Vec<Vec<u8>> = [0x11, 0, 0, 0x11, 0, 0, 0, 0]
         .iter()
         .map(|&b| vec![b; PAGE as usize])
         .collect();
     let digests = final_pages.iter().enumerate();
     let total = digests.fold(0u64, |a, (i, p)| a.wrapping_add(page_digest(i as u64, p)));
-    let good = fresh_stream(finish_sum(total, 8 * PAGE));
+    fresh_stream(finish_sum(total, 8 * PAGE))
+}
+
+#[test]
+fn a_ledger_verifies_what_was_received_and_a_fresh_destination_still_clears_written_pages() {
+    let good = verified_fresh_stream();
 
     let run = |stream: &[u8]| {
         let list = fresh_dest();
@@ -499,13 +505,7 @@ fn a_ledger_verifies_what_was_received_and_a_fresh_destination_still_clears_writ
 /// for their earlier content fails instead of passing with wrong memory.
 #[test]
 fn a_discard_that_is_never_resent_fails_ledger_verification() {
-    let final_pages: Vec<Vec<u8>> = [0x11, 0, 0, 0x11, 0, 0, 0, 0]
-        .iter()
-        .map(|&b| vec![b; PAGE as usize])
-        .collect();
-    let digests = final_pages.iter().enumerate();
-    let total = digests.fold(0u64, |a, (i, p)| a.wrapping_add(page_digest(i as u64, p)));
-    let good = fresh_stream(finish_sum(total, 8 * PAGE));
+    let good = verified_fresh_stream();
     // The same stream with page 3 discarded just before the end.
     let end_at = good.len() - 8 - Record::End { count: 1 }.wire_len();
     let mut discarding = good[..end_at].to_vec();

@@ -41,11 +41,14 @@
 //! post-copy destination on it (registration, the fault thread, page
 //! requests on the return path);
 //! [`fd_stream`] moves a migration stream between a socket and guest memory
-//! without a user-space copy.
+//! without a user-space copy. [`dirty_log`] tracks writes without a
+//! hypervisor (userfaultfd asynchronous write-protect, harvested with
+//! [`pagemap_scan`]).
 #![deny(missing_docs)]
 
 pub mod advice;
 pub mod builder;
+pub mod dirty_log;
 pub mod error;
 pub mod fd_stream;
 mod file;
@@ -55,6 +58,7 @@ pub mod memory;
 pub mod mmap;
 pub mod numa;
 mod pagemap;
+pub mod pagemap_scan;
 pub mod postcopy;
 pub mod prealloc;
 pub mod uffd;

@@ -154,6 +154,54 @@ fn without_kvm_a_host_writer_is_migrated() {
     );
 }
 
+/// `--dirty-log uffd-wp`: with KVM the vCPU's writes, without it a host
+/// writer's raw writes (which bypass the block API, so nothing but the
+/// write-protect tracker sees them) are migrated and verified.
+#[test]
+fn uffd_wp_migrates_a_writing_guest_with_and_without_kvm() {
+    if let Err(e) = ramblock_linux::dirty_log::UffdWpLog::new() {
+        println!("skipped: {e}");
+        return;
+    }
+    let no_kvm = [
+        "--no-kvm",
+        "--workload",
+        "random:20000",
+        "--downtime-ms",
+        "0",
+        "--max-passes",
+        "3",
+    ];
+    let o = run(&[&["--size", SIZE, "--dirty-log", "uffd-wp"][..], &no_kvm].concat());
+    let json = stdout(&o);
+    assert!(o.status.success(), "{json}");
+    assert_eq!(field(&json, "verified"), "true", "{json}");
+    assert_eq!(field(&json, "mode"), "uffd-wp");
+    assert!(
+        field(&json, "guest_progress").parse::<u64>().unwrap() > 0,
+        "{json}"
+    );
+    if !kvm_or_skip() {
+        return;
+    }
+    for backing in ["anonymous", "memfd"] {
+        let o = run(&[
+            &[
+                "--size",
+                SIZE,
+                "--dirty-log",
+                "uffd-wp",
+                "--backing",
+                backing,
+            ][..],
+            &PASSES,
+        ]
+        .concat());
+        assert_migrated(&o, backing);
+        assert_eq!(field(&stdout(&o), "mode"), "uffd-wp");
+    }
+}
+
 /// A free loopback port (bound, then released for a child to take).
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

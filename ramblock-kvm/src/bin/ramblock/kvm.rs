@@ -3,8 +3,9 @@
 
 use crate::destination::StartGuest;
 use crate::memory::{GuestRam, RAM_BLOCK};
-use crate::options::{MigrateOptions, Workload};
+use crate::options::{DirtyLog, MigrateOptions, Workload};
 use crate::source::{self, Sent};
+use crate::tracker;
 use crate::workload::{Guest, HostWriter};
 use ramblock_kvm::dirty::KvmDirtyLog;
 use ramblock_kvm::guest::Workload as GuestWorkload;
@@ -27,8 +28,11 @@ pub struct Started {
 
 impl Started {
     /// The dirty-log mode in use.
-    pub fn mode_name(&self) -> String {
-        self.vm.mode().to_string()
+    pub fn mode_name(&self, opts: &MigrateOptions) -> String {
+        match opts.dirty_log {
+            DirtyLog::UffdWp => "uffd-wp".into(),
+            DirtyLog::Kvm(_) => self.vm.mode().to_string(),
+        }
     }
 }
 
@@ -83,7 +87,7 @@ impl Drop for KvmGuest {
 pub fn start(ram: &'static GuestRam, opts: &MigrateOptions) -> Result<Started, String> {
     let vm = Arc::new(
         VmBuilder::new()
-            .dirty_log(opts.dirty_log)
+            .dirty_log(opts.dirty_log.kvm_request())
             .build()
             .map_err(|e| e.to_string())?,
     );
@@ -103,7 +107,11 @@ pub fn start(ram: &'static GuestRam, opts: &MigrateOptions) -> Result<Started, S
                 runner: Some(runner),
             })
         }
-        Workload::Idle | Workload::Random(_) => Box::new(HostWriter::start(ram, opts.workload)),
+        Workload::Idle | Workload::Random(_) => Box::new(HostWriter::start(
+            ram,
+            opts.workload,
+            opts.dirty_log == DirtyLog::UffdWp,
+        )),
     };
     Ok(Started { vm, guest })
 }
@@ -168,6 +176,13 @@ pub fn send(
     addr: &str,
     opts: &MigrateOptions,
 ) -> Result<Sent, String> {
+    if opts.dirty_log == DirtyLog::UffdWp {
+        // KVM writes guest RAM through the memslot's userspace mapping, so
+        // the write-protect tracker sees the vCPU's writes; KVM's own log
+        // stays off.
+        let mut log = tracker::uffd_wp_log(ram)?;
+        return source::send(ram, &mut log, guest, conn, addr, opts);
+    }
     let offset = ram
         .read()
         .by_name(RAM_BLOCK)

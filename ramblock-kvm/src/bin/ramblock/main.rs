@@ -6,7 +6,8 @@
 //! dirty-log mode the host offers, and a byte-for-byte check of the
 //! destination against the source at switch-over. `--incoming` and `--to`
 //! split the two sides over TCP. Without `/dev/kvm` a host thread writes
-//! guest RAM through the block API instead.
+//! guest RAM through the block API instead (behind its back with
+//! `--dirty-log uffd-wp`, whose write-protect tracker then sees the writes).
 
 mod destination;
 mod kvm;
@@ -15,12 +16,13 @@ mod memory;
 mod options;
 mod report;
 mod source;
+mod tracker;
 mod workload;
 
 use clap::{Parser, Subcommand};
 use destination::{Incoming, StartGuest};
 use memory::{first_mismatch, guest_ram, GuestRam, Side, RAM_BLOCK};
-use options::{Backing, MigrateOptions};
+use options::{Backing, DirtyLog, MigrateOptions};
 use ramblock_core::dirty_log::SoftwareOnly;
 use ramblock_core::migrate::PostcopyStats;
 use ramblock_kvm::guest::ResumeMismatch;
@@ -200,7 +202,7 @@ fn outgoing(opts: &MigrateOptions) -> Summary {
     };
     let result = match kvm {
         Some(mut k) => {
-            summary.mode = k.mode_name();
+            summary.mode = k.mode_name(opts);
             let vm = k.vm.clone();
             let r = run_source(
                 ram,
@@ -213,15 +215,24 @@ fn outgoing(opts: &MigrateOptions) -> Summary {
             r
         }
         None => {
-            summary.mode = "software".into();
-            let mut writer: Box<dyn Guest> = Box::new(HostWriter::start(ram, opts.workload));
+            let uffd_wp = opts.dirty_log == DirtyLog::UffdWp;
+            summary.mode = if uffd_wp { "uffd-wp" } else { "software" }.into();
+            // With uffd-wp the writer bypasses the block API (as an
+            // emulator's vCPU would), so only the tracker sees its writes.
+            let mut writer: Box<dyn Guest> =
+                Box::new(HostWriter::start(ram, opts.workload, uffd_wp));
             let r = run_source(
                 ram,
                 opts,
                 &mut summary,
                 writer.as_mut(),
                 |ram, guest, conn, addr| {
-                    source::send(ram, &mut SoftwareOnly, guest, conn, addr, opts)
+                    if uffd_wp {
+                        let mut log = tracker::uffd_wp_log(ram)?;
+                        source::send(ram, &mut log, guest, conn, addr, opts)
+                    } else {
+                        source::send(ram, &mut SoftwareOnly, guest, conn, addr, opts)
+                    }
                 },
             );
             writer.stop();

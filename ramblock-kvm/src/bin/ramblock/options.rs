@@ -14,10 +14,13 @@ pub struct MigrateOptions {
     /// path (a directory gets an unlinked temporary file).
     #[arg(long, default_value = "anonymous", value_parser = parse_backing)]
     pub backing: Backing,
-    /// Dirty-log mode: auto (the best the host offers), bitmap, manual, ring
-    /// or ring:ENTRIES (a power of two per vCPU).
+    /// Dirty-log mode: auto (the best KVM mode the host offers), bitmap,
+    /// manual, ring or ring:ENTRIES (a power of two per vCPU), or uffd-wp
+    /// (userfaultfd asynchronous write-protect read back with PAGEMAP_SCAN;
+    /// needs no KVM log, and with --no-kvm the host writer then writes
+    /// behind the block API's back, so only the tracker sees its writes).
     #[arg(long, default_value = "auto", value_parser = parse_mode)]
-    pub dirty_log: DirtyLogRequest,
+    pub dirty_log: DirtyLog,
     /// Clear-map chunk: 2^shift pages per bit (6..=31).
     #[arg(long, default_value_t = 18)]
     pub clear_shift: u8,
@@ -68,6 +71,28 @@ pub struct MigrateOptions {
     pub json: bool,
 }
 
+/// Who tracks the guest's writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyLog {
+    /// KVM's dirty log in this mode (without KVM: only the VMM's writes,
+    /// marked through the block API).
+    Kvm(DirtyLogRequest),
+    /// userfaultfd asynchronous write-protect
+    /// (`ramblock_linux::dirty_log::UffdWpLog`), with or without KVM.
+    UffdWp,
+}
+
+impl DirtyLog {
+    /// The mode the VM is built with: KVM's log goes unused with uffd-wp,
+    /// so the cheapest, bitmap mode (logging is never switched on).
+    pub fn kvm_request(self) -> DirtyLogRequest {
+        match self {
+            DirtyLog::Kvm(request) => request,
+            DirtyLog::UffdWp => DirtyLogRequest::Mode(ramblock_kvm::mode::DirtyLogMode::Bitmap),
+        }
+    }
+}
+
 /// Where guest RAM lives on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backing {
@@ -111,8 +136,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-fn parse_mode(s: &str) -> Result<DirtyLogRequest, String> {
-    s.parse().map_err(|e: ramblock_kvm::KvmError| e.to_string())
+fn parse_mode(s: &str) -> Result<DirtyLog, String> {
+    if s == "uffd-wp" {
+        return Ok(DirtyLog::UffdWp);
+    }
+    s.parse()
+        .map(DirtyLog::Kvm)
+        .map_err(|e: ramblock_kvm::KvmError| format!("{e} (or uffd-wp)"))
 }
 
 fn parse_backing(s: &str) -> Result<Backing, String> {
@@ -174,5 +204,13 @@ mod tests {
         assert!(parse_endpoint("127.0.0.1:4444").is_err());
         assert!(parse_endpoint("tcp:host:99999").is_err());
         assert_eq!(parse_backing("/tmp/x"), Ok(Backing::File("/tmp/x".into())));
+        assert_eq!(parse_mode("uffd-wp"), Ok(DirtyLog::UffdWp));
+        assert_eq!(
+            parse_mode("bitmap"),
+            Ok(DirtyLog::Kvm(DirtyLogRequest::Mode(
+                ramblock_kvm::mode::DirtyLogMode::Bitmap
+            )))
+        );
+        assert!(parse_mode("uffd").unwrap_err().contains("uffd-wp"));
     }
 }

@@ -48,11 +48,13 @@ pub struct HostWriter {
 }
 
 impl HostWriter {
-    /// Starts `workload` against `ram`.
-    pub fn start(ram: &'static GuestRam, workload: Workload) -> HostWriter {
+    /// Starts `workload` against `ram`: through the block API, which marks
+    /// what it writes dirty, or (`raw`) straight into the memory, as an
+    /// emulator's vCPU writes, which only a write tracker sees.
+    pub fn start(ram: &'static GuestRam, workload: Workload, raw: bool) -> HostWriter {
         let control = Arc::new(Control::default());
         let c = control.clone();
-        let thread = std::thread::spawn(move || write_loop(ram, workload, &c));
+        let thread = std::thread::spawn(move || write_loop(ram, workload, raw, &c));
         HostWriter {
             control,
             thread: Some(thread),
@@ -60,7 +62,7 @@ impl HostWriter {
     }
 }
 
-fn write_loop(ram: &GuestRam, workload: Workload, c: &Control) {
+fn write_loop(ram: &GuestRam, workload: Workload, raw: bool, c: &Control) {
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut next_page = 256; // 1 MiB
     let started = Instant::now();
@@ -81,6 +83,14 @@ fn write_loop(ram: &GuestRam, workload: Workload, c: &Control) {
                 return;
             };
             let pages = block.used_pages() as u64;
+            let region = block.region();
+            let write = |at: ByteLen, data: &[u8]| {
+                if raw {
+                    let _ = region.write(at, data);
+                } else {
+                    let _ = block.write(at, data);
+                }
+            };
             match workload {
                 Workload::Idle => {}
                 Workload::Increment => {
@@ -89,7 +99,7 @@ fn write_loop(ram: &GuestRam, workload: Workload, c: &Control) {
                         let at = ByteLen(next_page << 12);
                         let mut b = [0u8];
                         if block.read(at, &mut b).is_ok() {
-                            let _ = block.write(at, &[b[0].wrapping_add(1)]);
+                            write(at, &[b[0].wrapping_add(1)]);
                         }
                         next_page += 1;
                         if next_page >= pages {
@@ -105,7 +115,7 @@ fn write_loop(ram: &GuestRam, workload: Workload, c: &Control) {
                         x ^= x << 13;
                         x ^= x >> 7;
                         x ^= x << 17;
-                        let _ = block.write(ByteLen((x % pages) << 12), &x.to_le_bytes());
+                        write(ByteLen((x % pages) << 12), &x.to_le_bytes());
                         written += 1;
                         c.progress.fetch_add(1, Ordering::Relaxed);
                     }

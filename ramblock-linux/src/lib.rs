@@ -43,7 +43,8 @@
 //! [`fd_stream`] moves a migration stream between a socket and guest memory
 //! without a user-space copy. [`dirty_log`] tracks writes without a
 //! hypervisor (userfaultfd asynchronous write-protect, harvested with
-//! [`pagemap_scan`]).
+//! [`pagemap_scan`]); [`live_copy`] saves memory as it was at one instant
+//! while writers run (synchronous write-protect, copy before write).
 #![deny(missing_docs)]
 
 pub mod advice;
@@ -53,6 +54,7 @@ pub mod error;
 pub mod fd_stream;
 mod file;
 pub mod hugetlb;
+pub mod live_copy;
 pub mod memfd;
 pub mod memory;
 pub mod mmap;

@@ -41,6 +41,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+// `poll(2)` for `fault_pending`, through libc as the uffd module does.
+#![allow(unsafe_code)]
+
 use crate::memory::LinuxMemory;
 use crate::uffd::{Event, Features, RegisterMode, RegisteredBlock, UffdError, Userfaultfd};
 use ramblock_core::host::HostMemory;
@@ -151,6 +154,19 @@ impl<'m> LiveCopy<'m> {
             saved: vec![0; pages.div_ceil(64)],
             started,
         })
+    }
+
+    /// Whether a writer has faulted and waits for [`LiveCopy::run`] (the
+    /// userfaultfd has an event to read; nothing is consumed).
+    pub fn fault_pending(&self) -> bool {
+        let mut pollfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.uffd.as_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, counted as one, no waiting.
+        let ret = unsafe { libc::poll(&mut pollfd, 1, 0) };
+        ret > 0 && pollfd.revents & libc::POLLIN != 0
     }
 
     /// The number of pages to save.

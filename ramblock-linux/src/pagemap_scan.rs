@@ -3,7 +3,7 @@
 //! ranges rather than one 8-byte entry per page, and optionally
 //! write-protects the pages it reports in the same call.
 //!
-//! Only what the uffd-wp dirty log needs is wrapped: [`Pagemap::scan`] with
+//! Only what the uffd-wp dirty log needs is wrapped: [`Pagemap::scan_written`] with
 //! the [`PAGE_IS_WRITTEN`] category ("not write-protected by userfaultfd
 //! since it was protected"), with or without re-protection
 //! (`PM_SCAN_WP_MATCHING`), and always with `PM_SCAN_CHECK_WPASYNC`, so the

@@ -364,3 +364,67 @@ impl DirtyLogSource for UffdWpLog {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kernel without the features gets an error that names them and
+    /// the kernel version that has them.
+    #[test]
+    fn a_kernel_without_async_write_protect_is_told_what_is_missing() {
+        let err = WpLogError::KernelLacks {
+            missing: Features::WP_ASYNC | Features::WP_UNPOPULATED,
+            offered: Features::PAGEFAULT_FLAG_WP | Features::MISSING_SHMEM,
+        };
+        let text = err.to_string();
+        for needed in [
+            "WP_ASYNC",
+            "WP_UNPOPULATED",
+            "Linux 6.7",
+            "PAGEFAULT_FLAG_WP",
+        ] {
+            assert!(text.contains(needed), "{text}");
+        }
+        let err = WpLogError::from(ScanError::Unsupported {
+            errno: rustix::io::Errno::NOTTY,
+        });
+        let text = err.to_string();
+        assert!(
+            text.contains("PAGEMAP_SCAN") && text.contains("Linux 6.7"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn harvesting_an_untracked_or_grown_block_is_refused() {
+        let Ok(mut log) = UffdWpLog::new() else {
+            println!("skipped: no uffd-wp log on this host");
+            return;
+        };
+        let mem = crate::MemoryBuilder::memfd(ramblock_core::addr::ByteLen(1 << 20))
+            .build()
+            .unwrap();
+        let mut info = BlockInfo {
+            name: "ram",
+            offset: RamAddr(0),
+            used_length: mem.used_len(),
+            page_size: mem.page_size(),
+            flags: mem.flags(),
+        };
+        let mut words = vec![0u64; 8];
+        let mut into = MigrationBitmap::new(&mut words[..], 512).unwrap();
+        assert!(matches!(
+            log.harvest(&info, &mut into),
+            Err(WpLogError::NotTracked { .. })
+        ));
+        log.track(RamAddr(0), &mem).unwrap();
+        assert_eq!(log.harvest(&info, &mut into).unwrap(), 0);
+        info.used_length = ramblock_core::addr::ByteLen(2 << 20);
+        let err = log.harvest(&info, &mut into).unwrap_err();
+        assert!(matches!(err, WpLogError::Grown { .. }), "{err}");
+        assert_eq!(log.tracked().count(), 1);
+        log.untrack(RamAddr(0)).unwrap();
+        assert_eq!(log.tracked().count(), 0);
+    }
+}

@@ -412,7 +412,7 @@ mod tests {
             page_size: mem.page_size(),
             flags: mem.flags(),
         };
-        let mut words = vec![0u64; 8];
+        let mut words = [0u64; 8];
         let mut into = MigrationBitmap::new(&mut words[..], 512).unwrap();
         assert!(matches!(
             log.harvest(&info, &mut into),

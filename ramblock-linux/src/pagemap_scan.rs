@@ -17,6 +17,8 @@
 //! contents, and only in ranges registered for asynchronous write-protect
 //! (checked by the kernel: `PM_SCAN_CHECK_WPASYNC`), where a write to a
 //! protected page is resolved by the kernel at once; no thread ever waits.
+//! (Re-protecting a range another tracker watches consumes that tracker's
+//! "written" state: a logic error for it, never a memory one.)
 //!
 //! The ABI (`linux/fs.h`, not in the headers installed on older systems):
 //! ```c

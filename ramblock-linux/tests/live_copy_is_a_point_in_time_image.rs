@@ -149,6 +149,20 @@ fn anonymous_live_copy_is_the_instant_image() {
 }
 
 #[test]
+fn anonymous_thp_live_copy_is_the_instant_image() {
+    // Transparent hugepages populated before the instant: protected whole,
+    // split by the first fault or un-protection of one 4 KiB page.
+    let mem = MemoryBuilder::anonymous(ByteLen(8 * MIB))
+        .transparent_hugepages(true)
+        .build()
+        .unwrap();
+    mem.region()
+        .write(ByteLen(0), &vec![0x33; (8 * MIB) as usize])
+        .unwrap();
+    prove(mem);
+}
+
+#[test]
 fn memfd_live_copy_is_the_instant_image() {
     prove(
         MemoryBuilder::memfd(ByteLen(8 * MIB))

@@ -14,6 +14,7 @@ mod qemu;
 mod qmp;
 mod ramblock;
 
+use super::ramblock_run::build_ramblock;
 use image::Variant;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -189,26 +190,10 @@ fn bench(options: &Options) -> Result<(), String> {
     ensure_installed(qemu::QEMU, "qemu-system-x86")?;
     ensure_installed("as", "binutils")?;
     ensure_installed("ld", "binutils")?;
-    let root = crate::project_root();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "ramblock-kvm",
-            "--bin",
-            "ramblock",
-            "--features",
-            "cli",
-        ])
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building ramblock failed ({status})"));
-    }
-    let binary = root.join("target/release/ramblock");
-    let dir = root.join("target/bench-migrate");
+    let binary = build_ramblock()?;
+    let dir = crate::target_dir()
+        .map_err(|e| e.to_string())?
+        .join("bench-migrate");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let images: Vec<(Variant, PathBuf)> = options
         .variants
@@ -219,6 +204,7 @@ fn bench(options: &Options) -> Result<(), String> {
     println!("{qemu_version}, KVM; ramblock {}", binary.display());
 
     let mut tables = Vec::new();
+    let (mut runs, mut bad) = (0, 0);
     for &size in &options.sizes {
         for (variant, image) in &images {
             let label = format!(
@@ -235,6 +221,8 @@ fn bench(options: &Options) -> Result<(), String> {
                 println!("{label} run {n}: ramblock {}", describe(&outcome));
                 r.push(outcome);
             }
+            runs += q.len() + r.len();
+            bad += q.iter().chain(&r).filter(|o| !verified(o)).count();
             tables.push(table(&label, &q, &r));
         }
     }
@@ -242,7 +230,17 @@ fn bench(options: &Options) -> Result<(), String> {
     for t in tables {
         println!("{t}");
     }
+    if bad > 0 {
+        return Err(format!(
+            "{bad} of {runs} runs did not complete verified (see the run lines above)"
+        ));
+    }
     Ok(())
+}
+
+/// Whether a run completed and was verified.
+fn verified(o: &Outcome) -> bool {
+    matches!(o, Outcome::Done(m) if m.verified)
 }
 
 fn name(v: Variant) -> &'static str {

@@ -50,7 +50,7 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
         }
     }
 
-    let criterion_dir = report::criterion_dir();
+    let criterion_dir = report::criterion_dir()?;
     if report_only {
         report::print(&criterion_dir, None)?;
         return Ok(ExitCode::SUCCESS);

@@ -6,7 +6,7 @@
 
 use super::image::{self, Variant};
 use super::qmp::Qmp;
-use super::{Measured, Outcome, MIGRATION_TIMEOUT};
+use super::{Measured, Outcome, Prep, MIGRATION_TIMEOUT};
 use serde_json::{json, Value};
 use std::fs::File;
 use std::net::TcpListener;
@@ -24,6 +24,57 @@ const MAX_BANDWIDTH: u64 = 100 << 30;
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(90);
 /// How much guest memory one `pmemsave` chunk compares at a time.
 const COMPARE_CHUNK: u64 = 256 << 20;
+
+/// How long the guest's loop rate is measured before the migration.
+const RATE_WINDOW: Duration = Duration::from_millis(500);
+
+/// One way QEMU can send: one stream, or multifd with channels and
+/// optionally zero-copy sends.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Multifd channels; `None`: QEMU's single migration stream.
+    pub multifd: Option<u32>,
+    /// `zero-copy-send` (multifd only; locks guest memory on the source).
+    pub zero_copy: bool,
+}
+
+impl Config {
+    /// The configurations the bench compares: one stream, multifd with 2
+    /// and 4 channels, and multifd with 2 channels and zero-copy sends.
+    pub const ALL: [Config; 4] = [
+        Config {
+            multifd: None,
+            zero_copy: false,
+        },
+        Config {
+            multifd: Some(2),
+            zero_copy: false,
+        },
+        Config {
+            multifd: Some(4),
+            zero_copy: false,
+        },
+        Config {
+            multifd: Some(2),
+            zero_copy: true,
+        },
+    ];
+
+    /// A column name for the table.
+    pub fn name(self) -> String {
+        match (self.multifd, self.zero_copy) {
+            (None, _) => "QEMU 1 stream".into(),
+            (Some(n), false) => format!("QEMU multifd {n}"),
+            (Some(n), true) => format!("QEMU mfd {n} zc"),
+        }
+    }
+
+    /// The capabilities both sides set before the migration.
+    fn capabilities(self) -> Value {
+        let multifd = self.multifd.is_some();
+        json!({ "capabilities": [ { "capability": "multifd", "state": multifd } ] })
+    }
+}
 
 /// QEMU processes killed (and reaped) on drop.
 struct Children(Vec<Child>);
@@ -81,13 +132,20 @@ fn log_tail(log: &Path) -> String {
 
 /// Migrates a `size`-byte guest running `variant` from one QEMU to
 /// another, verifies the destination, and returns QEMU's own figures.
-pub fn migrate(dir: &Path, image: &Path, size: u64, variant: Variant) -> Outcome {
+pub fn migrate(
+    dir: &Path,
+    image: &Path,
+    size: u64,
+    variant: Variant,
+    config: Config,
+    prep: Prep,
+) -> Outcome {
     let run_dir = dir.join("qemu-run");
     let _ = std::fs::remove_dir_all(&run_dir);
     if let Err(e) = std::fs::create_dir_all(&run_dir) {
         return Outcome::Failed(format!("cannot create {}: {e}", run_dir.display()));
     }
-    let result = run(&run_dir, image, size, variant);
+    let result = run(&run_dir, image, size, variant, config, prep);
     match result {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -102,7 +160,14 @@ pub fn migrate(dir: &Path, image: &Path, size: u64, variant: Variant) -> Outcome
     }
 }
 
-fn run(run_dir: &Path, image: &Path, size: u64, variant: Variant) -> Result<Outcome, String> {
+fn run(
+    run_dir: &Path,
+    image: &Path,
+    size: u64,
+    variant: Variant,
+    config: Config,
+    prep: Prep,
+) -> Result<Outcome, String> {
     let port = free_port()?;
     let sockets: [PathBuf; 2] = ["source", "destination"].map(|s| run_dir.join(format!("{s}.qmp")));
     let common = |socket: &Path| -> Vec<String> {
@@ -121,37 +186,69 @@ fn run(run_dir: &Path, image: &Path, size: u64, variant: Variant) -> Result<Outc
         .to_vec()
     };
     let mut children = Children(Vec::new());
+    let mut source_args = common(&sockets[0]);
+    if config.zero_copy {
+        // Zero-copy sends need the guest's memory locked.
+        source_args.extend(["-overcommit", "mem-lock=on"].map(String::from));
+    }
     children
         .0
-        .push(spawn(&common(&sockets[0]), &run_dir.join("source.log"))?);
+        .push(spawn(&source_args, &run_dir.join("source.log"))?);
     // -S: the destination stays paused after the migration, so its memory
     // can be compared with the (paused) source's before it runs on.
+    // `defer`: multifd must be set on the destination before it listens.
     let mut dest_args = common(&sockets[1]);
-    dest_args.extend(["-S", "-incoming"].map(String::from));
-    dest_args.push(format!("tcp:127.0.0.1:{port}"));
+    dest_args.extend(["-S", "-incoming", "defer"].map(String::from));
+    if prep == Prep::Prealloc {
+        // Populated before it listens, like ramblock's preallocated
+        // destination: received pages pay no first-touch fault.
+        dest_args.push("-mem-prealloc".into());
+    }
     children
         .0
         .push(spawn(&dest_args, &run_dir.join("destination.log"))?);
 
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Preallocating a 4 GiB destination takes seconds before QMP answers.
+    let deadline = Instant::now() + Duration::from_secs(30 + 15 * (size >> 30));
     let mut source = Qmp::connect(&sockets[0], "source", deadline)?;
     let mut dest = Qmp::connect(&sockets[1], "destination", deadline)?;
     let regions = warm_up(&mut source, variant)?;
 
+    for qmp in [&mut source, &mut dest] {
+        qmp.execute("migrate-set-capabilities", config.capabilities())?;
+        if let Some(channels) = config.multifd {
+            qmp.execute(
+                "migrate-set-parameters",
+                json!({ "multifd-channels": channels }),
+            )?;
+        }
+    }
+    dest.execute(
+        "migrate-incoming",
+        json!({ "uri": format!("tcp:127.0.0.1:{port}") }),
+    )?;
     source.execute(
         "migrate-set-parameters",
         json!({ "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH }),
     )?;
+    if config.zero_copy {
+        source.execute("migrate-set-parameters", json!({ "zero-copy-send": true }))?;
+    }
     // Make sure the cap really is lifted: QEMU's default of 128 MiB/s would
     // decide the result on its own.
     let params = source.execute("query-migrate-parameters", json!({}))?;
     if params["max-bandwidth"].as_u64() != Some(MAX_BANDWIDTH)
         || params["downtime-limit"].as_u64() != Some(DOWNTIME_LIMIT_MS)
+        || (config.zero_copy && params["zero-copy-send"].as_bool() != Some(true))
+        || config
+            .multifd
+            .is_some_and(|n| params["multifd-channels"].as_u64() != Some(u64::from(n)))
     {
         return Err(format!(
             "QEMU did not take the migration parameters: {params}"
         ));
     }
+    let rate_before = loop_rate(&mut source)?;
     let passes_before = source.read_words(image::PASS_COUNT, 1)?[0];
     source.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))?;
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
@@ -173,6 +270,7 @@ fn run(run_dir: &Path, image: &Path, size: u64, variant: Variant) -> Result<Outc
     let mut measured = figures(&info)?;
     // The source is paused at completion: its counter is final.
     measured.guest_passes = source.read_words(image::PASS_COUNT, 1)?[0] - passes_before;
+    measured.rate_before = rate_before;
     measured.verified = verify(&mut source, &mut dest, &regions, variant, run_dir)?;
     Ok(Outcome::Done(measured))
 }
@@ -209,6 +307,14 @@ fn warm_up(source: &mut Qmp, variant: Variant) -> Result<Vec<(u64, u64)>, String
     }
 }
 
+/// The guest's loop passes per second over [`RATE_WINDOW`].
+fn loop_rate(source: &mut Qmp) -> Result<f64, String> {
+    let (before, started) = (source.read_words(image::PASS_COUNT, 1)?[0], Instant::now());
+    std::thread::sleep(RATE_WINDOW);
+    let after = source.read_words(image::PASS_COUNT, 1)?[0];
+    Ok((after - before) as f64 / started.elapsed().as_secs_f64())
+}
+
 /// QEMU's figures from a completed `query-migrate`.
 fn figures(info: &Value) -> Result<Measured, String> {
     let num = |pointer: &str| {
@@ -226,6 +332,7 @@ fn figures(info: &Value) -> Result<Measured, String> {
         passes: num("/ram/dirty-sync-count")?,
         mode: "bitmap + KVM_CLEAR_DIRTY_LOG (QEMU default)".into(),
         guest_passes: 0,
+        rate_before: 0.0,
         verified: false,
     })
 }

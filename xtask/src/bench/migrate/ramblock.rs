@@ -2,7 +2,7 @@
 //! KVM VM, migrated to a destination in the same process over loopback TCP.
 
 use super::image::Variant;
-use super::{Measured, Outcome, MIGRATION_TIMEOUT};
+use super::{Measured, Outcome, Prep, MIGRATION_TIMEOUT};
 #[cfg(test)]
 use crate::bench::ramblock_run::parse_summary;
 use crate::bench::ramblock_run::{migrate_json, RunFailure, Summary};
@@ -13,13 +13,14 @@ use std::time::Duration;
 ///
 /// The dirty-log mode is `manual` (bitmap plus `KVM_CLEAR_DIRTY_LOG`), the
 /// one QEMU uses by default; the downtime limit is QEMU's, and there is no
-/// bandwidth cap on either side.
-pub fn migrate(binary: &Path, size: u64, variant: Variant) -> Outcome {
+/// bandwidth cap on either side. The destination preallocates or not as
+/// `prep` says.
+pub fn migrate(binary: &Path, size: u64, variant: Variant, prep: Prep) -> Outcome {
     let workload = match variant {
         Variant::Increment => "increment",
         Variant::Idle => "idle",
     };
-    let args = [
+    let mut args = vec![
         "--dirty-log".to_string(),
         "manual".to_string(),
         "--workload".to_string(),
@@ -27,6 +28,9 @@ pub fn migrate(binary: &Path, size: u64, variant: Variant) -> Outcome {
         format!("--size={}M", size >> 20),
         format!("--downtime-ms={}", super::qemu::DOWNTIME_LIMIT_MS),
     ];
+    if prep == Prep::Lazy {
+        args.push("--lazy-destination".into());
+    }
     // Migration, warm-up and the byte-for-byte check all count against the
     // timeout here; QEMU's clock starts at `migrate`, so this is generous to
     // QEMU, never to ramblock.
@@ -52,6 +56,7 @@ fn measured(s: &Summary) -> Result<Measured, String> {
         passes: s.int("passes")?,
         mode: s.value["mode"].as_str().unwrap_or("?").to_string(),
         guest_passes: s.int("guest_progress")?,
+        rate_before: s.float("guest_rate_before")?,
         verified: s.value["verified"].as_bool() == Some(true),
     })
 }
@@ -68,7 +73,7 @@ mod tests {
 
     #[test]
     fn summary_lines_parse_and_errors_surface() {
-        let ok = r#"{"role":"local","size":1073741824,"backing":"anonymous","mode":"manual","total_ms":1483.5,"setup_ms":0.025,"downtime_ms":203.6,"bytes":1690729708,"pages":412749,"zero_pages":253,"passes":3,"dirty_rate":70037.1,"guest_progress":4,"verified":true,"mismatch":null,"error":null}"#;
+        let ok = r#"{"role":"local","size":1073741824,"backing":"anonymous","mode":"manual","total_ms":1483.5,"setup_ms":0.025,"downtime_ms":203.6,"bytes":1690729708,"pages":412749,"zero_pages":253,"passes":3,"dirty_rate":70037.1,"guest_progress":4,"guest_rate_before":512.0,"guest_rate_during":2.7,"verified":true,"mismatch":null,"error":null}"#;
         let m = parse(&format!("noise\n{ok}\n")).unwrap();
         assert_eq!(
             (m.bytes, m.pages, m.zero_pages, m.passes),

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-const USAGE: &str = "usage: cargo xtask bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--prep prealloc,lazy] [--runs N]";
+const USAGE: &str = "usage: cargo xtask bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--prep prealloc,lazy] [--qemu stream,multifd2,multifd4,zero-copy] [--runs N]";
 
 /// How both destinations are prepared, the same way on both sides.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -91,6 +91,7 @@ struct Options {
     sizes: Vec<u64>,
     variants: Vec<Variant>,
     preps: Vec<Prep>,
+    qemu: Vec<qemu::Config>,
     runs: usize,
 }
 
@@ -116,6 +117,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         sizes: vec![1 << 30, 4 << 30],
         variants: vec![Variant::Idle, Variant::Increment],
         preps: vec![Prep::Prealloc, Prep::Lazy],
+        qemu: qemu::Config::ALL.to_vec(),
         runs: 3,
     };
     let mut args = args.iter();
@@ -148,6 +150,19 @@ fn parse(args: &[String]) -> Result<Options, String> {
                         "prealloc" => Ok(Prep::Prealloc),
                         "lazy" => Ok(Prep::Lazy),
                         _ => Err(format!("preparation {p:?}: use prealloc or lazy")),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            "--qemu" => {
+                o.qemu = value()?
+                    .split(',')
+                    .map(|k| {
+                        qemu::Config::ALL
+                            .into_iter()
+                            .find(|c| c.key() == k)
+                            .ok_or_else(|| {
+                                format!("QEMU configuration {k:?}: use stream, multifd2, multifd4 or zero-copy")
+                            })
                     })
                     .collect::<Result<_, _>>()?
             }
@@ -250,7 +265,8 @@ fn bench(options: &Options) -> Result<(), String> {
                     name(*variant),
                     prep.name()
                 );
-                let mut columns: Vec<(String, Vec<Outcome>)> = qemu::Config::ALL
+                let mut columns: Vec<(String, Vec<Outcome>)> = options
+                    .qemu
                     .iter()
                     .map(|c| (c.name(), Vec::new()))
                     .chain([("ramblock".to_string(), Vec::new())])
@@ -259,7 +275,7 @@ fn bench(options: &Options) -> Result<(), String> {
                 // noisy moment of the shared machine hits all of them.
                 for n in 1..=options.runs {
                     for (i, (column, outcomes)) in columns.iter_mut().enumerate() {
-                        let outcome = match qemu::Config::ALL.get(i) {
+                        let outcome = match options.qemu.get(i) {
                             Some(&config) => {
                                 qemu::migrate(&dir, image, size, *variant, config, prep)
                             }
@@ -468,6 +484,11 @@ mod tests {
         assert_eq!((d.sizes.len(), d.variants.len(), d.runs), (2, 2, 3));
         assert_eq!(d.preps, vec![Prep::Prealloc, Prep::Lazy]);
         assert!(parse(&args("--prep eager")).is_err());
+        assert_eq!(
+            parse(&args("--qemu zero-copy,stream")).unwrap().qemu.len(),
+            2
+        );
+        assert!(parse(&args("--qemu multifd3")).is_err());
         assert!(parse(&args("--runs 0")).is_err());
         assert!(parse(&args("--sizes 1T")).is_err());
         assert!(parse(&args("--workloads busy")).is_err());

@@ -60,6 +60,15 @@ impl Config {
         },
     ];
 
+    /// The name `--qemu` takes: stream, multifd2, multifd4, zero-copy.
+    pub fn key(self) -> String {
+        match (self.multifd, self.zero_copy) {
+            (None, _) => "stream".into(),
+            (Some(_), true) => "zero-copy".into(),
+            (Some(n), false) => format!("multifd{n}"),
+        }
+    }
+
     /// A column name for the table.
     pub fn name(self) -> String {
         match (self.multifd, self.zero_copy) {
@@ -69,10 +78,14 @@ impl Config {
         }
     }
 
-    /// The capabilities both sides set before the migration.
-    fn capabilities(self) -> Value {
-        let multifd = self.multifd.is_some();
-        json!({ "capabilities": [ { "capability": "multifd", "state": multifd } ] })
+    /// The capabilities a side sets before the migration (in QEMU 7.2
+    /// zero-copy sending is a capability of the source).
+    fn capabilities(self, source: bool) -> Value {
+        let mut caps = vec![json!({ "capability": "multifd", "state": self.multifd.is_some() })];
+        if source && self.zero_copy {
+            caps.push(json!({ "capability": "zero-copy-send", "state": true }));
+        }
+        json!({ "capabilities": caps })
     }
 }
 
@@ -214,8 +227,8 @@ fn run(
     let mut dest = Qmp::connect(&sockets[1], "destination", deadline)?;
     let regions = warm_up(&mut source, variant)?;
 
-    for qmp in [&mut source, &mut dest] {
-        qmp.execute("migrate-set-capabilities", config.capabilities())?;
+    for (qmp, is_source) in [(&mut source, true), (&mut dest, false)] {
+        qmp.execute("migrate-set-capabilities", config.capabilities(is_source))?;
         if let Some(channels) = config.multifd {
             qmp.execute(
                 "migrate-set-parameters",
@@ -231,15 +244,11 @@ fn run(
         "migrate-set-parameters",
         json!({ "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH }),
     )?;
-    if config.zero_copy {
-        source.execute("migrate-set-parameters", json!({ "zero-copy-send": true }))?;
-    }
     // Make sure the cap really is lifted: QEMU's default of 128 MiB/s would
     // decide the result on its own.
     let params = source.execute("query-migrate-parameters", json!({}))?;
     if params["max-bandwidth"].as_u64() != Some(MAX_BANDWIDTH)
         || params["downtime-limit"].as_u64() != Some(DOWNTIME_LIMIT_MS)
-        || (config.zero_copy && params["zero-copy-send"].as_bool() != Some(true))
         || config
             .multifd
             .is_some_and(|n| params["multifd-channels"].as_u64() != Some(u64::from(n)))
@@ -249,6 +258,19 @@ fn run(
         ));
     }
     let rate_before = loop_rate(&mut source)?;
+    let caps = source.execute("query-migrate-capabilities", json!({}))?;
+    let state = |name: &str| {
+        caps.as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["capability"] == name)
+            .and_then(|c| c["state"].as_bool())
+    };
+    if state("multifd") != Some(config.multifd.is_some())
+        || (config.zero_copy && state("zero-copy-send") != Some(true))
+    {
+        return Err(format!("QEMU did not take the capabilities: {caps}"));
+    }
     let passes_before = source.read_words(image::PASS_COUNT, 1)?[0];
     source.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))?;
     let deadline = Instant::now() + MIGRATION_TIMEOUT;

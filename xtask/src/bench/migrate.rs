@@ -13,6 +13,7 @@
 //! run on demand: `cargo xtask ci` does not call it.
 
 mod image;
+pub(super) mod link;
 mod qemu;
 mod qmp;
 mod ramblock;
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-const USAGE: &str = "usage: cargo xtask bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--prep prealloc,lazy] [--qemu stream,multifd2,multifd4,zero-copy] [--runs N]";
+const USAGE: &str = "usage: cargo xtask bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--prep prealloc,lazy] [--qemu stream,multifd2,multifd4,zero-copy] [--link loopback,10gbit,1gbit] [--runs N]";
 
 /// How both destinations are prepared, the same way on both sides.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -72,6 +73,8 @@ pub struct Measured {
     pub guest_passes: u64,
     /// The guest loop's passes per second just before the migration.
     pub rate_before: f64,
+    /// The first pass's throughput (ramblock only).
+    pub pass0_bytes_per_s: Option<f64>,
     /// Whether the destination was checked equal to the source and runs.
     pub verified: bool,
 }
@@ -92,6 +95,7 @@ struct Options {
     variants: Vec<Variant>,
     preps: Vec<Prep>,
     qemu: Vec<qemu::Config>,
+    links: Vec<link::Shape>,
     runs: usize,
 }
 
@@ -118,6 +122,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         variants: vec![Variant::Idle, Variant::Increment],
         preps: vec![Prep::Prealloc, Prep::Lazy],
         qemu: qemu::Config::ALL.to_vec(),
+        links: vec![link::Shape::Loopback],
         runs: 3,
     };
     let mut args = args.iter();
@@ -164,6 +169,12 @@ fn parse(args: &[String]) -> Result<Options, String> {
                                 format!("QEMU configuration {k:?}: use stream, multifd2, multifd4 or zero-copy")
                             })
                     })
+                    .collect::<Result<_, _>>()?
+            }
+            "--link" => {
+                o.links = value()?
+                    .split(',')
+                    .map(link::Shape::parse)
                     .collect::<Result<_, _>>()?
             }
             "--runs" => {
@@ -256,40 +267,56 @@ fn bench(options: &Options) -> Result<(), String> {
 
     let mut tables = Vec::new();
     let (mut runs, mut bad) = (0, 0);
-    for &prep in &options.preps {
-        for &size in &options.sizes {
-            for (variant, image) in &images {
-                let label = format!(
-                    "{} GiB {}, {}",
-                    size as f64 / (1u64 << 30) as f64,
-                    name(*variant),
-                    prep.name()
-                );
-                let mut columns: Vec<(String, Vec<Outcome>)> = options
-                    .qemu
-                    .iter()
-                    .map(|c| (c.name(), Vec::new()))
-                    .chain([("ramblock".to_string(), Vec::new())])
-                    .collect();
-                // Interleaved: every configuration once per round, so a
-                // noisy moment of the shared machine hits all of them.
-                for n in 1..=options.runs {
-                    for (i, (column, outcomes)) in columns.iter_mut().enumerate() {
-                        let outcome = match options.qemu.get(i) {
-                            Some(&config) => {
-                                qemu::migrate(&dir, image, size, *variant, config, prep)
-                            }
-                            None => ramblock::migrate(&binary, size, *variant, prep),
-                        };
-                        println!("{label} run {n}: {column:<16} {}", describe(&outcome));
-                        outcomes.push(outcome);
+    for &shape in &options.links {
+        let link = link::Link::create(shape)?;
+        // A few seconds' worth of bytes at the link's rate.
+        let probe = match shape {
+            link::Shape::Loopback => 4 << 30,
+            link::Shape::Shaped { mbit } => (mbit << 20) / 8 * 3,
+        };
+        let ceiling = link.tcp_ceiling(probe)?;
+        println!(
+            "{}: raw TCP ceiling {:.0} MiB/s (one stream, {} MiB)",
+            shape.name(),
+            ceiling / (1 << 20) as f64,
+            probe >> 20
+        );
+        for &prep in &options.preps {
+            for &size in &options.sizes {
+                for (variant, image) in &images {
+                    let label = format!(
+                        "{} GiB {}, {}, {}",
+                        size as f64 / (1u64 << 30) as f64,
+                        name(*variant),
+                        prep.name(),
+                        shape.name()
+                    );
+                    let mut columns: Vec<(String, Vec<Outcome>)> = options
+                        .qemu
+                        .iter()
+                        .map(|c| (c.name(), Vec::new()))
+                        .chain([("ramblock".to_string(), Vec::new())])
+                        .collect();
+                    // Interleaved: every configuration once per round, so a
+                    // noisy moment of the shared machine hits all of them.
+                    for n in 1..=options.runs {
+                        for (i, (column, outcomes)) in columns.iter_mut().enumerate() {
+                            let outcome = match options.qemu.get(i) {
+                                Some(&config) => {
+                                    qemu::migrate(&dir, image, size, *variant, config, prep, &link)
+                                }
+                                None => ramblock::migrate(&binary, size, *variant, prep, &link),
+                            };
+                            println!("{label} run {n}: {column:<16} {}", describe(&outcome));
+                            outcomes.push(outcome);
+                        }
                     }
+                    for (_, outcomes) in &columns {
+                        runs += outcomes.len();
+                        bad += outcomes.iter().filter(|o| !verified(o)).count();
+                    }
+                    tables.push(table(&label, &columns, ceiling));
                 }
-                for (_, outcomes) in &columns {
-                    runs += outcomes.len();
-                    bad += outcomes.iter().filter(|o| !verified(o)).count();
-                }
-                tables.push(table(&label, &columns));
             }
         }
     }
@@ -359,6 +386,7 @@ struct Column {
     bytes: Option<f64>,
     rate_before: Option<f64>,
     rate_during: Option<f64>,
+    pass0: Option<f64>,
     completed: usize,
     verified: usize,
     timed_out: usize,
@@ -381,6 +409,7 @@ impl Column {
             bytes: med(|m| m.bytes as f64),
             rate_before: med(|m| m.rate_before),
             rate_during: med(|m| m.guest_passes as f64 / (m.total_ms / 1e3).max(1e-3)),
+            pass0: median(done.iter().filter_map(|m| m.pass0_bytes_per_s).collect()),
             completed: done.len(),
             verified: done.iter().filter(|m| m.verified).count(),
             timed_out: outcomes
@@ -405,7 +434,7 @@ impl Column {
 
 /// One table: a column per configuration (ramblock last), and the ratios
 /// of ramblock to QEMU's fastest configuration (least median total time).
-fn table(label: &str, columns: &[(String, Vec<Outcome>)]) -> String {
+fn table(label: &str, columns: &[(String, Vec<Outcome>)], tcp_ceiling: f64) -> String {
     let stats: Vec<(&str, Column)> = columns
         .iter()
         .map(|(name, o)| (name.as_str(), Column::of(o)))
@@ -419,7 +448,7 @@ fn table(label: &str, columns: &[(String, Vec<Outcome>)]) -> String {
     }
     t += "\n";
     type Row = (&'static str, fn(&Column) -> Option<f64>, f64, usize);
-    let rows: [Row; 5] = [
+    let rows: [Row; 6] = [
         ("total time ms", |c| c.total_ms, 1.0, 0),
         ("downtime ms", |c| c.downtime_ms, 1.0, 0),
         ("MiB on wire", |c| c.bytes, (1 << 20) as f64, 1),
@@ -427,6 +456,7 @@ fn table(label: &str, columns: &[(String, Vec<Outcome>)]) -> String {
         // while it migrated (a throttled guest dirties little).
         ("guest loops/s before", |c| c.rate_before, 1.0, 0),
         ("guest loops/s during", |c| c.rate_during, 1.0, 0),
+        ("pass 0 MiB/s", |c| c.pass0, (1 << 20) as f64, 0),
     ];
     for (row, value, unit, precision) in rows {
         t += &format!("{row:<22}");
@@ -462,7 +492,19 @@ fn table(label: &str, columns: &[(String, Vec<Outcome>)]) -> String {
         }
         _ => "target: cannot be judged (a side has no completed run)".into(),
     };
-    t + &target + "\n"
+    let pass0 =
+        match ours.pass0 {
+            Some(p) => {
+                format!(
+            "\nramblock pass 0: {:.2}x the raw TCP ceiling ({:.0} MiB/s); target >= 0.9x {}",
+            p / tcp_ceiling,
+            tcp_ceiling / (1 << 20) as f64,
+            if p >= 0.9 * tcp_ceiling { "met" } else { "NOT met" }
+        )
+            }
+            None => String::new(),
+        };
+    t + &target + &pass0 + "\n"
 }
 
 #[cfg(test)]
@@ -512,6 +554,7 @@ mod tests {
                 mode: "manual".into(),
                 guest_passes: 200,
                 rate_before: 500.0,
+                pass0_bytes_per_s: Some(1e9),
                 verified: true,
             })
         };
@@ -526,7 +569,7 @@ mod tests {
             ]
         };
         // The fastest QEMU column (multifd 2, 800 ms) is the reference.
-        let t = table("1 GiB idle", &columns(vec![m(400.0, 60.0)]));
+        let t = table("1 GiB idle", &columns(vec![m(400.0, 60.0)]), 2e9);
         assert!(
             t.contains("ramblock / QEMU multifd 2 (QEMU's fastest): total 0.50x, downtime 0.60x"),
             "{t}"
@@ -538,7 +581,12 @@ mod tests {
         );
         // 200 loops in 0.4 s.
         assert!(t.contains("500"), "{t}");
-        let t = table("1 GiB idle", &columns(vec![Outcome::Failed("x".into())]));
+        assert!(t.contains("pass 0: 0.50x the raw TCP ceiling"), "{t}");
+        let t = table(
+            "1 GiB idle",
+            &columns(vec![Outcome::Failed("x".into())]),
+            2e9,
+        );
         assert!(t.contains("cannot be judged"), "{t}");
     }
 }

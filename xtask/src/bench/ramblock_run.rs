@@ -109,14 +109,24 @@ pub fn migrate_json(
     args: &[String],
     timeout: Duration,
 ) -> Result<Summary, RunFailure> {
-    let child = Command::new(binary)
+    migrate_json_with(Command::new(binary), args, timeout)
+}
+
+/// [`migrate_json`] with the ramblock program started by `command` (e.g.
+/// inside a network namespace).
+pub fn migrate_json_with(
+    mut command: Command,
+    args: &[String],
+    timeout: Duration,
+) -> Result<Summary, RunFailure> {
+    let child = command
         .args(["migrate", "--json"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| RunFailure::Failed(format!("cannot run {}: {e}", binary.display())))?;
+        .map_err(|e| RunFailure::Failed(format!("cannot run {command:?}: {e}")))?;
     let mut guard = Guard(child);
     let stdout = drain(guard.0.stdout.take());
     let stderr = drain(guard.0.stderr.take());

@@ -248,7 +248,9 @@ fn run_source(
         let conn = connect(addr)?;
         let result = send(ram, guest, conn, addr);
         summary.guest_progress = guest.progress() - start_progress;
-        summary.stats = result.map_err(|e| still_running(e, guest, opts))?.stats;
+        let sent = result.map_err(|e| still_running(e, guest, opts))?;
+        summary.stats = sent.stats;
+        summary.pass0_bandwidth = sent.pass0_bandwidth;
         summary.verified = Some(true); // the destination acknowledged its checksums
         return Ok(());
     }
@@ -294,6 +296,7 @@ fn run_source(
         still_running(e, guest, opts)
     })?;
     summary.stats = sent.stats;
+    summary.pass0_bandwidth = sent.pass0_bandwidth;
     let received = received?;
     summary.fault_latency = received.latency;
     summary.resumes = received.resumes;

@@ -43,6 +43,8 @@ pub struct Summary {
     pub guest_progress: u64,
     /// Source guest progress per second just before the migration.
     pub guest_rate_before: f64,
+    /// Pass 0's throughput in bytes per second (source side).
+    pub pass0_bandwidth: f64,
     /// The error, if the migration failed.
     pub error: Option<String>,
     /// Post-copy: how long faulting pages waited (destination side).
@@ -169,7 +171,7 @@ impl Summary {
                 .map_or("null".to_string(), |e| format!("\"{}\"", esc(e)))
         };
         format!(
-            "{{\"role\":\"{}\",\"size\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"total_ms\":{:.3},\"setup_ms\":{:.3},\"downtime_ms\":{:.3},\"bytes\":{},\"pages\":{},\"zero_pages\":{},\"passes\":{},\"dirty_rate\":{:.1},\"guest_progress\":{},\"guest_rate_before\":{:.1},\"guest_rate_during\":{:.1},\"verified\":{},\"mismatch\":{},\"error\":{}{}}}",
+            "{{\"role\":\"{}\",\"size\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"total_ms\":{:.3},\"setup_ms\":{:.3},\"downtime_ms\":{:.3},\"bytes\":{},\"pages\":{},\"zero_pages\":{},\"passes\":{},\"dirty_rate\":{:.1},\"guest_progress\":{},\"guest_rate_before\":{:.1},\"guest_rate_during\":{:.1},\"pass0_mib_s\":{:.1},\"verified\":{},\"mismatch\":{},\"error\":{}{}}}",
             self.role,
             self.size,
             esc(&self.backing),
@@ -185,6 +187,7 @@ impl Summary {
             self.guest_progress,
             self.guest_rate_before,
             self.guest_rate_during(),
+            self.pass0_bandwidth / (1 << 20) as f64,
             self.verified.map_or("null".to_string(), |v| v.to_string()),
             opt(&self.mismatch.as_ref().map(|(b, p)| format!("{b} page {p}"))),
             opt(&self.error),

@@ -5,6 +5,7 @@
 //! dropped, whatever path the run leaves by.
 
 use super::image::{self, Variant};
+use super::link::{Link, Shape};
 use super::qmp::Qmp;
 use super::{Measured, Outcome, Prep, MIGRATION_TIMEOUT};
 use serde_json::{json, Value};
@@ -79,9 +80,14 @@ impl Config {
     }
 
     /// The capabilities a side sets before the migration (in QEMU 7.2
-    /// zero-copy sending is a capability of the source).
-    fn capabilities(self, source: bool) -> Value {
-        let mut caps = vec![json!({ "capability": "multifd", "state": self.multifd.is_some() })];
+    /// zero-copy sending is a capability of the source). Over a shaped
+    /// link QEMU auto-converges, as ramblock does by default: neither
+    /// converges there unaided.
+    fn capabilities(self, source: bool, shaped: bool) -> Value {
+        let mut caps = vec![
+            json!({ "capability": "multifd", "state": self.multifd.is_some() }),
+            json!({ "capability": "auto-converge", "state": shaped }),
+        ];
         if source && self.zero_copy {
             caps.push(json!({ "capability": "zero-copy-send", "state": true }));
         }
@@ -124,10 +130,10 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| e.to_string())
 }
 
-fn spawn(args: &[String], log: &Path) -> Result<Child, String> {
+fn spawn(mut command: Command, args: &[String], log: &Path) -> Result<Child, String> {
     let out = File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
-    Command::new(QEMU)
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(out)
@@ -152,13 +158,14 @@ pub fn migrate(
     variant: Variant,
     config: Config,
     prep: Prep,
+    link: &Link,
 ) -> Outcome {
     let run_dir = dir.join("qemu-run");
     let _ = std::fs::remove_dir_all(&run_dir);
     if let Err(e) = std::fs::create_dir_all(&run_dir) {
         return Outcome::Failed(format!("cannot create {}: {e}", run_dir.display()));
     }
-    let result = run(&run_dir, image, size, variant, config, prep);
+    let result = run(&run_dir, image, size, variant, config, prep, link);
     match result {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -180,6 +187,7 @@ fn run(
     variant: Variant,
     config: Config,
     prep: Prep,
+    link: &Link,
 ) -> Result<Outcome, String> {
     let port = free_port()?;
     let sockets: [PathBuf; 2] = ["source", "destination"].map(|s| run_dir.join(format!("{s}.qmp")));
@@ -204,9 +212,11 @@ fn run(
         // Zero-copy sends need the guest's memory locked.
         source_args.extend(["-overcommit", "mem-lock=on"].map(String::from));
     }
-    children
-        .0
-        .push(spawn(&source_args, &run_dir.join("source.log"))?);
+    children.0.push(spawn(
+        link.source_command(QEMU),
+        &source_args,
+        &run_dir.join("source.log"),
+    )?);
     // -S: the destination stays paused after the migration, so its memory
     // can be compared with the (paused) source's before it runs on.
     // `defer`: multifd must be set on the destination before it listens.
@@ -217,9 +227,11 @@ fn run(
         // destination: received pages pay no first-touch fault.
         dest_args.push("-mem-prealloc".into());
     }
-    children
-        .0
-        .push(spawn(&dest_args, &run_dir.join("destination.log"))?);
+    children.0.push(spawn(
+        link.dest_command(QEMU),
+        &dest_args,
+        &run_dir.join("destination.log"),
+    )?);
 
     // Preallocating a 4 GiB destination takes seconds before QMP answers.
     let deadline = Instant::now() + Duration::from_secs(30 + 15 * (size >> 30));
@@ -228,7 +240,10 @@ fn run(
     let regions = warm_up(&mut source, variant)?;
 
     for (qmp, is_source) in [(&mut source, true), (&mut dest, false)] {
-        qmp.execute("migrate-set-capabilities", config.capabilities(is_source))?;
+        qmp.execute(
+            "migrate-set-capabilities",
+            config.capabilities(is_source, link.shape() != Shape::Loopback),
+        )?;
         if let Some(channels) = config.multifd {
             qmp.execute(
                 "migrate-set-parameters",
@@ -238,7 +253,7 @@ fn run(
     }
     dest.execute(
         "migrate-incoming",
-        json!({ "uri": format!("tcp:127.0.0.1:{port}") }),
+        json!({ "uri": format!("tcp:{}:{port}", link.dest_addr()) }),
     )?;
     source.execute(
         "migrate-set-parameters",
@@ -272,7 +287,10 @@ fn run(
         return Err(format!("QEMU did not take the capabilities: {caps}"));
     }
     let passes_before = source.read_words(image::PASS_COUNT, 1)?[0];
-    source.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))?;
+    source.execute(
+        "migrate",
+        json!({ "uri": format!("tcp:{}:{port}", link.dest_addr()) }),
+    )?;
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
     let info = loop {
         let info = source.execute("query-migrate", json!({}))?;
@@ -355,6 +373,8 @@ fn figures(info: &Value) -> Result<Measured, String> {
         mode: "bitmap + KVM_CLEAR_DIRTY_LOG (QEMU default)".into(),
         guest_passes: 0,
         rate_before: 0.0,
+        // QEMU reports no per-pass throughput.
+        pass0_bytes_per_s: None,
         verified: false,
     })
 }

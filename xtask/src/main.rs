@@ -28,8 +28,11 @@ tasks:
                                       Miri (core), AddressSanitizer (linux, kvm)
   bench [--report-only] [-p CRATE | CRATE] [FILTER]
                                       run criterion benches and print ratios to baselines
-  bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--runs N]
+  bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--prep prealloc,lazy]
+        [--qemu stream,multifd2,multifd4,zero-copy] [--link loopback,10gbit,1gbit] [--runs N]
                                       ramblock vs QEMU live migration
+  bench downtime [--runs 20] [--limit-ms 300] [-- ARGS...]
+                                      does ramblock migrate keep its downtime limit
   bench postcopy [--runs N] [--size 1G]
                                       post-copy fault latency and guest stall vs pre-copy
   fuzz TARGET [--seconds N]           run one cargo-fuzz target (default 60 s)";

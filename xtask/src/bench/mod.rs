@@ -6,6 +6,7 @@
 //! others; each other function is reported as median(it) / median(baseline).
 //! See [`report`] for where the numbers are read from.
 
+mod downtime;
 pub(crate) mod migrate;
 mod postcopy;
 mod ramblock_run;
@@ -28,6 +29,9 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
     }
     if args.first().is_some_and(|a| a == "postcopy") {
         return Ok(postcopy::run(&args[1..]));
+    }
+    if args.first().is_some_and(|a| a == "downtime") {
+        return Ok(downtime::run(&args[1..]));
     }
     // The two ends of `bench migrate`'s raw TCP ceiling, run inside the
     // source's and destination's network namespaces.

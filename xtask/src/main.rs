@@ -28,8 +28,11 @@ tasks:
                                       Miri (core), AddressSanitizer (linux, kvm)
   bench [--report-only] [-p CRATE | CRATE] [FILTER]
                                       run criterion benches and print ratios to baselines
-  bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--runs N]
+  bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--prep prealloc,lazy]
+        [--qemu stream,multifd2,multifd4,zero-copy] [--link loopback,10gbit,1gbit] [--runs N]
                                       ramblock vs QEMU live migration
+  bench downtime [--runs 20] [--limit-ms 300] [-- ARGS...]
+                                      does ramblock migrate keep its downtime limit
   bench postcopy [--runs N] [--size 1G]
                                       post-copy fault latency and guest stall vs pre-copy
   fuzz TARGET [--seconds N]           run one cargo-fuzz target (default 60 s)";
@@ -38,6 +41,33 @@ tasks:
 pub fn project_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// The directory cargo builds into, as `cargo metadata` reports it: it
+/// follows `CARGO_TARGET_DIR`, `build.target-dir` in a cargo config and
+/// the workspace's default alike, so a binary cargo just built is found
+/// wherever that is.
+pub fn target_dir() -> Result<PathBuf, Error> {
+    let output = std::process::Command::new(cargo())
+        .current_dir(project_root())
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("cargo metadata failed ({})", output.status).into());
+    }
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("cargo metadata printed no JSON: {e}"))?;
+    metadata["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or_else(|| "cargo metadata reports no target_directory".into())
+}
+
+/// The cargo that runs xtask (`CARGO`), or the one on `PATH`.
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
 /// A shell whose working directory is the workspace root.

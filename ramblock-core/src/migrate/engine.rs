@@ -43,6 +43,9 @@ pub(super) struct Engine<'a, 'l, M, S: Storage, const N: usize, D, W, H> {
     /// Counters of the pass in progress.
     pub(super) pass: PassReport,
     pub(super) pass_start: u64,
+    /// How long the pass's harvest of the dirty log took: the pause pays
+    /// for one more.
+    pub(super) sync_ns: u64,
     pub(super) throttle: u8,
 }
 
@@ -99,6 +102,10 @@ impl<
         self.pass_start = self.host.now_ns();
     }
 
+    /// Closes the pass's report. The estimate of the pause is what the
+    /// switch-over would cost now: one more harvest (as long as this pass's)
+    /// plus sending `remaining` pages at the rate this pass sent at, its
+    /// harvest not counted (the pause's harvest is counted on its own).
     pub(super) fn end_pass(&mut self, newly: u64, remaining: u64) -> PassReport {
         let mut r = self.pass;
         r.duration_ns = (self.host.now_ns() - self.pass_start).max(1);
@@ -106,10 +113,14 @@ impl<
         r.bandwidth = r.bytes as f64 / secs;
         r.dirty_rate = newly as f64 / secs;
         r.remaining = remaining;
+        let sending_ns = r.duration_ns.saturating_sub(self.sync_ns).max(1);
+        let send_rate = r.bytes as f64 / (sending_ns as f64 / 1e9);
         r.estimated_ns = if remaining == 0 {
             0
-        } else if r.bandwidth > 0.0 {
-            (remaining as f64 * PAGE as f64 / r.bandwidth * 1e9) as u64
+        } else if send_rate > 0.0 {
+            let send_ns = remaining as f64 * PAGE as f64 / send_rate * 1e9;
+            self.sync_ns
+                .saturating_add(send_ns.min(u64::MAX as f64) as u64)
         } else {
             u64::MAX
         };
@@ -119,6 +130,13 @@ impl<
 
     /// Harvests every block's dirty log; returns the newly dirty count.
     pub(super) fn sync<E>(&mut self) -> Result<u64, MigrateError<D::Error, W::Error, E>> {
+        let started = self.host.now_ns();
+        let newly = self.harvest()?;
+        self.sync_ns = self.host.now_ns().saturating_sub(started);
+        Ok(newly)
+    }
+
+    fn harvest<E>(&mut self) -> Result<u64, MigrateError<D::Error, W::Error, E>> {
         self.reconcile()?;
         let view = self.list.read();
         let mut newly = 0;

@@ -36,6 +36,16 @@ pub enum MigrateError<D, W, R> {
     /// A dirty run reached outside its block's memory: the dirty bitmap
     /// and the block's length disagree (a bug, refused rather than read).
     RunOutsideBlock(RegionError),
+    /// No pass's estimated pause fit the downtime limit within the pass
+    /// limit; the guest was never paused and runs on at the source.
+    DowntimeUnreachable {
+        /// The last pass's estimate of the pause.
+        estimated_ns: u64,
+        /// The configured limit.
+        limit_ns: u64,
+        /// Passes run.
+        passes: u32,
+    },
 }
 
 impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for MigrateError<D, W, R> {
@@ -69,6 +79,18 @@ impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for Migrate
             MigrateError::RunOutsideBlock(e) => {
                 write!(f, "a dirty run reached outside its block: {e}")
             }
+            MigrateError::DowntimeUnreachable {
+                estimated_ns,
+                limit_ns,
+                passes,
+            } => write!(
+                f,
+                "after {passes} passes the pause would still take about {} ms, over the {} ms \
+                 downtime limit; the guest runs on at the source (allow more passes, a longer \
+                 limit, throttling or post-copy)",
+                estimated_ns / 1_000_000,
+                limit_ns / 1_000_000
+            ),
         }
     }
 }

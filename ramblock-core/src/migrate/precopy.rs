@@ -68,6 +68,7 @@ where
         version: 0,
         pass: PassReport::default(),
         pass_start: 0,
+        sync_ns: 0,
         throttle: 0,
     };
     let mut paused = false;
@@ -122,16 +123,22 @@ impl<
             stats.add(&report);
             stats.dirty_rate = report.dirty_rate;
             dirty_found = remaining;
-            let fits =
-                self.cfg.downtime_limit_ns > 0 && report.estimated_ns <= self.cfg.downtime_limit_ns;
-            if fits {
+            if self.cfg.fits(report.estimated_ns) {
                 break;
             }
             let limit = stats.passes >= self.cfg.max_passes;
             if let Some(after) = self.cfg.postcopy_after {
                 postcopy = limit || stats.passes >= after;
-            } else if limit {
+            } else if limit && self.cfg.downtime_limit_ns == 0 {
                 break;
+            } else if limit {
+                // The limit is a promise: rather than pause the guest for
+                // longer, give up and leave it running here.
+                return Err(MigrateError::DowntimeUnreachable {
+                    estimated_ns: report.estimated_ns,
+                    limit_ns: self.cfg.downtime_limit_ns,
+                    passes: stats.passes,
+                });
             }
             self.converge(&report);
         }

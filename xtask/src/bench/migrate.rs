@@ -1,26 +1,50 @@
-//! `cargo xtask bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--runs N]`:
-//! ramblock's live migration side by side with QEMU's, on this machine.
+//! `cargo xtask bench migrate [--sizes 1G,4G] [--workloads idle,increment]
+//! [--prep prealloc,lazy] [--runs N]`: ramblock's live migration side by
+//! side with QEMU's, on this machine.
 //!
-//! For every (size, workload) it migrates the same guest loop `--runs`
-//! times with QEMU (two `qemu-system-x86_64` processes over loopback TCP,
-//! booting the Multiboot kernel of [`image`]) and with `ramblock migrate`,
-//! one after the other, never at once, and prints the medians of total
-//! time, downtime and bytes with the ratios ramblock/QEMU. The method is
-//! described in `docs/bench-migrate.md`. Only run on demand: `cargo xtask
-//! ci` does not call it.
+//! For every destination preparation (both preallocated before the clock
+//! starts, or both populated as pages arrive), size and workload it
+//! migrates the same guest loop `--runs` times with QEMU in each of its
+//! sending configurations ([`qemu::Config::ALL`]: two `qemu-system-x86_64`
+//! processes over loopback TCP, booting the Multiboot kernel of [`image`])
+//! and with `ramblock migrate`, one after the other, never at once, and
+//! prints the medians with the ratios of ramblock to QEMU's best
+//! configuration. The method is described in `docs/bench-migrate.md`. Only
+//! run on demand: `cargo xtask ci` does not call it.
 
 mod image;
+pub(super) mod link;
 mod qemu;
 mod qmp;
 mod ramblock;
 
+use super::ramblock_run::build_ramblock;
 use image::Variant;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-const USAGE: &str =
-    "usage: cargo xtask bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--runs N]";
+const USAGE: &str = "usage: cargo xtask bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--prep prealloc,lazy] [--qemu stream,multifd2,multifd4,zero-copy] [--link loopback,10gbit,1gbit] [--runs N]";
+
+/// How both destinations are prepared, the same way on both sides.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Prep {
+    /// Guest RAM populated before the migration's clock starts (QEMU
+    /// `-mem-prealloc`; ramblock's default destination).
+    Prealloc,
+    /// Populated where each received page lands, inside the clock (QEMU's
+    /// default; `ramblock migrate --lazy-destination`).
+    Lazy,
+}
+
+impl Prep {
+    fn name(self) -> &'static str {
+        match self {
+            Prep::Prealloc => "destinations preallocated",
+            Prep::Lazy => "destinations populated lazily",
+        }
+    }
+}
 
 /// The longest one migration may take before it is reported as timed out.
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
@@ -47,6 +71,10 @@ pub struct Measured {
     /// Full passes the guest loop completed while it migrated (on the
     /// source, until it was paused): how hard the guest pushed back.
     pub guest_passes: u64,
+    /// The guest loop's passes per second just before the migration.
+    pub rate_before: f64,
+    /// The first pass's throughput (ramblock only).
+    pub pass0_bytes_per_s: Option<f64>,
     /// Whether the destination was checked equal to the source and runs.
     pub verified: bool,
 }
@@ -65,6 +93,9 @@ pub enum Outcome {
 struct Options {
     sizes: Vec<u64>,
     variants: Vec<Variant>,
+    preps: Vec<Prep>,
+    qemu: Vec<qemu::Config>,
+    links: Vec<link::Shape>,
     runs: usize,
 }
 
@@ -89,6 +120,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         sizes: vec![1 << 30, 4 << 30],
         variants: vec![Variant::Idle, Variant::Increment],
+        preps: vec![Prep::Prealloc, Prep::Lazy],
+        qemu: qemu::Config::ALL.to_vec(),
+        links: vec![link::Shape::Loopback],
         runs: 3,
     };
     let mut args = args.iter();
@@ -112,6 +146,35 @@ fn parse(args: &[String]) -> Result<Options, String> {
                         "increment" => Ok(Variant::Increment),
                         _ => Err(format!("workload {w:?}: use idle or increment")),
                     })
+                    .collect::<Result<_, _>>()?
+            }
+            "--prep" => {
+                o.preps = value()?
+                    .split(',')
+                    .map(|p| match p {
+                        "prealloc" => Ok(Prep::Prealloc),
+                        "lazy" => Ok(Prep::Lazy),
+                        _ => Err(format!("preparation {p:?}: use prealloc or lazy")),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            "--qemu" => {
+                o.qemu = value()?
+                    .split(',')
+                    .map(|k| {
+                        qemu::Config::ALL
+                            .into_iter()
+                            .find(|c| c.key() == k)
+                            .ok_or_else(|| {
+                                format!("QEMU configuration {k:?}: use stream, multifd2, multifd4 or zero-copy")
+                            })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            "--link" => {
+                o.links = value()?
+                    .split(',')
+                    .map(link::Shape::parse)
                     .collect::<Result<_, _>>()?
             }
             "--runs" => {
@@ -189,26 +252,10 @@ fn bench(options: &Options) -> Result<(), String> {
     ensure_installed(qemu::QEMU, "qemu-system-x86")?;
     ensure_installed("as", "binutils")?;
     ensure_installed("ld", "binutils")?;
-    let root = crate::project_root();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "ramblock-kvm",
-            "--bin",
-            "ramblock",
-            "--features",
-            "cli",
-        ])
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building ramblock failed ({status})"));
-    }
-    let binary = root.join("target/release/ramblock");
-    let dir = root.join("target/bench-migrate");
+    let binary = build_ramblock()?;
+    let dir = crate::target_dir()
+        .map_err(|e| e.to_string())?
+        .join("bench-migrate");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let images: Vec<(Variant, PathBuf)> = options
         .variants
@@ -219,30 +266,75 @@ fn bench(options: &Options) -> Result<(), String> {
     println!("{qemu_version}, KVM; ramblock {}", binary.display());
 
     let mut tables = Vec::new();
-    for &size in &options.sizes {
-        for (variant, image) in &images {
-            let label = format!(
-                "{} GiB {}",
-                size as f64 / (1u64 << 30) as f64,
-                name(*variant)
-            );
-            let (mut q, mut r) = (Vec::new(), Vec::new());
-            for n in 1..=options.runs {
-                let outcome = qemu::migrate(&dir, image, size, *variant);
-                println!("{label} run {n}: QEMU     {}", describe(&outcome));
-                q.push(outcome);
-                let outcome = ramblock::migrate(&binary, size, *variant);
-                println!("{label} run {n}: ramblock {}", describe(&outcome));
-                r.push(outcome);
+    let (mut runs, mut bad) = (0, 0);
+    for &shape in &options.links {
+        let link = link::Link::create(shape)?;
+        // A few seconds' worth of bytes at the link's rate.
+        let probe = match shape {
+            link::Shape::Loopback => 4 << 30,
+            link::Shape::Shaped { mbit } => (mbit << 20) / 8 * 3,
+        };
+        let ceiling = link.tcp_ceiling(probe)?;
+        println!(
+            "{}: raw TCP ceiling {:.0} MiB/s (one stream, {} MiB)",
+            shape.name(),
+            ceiling / (1 << 20) as f64,
+            probe >> 20
+        );
+        for &prep in &options.preps {
+            for &size in &options.sizes {
+                for (variant, image) in &images {
+                    let label = format!(
+                        "{} GiB {}, {}, {}",
+                        size as f64 / (1u64 << 30) as f64,
+                        name(*variant),
+                        prep.name(),
+                        shape.name()
+                    );
+                    let mut columns: Vec<(String, Vec<Outcome>)> = options
+                        .qemu
+                        .iter()
+                        .map(|c| (c.name(), Vec::new()))
+                        .chain([("ramblock".to_string(), Vec::new())])
+                        .collect();
+                    // Interleaved: every configuration once per round, so a
+                    // noisy moment of the shared machine hits all of them.
+                    for n in 1..=options.runs {
+                        for (i, (column, outcomes)) in columns.iter_mut().enumerate() {
+                            let outcome = match options.qemu.get(i) {
+                                Some(&config) => {
+                                    qemu::migrate(&dir, image, size, *variant, config, prep, &link)
+                                }
+                                None => ramblock::migrate(&binary, size, *variant, prep, &link),
+                            };
+                            println!("{label} run {n}: {column:<16} {}", describe(&outcome));
+                            outcomes.push(outcome);
+                        }
+                    }
+                    for (_, outcomes) in &columns {
+                        runs += outcomes.len();
+                        bad += outcomes.iter().filter(|o| !verified(o)).count();
+                    }
+                    tables.push(table(&label, &columns, ceiling));
+                }
             }
-            tables.push(table(&label, &q, &r));
         }
     }
     println!();
     for t in tables {
         println!("{t}");
     }
+    if bad > 0 {
+        return Err(format!(
+            "{bad} of {runs} runs did not complete verified (see the run lines above)"
+        ));
+    }
     Ok(())
+}
+
+/// Whether a run completed and was verified.
+fn verified(o: &Outcome) -> bool {
+    matches!(o, Outcome::Done(m) if m.verified)
 }
 
 fn name(v: Variant) -> &'static str {
@@ -255,7 +347,7 @@ fn name(v: Variant) -> &'static str {
 fn describe(o: &Outcome) -> String {
     match o {
         Outcome::Done(m) => format!(
-            "total {:.0} ms, downtime {:.0} ms, setup {:.1} ms, {:.1} MiB, {} pages + {} zero, {} passes, guest looped {} times, {} dirty log, {}",
+            "total {:.0} ms, downtime {:.0} ms, setup {:.1} ms, {:.1} MiB, {} pages + {} zero, {} passes, guest looped {} times ({:.0}/s before), {} dirty log, {}",
             m.total_ms,
             m.downtime_ms,
             m.setup_ms,
@@ -264,6 +356,7 @@ fn describe(o: &Outcome) -> String {
             m.zero_pages,
             m.passes,
             m.guest_passes,
+            m.rate_before,
             m.mode,
             if m.verified { "verified" } else { "NOT VERIFIED" },
         ),
@@ -286,20 +379,22 @@ pub(super) fn median(mut values: Vec<f64>) -> Option<f64> {
     })
 }
 
-/// Medians over the completed runs of one side.
-struct Side {
+/// Medians over the completed runs of one column.
+struct Column {
     total_ms: Option<f64>,
     downtime_ms: Option<f64>,
     bytes: Option<f64>,
-    guest_passes: Option<f64>,
+    rate_before: Option<f64>,
+    rate_during: Option<f64>,
+    pass0: Option<f64>,
     completed: usize,
     verified: usize,
     timed_out: usize,
     runs: usize,
 }
 
-impl Side {
-    fn of(outcomes: &[Outcome]) -> Side {
+impl Column {
+    fn of(outcomes: &[Outcome]) -> Column {
         let done: Vec<&Measured> = outcomes
             .iter()
             .filter_map(|o| match o {
@@ -308,11 +403,13 @@ impl Side {
             })
             .collect();
         let med = |f: fn(&Measured) -> f64| median(done.iter().map(|m| f(m)).collect());
-        Side {
+        Column {
             total_ms: med(|m| m.total_ms),
             downtime_ms: med(|m| m.downtime_ms),
             bytes: med(|m| m.bytes as f64),
-            guest_passes: med(|m| m.guest_passes as f64),
+            rate_before: med(|m| m.rate_before),
+            rate_during: med(|m| m.guest_passes as f64 / (m.total_ms / 1e3).max(1e-3)),
+            pass0: median(done.iter().filter_map(|m| m.pass0_bytes_per_s).collect()),
             completed: done.len(),
             verified: done.iter().filter(|m| m.verified).count(),
             timed_out: outcomes
@@ -322,61 +419,92 @@ impl Side {
             runs: outcomes.len(),
         }
     }
+
+    /// "verified/runs", with timeouts or failures.
+    fn runs(&self) -> String {
+        let mut text = format!("{}/{}", self.verified, self.runs);
+        if self.timed_out > 0 {
+            text += &format!(" ({} t/o)", self.timed_out);
+        } else if self.completed < self.runs {
+            text += &format!(" ({} failed)", self.runs - self.completed);
+        }
+        text
+    }
 }
 
-fn table(label: &str, qemu: &[Outcome], ramblock: &[Outcome]) -> String {
-    let (q, r) = (Side::of(qemu), Side::of(ramblock));
+/// One table: a column per configuration (ramblock last), and the ratios
+/// of ramblock to QEMU's fastest configuration (least median total time).
+fn table(label: &str, columns: &[(String, Vec<Outcome>)], tcp_ceiling: f64) -> String {
+    let stats: Vec<(&str, Column)> = columns
+        .iter()
+        .map(|(name, o)| (name.as_str(), Column::of(o)))
+        .collect();
     let cell = |v: Option<f64>, unit: f64, precision: usize| {
         v.map_or("-".to_string(), |v| format!("{:.*}", precision, v / unit))
     };
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-        _ => "-".to_string(),
-    };
-    let mut t = format!(
-        "{label} (medians of completed runs)\n{:<16} {:>12} {:>12} {:>15}\n",
-        "", "QEMU", "ramblock", "ramblock/QEMU"
-    );
-    let rows = [
-        ("total time ms", q.total_ms, r.total_ms, 1.0, 0),
-        ("downtime ms", q.downtime_ms, r.downtime_ms, 1.0, 0),
-        ("MiB on wire", q.bytes, r.bytes, (1 << 20) as f64, 1),
-        // Not a cost but the pressure: how far each guest got while it
-        // migrated (a guest that barely runs dirties little).
-        ("guest loops", q.guest_passes, r.guest_passes, 1.0, 0),
-    ];
-    for (row, a, b, unit, precision) in rows {
-        t += &format!(
-            "{row:<16} {:>12} {:>12} {:>15}\n",
-            cell(a, unit, precision),
-            cell(b, unit, precision),
-            ratio(b, a)
-        );
+    let mut t = format!("{label} (medians of completed runs)\n{:<22}", "");
+    for (name, _) in &stats {
+        t += &format!(" {name:>16}");
     }
-    let runs = |s: &Side| {
-        let mut text = format!("{}/{}", s.verified, s.runs);
-        if s.timed_out > 0 {
-            text += &format!(" ({} t/o)", s.timed_out);
-        } else if s.completed < s.runs {
-            text += &format!(" ({} failed)", s.runs - s.completed);
+    t += "\n";
+    type Row = (&'static str, fn(&Column) -> Option<f64>, f64, usize);
+    let rows: [Row; 6] = [
+        ("total time ms", |c| c.total_ms, 1.0, 0),
+        ("downtime ms", |c| c.downtime_ms, 1.0, 0),
+        ("MiB on wire", |c| c.bytes, (1 << 20) as f64, 1),
+        // Not costs but the pressure: how fast each guest ran before and
+        // while it migrated (a throttled guest dirties little).
+        ("guest loops/s before", |c| c.rate_before, 1.0, 0),
+        ("guest loops/s during", |c| c.rate_during, 1.0, 0),
+        ("pass 0 MiB/s", |c| c.pass0, (1 << 20) as f64, 0),
+    ];
+    for (row, value, unit, precision) in rows {
+        t += &format!("{row:<22}");
+        for (_, c) in &stats {
+            t += &format!(" {:>16}", cell(value(c), unit, precision));
         }
-        text
+        t += "\n";
+    }
+    t += &format!("{:<22}", "verified");
+    for (_, c) in &stats {
+        t += &format!(" {:>16}", c.runs());
+    }
+    t += "\n";
+    let Some(((_, ours), theirs)) = stats.split_last() else {
+        return t;
     };
-    t += &format!("{:<16} {:>12} {:>12}\n", "verified", runs(&q), runs(&r));
-    let target = match (q.total_ms, r.total_ms, q.downtime_ms, r.downtime_ms) {
-        (Some(qt), Some(rt), Some(qd), Some(rd)) => format!(
-            "target: total <= 0.5x QEMU {}, downtime <= QEMU {}, verified on every run {}",
-            if rt <= 0.5 * qt { "met" } else { "NOT met" },
-            if rd <= qd { "met" } else { "NOT met" },
-            if q.verified == q.runs && r.verified == r.runs {
-                "both"
-            } else {
-                "NOT both"
-            },
-        ),
+    let best = theirs
+        .iter()
+        .filter_map(|(name, c)| c.total_ms.map(|ms| (name, c, ms)))
+        .min_by(|a, b| a.2.total_cmp(&b.2));
+    let all_verified = stats.iter().all(|(_, c)| c.verified == c.runs);
+    let target = match (best, ours.total_ms, ours.downtime_ms) {
+        (Some((name, best, best_total)), Some(total), Some(downtime)) => {
+            let best_downtime = best.downtime_ms.unwrap_or(f64::NAN);
+            format!(
+                "ramblock / {name} (QEMU's fastest): total {:.2}x, downtime {:.2}x\ntarget: total <= 0.6x {}, downtime <= 0.5x {}, every run verified {}",
+                total / best_total,
+                downtime / best_downtime,
+                if total <= 0.6 * best_total { "met" } else { "NOT met" },
+                if downtime <= 0.5 * best_downtime { "met" } else { "NOT met" },
+                if all_verified { "yes" } else { "NO" },
+            )
+        }
         _ => "target: cannot be judged (a side has no completed run)".into(),
     };
-    t + &target + "\n"
+    let pass0 =
+        match ours.pass0 {
+            Some(p) => {
+                format!(
+            "\nramblock pass 0: {:.2}x the raw TCP ceiling ({:.0} MiB/s); target >= 0.9x {}",
+            p / tcp_ceiling,
+            tcp_ceiling / (1 << 20) as f64,
+            if p >= 0.9 * tcp_ceiling { "met" } else { "NOT met" }
+        )
+            }
+            None => String::new(),
+        };
+    t + &target + &pass0 + "\n"
 }
 
 #[cfg(test)]
@@ -386,12 +514,23 @@ mod tests {
     #[test]
     fn options_parse() {
         let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
-        let o = parse(&args("--sizes 512M,2G --workloads increment --runs 5")).unwrap();
+        let o = parse(&args(
+            "--sizes 512M,2G --workloads increment --prep lazy --runs 5",
+        ))
+        .unwrap();
         assert_eq!(o.sizes, vec![512 << 20, 2 << 30]);
         assert_eq!(o.variants, vec![Variant::Increment]);
+        assert_eq!(o.preps, vec![Prep::Lazy]);
         assert_eq!(o.runs, 5);
         let d = parse(&[]).unwrap();
         assert_eq!((d.sizes.len(), d.variants.len(), d.runs), (2, 2, 3));
+        assert_eq!(d.preps, vec![Prep::Prealloc, Prep::Lazy]);
+        assert!(parse(&args("--prep eager")).is_err());
+        assert_eq!(
+            parse(&args("--qemu zero-copy,stream")).unwrap().qemu.len(),
+            2
+        );
+        assert!(parse(&args("--qemu multifd3")).is_err());
         assert!(parse(&args("--runs 0")).is_err());
         assert!(parse(&args("--sizes 1T")).is_err());
         assert!(parse(&args("--workloads busy")).is_err());
@@ -413,21 +552,41 @@ mod tests {
                 zero_pages: 0,
                 passes: 1,
                 mode: "manual".into(),
-                guest_passes: 0,
+                guest_passes: 200,
+                rate_before: 500.0,
+                pass0_bytes_per_s: Some(1e9),
                 verified: true,
             })
         };
-        let t = table(
-            "1 GiB idle",
-            &[m(1000.0, 50.0), Outcome::TimedOut],
-            &[m(400.0, 60.0)],
-        );
-        assert!(t.contains("0.40x"), "{t}");
-        assert!(t.contains("1.20x"), "{t}");
-        assert!(t.contains("1/2 (1 t/o)"), "{t}");
+        let columns = |ramblock: Vec<Outcome>| {
+            vec![
+                (
+                    "QEMU 1 stream".to_string(),
+                    vec![m(1000.0, 50.0), Outcome::TimedOut],
+                ),
+                ("QEMU multifd 2".to_string(), vec![m(800.0, 100.0)]),
+                ("ramblock".to_string(), ramblock),
+            ]
+        };
+        // The fastest QEMU column (multifd 2, 800 ms) is the reference.
+        let t = table("1 GiB idle", &columns(vec![m(400.0, 60.0)]), 2e9);
         assert!(
-            t.contains("total <= 0.5x QEMU met, downtime <= QEMU NOT met"),
+            t.contains("ramblock / QEMU multifd 2 (QEMU's fastest): total 0.50x, downtime 0.60x"),
             "{t}"
         );
+        assert!(t.contains("1/2 (1 t/o)"), "{t}");
+        assert!(
+            t.contains("total <= 0.6x met, downtime <= 0.5x NOT met, every run verified NO"),
+            "{t}"
+        );
+        // 200 loops in 0.4 s.
+        assert!(t.contains("500"), "{t}");
+        assert!(t.contains("pass 0: 0.50x the raw TCP ceiling"), "{t}");
+        let t = table(
+            "1 GiB idle",
+            &columns(vec![Outcome::Failed("x".into())]),
+            2e9,
+        );
+        assert!(t.contains("cannot be judged"), "{t}");
     }
 }

@@ -6,7 +6,8 @@
 //! others; each other function is reported as median(it) / median(baseline).
 //! See [`report`] for where the numbers are read from.
 
-mod migrate;
+mod downtime;
+pub(crate) mod migrate;
 mod postcopy;
 mod ramblock_run;
 mod report;
@@ -29,6 +30,27 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
     if args.first().is_some_and(|a| a == "postcopy") {
         return Ok(postcopy::run(&args[1..]));
     }
+    if args.first().is_some_and(|a| a == "downtime") {
+        return Ok(downtime::run(&args[1..]));
+    }
+    // The two ends of `bench migrate`'s raw TCP ceiling, run inside the
+    // source's and destination's network namespaces.
+    match args {
+        [cmd, addr] if cmd == "tcp-sink" => {
+            return migrate::link::tcp_sink(addr)
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(Into::into)
+        }
+        [cmd, addr, bytes] if cmd == "tcp-send" => {
+            let bytes = bytes
+                .parse()
+                .map_err(|_| format!("tcp-send: bad byte count {bytes:?}"))?;
+            return migrate::link::tcp_send(addr, bytes)
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(Into::into);
+        }
+        _ => {}
+    }
     let mut report_only = false;
     let mut package: Option<String> = None;
     let mut filter: Option<String> = None;
@@ -50,7 +72,7 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
         }
     }
 
-    let criterion_dir = report::criterion_dir();
+    let criterion_dir = report::criterion_dir()?;
     if report_only {
         report::print(&criterion_dir, None)?;
         return Ok(ExitCode::SUCCESS);

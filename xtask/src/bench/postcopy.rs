@@ -11,9 +11,9 @@
 //! `cargo xtask ci` does not call it.
 
 use super::migrate::{median, parse_size};
-use super::ramblock_run::{migrate_json, RunFailure, Summary};
+use super::ramblock_run::{build_ramblock, migrate_json, RunFailure, Summary};
 use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage: cargo xtask bench postcopy [--runs N] [--size 1G]";
@@ -105,25 +105,7 @@ fn bench(options: &Options) -> Result<(), String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("no /dev/kvm: the guest runs under KVM on both sides".into());
     }
-    let root = crate::project_root();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "ramblock-kvm",
-            "--bin",
-            "ramblock",
-            "--features",
-            "cli",
-        ])
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building ramblock failed ({status})"));
-    }
-    let binary = root.join("target/release/ramblock");
+    let binary = build_ramblock()?;
     let label = format!(
         "{} GiB increment",
         options.size as f64 / (1u64 << 30) as f64

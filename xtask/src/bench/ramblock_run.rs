@@ -4,10 +4,43 @@
 
 use serde_json::Value;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// Builds the release `ramblock` program (with its `cli` feature) and
+/// returns its path under cargo's real target directory.
+pub fn build_ramblock() -> Result<PathBuf, String> {
+    let status = Command::new(crate::cargo())
+        .current_dir(crate::project_root())
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "ramblock-kvm",
+            "--bin",
+            "ramblock",
+            "--features",
+            "cli",
+        ])
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("building ramblock failed ({status})"));
+    }
+    let binary = crate::target_dir()
+        .map_err(|e| e.to_string())?
+        .join("release/ramblock");
+    if binary.is_file() {
+        Ok(binary)
+    } else {
+        Err(format!(
+            "cargo built ramblock but {} does not exist",
+            binary.display()
+        ))
+    }
+}
 
 /// Why a run has no summary.
 #[derive(Debug)]
@@ -76,14 +109,24 @@ pub fn migrate_json(
     args: &[String],
     timeout: Duration,
 ) -> Result<Summary, RunFailure> {
-    let child = Command::new(binary)
+    migrate_json_with(Command::new(binary), args, timeout)
+}
+
+/// [`migrate_json`] with the ramblock program started by `command` (e.g.
+/// inside a network namespace).
+pub fn migrate_json_with(
+    mut command: Command,
+    args: &[String],
+    timeout: Duration,
+) -> Result<Summary, RunFailure> {
+    let child = command
         .args(["migrate", "--json"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| RunFailure::Failed(format!("cannot run {}: {e}", binary.display())))?;
+        .map_err(|e| RunFailure::Failed(format!("cannot run {command:?}: {e}")))?;
     let mut guard = Guard(child);
     let stdout = drain(guard.0.stdout.take());
     let stderr = drain(guard.0.stderr.take());

@@ -13,12 +13,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-/// Where criterion keeps its results: `$CARGO_TARGET_DIR/criterion`.
-pub fn criterion_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::project_root().join("target"))
-        .join("criterion")
+/// Where criterion keeps its results: `criterion` in cargo's target
+/// directory.
+pub fn criterion_dir() -> Result<PathBuf, Error> {
+    Ok(crate::target_dir()?.join("criterion"))
 }
 
 /// One measured function.

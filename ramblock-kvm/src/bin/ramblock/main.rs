@@ -91,8 +91,8 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         mode: "-".into(),
         ..Summary::default()
     };
-    let side = if opts.postcopy.is_some() {
-        Side::PostcopyDestination
+    let side = if opts.postcopy.is_some() || opts.lazy_destination {
+        Side::LazyDestination
     } else {
         Side::Destination
     };
@@ -253,19 +253,21 @@ fn run_source(
     guest: &mut dyn Guest,
     mut send: impl FnMut(&GuestRam, &mut dyn Guest, TcpStream, &str) -> Result<Sent, String>,
 ) -> Result<(), String> {
-    warm_up(guest, opts)?;
+    summary.guest_rate_before = warm_up(guest, opts)?;
     let start_progress = guest.progress();
     if let Some(addr) = &opts.to {
         let conn = connect(addr)?;
         let result = send(ram, guest, conn, addr);
         summary.guest_progress = guest.progress() - start_progress;
-        summary.stats = result.map_err(|e| still_running(e, guest, opts))?.stats;
+        let sent = result.map_err(|e| still_running(e, guest, opts))?;
+        summary.stats = sent.stats;
+        summary.pass0_bandwidth = sent.pass0_bandwidth;
         summary.verified = Some(true); // the destination acknowledged its checksums
         return Ok(());
     }
     // Local: a destination in this process, over loopback TCP.
-    let side = if opts.postcopy.is_some() {
-        Side::PostcopyDestination
+    let side = if opts.postcopy.is_some() || opts.lazy_destination {
+        Side::LazyDestination
     } else {
         Side::LocalDestination
     };
@@ -305,6 +307,7 @@ fn run_source(
         still_running(e, guest, opts)
     })?;
     summary.stats = sent.stats;
+    summary.pass0_bandwidth = sent.pass0_bandwidth;
     let received = received?;
     summary.fault_latency = received.latency;
     summary.resumes = received.resumes;
@@ -358,19 +361,25 @@ fn verify_resumed(
 /// Runs the guest until it has written its memory once, so the migration
 /// moves real data. First writes cost most on a nested host (about 3 s
 /// per GiB here), so the wait allows 10 s plus 10 s per GiB before it
-/// goes on regardless; a vCPU that died is an error.
-fn warm_up(guest: &mut dyn Guest, opts: &MigrateOptions) -> Result<(), String> {
-    if opts.workload != options::Workload::Increment {
-        std::thread::sleep(Duration::from_millis(200));
-        return guest_alive(guest);
+/// goes on regardless; a vCPU that died is an error. Returns the guest's
+/// progress per second over [`RATE_WINDOW`] after that, the rate its
+/// progress during the migration is compared with.
+fn warm_up(guest: &mut dyn Guest, opts: &MigrateOptions) -> Result<f64, String> {
+    if opts.workload == options::Workload::Increment {
+        let gib = opts.size.div_ceil(1 << 30) as u32;
+        let deadline = Instant::now() + Duration::from_secs(10) * (1 + gib);
+        while guest.progress() < 1 && Instant::now() < deadline && guest.failure().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
-    let gib = opts.size.div_ceil(1 << 30) as u32;
-    let deadline = Instant::now() + Duration::from_secs(10) * (1 + gib);
-    while guest.progress() < 1 && Instant::now() < deadline && guest.failure().is_none() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    guest_alive(guest)
+    let (before, started) = (guest.progress(), Instant::now());
+    std::thread::sleep(RATE_WINDOW);
+    let rate = (guest.progress() - before) as f64 / started.elapsed().as_secs_f64();
+    guest_alive(guest).map(|()| rate)
 }
+
+/// How long the guest's progress rate is measured before a migration.
+const RATE_WINDOW: Duration = Duration::from_millis(500);
 
 /// An error if the source guest's vCPU stopped on its own: a migration of
 /// a dead guest would "verify" memory nobody was writing.

@@ -28,9 +28,10 @@ pub enum Side {
     /// A destination in the same process as its source: preallocated too,
     /// and never sharing a named file with the source.
     LocalDestination,
-    /// A post-copy destination (in either process): not preallocated, as
-    /// pages that never arrived must stay missing for userfaultfd to see.
-    PostcopyDestination,
+    /// A destination (in either process) that is not preallocated: a
+    /// post-copy one, as pages that never arrived must stay missing for
+    /// userfaultfd to see, or one asked to populate as pages arrive.
+    LazyDestination,
 }
 
 /// Builds `size` bytes of guest RAM over `backing` and returns a list
@@ -50,7 +51,7 @@ pub fn guest_ram(
             // Two blocks in one process never share a file: the local
             // destination gets an unlinked file beside the source's.
             let path = match side {
-                Side::LocalDestination | Side::PostcopyDestination if !path.is_dir() => path
+                Side::LocalDestination | Side::LazyDestination if !path.is_dir() => path
                     .parent()
                     .filter(|p| !p.as_os_str().is_empty())
                     .unwrap_or(Path::new("."))
@@ -61,7 +62,7 @@ pub fn guest_ram(
         }
     };
     let builder = match side {
-        Side::Source | Side::PostcopyDestination => builder,
+        Side::Source | Side::LazyDestination => builder,
         Side::Destination | Side::LocalDestination => builder.prealloc(Prealloc::default()),
     };
     let memory = builder

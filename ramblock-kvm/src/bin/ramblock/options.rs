@@ -55,6 +55,12 @@ pub struct MigrateOptions {
     /// too (`--incoming ... --postcopy`), so it does not preallocate RAM.
     #[arg(long, num_args = 0..=1, default_missing_value = "1", value_name = "N")]
     pub postcopy: Option<u32>,
+    /// The destination does not preallocate its RAM: each received page is
+    /// populated where it lands, and those first-touch faults count in the
+    /// migration's time (as for QEMU's destination without -mem-prealloc).
+    /// By default a pre-copy destination preallocates before it listens.
+    #[arg(long)]
+    pub lazy_destination: bool,
     /// If the connection breaks during post-copy, reconnect and resume
     /// instead of failing (both sides keep their state meanwhile).
     #[arg(long)]

@@ -41,6 +41,10 @@ pub struct Summary {
     pub mismatch: Option<(String, u64)>,
     /// Source guest progress during the migration (loop passes / pages).
     pub guest_progress: u64,
+    /// Source guest progress per second just before the migration.
+    pub guest_rate_before: f64,
+    /// Pass 0's throughput in bytes per second (source side).
+    pub pass0_bandwidth: f64,
     /// The error, if the migration failed.
     pub error: Option<String>,
     /// Post-copy: how long faulting pages waited (destination side).
@@ -82,6 +86,12 @@ impl Summary {
         let _ = writeln!(o, "passes          {:>10}", s.passes);
         let _ = writeln!(o, "dirty rate      {:>10.0} pages/s", s.dirty_rate);
         let _ = writeln!(o, "guest progress  {:>10}", self.guest_progress);
+        let _ = writeln!(
+            o,
+            "guest rate    {:>8.0}/s (before: {:.0}/s)",
+            self.guest_rate_during(),
+            self.guest_rate_before
+        );
         if let Some(pc) = &s.postcopy {
             let _ = writeln!(
                 o,
@@ -127,6 +137,15 @@ impl Summary {
         self.stats.downtime_ns + self.fault_latency.map_or(0, |l| l.total_wait_ns)
     }
 
+    /// Source guest progress per second during the migration (while it
+    /// ran on the source, the pause included).
+    pub fn guest_rate_during(&self) -> f64 {
+        match self.stats.total_ns {
+            0 => 0.0,
+            ns => self.guest_progress as f64 / (ns as f64 / 1e9),
+        }
+    }
+
     /// One JSON object.
     pub fn json(&self) -> String {
         let s = &self.stats;
@@ -152,7 +171,7 @@ impl Summary {
                 .map_or("null".to_string(), |e| format!("\"{}\"", esc(e)))
         };
         format!(
-            "{{\"role\":\"{}\",\"size\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"total_ms\":{:.3},\"setup_ms\":{:.3},\"downtime_ms\":{:.3},\"bytes\":{},\"pages\":{},\"zero_pages\":{},\"passes\":{},\"dirty_rate\":{:.1},\"guest_progress\":{},\"verified\":{},\"mismatch\":{},\"error\":{}{}}}",
+            "{{\"role\":\"{}\",\"size\":{},\"backing\":\"{}\",\"mode\":\"{}\",\"total_ms\":{:.3},\"setup_ms\":{:.3},\"downtime_ms\":{:.3},\"bytes\":{},\"pages\":{},\"zero_pages\":{},\"passes\":{},\"dirty_rate\":{:.1},\"guest_progress\":{},\"guest_rate_before\":{:.1},\"guest_rate_during\":{:.1},\"pass0_mib_s\":{:.1},\"verified\":{},\"mismatch\":{},\"error\":{}{}}}",
             self.role,
             self.size,
             esc(&self.backing),
@@ -166,6 +185,9 @@ impl Summary {
             s.passes,
             s.dirty_rate,
             self.guest_progress,
+            self.guest_rate_before,
+            self.guest_rate_during(),
+            self.pass0_bandwidth / (1 << 20) as f64,
             self.verified.map_or("null".to_string(), |v| v.to_string()),
             opt(&self.mismatch.as_ref().map(|(b, p)| format!("{b} page {p}"))),
             opt(&self.error),

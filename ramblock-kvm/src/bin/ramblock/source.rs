@@ -28,6 +28,8 @@ struct ProgramHost<'g> {
     link: Link,
     /// The guest's device state, as sent at the switch to post-copy.
     state: &'g mut Vec<u8>,
+    /// Pass 0's bytes per second.
+    pass0_bandwidth: f64,
 }
 
 impl MigrationHost for ProgramHost<'_> {
@@ -50,6 +52,9 @@ impl MigrationHost for ProgramHost<'_> {
         Some(&mut self.ledger)
     }
     fn pass_done(&mut self, report: &PassReport) {
+        if report.pass == 0 {
+            self.pass0_bandwidth = report.bandwidth;
+        }
         if !self.quiet {
             pass_line(report);
         }
@@ -115,6 +120,8 @@ pub struct Sent {
     pub stats: MigrationStats,
     /// The device state sent at the switch to post-copy (empty otherwise).
     pub device_state: Vec<u8>,
+    /// Pass 0's throughput, bytes per second (0 if it never ended).
+    pub pass0_bandwidth: f64,
 }
 
 /// Migrates `ram` over `stream`, connected to `addr`. On a pre-copy failure
@@ -142,9 +149,10 @@ pub fn send<D: DirtyLogSource>(
         ledger: ledger_for(ram),
         link,
         state: &mut device_state,
+        pass0_bandwidth: 0.0,
     };
     let mut buf = vec![0u8; 64 * 4096];
-    migrate(
+    let result = migrate(
         ram,
         source,
         &mut out,
@@ -152,10 +160,14 @@ pub fn send<D: DirtyLogSource>(
         &mut host,
         config(opts),
         &mut buf,
-    )
-    .map(|stats| Sent {
-        stats,
-        device_state: device_state.clone(),
-    })
-    .map_err(|e| e.to_string())
+    );
+    let pass0_bandwidth = host.pass0_bandwidth;
+    drop(host);
+    result
+        .map(|stats| Sent {
+            stats,
+            device_state,
+            pass0_bandwidth,
+        })
+        .map_err(|e| e.to_string())
 }

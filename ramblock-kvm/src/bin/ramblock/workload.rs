@@ -65,8 +65,7 @@ impl HostWriter {
 fn write_loop(ram: &GuestRam, workload: Workload, raw: bool, c: &Control) {
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut next_page = 256; // 1 MiB
-    let started = Instant::now();
-    let mut written = 0u64;
+    let mut last_burst = Instant::now();
     while !c.stop.load(Ordering::Acquire) {
         // An idle guest never writes, so it is always parked: pausing it
         // costs the downtime nothing.
@@ -109,14 +108,23 @@ fn write_loop(ram: &GuestRam, workload: Workload, raw: bool, c: &Control) {
                     }
                 }
                 Workload::Random(rate) => {
-                    // Keep to `rate` pages per second on average.
-                    let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
-                    while written < due {
+                    // `rate` pages per second of running time: a burst
+                    // writes what the time since the last one is worth, at
+                    // most 10 ms' worth, so time spent paused or throttled
+                    // is never made up afterwards (a backlog written while
+                    // a pause waits would count as downtime), and it stops
+                    // as soon as a pause is asked for.
+                    let since = last_burst.elapsed().as_secs_f64().min(0.01);
+                    last_burst = Instant::now();
+                    let due = (since * rate as f64) as u64;
+                    for n in 0..due {
+                        if n % 64 == 0 && c.paused.load(Ordering::Acquire) {
+                            break;
+                        }
                         x ^= x << 13;
                         x ^= x >> 7;
                         x ^= x << 17;
                         write(ByteLen((x % pages) << 12), &x.to_le_bytes());
-                        written += 1;
                         c.progress.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -127,8 +135,22 @@ fn write_loop(ram: &GuestRam, workload: Workload, raw: bool, c: &Control) {
         }
         let throttle = u32::from(c.throttle.load(Ordering::Relaxed).min(99));
         if throttle > 0 {
-            std::thread::sleep(burst.elapsed() * throttle / (100 - throttle));
+            nap(burst.elapsed() * throttle / (100 - throttle), c);
         }
+    }
+}
+
+/// The throttle's sleep, ended early by a pause or a stop: at 99% a nap is
+/// 99 times the burst before it, and a pause waiting for it would count
+/// every millisecond of it as downtime.
+fn nap(length: Duration, c: &Control) {
+    let until = Instant::now() + length;
+    loop {
+        let now = Instant::now();
+        if now >= until || c.paused.load(Ordering::Acquire) || c.stop.load(Ordering::Acquire) {
+            return;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(1)));
     }
 }
 

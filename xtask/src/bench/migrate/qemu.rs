@@ -5,8 +5,9 @@
 //! dropped, whatever path the run leaves by.
 
 use super::image::{self, Variant};
+use super::link::{Link, Shape};
 use super::qmp::Qmp;
-use super::{Measured, Outcome, MIGRATION_TIMEOUT};
+use super::{Measured, Outcome, Prep, MIGRATION_TIMEOUT};
 use serde_json::{json, Value};
 use std::fs::File;
 use std::net::TcpListener;
@@ -24,6 +25,75 @@ const MAX_BANDWIDTH: u64 = 100 << 30;
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(90);
 /// How much guest memory one `pmemsave` chunk compares at a time.
 const COMPARE_CHUNK: u64 = 256 << 20;
+
+/// How long the guest's loop rate is measured before the migration.
+const RATE_WINDOW: Duration = Duration::from_millis(500);
+
+/// One way QEMU can send: one stream, or multifd with channels and
+/// optionally zero-copy sends.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Multifd channels; `None`: QEMU's single migration stream.
+    pub multifd: Option<u32>,
+    /// `zero-copy-send` (multifd only; locks guest memory on the source).
+    pub zero_copy: bool,
+}
+
+impl Config {
+    /// The configurations the bench compares: one stream, multifd with 2
+    /// and 4 channels, and multifd with 2 channels and zero-copy sends.
+    pub const ALL: [Config; 4] = [
+        Config {
+            multifd: None,
+            zero_copy: false,
+        },
+        Config {
+            multifd: Some(2),
+            zero_copy: false,
+        },
+        Config {
+            multifd: Some(4),
+            zero_copy: false,
+        },
+        Config {
+            multifd: Some(2),
+            zero_copy: true,
+        },
+    ];
+
+    /// The name `--qemu` takes: stream, multifd2, multifd4, zero-copy.
+    pub fn key(self) -> String {
+        match (self.multifd, self.zero_copy) {
+            (None, _) => "stream".into(),
+            (Some(_), true) => "zero-copy".into(),
+            (Some(n), false) => format!("multifd{n}"),
+        }
+    }
+
+    /// A column name for the table.
+    pub fn name(self) -> String {
+        match (self.multifd, self.zero_copy) {
+            (None, _) => "QEMU 1 stream".into(),
+            (Some(n), false) => format!("QEMU multifd {n}"),
+            (Some(n), true) => format!("QEMU mfd {n} zc"),
+        }
+    }
+
+    /// The capabilities a side sets before the migration (in QEMU 7.2
+    /// zero-copy sending is a capability of the source). Over a shaped
+    /// link QEMU auto-converges, as ramblock does by default: neither
+    /// converges there unaided.
+    fn capabilities(self, source: bool, shaped: bool) -> Value {
+        let mut caps = vec![
+            json!({ "capability": "multifd", "state": self.multifd.is_some() }),
+            json!({ "capability": "auto-converge", "state": shaped }),
+        ];
+        if source && self.zero_copy {
+            caps.push(json!({ "capability": "zero-copy-send", "state": true }));
+        }
+        json!({ "capabilities": caps })
+    }
+}
 
 /// QEMU processes killed (and reaped) on drop.
 struct Children(Vec<Child>);
@@ -60,10 +130,10 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| e.to_string())
 }
 
-fn spawn(args: &[String], log: &Path) -> Result<Child, String> {
+fn spawn(mut command: Command, args: &[String], log: &Path) -> Result<Child, String> {
     let out = File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
-    Command::new(QEMU)
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(out)
@@ -81,13 +151,21 @@ fn log_tail(log: &Path) -> String {
 
 /// Migrates a `size`-byte guest running `variant` from one QEMU to
 /// another, verifies the destination, and returns QEMU's own figures.
-pub fn migrate(dir: &Path, image: &Path, size: u64, variant: Variant) -> Outcome {
+pub fn migrate(
+    dir: &Path,
+    image: &Path,
+    size: u64,
+    variant: Variant,
+    config: Config,
+    prep: Prep,
+    link: &Link,
+) -> Outcome {
     let run_dir = dir.join("qemu-run");
     let _ = std::fs::remove_dir_all(&run_dir);
     if let Err(e) = std::fs::create_dir_all(&run_dir) {
         return Outcome::Failed(format!("cannot create {}: {e}", run_dir.display()));
     }
-    let result = run(&run_dir, image, size, variant);
+    let result = run(&run_dir, image, size, variant, config, prep, link);
     match result {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -102,7 +180,15 @@ pub fn migrate(dir: &Path, image: &Path, size: u64, variant: Variant) -> Outcome
     }
 }
 
-fn run(run_dir: &Path, image: &Path, size: u64, variant: Variant) -> Result<Outcome, String> {
+fn run(
+    run_dir: &Path,
+    image: &Path,
+    size: u64,
+    variant: Variant,
+    config: Config,
+    prep: Prep,
+    link: &Link,
+) -> Result<Outcome, String> {
     let port = free_port()?;
     let sockets: [PathBuf; 2] = ["source", "destination"].map(|s| run_dir.join(format!("{s}.qmp")));
     let common = |socket: &Path| -> Vec<String> {
@@ -121,23 +207,54 @@ fn run(run_dir: &Path, image: &Path, size: u64, variant: Variant) -> Result<Outc
         .to_vec()
     };
     let mut children = Children(Vec::new());
-    children
-        .0
-        .push(spawn(&common(&sockets[0]), &run_dir.join("source.log"))?);
+    let mut source_args = common(&sockets[0]);
+    if config.zero_copy {
+        // Zero-copy sends need the guest's memory locked.
+        source_args.extend(["-overcommit", "mem-lock=on"].map(String::from));
+    }
+    children.0.push(spawn(
+        link.source_command(QEMU),
+        &source_args,
+        &run_dir.join("source.log"),
+    )?);
     // -S: the destination stays paused after the migration, so its memory
     // can be compared with the (paused) source's before it runs on.
+    // `defer`: multifd must be set on the destination before it listens.
     let mut dest_args = common(&sockets[1]);
-    dest_args.extend(["-S", "-incoming"].map(String::from));
-    dest_args.push(format!("tcp:127.0.0.1:{port}"));
-    children
-        .0
-        .push(spawn(&dest_args, &run_dir.join("destination.log"))?);
+    dest_args.extend(["-S", "-incoming", "defer"].map(String::from));
+    if prep == Prep::Prealloc {
+        // Populated before it listens, like ramblock's preallocated
+        // destination: received pages pay no first-touch fault.
+        dest_args.push("-mem-prealloc".into());
+    }
+    children.0.push(spawn(
+        link.dest_command(QEMU),
+        &dest_args,
+        &run_dir.join("destination.log"),
+    )?);
 
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Preallocating a 4 GiB destination takes seconds before QMP answers.
+    let deadline = Instant::now() + Duration::from_secs(30 + 15 * (size >> 30));
     let mut source = Qmp::connect(&sockets[0], "source", deadline)?;
     let mut dest = Qmp::connect(&sockets[1], "destination", deadline)?;
     let regions = warm_up(&mut source, variant)?;
 
+    for (qmp, is_source) in [(&mut source, true), (&mut dest, false)] {
+        qmp.execute(
+            "migrate-set-capabilities",
+            config.capabilities(is_source, link.shape() != Shape::Loopback),
+        )?;
+        if let Some(channels) = config.multifd {
+            qmp.execute(
+                "migrate-set-parameters",
+                json!({ "multifd-channels": channels }),
+            )?;
+        }
+    }
+    dest.execute(
+        "migrate-incoming",
+        json!({ "uri": format!("tcp:{}:{port}", link.dest_addr()) }),
+    )?;
     source.execute(
         "migrate-set-parameters",
         json!({ "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH }),
@@ -147,13 +264,33 @@ fn run(run_dir: &Path, image: &Path, size: u64, variant: Variant) -> Result<Outc
     let params = source.execute("query-migrate-parameters", json!({}))?;
     if params["max-bandwidth"].as_u64() != Some(MAX_BANDWIDTH)
         || params["downtime-limit"].as_u64() != Some(DOWNTIME_LIMIT_MS)
+        || config
+            .multifd
+            .is_some_and(|n| params["multifd-channels"].as_u64() != Some(u64::from(n)))
     {
         return Err(format!(
             "QEMU did not take the migration parameters: {params}"
         ));
     }
+    let rate_before = loop_rate(&mut source)?;
+    let caps = source.execute("query-migrate-capabilities", json!({}))?;
+    let state = |name: &str| {
+        caps.as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["capability"] == name)
+            .and_then(|c| c["state"].as_bool())
+    };
+    if state("multifd") != Some(config.multifd.is_some())
+        || (config.zero_copy && state("zero-copy-send") != Some(true))
+    {
+        return Err(format!("QEMU did not take the capabilities: {caps}"));
+    }
     let passes_before = source.read_words(image::PASS_COUNT, 1)?[0];
-    source.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))?;
+    source.execute(
+        "migrate",
+        json!({ "uri": format!("tcp:{}:{port}", link.dest_addr()) }),
+    )?;
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
     let info = loop {
         let info = source.execute("query-migrate", json!({}))?;
@@ -173,6 +310,7 @@ fn run(run_dir: &Path, image: &Path, size: u64, variant: Variant) -> Result<Outc
     let mut measured = figures(&info)?;
     // The source is paused at completion: its counter is final.
     measured.guest_passes = source.read_words(image::PASS_COUNT, 1)?[0] - passes_before;
+    measured.rate_before = rate_before;
     measured.verified = verify(&mut source, &mut dest, &regions, variant, run_dir)?;
     Ok(Outcome::Done(measured))
 }
@@ -209,6 +347,14 @@ fn warm_up(source: &mut Qmp, variant: Variant) -> Result<Vec<(u64, u64)>, String
     }
 }
 
+/// The guest's loop passes per second over [`RATE_WINDOW`].
+fn loop_rate(source: &mut Qmp) -> Result<f64, String> {
+    let (before, started) = (source.read_words(image::PASS_COUNT, 1)?[0], Instant::now());
+    std::thread::sleep(RATE_WINDOW);
+    let after = source.read_words(image::PASS_COUNT, 1)?[0];
+    Ok((after - before) as f64 / started.elapsed().as_secs_f64())
+}
+
 /// QEMU's figures from a completed `query-migrate`.
 fn figures(info: &Value) -> Result<Measured, String> {
     let num = |pointer: &str| {
@@ -226,6 +372,9 @@ fn figures(info: &Value) -> Result<Measured, String> {
         passes: num("/ram/dirty-sync-count")?,
         mode: "bitmap + KVM_CLEAR_DIRTY_LOG (QEMU default)".into(),
         guest_passes: 0,
+        rate_before: 0.0,
+        // QEMU reports no per-pass throughput.
+        pass0_bytes_per_s: None,
         verified: false,
     })
 }

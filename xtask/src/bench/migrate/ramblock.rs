@@ -2,10 +2,11 @@
 //! KVM VM, migrated to a destination in the same process over loopback TCP.
 
 use super::image::Variant;
-use super::{Measured, Outcome, MIGRATION_TIMEOUT};
+use super::link::{Link, Shape};
+use super::{Measured, Outcome, Prep, MIGRATION_TIMEOUT};
 #[cfg(test)]
 use crate::bench::ramblock_run::parse_summary;
-use crate::bench::ramblock_run::{migrate_json, RunFailure, Summary};
+use crate::bench::ramblock_run::{migrate_json, migrate_json_with, RunFailure, Summary};
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,13 +14,17 @@ use std::time::Duration;
 ///
 /// The dirty-log mode is `manual` (bitmap plus `KVM_CLEAR_DIRTY_LOG`), the
 /// one QEMU uses by default; the downtime limit is QEMU's, and there is no
-/// bandwidth cap on either side.
-pub fn migrate(binary: &Path, size: u64, variant: Variant) -> Outcome {
+/// bandwidth cap on either side. The destination preallocates or not as
+/// `prep` says. On loopback the destination runs in the same process; over
+/// a shaped link it is a second process (`--incoming`) in the
+/// destination's namespace, and the source's summary counts only when the
+/// destination's says it received and checked everything too.
+pub fn migrate(binary: &Path, size: u64, variant: Variant, prep: Prep, link: &Link) -> Outcome {
     let workload = match variant {
         Variant::Increment => "increment",
         Variant::Idle => "idle",
     };
-    let args = [
+    let mut args = vec![
         "--dirty-log".to_string(),
         "manual".to_string(),
         "--workload".to_string(),
@@ -31,12 +36,57 @@ pub fn migrate(binary: &Path, size: u64, variant: Variant) -> Outcome {
     // timeout here; QEMU's clock starts at `migrate`, so this is generous to
     // QEMU, never to ramblock.
     let timeout = MIGRATION_TIMEOUT + Duration::from_secs(30);
-    match migrate_json(binary, &args, timeout)
-        .and_then(|s| measured(&s).map_err(RunFailure::Failed))
-    {
+    let result = if link.shape() == Shape::Loopback {
+        if prep == Prep::Lazy {
+            args.push("--lazy-destination".into());
+        }
+        migrate_json(binary, &args, timeout)
+    } else {
+        two_processes(binary, &args, prep, link, timeout)
+    };
+    match result.and_then(|s| measured(&s).map_err(RunFailure::Failed)) {
         Ok(m) => Outcome::Done(m),
         Err(RunFailure::TimedOut) => Outcome::TimedOut,
         Err(RunFailure::Failed(e)) => Outcome::Failed(e),
+    }
+}
+
+/// A destination process listening in its namespace and a source process
+/// migrating to it; the source's summary.
+fn two_processes(
+    binary: &Path,
+    args: &[String],
+    prep: Prep,
+    link: &Link,
+    timeout: Duration,
+) -> Result<Summary, RunFailure> {
+    let endpoint = format!(
+        "tcp:{}:{}",
+        link.dest_addr(),
+        47_000 + std::process::id() % 10_000
+    );
+    let mut dest_args = args.to_vec();
+    dest_args.extend(["--incoming".to_string(), endpoint.clone()]);
+    if prep == Prep::Lazy {
+        dest_args.push("--lazy-destination".into());
+    }
+    let dest_command = link.dest_command(binary);
+    // The destination preallocates before it listens; the source retries
+    // its connection for 10 s meanwhile.
+    let dest = std::thread::spawn(move || migrate_json_with(dest_command, &dest_args, timeout));
+    let mut source_args = args.to_vec();
+    source_args.extend(["--to".to_string(), endpoint]);
+    let source = migrate_json_with(link.source_command(binary), &source_args, timeout);
+    let dest = dest
+        .join()
+        .unwrap_or_else(|_| Err(RunFailure::Failed("destination thread panicked".into())));
+    match (source, dest) {
+        (Ok(s), Ok(_)) => Ok(s),
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(RunFailure::Failed(e))) => {
+            Err(RunFailure::Failed(format!("the destination failed: {e}")))
+        }
+        (Ok(_), Err(RunFailure::TimedOut)) => Err(RunFailure::TimedOut),
     }
 }
 
@@ -52,6 +102,8 @@ fn measured(s: &Summary) -> Result<Measured, String> {
         passes: s.int("passes")?,
         mode: s.value["mode"].as_str().unwrap_or("?").to_string(),
         guest_passes: s.int("guest_progress")?,
+        rate_before: s.float("guest_rate_before")?,
+        pass0_bytes_per_s: s.float("pass0_mib_s").ok().map(|m| m * (1 << 20) as f64),
         verified: s.value["verified"].as_bool() == Some(true),
     })
 }
@@ -68,7 +120,7 @@ mod tests {
 
     #[test]
     fn summary_lines_parse_and_errors_surface() {
-        let ok = r#"{"role":"local","size":1073741824,"backing":"anonymous","mode":"manual","total_ms":1483.5,"setup_ms":0.025,"downtime_ms":203.6,"bytes":1690729708,"pages":412749,"zero_pages":253,"passes":3,"dirty_rate":70037.1,"guest_progress":4,"verified":true,"mismatch":null,"error":null}"#;
+        let ok = r#"{"role":"local","size":1073741824,"backing":"anonymous","mode":"manual","total_ms":1483.5,"setup_ms":0.025,"downtime_ms":203.6,"bytes":1690729708,"pages":412749,"zero_pages":253,"passes":3,"dirty_rate":70037.1,"guest_progress":4,"guest_rate_before":512.0,"guest_rate_during":2.7,"verified":true,"mismatch":null,"error":null}"#;
         let m = parse(&format!("noise\n{ok}\n")).unwrap();
         assert_eq!(
             (m.bytes, m.pages, m.zero_pages, m.passes),

@@ -46,8 +46,16 @@ pub(super) struct Engine<'a, 'l, M, S: Storage, const N: usize, D, W, H> {
     /// How long the pass's harvest of the dirty log took: the pause pays
     /// for one more.
     pub(super) sync_ns: u64,
+    /// The sending rate (bytes per second) of the last pass that sent
+    /// enough to measure it ([`RATE_SAMPLE_BYTES`]).
+    pub(super) send_rate: Option<f64>,
     pub(super) throttle: u8,
 }
+
+/// A pass that sends less than this (a few pages, or zero pages only,
+/// which cost a header each) says little about the link's rate: the
+/// estimate then uses the last pass that sent more.
+const RATE_SAMPLE_BYTES: u64 = 8 << 20;
 
 impl<
         M: HostMemory,
@@ -105,7 +113,8 @@ impl<
     /// Closes the pass's report. The estimate of the pause is what the
     /// switch-over would cost now: one more harvest (as long as this pass's)
     /// plus sending `remaining` pages at the rate this pass sent at, its
-    /// harvest not counted (the pause's harvest is counted on its own).
+    /// harvest not counted (the pause's harvest is counted on its own), or
+    /// at the last measured rate when this pass sent too little to tell.
     pub(super) fn end_pass(&mut self, newly: u64, remaining: u64) -> PassReport {
         let mut r = self.pass;
         r.duration_ns = (self.host.now_ns() - self.pass_start).max(1);
@@ -114,7 +123,11 @@ impl<
         r.dirty_rate = newly as f64 / secs;
         r.remaining = remaining;
         let sending_ns = r.duration_ns.saturating_sub(self.sync_ns).max(1);
-        let send_rate = r.bytes as f64 / (sending_ns as f64 / 1e9);
+        let pass_rate = r.bytes as f64 / (sending_ns as f64 / 1e9);
+        if r.bytes >= RATE_SAMPLE_BYTES || self.send_rate.is_none() {
+            self.send_rate = Some(pass_rate);
+        }
+        let send_rate = self.send_rate.unwrap_or(pass_rate);
         r.estimated_ns = if remaining == 0 {
             0
         } else if send_rate > 0.0 {
@@ -126,6 +139,14 @@ impl<
         };
         self.host.pass_done(&r);
         r
+    }
+
+    /// Tells the host how far the pass in progress is.
+    fn report_progress(&mut self) {
+        let mut so_far = self.pass;
+        so_far.duration_ns = (self.host.now_ns() - self.pass_start).max(1);
+        so_far.bandwidth = so_far.bytes as f64 / (so_far.duration_ns as f64 / 1e9);
+        self.host.pass_progress(&so_far);
     }
 
     /// Harvests every block's dirty log; returns the newly dirty count.
@@ -228,6 +249,10 @@ impl<
                     break; // the block has no dirty page left
                 }
                 next = Some(from);
+                // Between two lock holds: the host may look at the list.
+                drop(state);
+                drop(view);
+                self.report_progress();
             }
         }
         Ok(())

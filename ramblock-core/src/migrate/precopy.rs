@@ -69,6 +69,7 @@ where
         pass: PassReport::default(),
         pass_start: 0,
         sync_ns: 0,
+        send_rate: None,
         throttle: 0,
     };
     let mut paused = false;

@@ -4,12 +4,14 @@
 use ramblock_core::migrate::{MigrationStats, PassReport};
 use ramblock_linux::postcopy::LatencySummary;
 use std::fmt::Write as _;
+use std::io::IsTerminal;
 
-/// Prints one line per pass on stderr.
+/// Prints one line per pass on stderr (over the progress line, if any).
 pub fn pass_line(r: &PassReport) {
     // One write per line: stderr is unbuffered.
     let line = format!(
-        "pass {:>2}: dirty {:>8} pages, sent {:>8} + {:>8} zero, {:>7.0} MiB/s, throttle {:>2}%, {:>8} left (~{} ms)",
+        "{}pass {:>2}: dirty {:>8} pages, sent {:>8} + {:>8} zero, {:>7.0} MiB/s, throttle {:>2}%, {:>8} left (~{} ms)",
+        if std::io::stderr().is_terminal() { "\r\x1b[K" } else { "" },
         r.pass,
         r.dirty_found,
         r.pages_sent,
@@ -20,6 +22,38 @@ pub fn pass_line(r: &PassReport) {
         r.estimated_ns / 1_000_000,
     );
     eprintln!("{line}");
+}
+
+/// Updates a progress line inside a long pass, on a terminal only (a log
+/// keeps one line per pass), at most ten times a second.
+pub struct PassProgress {
+    terminal: bool,
+    last_ns: u64,
+}
+
+impl PassProgress {
+    pub fn new() -> PassProgress {
+        PassProgress {
+            terminal: std::io::stderr().is_terminal(),
+            last_ns: 0,
+        }
+    }
+
+    /// Shows `so_far` (a pass in progress) if a tenth of a second passed.
+    pub fn update(&mut self, so_far: &PassReport, now_ns: u64) {
+        if !self.terminal || now_ns < self.last_ns + 100_000_000 {
+            return;
+        }
+        self.last_ns = now_ns;
+        eprint!(
+            "\r\x1b[Kpass {:>2}: {:>8} of {:>8} dirty pages sent, {:>7.0} MiB/s, {:.1} s",
+            so_far.pass,
+            so_far.pages_sent + so_far.zero_pages,
+            so_far.dirty_found,
+            so_far.bandwidth / (1 << 20) as f64,
+            so_far.duration_ns as f64 / 1e9,
+        );
+    }
 }
 
 /// Everything the summary reports.

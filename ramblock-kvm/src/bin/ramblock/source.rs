@@ -4,7 +4,7 @@
 use crate::link::{Breaks, Link};
 use crate::memory::{ledger_for, GuestRam};
 use crate::options::MigrateOptions;
-use crate::report::pass_line;
+use crate::report::{pass_line, PassProgress};
 use crate::workload::Guest;
 use ramblock_core::checksum::{Ledger, PageLedger};
 use ramblock_core::dirty_log::DirtyLogSource;
@@ -23,6 +23,7 @@ struct ProgramHost<'g> {
     guest: &'g mut dyn Guest,
     t0: Instant,
     quiet: bool,
+    progress: PassProgress,
     /// Every page sent, so the end checksums cost nothing in the downtime.
     ledger: Ledger,
     link: Link,
@@ -57,6 +58,12 @@ impl MigrationHost for ProgramHost<'_> {
         }
         if !self.quiet {
             pass_line(report);
+        }
+    }
+    fn pass_progress(&mut self, so_far: &PassReport) {
+        if !self.quiet {
+            let now = self.now_ns();
+            self.progress.update(so_far, now);
         }
     }
     fn device_state(&mut self, buf: &mut [u8]) -> usize {
@@ -146,6 +153,7 @@ pub fn send<D: DirtyLogSource>(
         guest,
         t0: Instant::now(),
         quiet: opts.json,
+        progress: PassProgress::new(),
         ledger: ledger_for(ram),
         link,
         state: &mut device_state,

@@ -42,6 +42,13 @@
 //! requests on the return path);
 //! [`fd_stream`] moves a migration stream between a socket and guest memory
 //! without a user-space copy.
+//!
+//! # Features
+//! - `vm-memory`: [`guest_memory`], blocks as rust-vmm vm-memory regions
+//!   and guest memory, with vm-memory's dirty `Bitmap` over the blocks' own
+//!   dirty bitmaps, for virtio devices and vhost-user backends. (Here and
+//!   not in `ramblock-kvm`: vm-memory is hypervisor-neutral, and the
+//!   `file_offset` a vhost-user backend needs is this crate's memfd.)
 #![deny(missing_docs)]
 
 pub mod advice;
@@ -49,6 +56,8 @@ pub mod builder;
 pub mod error;
 pub mod fd_stream;
 mod file;
+#[cfg(feature = "vm-memory")]
+pub mod guest_memory;
 pub mod hugetlb;
 pub mod memfd;
 pub mod memory;

@@ -175,3 +175,40 @@ fn ring_mode_harvests_a_guest_memfd_block_exactly() {
     }
     prove_mode(DirtyLogRequest::Mode(DirtyLogMode::Ring { entries: 4096 }));
 }
+
+/// `ramblock migrate --backing guest-memfd`: pre-copy verifies where the
+/// host has guest_memfd; post-copy is refused with userfaultfd's error;
+/// elsewhere the program fails naming the missing capability.
+#[test]
+fn the_program_migrates_guest_memfd_ram_or_names_what_is_missing() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let run = |extra: &[&str]| {
+        let mut args = vec!["migrate", "--backing", "guest-memfd", "--size", "64M"];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ramblock"))
+            .args(&args)
+            .output()
+            .expect("run ramblock");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = run(&["--workload", "increment", "--max-passes", "3"]);
+    match vm(DirtyLogRequest::Auto)
+        .capabilities()
+        .guest_memfd_missing()
+    {
+        Some((capability, kernel)) => {
+            assert!(!ok, "{text}");
+            assert!(text.contains(capability) && text.contains(kernel), "{text}");
+            println!("skipped: guest_memfd migration ({capability} missing; the error names it)");
+        }
+        None => {
+            assert!(ok && text.contains("verified"), "{text}");
+            let (ok, text) = run(&["--postcopy"]);
+            assert!(!ok && text.contains("pre-copy"), "{text}");
+        }
+    }
+}

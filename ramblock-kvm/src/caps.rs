@@ -27,7 +27,24 @@ pub struct Capabilities {
     pub readonly_mem: bool,
     /// `KVM_CAP_NR_MEMSLOTS`: memslots per address space.
     pub memslots: u32,
+    /// `KVM_CAP_GUEST_MEMFD`: `KVM_CREATE_GUEST_MEMFD` exists (Linux 6.8).
+    pub guest_memfd: bool,
+    /// `KVM_CAP_GUEST_MEMFD_FLAGS`: the `KVM_CREATE_GUEST_MEMFD` flags this
+    /// VM accepts (Linux 6.18: [`GUEST_MEMFD_FLAG_MMAP`],
+    /// [`GUEST_MEMFD_FLAG_INIT_SHARED`]); 0 when absent.
+    pub guest_memfd_flags: u64,
 }
+
+/// `KVM_CAP_GUEST_MEMFD_FLAGS` (Linux 6.18; kvm-bindings 0.14 predates it).
+pub const KVM_CAP_GUEST_MEMFD_FLAGS: u32 = 244;
+/// `GUEST_MEMFD_FLAG_MMAP`: the guest_memfd can be mmap'ed by the VMM.
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+/// `GUEST_MEMFD_FLAG_INIT_SHARED`: its memory starts shared with the host
+/// (a non-confidential VM's RAM), so the mapping can be read and written.
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+/// The guest_memfd flags a guest_memfd block needs: memory the VMM maps
+/// like any other block.
+pub const GUEST_MEMFD_WANTED: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 
 /// The manual-protect flags ramblock needs.
 pub const MANUAL_PROTECT_WANTED: u32 =
@@ -49,12 +66,39 @@ impl Capabilities {
                 0 => 32,
                 n => n as u32,
             },
+            guest_memfd: raw(kvm_bindings::KVM_CAP_GUEST_MEMFD) > 0,
+            guest_memfd_flags: raw(KVM_CAP_GUEST_MEMFD_FLAGS) as u64,
         }
     }
 
     /// Whether manual protect with initially-set bitmaps is offered.
     pub fn manual_protect(&self) -> bool {
         self.manual_protect_flags & MANUAL_PROTECT_WANTED == MANUAL_PROTECT_WANTED
+    }
+
+    /// What a guest_memfd block needs and this VM lacks: the capability
+    /// and the Linux release that brings it; `None` when it has it all.
+    pub fn guest_memfd_missing(&self) -> Option<(&'static str, &'static str)> {
+        if !self.user_memory2 {
+            Some((
+                "KVM_CAP_USER_MEMORY2 (KVM_SET_USER_MEMORY_REGION2)",
+                "Linux 6.8",
+            ))
+        } else if !self.guest_memfd {
+            // 6.8 offered it to confidential VM types only; ordinary VMs
+            // (whose RAM the VMM maps) got it with the mmap flag.
+            Some((
+                "KVM_CAP_GUEST_MEMFD (KVM_CREATE_GUEST_MEMFD) on an ordinary VM",
+                "Linux 6.18 built with CONFIG_KVM_GUEST_MEMFD",
+            ))
+        } else if self.guest_memfd_flags & GUEST_MEMFD_WANTED != GUEST_MEMFD_WANTED {
+            Some((
+                "KVM_CAP_GUEST_MEMFD_FLAGS with GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED (0x3)",
+                "Linux 6.18",
+            ))
+        } else {
+            None
+        }
     }
 
     /// Whether a dirty ring of either flavour is offered.
@@ -68,13 +112,15 @@ impl fmt::Display for Capabilities {
         write!(
             f,
             "manual-protect2 flags {:#x}, dirty ring max {} B, dirty ring acq/rel max {} B, \
-             user-memory2 {}, read-only memslots {}, {} memslots",
+             user-memory2 {}, read-only memslots {}, {} memslots, guest_memfd {} (flags {:#x})",
             self.manual_protect_flags,
             self.dirty_ring_max_bytes,
             self.dirty_ring_acq_rel_max_bytes,
             self.user_memory2,
             self.readonly_mem,
-            self.memslots
+            self.memslots,
+            self.guest_memfd,
+            self.guest_memfd_flags
         )
     }
 }

@@ -155,6 +155,22 @@ pub enum KvmError {
         /// Pages in the bitmap.
         len: u64,
     },
+    /// guest_memfd blocks need a capability this host's KVM lacks.
+    #[error("guest_memfd blocks need {capability}, which this host's KVM does not offer; it comes with {kernel}: run on a host kernel that has it, or use a memfd backing")]
+    GuestMemfdUnsupported {
+        /// The missing capability.
+        capability: &'static str,
+        /// The Linux release that brings it.
+        kernel: &'static str,
+    },
+    /// A guest_memfd block's memory is not the VM's guest_memfd mapping.
+    #[error("block {block:?} is not a guest_memfd block of this VM: {why}")]
+    NotGuestMemfd {
+        /// The block's name.
+        block: String,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// The guest stopped in a way the caller did not expect.
     #[error("vCPU {vcpu}: {what}")]
     Guest {

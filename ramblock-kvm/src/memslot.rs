@@ -105,6 +105,9 @@ pub struct Slot {
     pub read_only: bool,
     /// `KVM_MEM_LOG_DIRTY_PAGES`.
     pub logging: bool,
+    /// `KVM_MEM_GUEST_MEMFD`: the guest_memfd (raw fd, kept open by the
+    /// block's memory) and the offset in it of the slot's first byte.
+    pub guest_memfd: Option<(i32, u64)>,
     pub(crate) log: SlotLog,
 }
 
@@ -122,6 +125,9 @@ impl Slot {
         }
         if self.read_only {
             flags |= kvm_bindings::KVM_MEM_READONLY;
+        }
+        if self.guest_memfd.is_some() {
+            flags |= kvm_bindings::KVM_MEM_GUEST_MEMFD;
         }
         flags
     }
@@ -240,6 +246,7 @@ mod tests {
             range: BlockRange::Whole,
             read_only: false,
             logging: false,
+            guest_memfd: None,
             log: SlotLog::default(),
         }
     }

@@ -157,6 +157,8 @@ mod tests {
             user_memory2: false,
             readonly_mem: true,
             memslots: 32,
+            guest_memfd: false,
+            guest_memfd_flags: 0,
         }
     }
 

@@ -197,12 +197,15 @@ impl Vm {
             )
         };
         let result = if self.caps.user_memory2 {
+            let (guest_memfd, guest_memfd_offset) = slot.guest_memfd.unwrap_or((0, 0));
             let region = kvm_userspace_memory_region2 {
                 slot: slot.id.0,
                 flags: slot.kvm_flags(),
                 guest_phys_addr: slot.gpa,
                 memory_size: len,
                 userspace_addr: slot.host,
+                guest_memfd_offset,
+                guest_memfd: guest_memfd as u32,
                 ..Default::default()
             };
             // SAFETY: `slot.host .. + len` is host memory of a block that
@@ -250,6 +253,103 @@ impl Vm {
         gpa: u64,
         range: BlockRange,
     ) -> Result<SlotId, KvmError> {
+        if block.flags().contains(BlockFlags::GUEST_MEMFD) {
+            return Err(KvmError::NotGuestMemfd {
+                block: block.name().into(),
+                why: "a guest_memfd block is mapped with map_guest_memfd_block, which hands KVM its fd",
+            });
+        }
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.map_slot(block, gpa, range, None) }
+    }
+
+    /// What a guest_memfd block needs and this VM lacks, as the error to
+    /// report; `Ok` when the host has it all.
+    pub fn check_guest_memfd(&self) -> Result<(), KvmError> {
+        match self.caps.guest_memfd_missing() {
+            Some((capability, kernel)) => {
+                Err(KvmError::GuestMemfdUnsupported { capability, kernel })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Creates a guest_memfd of `len` bytes for this VM
+    /// (`KVM_CREATE_GUEST_MEMFD` with `GUEST_MEMFD_FLAG_MMAP |
+    /// GUEST_MEMFD_FLAG_INIT_SHARED`): memory the VMM maps and reads and
+    /// writes like any block's (`MemoryBuilder::guest_memfd`), which KVM
+    /// backs the guest with from the fd rather than from the mapping. A host
+    /// without it gets [`KvmError::GuestMemfdUnsupported`], naming the
+    /// capability and the Linux release that brings it.
+    pub fn create_guest_memfd(&self, len: u64) -> Result<std::os::fd::OwnedFd, KvmError> {
+        use std::os::fd::FromRawFd;
+        self.check_guest_memfd()?;
+        let gmem = kvm_bindings::kvm_create_guest_memfd {
+            size: len,
+            flags: crate::caps::GUEST_MEMFD_WANTED,
+            ..Default::default()
+        };
+        let fd = self.fd.create_guest_memfd(gmem).map_err(|e| {
+            KvmError::from_kvm(
+                format!("KVM_CREATE_GUEST_MEMFD ({len:#x} bytes, flags MMAP | INIT_SHARED)"),
+                e,
+            )
+        })?;
+        // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Maps `range` of a guest_memfd block at `gpa` as a memslot through
+    /// `KVM_SET_USER_MEMORY_REGION2` with `KVM_MEM_GUEST_MEMFD`, handing KVM
+    /// the block's guest_memfd and the offset of the range in it, with dirty
+    /// logging off. The block's memory must be a guest_memfd
+    /// (`MemoryBuilder::guest_memfd`) this VM created.
+    ///
+    /// # Safety
+    /// As for [`Vm::map_block`]: the block's memory (its mapping and its
+    /// guest_memfd, which the memory keeps open) must stay alive for this
+    /// block until the slot is gone from KVM.
+    pub unsafe fn map_guest_memfd_block<S: Storage>(
+        &self,
+        block: &RamBlock<ramblock_linux::LinuxMemory, S>,
+        gpa: u64,
+        range: BlockRange,
+    ) -> Result<SlotId, KvmError> {
+        use std::os::fd::AsRawFd;
+        self.check_guest_memfd()?;
+        let memory = block.memory();
+        let not = |why| KvmError::NotGuestMemfd {
+            block: block.name().into(),
+            why,
+        };
+        if memory.kind() != ramblock_linux::BackingKind::GuestMemfd {
+            return Err(not(
+                "its memory is not a guest_memfd (build it with MemoryBuilder::guest_memfd)",
+            ));
+        }
+        let fd = memory.fd().ok_or_else(|| not("its memory has no fd"))?;
+        let first = match range {
+            BlockRange::Whole => 0,
+            BlockRange::Pages { first, .. } => first,
+        };
+        let offset = memory.fd_offset() + (first << 12);
+        // SAFETY: the caller's promise, passed on; the fd is the memory's
+        // own, open while the memory lives.
+        unsafe { self.map_slot(block, gpa, range, Some((fd.as_raw_fd(), offset))) }
+    }
+
+    /// The memslot behind [`Vm::map_block`] and
+    /// [`Vm::map_guest_memfd_block`].
+    ///
+    /// # Safety
+    /// As for [`Vm::map_block`].
+    unsafe fn map_slot<M: HostMemory, S: Storage>(
+        &self,
+        block: &RamBlock<M, S>,
+        gpa: u64,
+        range: BlockRange,
+        guest_memfd: Option<(i32, u64)>,
+    ) -> Result<SlotId, KvmError> {
         let used = block.used_pages() as u64;
         let (first, count) = match range {
             BlockRange::Whole => (0, used),
@@ -285,6 +385,7 @@ impl Vm {
             range,
             read_only,
             logging: false,
+            guest_memfd,
             log: SlotLog::default(),
         };
         self.set_region(&slot, len)?;

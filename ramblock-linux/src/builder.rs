@@ -12,6 +12,7 @@ use ramblock_core::addr::{ByteLen, PageSize};
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::host::HostMemory;
 use std::num::NonZeroUsize;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::ptr::NonNull;
 
@@ -27,6 +28,11 @@ enum Origin {
         ptr: NonNull<u8>,
         page_size: PageSize,
     },
+    /// A KVM guest_memfd created with the mmap and init-shared flags; shared
+    /// by every builder clone, duplicated for the memory that is built.
+    GuestMemfd {
+        fd: std::sync::Arc<OwnedFd>,
+    },
 }
 
 impl Origin {
@@ -36,6 +42,7 @@ impl Origin {
             Origin::Memfd => "memfd",
             Origin::File { .. } => "file",
             Origin::Caller { .. } => "caller",
+            Origin::GuestMemfd { .. } => "guest_memfd",
         }
     }
 }
@@ -119,6 +126,21 @@ impl MemoryBuilder {
     /// the filesystem (hugetlbfs reports its hugepage size).
     pub fn file(path: impl Into<PathBuf>, used_len: ByteLen) -> MemoryBuilder {
         Self::new(Origin::File { path: path.into() }, used_len)
+    }
+
+    /// A KVM guest_memfd of `used_len` bytes (from `KVM_CREATE_GUEST_MEMFD`
+    /// with `GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED`; ramblock-kvm's
+    /// `Vm::create_guest_memfd` makes one), mapped shared from offset 0. Its
+    /// size was fixed when KVM created it, so it cannot be resizable; the
+    /// block flag [`BlockFlags::GUEST_MEMFD`] is set. Map it into the VM with
+    /// `Vm::map_guest_memfd_block`, which hands KVM the fd as well.
+    pub fn guest_memfd(fd: OwnedFd, used_len: ByteLen) -> MemoryBuilder {
+        Self::new(
+            Origin::GuestMemfd {
+                fd: std::sync::Arc::new(fd),
+            },
+            used_len,
+        )
     }
 
     /// Memory the caller already mapped: `len` bytes at `ptr` with pages of
@@ -231,7 +253,10 @@ impl MemoryBuilder {
     }
 
     fn is_shared(&self) -> bool {
-        self.shared.unwrap_or(matches!(self.origin, Origin::Memfd))
+        self.shared.unwrap_or(matches!(
+            self.origin,
+            Origin::Memfd | Origin::GuestMemfd { .. }
+        ))
     }
 
     /// The block flags the options imply.
@@ -245,6 +270,7 @@ impl MemoryBuilder {
         match &self.origin {
             Origin::File { path } if !path.is_dir() => flags |= BlockFlags::NAMED_FILE,
             Origin::Caller { .. } => flags |= BlockFlags::CALLER_PREALLOCATED,
+            Origin::GuestMemfd { .. } => flags |= BlockFlags::GUEST_MEMFD,
             _ => {}
         }
         flags
@@ -288,6 +314,19 @@ impl MemoryBuilder {
                     addr: ptr.as_ptr() as usize,
                     page_size,
                 });
+            }
+        }
+        if let Origin::GuestMemfd { .. } = self.origin {
+            let refused = [
+                (max != self.used, "max_length"),
+                (self.shared == Some(false), "shared(false)"),
+                (self.no_reserve, "no_reserve"),
+                (self.thp, "transparent_hugepages"),
+                (self.huge.is_some(), "huge_pages"),
+                (self.offset != 0, "offset"),
+            ];
+            if let Some((_, option)) = refused.iter().find(|(bad, _)| *bad) {
+                return Err(OptionsError::GuestMemfdOption { option });
             }
         }
         let is_file = matches!(self.origin, Origin::File { .. });
@@ -355,7 +394,9 @@ impl MemoryBuilder {
                 prealloc: None,
                 flags,
             },
-            Origin::Anonymous | Origin::Memfd | Origin::File { .. } => self.map(max, flags)?,
+            Origin::Anonymous | Origin::Memfd | Origin::File { .. } | Origin::GuestMemfd { .. } => {
+                self.map(max, flags)?
+            }
         };
         for hint in self.thp.then_some(Hint::Hugepage).iter().chain(&self.hints) {
             memory.advise(*hint)?;
@@ -407,6 +448,13 @@ impl MemoryBuilder {
                     backing.page_size,
                 )
             }
+            Origin::GuestMemfd { fd } => (
+                Some(fd.try_clone().map_err(|e| Error::GuestMemfdDup {
+                    errno: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::BADF),
+                })?),
+                BackingKind::GuestMemfd,
+                host_page_size(),
+            ),
             _ => match self.huge {
                 Some(page) => (None, BackingKind::Hugetlb(page), page),
                 None => (None, BackingKind::Anonymous, host_page_size()),

@@ -80,6 +80,12 @@ pub enum OptionsError {
         /// The option.
         option: &'static str,
     },
+    /// A guest_memfd's size and mapping are fixed by KVM.
+    #[error("guest_memfd memory cannot take option {option}: KVM fixed its size when it created it, and it is mapped shared, in base pages, from offset 0")]
+    GuestMemfdOption {
+        /// The option.
+        option: &'static str,
+    },
     /// Caller memory whose pointer is not page aligned.
     #[error("caller memory at {addr:#x} is not aligned to its {page_size} page size")]
     CallerUnaligned {
@@ -108,6 +114,12 @@ pub enum Error {
     /// The builder's options contradict each other or the host.
     #[error("invalid memory options: {0}")]
     Options(#[from] OptionsError),
+    /// The guest_memfd could not be duplicated for the memory to own.
+    #[error("cannot duplicate the guest_memfd: {errno}; raise the open-files limit")]
+    GuestMemfdDup {
+        /// What the kernel said.
+        errno: Errno,
+    },
     /// userfaultfd failed (registering memory, placing pages).
     #[error("userfaultfd: {0}")]
     Userfault(#[from] crate::uffd::UffdError),

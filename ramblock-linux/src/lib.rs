@@ -45,6 +45,13 @@
 //! hypervisor (userfaultfd asynchronous write-protect, harvested with
 //! [`pagemap_scan`]); [`live_copy`] saves memory as it was at one instant
 //! while writers run (synchronous write-protect, copy before write).
+//!
+//! # Features
+//! - `vm-memory`: [`guest_memory`], blocks as rust-vmm vm-memory regions
+//!   and guest memory, with vm-memory's dirty `Bitmap` over the blocks' own
+//!   dirty bitmaps, for virtio devices and vhost-user backends. (Here and
+//!   not in `ramblock-kvm`: vm-memory is hypervisor-neutral, and the
+//!   `file_offset` a vhost-user backend needs is this crate's memfd.)
 #![deny(missing_docs)]
 
 pub mod advice;
@@ -53,6 +60,8 @@ pub mod dirty_log;
 pub mod error;
 pub mod fd_stream;
 mod file;
+#[cfg(feature = "vm-memory")]
+pub mod guest_memory;
 pub mod hugetlb;
 pub mod live_copy;
 pub mod memfd;

@@ -32,6 +32,8 @@ pub enum BackingKind {
     },
     /// Memory the caller mapped.
     Caller,
+    /// A KVM guest_memfd, mapped (`GUEST_MEMFD_FLAG_MMAP`).
+    GuestMemfd,
 }
 
 impl BackingKind {
@@ -43,6 +45,7 @@ impl BackingKind {
             BackingKind::Memfd(_) => "memfd",
             BackingKind::File { .. } => "file",
             BackingKind::Caller => "caller",
+            BackingKind::GuestMemfd => "guest_memfd",
         }
     }
 }

@@ -49,6 +49,8 @@ enum Class {
     Hugetlb,
     /// A file or caller memory: the kernel decides.
     Unknown,
+    /// Memory userfaultfd cannot register at all.
+    Refused(&'static str),
 }
 
 fn classify(mem: &LinuxMemory) -> (Class, &'static str) {
@@ -61,6 +63,12 @@ fn classify(mem: &LinuxMemory) -> (Class, &'static str) {
         BackingKind::File { hugetlbfs: true } => (Class::Hugetlb, "hugetlbfs file"),
         BackingKind::File { hugetlbfs: false } => (Class::Unknown, "file"),
         BackingKind::Caller => (Class::Unknown, "caller"),
+        BackingKind::GuestMemfd => (
+            Class::Refused(
+                "userfaultfd does not support guest_memfd memory (the kernel refuses to register its mappings): migrate it with pre-copy",
+            ),
+            "guest_memfd",
+        ),
     }
 }
 
@@ -79,6 +87,9 @@ fn check_mode(uffd: &Userfaultfd, mem: &LinuxMemory, mode: RegisterMode) -> Resu
             })
         }
     };
+    if let Class::Refused(why) = class {
+        return Err(unsupported(why));
+    }
     if mode.is_empty() {
         return Err(unsupported(
             "no mode was given: ask for MISSING, MINOR and/or WRITE_PROTECT",
@@ -91,7 +102,8 @@ fn check_mode(uffd: &Userfaultfd, mem: &LinuxMemory, mode: RegisterMode) -> Resu
                 Features::MISSING_HUGETLBFS,
                 "missing faults on hugetlb memory",
             )?,
-            Class::PrivateAnonymous | Class::Unknown => {}
+            // Refused ones returned above.
+            Class::PrivateAnonymous | Class::Unknown | Class::Refused(_) => {}
         }
     }
     if mode.contains(RegisterMode::MINOR) {
@@ -101,7 +113,7 @@ fn check_mode(uffd: &Userfaultfd, mem: &LinuxMemory, mode: RegisterMode) -> Resu
                     "minor faults happen only on memory with a page cache: back the block with a memfd, shared memory or hugetlb",
                 ))
             }
-            Class::Unknown => {}
+            Class::Unknown | Class::Refused(_) => {}
             _ if !mem.is_shared() => {
                 return Err(unsupported(
                     "minor faults need a shared mapping: the page cache is filled through another mapping, which a private one never sees",

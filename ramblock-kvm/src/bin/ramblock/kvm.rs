@@ -10,7 +10,6 @@ use crate::workload::{Guest, HostWriter};
 use ramblock_kvm::dirty::KvmDirtyLog;
 use ramblock_kvm::guest::Workload as GuestWorkload;
 use ramblock_kvm::memslot::BlockRange;
-use ramblock_kvm::mode::{DirtyLogMode, DirtyLogRequest};
 use ramblock_kvm::runner::VcpuRunner;
 use ramblock_kvm::vcpu_state::VcpuState;
 use ramblock_kvm::vm::{Vm, VmBuilder};
@@ -82,20 +81,45 @@ impl Drop for KvmGuest {
     }
 }
 
+/// Maps `pc.ram` at guest-physical 0: through its guest_memfd when it has
+/// one.
+fn map_ram(
+    vm: &Vm,
+    block: &ramblock_core::block::RamBlock<
+        ramblock_linux::LinuxMemory,
+        ramblock_core::bitmap::Owned,
+    >,
+) -> Result<(), String> {
+    let slot = if block
+        .flags()
+        .contains(ramblock_core::flags::BlockFlags::GUEST_MEMFD)
+    {
+        // SAFETY: the program's RAM lists are leaked ('static) and their
+        // block is never removed, so the memory behind the slot (and its
+        // guest_memfd) stays for the life of the VM.
+        unsafe { vm.map_guest_memfd_block(block, 0, BlockRange::Whole) }
+    } else {
+        // SAFETY: as above.
+        unsafe { vm.map_block(block, 0, BlockRange::Whole) }
+    };
+    slot.map(drop).map_err(|e| e.to_string())
+}
+
 /// Creates the VM, maps `pc.ram` at guest-physical 0 and starts the
 /// workload.
 pub fn start(ram: &'static GuestRam, opts: &MigrateOptions) -> Result<Started, String> {
-    let vm = Arc::new(
-        VmBuilder::new()
-            .dirty_log(opts.dirty_log.kvm_request())
-            .build()
-            .map_err(|e| e.to_string())?,
-    );
+    let vm = match crate::memory::take_vm(ram) {
+        Some(vm) => vm,
+        None => Arc::new(
+            VmBuilder::new()
+                .dirty_log(opts.dirty_log.kvm_request())
+                .build()
+                .map_err(|e| e.to_string())?,
+        ),
+    };
     let view = ram.read();
     let block = view.by_name(RAM_BLOCK).ok_or("no guest RAM block")?;
-    // SAFETY: `ram` is leaked ('static) and its block is never removed, so
-    // the memory behind the slot stays mapped for the life of the VM.
-    unsafe { vm.map_block(block, 0, BlockRange::Whole) }.map_err(|e| e.to_string())?;
+    map_ram(&vm, block)?;
     let guest: Box<dyn Guest> = match opts.workload {
         Workload::Increment => {
             let work = GuestWorkload::for_ram(block.used_length().0).map_err(|e| e.to_string())?;
@@ -121,18 +145,19 @@ pub fn start(ram: &'static GuestRam, opts: &MigrateOptions) -> Result<Started, S
 /// returned closure starts it from the source's device state (no vCPU for
 /// an empty state: the source ran no vCPU program).
 pub fn prepare_destination(ram: &'static GuestRam) -> Result<StartGuest, String> {
-    let vm = Arc::new(
-        VmBuilder::new()
-            .dirty_log(DirtyLogRequest::Mode(DirtyLogMode::Bitmap))
-            .build()
-            .map_err(|e| e.to_string())?,
-    );
+    let vm = match crate::memory::take_vm(ram) {
+        Some(vm) => vm,
+        None => Arc::new(
+            VmBuilder::new()
+                .dirty_log(crate::DESTINATION_LOG)
+                .build()
+                .map_err(|e| e.to_string())?,
+        ),
+    };
     {
         let view = ram.read();
         let block = view.by_name(RAM_BLOCK).ok_or("no guest RAM block")?;
-        // SAFETY: `ram` is leaked ('static) and its block is never removed,
-        // so the memory behind the slot stays mapped for the life of the VM.
-        unsafe { vm.map_block(block, 0, BlockRange::Whole) }.map_err(|e| e.to_string())?;
+        map_ram(&vm, block)?;
     }
     let mut vcpu = Some(vm.create_vcpu(0).map_err(|e| e.to_string())?);
     Ok(Box::new(move |state: &[u8]| {

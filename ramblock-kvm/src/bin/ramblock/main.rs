@@ -33,6 +33,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use workload::{Guest, HostWriter};
 
+/// A destination VM's dirty-log mode: it logs nothing during the
+/// migration, so the plainest mode.
+pub const DESTINATION_LOG: ramblock_kvm::mode::DirtyLogRequest =
+    ramblock_kvm::mode::DirtyLogRequest::Mode(ramblock_kvm::mode::DirtyLogMode::Bitmap);
+
 /// Guest RAM management for Rust VMMs.
 #[derive(Parser, Debug)]
 #[command(name = "ramblock", version, about)]
@@ -73,6 +78,7 @@ fn backing_name(opts: &MigrateOptions) -> String {
         options::Backing::Memfd => "memfd".into(),
         options::Backing::Hugetlb => "hugetlb 2M".into(),
         options::Backing::File(p) => format!("file {}", p.display()),
+        options::Backing::GuestMemfd => "guest_memfd".into(),
     }
 }
 
@@ -96,7 +102,13 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
     } else {
         Side::Destination
     };
-    let ram = match guest_ram(opts.size, &opts.backing, opts.clear_shift, side) {
+    let ram = match guest_ram(
+        opts.size,
+        &opts.backing,
+        opts.clear_shift,
+        side,
+        DESTINATION_LOG,
+    ) {
         Ok(r) => r,
         Err(e) => return failed(summary, e),
     };
@@ -183,7 +195,13 @@ fn outgoing(opts: &MigrateOptions) -> Summary {
         backing: backing_name(opts),
         ..Summary::default()
     };
-    let ram = match guest_ram(opts.size, &opts.backing, opts.clear_shift, Side::Source) {
+    let ram = match guest_ram(
+        opts.size,
+        &opts.backing,
+        opts.clear_shift,
+        Side::Source,
+        opts.dirty_log.kvm_request(),
+    ) {
         Ok(r) => r,
         Err(e) => return failed(summary, e),
     };
@@ -271,7 +289,13 @@ fn run_source(
     } else {
         Side::LocalDestination
     };
-    let dest = guest_ram(opts.size, &opts.backing, opts.clear_shift, side)?;
+    let dest = guest_ram(
+        opts.size,
+        &opts.backing,
+        opts.clear_shift,
+        side,
+        DESTINATION_LOG,
+    )?;
     let start_guest = postcopy_guest(dest, opts)?;
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot listen on loopback: {e}"))?;

@@ -8,8 +8,25 @@ use ramblock_core::checksum::{Ledger, PageLedger};
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
 use ramblock_core::name::BlockName;
+use ramblock_kvm::mode::DirtyLogRequest;
+use ramblock_kvm::vm::{Vm, VmBuilder};
 use ramblock_linux::{LinuxMemory, MemoryBuilder, Prealloc};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// The VMs that guest_memfd RAM was created for, by the list's address: a
+/// guest_memfd belongs to the VM that made it, so `kvm::start` and
+/// `kvm::prepare_destination` run the guest in that VM ([`take_vm`]).
+static GUEST_MEMFD_VMS: Mutex<Vec<(usize, Arc<Vm>)>> = Mutex::new(Vec::new());
+
+/// The VM `ram`'s guest_memfd was created for, if it has one.
+pub fn take_vm(ram: &GuestRam) -> Option<Arc<Vm>> {
+    let mut vms = GUEST_MEMFD_VMS.lock().unwrap_or_else(|e| e.into_inner());
+    let at = vms
+        .iter()
+        .position(|(k, _)| *k == ram as *const GuestRam as usize)?;
+    Some(vms.swap_remove(at).1)
+}
 
 /// The block lists the program uses (a VM has few blocks).
 pub type GuestRam = RamList<'static, LinuxMemory, Owned, 8>;
@@ -35,14 +52,17 @@ pub enum Side {
 }
 
 /// Builds `size` bytes of guest RAM over `backing` and returns a list
-/// holding it as `pc.ram`.
+/// holding it as `pc.ram`. A guest_memfd backing creates its VM here, with
+/// `dirty_log`, for [`take_vm`].
 pub fn guest_ram(
     size: u64,
     backing: &Backing,
     clear_shift: u8,
     side: Side,
+    dirty_log: DirtyLogRequest,
 ) -> Result<&'static GuestRam, String> {
     let len = ByteLen(size);
+    let mut vm = None;
     let builder = match backing {
         Backing::Anonymous => MemoryBuilder::anonymous(len).transparent_hugepages(true),
         Backing::Memfd => MemoryBuilder::memfd(len).name(RAM_BLOCK),
@@ -60,6 +80,15 @@ pub fn guest_ram(
             };
             MemoryBuilder::file(path, len).shared(true)
         }
+        Backing::GuestMemfd => {
+            let made = VmBuilder::new()
+                .dirty_log(dirty_log)
+                .build()
+                .map_err(|e| format!("guest_memfd RAM needs a KVM VM: {e}"))?;
+            let fd = made.create_guest_memfd(size).map_err(|e| e.to_string())?;
+            vm = Some(Arc::new(made));
+            MemoryBuilder::guest_memfd(fd, len)
+        }
     };
     let builder = match side {
         Side::Source | Side::LazyDestination => builder,
@@ -76,6 +105,12 @@ pub fn guest_ram(
     let list: &'static GuestRam = Box::leak(Box::new(RamList::new()));
     list.add(spec, memory, bitmaps)
         .map_err(|e| format!("cannot add {RAM_BLOCK}: {e}"))?;
+    if let Some(vm) = vm {
+        GUEST_MEMFD_VMS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((list as *const GuestRam as usize, vm));
+    }
     Ok(list)
 }
 

@@ -110,6 +110,8 @@ pub enum Backing {
     Hugetlb,
     /// A file or a directory.
     File(PathBuf),
+    /// A KVM guest_memfd (mmap and init-shared flags) of the guest's VM.
+    GuestMemfd,
 }
 
 /// The guest's activity during migration.
@@ -156,7 +158,12 @@ fn parse_backing(s: &str) -> Result<Backing, String> {
         "anonymous" | "anon" => Backing::Anonymous,
         "memfd" => Backing::Memfd,
         "hugetlb" => Backing::Hugetlb,
-        "" => return Err("empty backing: use anonymous, memfd, hugetlb or a path".into()),
+        "guest-memfd" | "guest_memfd" => Backing::GuestMemfd,
+        "" => {
+            return Err(
+                "empty backing: use anonymous, memfd, hugetlb, guest-memfd or a path".into(),
+            )
+        }
         path => Backing::File(PathBuf::from(path.strip_prefix("file:").unwrap_or(path))),
     })
 }
@@ -218,5 +225,6 @@ mod tests {
             )))
         );
         assert!(parse_mode("uffd").unwrap_err().contains("uffd-wp"));
+        assert_eq!(parse_backing("guest-memfd"), Ok(Backing::GuestMemfd));
     }
 }

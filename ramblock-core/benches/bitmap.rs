@@ -52,7 +52,11 @@ enum Pattern {
 
 fn log_words(pattern: Pattern) -> Vec<u64> {
     let words = words_for(LOG_PAGES);
-    let mut log = vec![0u64; words];
+    // Every page written, so a clean log is real memory like the bitmap
+    // it is compared with: `vec![0; n]` alone would leave it mapped to the
+    // kernel's zero page, which a scan reads from the cache.
+    let mut log = vec![!0u64; words];
+    log.fill(0);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     match pattern {
         Pattern::Clean => {}

@@ -180,22 +180,20 @@ const fn last_word_mask(len: usize) -> u64 {
 #[inline]
 fn find_word(words: &[u64], from: usize, fill: u64) -> Option<usize> {
     const STRIDE: usize = 8;
-    let mut i = from;
-    while i < words.len() && i % STRIDE != 0 {
-        if words[i] != fill {
-            return Some(i);
+    let mut base = from;
+    let mut chunks = words.get(from..)?.chunks_exact(STRIDE);
+    for chunk in &mut chunks {
+        // No early exit inside a chunk: the OR of eight words vectorizes.
+        if chunk.iter().fold(0, |acc, &w| acc | (w ^ fill)) != 0 {
+            return chunk.iter().position(|&w| w != fill).map(|p| base + p);
         }
-        i += 1;
+        base += STRIDE;
     }
-    while i + STRIDE <= words.len()
-        && words[i..i + STRIDE]
-            .iter()
-            .fold(0, |acc, &w| acc | (w ^ fill))
-            == 0
-    {
-        i += STRIDE;
-    }
-    (i..words.len()).find(|&j| words[j] != fill)
+    chunks
+        .remainder()
+        .iter()
+        .position(|&w| w != fill)
+        .map(|p| base + p)
 }
 
 /// The first bit at or after `from` (and below `len`) that is set in `words`

@@ -49,7 +49,6 @@ pub mod mode;
 #[cfg(feature = "test-guest")]
 pub mod runner;
 pub mod vcpu;
-#[cfg(feature = "test-guest")]
 pub mod vcpu_state;
 pub mod vm;
 

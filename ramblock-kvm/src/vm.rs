@@ -415,7 +415,8 @@ impl Vm {
         fd.set_cpuid2(&cpuid)
             .map_err(|e| KvmError::from_kvm(format!("KVM_SET_CPUID2 (vCPU {id})"), e))?;
         self.log.vcpu_created(&fd, id)?;
-        Ok(Vcpu::new(fd, id))
+        let caps = crate::vcpu::StateCaps::probe(&self._kvm, &self.fd)?;
+        Ok(Vcpu::new(fd, id, caps))
     }
 
     /// Ring mode: drains every vCPU's ring into the slots' pending bits and

@@ -29,6 +29,10 @@ pub enum VcpuEvent {
 /// [`Vcpu::restore`]).
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
+/// MSRs that belong to KVM's in-kernel local APIC: `IA32_TSC_DEADLINE`,
+/// `MSR_KVM_PV_EOI_EN`, `MSR_KVM_ASYNC_PF_INT` and `MSR_KVM_ASYNC_PF_ACK`.
+const LAPIC_MSRS: [u32; 4] = [MSR_IA32_TSC_DEADLINE, 0x4b56_4d04, 0x4b56_4d06, 0x4b56_4d07];
+
 /// MSRs per `KVM_GET_MSRS`/`KVM_SET_MSRS` (the kernel's and kvm-bindings'
 /// limit).
 const MSR_CHUNK: usize = KVM_MAX_MSR_ENTRIES;
@@ -160,7 +164,9 @@ impl Vcpu {
     /// area (`KVM_GET_XSAVE2`, sized by `KVM_CAP_XSAVE2`; `KVM_GET_FPU` on
     /// hosts without it), XCRs, the local APIC (absent without an in-kernel
     /// irqchip), every MSR `KVM_GET_MSR_INDEX_LIST` names, the pending
-    /// events, the debug registers and the TSC frequency. An MSR KVM lists
+    /// events, the debug registers and the TSC frequency. Without an
+    /// in-kernel local APIC, the MSRs that belong to it are left out. An
+    /// MSR KVM lists
     /// but will not read for this vCPU (a feature its CPUID lacks) is left
     /// out, as QEMU and Cloud Hypervisor do; any other failure is a
     /// [`KvmError::VcpuPart`] naming the part.
@@ -204,12 +210,19 @@ impl Vcpu {
         }
         st.lapic = match fd.get_lapic() {
             Ok(l) => Some(l),
-            // No in-kernel local APIC: the VMM emulates it (or there is
-            // none), and it is the VMM's device state.
-            Err(e) if e.errno() == Errno::ENXIO as i32 => None,
+            // No in-kernel local APIC (KVM answers EINVAL): the VMM
+            // emulates it (or there is none), and it is the VMM's device
+            // state.
+            Err(e) if e.errno() == Errno::EINVAL as i32 => None,
             Err(e) => return Err(part(VcpuPart::Lapic, "KVM_GET_LAPIC")(e)),
         };
         st.msrs = self.get_msrs()?;
+        if st.lapic.is_none() {
+            // Without an in-kernel local APIC these cannot be enabled (KVM
+            // refuses a write to them, even of their reset value), so they
+            // hold nothing and would only make the restore fail.
+            st.msrs.retain(|m| !LAPIC_MSRS.contains(&m.index));
+        }
         if self.caps.vcpu_events {
             st.events = Some(
                 fd.get_vcpu_events()
@@ -356,6 +369,16 @@ impl Vcpu {
                 hint: "",
             }
         };
+        // Refuse a state this vCPU cannot take before changing anything.
+        if state.lapic.is_some() && !self.has_lapic()? {
+            return Err(KvmError::VcpuMismatch {
+                vcpu: id,
+                part: VcpuPart::Lapic,
+                why: "the state has an in-kernel local APIC but this VM has none; create it \
+                      with an irqchip (VmBuilder::irqchip), as the source was"
+                    .into(),
+            });
+        }
         if let Some(khz) = state.tsc_khz {
             let here = if self.caps.tsc_khz {
                 fd.get_tsc_khz()
@@ -398,17 +421,8 @@ impl Vcpu {
                 .map_err(part(VcpuPart::MpState, "KVM_SET_MP_STATE"))?;
         }
         if let Some(l) = &state.lapic {
-            fd.set_lapic(l).map_err(|e| KvmError::VcpuPart {
-                vcpu: id,
-                part: VcpuPart::Lapic,
-                ioctl: "KVM_SET_LAPIC",
-                errno: Errno::from_raw(e.errno()),
-                hint: if e.errno() == Errno::ENXIO as i32 {
-                    "; this VM has no in-kernel local APIC: create it with an irqchip, as the source"
-                } else {
-                    ""
-                },
-            })?;
+            fd.set_lapic(l)
+                .map_err(part(VcpuPart::Lapic, "KVM_SET_LAPIC"))?;
         }
         self.set_msrs(&deadline)?;
         if let Some(e) = &state.events {
@@ -422,6 +436,22 @@ impl Vcpu {
                 .map_err(part(VcpuPart::DebugRegs, "KVM_SET_DEBUGREGS"))?;
         }
         Ok(())
+    }
+
+    /// Whether this vCPU has an in-kernel local APIC (`KVM_GET_LAPIC`
+    /// answers EINVAL when it has none).
+    fn has_lapic(&self) -> Result<bool, KvmError> {
+        match self.fd.get_lapic() {
+            Ok(_) => Ok(true),
+            Err(e) if e.errno() == Errno::EINVAL as i32 => Ok(false),
+            Err(e) => Err(KvmError::VcpuPart {
+                vcpu: self.id,
+                part: VcpuPart::Lapic,
+                ioctl: "KVM_GET_LAPIC",
+                errno: Errno::from_raw(e.errno()),
+                hint: "",
+            }),
+        }
     }
 
     /// `KVM_SET_XSAVE` from a buffer of the size this VM's

@@ -130,11 +130,13 @@ impl Vcpu {
     }
 
     /// [`Vcpu::fd`] for this crate's own calls, which keep its rules.
+    #[cfg(feature = "test-guest")]
     pub(crate) fn kvm_fd(&self) -> &VcpuFd {
         &self.fd
     }
 
     /// [`Vcpu::fd_mut`] for this crate's own calls.
+    #[cfg(feature = "test-guest")]
     pub(crate) fn kvm_fd_mut(&mut self) -> &mut VcpuFd {
         &mut self.fd
     }

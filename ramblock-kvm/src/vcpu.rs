@@ -355,9 +355,10 @@ impl Vcpu {
     ///    `KVM_GET_VCPU_EVENTS` does not mark;
     /// 8. the debug registers.
     ///
-    /// A part this vCPU cannot take is [`KvmError::VcpuPart`] or
-    /// [`KvmError::VcpuMismatch`] naming it; an MSR KVM refuses is
-    /// [`KvmError::Msr`] naming its index and value. The vCPU is then
+    /// A LAPIC this vCPU lacks or an XSAVE area larger than its own is
+    /// [`KvmError::VcpuMismatch`] before anything is loaded. A part KVM
+    /// refuses is [`KvmError::VcpuPart`] naming it; an MSR KVM refuses is
+    /// [`KvmError::Msr`] naming its index and value; the vCPU is then
     /// partly loaded and must not run.
     pub fn restore(&self, state: &VcpuState) -> Result<(), KvmError> {
         let id = self.id;
@@ -371,7 +372,8 @@ impl Vcpu {
                 hint: "",
             }
         };
-        // Refuse a state this vCPU cannot take before changing anything.
+        // Refuse a state this vCPU cannot take (a LAPIC it lacks, an
+        // XSAVE area larger than its own) before changing anything.
         if state.lapic.is_some() && !self.has_lapic()? {
             return Err(KvmError::VcpuMismatch {
                 vcpu: id,
@@ -380,6 +382,9 @@ impl Vcpu {
                       with an irqchip (VmBuilder::irqchip), as the source was"
                     .into(),
             });
+        }
+        if let Some(x) = &state.xsave {
+            self.check_xsave_fits(x)?;
         }
         if let Some(khz) = state.tsc_khz {
             let here = if self.caps.tsc_khz {
@@ -456,9 +461,8 @@ impl Vcpu {
         }
     }
 
-    /// `KVM_SET_XSAVE` from a buffer of the size this VM's
-    /// `KVM_CAP_XSAVE2` gives, holding `saved` and zeros after it.
-    fn set_xsave(&self, saved: &[u8]) -> Result<(), KvmError> {
+    /// This vCPU's XSAVE area size, if `saved` fits in it.
+    fn check_xsave_fits(&self, saved: &[u8]) -> Result<usize, KvmError> {
         let mismatch = |why: String| KvmError::VcpuMismatch {
             vcpu: self.id,
             part: VcpuPart::Xsave,
@@ -474,6 +478,13 @@ impl Vcpu {
                 saved.len()
             )));
         }
+        Ok(len)
+    }
+
+    /// `KVM_SET_XSAVE` from a buffer of the size this VM's
+    /// `KVM_CAP_XSAVE2` gives, holding `saved` and zeros after it.
+    fn set_xsave(&self, saved: &[u8]) -> Result<(), KvmError> {
+        let len = self.check_xsave_fits(saved)?;
         let mut xsave = xsave_buffer(self.id, len)?;
         let mut words = saved
             .chunks(4)

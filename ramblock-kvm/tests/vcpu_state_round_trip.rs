@@ -139,6 +139,22 @@ fn sse_registers_and_the_tsc_survive_a_move_to_a_new_vm() {
             "guest TSC went back: {after} < {saved_tsc}"
         );
     }
+
+    // An XSAVE area larger than this host's (a source with AMX, say) is
+    // refused before anything is loaded, naming the part.
+    if let Some(x) = &state.xsave {
+        let mut big = state.clone();
+        big.xsave = Some([x.as_slice(), &[0; 64 << 10]].concat());
+        let vcpu_c = vm_b.create_vcpu(1).unwrap();
+        match vcpu_c.restore(&big) {
+            Err(KvmError::VcpuMismatch {
+                part: VcpuPart::Xsave,
+                vcpu: 1,
+                ..
+            }) => {}
+            other => panic!("expected an XSAVE mismatch, got {other:?}"),
+        }
+    }
 }
 
 /// Writes `msrs` to `vcpu` the way a VMM sets up a guest.

@@ -171,6 +171,44 @@ pub enum KvmError {
         /// What is wrong.
         why: &'static str,
     },
+    /// Reading or writing one part of a vCPU's state failed.
+    #[error("vCPU {vcpu}: {ioctl} for its {part} failed: {errno}{hint}")]
+    VcpuPart {
+        /// The vCPU.
+        vcpu: u64,
+        /// The part of [`crate::vcpu_state::VcpuState`].
+        part: crate::vcpu_state::VcpuPart,
+        /// The ioctl.
+        ioctl: &'static str,
+        /// What the kernel said.
+        errno: Errno,
+        /// What to do, if there is something to say (starts with "; ").
+        hint: &'static str,
+    },
+    /// KVM refused to read or write one MSR of a vCPU's state.
+    #[error("vCPU {vcpu}: {ioctl} refused MSR {index:#x} (value {data:#x}); {hint}")]
+    Msr {
+        /// The vCPU.
+        vcpu: u64,
+        /// `KVM_SET_MSRS` or `KVM_GET_MSRS`.
+        ioctl: &'static str,
+        /// The MSR.
+        index: u32,
+        /// The value written (0 for a read).
+        data: u64,
+        /// What to do.
+        hint: &'static str,
+    },
+    /// A saved vCPU state does not fit the vCPU it is restored into.
+    #[error("vCPU {vcpu}: its saved {part} does not fit this vCPU: {why}")]
+    VcpuMismatch {
+        /// The vCPU.
+        vcpu: u64,
+        /// The part.
+        part: crate::vcpu_state::VcpuPart,
+        /// What differs, and what to do.
+        why: String,
+    },
     /// The guest stopped in a way the caller did not expect.
     #[error("vCPU {vcpu}: {what}")]
     Guest {
@@ -185,7 +223,9 @@ impl KvmError {
     /// The errno behind the error, if it came from the kernel.
     pub fn errno(&self) -> Option<Errno> {
         match self {
-            KvmError::Open { errno, .. } | KvmError::Ioctl { errno, .. } => Some(*errno),
+            KvmError::Open { errno, .. }
+            | KvmError::Ioctl { errno, .. }
+            | KvmError::VcpuPart { errno, .. } => Some(*errno),
             _ => None,
         }
     }

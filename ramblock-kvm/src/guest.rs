@@ -547,6 +547,131 @@ impl Workload {
     }
 }
 
+/// Where [`SseProgram`] lives (guest-physical): its code, the 16 xmm
+/// values it loads, the 16 it stores, and the two TSC readings.
+const SSE_CODE_GPA: u64 = PAGE_WRITER_CODE;
+/// Where [`SseProgram`] reads the values it loads into xmm0..xmm15.
+pub const SSE_INPUT: u64 = 0x5000;
+/// Where [`SseProgram`] stores xmm0..xmm15 in its second phase.
+pub const SSE_OUTPUT: u64 = 0x5100;
+/// Where [`SseProgram`] stores its first TSC reading (then its second at
+/// `+ 8`).
+pub const SSE_TSC: u64 = 0x5200;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+
+/// A CPL 3, 64-bit guest that uses SSE registers, for vCPU state round
+/// trips. Phase one reads the TSC (stored at [`SSE_TSC`]), loads xmm0..15
+/// from [`SSE_INPUT`] and does `out` to [`HEARTBEAT_PORT`]; phase two
+/// (run after the vCPU was saved and restored, perhaps on another VM)
+/// stores xmm0..15 to [`SSE_OUTPUT`], reads the TSC again (at
+/// `SSE_TSC + 8`) and does `out` to [`EXIT_PORT`], then spins.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SseProgram {
+    /// What xmm0..xmm15 are loaded with.
+    pub values: [[u8; 16]; 16],
+}
+
+impl SseProgram {
+    /// The program's code (64-bit, absolute 32-bit addresses).
+    fn code() -> Vec<u8> {
+        // mov dword [disp32], r32 (opcode 89 with SIB 0x25: no base).
+        let store32 = |c: &mut Vec<u8>, reg: u8, at: u64| {
+            c.extend_from_slice(&[0x89, reg << 3 | 4, 0x25]);
+            c.extend_from_slice(&(at as u32).to_le_bytes());
+        };
+        // movdqu xmm<i>, [disp32] (F3 0F 6F) or movdqu [disp32], xmm<i>
+        // (F3 0F 7F); xmm8..15 need REX.R.
+        let movdqu = |c: &mut Vec<u8>, op: u8, i: u8, at: u64| {
+            c.push(0xf3);
+            if i >= 8 {
+                c.push(0x44);
+            }
+            c.extend_from_slice(&[0x0f, op, (i & 7) << 3 | 4, 0x25]);
+            c.extend_from_slice(&(at as u32).to_le_bytes());
+        };
+        let mut c = vec![0x0f, 0x31]; // rdtsc
+        store32(&mut c, 0, SSE_TSC); // eax
+        store32(&mut c, 2, SSE_TSC + 4); // edx
+        for i in 0..16u8 {
+            movdqu(&mut c, 0x6f, i, SSE_INPUT + 16 * u64::from(i));
+        }
+        c.extend_from_slice(&[0xe6, HEARTBEAT_PORT as u8]);
+        for i in 0..16u8 {
+            movdqu(&mut c, 0x7f, i, SSE_OUTPUT + 16 * u64::from(i));
+        }
+        c.extend_from_slice(&[0x0f, 0x31]);
+        store32(&mut c, 0, SSE_TSC + 8);
+        store32(&mut c, 2, SSE_TSC + 12);
+        c.extend_from_slice(&[0xe6, EXIT_PORT as u8, 0xeb, 0xfe]);
+        c
+    }
+
+    /// Writes the tables, page tables, code and input values into `low`
+    /// (the host memory behind guest-physical `0..1 MiB` or more) and
+    /// points `vcpu` at the program, at CPL 3 in long mode with SSE on
+    /// (CR4.OSFXSR and OSXMMEXCPT).
+    pub fn load(&self, low: &HostRegion<'_>, vcpu: &Vcpu) -> Result<(), GuestError> {
+        let put = |gpa: u64, bytes: &[u8]| {
+            low.write(ByteLen(gpa), bytes)
+                .map_err(|e| GuestError::Layout(format!("low memory too small: {e}")))
+        };
+        load_tables(low)?;
+        write_identity_map(low)?;
+        put(SSE_CODE_GPA, &Self::code())?;
+        put(SSE_INPUT, self.values.as_flattened())?;
+        put(SSE_OUTPUT, &[0; 256])?;
+        put(SSE_TSC, &[0; 16])?;
+        enter_user(vcpu, SSE_CODE_GPA, true)?;
+        let id = vcpu.id();
+        let mut sregs = vcpu
+            .kvm_fd()
+            .get_sregs()
+            .map_err(|e| KvmError::from_kvm(format!("KVM_GET_SREGS (vCPU {id})"), e))?;
+        sregs.cr4 |= CR4_OSFXSR | CR4_OSXMMEXCPT;
+        vcpu.kvm_fd()
+            .set_sregs(&sregs)
+            .map_err(|e| KvmError::from_kvm(format!("KVM_SET_SREGS (vCPU {id})"), e).into())
+    }
+
+    /// Runs `vcpu` until the program reaches the end of a phase: `out` to
+    /// `port` ([`HEARTBEAT_PORT`] or [`EXIT_PORT`]).
+    pub fn run_until(vm: &Vm, vcpu: &mut Vcpu, port: u16) -> Result<(), GuestError> {
+        loop {
+            match vcpu.run(vm)? {
+                VcpuEvent::IoOut { port: p, .. } if p == port => return Ok(()),
+                VcpuEvent::Interrupted => continue,
+                VcpuEvent::IoOut { port, data } => {
+                    return Err(GuestError::UnexpectedPort {
+                        vcpu: vcpu.id(),
+                        who: "the SSE program",
+                        port,
+                        data,
+                    })
+                }
+            }
+        }
+    }
+
+    /// What the program stored in `low` in its second phase: xmm0..xmm15.
+    pub fn stored(low: &HostRegion<'_>) -> Result<[[u8; 16]; 16], GuestError> {
+        let mut out = [[0u8; 16]; 16];
+        low.read(ByteLen(SSE_OUTPUT), out.as_flattened_mut())
+            .map_err(|e| GuestError::Layout(format!("low memory too small: {e}")))?;
+        Ok(out)
+    }
+
+    /// The program's two TSC readings (before the save, after the
+    /// restore); the second is 0 until phase two ran.
+    pub fn tsc_readings(low: &HostRegion<'_>) -> Result<(u64, u64), GuestError> {
+        let mut b = [0u8; 16];
+        low.read(ByteLen(SSE_TSC), &mut b)
+            .map_err(|e| GuestError::Layout(format!("low memory too small: {e}")))?;
+        let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
+        Ok((word(0), word(8)))
+    }
+}
+
 /// How far a destination got after resuming the [`Workload`]: it wrote
 /// every page `full_passes` times, then `extra_pages` more pages from the
 /// one it resumed at.
@@ -838,6 +963,27 @@ mod tests {
         // RAM reaching the APIC pages: the loop stops below the MMIO hole.
         assert_eq!(Workload::for_ram(1 << 32).unwrap().top, MMIO_HOLE);
         assert_eq!(Workload::for_ram(1 << 30).unwrap().top, 1 << 30);
+    }
+
+    #[test]
+    fn the_sse_program_encodes_what_it_says() {
+        let c = SseProgram::code();
+        assert_eq!(&c[..2], &[0x0f, 0x31]);
+        // mov [0x5200], eax
+        assert_eq!(&c[2..9], &[0x89, 0x04, 0x25, 0x00, 0x52, 0x00, 0x00]);
+        // movdqu xmm0, [0x5000]; movdqu xmm9, [0x5090]
+        assert_eq!(
+            &c[16..24],
+            &[0xf3, 0x0f, 0x6f, 0x04, 0x25, 0x00, 0x50, 0x00]
+        );
+        let x9 = [0xf3, 0x44, 0x0f, 0x6f, 0x0c, 0x25, 0x90, 0x50, 0, 0];
+        assert!(c.windows(10).any(|w| w == x9));
+        // movdqu [0x51f0], xmm15
+        let x15 = [0xf3, 0x44, 0x0f, 0x7f, 0x3c, 0x25, 0xf0, 0x51, 0, 0];
+        assert!(c.windows(10).any(|w| w == x15));
+        assert!(c.windows(2).any(|w| w == [0xe6, HEARTBEAT_PORT as u8]));
+        assert_eq!(&c[c.len() - 4..], &[0xe6, EXIT_PORT as u8, 0xeb, 0xfe]);
+        assert!(c.len() as u64 + SSE_CODE_GPA <= SSE_INPUT);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! [`GuestError`]: everything that can go wrong in the test guests, the vCPU
-//! runner and the register blob (feature `test-guest`).
+//! runner and the vCPU state blobs they pass around (feature
+//! `test-guest`).
 //!
 //! It is its own type, not variants of [`KvmError`], so that the library a
 //! VMM links names no test-guest failure; a [`KvmError`] from the VM or

@@ -13,6 +13,12 @@
 //! The mode is picked from the host's [`caps::Capabilities`] or asked for
 //! with a [`mode::DirtyLogRequest`].
 //!
+//! A paused [`vcpu::Vcpu`] saves its whole x86-64 state
+//! ([`vcpu_state::VcpuState`]: registers, FPU/XSAVE, saveable MSRs, local
+//! APIC, pending events, TSC) with `Vcpu::save`, ships it as versioned
+//! bytes, and another VM's vCPU loads it with `Vcpu::restore`
+//! (docs/vcpu-state.md).
+//!
 //! ```no_run
 //! use ramblock_kvm::dirty::KvmDirtyLog;
 //! use ramblock_kvm::vm::VmBuilder;
@@ -29,10 +35,9 @@
 //! - `test-guest`: demo and test code for this crate's tests, benches and
 //!   program, not for a VMM. `guest` has tiny hand-assembled guests (a page
 //!   writer and the migration workload), `runner` a vCPU thread that can be
-//!   paused, resumed, throttled and snapshotted, and `vcpu_state` the
-//!   register blob (`KVM_GET_REGS` and `KVM_GET_SREGS` only) a post-copy
-//!   switch-over carries, with `Vcpu::save` and `Vcpu::restore`. Their
-//!   failures are `GuestError`, which wraps a [`KvmError`].
+//!   paused, resumed, throttled and snapshotted (its snapshot is a
+//!   [`vcpu_state::VcpuState`]). Their failures are `GuestError`, which
+//!   wraps a [`KvmError`].
 //! - `cli`: the `ramblock` program (`cargo ramblock migrate`); implies
 //!   `test-guest` and adds its command-line parser (clap).
 #![deny(missing_docs)]
@@ -49,7 +54,6 @@ pub mod mode;
 #[cfg(feature = "test-guest")]
 pub mod runner;
 pub mod vcpu;
-#[cfg(feature = "test-guest")]
 pub mod vcpu_state;
 pub mod vm;
 

@@ -33,6 +33,7 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 #[derive(Copy, Clone, Debug, Default)]
 pub struct VmBuilder {
     request: DirtyLogRequest,
+    irqchip: bool,
 }
 
 impl VmBuilder {
@@ -44,6 +45,15 @@ impl VmBuilder {
     /// Overrides the dirty-log mode.
     pub fn dirty_log(mut self, request: DirtyLogRequest) -> VmBuilder {
         self.request = request;
+        self
+    }
+
+    /// Gives the VM KVM's in-kernel irqchip (`KVM_CREATE_IRQCHIP`: PIC,
+    /// IOAPIC and a local APIC per vCPU), whose local APIC is then part
+    /// of each vCPU's [`crate::vcpu_state::VcpuState`]. Off by default: the
+    /// test guests take no interrupts.
+    pub fn irqchip(mut self, on: bool) -> VmBuilder {
+        self.irqchip = on;
         self
     }
 
@@ -63,6 +73,10 @@ impl VmBuilder {
         #[cfg(target_arch = "x86_64")]
         fd.set_tss_address(TSS_ADDRESS)
             .map_err(|e| KvmError::from_kvm("KVM_SET_TSS_ADDR", e))?;
+        if self.irqchip {
+            fd.create_irq_chip()
+                .map_err(|e| KvmError::from_kvm("KVM_CREATE_IRQCHIP", e))?;
+        }
         Ok(Vm {
             _kvm: kvm,
             fd,
@@ -516,7 +530,8 @@ impl Vm {
         fd.set_cpuid2(&cpuid)
             .map_err(|e| KvmError::from_kvm(format!("KVM_SET_CPUID2 (vCPU {id})"), e))?;
         self.log.vcpu_created(&fd, id)?;
-        Ok(Vcpu::new(fd, id))
+        let caps = crate::vcpu::StateCaps::probe(&self._kvm, &self.fd)?;
+        Ok(Vcpu::new(fd, id, caps))
     }
 
     /// Ring mode: drains every vCPU's ring into the slots' pending bits and

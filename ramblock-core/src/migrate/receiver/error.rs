@@ -4,7 +4,7 @@
 
 use crate::addr::TARGET_PAGE_SHIFT;
 use crate::name::BlockName;
-use crate::stream::format::{MAX_DEVICE_STATE, MAX_RUN_PAGES, VERSION};
+use crate::stream::format::{MAX_DEVICE_STATE, MAX_RUN_PAGES, RESUME_VERSION, VERSION};
 use crate::stream::io::ReadError;
 use core::fmt;
 
@@ -151,6 +151,10 @@ pub enum ReceiveError<E, H> {
         /// The first missing page.
         page: u64,
     },
+    /// A resume header carries a token other than the one this
+    /// destination issued when post-copy started: the peer is not the
+    /// source this migration came from.
+    BadResumeToken,
 }
 
 impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
@@ -158,7 +162,7 @@ impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
         use ReceiveError::*;
         match self {
             BadMagic => f.write_str("not a ramblock migration stream (bad magic)"),
-            UnsupportedVersion(v) => write!(f, "stream version {v} is not supported (this build reads {VERSION})"),
+            UnsupportedVersion(v) => write!(f, "stream version {v} is not supported (this build reads {VERSION}, resume headers {RESUME_VERSION})"),
             TargetPageSizeMismatch(s) => write!(f, "source target page is 2^{s} bytes, destination uses 2^{TARGET_PAGE_SHIFT}"),
             TooManyBlocks { count } => write!(f, "the stream names {count} blocks, more than the destination can hold"),
             BadBlockName => f.write_str("a block name in the stream is empty, not UTF-8, or contains NUL"),
@@ -204,6 +208,7 @@ impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
                 "block {name:?} has {page_size:#x}-byte pages; the post-copy assembly buffer holds {buffer:#x}"
             ),
             MissingAtEnd { name, page } => write!(f, "post-copy ended but page {page} of block {name:?} never arrived"),
+            BadResumeToken => f.write_str("the resume header's token is not the one this destination issued: refused as another peer than the source"),
         }
     }
 }
@@ -247,6 +252,7 @@ impl<E, H> ReceiveError<E, H> {
             NotWholeHostPages { .. } => 27,
             HugepageBufferTooSmall { .. } => 28,
             MissingAtEnd { .. } => 29,
+            BadResumeToken => 30,
         }
     }
 }

@@ -57,6 +57,7 @@ pub mod numa;
 mod pagemap;
 pub mod postcopy;
 pub mod prealloc;
+pub mod transport;
 pub mod uffd;
 
 pub use advice::{Hint, LockMode};

@@ -149,8 +149,22 @@ impl Read for TlsStream {
                 s.conn.process_new_packets().map_err(invalid)?;
                 continue;
             }
-            s.pending.extend_from_slice(&raw[..n]);
-            s.feed()?;
+            if s.pending.is_empty() {
+                // The usual case: rustls takes the bytes straight from the
+                // read buffer; only what it cannot take yet is kept.
+                let mut rest = &raw[..n];
+                while !rest.is_empty() {
+                    match s.conn.read_tls(&mut rest) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    s.conn.process_new_packets().map_err(invalid)?;
+                }
+                s.pending.extend_from_slice(rest);
+            } else {
+                s.pending.extend_from_slice(&raw[..n]);
+                s.feed()?;
+            }
         }
     }
 }

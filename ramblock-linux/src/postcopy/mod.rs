@@ -6,14 +6,14 @@
 //! [`PostcopyTarget`] over a block list of [`LinuxMemory`]: hand it to
 //! [`Receiver::receive_postcopy`](ramblock_core::migrate::receiver::Receiver::receive_postcopy).
 //! When the source switches to post-copy it
-//! 1. registers every block of the stream's table for missing-page faults
-//!    on its own [`Userfaultfd`];
-//! 2. starts a fault thread, which reads each fault, asks the source for
-//!    the host page holding it with a [`PageRequest`] on the return path (once per page, however many vCPUs wait on it), and
-//!    times the wait ([`FaultLatency`]);
-//! 3. issues a [`ResumeToken`] (128 random bits) and sends it first on the
+//! 1. issues a [`ResumeToken`] (128 random bits) and sends it first on the
 //!    return path: after a break, only a stream carrying it resumes
 //!    ([`PostcopyTarget::resume_token`]);
+//! 2. registers every block of the stream's table for missing-page faults
+//!    on its own [`Userfaultfd`];
+//! 3. starts a fault thread, which reads each fault, asks the source for
+//!    the host page holding it with a [`PageRequest`] on the return path (once per page, however many vCPUs wait on it), and
+//!    times the wait ([`FaultLatency`]);
 //! 4. calls the VMM's [`StartGuest`] hook with the source's device state,
 //!    which starts the vCPUs; what the hook returns (a guest handle) is
 //!    handed back by [`PostcopyDestination::finish`].

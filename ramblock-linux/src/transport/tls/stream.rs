@@ -44,8 +44,11 @@ struct Shared {
     peer: Option<Vec<u8>>,
 }
 
-/// A TLS connection after its handshake (see the [module](self)).
-/// Clones share the session.
+/// A TLS connection after its handshake, shared by a reading and a
+/// writing thread: one rustls session behind a lock that no thread holds
+/// while it waits on the socket (a reader takes ciphertext off the socket
+/// first and decrypts under the lock; a writer encrypts under the lock
+/// into its own buffer and sends it after). Clones share the session.
 #[derive(Debug)]
 pub struct TlsStream {
     shared: Arc<Shared>,

@@ -4,7 +4,7 @@
 
 use crate::addr::TARGET_PAGE_SHIFT;
 use crate::name::BlockName;
-use crate::stream::format::{MAX_DEVICE_STATE, MAX_RUN_PAGES, RESUME_VERSION, VERSION};
+use crate::stream::format::{MAX_DEVICE_STATE, MAX_RUN_PAGES, VERSION};
 use crate::stream::io::ReadError;
 use core::fmt;
 
@@ -13,7 +13,8 @@ use core::fmt;
 pub enum ReceiveError<E, H> {
     /// The stream does not start with the magic bytes.
     BadMagic,
-    /// The stream's version is not one this code reads.
+    /// The stream's version is not one this code reads (a resume header
+    /// must be version [`RESUME_VERSION`](crate::stream::format::RESUME_VERSION)).
     UnsupportedVersion(u16),
     /// The source's target page size differs (log2 given).
     TargetPageSizeMismatch(u8),
@@ -162,7 +163,7 @@ impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
         use ReceiveError::*;
         match self {
             BadMagic => f.write_str("not a ramblock migration stream (bad magic)"),
-            UnsupportedVersion(v) => write!(f, "stream version {v} is not supported (this build reads {VERSION}, resume headers {RESUME_VERSION})"),
+            UnsupportedVersion(v) => write!(f, "stream version {v} is not supported (this build reads {VERSION})"),
             TargetPageSizeMismatch(s) => write!(f, "source target page is 2^{s} bytes, destination uses 2^{TARGET_PAGE_SHIFT}"),
             TooManyBlocks { count } => write!(f, "the stream names {count} blocks, more than the destination can hold"),
             BadBlockName => f.write_str("a block name in the stream is empty, not UTF-8, or contains NUL"),

@@ -77,15 +77,22 @@ fn resume_start(token: &ResumeToken) -> Vec<u8> {
 
 type Log = Arc<Mutex<Vec<String>>>;
 
-/// A listener on 127.0.0.1 with a short handshake timeout, logging into
-/// the returned vector (each refusal as its `Debug`).
+/// A listener on 127.0.0.1 logging into the returned vector (each
+/// refusal as its `Debug`): with a short handshake timeout for plain TCP
+/// (the silent peers' tests), a generous one for TLS (a handshake on a
+/// loaded machine must not pass for silence).
 fn listener(tls: Option<TlsConfig>) -> (Listener, Log) {
+    let handshake = if tls.is_some() {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_millis(300)
+    };
     let log: Log = Arc::default();
     let sink = log.clone();
     let mut l = Listener::bind("127.0.0.1:0")
         .unwrap()
         .with_timeouts(Timeouts {
-            handshake: Duration::from_millis(300),
+            handshake,
             read: Some(Duration::from_secs(5)),
         })
         .with_log(move |dropped: &PeerRefused| {
@@ -263,6 +270,22 @@ fn tls_listener_refuses_plaintext_strangers_and_clients_without_certificates() {
         let _ = tls.write_all(&stream_start());
         let _ = tls.flush();
     }
+    // TLS 1.2 only, with a valid certificate: refused (TLS 1.3 only).
+    {
+        let (cert, key) = leaf(&pki, "old client");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.der().clone()).unwrap();
+        let config =
+            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+                .with_root_certificates(roots)
+                .with_client_auth_cert(vec![cert], key)
+                .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(addr).unwrap());
+        let _ = tls.write_all(&stream_start());
+        let _ = tls.flush();
+    }
     // The source.
     let conn = Connector::new(addr.to_string())
         .with_tls(source_tls)
@@ -274,10 +297,22 @@ fn tls_listener_refuses_plaintext_strangers_and_clients_without_certificates() {
     let (_l, admitted) = accepting.join().unwrap();
     assert!(admitted.is_tls());
     assert!(admitted.peer_certificate().is_some());
+    assert_eq!(
+        admitted.tls_negotiated(),
+        Some((
+            rustls::ProtocolVersion::TLSv1_3,
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        ))
+    );
     assert_eq!(first_bytes(admitted, start.len()), start);
     assert_eq!(
         kinds(&log),
-        ["Plaintext", "UntrustedCertificate", "NoCertificate"]
+        ["Plaintext", "UntrustedCertificate", "NoCertificate", "Tls"]
+    );
+    assert!(
+        refusals(&log)[3].contains("Tls12NotOfferedOrEnabled"),
+        "{:?}",
+        refusals(&log)
     );
     assert!(
         refusals(&log)[1].contains("UnknownIssuer"),

@@ -95,6 +95,15 @@ impl Conn {
         }
     }
 
+    /// On a TLS connection, the protocol version and cipher suite in use.
+    #[cfg(feature = "tls")]
+    pub fn tls_negotiated(&self) -> Option<(rustls::ProtocolVersion, rustls::CipherSuite)> {
+        match &self.kind {
+            Kind::Plain(_) => None,
+            Kind::Tls(s) => s.negotiated(),
+        }
+    }
+
     /// Shuts both directions down (every clone sees it).
     pub fn shutdown(&self) {
         let _ = self.tcp().shutdown(Shutdown::Both);

@@ -17,7 +17,7 @@
 //! [`ConnWriter`] (plain TCP moves pages between guest memory and the
 //! kernel in place, see [`crate::fd_stream`]).
 //!
-//! With the `tls` feature, [`tls::TlsConfig`] adds mutual TLS 1.3
+//! With the `tls` feature, `tls::TlsConfig` adds mutual TLS 1.3
 //! (rustls, AES-GCM): each side presents a certificate and checks the
 //! peer's against the CA it was given; a TLS listener drops plaintext
 //! peers and peers without a certificate the CA signed.

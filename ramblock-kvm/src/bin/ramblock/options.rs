@@ -57,7 +57,7 @@ pub struct MigrateOptions {
     #[arg(long)]
     pub resume: bool,
     /// Testing: break the connection at up to 3 random points during
-    /// post-copy, from this seed (one-process runs only; implies --resume).
+    /// post-copy, from this seed (the source's side; implies --resume).
     #[arg(long, hide = true, value_name = "SEED")]
     pub break_postcopy: Option<u64>,
     /// Mutual TLS 1.3: this side's certificate chain (PEM, leaf first),

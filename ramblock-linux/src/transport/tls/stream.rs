@@ -42,6 +42,8 @@ struct Shared {
     /// Held by a writer while its records go out; holds them.
     write: Mutex<Vec<u8>>,
     peer: Option<Vec<u8>>,
+    /// The protocol version and cipher suite negotiated.
+    negotiated: Option<(rustls::ProtocolVersion, rustls::CipherSuite)>,
 }
 
 /// A TLS connection after its handshake, shared by a reading and a
@@ -97,6 +99,11 @@ impl TlsStream {
     /// The peer's end-entity certificate (DER).
     pub fn peer_certificate(&self) -> Option<&[u8]> {
         self.shared.peer.as_deref()
+    }
+
+    /// The protocol version and cipher suite the handshake settled on.
+    pub fn negotiated(&self) -> Option<(rustls::ProtocolVersion, rustls::CipherSuite)> {
+        self.shared.negotiated
     }
 
     /// Encrypts `buf` and sends it.
@@ -274,6 +281,9 @@ pub(crate) fn handshake(
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| c.as_ref().to_vec());
+    let negotiated = conn
+        .protocol_version()
+        .zip(conn.negotiated_cipher_suite().map(|s| s.suite()));
     Ok(TlsStream {
         shared: Arc::new(Shared {
             socket,
@@ -285,6 +295,7 @@ pub(crate) fn handshake(
             read: Mutex::new(Vec::new()),
             write: Mutex::new(Vec::new()),
             peer,
+            negotiated,
         }),
     })
 }

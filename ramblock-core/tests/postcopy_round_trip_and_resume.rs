@@ -41,6 +41,7 @@ use ramblock_core::stream::format::{
 };
 use ramblock_core::stream::io::{ByteWrite, IoStream, SliceReader};
 use ramblock_core::stream::received_map::{read_received_map, scratch_words, write_received_map};
+use ramblock_core::stream::resume_token::ResumeToken;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io::{BufReader, Write};
@@ -1241,10 +1242,17 @@ fn table_names() -> Vec<String> {
     ["ram", "huge", "short"].map(String::from).to_vec()
 }
 
+/// The token [`Recorder`] issues; `table` puts it in resume headers.
+const TOKEN: ResumeToken = ResumeToken(*b"recorder's token");
+
 fn table(out: &mut Vec<u8>, resume: bool) {
+    table_with_token(out, resume, &TOKEN);
+}
+
+fn table_with_token(out: &mut Vec<u8>, resume: bool, token: &ResumeToken) {
     let header = Header::new(3);
     if resume {
-        header.write_resume(out).unwrap();
+        header.write_resume(token, out).unwrap();
     } else {
         header.write(out).unwrap();
     }
@@ -1305,6 +1313,8 @@ struct Recorder<'a> {
     starts: Vec<Started>,
     placed: Vec<(String, u64, u64)>,
     resumes: u32,
+    /// The token a resume header must carry.
+    token: Option<ResumeToken>,
 }
 
 impl<'a> Recorder<'a> {
@@ -1317,6 +1327,7 @@ impl<'a> Recorder<'a> {
                 // removed or shrunk while it places pages.
                 .map(|b| (b.name().to_string(), unsafe { b.region().detach() }))
                 .collect(),
+            token: Some(TOKEN),
             ..Recorder::default()
         }
     }
@@ -1352,6 +1363,9 @@ impl PostcopyTarget for Recorder<'_> {
     fn resumed(&mut self) -> Result<(), BufferError> {
         self.resumes += 1;
         Ok(())
+    }
+    fn resume_token(&self) -> Option<ResumeToken> {
+        self.token
     }
 }
 
@@ -1630,6 +1644,45 @@ fn resume_headers_need_a_postcopy_waiting_and_new_streams_need_none() {
     );
     assert_eq!(target.resumes, 1);
     assert!(in_postcopy);
+}
+
+#[test]
+fn a_resume_without_the_issued_token_is_refused_before_its_table() {
+    let list = bad_dest();
+    let mut broken = vec![];
+    table(&mut broken, false);
+    record(&mut broken, Record::Postcopy { state_len: 0 });
+    // A hijacker: the right header and table, another token.
+    let mut wrong = vec![];
+    table_with_token(&mut wrong, true, &ResumeToken(*b"a guessed token!"));
+    // One that stops inside the token.
+    let mut cut = vec![];
+    table(&mut cut, true);
+    cut.truncate(16 + 5);
+    // A resume header of version 1 (no token) is a version this build no
+    // longer reads for a resume.
+    let mut old = vec![];
+    Header::new(3).write(&mut old).unwrap();
+    old[..8].copy_from_slice(b"RBRESUME");
+    let mut resume = vec![];
+    table(&mut resume, true);
+    let (results, target, in_postcopy) = receive_streams(
+        &list,
+        &[&broken, &wrong, &cut, &old, &resume],
+        false,
+        HUGE as usize,
+    );
+    assert_eq!(results[0], Err(ReceiveError::Truncated));
+    assert_eq!(results[1], Err(ReceiveError::BadResumeToken));
+    assert_eq!(results[2], Err(ReceiveError::Truncated));
+    assert_eq!(results[3], Err(ReceiveError::UnsupportedVersion(1)));
+    assert_eq!(
+        results[4],
+        Err(ReceiveError::Truncated),
+        "the real source resumed, then was cut"
+    );
+    assert_eq!(target.resumes, 1, "only the real source resumed");
+    assert!(in_postcopy, "the refused peers ended nothing");
 }
 
 #[test]

@@ -145,7 +145,8 @@ fn model_receive(
         return Err(1);
     }
     let version = u16::from_le_bytes([header[8], header[9]]);
-    if version != 1 {
+    // A resume header is version 2: it carries the destination's token.
+    if version != if resume { 2 } else { 1 } {
         return Err(2);
     }
     if header[10] != 12 {
@@ -154,6 +155,10 @@ fn model_receive(
     let count = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
     if count as usize > LAYOUT.len() {
         return Err(4);
+    }
+    if resume {
+        // The token: nothing issued one here, so any is read and kept.
+        r.take(16)?;
     }
     let mut table: Vec<Slot> = Vec::new();
     for _ in 0..count {

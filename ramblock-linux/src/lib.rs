@@ -72,6 +72,7 @@ mod pagemap;
 pub mod pagemap_scan;
 pub mod postcopy;
 pub mod prealloc;
+pub mod transport;
 pub mod uffd;
 
 pub use advice::{Hint, LockMode};

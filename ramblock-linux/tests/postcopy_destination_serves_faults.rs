@@ -19,6 +19,7 @@ use ramblock_core::stream::format::{PageRequest, ReturnMessage};
 use ramblock_core::stream::io::IoStream;
 use ramblock_core::stream::received_map::{read_received_map, scratch_words};
 use ramblock_linux::postcopy::{PostcopyDestination, PostcopyError, StartGuest};
+use ramblock_linux::transport::{read_first_return, FirstReturn};
 use ramblock_linux::uffd::UffdError;
 use ramblock_linux::{Error, LinuxMemory, MemoryBuilder};
 use std::os::unix::net::UnixStream;
@@ -127,6 +128,13 @@ fn faults_become_requests_and_placements_wake_the_guest() {
     };
 
     target.start(b"vcpu registers", &["pc.ram"]).unwrap();
+    // The resume token comes first, before any request, and is the one a
+    // resume header must carry.
+    let token = match read_first_return(&mut IoStream(&mut source)) {
+        Ok(FirstReturn::Token(t)) => t,
+        other => panic!("expected the resume token first, got {other:?}"),
+    };
+    assert_eq!(target.resume_token(), Some(token));
     assert_eq!(*state.lock().unwrap(), b"vcpu registers");
     // Pushed before the guest gets there: read without a fault.
     target

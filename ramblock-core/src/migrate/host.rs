@@ -5,6 +5,7 @@ use super::stats::PassReport;
 use crate::checksum::{Checksum, PageLedger};
 use crate::region::HostRegion;
 use crate::stream::format::ReturnMessage;
+use crate::stream::resume_token::ResumeToken;
 use core::ops::Range;
 
 /// What the engine needs from its surroundings.
@@ -73,6 +74,13 @@ pub trait MigrationHost {
     }
     /// Post-copy started: the guest now runs on the destination.
     fn postcopy_started(&mut self) {}
+    /// Post-copy: the token the destination issued on the return path
+    /// when the guest started there ([`ResumeToken`]), which every resume
+    /// header carries. `None` (the default) sends an all-zero token, which
+    /// a destination that issued one refuses.
+    fn resume_token(&mut self) -> Option<ResumeToken> {
+        None
+    }
 }
 
 /// What [`MigrationHost::return_message`] found.

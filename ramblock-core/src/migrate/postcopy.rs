@@ -347,8 +347,9 @@ impl<
                 return Err(MigrateError::PostcopyLost);
             }
             let header = Header::new(self.table.len() as u32);
+            let token = self.host.resume_token().unwrap_or_default();
             let sent = header
-                .write_resume(self.out)
+                .write_resume(&token, self.out)
                 .map_err(MigrateError::Write)
                 .and_then(|()| self.write_table::<E>())
                 .and_then(|()| self.out.flush().map_err(MigrateError::Write));

@@ -6,6 +6,7 @@
 //! block; pages that are all zero travel as a count in `Zero` records.
 
 use super::io::{ByteRead, ByteWrite, ReadError};
+use super::resume_token::ResumeToken;
 use crate::addr::TARGET_PAGE_SHIFT;
 
 /// First bytes of every stream.
@@ -24,6 +25,10 @@ pub const REQUEST: [u8; 4] = *b"RBRQ";
 /// header and block table follow as in a new stream, then the receiver
 /// answers with its received map and the records continue.
 pub const RESUME_MAGIC: [u8; 8] = *b"RBRESUME";
+/// The version of a resume header: 2, the header followed by the
+/// destination's [`ResumeToken`] (version 1 carried none, and a reader of
+/// it would take the token for the block table; it refuses version 2).
+pub const RESUME_VERSION: u16 = 2;
 /// Most bytes of VMM device state a `Postcopy` record carries.
 pub const MAX_DEVICE_STATE: u32 = 64 << 10;
 
@@ -226,12 +231,21 @@ impl Header {
         w.write_all(&b)
     }
 
-    /// Writes the header of a stream resuming a broken post-copy migration.
-    pub fn write_resume<W: ByteWrite>(&self, w: &mut W) -> Result<(), W::Error> {
-        w.write_all(&RESUME_MAGIC)?;
-        w.write_all(&self.version.to_le_bytes())?;
-        w.write_all(&[self.page_shift, 0])?;
-        w.write_all(&self.block_count.to_le_bytes())
+    /// Writes the header of a stream resuming a broken post-copy migration:
+    /// [`RESUME_MAGIC`], version [`RESUME_VERSION`] (whatever
+    /// `self.version` says), then the destination's `token`.
+    pub fn write_resume<W: ByteWrite>(
+        &self,
+        token: &ResumeToken,
+        w: &mut W,
+    ) -> Result<(), W::Error> {
+        let mut b = [0u8; 16 + ResumeToken::LEN];
+        b[..8].copy_from_slice(&RESUME_MAGIC);
+        b[8..10].copy_from_slice(&RESUME_VERSION.to_le_bytes());
+        b[10] = self.page_shift;
+        b[12..16].copy_from_slice(&self.block_count.to_le_bytes());
+        b[16..].copy_from_slice(&token.0);
+        w.write_all(&b)
     }
 
     /// Reads a header; `Ok(None)` if the magic is wrong.
@@ -240,7 +254,8 @@ impl Header {
     }
 
     /// Reads a new stream's or a resumed stream's header; the flag says
-    /// which (`true`: resumed). `Ok(None)` if the magic is neither.
+    /// which (`true`: resumed). `Ok(None)` if the magic is neither. A
+    /// resume header's token is not read (see [`ResumeToken::read`]).
     pub fn read_either<R: ByteRead>(
         r: &mut R,
     ) -> Result<Option<(Header, bool)>, ReadError<R::Error>> {
@@ -506,12 +521,21 @@ mod tests {
         assert_eq!(ReturnMessage::read(&mut r).unwrap(), Err(*b"RBOK"));
         assert_eq!(ReturnMessage::read(&mut r).unwrap(), Err(*b"XXXX"));
         let mut resumed = Vec::new();
-        Header::new(1).write_resume(&mut resumed).unwrap();
+        let token = ResumeToken(*b"sixteen bytes ok");
+        Header::new(1).write_resume(&token, &mut resumed).unwrap();
+        assert_eq!(resumed.len(), 32);
         let mut r = SliceReader::new(&resumed);
         assert_eq!(
             Header::read_either(&mut r).unwrap(),
-            Some((Header::new(1), true))
+            Some((
+                Header {
+                    version: RESUME_VERSION,
+                    ..Header::new(1)
+                },
+                true
+            ))
         );
+        assert_eq!(ResumeToken::read(&mut r).unwrap(), token);
         assert_eq!(Header::read(&mut SliceReader::new(&resumed)).unwrap(), None);
         assert_eq!(
             Record::read(&mut SliceReader::new(&[1, 0])),

@@ -56,6 +56,9 @@ pub enum PostcopyError {
          `set_next_connection` before receiving the resumed stream"
     )]
     NoNextConnection,
+    /// The kernel gave no random bytes for the resume token.
+    #[error("cannot draw the post-copy resume token from getrandom(2): {0}")]
+    Token(std::io::Error),
     /// Writing to the return path failed.
     #[error("{what} on the return path failed: {source}")]
     ReturnPath {
@@ -71,9 +74,9 @@ impl PostcopyError {
     pub fn errno(&self) -> Option<Errno> {
         match self {
             PostcopyError::Userfault(e) => e.errno(),
-            PostcopyError::FaultThread(e) | PostcopyError::ReturnPath { source: e, .. } => {
-                Errno::from_io_error(e)
-            }
+            PostcopyError::FaultThread(e)
+            | PostcopyError::Token(e)
+            | PostcopyError::ReturnPath { source: e, .. } => Errno::from_io_error(e),
             _ => None,
         }
     }

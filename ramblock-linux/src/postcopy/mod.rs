@@ -6,12 +6,15 @@
 //! [`PostcopyTarget`] over a block list of [`LinuxMemory`]: hand it to
 //! [`Receiver::receive_postcopy`](ramblock_core::migrate::receiver::Receiver::receive_postcopy).
 //! When the source switches to post-copy it
-//! 1. registers every block of the stream's table for missing-page faults
+//! 1. issues a [`ResumeToken`] (128 random bits) and sends it first on the
+//!    return path: after a break, only a stream carrying it resumes
+//!    ([`PostcopyTarget::resume_token`]);
+//! 2. registers every block of the stream's table for missing-page faults
 //!    on its own [`Userfaultfd`];
-//! 2. starts a fault thread, which reads each fault, asks the source for
+//! 3. starts a fault thread, which reads each fault, asks the source for
 //!    the host page holding it with a [`PageRequest`] on the return path (once per page, however many vCPUs wait on it), and
 //!    times the wait ([`FaultLatency`]);
-//! 3. calls the VMM's [`StartGuest`] hook with the source's device state,
+//! 4. calls the VMM's [`StartGuest`] hook with the source's device state,
 //!    which starts the vCPUs; what the hook returns (a guest handle) is
 //!    handed back by [`PostcopyDestination::finish`].
 //!
@@ -75,6 +78,7 @@ pub use latency::{FaultLatency, LatencySummary};
 
 use crate::error::Error;
 use crate::memory::LinuxMemory;
+use crate::transport::token::issue_token;
 use crate::uffd::{Event, Features, RegisterMode, UffdError, Userfaultfd};
 use ramblock_core::addr::{ByteLen, TARGET_PAGE_SHIFT};
 use ramblock_core::bitmap::Storage;
@@ -84,6 +88,7 @@ use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::stream::format::PageRequest;
 use ramblock_core::stream::io::IoStream;
 use ramblock_core::stream::received_map::write_received_map;
+use ramblock_core::stream::resume_token::ResumeToken;
 use std::fmt;
 use std::io::Write;
 use std::ops::Deref;
@@ -149,6 +154,8 @@ pub struct PostcopyDestination<L, W, G> {
     next_connection: Option<W>,
     start_guest: StartGuest<G>,
     guest: Option<G>,
+    /// Issued when post-copy starts; a resume must carry it.
+    token: Option<ResumeToken>,
     stop: Arc<AtomicBool>,
     fault_thread: Option<JoinHandle<Result<(), UffdError>>>,
 }
@@ -195,6 +202,7 @@ where
             next_connection: None,
             start_guest,
             guest: None,
+            token: None,
             stop: Arc::new(AtomicBool::new(false)),
             fault_thread: None,
         })
@@ -289,6 +297,17 @@ where
         if self.fault_thread.is_some() {
             return Err(PostcopyError::AlreadyStarted);
         }
+        // The token goes first on the return path, before the fault thread
+        // can ask for a page: the source reads it before anything else. A
+        // failed write means the connection broke; the source then has no
+        // token and cannot resume, which is as far as it would get anyway.
+        let token = issue_token().map_err(PostcopyError::Token)?;
+        {
+            let mut ret = self.return_path();
+            let mut out = IoStream(&mut *ret);
+            let _ = token.write_message(&mut out).and_then(|()| out.0.flush());
+        }
+        self.token = Some(token);
         let mut spans = Vec::with_capacity(table.len());
         {
             let view = self.ram.read();
@@ -483,5 +502,9 @@ where
 
     fn resumed(&mut self) -> Result<(), Error> {
         Ok(self.resume()?)
+    }
+
+    fn resume_token(&self) -> Option<ResumeToken> {
+        self.token
     }
 }

@@ -11,6 +11,7 @@ pub(crate) mod migrate;
 mod postcopy;
 mod ramblock_run;
 mod report;
+mod tls;
 
 use crate::Error;
 use std::process::ExitCode;
@@ -20,7 +21,8 @@ use xshell::cmd;
 const USAGE: &str = "usage: bench [--report-only] [-p CRATE | CRATE] [FILTER]";
 
 /// `cargo xtask bench [--report-only] [-p CRATE | CRATE] [FILTER]`,
-/// `cargo xtask bench migrate ...` and `cargo xtask bench postcopy ...`.
+/// `cargo xtask bench migrate ...`, `cargo xtask bench postcopy ...` and
+/// `cargo xtask bench tls ...`.
 /// Without a crate every workspace crate is benched; a filter is handed to
 /// criterion (a substring of the benchmark id).
 pub fn run(args: &[String]) -> Result<ExitCode, Error> {
@@ -50,6 +52,9 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
                 .map_err(Into::into);
         }
         _ => {}
+    }
+    if args.first().is_some_and(|a| a == "tls") {
+        return Ok(tls::run(&args[1..]));
     }
     let mut report_only = false;
     let mut package: Option<String> = None;

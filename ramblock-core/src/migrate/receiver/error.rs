@@ -13,7 +13,8 @@ use core::fmt;
 pub enum ReceiveError<E, H> {
     /// The stream does not start with the magic bytes.
     BadMagic,
-    /// The stream's version is not one this code reads.
+    /// The stream's version is not one this code reads (a resume header
+    /// must be version [`RESUME_VERSION`](crate::stream::format::RESUME_VERSION)).
     UnsupportedVersion(u16),
     /// The source's target page size differs (log2 given).
     TargetPageSizeMismatch(u8),
@@ -151,6 +152,10 @@ pub enum ReceiveError<E, H> {
         /// The first missing page.
         page: u64,
     },
+    /// A resume header carries a token other than the one this
+    /// destination issued when post-copy started: the peer is not the
+    /// source this migration came from.
+    BadResumeToken,
 }
 
 impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
@@ -204,6 +209,7 @@ impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
                 "block {name:?} has {page_size:#x}-byte pages; the post-copy assembly buffer holds {buffer:#x}"
             ),
             MissingAtEnd { name, page } => write!(f, "post-copy ended but page {page} of block {name:?} never arrived"),
+            BadResumeToken => f.write_str("the resume header's token is not the one this destination issued: refused as another peer than the source"),
         }
     }
 }
@@ -247,6 +253,7 @@ impl<E, H> ReceiveError<E, H> {
             NotWholeHostPages { .. } => 27,
             HugepageBufferTooSmall { .. } => 28,
             MissingAtEnd { .. } => 29,
+            BadResumeToken => 30,
         }
     }
 }

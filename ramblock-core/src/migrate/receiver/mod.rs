@@ -30,9 +30,11 @@ use crate::list::{RamList, ResizeError};
 use crate::name::BlockName;
 use crate::region::{HostRegion, RegionError};
 use crate::stream::format::{
-    read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_DEVICE_STATE, MAX_RUN_PAGES, VERSION,
+    read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_DEVICE_STATE, MAX_RUN_PAGES,
+    RESUME_VERSION, VERSION,
 };
 use crate::stream::io::{ByteRead, ByteWrite};
+use crate::stream::resume_token::ResumeToken;
 use core::fmt;
 use placement::Assembly;
 
@@ -223,7 +225,8 @@ impl<'b> Receiver<'b> {
         mut target: Option<&mut dyn PostcopyTarget<Error = M::Error>>,
         mut events: impl FnMut(ReceiveEvent),
     ) -> Result2<ReceiveSummary, R, M> {
-        let (table, resumed) = Self::read_table(list, r)?;
+        let token = target.as_deref().and_then(|t| t.resume_token());
+        let (table, resumed) = Self::read_table(list, r, token)?;
         if let Some(ledger) = self.ledger.as_deref_mut() {
             for (index, slot) in table.iter().enumerate() {
                 ledger.reserve(index, slot.used_pages);
@@ -489,12 +492,17 @@ impl<'b> Receiver<'b> {
 
     /// Reads the header and block table and matches every entry against the
     /// destination's blocks, resizing resizable ones to the source's length.
+    /// Reads the header and the block table. A resume header's token is
+    /// checked against `token` (the one the target issued) before the
+    /// table is looked at, so a peer without it changes nothing.
     fn read_table<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
         list: &RamList<'_, M, S, N>,
         r: &mut R,
+        token: Option<ResumeToken>,
     ) -> Result2<(heapless::Vec<Slot, N>, bool), R, M> {
         let (header, resumed) = Header::read_either(r)?.ok_or(ReceiveError::BadMagic)?;
-        if header.version != VERSION {
+        let version = if resumed { RESUME_VERSION } else { VERSION };
+        if header.version != version {
             return Err(ReceiveError::UnsupportedVersion(header.version));
         }
         if u32::from(header.page_shift) != TARGET_PAGE_SHIFT {
@@ -504,6 +512,12 @@ impl<'b> Receiver<'b> {
             return Err(ReceiveError::TooManyBlocks {
                 count: header.block_count,
             });
+        }
+        if resumed {
+            let carried = ResumeToken::read(r)?;
+            if token.is_some_and(|t| !t.matches(&carried)) {
+                return Err(ReceiveError::BadResumeToken);
+            }
         }
         let mut table: heapless::Vec<Slot, N> = heapless::Vec::new();
         let mut raw = [0u8; 255];

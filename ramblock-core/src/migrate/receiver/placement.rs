@@ -12,6 +12,7 @@
 use super::error::ReceiveError;
 use crate::addr::{ByteLen, TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::name::BlockName;
+use crate::stream::resume_token::ResumeToken;
 
 /// What a post-copy destination does with the guest and its pages.
 pub trait PostcopyTarget {
@@ -38,6 +39,14 @@ pub trait PostcopyTarget {
     /// (`crate::stream::received_map::write_received_map`) on the new
     /// connection's return path, then ask again for pages still awaited.
     fn resumed(&mut self) -> Result<(), Self::Error>;
+
+    /// The token this destination issued to the source when post-copy
+    /// started ([`ResumeToken`]); a resume header must carry it. `None`
+    /// (the default) checks no token: only for a target whose transport
+    /// already authenticates the source, or a test.
+    fn resume_token(&self) -> Option<ResumeToken> {
+        None
+    }
 }
 
 /// Places `pages` target pages from `first` (`data`, or zeros when `None`).

@@ -1,8 +1,9 @@
-//! The receiving side: one migration from a TCP connection into guest RAM,
+//! The receiving side: one migration from a connection into guest RAM,
 //! acknowledged on the same connection; in post-copy, with the guest
 //! started here and its missing pages asked for (ramblock-linux's
-//! `PostcopyDestination`), and (with resuming on) new connections accepted
-//! after a break.
+//! `PostcopyDestination`), and (with resuming on) the source's new
+//! connection accepted after a break, and no one else's (the library's
+//! `transport::Listener` checks the resume token and the TLS identity).
 
 use crate::link::{set_receive_buffer, POSTCOPY_SOCKET_BUFFER, RESUME_TIMEOUT};
 use crate::memory::{ledger_for, GuestRam};
@@ -10,24 +11,23 @@ use crate::workload::Guest;
 use ramblock_core::migrate::receiver::{
     send_ack, ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES,
 };
+use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::stream::io::IoStream;
-use ramblock_linux::fd_stream::FdReader;
 use ramblock_linux::postcopy::{LatencySummary, PostcopyDestination};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use ramblock_linux::transport::{Conn, Listener, ResumeProof};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 /// Starts the guest from the source's device state.
 pub type StartGuest = Box<dyn FnMut(&[u8]) -> Result<Box<dyn Guest>, String> + Send>;
 
 /// The post-copy destination this program runs.
-type Target = PostcopyDestination<&'static GuestRam, TcpStream, Box<dyn Guest>>;
+type Target = PostcopyDestination<&'static GuestRam, Conn, Box<dyn Guest>>;
 
 /// The library's destination over `ram`, answering on `ret`; `start` runs
 /// the guest once the source switches to post-copy.
 fn postcopy_target(
     ram: &'static GuestRam,
-    ret: &Arc<Mutex<TcpStream>>,
+    ret: &Arc<Mutex<Conn>>,
     mut start: StartGuest,
 ) -> Result<Target, String> {
     let conn = ret
@@ -38,7 +38,7 @@ fn postcopy_target(
     let start = Box::new(move |state: &[u8]| {
         // Pages queue in the receive buffer too; a faulting vCPU waits
         // behind them.
-        set_receive_buffer(&conn, POSTCOPY_SOCKET_BUFFER);
+        set_receive_buffer(conn.tcp(), POSTCOPY_SOCKET_BUFFER);
         start(state).map_err(Into::into)
     });
     PostcopyDestination::new(ram, ret.clone(), start).map_err(|e| e.to_string())
@@ -54,7 +54,7 @@ pub struct Incoming {
     /// Post-copy: how to start the guest here.
     pub postcopy: Option<StartGuest>,
     /// Where to accept a resumed connection after a post-copy break.
-    pub resume: Option<TcpListener>,
+    pub resume: Option<Arc<Listener>>,
 }
 
 /// What a completed receive did.
@@ -71,11 +71,7 @@ pub struct Received {
 
 /// Receives one stream into `ram` and answers the source. On error the
 /// connection is shut down, so a source still sending notices at once.
-pub fn receive(
-    ram: &'static GuestRam,
-    stream: TcpStream,
-    how: Incoming,
-) -> Result<Received, String> {
+pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Received, String> {
     let mut bounce = vec![0u8; BOUNCE_BYTES];
     let mut hugepage = vec![0u8; HUGEPAGE_BUFFER];
     // The end checksums come from what was received, page by page, so
@@ -88,7 +84,7 @@ pub fn receive(
     if how.fresh {
         receiver = receiver.with_fresh_destination();
     }
-    let _ = stream.set_nodelay(true);
+    let _ = stream.tcp().set_nodelay(true);
     let ret = Arc::new(Mutex::new(
         stream
             .try_clone()
@@ -98,25 +94,38 @@ pub fn receive(
         Some(start) => Some(postcopy_target(ram, &ret, start)?),
         None => None,
     };
+    // A resume must come from the source this migration came from.
+    let identity = stream.peer_certificate().map(<[u8]>::to_vec);
     let mut conn = stream;
     let mut resumes = 0;
     let result = loop {
-        let reader = conn
-            .try_clone()
+        let mut input = conn
+            .reader()
             .map_err(|e| format!("cannot clone the connection: {e}"))?;
-        let mut input = FdReader::new(reader);
         let result = match target.as_mut() {
             Some(t) => receiver.receive_postcopy(ram, &mut input, t, |_| {}),
             None => receiver.receive(ram, &mut input, |_| {}),
         };
-        let broken = matches!(result, Err(ReceiveError::Truncated | ReceiveError::Io(_)));
+        // A resume the receiver refused for its token is one more
+        // impostor (the listener checks the token first, so this is a
+        // second line): wait on for the source.
+        let broken = matches!(
+            result,
+            Err(ReceiveError::Truncated | ReceiveError::Io(_) | ReceiveError::BadResumeToken)
+        );
         match (&how.resume, &mut target) {
             (Some(listener), Some(t)) if broken && receiver.in_postcopy() => {
-                let _ = conn.shutdown(Shutdown::Both);
+                conn.shutdown();
                 eprintln!("post-copy: the connection broke; waiting for the source to resume");
-                conn = accept(listener)?;
-                let _ = conn.set_nodelay(true);
-                set_receive_buffer(&conn, POSTCOPY_SOCKET_BUFFER);
+                let proof = ResumeProof {
+                    token: t.resume_token(),
+                    identity: identity.clone(),
+                };
+                conn = listener
+                    .accept_resume(&proof, RESUME_TIMEOUT)
+                    .map_err(|e| format!("post-copy: no resumed connection: {e}"))?;
+                let _ = conn.tcp().set_nodelay(true);
+                set_receive_buffer(conn.tcp(), POSTCOPY_SOCKET_BUFFER);
                 t.set_next_connection(
                     conn.try_clone()
                         .map_err(|e| format!("cannot clone the connection: {e}"))?,
@@ -131,7 +140,7 @@ pub fn receive(
         send_ack(&mut IoStream(&mut *ret), &result)
     };
     if result.is_err() {
-        let _ = conn.shutdown(Shutdown::Both);
+        conn.shutdown();
     }
     let latency = target.as_ref().map(Target::latency);
     if let Some(Err(e)) = target.as_mut().map(Target::stop_faults) {
@@ -146,25 +155,4 @@ pub fn receive(
         guest,
         resumes,
     })
-}
-
-/// Accepts the resumed connection, waiting at most [`RESUME_TIMEOUT`].
-fn accept(listener: &TcpListener) -> Result<TcpStream, String> {
-    let deadline = Instant::now() + RESUME_TIMEOUT;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("cannot poll the listener: {e}"))?;
-    let conn = loop {
-        match listener.accept() {
-            Ok((c, _)) => break c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => return Err(format!("post-copy: no resumed connection: {e}")),
-        }
-    };
-    let _ = listener.set_nonblocking(false);
-    conn.set_nonblocking(false)
-        .map_err(|e| format!("cannot set up the connection: {e}"))?;
-    Ok(conn)
 }

@@ -13,7 +13,7 @@ use ramblock_kvm::memslot::BlockRange;
 use ramblock_kvm::runner::VcpuRunner;
 use ramblock_kvm::vcpu_state::VcpuState;
 use ramblock_kvm::vm::{Vm, VmBuilder};
-use std::net::TcpStream;
+use ramblock_linux::transport::{Conn, Connector};
 use std::sync::Arc;
 
 /// A started KVM source.
@@ -197,8 +197,8 @@ pub fn send(
     vm: &Vm,
     ram: &GuestRam,
     guest: &mut dyn Guest,
-    conn: TcpStream,
-    addr: &str,
+    conn: Conn,
+    connector: &Connector,
     opts: &MigrateOptions,
 ) -> Result<Sent, String> {
     if opts.dirty_log == DirtyLog::UffdWp {
@@ -206,7 +206,7 @@ pub fn send(
         // the write-protect tracker sees the vCPU's writes; KVM's own log
         // stays off.
         let mut log = tracker::uffd_wp_log(ram)?;
-        return source::send(ram, &mut log, guest, conn, addr, opts);
+        return source::send(ram, &mut log, guest, conn, connector, opts);
     }
     let offset = ram
         .read()
@@ -216,7 +216,7 @@ pub fn send(
     vm.set_block_logging(offset, true)
         .map_err(|e| e.to_string())?;
     let mut log = KvmDirtyLog::new(vm);
-    let result = source::send(ram, &mut log, guest, conn, addr, opts);
+    let result = source::send(ram, &mut log, guest, conn, connector, opts);
     let off = vm.set_block_logging(offset, false);
     let stats = result?;
     off.map_err(|e| format!("migrated, but switching dirty logging off failed: {e}"))?;

@@ -1,15 +1,18 @@
 //! The source's connection to the destination, as post-copy needs it: a
 //! writer the engine keeps while the connection under it can be replaced
-//! (resume), a thread reading page requests off the return path, and, for
-//! tests, seeded connection breaks.
+//! (resume), the destination's resume token, a thread reading page
+//! requests off the return path, and, for tests, seeded connection breaks.
+//! Connecting, TLS and the token's wire format are the library's
+//! (`ramblock_linux::transport`).
 
 use ramblock_core::migrate::ReturnEvent;
 use ramblock_core::region::HostRegion;
 use ramblock_core::stream::format::ReturnMessage;
 use ramblock_core::stream::io::{ByteWrite, IoStream};
-use ramblock_linux::fd_stream::FdWriter;
+use ramblock_core::stream::resume_token::ResumeToken;
+use ramblock_linux::transport::{read_first_return, Conn, ConnWriter, Connector, FirstReturn};
 use std::cell::RefCell;
-use std::net::{Shutdown, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
@@ -28,11 +31,15 @@ pub const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 /// second per GiB).
 pub const RETURN_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long the source waits, after the switch to post-copy, for the
+/// destination's resume token (the first thing it sends back).
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The connection in use, shared by the engine's writer and the host.
 struct Current {
-    stream: TcpStream,
-    /// Sends page runs straight from guest memory.
-    writer: FdWriter<TcpStream>,
+    stream: Conn,
+    /// Sends page runs (straight from guest memory on plain TCP).
+    writer: ConnWriter,
     /// Bytes written since post-copy started on this connection.
     postcopy_bytes: u64,
     /// Break the connection when `postcopy_bytes` passes this.
@@ -44,7 +51,7 @@ impl Current {
     /// Post-copy runs on this connection: small send buffer, byte count
     /// for the next test break.
     fn enter_postcopy(&mut self, breaks: Option<&mut Breaks>) {
-        set_send_buffer(&self.stream, POSTCOPY_SOCKET_BUFFER);
+        set_send_buffer(self.stream.tcp(), POSTCOPY_SOCKET_BUFFER);
         self.postcopy = true;
         self.break_at = breaks.and_then(Breaks::next);
     }
@@ -62,7 +69,7 @@ impl LinkWriter {
             if c.break_at.is_some_and(|at| c.postcopy_bytes >= at) {
                 // A test's injected break: both directions go down, as
                 // when a cable is pulled.
-                let _ = c.stream.shutdown(Shutdown::Both);
+                c.stream.shutdown();
             }
         }
     }
@@ -116,19 +123,21 @@ impl Breaks {
 
 /// The host's side of the connection.
 pub struct Link {
-    addr: String,
+    connector: Connector,
     current: Rc<RefCell<Current>>,
     events: Option<Receiver<ReturnEvent>>,
     breaks: Option<Breaks>,
     resume: bool,
+    /// The destination's resume token, once post-copy started.
+    token: Option<ResumeToken>,
 }
 
 impl Link {
-    /// Wraps a connected stream to `addr`. `resume`: reconnect after a
-    /// post-copy break.
+    /// Wraps a connection made by `connector`. `resume`: reconnect after
+    /// a post-copy break.
     pub fn new(
-        stream: TcpStream,
-        addr: String,
+        stream: Conn,
+        connector: Connector,
         resume: bool,
         breaks: Option<Breaks>,
     ) -> Result<(Link, LinkWriter), String> {
@@ -136,31 +145,55 @@ impl Link {
         let writer = LinkWriter(current.clone());
         Ok((
             Link {
-                addr,
+                connector,
                 current,
                 events: None,
                 breaks,
                 resume,
+                token: None,
             },
             writer,
         ))
     }
 
     /// A reader for the pre-copy acknowledgement (the same connection).
-    pub fn ack_reader(&self) -> Result<IoStream<TcpStream>, String> {
+    pub fn ack_reader(&self) -> Result<IoStream<Conn>, String> {
         let s = self.current.borrow().stream.try_clone();
         s.map(IoStream)
             .map_err(|e| format!("cannot clone the connection: {e}"))
     }
 
-    /// Post-copy started: read the return path from now on, and arm the
-    /// next test break.
+    /// Post-copy started: take the destination's resume token (the first
+    /// message back, before any page request; waiting here for it means a
+    /// break can never come before the source holds it), then read the
+    /// return path on a thread, and arm the next test break.
     pub fn postcopy_started(&mut self) {
-        let mut c = self.current.borrow_mut();
-        c.enter_postcopy(self.breaks.as_mut());
-        let stream = c.stream.try_clone();
-        drop(c);
-        self.events = stream.ok().map(spawn_reader);
+        let stream = self.current.borrow().stream.try_clone();
+        let Ok(mut stream) = stream else {
+            return;
+        };
+        let mut first = None;
+        let _ = stream.set_read_timeout(Some(TOKEN_TIMEOUT));
+        match read_first_return(&mut IoStream(&mut stream)) {
+            Ok(FirstReturn::Token(t)) => self.token = Some(t),
+            // A destination that issues no token: the message is the
+            // first event.
+            Ok(FirstReturn::Message(m)) => first = Some(ReturnEvent::Message(m)),
+            Ok(FirstReturn::Unknown(_)) | Err(_) => first = Some(ReturnEvent::Closed),
+        }
+        let _ = stream.set_read_timeout(Some(RETURN_TIMEOUT));
+        self.current
+            .borrow_mut()
+            .enter_postcopy(self.breaks.as_mut());
+        self.events = Some(match first {
+            Some(ReturnEvent::Closed) => closed_channel(),
+            _ => spawn_reader(stream, first),
+        });
+    }
+
+    /// The destination's resume token (post-copy).
+    pub fn token(&self) -> Option<ResumeToken> {
+        self.token
     }
 
     /// The next return-path event, waiting up to `wait`.
@@ -188,16 +221,19 @@ impl Link {
         if !self.resume {
             return false;
         }
-        let _ = self.current.borrow().stream.shutdown(Shutdown::Both);
+        self.current.borrow().stream.shutdown();
         let deadline = Instant::now() + RESUME_TIMEOUT;
         let stream = loop {
-            match TcpStream::connect(&self.addr) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.connector.clone().retry_for(left).connect() {
                 Ok(s) => break s,
+                // A TLS handshake that failed (say, the destination was
+                // busy with another peer past its timeout): try again.
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50))
                 }
                 Err(e) => {
-                    eprintln!("post-copy: cannot reconnect to {}: {e}", self.addr);
+                    eprintln!("post-copy: cannot reconnect: {e}");
                     return false;
                 }
             }
@@ -206,7 +242,10 @@ impl Link {
             Ok(mut c) => {
                 c.enter_postcopy(self.breaks.as_mut());
                 *self.current.borrow_mut() = c;
-                eprintln!("post-copy: connection broke; reconnected to {}", self.addr);
+                eprintln!(
+                    "post-copy: connection broke; reconnected to {}",
+                    self.connector.addr()
+                );
                 true
             }
             Err(e) => {
@@ -217,7 +256,7 @@ impl Link {
     }
 
     /// The current connection, for reading the received map.
-    pub fn stream(&self) -> Result<TcpStream, String> {
+    pub fn stream(&self) -> Result<Conn, String> {
         self.current
             .borrow()
             .stream
@@ -227,7 +266,7 @@ impl Link {
 
     /// Starts reading page requests on the current connection.
     pub fn read_requests(&mut self) {
-        self.events = self.stream().ok().map(spawn_reader);
+        self.events = self.stream().ok().map(|s| spawn_reader(s, None));
     }
 }
 
@@ -259,26 +298,37 @@ fn set_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) {
 
 /// A connection set up for migration: no Nagle delay (a page request or
 /// an urgent page must not wait), a timeout on reads.
-fn current(stream: TcpStream) -> Result<Current, String> {
-    let _ = stream.set_nodelay(true);
+fn current(stream: Conn) -> Result<Current, String> {
+    let _ = stream.tcp().set_nodelay(true);
     stream
         .set_read_timeout(Some(RETURN_TIMEOUT))
         .map_err(|e| format!("cannot set a timeout on the connection: {e}"))?;
-    let clone = stream
-        .try_clone()
+    let writer = stream
+        .writer()
         .map_err(|e| format!("cannot clone the connection: {e}"))?;
     Ok(Current {
         stream,
-        writer: FdWriter::new(clone),
+        writer,
         postcopy_bytes: 0,
         break_at: None,
         postcopy: false,
     })
 }
 
-/// Reads return-path messages into a channel until the connection ends.
-fn spawn_reader(stream: TcpStream) -> Receiver<ReturnEvent> {
+/// A channel that says the return path is closed.
+fn closed_channel() -> Receiver<ReturnEvent> {
     let (tx, rx) = mpsc::channel();
+    let _ = tx.send(ReturnEvent::Closed);
+    rx
+}
+
+/// Reads return-path messages into a channel until the connection ends,
+/// after `first` (one read already).
+fn spawn_reader(stream: Conn, first: Option<ReturnEvent>) -> Receiver<ReturnEvent> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(event) = first {
+        let _ = tx.send(event);
+    }
     std::thread::spawn(move || {
         let mut input = IoStream(stream);
         loop {

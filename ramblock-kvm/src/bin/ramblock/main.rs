@@ -26,10 +26,12 @@ use options::{Backing, DirtyLog, MigrateOptions};
 use ramblock_core::dirty_log::SoftwareOnly;
 use ramblock_core::migrate::PostcopyStats;
 use ramblock_kvm::guest::ResumeMismatch;
+use ramblock_linux::transport::tls::TlsConfig;
+use ramblock_linux::transport::{Conn, Connector, Listener, Timeouts};
 use report::Summary;
 use source::Sent;
-use std::net::{TcpListener, TcpStream};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use workload::{Guest, HostWriter};
 
@@ -82,6 +84,42 @@ fn backing_name(opts: &MigrateOptions) -> String {
     }
 }
 
+/// The TLS credentials of --tls-cert, --tls-key and --tls-ca, if given.
+fn tls(opts: &MigrateOptions) -> Result<Option<TlsConfig>, String> {
+    match (&opts.tls_cert, &opts.tls_key, &opts.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => TlsConfig::from_pem_files(cert, key, ca)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        _ => Ok(None),
+    }
+}
+
+/// A destination's listener on `addr`: the handshake timeout of the
+/// options, TLS if configured, and a line on stderr for every peer it
+/// drops.
+fn listen(addr: &str, opts: &MigrateOptions) -> Result<Listener, String> {
+    let mut listener = Listener::bind(addr)
+        .map_err(|e| e.to_string())?
+        .with_timeouts(Timeouts {
+            handshake: Duration::from_millis(opts.handshake_timeout_ms.max(1)),
+            read: Some(link::RETURN_TIMEOUT),
+        })
+        .with_log(|dropped| eprintln!("ramblock: {dropped}"));
+    if let Some(tls) = tls(opts)? {
+        listener = listener.with_tls(tls);
+    }
+    Ok(listener)
+}
+
+/// The source's way to `addr`, with TLS if configured.
+fn connector(addr: &str, opts: &MigrateOptions) -> Result<Connector, String> {
+    let mut connector = Connector::new(addr);
+    if let Some(tls) = tls(opts)? {
+        connector = connector.with_tls(tls);
+    }
+    Ok(connector)
+}
+
 fn failed(mut summary: Summary, error: String) -> Summary {
     summary.error = Some(error);
     summary
@@ -116,16 +154,17 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         Ok(s) => s,
         Err(e) => return failed(summary, e),
     };
-    let listener = match TcpListener::bind(addr) {
-        Ok(l) => l,
-        Err(e) => return failed(summary, format!("cannot listen on {addr}: {e}")),
+    let listener = match listen(addr, opts) {
+        Ok(l) => Arc::new(l),
+        Err(e) => return failed(summary, e),
     };
     if !opts.json {
         eprintln!("waiting for a migration on {addr}");
     }
-    let conn = match listener.accept() {
-        Ok((c, _)) => c,
-        Err(e) => return failed(summary, format!("accept on {addr} failed: {e}")),
+    // Peers that are not the source are dropped (and logged) meanwhile.
+    let conn = match listener.accept_migration(None) {
+        Ok(c) => c,
+        Err(e) => return failed(summary, format!("on {addr}: {e}")),
     };
     let t0 = Instant::now();
     // A named file may hold data already; every other backing starts zero.
@@ -133,7 +172,7 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
     let how = Incoming {
         fresh,
         postcopy: start_guest,
-        resume: opts.resume.then(|| listener.try_clone().ok()).flatten(),
+        resume: opts.resume.then(|| listener.clone()),
     };
     match destination::receive(ram, conn, how) {
         Ok(r) => {
@@ -227,7 +266,7 @@ fn outgoing(opts: &MigrateOptions) -> Summary {
                 opts,
                 &mut summary,
                 k.guest.as_mut(),
-                |ram, guest, conn, addr| kvm::send(&vm, ram, guest, conn, addr, opts),
+                |ram, guest, conn, to| kvm::send(&vm, ram, guest, conn, to, opts),
             );
             k.guest.stop();
             r
@@ -244,12 +283,12 @@ fn outgoing(opts: &MigrateOptions) -> Summary {
                 opts,
                 &mut summary,
                 writer.as_mut(),
-                |ram, guest, conn, addr| {
+                |ram, guest, conn, to| {
                     if uffd_wp {
                         let mut log = tracker::uffd_wp_log(ram)?;
-                        source::send(ram, &mut log, guest, conn, addr, opts)
+                        source::send(ram, &mut log, guest, conn, to, opts)
                     } else {
-                        source::send(ram, &mut SoftwareOnly, guest, conn, addr, opts)
+                        source::send(ram, &mut SoftwareOnly, guest, conn, to, opts)
                     }
                 },
             );
@@ -269,13 +308,14 @@ fn run_source(
     opts: &MigrateOptions,
     summary: &mut Summary,
     guest: &mut dyn Guest,
-    mut send: impl FnMut(&GuestRam, &mut dyn Guest, TcpStream, &str) -> Result<Sent, String>,
+    mut send: impl FnMut(&GuestRam, &mut dyn Guest, Conn, &Connector) -> Result<Sent, String>,
 ) -> Result<(), String> {
     summary.guest_rate_before = warm_up(guest, opts)?;
     let start_progress = guest.progress();
     if let Some(addr) = &opts.to {
-        let conn = connect(addr)?;
-        let result = send(ram, guest, conn, addr);
+        let to = connector(addr, opts)?;
+        let conn = to.connect().map_err(|e| e.to_string())?;
+        let result = send(ram, guest, conn, &to);
         summary.guest_progress = guest.progress() - start_progress;
         let sent = result.map_err(|e| still_running(e, guest, opts))?;
         summary.stats = sent.stats;
@@ -297,18 +337,15 @@ fn run_source(
         DESTINATION_LOG,
     )?;
     let start_guest = postcopy_guest(dest, opts)?;
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot listen on loopback: {e}"))?;
+    let listener = Arc::new(listen("127.0.0.1:0", opts)?);
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let resume = if opts.resume || opts.break_postcopy.is_some() {
-        Some(listener.try_clone().map_err(|e| e.to_string())?)
-    } else {
-        None
-    };
+    let resume = (opts.resume || opts.break_postcopy.is_some()).then(|| listener.clone());
     let receiver = std::thread::spawn(move || {
-        let (conn, _) = listener
-            .accept()
-            .map_err(|e| format!("accept failed: {e}"))?;
+        // Bounded, so a source that never connects cannot leave this
+        // thread waiting for ever.
+        let conn = listener
+            .accept_migration(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
         let how = Incoming {
             fresh: true,
             postcopy: start_guest,
@@ -316,8 +353,9 @@ fn run_source(
         };
         destination::receive(dest, conn, how)
     });
-    let conn = TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let result = send(ram, guest, conn, &addr.to_string());
+    let to = connector(&addr.to_string(), opts)?;
+    let conn = to.connect().map_err(|e| e.to_string())?;
+    let result = send(ram, guest, conn, &to);
     summary.guest_progress = guest.progress() - start_progress;
     let result = result.and_then(|sent| guest_alive(guest).map(|()| sent));
     let received = receiver
@@ -411,20 +449,6 @@ fn guest_alive(guest: &dyn Guest) -> Result<(), String> {
     match guest.failure() {
         Some(e) => Err(format!("the source guest stopped: {e}")),
         None => Ok(()),
-    }
-}
-
-/// Connects to a destination, retrying for a few seconds while it starts.
-fn connect(addr: &str) -> Result<TcpStream, String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match TcpStream::connect(addr) {
-            Ok(c) => return Ok(c),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(format!("cannot connect to {addr}: {e}"))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
     }
 }
 

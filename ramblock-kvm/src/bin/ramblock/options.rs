@@ -66,9 +66,27 @@ pub struct MigrateOptions {
     #[arg(long)]
     pub resume: bool,
     /// Testing: break the connection at up to 3 random points during
-    /// post-copy, from this seed (one-process runs only; implies --resume).
+    /// post-copy, from this seed (the source's side; implies --resume).
     #[arg(long, hide = true, value_name = "SEED")]
     pub break_postcopy: Option<u64>,
+    /// Mutual TLS 1.3: this side's certificate chain (PEM, leaf first),
+    /// presented to the peer. Give --tls-cert, --tls-key and --tls-ca on
+    /// both sides; a TLS destination drops plaintext peers and peers
+    /// without a certificate the CA signed.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Mutual TLS: the private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: the CA certificate(s) the peer's certificate must be
+    /// signed by (PEM). The source also checks that the destination's
+    /// certificate names the host of --to.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// Destination: how long a connecting peer has to finish the TLS
+    /// handshake and send a valid header before it is dropped (ms).
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    pub handshake_timeout_ms: u64,
     /// Do not use /dev/kvm even if present (a host thread writes instead).
     #[arg(long)]
     pub no_kvm: bool,

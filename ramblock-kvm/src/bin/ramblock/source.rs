@@ -13,7 +13,8 @@ use ramblock_core::migrate::{
 };
 use ramblock_core::stream::io::IoStream;
 use ramblock_core::stream::received_map::{read_received_map, scratch_words};
-use std::net::TcpStream;
+use ramblock_core::stream::resume_token::ResumeToken;
+use ramblock_linux::transport::{Conn, Connector};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -107,6 +108,9 @@ impl MigrationHost for ProgramHost<'_> {
     fn postcopy_started(&mut self) {
         self.link.postcopy_started();
     }
+    fn resume_token(&mut self) -> Option<ResumeToken> {
+        self.link.token()
+    }
 }
 
 /// The engine configuration the options ask for.
@@ -131,7 +135,7 @@ pub struct Sent {
     pub pass0_bandwidth: f64,
 }
 
-/// Migrates `ram` over `stream`, connected to `addr`. On a pre-copy failure
+/// Migrates `ram` over `stream`, made by `connector`. On a pre-copy failure
 /// the guest runs on (the engine resumed it); after post-copy started it
 /// stays paused (it runs on the destination). The error says what
 /// happened.
@@ -139,13 +143,13 @@ pub fn send<D: DirtyLogSource>(
     ram: &GuestRam,
     source: &mut D,
     guest: &mut dyn Guest,
-    stream: TcpStream,
-    addr: &str,
+    stream: Conn,
+    connector: &Connector,
     opts: &MigrateOptions,
 ) -> Result<Sent, String> {
     let breaks = opts.break_postcopy.map(Breaks::new);
     let resume = opts.resume || breaks.is_some();
-    let (link, mut out) = Link::new(stream, addr.to_string(), resume, breaks)?;
+    let (link, mut out) = Link::new(stream, connector.clone(), resume, breaks)?;
     let mut ack = link.ack_reader()?;
     let mut device_state = Vec::new();
     let mut host = ProgramHost {

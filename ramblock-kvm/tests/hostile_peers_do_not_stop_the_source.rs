@@ -1,0 +1,379 @@
+//! `ramblock migrate` between two processes over 127.0.0.1 while other
+//! peers try their luck on the destination's port: one that sends
+//! garbage, one that says nothing, a port scan (connect and close), and
+//! hijackers that send a resume header without the token the destination
+//! issued. Each is dropped with a line on the destination's stderr, and
+//! the real source still completes and verifies. With TLS, a plaintext
+//! peer and a peer whose certificate another CA signed are refused. In
+//! post-copy, token-less hijackers wait in the listener's queue when the
+//! connection breaks, and the real source still resumes.
+//!
+//! Without /dev/kvm the program moves a host writer's RAM instead, so
+//! these run either way. Each child is killed after [`LIMIT`].
+
+use ramblock_core::stream::format::{Header, TableEntry};
+use ramblock_core::stream::resume_token::ResumeToken;
+use ramblock_linux::transport::tls::TlsConfig;
+use ramblock_linux::transport::Connector;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const SIZE: &str = "64M";
+/// Longest any one `ramblock` process may run (a run takes about a second).
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A `ramblock migrate --json` child, its output collected as it comes.
+struct Running {
+    what: String,
+    child: Child,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> Option<JoinHandle<Vec<u8>>> {
+    let mut pipe = pipe?;
+    Some(std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    }))
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ramblock"))
+            .arg("migrate")
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ramblock");
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        Running {
+            what: format!("ramblock migrate --json {}", args.join(" ")),
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for the exit; kills the child and fails after [`LIMIT`].
+    fn finish(mut self) -> (Output, String, String) {
+        let deadline = Instant::now() + LIMIT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for ramblock") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("`{}` still running after {LIMIT:?}; killed it", self.what);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let join = |h: Option<JoinHandle<Vec<u8>>>| h.map_or(Vec::new(), |h| h.join().unwrap());
+        let (stdout, stderr) = (join(self.stdout.take()), join(self.stderr.take()));
+        let texts = (
+            String::from_utf8_lossy(&stdout).into_owned(),
+            String::from_utf8_lossy(&stderr).into_owned(),
+        );
+        (
+            Output {
+                status,
+                stdout,
+                stderr,
+            },
+            texts.0,
+            texts.1,
+        )
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The raw value of `key` in the one-line JSON summary.
+fn field<'j>(json: &'j str, key: &str) -> &'j str {
+    let label = format!("\"{key}\":");
+    let at = json
+        .find(&label)
+        .unwrap_or_else(|| panic!("no {key} in {json}"));
+    let rest = &json[at + label.len()..];
+    &rest[..rest.find([',', '}']).unwrap_or(rest.len())]
+}
+
+/// A free loopback port (bound, then released for a child to take).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Connects to `addr`, retrying while the destination starts.
+fn connect(addr: &str) -> TcpStream {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() >= deadline => panic!("{addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// A resume header with a guessed (all-zero) token and a table that
+/// matches the program's guest RAM block.
+fn tokenless_resume() -> Vec<u8> {
+    let mut out = Vec::new();
+    Header::new(1)
+        .write_resume(&ResumeToken::default(), &mut out)
+        .unwrap();
+    TableEntry {
+        used_length: 64 << 20,
+        page_size: 4096,
+        flags: 0,
+    }
+    .write("pc.ram", &mut out)
+    .unwrap();
+    out
+}
+
+/// Asserts both sides succeeded and verified; returns the destination's
+/// summary and stderr.
+fn assert_completed(src: Running, dest: Running) -> (String, String) {
+    let (so, s, s_err) = src.finish();
+    let (d_o, d, d_err) = dest.finish();
+    assert!(
+        so.status.success(),
+        "source: {s}\n{s_err}\ndestination: {d_err}"
+    );
+    assert!(d_o.status.success(), "destination: {d}\n{d_err}");
+    assert_eq!(field(&s, "verified"), "true", "{s}");
+    assert_eq!(field(&d, "verified"), "true", "{d}");
+    (d, d_err)
+}
+
+fn dropped_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("dropped peer"))
+        .collect()
+}
+
+#[test]
+fn garbage_silent_scanning_and_hijacking_peers_do_not_stop_the_source() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let endpoint = format!("tcp:{addr}");
+    let dest = Running::start(&[
+        "--incoming",
+        &endpoint,
+        "--size",
+        SIZE,
+        // Long enough that the peers that do write are never taken for
+        // silent on a loaded machine; the silent one costs this once.
+        "--handshake-timeout-ms",
+        "1000",
+    ]);
+    // Every peer is in the listener's queue before the source connects.
+    let mut garbage = connect(&addr);
+    garbage.write_all(b"\x16\x03\x01 not a migration").unwrap();
+    let silent = connect(&addr);
+    drop(connect(&addr));
+    let mut hijacker = connect(&addr);
+    hijacker.write_all(&tokenless_resume()).unwrap();
+    let src = Running::start(&["--to", &endpoint, "--size", SIZE]);
+    let (_, d_err) = assert_completed(src, dest);
+    let dropped = dropped_lines(&d_err);
+    assert_eq!(dropped.len(), 4, "{d_err}");
+    assert!(dropped[0].contains("no ramblock stream header"), "{d_err}");
+    assert!(
+        dropped[1].contains("sent 0 of the 16 header bytes"),
+        "{d_err}"
+    );
+    assert!(dropped[2].contains("connected and closed"), "{d_err}");
+    assert!(
+        dropped[3].contains("resume header while waiting for a stream header"),
+        "{d_err}"
+    );
+    drop((garbage, silent, hijacker));
+}
+
+/// A CA and PEM files for it in a fresh directory.
+struct Pki {
+    dir: PathBuf,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("ramblock-pki-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        Pki { dir, ca }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Writes `name`.pem and `name`.key: a certificate for 127.0.0.1.
+    fn leaf(&self, name: &str) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tls_args<'a>(cert: &'a Path, key: &'a Path, ca: &'a Path) -> [&'a str; 6] {
+    [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--tls-ca",
+        ca.to_str().unwrap(),
+    ]
+}
+
+#[test]
+fn over_tls_only_a_peer_with_a_certificate_from_the_ca_gets_in() {
+    let pki = Pki::new("ramblock-test-ca");
+    let other = Pki::new("another-ca");
+    let (dest_cert, dest_key) = pki.leaf("destination");
+    let (src_cert, src_key) = pki.leaf("source");
+    let (bad_cert, bad_key) = other.leaf("stranger");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let endpoint = format!("tcp:{addr}");
+    let ca = pki.ca();
+    let dest = Running::start(
+        &[
+            &["--incoming", &endpoint, "--size", SIZE][..],
+            &tls_args(&dest_cert, &dest_key, &ca),
+        ]
+        .concat(),
+    );
+    // Plaintext with a valid stream header.
+    let mut plain = connect(&addr);
+    let mut header = Vec::new();
+    Header::new(1).write(&mut header).unwrap();
+    plain.write_all(&header).unwrap();
+    // A certificate signed by another CA (it trusts ours, so it goes
+    // through with its side of the handshake).
+    let stranger = TlsConfig::from_pem_files(&bad_cert, &bad_key, &ca).unwrap();
+    if let Ok(c) = Connector::new(addr.clone()).with_tls(stranger).connect() {
+        use ramblock_core::stream::io::ByteWrite;
+        let _ = c.writer().unwrap().write_all(&header);
+    }
+    let src = Running::start(
+        &[
+            &["--to", &endpoint, "--size", SIZE][..],
+            &tls_args(&src_cert, &src_key, &ca),
+        ]
+        .concat(),
+    );
+    let (_, d_err) = assert_completed(src, dest);
+    let dropped = dropped_lines(&d_err);
+    assert_eq!(dropped.len(), 2, "{d_err}");
+    assert!(dropped[0].contains("spoke plaintext"), "{d_err}");
+    assert!(
+        dropped[1].contains("certificate the CA does not vouch for"),
+        "{d_err}"
+    );
+    drop(plain);
+}
+
+#[test]
+fn a_postcopy_resume_goes_to_the_source_not_to_tokenless_hijackers() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let endpoint = format!("tcp:{addr}");
+    let dest = Running::start(&[
+        "--incoming",
+        &endpoint,
+        "--size",
+        SIZE,
+        "--postcopy",
+        "--resume",
+        "--handshake-timeout-ms",
+        "300",
+    ]);
+    // The source connects first; it breaks its connection three times
+    // during post-copy and resumes.
+    let src = Running::start(&[
+        "--to",
+        &endpoint,
+        "--size",
+        SIZE,
+        "--postcopy",
+        "1",
+        "--downtime-ms",
+        "0",
+        "--break-postcopy",
+        "11",
+    ]);
+    // Hijackers keep arriving while the migration runs: they queue up
+    // behind the source's connection, so each break finds some waiting
+    // ahead of the source's reconnect. (Those that come before the source
+    // are dropped as resume headers to a new migration.)
+    let stop = Arc::new(AtomicBool::new(false));
+    let hijackers = {
+        let (stop, addr) = (stop.clone(), addr.clone());
+        std::thread::spawn(move || {
+            let mut open = Vec::new();
+            while !stop.load(Ordering::Relaxed) && open.len() < 100 {
+                if let Ok(mut s) = TcpStream::connect(&addr) {
+                    let _ = s.write_all(&tokenless_resume());
+                    open.push(s);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            open.len()
+        })
+    };
+    let (d, d_err) = assert_completed(src, dest);
+    stop.store(true, Ordering::Relaxed);
+    assert!(hijackers.join().unwrap() > 0);
+    assert_ne!(
+        field(&d, "resumes"),
+        "0",
+        "the source never resumed: {d}\n{d_err}"
+    );
+    assert!(
+        d_err.contains("resume header without the token this destination issued"),
+        "no hijacker was met at a resume: {d_err}"
+    );
+}

@@ -1,0 +1,265 @@
+//! [`Conn`]: one admitted migration connection, plain TCP or TLS, with
+//! the engine's byte traits on top ([`ConnReader`], [`ConnWriter`]).
+//!
+//! The listener reads a peer's first bytes to decide whether it is the
+//! source; those bytes are kept in the connection (its prefix) and read
+//! again first, so the receiver sees the stream from its first byte.
+
+use crate::fd_stream::{FdReader, FdWriter};
+use ramblock_core::region::HostRegion;
+#[cfg(feature = "tls")]
+use ramblock_core::stream::io::IoStream;
+use ramblock_core::stream::io::{ByteRead, ByteWrite, ReadError};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
+
+#[cfg(feature = "tls")]
+use super::tls::TlsStream;
+
+/// What a connection runs over.
+#[derive(Debug)]
+enum Kind {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(TlsStream),
+}
+
+/// An admitted connection. Clones (`try_clone`) share the socket (and the
+/// TLS session): one reader and one writer may use it from two threads.
+#[derive(Debug)]
+pub struct Conn {
+    kind: Kind,
+    /// Bytes read while admitting the peer, to be read again first.
+    prefix: Vec<u8>,
+}
+
+impl Conn {
+    /// A plain TCP connection.
+    pub fn plain(stream: TcpStream) -> Conn {
+        Conn {
+            kind: Kind::Plain(stream),
+            prefix: Vec::new(),
+        }
+    }
+
+    #[cfg(feature = "tls")]
+    pub(crate) fn tls(stream: TlsStream) -> Conn {
+        Conn {
+            kind: Kind::Tls(stream),
+            prefix: Vec::new(),
+        }
+    }
+
+    /// Puts bytes already read back in front of the stream.
+    pub(crate) fn unread(&mut self, bytes: &[u8]) {
+        self.prefix.splice(0..0, bytes.iter().copied());
+    }
+
+    /// Another handle on the same connection (without the prefix, which
+    /// stays with this one).
+    pub fn try_clone(&self) -> io::Result<Conn> {
+        let kind = match &self.kind {
+            Kind::Plain(s) => Kind::Plain(s.try_clone()?),
+            #[cfg(feature = "tls")]
+            Kind::Tls(s) => Kind::Tls(s.try_clone()),
+        };
+        Ok(Conn {
+            kind,
+            prefix: Vec::new(),
+        })
+    }
+
+    /// The TCP socket underneath, for socket options (buffer sizes,
+    /// `TCP_NODELAY`).
+    pub fn tcp(&self) -> &TcpStream {
+        match &self.kind {
+            Kind::Plain(s) => s,
+            #[cfg(feature = "tls")]
+            Kind::Tls(s) => s.tcp(),
+        }
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        !matches!(self.kind, Kind::Plain(_))
+    }
+
+    /// The peer's end-entity certificate (DER) on a TLS connection: the
+    /// identity a resume must present again.
+    pub fn peer_certificate(&self) -> Option<&[u8]> {
+        match &self.kind {
+            Kind::Plain(_) => None,
+            #[cfg(feature = "tls")]
+            Kind::Tls(s) => s.peer_certificate(),
+        }
+    }
+
+    /// On a TLS connection, the protocol version and cipher suite in use.
+    #[cfg(feature = "tls")]
+    pub fn tls_negotiated(&self) -> Option<(rustls::ProtocolVersion, rustls::CipherSuite)> {
+        match &self.kind {
+            Kind::Plain(_) => None,
+            Kind::Tls(s) => s.negotiated(),
+        }
+    }
+
+    /// Shuts both directions down (every clone sees it).
+    pub fn shutdown(&self) {
+        let _ = self.tcp().shutdown(Shutdown::Both);
+    }
+
+    /// Sets the socket's read timeout (every clone shares it).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.tcp().set_read_timeout(timeout)
+    }
+
+    /// A reader of the stream for the receiver: pages are read straight
+    /// into guest memory where the transport allows (plain TCP), and this
+    /// connection's prefix is read first.
+    pub fn reader(&mut self) -> io::Result<ConnReader> {
+        let prefix = std::mem::take(&mut self.prefix);
+        let inner = match &self.kind {
+            Kind::Plain(s) => Inner::Plain(FdReader::new(s.try_clone()?)),
+            #[cfg(feature = "tls")]
+            Kind::Tls(s) => Inner::Tls(IoStream(s.try_clone())),
+        };
+        Ok(ConnReader { prefix, inner })
+    }
+
+    /// A writer of the stream for the engine: on plain TCP, page runs go
+    /// to the kernel straight from guest memory (`writev`); over TLS each
+    /// run is copied out once and encrypted.
+    pub fn writer(&self) -> io::Result<ConnWriter> {
+        Ok(match &self.kind {
+            Kind::Plain(s) => ConnWriter::Plain(FdWriter::new(s.try_clone()?)),
+            #[cfg(feature = "tls")]
+            Kind::Tls(s) => ConnWriter::Tls(s.try_clone(), Vec::new()),
+        })
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.prefix[..n]);
+            self.prefix.drain(..n);
+            return Ok(n);
+        }
+        match &mut self.kind {
+            Kind::Plain(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Kind::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.kind {
+            Kind::Plain(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Kind::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.kind {
+            Kind::Plain(s) => s.flush(),
+            #[cfg(feature = "tls")]
+            Kind::Tls(s) => s.flush(),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Inner {
+    Plain(FdReader<TcpStream>),
+    #[cfg(feature = "tls")]
+    Tls(IoStream<TlsStream>),
+}
+
+/// The receiver's side of a [`Conn`] (the core's `ByteRead`).
+#[derive(Debug)]
+pub struct ConnReader {
+    prefix: Vec<u8>,
+    inner: Inner,
+}
+
+impl ByteRead for ConnReader {
+    type Error = io::Error;
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ReadError<io::Error>> {
+        let n = self.prefix.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.prefix[..n]);
+        self.prefix.drain(..n);
+        let rest = &mut buf[n..];
+        if rest.is_empty() {
+            return Ok(());
+        }
+        match &mut self.inner {
+            Inner::Plain(r) => r.read_exact(rest),
+            #[cfg(feature = "tls")]
+            Inner::Tls(r) => r.read_exact(rest),
+        }
+    }
+
+    fn read_ready_into(&mut self, region: &HostRegion<'_>) -> Result<bool, ReadError<io::Error>> {
+        // Bytes of the prefix come first: stage them with the rest.
+        if !self.prefix.is_empty() {
+            return Ok(false);
+        }
+        match &mut self.inner {
+            Inner::Plain(r) => r.read_ready_into(region),
+            #[cfg(feature = "tls")]
+            Inner::Tls(_) => Ok(false),
+        }
+    }
+}
+
+/// The engine's side of a [`Conn`] (the core's `ByteWrite`).
+#[derive(Debug)]
+pub enum ConnWriter {
+    /// Plain TCP: headers queued, page runs written from guest memory.
+    Plain(FdWriter<TcpStream>),
+    /// TLS, with the buffer a page run is copied into for encryption.
+    #[cfg(feature = "tls")]
+    Tls(TlsStream, Vec<u8>),
+}
+
+impl ByteWrite for ConnWriter {
+    type Error = io::Error;
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            ConnWriter::Plain(w) => w.write_all(buf),
+            #[cfg(feature = "tls")]
+            ConnWriter::Tls(s, _) => s.send(buf),
+        }
+    }
+
+    fn write_region(&mut self, region: &HostRegion<'_>) -> io::Result<()> {
+        match self {
+            ConnWriter::Plain(w) => w.write_region(region),
+            #[cfg(feature = "tls")]
+            ConnWriter::Tls(s, stage) => {
+                // Guest memory is never borrowed as a slice (the guest may
+                // write it meanwhile), so it is copied out once; rustls
+                // encrypts from this copy.
+                stage.resize(region.len(), 0);
+                region
+                    .read(ramblock_core::addr::ByteLen::ZERO, stage)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                s.send(stage)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            ConnWriter::Plain(w) => ByteWrite::flush(w),
+            #[cfg(feature = "tls")]
+            ConnWriter::Tls(..) => Ok(()),
+        }
+    }
+}

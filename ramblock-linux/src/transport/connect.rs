@@ -1,0 +1,101 @@
+//! The source's side: [`Connector`] reaches the destination (retrying
+//! while it starts) and, with TLS, authenticates both ways.
+
+use super::conn::Conn;
+use super::error::TransportError;
+#[cfg(feature = "tls")]
+use super::tls::TlsConfig;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// How the source connects (see the [module](super)).
+#[derive(Clone, Debug)]
+pub struct Connector {
+    addr: String,
+    retry_for: Duration,
+    handshake: Duration,
+    #[cfg(feature = "tls")]
+    tls: Option<TlsConfig>,
+}
+
+impl Connector {
+    /// Connects to `addr` (`HOST:PORT`), retrying for 10 s; a TLS
+    /// handshake gets 10 s.
+    pub fn new(addr: impl Into<String>) -> Connector {
+        Connector {
+            addr: addr.into(),
+            retry_for: Duration::from_secs(10),
+            handshake: Duration::from_secs(10),
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+
+    /// How long to retry a refused connection.
+    pub fn retry_for(mut self, retry_for: Duration) -> Connector {
+        self.retry_for = retry_for;
+        self
+    }
+
+    /// How long the TLS handshake may take.
+    pub fn handshake_timeout(mut self, handshake: Duration) -> Connector {
+        self.handshake = handshake;
+        self
+    }
+
+    /// Speaks mutual TLS with `tls`; the destination's certificate must
+    /// name the host of the address.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(mut self, tls: TlsConfig) -> Connector {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The destination's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The host part of the address, as the destination's certificate
+    /// must name it.
+    pub fn host(&self) -> Result<&str, TransportError> {
+        let host = self
+            .addr
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+            .filter(|h| !h.is_empty());
+        host.ok_or_else(|| TransportError::ServerName(self.addr.clone()))
+    }
+
+    /// Connects (and authenticates, with TLS).
+    pub fn connect(&self) -> Result<Conn, TransportError> {
+        let deadline = Instant::now() + self.retry_for;
+        let stream = loop {
+            match TcpStream::connect(&self.addr) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(source) => {
+                    return Err(TransportError::Connect {
+                        addr: self.addr.clone(),
+                        source,
+                    })
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            let host = self.host()?;
+            let deadline = Instant::now() + self.handshake;
+            let tls = tls.connect(stream, host, &self.addr, deadline)?;
+            // The handshake left its deadline as the read timeout.
+            tls.tcp()
+                .set_read_timeout(None)
+                .map_err(TransportError::Socket)?;
+            return Ok(Conn::tls(tls));
+        }
+        Ok(Conn::plain(stream))
+    }
+}

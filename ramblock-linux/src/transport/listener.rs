@@ -1,0 +1,232 @@
+//! The destination's [`Listener`]: accepts connections until one is the
+//! source, dropping every other peer with a log line.
+
+use super::admission::{admit, Expect};
+use super::conn::Conn;
+use super::error::{PeerRefused, Refusal, TransportError};
+#[cfg(feature = "tls")]
+use super::tls::TlsConfig;
+use ramblock_core::stream::resume_token::ResumeToken;
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long peers get.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From `accept` to a whole header (TLS handshake included): a peer
+    /// that takes longer is dropped.
+    pub handshake: Duration,
+    /// The read timeout on the admitted connection (`None`: none): a
+    /// source that stops sending for this long is a broken connection.
+    pub read: Option<Duration>,
+}
+
+impl Default for Timeouts {
+    /// 10 s to the header, 120 s between reads.
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            read: Some(Duration::from_secs(120)),
+        }
+    }
+}
+
+/// The VMM's log hook for dropped peers.
+pub type PeerLog = Arc<dyn Fn(&PeerRefused) + Send + Sync>;
+
+/// What a resumed connection must prove: the token issued when post-copy
+/// started, and (over TLS) the source's certificate.
+#[derive(Clone, Debug, Default)]
+pub struct ResumeProof {
+    /// The token the destination issued (`None`: none was, no check).
+    pub token: Option<ResumeToken>,
+    /// The source's end-entity certificate (DER) on the original
+    /// connection (`None`: it was not TLS).
+    pub identity: Option<Vec<u8>>,
+}
+
+impl ResumeProof {
+    /// What a resume of the migration arriving on `original` must show.
+    pub fn of(original: &Conn, token: Option<ResumeToken>) -> ResumeProof {
+        ResumeProof {
+            token,
+            identity: original.peer_certificate().map(<[u8]>::to_vec),
+        }
+    }
+}
+
+/// A destination's listening socket (see the [module](super)).
+pub struct Listener {
+    tcp: TcpListener,
+    timeouts: Timeouts,
+    #[cfg(feature = "tls")]
+    tls: Option<TlsConfig>,
+    log: PeerLog,
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listener")
+            .field("tcp", &self.tcp)
+            .field("timeouts", &self.timeouts)
+            .field("tls", &self.requires_tls())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often a listener with a deadline looks for a new connection.
+const POLL: Duration = Duration::from_millis(10);
+
+impl Listener {
+    /// Listens on `addr` (`HOST:PORT`).
+    pub fn bind(addr: &str) -> Result<Listener, TransportError> {
+        TcpListener::bind(addr)
+            .map(Listener::from_tcp)
+            .map_err(|source| TransportError::Bind {
+                addr: addr.to_string(),
+                source,
+            })
+    }
+
+    /// A listener over a bound socket, with the default [`Timeouts`], no
+    /// TLS and a log hook that drops the lines.
+    pub fn from_tcp(tcp: TcpListener) -> Listener {
+        Listener {
+            tcp,
+            timeouts: Timeouts::default(),
+            #[cfg(feature = "tls")]
+            tls: None,
+            log: Arc::new(|_| {}),
+        }
+    }
+
+    /// Sets the timeouts.
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Listener {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Sets the hook told about every dropped peer.
+    pub fn with_log(mut self, log: impl Fn(&PeerRefused) + Send + Sync + 'static) -> Listener {
+        self.log = Arc::new(log);
+        self
+    }
+
+    /// Requires mutual TLS with `tls`: plaintext peers and peers without a
+    /// certificate the CA signed are dropped.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(mut self, tls: TlsConfig) -> Listener {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Whether peers must speak TLS.
+    pub fn requires_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// The timeouts in force.
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// Waits for the source of a new migration (for ever, or at most
+    /// `within`): the first peer that sends a valid stream header owns the
+    /// migration; every other one is dropped and logged.
+    pub fn accept_migration(&self, within: Option<Duration>) -> Result<Conn, TransportError> {
+        let deadline = within.map(|w| Instant::now() + w);
+        self.accept_until(&Expect::Migration, deadline, within)
+    }
+
+    /// Waits at most `within` for the source of a broken post-copy to
+    /// come back with `proof`; every other peer is dropped and logged.
+    pub fn accept_resume(
+        &self,
+        proof: &ResumeProof,
+        within: Duration,
+    ) -> Result<Conn, TransportError> {
+        let expect = Expect::Resume {
+            token: proof.token.as_ref(),
+            identity: proof.identity.as_deref(),
+        };
+        self.accept_until(&expect, Some(Instant::now() + within), Some(within))
+    }
+
+    fn accept_until(
+        &self,
+        expect: &Expect<'_>,
+        deadline: Option<Instant>,
+        within: Option<Duration>,
+    ) -> Result<Conn, TransportError> {
+        self.tcp
+            .set_nonblocking(deadline.is_some())
+            .map_err(TransportError::Accept)?;
+        loop {
+            let (stream, peer) = match self.tcp.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match deadline {
+                        Some(d) if Instant::now() >= d => {
+                            return Err(TransportError::Timeout(within.unwrap_or_default()))
+                        }
+                        _ => std::thread::sleep(POLL),
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A peer that reset before it was accepted, or too many
+                // descriptors for a moment: not this listener's end.
+                Err(e) if is_transient(&e) => continue,
+                Err(e) => return Err(TransportError::Accept(e)),
+            };
+            let mut handshake = Instant::now() + self.timeouts.handshake;
+            if let Some(d) = deadline {
+                handshake = handshake.min(d);
+            }
+            match self.admit(stream, expect, handshake) {
+                Ok(conn) => return Ok(conn),
+                Err(refusal) => (self.log)(&PeerRefused { peer, refusal }),
+            }
+        }
+    }
+
+    fn admit(
+        &self,
+        stream: TcpStream,
+        expect: &Expect<'_>,
+        deadline: Instant,
+    ) -> Result<Conn, Refusal> {
+        stream.set_nonblocking(false).map_err(Refusal::Io)?;
+        let _ = stream.set_nodelay(true);
+        #[cfg(feature = "tls")]
+        let mut conn = match &self.tls {
+            Some(tls) => Conn::tls(tls.accept(stream, deadline)?),
+            None => Conn::plain(stream),
+        };
+        #[cfg(not(feature = "tls"))]
+        let mut conn = Conn::plain(stream);
+        admit(&mut conn, expect, deadline, self.timeouts.handshake)?;
+        conn.set_read_timeout(self.timeouts.read)
+            .map_err(Refusal::Io)?;
+        Ok(conn)
+    }
+}
+
+/// Errors of `accept(2)` that concern one peer, not the listener.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}

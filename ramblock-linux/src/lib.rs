@@ -41,7 +41,8 @@
 //! post-copy destination on it (registration, the fault thread, page
 //! requests on the return path);
 //! [`fd_stream`] moves a migration stream between a socket and guest memory
-//! without a user-space copy.
+//! without a user-space copy; [`snapshot`] saves guest RAM to a file and
+//! restores it eagerly, by mapping or lazily through userfaultfd.
 #![deny(missing_docs)]
 
 pub mod advice;
@@ -57,6 +58,7 @@ pub mod numa;
 mod pagemap;
 pub mod postcopy;
 pub mod prealloc;
+pub mod snapshot;
 pub mod uffd;
 
 pub use advice::{Hint, LockMode};

@@ -115,7 +115,7 @@ fn parse_mode(s: &str) -> Result<DirtyLogRequest, String> {
     s.parse().map_err(|e: ramblock_kvm::KvmError| e.to_string())
 }
 
-fn parse_backing(s: &str) -> Result<Backing, String> {
+pub(crate) fn parse_backing(s: &str) -> Result<Backing, String> {
     Ok(match s {
         "anonymous" | "anon" => Backing::Anonymous,
         "memfd" => Backing::Memfd,

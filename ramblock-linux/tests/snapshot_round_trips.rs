@@ -6,7 +6,7 @@
 //! memfd and 2 MiB hugetlb backings.
 mod common;
 
-use common::{skip, HugepagePool, ScratchDir};
+use common::{skip, HugepagePool, HugetlbfsMount, ScratchDir};
 use ramblock_core::addr::{ByteLen, PageSize};
 use ramblock_core::bitmap::Owned;
 use ramblock_core::block::{BlockBitmaps, BlockSpec};
@@ -17,8 +17,9 @@ use ramblock_core::name::BlockName;
 use ramblock_core::region::HostRegion;
 use ramblock_core::section::SectionName;
 use ramblock_linux::snapshot::{
-    map_block, merge, restore_eager, restore_lazy, verify_block, RestoreTarget, SaveOptions,
-    SaveSection, SnapshotChain, SnapshotFile, Snapshotter, SnapshotterError,
+    copy_to_hugetlbfs, map_block, merge, restore_eager, restore_lazy, verify_block, RestoreTarget,
+    SaveOptions, SaveSection, SnapshotChain, SnapshotError, SnapshotFile, Snapshotter,
+    SnapshotterError,
 };
 use ramblock_linux::uffd::Userfaultfd;
 use ramblock_linux::{LinuxMemory, MemoryBuilder};
@@ -175,7 +176,13 @@ fn restore_all_ways(
     }
 }
 
-fn round_trip(tag: &str, make: &dyn Fn(u64) -> LinuxMemory, ram_len: u64, mappable: bool) {
+fn round_trip(
+    tag: &str,
+    make: &dyn Fn(u64) -> LinuxMemory,
+    ram_len: u64,
+    mappable: bool,
+    hugetlbfs: Option<&Path>,
+) {
     let dir = ScratchDir::new(tag);
     let list = List::new();
     for (name, mem) in [
@@ -271,6 +278,28 @@ fn round_trip(tag: &str, make: &dyn Fn(u64) -> LinuxMemory, ram_len: u64, mappab
         mappable,
         &format!("{tag} merged"),
     );
+    if let Some(mount) = hugetlbfs {
+        // Off hugetlbfs a hugepage block cannot be mapped; a copy on it can.
+        assert!(matches!(
+            map_block(&SnapshotChain::open(&merged).unwrap(), "ram"),
+            Err(SnapshotError::CannotMap { .. })
+        ));
+        let on_huge = copy_to_hugetlbfs(&mf, &mount.join("merged.snap")).unwrap();
+        let chain = SnapshotChain::from_files(vec![on_huge]).unwrap();
+        let m = map_block(&chain, "ram").unwrap();
+        assert_eq!(m.page_size(), PageSize::SIZE_2M);
+        assert!(
+            copy(&m.region()) == m2[0],
+            "{tag}: mapped from hugetlbfs differs"
+        );
+        m.region().write(ByteLen(0), b"scribble").unwrap();
+        drop(m);
+        let again = map_block(&chain, "ram").unwrap();
+        assert!(
+            copy(&again.region()) == m2[0],
+            "{tag}: a write reached the hugetlbfs file"
+        );
+    }
 }
 
 #[test]
@@ -280,6 +309,7 @@ fn anonymous_memory_round_trips() {
         &|len| MemoryBuilder::anonymous(ByteLen(len)).build().unwrap(),
         4 << 20,
         true,
+        None,
     );
 }
 
@@ -290,6 +320,7 @@ fn memfd_memory_round_trips() {
         &|len| MemoryBuilder::memfd(ByteLen(len)).build().unwrap(),
         4 << 20,
         true,
+        None,
     );
 }
 
@@ -298,10 +329,15 @@ fn hugetlb_memory_round_trips() {
     if ramblock_linux::hugetlb::check_offered(PageSize::SIZE_2M).is_err() {
         return skip("no 2 MiB hugepages offered");
     }
-    // Source, and eager, lazy and merged restores: 2 pages each, at most 4 live.
-    let _pool = match HugepagePool::reserve(PageSize::SIZE_2M, 8) {
+    // Source, eager, lazy and mapped restores (2 pages each, at most 4
+    // live), the copy on hugetlbfs (3) and a copied-on-write page.
+    let _pool = match HugepagePool::reserve(PageSize::SIZE_2M, 16) {
         Ok(p) => p,
         Err(e) => return skip(&format!("cannot reserve 2 MiB hugepages: {e}")),
+    };
+    let mount = match HugetlbfsMount::mount(PageSize::SIZE_2M) {
+        Ok(m) => m,
+        Err(e) => return skip(&format!("cannot mount hugetlbfs: {e}")),
     };
     round_trip(
         "huge",
@@ -312,5 +348,6 @@ fn hugetlb_memory_round_trips() {
         },
         4 << 20,
         false,
+        Some(&mount.dir),
     );
 }

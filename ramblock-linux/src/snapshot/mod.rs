@@ -14,12 +14,14 @@
 //!   [`SnapshotChain`] opens a diff with its parents, each link checked.
 //! - [`restore_eager`], [`map_block`] and [`restore_lazy`] restore;
 //!   [`verify_block`] checks restored memory against the saved checksum.
-//! - [`merge`] folds a chain into one full snapshot.
+//! - [`merge`] folds a chain into one full snapshot; [`copy_to_hugetlbfs`]
+//!   puts a copy on hugetlbfs so its hugepage blocks can be mapped.
 #![allow(unsafe_code)]
 
 mod chain;
 mod error;
 mod file;
+mod hugetlbfs;
 mod io;
 mod lazy;
 mod merge;
@@ -30,6 +32,7 @@ mod writer;
 pub use chain::{SnapshotChain, MAX_CHAIN, PARENT_PATH_SECTION};
 pub use error::SnapshotError;
 pub use file::SnapshotFile;
+pub use hugetlbfs::copy_to_hugetlbfs;
 pub use lazy::{restore_lazy, LazyProgress, LazyStats};
 pub use merge::merge;
 pub use restore::{map_block, restore_eager, verify_block, RestoreSummary, RestoreTarget};

@@ -1,7 +1,7 @@
 //! [`SnapshotFile`]: an open snapshot whose metadata passed every check.
 
 use super::error::SnapshotError;
-use super::io::pread_region;
+use super::io::read_region_at;
 use ramblock_core::checksum::{finish_sum, page_digest};
 use ramblock_core::region::HostRegion;
 use ramblock_core::snapshot::{
@@ -163,7 +163,7 @@ impl SnapshotFile {
                 },
             ));
         }
-        pread_region(&self.file, region, b.data_offset + first * PAGE).map_err(|e| {
+        read_region_at(&self.file, region, b.data_offset + first * PAGE).map_err(|e| {
             SnapshotError::io("preadv", &self.path, e, "the snapshot must be readable")
         })
     }

@@ -10,7 +10,7 @@
 
 use super::error::SnapshotError;
 use super::file::SnapshotFile;
-use super::io::pread_region;
+use super::io::read_region_at;
 use crate::hugetlb::HUGETLBFS_MAGIC;
 use ramblock_core::region::HostRegion;
 use std::fs::OpenOptions;
@@ -93,7 +93,7 @@ pub fn copy_to_hugetlbfs(src: &SnapshotFile, dst: &Path) -> Result<SnapshotFile,
         .subregion(ramblock_core::addr::ByteLen(0), data_end)
         .map_err(SnapshotError::from)
         .and_then(|r| {
-            pread_region(src.file(), &r, 0).map_err(|e| {
+            read_region_at(src.file(), &r, 0).map_err(|e| {
                 SnapshotError::io("pread", src.path(), e, "the snapshot must be readable and hugepages free (a SIGBUS would say they ran out)")
             })
         });

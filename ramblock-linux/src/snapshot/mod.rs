@@ -22,7 +22,7 @@ mod chain;
 mod error;
 mod file;
 mod hugetlbfs;
-mod io;
+pub mod io;
 mod lazy;
 mod merge;
 mod restore;

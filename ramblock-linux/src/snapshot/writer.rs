@@ -9,7 +9,7 @@
 //! written last, so a file cut short by a crash fails its checksum.
 
 use super::error::SnapshotError;
-use super::io::{pwrite_region, random_id};
+use super::io::{random_id, write_region_at};
 use ramblock_core::addr::{ByteLen, PageSize};
 use ramblock_core::checksum::{finish_sum, page_digest_region};
 use ramblock_core::name::BlockName;
@@ -273,14 +273,16 @@ pub fn save(
                     ByteLen(run_start * PAGE),
                     ((run_end - run_start) * PAGE) as usize,
                 )?;
-                pwrite_region(data_file, &region, data_at[bi] + run_start * PAGE).map_err(|e| {
-                    SnapshotError::io(
-                        "pwritev",
-                        path,
-                        e,
-                        "the snapshot's filesystem must have space",
-                    )
-                })?;
+                write_region_at(data_file, &region, data_at[bi] + run_start * PAGE).map_err(
+                    |e| {
+                        SnapshotError::io(
+                            "pwritev",
+                            path,
+                            e,
+                            "the snapshot's filesystem must have space",
+                        )
+                    },
+                )?;
                 Ok((run_end - run_start) * PAGE)
             };
             for page in first..end {

@@ -10,6 +10,7 @@ mod migrate;
 mod postcopy;
 mod ramblock_run;
 mod report;
+mod snapshot;
 
 use crate::Error;
 use std::process::ExitCode;
@@ -19,7 +20,8 @@ use xshell::cmd;
 const USAGE: &str = "usage: bench [--report-only] [-p CRATE | CRATE] [FILTER]";
 
 /// `cargo xtask bench [--report-only] [-p CRATE | CRATE] [FILTER]`,
-/// `cargo xtask bench migrate ...` and `cargo xtask bench postcopy ...`.
+/// `cargo xtask bench migrate ...`, `cargo xtask bench postcopy ...` and
+/// `cargo xtask bench snapshot ...`.
 /// Without a crate every workspace crate is benched; a filter is handed to
 /// criterion (a substring of the benchmark id).
 pub fn run(args: &[String]) -> Result<ExitCode, Error> {
@@ -28,6 +30,9 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
     }
     if args.first().is_some_and(|a| a == "postcopy") {
         return Ok(postcopy::run(&args[1..]));
+    }
+    if args.first().is_some_and(|a| a == "snapshot") {
+        return Ok(snapshot::run(&args[1..]));
     }
     let mut report_only = false;
     let mut package: Option<String> = None;

@@ -76,8 +76,15 @@ pub fn migrate_json(
     args: &[String],
     timeout: Duration,
 ) -> Result<Summary, RunFailure> {
+    let mut all = vec!["migrate".to_string(), "--json".to_string()];
+    all.extend_from_slice(args);
+    run_json(binary, &all, timeout)
+}
+
+/// Runs `binary ARGS...` (a command that prints a JSON summary last),
+/// waiting at most `timeout`, and returns its summary.
+pub fn run_json(binary: &Path, args: &[String], timeout: Duration) -> Result<Summary, RunFailure> {
     let child = Command::new(binary)
-        .args(["migrate", "--json"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

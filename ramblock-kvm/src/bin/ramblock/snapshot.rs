@@ -23,6 +23,7 @@ use ramblock_kvm::runner::VcpuRunner;
 use ramblock_kvm::vcpu_state::VcpuState;
 use ramblock_kvm::vm::{Vm, VmBuilder};
 use ramblock_linux::snapshot::{
+    io::{read_region_at, write_region_at},
     map_block, merge, restore_eager, restore_lazy, verify_block, RestoreTarget, SaveOptions,
     SaveSection, SnapshotChain, SnapshotFile, Snapshotter,
 };
@@ -83,6 +84,14 @@ pub struct SaveArgs {
     /// Write page data with O_DIRECT.
     #[arg(long)]
     pub direct: bool,
+    /// With --diff: let the guest run this many milliseconds between the
+    /// two snapshots (default: until it completes one more pass).
+    #[arg(long, value_name = "MS")]
+    pub diff_after_ms: Option<u64>,
+    /// Benchmarks: also time a plain single-threaded pwrite loop of the
+    /// guest's memory to a file beside PATH (baseline_pwrite_ms).
+    #[arg(long, hide = true)]
+    pub baseline: bool,
     /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -110,6 +119,11 @@ pub struct RestoreArgs {
     /// Eager restore threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// Benchmarks: with --mode eager, also time a plain single-threaded
+    /// read loop of a full snapshot's data into the same memory first
+    /// (baseline_read_ms).
+    #[arg(long, hide = true)]
+    pub baseline: bool,
     /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -298,8 +312,13 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
     let saved = if a.diff {
         // The guest runs on: about one more pass.
         runner.resume();
-        let beats = runner.heartbeats();
-        wait_beats(&runner, beats + 1, Duration::from_secs(20) * (1 + gib))?;
+        match a.diff_after_ms {
+            Some(ms) => std::thread::sleep(Duration::from_millis(ms)),
+            None => {
+                let beats = runner.heartbeats();
+                wait_beats(&runner, beats + 1, Duration::from_secs(20) * (1 + gib))?;
+            }
+        }
         runner.pause();
         let diff = one(&a.path, true, &mut snap)?;
         report.num("full_bytes_written", full.bytes_written as f64);
@@ -329,6 +348,17 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
         (saved.bytes_written as f64 / (1 << 20) as f64) / saved.elapsed.as_secs_f64().max(1e-9),
     );
     report.num("guest_passes", runner.heartbeats() as f64);
+    if a.baseline {
+        let mut p = a.path.clone().into_os_string();
+        p.push(".baseline");
+        let p = PathBuf::from(p);
+        let t = baseline_pwrite(&p, &block.region())?;
+        report.num("baseline_pwrite_ms", ms(t));
+        report.num(
+            "baseline_mib_s",
+            (a.size as f64 / (1 << 20) as f64) / t.as_secs_f64().max(1e-9),
+        );
+    }
     // The file holds what the paused guest's memory holds.
     let chain = SnapshotChain::open(&a.path).map_err(|e| e.to_string())?;
     let ok = verify_block(&chain, RAM_BLOCK, &block.region()).is_ok()
@@ -337,6 +367,50 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
     let _ = vm.set_block_logging(block.offset(), false);
     let _ = runner.stop();
     Ok(report)
+}
+
+/// A plain loop: one thread, `pwrite` of 4 MiB at a time straight from
+/// guest memory, to a new file at `path` (removed afterwards).
+fn baseline_pwrite(
+    path: &Path,
+    region: &ramblock_core::region::HostRegion<'_>,
+) -> Result<Duration, String> {
+    let t = Instant::now();
+    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let chunk = 4usize << 20;
+    let mut at = 0usize;
+    while at < region.len() {
+        let n = chunk.min(region.len() - at);
+        let sub = region
+            .subregion(ByteLen(at as u64), n)
+            .map_err(|e| e.to_string())?;
+        write_region_at(&file, &sub, at as u64).map_err(|e| e.to_string())?;
+        at += n;
+    }
+    let elapsed = t.elapsed();
+    let _ = std::fs::remove_file(path);
+    Ok(elapsed)
+}
+
+/// A plain loop: one thread, `pread` of 4 MiB at a time of the block's data
+/// in `file` straight into `region`.
+fn baseline_read(
+    file: &SnapshotFile,
+    region: &ramblock_core::region::HostRegion<'_>,
+) -> Result<Duration, String> {
+    let t = Instant::now();
+    let data = file.blocks()[0].data_offset;
+    let chunk = 4usize << 20;
+    let mut at = 0usize;
+    while at < region.len() {
+        let n = chunk.min(region.len() - at);
+        let sub = region
+            .subregion(ByteLen(at as u64), n)
+            .map_err(|e| e.to_string())?;
+        read_region_at(file.file(), &sub, data + at as u64).map_err(|e| e.to_string())?;
+        at += n;
+    }
+    Ok(t.elapsed())
 }
 
 /// Fresh memory for block `len` bytes with `page` pages, preallocated or not.
@@ -415,6 +489,12 @@ fn restore(a: &RestoreArgs) -> Result<Report, String> {
             // Preallocation is preparation, before the clock starts.
             let mem = fresh_memory(len, entry.page_size, true)?;
             let ram = list_of(mem)?;
+            if a.baseline {
+                let view = ram.read();
+                let b = view.by_name(RAM_BLOCK).ok_or("no block")?;
+                let t = baseline_read(chain.files().last().expect("not empty"), &b.region())?;
+                report.num("baseline_read_ms", ms(t));
+            }
             t0 = Instant::now();
             {
                 let view = ram.read();

@@ -211,6 +211,12 @@ fn round_trip(
     let m0 = memories(&list);
     // Diff 1: a few pages (some made zero, which must come back as zero).
     scribble(&list, "ram", 3, 10, 3);
+    // A save that fails (no such directory) gives its pages back to the
+    // dirty log: the next diff still has them.
+    assert!(matches!(
+        save(&mut snap, &list, &dir.path().join("no/such/dir.snap"), true),
+        Err(SnapshotterError::Save(SnapshotError::Io { op: "open", .. }))
+    ));
     let d1 = dir.path().join("d1.snap");
     let d1_bytes = save(&mut snap, &list, &d1, true).unwrap();
     assert!(d1_bytes <= 10 * PAGE && d1_bytes < full_bytes);

@@ -14,7 +14,7 @@ use super::writer::{save, SaveBlock, SaveOptions, SaveSection, SaveSummary};
 use ramblock_core::addr::ByteLen;
 use ramblock_core::bitmap::Storage;
 use ramblock_core::block::RamBlock;
-use ramblock_core::dirty_log::DirtyLogSource;
+use ramblock_core::dirty_log::{DirtyClients, DirtyLogSource};
 use ramblock_core::host::HostMemory;
 use ramblock_core::name::BlockName;
 use ramblock_core::section::SectionName;
@@ -107,6 +107,40 @@ impl Snapshotter {
             .iter()
             .map(|b| take_dirty(b, source))
             .collect::<Result<Vec<_>, _>>()?;
+        let result = self.save_taken(path, blocks, &dirty, sections, diff, options, progress);
+        if result.is_err() {
+            // The pages taken from the dirty log were not saved: give them
+            // back, so the next snapshot of this interval still has them.
+            for (b, words) in blocks.iter().zip(&dirty) {
+                for (w, &word) in words.iter().enumerate() {
+                    for bit in (0..64).filter(|bit| word & (1 << bit) != 0) {
+                        let page = (w * 64 + bit) as u64;
+                        let _ = b.mark_dirty(
+                            ByteLen::from_pages(page),
+                            ByteLen::from_pages(1),
+                            DirtyClients::MIGRATION,
+                        );
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// [`Snapshotter::save`] once the dirty pages are taken.
+    #[allow(clippy::too_many_arguments)]
+    fn save_taken<M: HostMemory, S: Storage>(
+        &mut self,
+        path: &Path,
+        blocks: &[&RamBlock<M, S>],
+        dirty: &[Vec<u64>],
+        sections: &[SaveSection<'_>],
+        diff: bool,
+        options: SaveOptions,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<SaveSummary, SnapshotterError> {
+        // A full snapshot starts a new digest table, kept only if it saves.
+        let mut fresh = Vec::new();
         let kind = if diff {
             let parent = self.last.as_ref().ok_or(SnapshotterError::NoParent)?.1;
             let same = self.digests.len() == blocks.len()
@@ -120,7 +154,7 @@ impl Snapshotter {
             }
             Kind::Diff(parent)
         } else {
-            self.digests = blocks
+            fresh = blocks
                 .iter()
                 .map(|b| {
                     let name = BlockName::new(b.name()).expect("a block's name is valid");
@@ -134,12 +168,13 @@ impl Snapshotter {
                 .collect();
             Kind::Full
         };
+        let digests = if diff { &self.digests } else { &fresh };
         let regions: Vec<_> = blocks.iter().map(|b| b.region()).collect();
         let save_blocks: Vec<SaveBlock<'_>> = blocks
             .iter()
             .zip(&regions)
-            .zip(&self.digests)
-            .zip(&dirty)
+            .zip(digests)
+            .zip(dirty)
             .map(|(((b, region), (name, _, digests)), dirty)| SaveBlock {
                 name: name.clone(),
                 region: *region,
@@ -163,6 +198,10 @@ impl Snapshotter {
             });
         }
         let summary = save(path, &save_blocks, &all_sections, kind, options, progress)?;
+        drop(save_blocks);
+        if !diff {
+            self.digests = fresh;
+        }
         self.last = Some((
             path.to_owned(),
             Parent {

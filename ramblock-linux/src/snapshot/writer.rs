@@ -175,10 +175,16 @@ pub fn save(
             return bad("another block has the same name");
         }
     }
-    for s in sections {
+    for (i, s) in sections.iter().enumerate() {
+        if sections[..i]
+            .iter()
+            .any(|o| o.name == s.name && o.instance_id == s.instance_id)
+        {
+            return Err(layout(FormatError::DuplicateSection { index: i as u32 }));
+        }
         if s.bytes.len() as u64 > ramblock_core::section::MAX_SECTION_LEN {
             return Err(layout(FormatError::Section {
-                index: 0,
+                index: i as u32,
                 error: ramblock_core::section::SectionError::TooLong {
                     len: s.bytes.len() as u64,
                 },

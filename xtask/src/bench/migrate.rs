@@ -9,9 +9,9 @@
 //! described in `docs/bench-migrate.md`. Only run on demand: `cargo xtask
 //! ci` does not call it.
 
-mod image;
-mod qemu;
-mod qmp;
+pub(super) mod image;
+pub(super) mod qemu;
+pub(super) mod qmp;
 mod ramblock;
 
 use image::Variant;
@@ -152,7 +152,7 @@ fn on_path(program: &str) -> bool {
 }
 
 /// Installs Debian packages when the program they bring is missing.
-fn ensure_installed(program: &str, package: &str) -> Result<(), String> {
+pub(super) fn ensure_installed(program: &str, package: &str) -> Result<(), String> {
     if on_path(program) {
         return Ok(());
     }

@@ -12,16 +12,22 @@
 //! - save a parent and a diff after the guest ran `--diff-after-ms` more:
 //!   the diff's size on disk and save time against the full snapshot's.
 //!
+//! - with `--qemu` (the default when QEMU 7.2 is installed or installable),
+//!   QEMU saving the same guest with `migrate "exec:cat > FILE"` and loading
+//!   it with `-incoming "exec:cat FILE"` ([`qemu`]), to the same directory.
+//!
 //! Medians are printed with the targets; a failed run makes the
 //! command exit non-zero. Only run on demand.
 
-use super::migrate::{median, parse_size};
+mod qemu;
+
+use super::migrate::{ensure_installed, image, median, parse_size};
 use super::ramblock_run::{run_json, RunFailure, Summary};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-const USAGE: &str = "usage: cargo xtask bench snapshot [--sizes 1G,4G] [--dirs DIR,...] [--runs N] [--diff-after-ms MS]";
+const USAGE: &str = "usage: cargo xtask bench snapshot [--sizes 1G,4G] [--dirs DIR,...] [--runs N] [--diff-after-ms MS] [--no-qemu]";
 const TIMEOUT: Duration = Duration::from_secs(300);
 
 struct Options {
@@ -29,6 +35,7 @@ struct Options {
     dirs: Vec<PathBuf>,
     runs: usize,
     diff_after_ms: u64,
+    qemu: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -37,6 +44,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         dirs: vec!["/dev/shm".into(), "/var/tmp".into()],
         runs: 3,
         diff_after_ms: 20,
+        qemu: true,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -64,6 +72,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     .parse()
                     .map_err(|_| format!("`--diff-after-ms` needs milliseconds; {USAGE}"))?
             }
+            "--no-qemu" => o.qemu = false,
             other => return Err(format!("unexpected argument `{other}`; {USAGE}")),
         }
     }
@@ -104,6 +113,15 @@ impl Series {
         }
     }
 
+    /// The value pushed last for `key`.
+    fn last(&self, key: &str) -> f64 {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.last().copied())
+            .unwrap_or(f64::NAN)
+    }
+
     fn med(&self, key: &str) -> f64 {
         self.0
             .iter()
@@ -129,6 +147,7 @@ fn one_run(
     dir: &Path,
     size: u64,
     diff_ms: u64,
+    qemu_image: Option<&Path>,
     s: &mut Series,
 ) -> Result<(), String> {
     let file = dir.join(format!("ramblock-bench-{}.snap", std::process::id()));
@@ -215,6 +234,17 @@ fn one_run(
             "diff_time_pct",
             100.0 * diff.float("save_ms")? / diff.float("full_save_ms")?,
         );
+        if let Some(image) = qemu_image {
+            let run_dir = crate::project_root().join("target/bench-snapshot/qemu-run");
+            let vm_file = dir.join(format!("qemu-bench-{}.vm", std::process::id()));
+            let q = qemu::save_and_load(&run_dir, image, size, &vm_file)?;
+            s.push("qemu_save_ms", q.save_ms);
+            s.push("qemu_load_ms", q.load_ms);
+            s.push("qemu_file_mib", q.file_bytes as f64 / (1 << 20) as f64);
+            s.push("qemu_save_ratio", s.last("save_ms") / q.save_ms);
+            s.push("qemu_load_ratio", s.last("eager_first_ms") / q.load_ms);
+            s.push("qemu_load_ratio_lazy", s.last("lazy_first_ms") / q.load_ms);
+        }
         Ok(())
     })();
     for p in [file.clone(), PathBuf::from(format!("{f}.base"))] {
@@ -246,6 +276,17 @@ fn bench(o: &Options) -> Result<usize, String> {
         return Err(format!("building ramblock failed ({status})"));
     }
     let binary = root.join("target/release/ramblock");
+    let qemu_image = if o.qemu {
+        ensure_installed(super::migrate::qemu::QEMU, "qemu-system-x86")?;
+        ensure_installed("as", "binutils")?;
+        ensure_installed("ld", "binutils")?;
+        let dir = root.join("target/bench-snapshot");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        println!("{}", super::migrate::qemu::version()?);
+        Some(image::build(&dir, image::Variant::Increment)?)
+    } else {
+        None
+    };
     let mut failed = 0;
     let mut tables = Vec::new();
     for &size in &o.sizes {
@@ -257,7 +298,14 @@ fn bench(o: &Options) -> Result<usize, String> {
             );
             let mut s = Series::default();
             for n in 1..=o.runs {
-                match one_run(&binary, dir, size, o.diff_after_ms, &mut s) {
+                match one_run(
+                    &binary,
+                    dir,
+                    size,
+                    o.diff_after_ms,
+                    qemu_image.as_deref(),
+                    &mut s,
+                ) {
                     Ok(()) => println!("{label} run {n}: ok"),
                     Err(e) => {
                         println!("{label} run {n}: FAILED: {e}");
@@ -329,6 +377,30 @@ fn table(label: &str, s: &Series) -> String {
         ),
         format!("< 100 us: {}", ok(p < 100.0)),
     );
+    if !s.med("qemu_save_ms").is_nan() {
+        let (sr, lr, ll) = (
+            s.med("qemu_save_ratio"),
+            s.med("qemu_load_ratio"),
+            s.med("qemu_load_ratio_lazy"),
+        );
+        row(
+            "vs QEMU 7.2 save (exec:cat > FILE)",
+            format!(
+                "QEMU {:.0} ms ({:.0} MiB file); ramblock/QEMU {sr:.2}",
+                s.med("qemu_save_ms"),
+                s.med("qemu_file_mib")
+            ),
+            format!("<= 0.3x: {}", ok(sr <= 0.3)),
+        );
+        row(
+            "vs QEMU 7.2 load (-incoming exec:cat FILE)",
+            format!(
+                "QEMU {:.0} ms to loaded; ramblock first instruction / QEMU: eager {lr:.3}, lazy {ll:.3}",
+                s.med("qemu_load_ms")
+            ),
+            format!("<= 0.1x: eager {}, lazy {}", ok(lr <= 0.1), ok(ll <= 0.1)),
+        );
+    }
     let (sz, tm) = (s.med("diff_size_pct"), s.med("diff_time_pct"));
     row(
         "diff",

@@ -21,8 +21,8 @@ use ramblock_kvm::mode::{DirtyLogMode, DirtyLogRequest};
 use ramblock_kvm::runner::VcpuRunner;
 use ramblock_kvm::vcpu_state::VcpuState;
 use ramblock_linux::snapshot::{
-    map_block, restore_eager, restore_lazy, RestoreTarget, SaveOptions, SaveSection, SnapshotChain,
-    Snapshotter,
+    map_block, restore_eager, restore_lazy, LazyOptions, RestoreTarget, SaveOptions, SaveSection,
+    SnapshotChain, Snapshotter,
 };
 use ramblock_linux::{LinuxMemory, MemoryBuilder};
 use std::sync::Arc;
@@ -189,9 +189,14 @@ fn a_restored_guest_continues_its_loop_in_every_mode() {
         .unwrap();
     let view = list_b.read();
     let target = view.by_name("pc.ram").unwrap().memory();
-    let ((), stats) = restore_lazy(&chain, &[("pc.ram", target)], |_| {
-        run_on(&list_b, &state, &ram_a, &work, "lazy");
-    })
+    let ((), stats) = restore_lazy(
+        &chain,
+        &[("pc.ram", target)],
+        LazyOptions::default(),
+        |_| {
+            run_on(&list_b, &state, &ram_a, &work, "lazy");
+        },
+    )
     .unwrap();
     println!("lazy: {stats:?}");
     assert!(stats.faults > 0 || stats.prefetched_pages == RAM / 4096);

@@ -17,9 +17,9 @@ use ramblock_core::name::BlockName;
 use ramblock_core::region::HostRegion;
 use ramblock_core::section::SectionName;
 use ramblock_linux::snapshot::{
-    copy_to_hugetlbfs, map_block, merge, restore_eager, restore_lazy, verify_block, RestoreTarget,
-    SaveOptions, SaveSection, SnapshotChain, SnapshotError, SnapshotFile, Snapshotter,
-    SnapshotterError,
+    copy_to_hugetlbfs, map_block, merge, restore_eager, restore_lazy, verify_block, LazyOptions,
+    RestoreTarget, SaveOptions, SaveSection, SnapshotChain, SnapshotError, SnapshotFile,
+    Snapshotter, SnapshotterError,
 };
 use ramblock_linux::uffd::Userfaultfd;
 use ramblock_linux::{LinuxMemory, MemoryBuilder};
@@ -138,23 +138,36 @@ fn restore_all_ways(
     match Userfaultfd::new() {
         Err(e) if e.is_unavailable() => skip(&format!("lazy restore: {e}")),
         _ => {
-            let mems = fresh();
-            let targets: Vec<_> = names.iter().zip(&mems).map(|(n, m)| (*n, m)).collect();
-            let ((), stats) = restore_lazy(chain, &targets, |_| {
-                let r = mems[0].region();
-                let mut b = [0u8; 8];
-                for p in (0..r.len() as u64 / PAGE).rev().step_by(7) {
-                    r.read(ByteLen(p * PAGE), &mut b).unwrap();
+            // With prefetching, and without (every page read faults).
+            for prefetch in [true, false] {
+                let mems = fresh();
+                let targets: Vec<_> = names.iter().zip(&mems).map(|(n, m)| (*n, m)).collect();
+                let ((), stats) = restore_lazy(chain, &targets, LazyOptions { prefetch }, |_| {
+                    let r = mems[0].region();
+                    let mut b = [0u8; 8];
+                    for p in (0..r.len() as u64 / PAGE).rev().step_by(7) {
+                        r.read(ByteLen(p * PAGE), &mut b).unwrap();
+                    }
+                })
+                .unwrap();
+                for ((n, m), want) in names.iter().zip(&mems).zip(expected) {
+                    assert!(
+                        copy(&m.region()) == *want,
+                        "{what}: lazy restore of {n} (prefetch {prefetch}) differs"
+                    );
                 }
-            })
-            .unwrap();
-            for ((n, m), want) in names.iter().zip(&mems).zip(expected) {
-                assert!(
-                    copy(&m.region()) == *want,
-                    "{what}: lazy restore of {n} differs"
-                );
+                if !prefetch {
+                    // Every placement unit the reader touched faulted once.
+                    let unit = mems[0].page_size().bytes().max(PAGE);
+                    let touched: std::collections::BTreeSet<u64> = (0..ram_len / PAGE)
+                        .rev()
+                        .step_by(7)
+                        .map(|p| p * PAGE / unit)
+                        .collect();
+                    assert_eq!(stats.faults, touched.len() as u64, "{what}");
+                }
+                println!("{what}: lazy restore (prefetch {prefetch}) {stats:?}");
             }
-            println!("{what}: lazy restore {stats:?}");
         }
     }
     // Mapped.

@@ -27,6 +27,22 @@ const PAGE: u64 = 4096;
 /// Pages the prefetch thread places at once on 4 KiB memory.
 const PREFETCH_PAGES: u64 = 64;
 
+/// How a lazy restore runs.
+#[derive(Copy, Clone, Debug)]
+pub struct LazyOptions {
+    /// Prefetch in the background while the closure runs (the default).
+    /// Without it every page the guest touches faults, and the rest is
+    /// placed after the closure returns: what a measurement of fault
+    /// latency wants.
+    pub prefetch: bool,
+}
+
+impl Default for LazyOptions {
+    fn default() -> Self {
+        LazyOptions { prefetch: true }
+    }
+}
+
 /// What a lazy restore did.
 #[derive(Clone, Debug, Default)]
 pub struct LazyStats {
@@ -68,11 +84,13 @@ struct Block<'m> {
 }
 
 /// Restores `chain` lazily into `targets` (block name and memory, freshly
-/// mapped and never touched, so every page is missing), runs `run` while
-/// pages arrive, and returns its result once every page is present.
+/// mapped and never touched, so every page is missing: a page already
+/// present keeps its contents), runs `run` while pages arrive, and returns
+/// its result once every page is present.
 pub fn restore_lazy<R>(
     chain: &SnapshotChain,
     targets: &[(&str, &LinuxMemory)],
+    options: LazyOptions,
     run: impl FnOnce(&LazyProgress<'_>) -> R,
 ) -> Result<(R, LazyStats), SnapshotError> {
     let start = Instant::now();
@@ -171,7 +189,7 @@ pub fn restore_lazy<R>(
                 latencies.lock().unwrap_or_else(|p| p.into_inner()).push(us);
             }
         });
-        let prefetch = s.spawn(|| {
+        let prefetch_all = || {
             let mut buf = Vec::new();
             for b in &blocks {
                 let unit = (b.reg.page_size() as u64).max(PREFETCH_PAGES * PAGE);
@@ -194,14 +212,22 @@ pub fn restore_lazy<R>(
                     offset += n;
                 }
             }
-        });
+        };
+        let prefetch = options.prefetch.then(|| s.spawn(prefetch_all));
         let progress = LazyProgress {
             faults: &faults,
             received: &received,
         };
         // A panicking closure still lets the threads finish and stop.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&progress)));
-        let _ = prefetch.join();
+        match prefetch {
+            Some(thread) => {
+                let _ = thread.join();
+            }
+            // Without prefetching, whatever the guest did not touch is
+            // placed now, so the memory is whole when this returns.
+            None => prefetch_all(),
+        }
         stop.store(true, Ordering::Release);
         let _ = fault_thread.join();
         r

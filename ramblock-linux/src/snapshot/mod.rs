@@ -33,7 +33,7 @@ pub use chain::{SnapshotChain, MAX_CHAIN, PARENT_PATH_SECTION};
 pub use error::SnapshotError;
 pub use file::SnapshotFile;
 pub use hugetlbfs::copy_to_hugetlbfs;
-pub use lazy::{restore_lazy, LazyProgress, LazyStats};
+pub use lazy::{restore_lazy, LazyOptions, LazyProgress, LazyStats};
 pub use merge::merge;
 pub use restore::{map_block, restore_eager, verify_block, RestoreSummary, RestoreTarget};
 pub use snapshotter::{take_dirty, Snapshotter, SnapshotterError};

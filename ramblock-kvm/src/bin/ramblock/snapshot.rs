@@ -24,8 +24,8 @@ use ramblock_kvm::vcpu_state::VcpuState;
 use ramblock_kvm::vm::{Vm, VmBuilder};
 use ramblock_linux::snapshot::{
     io::{read_region_at, write_region_at},
-    map_block, merge, restore_eager, restore_lazy, verify_block, RestoreTarget, SaveOptions,
-    SaveSection, SnapshotChain, SnapshotFile, Snapshotter,
+    map_block, merge, restore_eager, restore_lazy, verify_block, LazyOptions, RestoreTarget,
+    SaveOptions, SaveSection, SnapshotChain, SnapshotFile, Snapshotter,
 };
 use ramblock_linux::{LinuxMemory, MemoryBuilder, Prealloc};
 use std::fmt::Write as _;
@@ -124,6 +124,10 @@ pub struct RestoreArgs {
     /// (baseline_read_ms).
     #[arg(long, hide = true)]
     pub baseline: bool,
+    /// With --mode lazy: no background prefetch until the guest completed
+    /// its loop, so every page it touches faults (measures fault latency).
+    #[arg(long)]
+    pub no_prefetch: bool,
     /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -537,15 +541,22 @@ fn restore(a: &RestoreArgs) -> Result<Report, String> {
             t0 = Instant::now();
             let view = ram.read();
             let b = view.by_name(RAM_BLOCK).ok_or("no block")?;
-            let (result, stats) = restore_lazy(&chain, &[(RAM_BLOCK, b.memory())], |_| {
-                let (runner, f) = start_guest(ram, t0)?;
-                first = f;
-                let r = wait_beats(&runner, 1, limit);
-                one_loop = t0.elapsed();
-                runner.pause();
-                let _ = runner.stop();
-                r
-            })
+            let (result, stats) = restore_lazy(
+                &chain,
+                &[(RAM_BLOCK, b.memory())],
+                LazyOptions {
+                    prefetch: !a.no_prefetch,
+                },
+                |_| {
+                    let (runner, f) = start_guest(ram, t0)?;
+                    first = f;
+                    let r = wait_beats(&runner, 1, limit);
+                    one_loop = t0.elapsed();
+                    runner.pause();
+                    let _ = runner.stop();
+                    r
+                },
+            )
             .map_err(|e| e.to_string())?;
             result?;
             restore_time = stats.elapsed;

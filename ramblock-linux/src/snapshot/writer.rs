@@ -30,6 +30,9 @@ const PAGE: u64 = 4096;
 /// Pages per unit of work: 4 MiB, large enough that a thread's runs are
 /// long writes, small enough that threads finish together.
 const CHUNK_PAGES: u64 = 1024;
+/// The longest run written at once: 256 KiB, so the pages just hashed are
+/// still in the CPU's cache when the kernel copies them.
+const RUN_PAGES: u64 = 64;
 
 /// One block to save.
 #[derive(Debug)]
@@ -310,6 +313,11 @@ pub fn save(
                         run = None;
                     }
                     _ => {}
+                }
+                // Written while the hashing left it in cache.
+                if let Some(s) = run.filter(|&s| page + 1 - s >= RUN_PAGES) {
+                    written += flush(s, page + 1)?;
+                    run = None;
                 }
             }
             if let Some(s) = run {

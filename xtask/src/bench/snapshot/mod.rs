@@ -43,7 +43,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         sizes: vec![1 << 30],
         dirs: vec!["/dev/shm".into(), "/var/tmp".into()],
         runs: 3,
-        diff_after_ms: 20,
+        diff_after_ms: 100,
         qemu: true,
     };
     let mut args = args.iter();

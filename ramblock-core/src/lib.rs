@@ -85,6 +85,8 @@ pub mod listener;
 pub mod migrate;
 pub mod name;
 pub mod region;
+pub mod section;
+pub mod snapshot;
 pub mod stream;
 #[cfg(test)]
 mod testing;

@@ -67,6 +67,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::fs::write(dir.join(format!("gen-{i}")), rng.bytes(len))?;
         }
     }
+    // snapshot_meta: a valid metadata, resealed or not, and one cut short.
+    let snap = root.join("snapshot_meta");
+    std::fs::create_dir_all(&snap)?;
+    let valid = ramblock_fuzz::snapshot_meta::valid_input();
+    std::fs::write(snap.join("valid-full"), &valid)?;
+    let mut unsealed = valid.clone();
+    unsealed[0] = 0;
+    std::fs::write(snap.join("valid-unsealed"), &unsealed)?;
+    std::fs::write(snap.join("truncated"), &valid[..valid.len() / 2])?;
     println!("seeds written under {}", root.display());
     Ok(())
 }

@@ -14,6 +14,7 @@
 //! | [`clear_map`] | `ClearMap`, `ReceivedMap` | `Vec<bool>` per chunk / page |
 //! | [`stream_decode`] | the stream `Receiver` fed arbitrary bytes | a byte-by-byte model receiver over guard-filled memory |
 //! | [`stream_roundtrip`] | `migrate::migrate` then `Receiver` | the source's memory |
+//! | [`snapshot_meta`] | the snapshot metadata parser `Meta::parse` | a naive reader written from the format document |
 //!
 //! Each module has `check(&Input) -> Result<(), Mismatch>` (the model run)
 //! and `fuzz(&[u8])` (bytes to input, check, panic with a reproducer: the
@@ -55,6 +56,7 @@ pub mod bitmap;
 pub mod clear_map;
 pub mod generate;
 pub mod ram_list;
+pub mod snapshot_meta;
 pub mod stream_decode;
 pub mod stream_roundtrip;
 

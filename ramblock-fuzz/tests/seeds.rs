@@ -1,7 +1,9 @@
 //! Replays every committed seed (`seeds/<target>/*`) through its target's
 //! model, exactly as the fuzzer would run it.
 
-use ramblock_fuzz::{bitmap, clear_map, files_in, ram_list, stream_decode, stream_roundtrip};
+use ramblock_fuzz::{
+    bitmap, clear_map, files_in, ram_list, snapshot_meta, stream_decode, stream_roundtrip,
+};
 use std::path::Path;
 
 fn replay(target: &str, fuzz: fn(&[u8])) {
@@ -52,4 +54,9 @@ fn stream_decode_seeds_named_valid_are_accepted() {
 #[test]
 fn stream_roundtrip_seeds() {
     replay("stream_roundtrip", stream_roundtrip::fuzz);
+}
+
+#[test]
+fn snapshot_meta_seeds() {
+    replay("snapshot_meta", snapshot_meta::fuzz);
 }

@@ -41,7 +41,8 @@
 //! post-copy destination on it (registration, the fault thread, page
 //! requests on the return path);
 //! [`fd_stream`] moves a migration stream between a socket and guest memory
-//! without a user-space copy. [`dirty_log`] tracks writes without a
+//! without a user-space copy; [`snapshot`] saves guest RAM to a file and
+//! restores it eagerly, by mapping or lazily through userfaultfd. [`dirty_log`] tracks writes without a
 //! hypervisor (userfaultfd asynchronous write-protect, harvested with
 //! [`pagemap_scan`]); [`live_copy`] saves memory as it was at one instant
 //! while writers run (synchronous write-protect, copy before write).
@@ -72,6 +73,7 @@ mod pagemap;
 pub mod pagemap_scan;
 pub mod postcopy;
 pub mod prealloc;
+pub mod snapshot;
 pub mod transport;
 pub mod uffd;
 

@@ -12,10 +12,10 @@
 //! configuration. The method is described in `docs/bench-migrate.md`. Only
 //! run on demand: `cargo xtask ci` does not call it.
 
-mod image;
+pub(super) mod image;
 pub(super) mod link;
-mod qemu;
-mod qmp;
+pub(super) mod qemu;
+pub(super) mod qmp;
 mod ramblock;
 
 use super::ramblock_run::build_ramblock;
@@ -215,7 +215,7 @@ fn on_path(program: &str) -> bool {
 }
 
 /// Installs Debian packages when the program they bring is missing.
-fn ensure_installed(program: &str, package: &str) -> Result<(), String> {
+pub(super) fn ensure_installed(program: &str, package: &str) -> Result<(), String> {
     if on_path(program) {
         return Ok(());
     }

@@ -11,6 +11,7 @@ pub(crate) mod migrate;
 mod postcopy;
 mod ramblock_run;
 mod report;
+mod snapshot;
 mod tls;
 
 use crate::Error;
@@ -21,8 +22,7 @@ use xshell::cmd;
 const USAGE: &str = "usage: bench [--report-only] [-p CRATE | CRATE] [FILTER]";
 
 /// `cargo xtask bench [--report-only] [-p CRATE | CRATE] [FILTER]`,
-/// `cargo xtask bench migrate ...`, `cargo xtask bench postcopy ...` and
-/// `cargo xtask bench tls ...`.
+/// and `cargo xtask bench migrate|postcopy|downtime|tls|snapshot ...`.
 /// Without a crate every workspace crate is benched; a filter is handed to
 /// criterion (a substring of the benchmark id).
 pub fn run(args: &[String]) -> Result<ExitCode, Error> {
@@ -55,6 +55,9 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
     }
     if args.first().is_some_and(|a| a == "tls") {
         return Ok(tls::run(&args[1..]));
+    }
+    if args.first().is_some_and(|a| a == "snapshot") {
+        return Ok(snapshot::run(&args[1..]));
     }
     let mut report_only = false;
     let mut package: Option<String> = None;

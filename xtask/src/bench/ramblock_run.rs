@@ -109,18 +109,31 @@ pub fn migrate_json(
     args: &[String],
     timeout: Duration,
 ) -> Result<Summary, RunFailure> {
-    migrate_json_with(Command::new(binary), args, timeout)
+    let mut all = vec!["migrate".to_string(), "--json".to_string()];
+    all.extend_from_slice(args);
+    run_json(Command::new(binary), &all, timeout)
 }
 
 /// [`migrate_json`] with the ramblock program started by `command` (e.g.
 /// inside a network namespace).
 pub fn migrate_json_with(
+    command: Command,
+    args: &[String],
+    timeout: Duration,
+) -> Result<Summary, RunFailure> {
+    let mut all = vec!["migrate".to_string(), "--json".to_string()];
+    all.extend_from_slice(args);
+    run_json(command, &all, timeout)
+}
+
+/// Runs `command ARGS...` (a ramblock command that prints a JSON summary
+/// last), waiting at most `timeout`, and returns its summary.
+pub fn run_json(
     mut command: Command,
     args: &[String],
     timeout: Duration,
 ) -> Result<Summary, RunFailure> {
     let child = command
-        .args(["migrate", "--json"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

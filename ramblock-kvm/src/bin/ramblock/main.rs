@@ -15,6 +15,7 @@ mod link;
 mod memory;
 mod options;
 mod report;
+mod snapshot;
 mod source;
 mod tracker;
 mod workload;
@@ -53,10 +54,17 @@ enum Command {
     /// Live-migrate a running guest's RAM (both sides in one process unless
     /// --incoming or --to is given).
     Migrate(MigrateOptions),
+    /// Save the test guest to a snapshot file, restore it, inspect or
+    /// merge snapshot files.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 fn main() -> ExitCode {
-    let Command::Migrate(opts) = Cli::parse().command;
+    let opts = match Cli::parse().command {
+        Command::Migrate(opts) => opts,
+        Command::Snapshot(cmd) => return snapshot::run(cmd),
+    };
     let summary = if let Some(addr) = opts.incoming.clone() {
         incoming(&opts, &addr)
     } else {

@@ -171,7 +171,7 @@ fn parse_mode(s: &str) -> Result<DirtyLog, String> {
         .map_err(|e: ramblock_kvm::KvmError| format!("{e} (or uffd-wp)"))
 }
 
-fn parse_backing(s: &str) -> Result<Backing, String> {
+pub(crate) fn parse_backing(s: &str) -> Result<Backing, String> {
     Ok(match s {
         "anonymous" | "anon" => Backing::Anonymous,
         "memfd" => Backing::Memfd,

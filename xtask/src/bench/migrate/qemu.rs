@@ -20,7 +20,7 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// The downtime limit both sides get, in milliseconds.
 pub const DOWNTIME_LIMIT_MS: u64 = 300;
 /// QEMU's bandwidth cap (its default is 128 MiB/s): 100 GiB/s, i.e. none.
-const MAX_BANDWIDTH: u64 = 100 << 30;
+pub(crate) const MAX_BANDWIDTH: u64 = 100 << 30;
 /// Boot, plus the first full pass of the increment guest over its RAM.
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(90);
 /// How much guest memory one `pmemsave` chunk compares at a time.
@@ -96,7 +96,7 @@ impl Config {
 }
 
 /// QEMU processes killed (and reaped) on drop.
-struct Children(Vec<Child>);
+pub(crate) struct Children(pub(crate) Vec<Child>);
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -130,7 +130,7 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| e.to_string())
 }
 
-fn spawn(mut command: Command, args: &[String], log: &Path) -> Result<Child, String> {
+pub(crate) fn spawn(mut command: Command, args: &[String], log: &Path) -> Result<Child, String> {
     let out = File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     command
@@ -143,7 +143,7 @@ fn spawn(mut command: Command, args: &[String], log: &Path) -> Result<Child, Str
 }
 
 /// The last lines QEMU wrote, to explain a failure.
-fn log_tail(log: &Path) -> String {
+pub(crate) fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(5)..].join(" | ")
@@ -319,7 +319,7 @@ fn run(
 /// CPL 0 setup is done) and, for the increment guest, one full pass over
 /// its RAM is complete (as `ramblock migrate` waits for one). Returns the
 /// table as [start, end) pairs.
-fn warm_up(source: &mut Qmp, variant: Variant) -> Result<Vec<(u64, u64)>, String> {
+pub(crate) fn warm_up(source: &mut Qmp, variant: Variant) -> Result<Vec<(u64, u64)>, String> {
     let deadline = Instant::now() + WARM_UP_TIMEOUT;
     loop {
         let words = source.read_words(image::REGIONS, image::REGION_SLOTS * 2)?;

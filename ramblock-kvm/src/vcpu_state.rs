@@ -600,7 +600,23 @@ impl VcpuState {
     pub fn msr(&self, index: u32) -> Option<u64> {
         self.msrs.iter().find(|m| m.index == index).map(|m| m.data)
     }
+
+    /// The saved time stamp counter (`IA32_TSC`), if it was saved.
+    pub fn tsc(&self) -> Option<u64> {
+        self.msr(MSR_IA32_TSC)
+    }
+
+    /// This state without its TSC. The TSC keeps counting while a vCPU is
+    /// paused, so two saves of one paused vCPU differ only there: compare
+    /// them this way.
+    pub fn without_tsc(mut self) -> VcpuState {
+        self.msrs.retain(|m| m.index != MSR_IA32_TSC);
+        self
+    }
 }
+
+/// `IA32_TSC`: the time stamp counter, saved among the MSRs.
+pub const MSR_IA32_TSC: u32 = 0x10;
 
 fn decode(blob: &[u8]) -> Result<VcpuState, VcpuStateError> {
     let mut r = Reader(blob);

@@ -216,20 +216,6 @@ fn snapshot_of(region: &HostRegion<'_>) -> Vec<u8> {
     copy
 }
 
-/// `IA32_TSC`, which [`VcpuState`] carries among its MSRs.
-const MSR_IA32_TSC: u32 = 0x10;
-
-/// The state's TSC.
-fn tsc(state: &VcpuState) -> u64 {
-    state.msr(MSR_IA32_TSC).expect("IA32_TSC is saved")
-}
-
-/// The state without its TSC, to compare two snapshots of a paused vCPU.
-fn without_tsc(mut state: VcpuState) -> VcpuState {
-    state.msrs.retain(|m| m.index != MSR_IA32_TSC);
-    state
-}
-
 #[test]
 fn a_guest_resumed_from_shipped_state_continues_where_it_stopped() {
     if !kvm_or_skip() {
@@ -269,8 +255,11 @@ fn a_guest_resumed_from_shipped_state_continues_where_it_stopped() {
     // same memory, same heartbeats, still paused.
     std::thread::sleep(Duration::from_millis(20));
     let same_state = |again: VcpuState| {
-        assert!(tsc(&again) >= tsc(&state), "the TSC went back");
-        assert_eq!(without_tsc(again), without_tsc(state.clone()));
+        assert!(
+            again.tsc().unwrap() >= state.tsc().unwrap(),
+            "the TSC went back"
+        );
+        assert_eq!(again.without_tsc(), state.clone().without_tsc());
     };
     same_state(source.snapshot().unwrap());
     // From several threads at once, each gets its own answer.

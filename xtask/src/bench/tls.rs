@@ -194,26 +194,9 @@ fn bench(o: &Options) -> Result<(), String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("no /dev/kvm: the guest runs under KVM".into());
     }
-    let root = crate::project_root();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "ramblock-kvm",
-            "--bin",
-            "ramblock",
-            "--features",
-            "cli",
-        ])
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building ramblock failed ({status})"));
-    }
-    let binary = root.join("target/release/ramblock");
-    let files = pki(&root.join("target/bench-tls"))?;
+    let binary = super::ramblock_run::build_ramblock()?;
+    let target = crate::target_dir().map_err(|e| e.to_string())?;
+    let files = pki(&target.join("bench-tls"))?;
     let (mut plain, mut tls, mut failed) = (Vec::new(), Vec::new(), 0);
     for n in 1..=o.runs {
         for (name, with, into) in [("plain", None, &mut plain), ("tls", Some(&files), &mut tls)] {

@@ -24,7 +24,7 @@ mod qemu;
 use super::migrate::{ensure_installed, image, median, parse_size};
 use super::ramblock_run::{run_json, RunFailure, Summary};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage: cargo xtask bench snapshot [--sizes 1G,4G] [--dirs DIR,...] [--runs N] [--diff-after-ms MS] [--no-qemu]";
@@ -254,7 +254,9 @@ fn one_run(
             100.0 * diff.float("save_ms")? / diff.float("full_save_ms")?,
         );
         if let Some(image) = qemu_image {
-            let run_dir = crate::project_root().join("target/bench-snapshot/qemu-run");
+            let run_dir = crate::target_dir()
+                .map_err(|e| e.to_string())?
+                .join("bench-snapshot/qemu-run");
             let vm_file = dir.join(format!("qemu-bench-{}.vm", std::process::id()));
             let q = qemu::save_and_load(&run_dir, image, size, &vm_file)?;
             s.push("qemu_save_ms", q.save_ms);
@@ -276,30 +278,13 @@ fn bench(o: &Options) -> Result<usize, String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("no /dev/kvm: the snapshots are of the KVM test guest".into());
     }
-    let root = crate::project_root();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "ramblock-kvm",
-            "--bin",
-            "ramblock",
-            "--features",
-            "cli",
-        ])
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building ramblock failed ({status})"));
-    }
-    let binary = root.join("target/release/ramblock");
+    let binary = super::ramblock_run::build_ramblock()?;
+    let target = crate::target_dir().map_err(|e| e.to_string())?;
     let qemu_image = if o.qemu {
         ensure_installed(super::migrate::qemu::QEMU, "qemu-system-x86")?;
         ensure_installed("as", "binutils")?;
         ensure_installed("ld", "binutils")?;
-        let dir = root.join("target/bench-snapshot");
+        let dir = target.join("bench-snapshot");
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         println!("{}", super::migrate::qemu::version()?);
         Some(image::build(&dir, image::Variant::Increment)?)

@@ -80,6 +80,13 @@ fn assert_migrated(o: &Output, what: &str) {
         String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(field(&json, "verified"), "true", "{what}: {json}");
+    // The vCPU went as the pre-copy `cpu` section and the destination's
+    // guest continued the source's loop.
+    assert_eq!(field(&json, "destination_ran"), "true", "{what}: {json}");
+    assert!(
+        field(&json, "ram_downtime_ms").parse::<f64>().is_ok(),
+        "{what}: {json}"
+    );
     assert_eq!(field(&json, "passes"), "4", "{what}: {json}");
     let sent: u64 = field(&json, "pages").parse::<u64>().unwrap()
         + field(&json, "zero_pages").parse::<u64>().unwrap();

@@ -11,9 +11,9 @@ use crate::workload::Guest;
 use ramblock_core::migrate::receiver::{
     send_ack, ReceiveError, ReceiveSummary, Receiver, SectionSink, BOUNCE_BYTES,
 };
+use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::section::SectionHeader;
 use ramblock_core::stream::format::DEFAULT_DEVICE_STATE_LIMIT;
-use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::stream::io::IoStream;
 use ramblock_linux::postcopy::{LatencySummary, PostcopyDestination};
 use ramblock_linux::transport::{Conn, Listener, ResumeProof};

@@ -183,7 +183,6 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
     let guest = target.and_then(Target::finish);
     let summary = result.map_err(|e| format!("destination refused the stream: {e}"))?;
     acked.map_err(|e| format!("cannot acknowledge: {e}"))?;
-    drop(receiver);
     Ok(Received {
         summary,
         latency,

@@ -9,6 +9,7 @@
 //! run either way (without KVM a host thread is the writer).
 
 use ramblock_core::addr::PageSize;
+use ramblock_core::section::SectionHeader;
 use ramblock_core::stream::format::{Header, Record, TableEntry};
 use ramblock_core::stream::io::{ByteRead, ByteWrite, IoStream};
 use ramblock_linux::hugetlb::PoolReservation;
@@ -305,6 +306,16 @@ fn corrupt_every_page_run(from: TcpStream, to: TcpStream) {
         let payload = match record {
             Record::Pages { count, .. } => count as usize * 4096,
             Record::End { count } => count as usize * 8,
+            Record::Section => {
+                // The device state (the vCPU): its header, then its bytes.
+                let mut raw = [0u8; SectionHeader::ENCODED_LEN];
+                if r.read_exact(&mut raw).is_err() || w.write_all(&raw).is_err() {
+                    return;
+                }
+                let len = SectionHeader::decode(&raw).unwrap().len as usize;
+                page.resize(page.len().max(len), 0);
+                len
+            }
             _ => 0,
         };
         if r.read_exact(&mut page[..payload]).is_err() {

@@ -47,8 +47,10 @@ pub enum MigrateError<D, W, R> {
         passes: u32,
     },
     /// The VMM's device-state sections exceed
-    /// [`MigrationHost::device_state_limit`](super::MigrationHost::device_state_limit);
-    /// nothing of them was sent and the guest resumed at the source.
+    /// [`MigrationHost::device_state_limit`](super::MigrationHost::device_state_limit)
+    /// together, or one exceeds [`MAX_SECTION_LEN`](crate::section::MAX_SECTION_LEN)
+    /// (then `total` is its length and `limit` that bound); nothing of them
+    /// was sent and the guest resumed at the source.
     DeviceStateTooLarge {
         /// Bytes of all sections, headers included.
         total: u64,

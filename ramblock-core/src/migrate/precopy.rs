@@ -28,7 +28,7 @@ use crate::dirty_log::DirtyLogSource;
 use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::list::RamList;
-use crate::section::SectionHeader;
+use crate::section::{SectionHeader, MAX_SECTION_LEN};
 use crate::stream::format::{read_array, Header, Record, ACK_ERR, ACK_OK, MAX_RUN_PAGES};
 use crate::stream::io::{ByteRead, ByteWrite};
 
@@ -296,6 +296,14 @@ impl<
         let mut total = 0u64;
         let mut index = 0;
         while let Some((_, bytes)) = self.host.device_section(index) {
+            // One section past the format's own bound would be refused by
+            // every receiver: fail here, before the guest's state leaves.
+            if bytes.len() as u64 > MAX_SECTION_LEN {
+                return Err(MigrateError::DeviceStateTooLarge {
+                    total: bytes.len() as u64,
+                    limit: MAX_SECTION_LEN,
+                });
+            }
             total = total
                 .saturating_add(header_len)
                 .saturating_add(bytes.len() as u64);

@@ -19,7 +19,10 @@
 //! - every page that differs from its guard must belong to a record the
 //!   model accepted (nothing outside the accepted records is written);
 //! - every block's whole reservation must equal the model's bytes, and its
-//!   used length the model's (resizes from the table and from records).
+//!   used length the model's (resizes from the table and from records);
+//! - the device-state sections the real receiver handed its sink (a model
+//!   VMM that refuses any section named `refuse`, with a limit of
+//!   [`STATE_LIMIT`] bytes) must be the ones the model accepted.
 
 use crate::stream_roundtrip::{self, PageFill, Step};
 use crate::{holds, same, Mismatch};
@@ -28,11 +31,48 @@ use ramblock_core::buffer::BufferMemory;
 use ramblock_core::checksum::Checksum;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::host::HostMemory;
-use ramblock_core::migrate::receiver::{ReceiveError, ReceiveSummary, Receiver};
+use ramblock_core::migrate::receiver::{ReceiveError, ReceiveSummary, Receiver, SectionSink};
+use ramblock_core::section::SectionHeader;
 use ramblock_core::stream::io::SliceReader;
 use std::collections::BTreeSet;
 
 const PAGE: usize = 4096;
+
+/// The destination's bound on device-state sections (headers included):
+/// small, so inputs reach it.
+pub const STATE_LIMIT: u64 = 1024;
+/// The code the model VMM refuses a section named `refuse` with.
+const REFUSED: u32 = 9;
+
+/// A section as the VMM got it: name, instance id, version, bytes.
+type Loaded = (String, u32, u32, Vec<u8>);
+
+/// The real receiver's sink: collects sections, refuses `refuse`.
+#[derive(Default)]
+struct Vmm {
+    loaded: Vec<Loaded>,
+    partial: Vec<u8>,
+}
+
+impl SectionSink for Vmm {
+    fn load(&mut self, _: &SectionHeader, offset: u64, bytes: &[u8]) -> Result<(), u32> {
+        // Pieces come in order; a gap would show as different bytes.
+        if offset != self.partial.len() as u64 {
+            return Err(u32::MAX);
+        }
+        self.partial.extend_from_slice(bytes);
+        Ok(())
+    }
+    fn done(&mut self, h: &SectionHeader) -> Result<(), u32> {
+        let bytes = std::mem::take(&mut self.partial);
+        if h.name.as_str() == "refuse" {
+            return Err(REFUSED);
+        }
+        self.loaded
+            .push((h.name.to_string(), h.instance_id, h.version, bytes));
+        Ok(())
+    }
+}
 
 /// The destination's blocks: name, used pages, max pages, flags.
 pub const LAYOUT: [(&str, u64, u64, BlockFlags); 4] = [
@@ -135,6 +175,7 @@ fn model_receive(
     data: &[u8],
     blocks: &mut [Block],
     touched: &mut BTreeSet<(usize, u64)>,
+    loaded: &mut Vec<Loaded>,
 ) -> Result<ReceiveSummary, Code> {
     let mut r = Cursor(data);
     let header = r.take(16)?;
@@ -206,11 +247,16 @@ fn model_receive(
         return Err(23);
     }
     let mut summary = ReceiveSummary::default();
+    // Section bytes so far, headers included; after a section only
+    // sections and End may come (the fixed fields are read first).
+    let mut state: u64 = 0;
+    let after_state = |state: u64| if state > 0 { Err(23u32) } else { Ok(()) };
     loop {
         let tag = r.take(1)?[0];
         match tag {
             1 | 2 => {
                 let (index, first, count) = (r.u32()?, r.u64()?, r.u32()?);
+                after_state(state)?;
                 let slot = table.get(index as usize).ok_or(13u32)?;
                 if count == 0 || count > 64 {
                     return Err(14);
@@ -235,12 +281,14 @@ fn model_receive(
             3 => {
                 let pass = r.u32()?;
                 let _remaining = r.u64()?;
+                after_state(state)?;
                 // Passes seen: the highest pass number plus one (saturating:
                 // a pass number of u32::MAX must not bring the receiver down).
                 summary.passes = summary.passes.max(pass.saturating_add(1));
             }
             4 => {
                 let (index, used) = (r.u32()?, r.u64()?);
+                after_state(state)?;
                 let slot = table.get_mut(index as usize).ok_or(13u32)?;
                 let b = &mut blocks[slot.block];
                 let ok = b.flags.contains(BlockFlags::RESIZABLE)
@@ -273,6 +321,7 @@ fn model_receive(
                 // the block's post-copy length (its used length when the
                 // list was made); the pages read as zero afterwards.
                 let (index, first, count) = (r.u32()?, r.u64()?, r.u32()?);
+                after_state(state)?;
                 let slot = table.get(index as usize).ok_or(13u32)?;
                 if count == 0 {
                     return Err(14);
@@ -293,11 +342,41 @@ fn model_receive(
                 // Post-copy: this destination (plain `receive`) refuses it
                 // once the device state has been read.
                 let state_len = r.u32()?;
+                after_state(state)?;
                 if state_len > 64 << 10 {
                     return Err(25);
                 }
                 r.take(state_len as usize)?;
                 return Err(24);
+            }
+            8 => {
+                // Section: a 272-byte header (length byte, 255-byte
+                // zero-padded name, instance u32, version u32, len u64),
+                // then `len` bytes; see docs/stream-format.md.
+                let h = r.take(272)?;
+                let name_len = usize::from(h[0]);
+                let name = &h[1..1 + name_len];
+                let padded = h[1 + name_len..256].iter().all(|&b| b == 0);
+                let name = match std::str::from_utf8(name) {
+                    Ok(n) if name_len > 0 && padded && !n.contains('\0') => n,
+                    _ => return Err(31),
+                };
+                let word = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+                let (instance, version) = (word(256), word(260));
+                let len = u64::from(word(264)) | u64::from(word(268)) << 32;
+                if len > 64 << 20 {
+                    return Err(31);
+                }
+                let total = state.saturating_add(272).saturating_add(len);
+                if total > STATE_LIMIT {
+                    return Err(32);
+                }
+                state = total;
+                let body = r.take(len as usize)?;
+                if name == "refuse" {
+                    return Err(34);
+                }
+                loaded.push((name.to_string(), instance, version, body.to_vec()));
             }
             _ => return Err(12),
         }
@@ -322,13 +401,17 @@ pub fn check(data: &[u8]) -> Result<Outcome, Mismatch> {
     }
     let mut model = fresh_blocks();
     let mut touched = BTreeSet::new();
-    let want = model_receive(data, &mut model, &mut touched);
+    let mut want_loaded = Vec::new();
+    let want = model_receive(data, &mut model, &mut touched, &mut want_loaded);
 
+    let mut vmm = Vmm::default();
     let real = stream_roundtrip::with_buffers(|_, bounce| {
-        let mut receiver = Receiver::new(bounce).map_err(|e| Mismatch {
-            step: None,
-            what: format!("harness: {e}"),
-        })?;
+        let mut receiver = Receiver::new(bounce)
+            .map_err(|e| Mismatch {
+                step: None,
+                what: format!("harness: {e}"),
+            })?
+            .with_device_state(&mut vmm, STATE_LIMIT);
         Ok(receiver.receive(&list, &mut SliceReader::new(data), |_| {}))
     })?;
     let real_code = real.as_ref().map_err(ReceiveError::code);
@@ -345,6 +428,12 @@ pub fn check(data: &[u8]) -> Result<Outcome, Mismatch> {
         m
     })?;
 
+    same(
+        None,
+        "device-state sections loaded",
+        &vmm.loaded,
+        &want_loaded,
+    )?;
     let view = list.read();
     let fresh = fresh_blocks();
     for ((i, b), (m, f)) in view.iter().enumerate().zip(model.iter().zip(&fresh)) {
@@ -409,6 +498,33 @@ pub fn valid_stream(
         stream_roundtrip::write_page(&list, usize::from(block), usize::from(page), fill);
     }
     stream_roundtrip::send(&list, 3, script).map(|(bytes, _)| bytes)
+}
+
+/// `stream` (from [`valid_stream`], whose table has two blocks) with
+/// `sections` (name, instance id, version, bytes) inserted before its End
+/// record, as a source sends device state at its switch-over.
+pub fn with_sections(mut stream: Vec<u8>, sections: &[(&str, u32, u32, Vec<u8>)]) -> Vec<u8> {
+    // End: tag, count, one u64 checksum per table entry.
+    let end = stream.len() - (1 + 4 + 2 * 8);
+    let mut records = Vec::new();
+    for (name, instance_id, version, bytes) in sections {
+        let Ok(name) = ramblock_core::section::SectionName::new(name) else {
+            continue;
+        };
+        let header = SectionHeader {
+            name,
+            instance_id: *instance_id,
+            version: *version,
+            len: bytes.len() as u64,
+        };
+        let mut raw = [0u8; SectionHeader::ENCODED_LEN];
+        header.encode(&mut raw);
+        records.push(8u8);
+        records.extend_from_slice(&raw);
+        records.extend_from_slice(bytes);
+    }
+    stream.splice(end..end, records);
+    stream
 }
 
 /// The fuzz entry point: the bytes are the stream. Panics with the bytes'

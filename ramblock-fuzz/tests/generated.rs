@@ -97,3 +97,53 @@ fn receiver_matches_its_model_on_mutated_streams() {
     // The mutations reach deep: many different refusals, and clean ends.
     assert!(codes.len() >= 8, "outcomes seen: {codes:?}");
 }
+
+/// Device-state sections before End (accepted, over the limit, refused by
+/// the VMM), then mutated: the receiver still matches its model, and the
+/// section outcomes are all reached.
+#[test]
+fn receiver_matches_its_model_on_streams_with_sections() {
+    use ramblock_fuzz::stream_decode;
+    let mut rng = generate::Rng::new(0x5EC7);
+    let mut codes = std::collections::BTreeSet::new();
+    for case in 0..300 {
+        let stream = stream_decode::valid_stream(rng.next_u64(), &[], &[]).expect("sender");
+        let sections: Vec<_> = (0..rng.below(4))
+            .map(|_| {
+                let name = ["cpu", "refuse", "0000:00:02.0/vga"][rng.below(3)];
+                let len = rng.below(300);
+                (name, rng.below(3) as u32, 1, rng.bytes(len))
+            })
+            .collect();
+        let mut stream = stream_decode::with_sections(stream, &sections);
+        if case % 4 != 0 {
+            // Mutate inside the sections (or just before End).
+            let tail = stream.len().saturating_sub(21);
+            let start = tail.saturating_sub(sections.iter().map(|s| 273 + s.3.len()).sum());
+            let at = start + rng.below(tail - start + 1);
+            match rng.below(4) {
+                0 if at < stream.len() => stream[at] ^= 1 << rng.below(8),
+                1 => stream.truncate(at),
+                2 if at < stream.len() => stream[at] = [0, 0xff, 8, 5][rng.below(4)],
+                _ => {
+                    let n = rng.below(8);
+                    let junk = rng.bytes(n);
+                    stream.splice(at..at, junk);
+                }
+            }
+        }
+        match stream_decode::check(&stream) {
+            Ok(outcome) => codes.insert(outcome.err()),
+            Err(m) => {
+                let hex: String = stream.iter().map(|b| format!("{b:02x}")).collect();
+                panic!("case {case}: {m}\nstream: {hex}");
+            }
+        };
+    }
+    for want in [None, Some(31), Some(32), Some(34)] {
+        assert!(
+            codes.contains(&want),
+            "outcome {want:?} never reached: {codes:?}"
+        );
+    }
+}

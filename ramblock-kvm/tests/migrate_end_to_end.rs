@@ -9,6 +9,7 @@
 //! run either way (without KVM a host thread is the writer).
 
 use ramblock_core::addr::PageSize;
+use ramblock_core::section::SectionHeader;
 use ramblock_core::stream::format::{Header, Record, TableEntry};
 use ramblock_core::stream::io::{ByteRead, ByteWrite, IoStream};
 use ramblock_linux::hugetlb::PoolReservation;
@@ -80,6 +81,13 @@ fn assert_migrated(o: &Output, what: &str) {
         String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(field(&json, "verified"), "true", "{what}: {json}");
+    // The vCPU went as the pre-copy `cpu` section and the destination's
+    // guest continued the source's loop.
+    assert_eq!(field(&json, "destination_ran"), "true", "{what}: {json}");
+    assert!(
+        field(&json, "ram_downtime_ms").parse::<f64>().is_ok(),
+        "{what}: {json}"
+    );
     assert_eq!(field(&json, "passes"), "4", "{what}: {json}");
     let sent: u64 = field(&json, "pages").parse::<u64>().unwrap()
         + field(&json, "zero_pages").parse::<u64>().unwrap();
@@ -298,6 +306,16 @@ fn corrupt_every_page_run(from: TcpStream, to: TcpStream) {
         let payload = match record {
             Record::Pages { count, .. } => count as usize * 4096,
             Record::End { count } => count as usize * 8,
+            Record::Section => {
+                // The device state (the vCPU): its header, then its bytes.
+                let mut raw = [0u8; SectionHeader::ENCODED_LEN];
+                if r.read_exact(&mut raw).is_err() || w.write_all(&raw).is_err() {
+                    return;
+                }
+                let len = SectionHeader::decode(&raw).unwrap().len as usize;
+                page.resize(page.len().max(len), 0);
+                len
+            }
             _ => 0,
         };
         if r.read_exact(&mut page[..payload]).is_err() {

@@ -46,6 +46,17 @@ pub enum MigrateError<D, W, R> {
         /// Passes run.
         passes: u32,
     },
+    /// The VMM's device-state sections exceed
+    /// [`MigrationHost::device_state_limit`](super::MigrationHost::device_state_limit)
+    /// together, or one exceeds [`MAX_SECTION_LEN`](crate::section::MAX_SECTION_LEN)
+    /// (then `total` is its length and `limit` that bound); nothing of them
+    /// was sent and the guest resumed at the source.
+    DeviceStateTooLarge {
+        /// Bytes of all sections, headers included.
+        total: u64,
+        /// The limit.
+        limit: u64,
+    },
 }
 
 impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for MigrateError<D, W, R> {
@@ -90,6 +101,10 @@ impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for Migrate
                  limit, throttling or post-copy)",
                 estimated_ns / 1_000_000,
                 limit_ns / 1_000_000
+            ),
+            MigrateError::DeviceStateTooLarge { total, limit } => write!(
+                f,
+                "device state takes {total} bytes, over the {limit}-byte limit; the guest runs on at the source"
             ),
         }
     }

@@ -4,7 +4,8 @@
 use super::stats::PassReport;
 use crate::checksum::{Checksum, PageLedger};
 use crate::region::HostRegion;
-use crate::stream::format::ReturnMessage;
+use crate::section::SectionHeader;
+use crate::stream::format::{ReturnMessage, DEFAULT_DEVICE_STATE_LIMIT};
 use crate::stream::resume_token::ResumeToken;
 use core::ops::Range;
 
@@ -50,6 +51,23 @@ pub trait MigrationHost {
     fn device_state(&mut self, buf: &mut [u8]) -> usize {
         let _ = buf;
         0
+    }
+    /// Pre-copy switch-over: the VMM's device-state section number `index`
+    /// (0, 1, 2, ... until `None`), as a header and its bytes; the engine
+    /// sends it after the final RAM pass and before `End`, with the
+    /// header's `len` set to the bytes' length. Called with the guest
+    /// paused, twice per section (once to check the total against
+    /// [`device_state_limit`](Self::device_state_limit), once to send), so
+    /// return the same thing both times. The default has none.
+    fn device_section(&mut self, index: usize) -> Option<(SectionHeader, &[u8])> {
+        let _ = index;
+        None
+    }
+    /// The most bytes all device-state sections may take together,
+    /// headers included; over it the switch-over fails before anything is
+    /// sent and the guest resumes (`MigrateError::DeviceStateTooLarge`).
+    fn device_state_limit(&mut self) -> u64 {
+        DEFAULT_DEVICE_STATE_LIMIT
     }
     /// Post-copy: the next message from the destination's return path,
     /// waiting at most `wait_ns` for one (0: just look). Hosts that never

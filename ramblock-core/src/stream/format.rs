@@ -31,6 +31,12 @@ pub const RESUME_MAGIC: [u8; 8] = *b"RBRESUME";
 pub const RESUME_VERSION: u16 = 2;
 /// Most bytes of VMM device state a `Postcopy` record carries.
 pub const MAX_DEVICE_STATE: u32 = 64 << 10;
+/// The default bound on all `Section` records of one stream together,
+/// headers included (`MigrationHost::device_state_limit` on the source,
+/// `Receiver::with_device_state` on the destination): a VMM's device state
+/// is kilobytes to a few megabytes, and both sides must agree before the
+/// bytes cross the paused guest's downtime.
+pub const DEFAULT_DEVICE_STATE_LIMIT: u64 = 16 << 20;
 
 /// Record tags.
 pub mod tag {
@@ -48,6 +54,8 @@ pub mod tag {
     pub const DISCARD: u8 = 6;
     /// Post-copy starts: the guest runs on the destination from now on.
     pub const POSTCOPY: u8 = 7;
+    /// Pre-copy switch-over: one named device-state section.
+    pub const SECTION: u8 = 8;
 }
 
 /// The stream header.
@@ -132,6 +140,13 @@ pub enum Record {
         /// Bytes of device state that follow.
         state_len: u32,
     },
+    /// Pre-copy switch-over, after the final pass and before `End`: an
+    /// encoded [`SectionHeader`](crate::section::SectionHeader)
+    /// ([`SectionHeader::ENCODED_LEN`](crate::section::SectionHeader::ENCODED_LEN)
+    /// bytes) follows, then the section's `len` bytes of state. The header
+    /// is payload rather than fields here so the record stays `Copy` and
+    /// the section encoding stays the one snapshots use.
+    Section,
 }
 
 /// A post-copy page request, destination to source: the guest needs pages
@@ -322,6 +337,7 @@ impl Record {
             Record::Pages { .. } | Record::Zero { .. } | Record::Discard { .. } => 17,
             Record::Sync { .. } | Record::Resize { .. } => 13,
             Record::End { .. } | Record::Postcopy { .. } => 5,
+            Record::Section => 1,
         }
     }
 
@@ -376,6 +392,7 @@ impl Record {
                 b[0] = tag::POSTCOPY;
                 b[1..5].copy_from_slice(&state_len.to_le_bytes());
             }
+            Record::Section => b[0] = tag::SECTION,
         }
         w.write_all(&b[..self.wire_len()])
     }
@@ -419,6 +436,7 @@ impl Record {
             tag::POSTCOPY => Record::Postcopy {
                 state_len: read_u32(r)?,
             },
+            tag::SECTION => Record::Section,
             other => return Ok(Err(other)),
         }))
     }
@@ -459,6 +477,7 @@ mod tests {
                 count: 1 << 20,
             },
             Record::Postcopy { state_len: 300 },
+            Record::Section,
         ];
         let mut out = Vec::new();
         Header::new(3).write(&mut out).unwrap();

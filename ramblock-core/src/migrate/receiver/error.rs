@@ -4,6 +4,7 @@
 
 use crate::addr::TARGET_PAGE_SHIFT;
 use crate::name::BlockName;
+use crate::section::{SectionError, SectionName};
 use crate::stream::format::{MAX_DEVICE_STATE, MAX_RUN_PAGES, VERSION};
 use crate::stream::io::ReadError;
 use core::fmt;
@@ -156,6 +157,30 @@ pub enum ReceiveError<E, H> {
     /// destination issued when post-copy started: the peer is not the
     /// source this migration came from.
     BadResumeToken,
+    /// A `Section` record's header is malformed (which field says the
+    /// inner error).
+    BadSection(SectionError),
+    /// The `Section` records together (headers included) exceed the
+    /// destination's device-state limit.
+    DeviceStateOverLimit {
+        /// Bytes the sections would reach with the one refused.
+        total: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The source sent device state, but this destination has nowhere to
+    /// load it ([`Receiver::with_device_state`](super::Receiver::with_device_state)):
+    /// the guest could not run here.
+    SectionsUnsupported,
+    /// The VMM refused a section (unknown device, bad version, bad bytes).
+    SectionRefused {
+        /// The section.
+        name: SectionName,
+        /// Its instance id.
+        instance_id: u32,
+        /// The VMM's own error code.
+        code: u32,
+    },
 }
 
 impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
@@ -210,6 +235,10 @@ impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
             ),
             MissingAtEnd { name, page } => write!(f, "post-copy ended but page {page} of block {name:?} never arrived"),
             BadResumeToken => f.write_str("the resume header's token is not the one this destination issued: refused as another peer than the source"),
+            BadSection(e) => write!(f, "malformed device-state section: {e}"),
+            DeviceStateOverLimit { total, limit } => write!(f, "device-state sections reach {total} bytes, over this destination's limit of {limit}"),
+            SectionsUnsupported => f.write_str("the source sent device state, but this destination cannot load any"),
+            SectionRefused { name, instance_id, code } => write!(f, "the VMM refused device-state section {name:?} instance {instance_id} (its code {code})"),
         }
     }
 }
@@ -254,6 +283,10 @@ impl<E, H> ReceiveError<E, H> {
             HugepageBufferTooSmall { .. } => 28,
             MissingAtEnd { .. } => 29,
             BadResumeToken => 30,
+            BadSection(_) => 31,
+            DeviceStateOverLimit { .. } => 32,
+            SectionsUnsupported => 33,
+            SectionRefused { .. } => 34,
         }
     }
 }

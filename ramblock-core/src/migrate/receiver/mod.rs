@@ -16,9 +16,11 @@
 
 pub mod error;
 pub mod placement;
+pub mod sections;
 
 pub use error::ReceiveError;
 pub use placement::PostcopyTarget;
+pub use sections::SectionSink;
 
 use crate::addr::{ByteLen, TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::bitmap::Storage;
@@ -30,8 +32,8 @@ use crate::list::{RamList, ResizeError};
 use crate::name::BlockName;
 use crate::region::{HostRegion, RegionError};
 use crate::stream::format::{
-    read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, MAX_DEVICE_STATE, MAX_RUN_PAGES,
-    RESUME_VERSION, VERSION,
+    read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, DEFAULT_DEVICE_STATE_LIMIT,
+    MAX_DEVICE_STATE, MAX_RUN_PAGES, RESUME_VERSION, VERSION,
 };
 use crate::stream::io::{ByteRead, ByteWrite};
 use crate::stream::resume_token::ResumeToken;
@@ -95,6 +97,20 @@ pub struct Receiver<'b> {
     postcopy: bool,
     /// Counters of the receive in progress (kept across a resume).
     summary: ReceiveSummary,
+    /// Where device-state sections go ([`Receiver::with_device_state`]).
+    sections: Option<&'b mut dyn SectionSink>,
+    /// Bound on the stream's sections, headers included.
+    state_limit: u64,
+    /// Section bytes (headers included) of the receive in progress; not
+    /// zero once a section arrived, after which only sections and `End`
+    /// may follow.
+    state_bytes: u64,
+}
+
+impl fmt::Debug for dyn SectionSink + '_ {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SectionSink")
+    }
 }
 
 impl fmt::Debug for dyn PageLedger + '_ {
@@ -143,6 +159,9 @@ impl<'b> Receiver<'b> {
             assembly: Assembly::default(),
             postcopy: false,
             summary: ReceiveSummary::default(),
+            sections: None,
+            state_limit: DEFAULT_DEVICE_STATE_LIMIT,
+            state_bytes: 0,
         })
     }
 
@@ -178,6 +197,17 @@ impl<'b> Receiver<'b> {
     /// every page again).
     pub fn with_ledger(mut self, ledger: &'b mut dyn PageLedger) -> Self {
         self.ledger = Some(ledger);
+        self
+    }
+
+    /// Hands the device-state sections a pre-copy source sends at its
+    /// switch-over to `sink`, accepting at most `limit` bytes of them per
+    /// stream, headers included ([`DEFAULT_DEVICE_STATE_LIMIT`] is the
+    /// source's default). Without a sink a stream with sections is refused
+    /// ([`ReceiveError::SectionsUnsupported`]).
+    pub fn with_device_state(mut self, sink: &'b mut dyn SectionSink, limit: u64) -> Self {
+        self.sections = Some(sink);
+        self.state_limit = limit;
         self
     }
 
@@ -233,7 +263,10 @@ impl<'b> Receiver<'b> {
             }
         }
         match (resumed, self.postcopy) {
-            (false, false) => self.summary = ReceiveSummary::default(),
+            (false, false) => {
+                self.summary = ReceiveSummary::default();
+                self.state_bytes = 0;
+            }
             (true, true) => {
                 // A hugepage half assembled when the connection broke was
                 // not placed, so the received map asks for all of it again.
@@ -267,6 +300,13 @@ impl<'b> Receiver<'b> {
         };
         loop {
             let record = Record::read(&mut *session.r)?.map_err(ReceiveError::UnknownRecord)?;
+            if session.rx.state_bytes > 0 && !matches!(record, Record::Section | Record::End { .. })
+            {
+                return Err(ReceiveError::OutOfPlace {
+                    record: "RAM or post-copy",
+                    why: "only device-state sections and End may follow a section",
+                });
+            }
             match record {
                 Record::Pages {
                     block,
@@ -286,6 +326,7 @@ impl<'b> Receiver<'b> {
                     count,
                 } => session.on_discard(block, first, count)?,
                 Record::Postcopy { state_len } => session.on_postcopy(state_len)?,
+                Record::Section => session.on_section()?,
                 Record::End { count } => return session.on_end(count),
             }
         }

@@ -9,9 +9,11 @@ use crate::link::{set_receive_buffer, POSTCOPY_SOCKET_BUFFER, RESUME_TIMEOUT};
 use crate::memory::{ledger_for, GuestRam};
 use crate::workload::Guest;
 use ramblock_core::migrate::receiver::{
-    send_ack, ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES,
+    send_ack, ReceiveError, ReceiveSummary, Receiver, SectionSink, BOUNCE_BYTES,
 };
 use ramblock_core::migrate::PostcopyTarget;
+use ramblock_core::section::SectionHeader;
+use ramblock_core::stream::format::DEFAULT_DEVICE_STATE_LIMIT;
 use ramblock_core::stream::io::IoStream;
 use ramblock_linux::postcopy::{LatencySummary, PostcopyDestination};
 use ramblock_linux::transport::{Conn, Listener, ResumeProof};
@@ -67,6 +69,36 @@ pub struct Received {
     pub guest: Option<Box<dyn Guest>>,
     /// Connections resumed after a break.
     pub resumes: u32,
+    /// The device-state sections of a pre-copy switch-over, in order.
+    pub sections: Vec<(SectionHeader, Vec<u8>)>,
+}
+
+/// This program's device-state sink: keeps every section (the one VMM
+/// device it has is the vCPU, started from its `cpu` section after the
+/// receive); refuses a name twice (code 1) or one it has no device for
+/// (code 2).
+#[derive(Default)]
+struct Sections {
+    done: Vec<(SectionHeader, Vec<u8>)>,
+    partial: Vec<u8>,
+}
+
+impl SectionSink for Sections {
+    fn load(&mut self, _: &SectionHeader, _: u64, bytes: &[u8]) -> Result<(), u32> {
+        self.partial.extend_from_slice(bytes);
+        Ok(())
+    }
+    fn done(&mut self, header: &SectionHeader) -> Result<(), u32> {
+        let bytes = std::mem::take(&mut self.partial);
+        if header.name.as_str() != crate::source::CPU_SECTION || header.instance_id != 0 {
+            return Err(2);
+        }
+        if self.done.iter().any(|(h, _)| h.name == header.name) {
+            return Err(1);
+        }
+        self.done.push((header.clone(), bytes));
+        Ok(())
+    }
 }
 
 /// Receives one stream into `ram` and answers the source. On error the
@@ -77,9 +109,11 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
     // The end checksums come from what was received, page by page, so
     // verifying them adds nothing to the downtime.
     let mut ledger = ledger_for(ram);
+    let mut sections = Sections::default();
     let mut receiver = Receiver::new(&mut bounce)
         .map_err(|e| e.to_string())?
         .with_ledger(&mut ledger)
+        .with_device_state(&mut sections, DEFAULT_DEVICE_STATE_LIMIT)
         .with_hugepage_buffer(&mut hugepage);
     if how.fresh {
         receiver = receiver.with_fresh_destination();
@@ -154,5 +188,6 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
         latency,
         guest,
         resumes,
+        sections: sections.done,
     })
 }

@@ -345,6 +345,14 @@ fn run_source(
         DESTINATION_LOG,
     )?;
     let start_guest = postcopy_guest(dest, opts)?;
+    // Pre-copy with a vCPU: the destination VM is made now, so the
+    // switch-over only loads the shipped `cpu` section into it.
+    let mut precopy_guest = match (&start_guest, kvm_present(opts)) {
+        (None, true) if opts.workload == options::Workload::Increment => {
+            Some(kvm::prepare_destination(dest)?)
+        }
+        _ => None,
+    };
     let listener = Arc::new(listen("127.0.0.1:0", opts)?);
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let resume = (opts.resume || opts.break_postcopy.is_some()).then(|| listener.clone());
@@ -359,7 +367,19 @@ fn run_source(
             postcopy: start_guest,
             resume,
         };
-        destination::receive(dest, conn, how)
+        let received = destination::receive(dest, conn, how)?;
+        let cpu = received
+            .sections
+            .iter()
+            .find(|(h, _)| h.name.as_str() == source::CPU_SECTION);
+        let started = match (precopy_guest.as_mut(), cpu) {
+            (Some(start), Some((_, state))) => {
+                let guest = start(state)?;
+                Some((guest, Instant::now()))
+            }
+            _ => None,
+        };
+        Ok::<_, String>((received, started))
     });
     let to = connector(&addr.to_string(), opts)?;
     let conn = to.connect().map_err(|e| e.to_string())?;
@@ -378,9 +398,25 @@ fn run_source(
     })?;
     summary.stats = sent.stats;
     summary.pass0_bandwidth = sent.pass0_bandwidth;
-    let received = received?;
+    let (received, started) = received?;
     summary.fault_latency = received.latency;
     summary.resumes = received.resumes;
+    if let Some((mut dest_guest, running_at)) = started {
+        // Pre-copy: the destination's vCPU runs from the `cpu` section.
+        // Downtime as QEMU counts it: source pause to that vCPU running.
+        summary.ram_downtime_ns = Some(summary.stats.downtime_ns);
+        if let Some(paused_at) = sent.paused_at {
+            summary.stats.downtime_ns = running_at.duration_since(paused_at).as_nanos() as u64;
+        }
+        let ran = destination_continues(dest_guest.as_mut());
+        dest_guest.stop();
+        summary.destination_progress = Some(dest_guest.progress());
+        summary.mismatch = verify_resumed(ram, dest, &sent.device_state)?;
+        let ran = ran.is_ok() && summary.mismatch.is_none();
+        summary.destination_ran = Some(ran);
+        summary.verified = Some(ran);
+        return Ok(());
+    }
     summary.mismatch = match received.guest {
         // Post-copy: the destination guest ran on from the source's state.
         Some(mut dest_guest) => {
@@ -393,6 +429,28 @@ fn run_source(
     };
     summary.verified = Some(summary.mismatch.is_none());
     Ok(())
+}
+
+/// Whether KVM runs the guest here (else a host thread writes its RAM).
+fn kvm_present(opts: &MigrateOptions) -> bool {
+    !opts.no_kvm && std::path::Path::new("/dev/kvm").exists()
+}
+
+/// Waits (at most 10 s) until a destination guest started from the
+/// source's vCPU completes a loop of its workload, or fails.
+fn destination_continues(guest: &mut dyn Guest) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while guest.progress() < 1 && Instant::now() < deadline {
+        if let Some(e) = guest.failure() {
+            return Err(format!("the destination guest stopped: {e}"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    match guest.failure() {
+        Some(e) => Err(format!("the destination guest stopped: {e}")),
+        None if guest.progress() >= 1 => Ok(()),
+        None => Err("the destination guest made no progress in 10 s".into()),
+    }
 }
 
 /// Checks a destination whose guest ran on after post-copy: with the

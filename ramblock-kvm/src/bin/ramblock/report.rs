@@ -87,6 +87,14 @@ pub struct Summary {
     pub resumes: u32,
     /// Post-copy: the destination guest's progress (loop passes).
     pub destination_progress: Option<u64>,
+    /// Pre-copy with a vCPU: whether the destination's vCPU, started from
+    /// the shipped `cpu` section, continued the source's loop (None: not
+    /// checked).
+    pub destination_ran: Option<bool>,
+    /// Pre-copy with a vCPU: the RAM-only downtime (source pause to the
+    /// destination's acknowledgement); `stats.downtime_ns` then runs to
+    /// the destination vCPU running.
+    pub ram_downtime_ns: Option<u64>,
 }
 
 impl Summary {
@@ -109,6 +117,12 @@ impl Summary {
         let _ = writeln!(o, "total time      {:>10.1} ms", ms(s.total_ns));
         let _ = writeln!(o, "setup time      {:>10.3} ms", ms(s.setup_ns));
         let _ = writeln!(o, "downtime        {:>10.1} ms", ms(s.downtime_ns));
+        if let Some(ns) = self.ram_downtime_ns {
+            let _ = writeln!(o, "  RAM only      {:>10.1} ms", ms(ns));
+        }
+        if let Some(ran) = self.destination_ran {
+            let _ = writeln!(o, "dest. ran       {ran:>10}");
+        }
         let _ = writeln!(
             o,
             "bytes on wire   {:>10} ({:.1} MiB)",
@@ -199,6 +213,13 @@ impl Summary {
             l.max_ns as f64 / 1e3,
             self.stall_ns() as f64 / 1e6,
         );
+        let mut postcopy = postcopy;
+        if let Some(ns) = self.ram_downtime_ns {
+            postcopy.push_str(&format!(",\"ram_downtime_ms\":{:.3}", ns as f64 / 1e6));
+        }
+        if let Some(ran) = self.destination_ran {
+            postcopy.push_str(&format!(",\"destination_ran\":{ran}"));
+        }
         let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
         let opt = |v: &Option<String>| {
             v.as_ref()

@@ -11,6 +11,7 @@ use ramblock_core::dirty_log::DirtyLogSource;
 use ramblock_core::migrate::{
     migrate, MigrationHost, MigrationStats, PassReport, PrecopyConfig, ReturnEvent,
 };
+use ramblock_core::section::{SectionHeader, SectionName};
 use ramblock_core::stream::io::IoStream;
 use ramblock_core::stream::received_map::{read_received_map, scratch_words};
 use ramblock_core::stream::resume_token::ResumeToken;
@@ -32,6 +33,10 @@ struct ProgramHost<'g> {
     state: &'g mut Vec<u8>,
     /// Pass 0's bytes per second.
     pass0_bandwidth: f64,
+    /// When the guest was last paused (the switch-over).
+    paused_at: Option<Instant>,
+    /// The `cpu` section's header.
+    cpu: SectionHeader,
 }
 
 impl MigrationHost for ProgramHost<'_> {
@@ -42,6 +47,7 @@ impl MigrationHost for ProgramHost<'_> {
         std::thread::sleep(Duration::from_nanos(ns));
     }
     fn pause_guest(&mut self) {
+        self.paused_at = Some(Instant::now());
         self.guest.pause();
     }
     fn resume_guest(&mut self) {
@@ -72,6 +78,16 @@ impl MigrationHost for ProgramHost<'_> {
         let n = self.state.len().min(buf.len());
         buf[..n].copy_from_slice(&self.state[..n]);
         n
+    }
+    fn device_section(&mut self, index: usize) -> Option<(SectionHeader, &[u8])> {
+        // Pre-copy switch-over: the vCPU, saved once (the engine asks twice).
+        if index != 0 {
+            return None;
+        }
+        if self.state.is_empty() {
+            *self.state = self.guest.save_state();
+        }
+        (!self.state.is_empty()).then(|| (self.cpu.clone(), self.state.as_slice()))
     }
     fn return_message(&mut self, wait_ns: u64) -> ReturnEvent {
         self.link.next_event(Duration::from_nanos(wait_ns))
@@ -113,6 +129,9 @@ impl MigrationHost for ProgramHost<'_> {
     }
 }
 
+/// The name of the vCPU's device-state section (`VcpuState::to_bytes`).
+pub const CPU_SECTION: &str = "cpu";
+
 /// The engine configuration the options ask for.
 pub fn config(opts: &MigrateOptions) -> PrecopyConfig {
     PrecopyConfig {
@@ -129,8 +148,12 @@ pub fn config(opts: &MigrateOptions) -> PrecopyConfig {
 pub struct Sent {
     /// The engine's totals.
     pub stats: MigrationStats,
-    /// The device state sent at the switch to post-copy (empty otherwise).
+    /// The device state sent at the switch-over: the vCPU's, in the
+    /// Postcopy record or as the pre-copy `cpu` section (empty without a
+    /// vCPU).
     pub device_state: Vec<u8>,
+    /// When the source guest was paused for the switch-over.
+    pub paused_at: Option<Instant>,
     /// Pass 0's throughput, bytes per second (0 if it never ended).
     pub pass0_bandwidth: f64,
 }
@@ -162,6 +185,13 @@ pub fn send<D: DirtyLogSource>(
         link,
         state: &mut device_state,
         pass0_bandwidth: 0.0,
+        paused_at: None,
+        cpu: SectionHeader {
+            name: SectionName::new(CPU_SECTION).map_err(|e| e.to_string())?,
+            instance_id: 0,
+            version: 1,
+            len: 0,
+        },
     };
     let mut buf = vec![0u8; 64 * 4096];
     let result = migrate(
@@ -173,13 +203,14 @@ pub fn send<D: DirtyLogSource>(
         config(opts),
         &mut buf,
     );
-    let pass0_bandwidth = host.pass0_bandwidth;
+    let (pass0_bandwidth, paused_at) = (host.pass0_bandwidth, host.paused_at);
     drop(host);
     result
         .map(|stats| Sent {
             stats,
             device_state,
             pass0_bandwidth,
+            paused_at,
         })
         .map_err(|e| e.to_string())
 }

@@ -11,7 +11,6 @@
 
 use super::migrate::median;
 use super::ramblock_run::{build_ramblock, migrate_json, RunFailure};
-use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage: cargo xtask bench downtime [--runs N] [--limit-ms MS] [-- ARGS...]";
@@ -35,13 +34,13 @@ const OVERSHOOT_TARGET: f64 = 0.10;
 const RUN_TIMEOUT: Duration = Duration::from_secs(240);
 
 #[derive(Debug, PartialEq)]
-struct Options {
+pub(super) struct Options {
     runs: usize,
     limit_ms: u64,
     args: Vec<String>,
 }
 
-fn parse(args: &[String]) -> Result<Options, String> {
+pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         runs: 20,
         limit_ms: 300,
@@ -68,25 +67,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
-/// Runs the downtime benchmark.
-pub fn run(args: &[String]) -> ExitCode {
-    let options = match parse(args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("xtask: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match bench(&options) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("xtask: bench downtime: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn bench(options: &Options) -> Result<(), String> {
+pub(super) fn bench(options: &Options) -> Result<(), String> {
     let binary = build_ramblock()?;
     let mut args = options.args.clone();
     args.push(format!("--downtime-ms={}", options.limit_ms));

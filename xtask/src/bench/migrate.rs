@@ -21,7 +21,7 @@ mod ramblock;
 use super::ramblock_run::build_ramblock;
 use image::Variant;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
 use std::time::Duration;
 
 const USAGE: &str = "usage: cargo xtask bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--prep prealloc,lazy] [--qemu stream,multifd2,multifd4,zero-copy] [--link loopback,10gbit,1gbit] [--runs N]";
@@ -90,7 +90,7 @@ pub enum Outcome {
     Failed(String),
 }
 
-struct Options {
+pub(super) struct Options {
     sizes: Vec<u64>,
     variants: Vec<Variant>,
     preps: Vec<Prep>,
@@ -116,7 +116,7 @@ pub(super) fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
-fn parse(args: &[String]) -> Result<Options, String> {
+pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         sizes: vec![1 << 30, 4 << 30],
         variants: vec![Variant::Idle, Variant::Increment],
@@ -190,24 +190,6 @@ fn parse(args: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
-/// Runs the migration benchmark.
-pub fn run(args: &[String]) -> ExitCode {
-    let options = match parse(args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("xtask: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match bench(&options) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("xtask: bench migrate: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
 /// Whether `program` is found on `PATH`.
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
@@ -245,7 +227,7 @@ pub(super) fn ensure_installed(program: &str, package: &str) -> Result<(), Strin
     }
 }
 
-fn bench(options: &Options) -> Result<(), String> {
+pub(super) fn bench(options: &Options) -> Result<(), String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("no /dev/kvm: both sides of this comparison need KVM".into());
     }

@@ -27,13 +27,23 @@ const USAGE: &str = "usage: bench [--report-only] [-p CRATE | CRATE] [FILTER]";
 /// criterion (a substring of the benchmark id).
 pub fn run(args: &[String]) -> Result<ExitCode, Error> {
     if args.first().is_some_and(|a| a == "migrate") {
-        return Ok(migrate::run(&args[1..]));
+        return Ok(task("migrate", &args[1..], migrate::parse, migrate::bench));
     }
     if args.first().is_some_and(|a| a == "postcopy") {
-        return Ok(postcopy::run(&args[1..]));
+        return Ok(task(
+            "postcopy",
+            &args[1..],
+            postcopy::parse,
+            postcopy::bench,
+        ));
     }
     if args.first().is_some_and(|a| a == "downtime") {
-        return Ok(downtime::run(&args[1..]));
+        return Ok(task(
+            "downtime",
+            &args[1..],
+            downtime::parse,
+            downtime::bench,
+        ));
     }
     // The two ends of `bench migrate`'s raw TCP ceiling, run inside the
     // source's and destination's network namespaces.
@@ -54,10 +64,18 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
         _ => {}
     }
     if args.first().is_some_and(|a| a == "tls") {
-        return Ok(tls::run(&args[1..]));
+        return Ok(task("tls", &args[1..], tls::parse, tls::bench));
     }
     if args.first().is_some_and(|a| a == "snapshot") {
-        return Ok(snapshot::run(&args[1..]));
+        return Ok(task(
+            "snapshot",
+            &args[1..],
+            snapshot::parse,
+            |o| match snapshot::bench(o)? {
+                0 => Ok(()),
+                failed => Err(format!("{failed} run(s) failed")),
+            },
+        ));
     }
     let mut report_only = false;
     let mut package: Option<String> = None;
@@ -97,6 +115,30 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
     report::print(&criterion_dir, Some(started))?;
     status?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// One of the benches above: its options parsed by `parse` (a usage error
+/// exits 2), then run by `bench` (an error, failed runs included, exits 1).
+fn task<O>(
+    name: &str,
+    args: &[String],
+    parse: impl Fn(&[String]) -> Result<O, String>,
+    bench: impl Fn(&O) -> Result<(), String>,
+) -> ExitCode {
+    let options = match parse(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("xtask: bench {name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match bench(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: bench {name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Whether `name` is a crate directory of the workspace (members are named

@@ -13,7 +13,6 @@
 use super::migrate::{median, parse_size};
 use super::ramblock_run::{build_ramblock, migrate_json, RunFailure, Summary};
 use std::path::Path;
-use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage: cargo xtask bench postcopy [--runs N] [--size 1G]";
@@ -52,12 +51,12 @@ const MODES: [Mode; 3] = [
 ];
 
 #[derive(Debug)]
-struct Options {
+pub(super) struct Options {
     runs: usize,
     size: u64,
 }
 
-fn parse(args: &[String]) -> Result<Options, String> {
+pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         runs: 5,
         size: 1 << 30,
@@ -83,25 +82,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
-/// Runs the post-copy benchmark.
-pub fn run(args: &[String]) -> ExitCode {
-    let options = match parse(args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("xtask: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match bench(&options) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("xtask: bench postcopy: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn bench(options: &Options) -> Result<(), String> {
+pub(super) fn bench(options: &Options) -> Result<(), String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("no /dev/kvm: the guest runs under KVM on both sides".into());
     }

@@ -11,18 +11,18 @@
 //! A run that fails or does not verify makes the bench fail.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
 
 const USAGE: &str = "usage: cargo xtask bench tls [--size 1G] [--runs N]";
 /// TLS must keep at least this share of plain TCP's pass-0 throughput.
 const TARGET: f64 = 0.8;
 
-struct Options {
+pub(super) struct Options {
     size: u64,
     runs: usize,
 }
 
-fn parse(args: &[String]) -> Result<Options, String> {
+pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         size: 1 << 30,
         runs: 3,
@@ -46,17 +46,6 @@ fn parse(args: &[String]) -> Result<Options, String> {
         }
     }
     Ok(o)
-}
-
-/// Runs the bench; non-zero exit if any run failed.
-pub fn run(args: &[String]) -> ExitCode {
-    match parse(args).and_then(|o| bench(&o)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench tls: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 /// Runs `openssl ARGS` in `dir`.
@@ -190,7 +179,7 @@ fn migrate(binary: &Path, size: u64, tls: Option<&[PathBuf; 3]>) -> Result<f64, 
     pass0_mib_s(&stderr).ok_or_else(|| format!("no pass 0 line in:\n{stderr}"))
 }
 
-fn bench(o: &Options) -> Result<(), String> {
+pub(super) fn bench(o: &Options) -> Result<(), String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("no /dev/kvm: the guest runs under KVM".into());
     }

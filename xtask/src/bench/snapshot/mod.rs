@@ -24,13 +24,12 @@ mod qemu;
 use super::migrate::{ensure_installed, image, median, parse_size};
 use super::ramblock_run::{run_json, RunFailure, Summary};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage: cargo xtask bench snapshot [--sizes 1G,4G] [--dirs DIR,...] [--runs N] [--diff-after-ms MS] [--no-qemu]";
 const TIMEOUT: Duration = Duration::from_secs(300);
 
-struct Options {
+pub(super) struct Options {
     sizes: Vec<u64>,
     dirs: Vec<PathBuf>,
     runs: usize,
@@ -38,7 +37,7 @@ struct Options {
     qemu: bool,
 }
 
-fn parse(args: &[String]) -> Result<Options, String> {
+pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         sizes: vec![1 << 30],
         dirs: vec!["/dev/shm".into(), "/var/tmp".into()],
@@ -77,28 +76,6 @@ fn parse(args: &[String]) -> Result<Options, String> {
         }
     }
     Ok(o)
-}
-
-/// Runs the snapshot benchmark.
-pub fn run(args: &[String]) -> ExitCode {
-    let options = match parse(args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("xtask: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match bench(&options) {
-        Ok(0) => ExitCode::SUCCESS,
-        Ok(failed) => {
-            eprintln!("xtask: bench snapshot: {failed} run(s) failed");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("xtask: bench snapshot: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 /// One figure's values over the runs.
@@ -274,7 +251,7 @@ fn one_run(
     result
 }
 
-fn bench(o: &Options) -> Result<usize, String> {
+pub(super) fn bench(o: &Options) -> Result<usize, String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("no /dev/kvm: the snapshots are of the KVM test guest".into());
     }

@@ -151,6 +151,34 @@ pub enum ReceiveError<E, H> {
         /// The first missing page.
         page: u64,
     },
+    /// A resumed stream's block table differs from the one post-copy
+    /// started with (blocks, order, used lengths, page sizes, flags).
+    ResumeTableMismatch {
+        /// The first entry that differs (the original's count when the
+        /// counts differ).
+        index: u32,
+        /// What differs: "block count", "block", "used length", "page
+        /// size" or "flags".
+        what: &'static str,
+    },
+    /// After the switch, a record for a page already placed: memory keeps
+    /// the first copy, so the second is refused rather than recorded.
+    AlreadyPlaced {
+        /// The block.
+        name: BlockName,
+        /// The first such page.
+        page: u64,
+    },
+    /// A post-copy run started a new hugepage while another one was half
+    /// assembled: the source must send each hugepage whole, in order.
+    HugepageIncomplete {
+        /// The block of the hugepage left half assembled.
+        name: BlockName,
+        /// Its first target page.
+        first: u64,
+        /// Target pages of it that had arrived.
+        arrived: u64,
+    },
 }
 
 impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
@@ -204,6 +232,15 @@ impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
                 "block {name:?} has {page_size:#x}-byte pages; the post-copy assembly buffer holds {buffer:#x}"
             ),
             MissingAtEnd { name, page } => write!(f, "post-copy ended but page {page} of block {name:?} never arrived"),
+            ResumeTableMismatch { index, what } => write!(
+                f,
+                "the resumed stream's block table differs from the original at entry {index} ({what}); a resumed stream must repeat it exactly"
+            ),
+            AlreadyPlaced { name, page } => write!(f, "post-copy record for page {page} of block {name:?}, which was placed already"),
+            HugepageIncomplete { name, first, arrived } => write!(
+                f,
+                "a new hugepage started while the one at page {first} of block {name:?} had only {arrived} target pages"
+            ),
         }
     }
 }
@@ -247,6 +284,9 @@ impl<E, H> ReceiveError<E, H> {
             NotWholeHostPages { .. } => 27,
             HugepageBufferTooSmall { .. } => 28,
             MissingAtEnd { .. } => 29,
+            ResumeTableMismatch { .. } => 30,
+            AlreadyPlaced { .. } => 31,
+            HugepageIncomplete { .. } => 32,
         }
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod error;
 pub mod placement;
+mod resume;
 
 pub use error::ReceiveError;
 pub use placement::PostcopyTarget;
@@ -35,6 +36,7 @@ use crate::stream::format::{
 use crate::stream::io::{ByteRead, ByteWrite};
 use core::fmt;
 use placement::Assembly;
+use resume::ResumeTable;
 
 /// What a completed receive did.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -71,10 +73,14 @@ pub enum ReceiveEvent {
     Resumed,
 }
 
-/// A table slot: the block's name and its used length in pages.
+/// A table slot: the block's name and its used length in pages, with the
+/// entry as the source sent it and the block's RAM address here (what a
+/// resumed stream's table must repeat).
 struct Slot {
     name: BlockName,
     used_pages: u64,
+    entry: TableEntry,
+    addr: u64,
 }
 
 /// How a block's checksum is computed: [`Checksum::of_region`], or a
@@ -91,6 +97,9 @@ pub struct Receiver<'b> {
     assembly: Assembly<'b>,
     /// Post-copy has started: the guest runs here, pages are placed.
     postcopy: bool,
+    /// The block table of the stream post-copy started in: a resumed
+    /// stream must send the same one.
+    original: ResumeTable,
     /// Counters of the receive in progress (kept across a resume).
     summary: ReceiveSummary,
 }
@@ -140,6 +149,7 @@ impl<'b> Receiver<'b> {
             fresh: false,
             assembly: Assembly::default(),
             postcopy: false,
+            original: ResumeTable::default(),
             summary: ReceiveSummary::default(),
         })
     }
@@ -223,14 +233,19 @@ impl<'b> Receiver<'b> {
         mut target: Option<&mut dyn PostcopyTarget<Error = M::Error>>,
         mut events: impl FnMut(ReceiveEvent),
     ) -> Result2<ReceiveSummary, R, M> {
-        let (table, resumed) = Self::read_table(list, r)?;
+        let waiting = self.postcopy.then_some(&self.original);
+        let (table, resumed) = Self::read_table(list, r, waiting)?;
         if let Some(ledger) = self.ledger.as_deref_mut() {
             for (index, slot) in table.iter().enumerate() {
                 ledger.reserve(index, slot.used_pages);
             }
         }
         match (resumed, self.postcopy) {
-            (false, false) => self.summary = ReceiveSummary::default(),
+            (false, false) => {
+                self.summary = ReceiveSummary::default();
+                self.original
+                    .remember(table.iter().map(|s| (s.addr, s.entry)));
+            }
             (true, true) => {
                 // A hugepage half assembled when the connection broke was
                 // not placed, so the received map asks for all of it again.
@@ -240,18 +255,8 @@ impl<'b> Receiver<'b> {
                 }
                 events(ReceiveEvent::Resumed);
             }
-            (false, true) => {
-                return Err(ReceiveError::OutOfPlace {
-                    record: "stream header",
-                    why: "a new stream cannot start while a post-copy waits to be resumed",
-                })
-            }
-            (true, false) => {
-                return Err(ReceiveError::OutOfPlace {
-                    record: "resume header",
-                    why: "no post-copy migration is waiting to be resumed",
-                })
-            }
+            // read_table refused both.
+            (false, true) | (true, false) => unreachable!("checked with the header"),
         }
         let mut session = Session {
             rx: self,
@@ -262,8 +267,19 @@ impl<'b> Receiver<'b> {
             table,
             events,
         };
+        // Set by a `Discard`: only discards and the `Postcopy` record may
+        // follow, as the source sends them at the switch.
+        let mut discarding = false;
         loop {
             let record = Record::read(&mut *session.r)?.map_err(ReceiveError::UnknownRecord)?;
+            let is_switch = matches!(record, Record::Discard { .. } | Record::Postcopy { .. });
+            if discarding && !is_switch {
+                return Err(ReceiveError::OutOfPlace {
+                    record: record_name(&record),
+                    why: "only discards and the post-copy record may follow a discard",
+                });
+            }
+            discarding = matches!(record, Record::Discard { .. });
             match record {
                 Record::Pages {
                     block,
@@ -392,6 +408,18 @@ impl<'b> Receiver<'b> {
         is_pages: bool,
     ) -> Result<(), ReceiveError<E, M::Error>> {
         Self::check_postcopy_run(dest, slot, first, count)?;
+        // A page is placed once: userfaultfd keeps a present page as it is
+        // (and the guest may have written to it since), so a second copy
+        // would be recorded in the ledger but not in memory.
+        let received = dest.received();
+        if let Some(page) = (first..first + u64::from(count))
+            .find(|&p| received.is_received(p as usize) == Ok(true))
+        {
+            return Err(ReceiveError::AlreadyPlaced {
+                name: slot.name.clone(),
+                page,
+            });
+        }
         let len = count as usize * TARGET_PAGE_SIZE as usize;
         let data = is_pages.then_some(&self.bounce[..len]);
         let page_size = dest.page_size().bytes();
@@ -489,9 +517,13 @@ impl<'b> Receiver<'b> {
 
     /// Reads the header and block table and matches every entry against the
     /// destination's blocks, resizing resizable ones to the source's length.
+    /// `waiting`: the table of a post-copy waiting to be resumed, which a
+    /// resumed stream must repeat exactly (and only a resumed stream may
+    /// come then).
     fn read_table<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
         list: &RamList<'_, M, S, N>,
         r: &mut R,
+        waiting: Option<&ResumeTable>,
     ) -> Result2<(heapless::Vec<Slot, N>, bool), R, M> {
         let (header, resumed) = Header::read_either(r)?.ok_or(ReceiveError::BadMagic)?;
         if header.version != VERSION {
@@ -500,6 +532,25 @@ impl<'b> Receiver<'b> {
         if u32::from(header.page_shift) != TARGET_PAGE_SHIFT {
             return Err(ReceiveError::TargetPageSizeMismatch(header.page_shift));
         }
+        let original = match (resumed, waiting) {
+            (false, None) => None,
+            (true, Some(original)) => Some(original),
+            (false, Some(_)) => {
+                return Err(ReceiveError::OutOfPlace {
+                    record: "stream header",
+                    why: "a new stream cannot start while a post-copy waits to be resumed",
+                })
+            }
+            (true, None) => {
+                return Err(ReceiveError::OutOfPlace {
+                    record: "resume header",
+                    why: "no post-copy migration is waiting to be resumed",
+                })
+            }
+        };
+        if let Some(original) = original {
+            original.check_count(header.block_count)?;
+        }
         if header.block_count as usize > N {
             return Err(ReceiveError::TooManyBlocks {
                 count: header.block_count,
@@ -507,7 +558,7 @@ impl<'b> Receiver<'b> {
         }
         let mut table: heapless::Vec<Slot, N> = heapless::Vec::new();
         let mut raw = [0u8; 255];
-        for _ in 0..header.block_count {
+        for index in 0..header.block_count {
             let (len, entry) = TableEntry::read(r, &mut raw)?;
             let name = core::str::from_utf8(&raw[..len])
                 .ok()
@@ -516,11 +567,17 @@ impl<'b> Receiver<'b> {
             if table.iter().any(|s| s.name == name) {
                 return Err(ReceiveError::DuplicateBlock(name));
             }
-            let resize_to = {
+            let (resize_to, addr) = {
                 let view = list.read();
                 let dest = view
                     .by_name(name.as_str())
                     .ok_or_else(|| ReceiveError::UnknownBlock(name.clone()))?;
+                let addr = dest.offset().0;
+                // Before anything is resized: a resumed table changes
+                // nothing.
+                if let Some(original) = original {
+                    original.check_entry(index, addr, &entry)?;
+                }
                 if dest.flags().contains(BlockFlags::READ_ONLY) {
                     return Err(ReceiveError::ReadOnlyBlock(name));
                 }
@@ -549,7 +606,9 @@ impl<'b> Receiver<'b> {
                         destination,
                     });
                 }
-                (entry.used_length != dest.used_length().0).then_some(entry.used_length)
+                let resize_to =
+                    (entry.used_length != dest.used_length().0).then_some(entry.used_length);
+                (resize_to, addr)
             };
             if let Some(length) = resize_to {
                 list.resize(name.as_str(), ByteLen(length))
@@ -563,7 +622,12 @@ impl<'b> Receiver<'b> {
             }
             let used_pages = entry.used_length >> TARGET_PAGE_SHIFT;
             // Cannot overflow: block_count <= N was checked.
-            let _ = table.push(Slot { name, used_pages });
+            let _ = table.push(Slot {
+                name,
+                used_pages,
+                entry,
+                addr,
+            });
         }
         let view = list.read();
         if let Some(missing) = view.iter().find(|b| {
@@ -760,6 +824,12 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
                 why: "post-copy has started",
             });
         }
+        if self.target.is_none() {
+            return Err(ReceiveError::OutOfPlace {
+                record: "discard",
+                why: "a discard only comes just before post-copy, which this receive does not do",
+            });
+        }
         let slot = Receiver::check_span(&self.table, block, first, count)?;
         let view = self.list.read();
         let dest = view
@@ -821,6 +891,12 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
                     .check(&slot.name, dest.page_size().bytes())?;
             }
         }
+        // A post-copy can only be resumed with its table remembered.
+        if !self.rx.original.holds(self.table.len()) {
+            return Err(ReceiveError::TooManyBlocks {
+                count: self.table.len() as u32,
+            });
+        }
         let names: heapless::Vec<&str, N> = self.table.iter().map(|s| s.name.as_str()).collect();
         target.start(state, &names).map_err(ReceiveError::Host)?;
         self.rx.postcopy = true;
@@ -841,6 +917,19 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
         self.rx.verify_end(self.list, &self.table, &mut *self.r)?;
         self.rx.postcopy = false;
         Ok(self.rx.summary)
+    }
+}
+
+/// A record kind's name, for [`ReceiveError::OutOfPlace`].
+fn record_name(record: &Record) -> &'static str {
+    match record {
+        Record::Pages { .. } => "pages",
+        Record::Zero { .. } => "zero",
+        Record::Sync { .. } => "sync",
+        Record::Resize { .. } => "resize",
+        Record::End { .. } => "end",
+        Record::Discard { .. } => "discard",
+        Record::Postcopy { .. } => "post-copy",
     }
 }
 

@@ -9,10 +9,12 @@ use ramblock_core::stream::format::ReturnMessage;
 use ramblock_core::stream::io::{ByteWrite, IoStream};
 use ramblock_linux::fd_stream::FdWriter;
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The kernel's send buffer during post-copy: pages already sent wait in
@@ -27,6 +29,42 @@ pub const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 /// calls the connection dead (verifying checksums takes well under a
 /// second per GiB).
 pub const RETURN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Return-path events waiting for the engine at most. The reader stops
+/// reading the socket while the queue is full, so a destination that
+/// floods requests fills the kernel's socket buffers, not this process;
+/// the engine takes a batch of requests between background chunks, so
+/// this only has to cover a burst of faults.
+pub const REQUEST_QUEUE: usize = 256;
+
+/// A page request as a key: block, first page, count.
+type RequestKey = (u32, u64, u32);
+
+/// The requests in the queue, so the reader can drop one equal to a
+/// request already waiting (a vCPU that faults again, or a flood of the
+/// same request, costs nothing). At most [`REQUEST_QUEUE`] + 1 entries.
+#[derive(Clone, Default)]
+struct Queued(Arc<Mutex<HashSet<RequestKey>>>);
+
+impl Queued {
+    fn lock(&self) -> MutexGuard<'_, HashSet<RequestKey>> {
+        // The set holds no invariant a panicking holder could break.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn key(event: &ReturnEvent) -> Option<RequestKey> {
+        match event {
+            ReturnEvent::Message(ReturnMessage::Request(r)) => Some((r.block, r.first, r.count)),
+            _ => None,
+        }
+    }
+}
+
+/// The engine's end of the return-path queue.
+struct Events {
+    rx: Receiver<ReturnEvent>,
+    queued: Queued,
+}
 
 /// The connection in use, shared by the engine's writer and the host.
 struct Current {
@@ -118,7 +156,7 @@ impl Breaks {
 pub struct Link {
     addr: String,
     current: Rc<RefCell<Current>>,
-    events: Option<Receiver<ReturnEvent>>,
+    events: Option<Events>,
     breaks: Option<Breaks>,
     resume: bool,
 }
@@ -165,7 +203,7 @@ impl Link {
 
     /// The next return-path event, waiting up to `wait`.
     pub fn next_event(&mut self, wait: Duration) -> ReturnEvent {
-        let Some(rx) = &self.events else {
+        let Some(Events { rx, queued }) = &self.events else {
             return ReturnEvent::Closed;
         };
         let got = if wait.is_zero() {
@@ -175,7 +213,12 @@ impl Link {
                 .map_err(|e| e == RecvTimeoutError::Disconnected)
         };
         match got {
-            Ok(event) => event,
+            Ok(event) => {
+                if let Some(key) = Queued::key(&event) {
+                    queued.lock().remove(&key);
+                }
+                event
+            }
             Err(false) => ReturnEvent::Nothing,
             Err(true) => ReturnEvent::Closed,
         }
@@ -276,9 +319,13 @@ fn current(stream: TcpStream) -> Result<Current, String> {
     })
 }
 
-/// Reads return-path messages into a channel until the connection ends.
-fn spawn_reader(stream: TcpStream) -> Receiver<ReturnEvent> {
-    let (tx, rx) = mpsc::channel();
+/// Reads return-path messages into a bounded queue until the connection
+/// ends, dropping a request equal to one already queued. Each message is
+/// read into a fixed frame: a peer's message allocates nothing.
+fn spawn_reader(stream: TcpStream) -> Events {
+    let (tx, rx) = mpsc::sync_channel(REQUEST_QUEUE);
+    let queued = Queued::default();
+    let seen = queued.clone();
     std::thread::spawn(move || {
         let mut input = IoStream(stream);
         loop {
@@ -286,11 +333,17 @@ fn spawn_reader(stream: TcpStream) -> Receiver<ReturnEvent> {
                 Ok(Ok(m)) => ReturnEvent::Message(m),
                 Ok(Err(_)) | Err(_) => ReturnEvent::Closed,
             };
+            if let Some(key) = Queued::key(&event) {
+                if !seen.lock().insert(key) {
+                    continue; // the same request waits already
+                }
+            }
             let closed = event == ReturnEvent::Closed;
+            // Blocks while the queue is full: the flood waits in the socket.
             if tx.send(event).is_err() || closed {
                 return;
             }
         }
     });
-    rx
+    Events { rx, queued }
 }

@@ -1,7 +1,10 @@
 //! Replays every committed seed (`seeds/<target>/*`) through its target's
 //! model, exactly as the fuzzer would run it.
 
-use ramblock_fuzz::{bitmap, clear_map, files_in, ram_list, stream_decode, stream_roundtrip};
+use ramblock_fuzz::{
+    bitmap, clear_map, files_in, postcopy_receive, postcopy_resume, ram_list, return_path,
+    stream_decode, stream_roundtrip,
+};
 use std::path::Path;
 
 fn replay(target: &str, fuzz: fn(&[u8])) {
@@ -52,4 +55,19 @@ fn stream_decode_seeds_named_valid_are_accepted() {
 #[test]
 fn stream_roundtrip_seeds() {
     replay("stream_roundtrip", stream_roundtrip::fuzz);
+}
+
+#[test]
+fn postcopy_receive_seeds() {
+    replay("postcopy_receive", postcopy_receive::fuzz);
+}
+
+#[test]
+fn postcopy_resume_seeds() {
+    replay("postcopy_resume", postcopy_resume::fuzz);
+}
+
+#[test]
+fn return_path_seeds() {
+    replay("return_path", return_path::fuzz);
 }

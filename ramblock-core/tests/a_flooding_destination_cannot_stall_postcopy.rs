@@ -229,3 +229,68 @@ fn a_request_flood_still_lets_background_pages_out_and_the_migration_completes()
     assert_eq!(summary.blocks, 2);
     assert!(contents(&src) == contents(&dst), "destination differs");
 }
+
+/// After the end record, a destination that floods requests instead of
+/// acknowledging is not waited for forever: past the bound the connection
+/// counts as broken, and with no way to reconnect the migration is lost
+/// (the source keeps its paused guest and every page).
+#[test]
+fn requests_instead_of_an_ack_end_as_a_broken_connection() {
+    use ramblock_core::migrate::postcopy::late_request_bound;
+    use ramblock_core::migrate::MigrateError;
+
+    /// Answers nothing until the end record, then floods forever.
+    struct NeverAcks {
+        after_end: u64,
+    }
+    impl MigrationHost for NeverAcks {
+        fn now_ns(&mut self) -> u64 {
+            0
+        }
+        fn sleep_ns(&mut self, _: u64) {}
+        fn pause_guest(&mut self) {}
+        fn resume_guest(&mut self) {
+            panic!("the guest belongs to the destination once post-copy started");
+        }
+        fn set_throttle(&mut self, _: u8) {}
+        fn return_message(&mut self, wait_ns: u64) -> ReturnEvent {
+            if wait_ns == 0 {
+                return ReturnEvent::Nothing;
+            }
+            self.after_end += 1;
+            ReturnEvent::Message(ReturnMessage::Request(PageRequest {
+                block: 0,
+                first: 0,
+                count: 1,
+            }))
+        }
+    }
+    let src = List::new();
+    blocks(&src, 0x11);
+    let mut host = NeverAcks { after_end: 0 };
+    let mut buf = vec![0u8; 64 * PAGE as usize];
+    let cfg = PrecopyConfig {
+        downtime_limit_ns: 0,
+        postcopy_after: Some(0),
+        ..PrecopyConfig::default()
+    };
+    let result = migrate(
+        &src,
+        &mut SoftwareOnly,
+        &mut Vec::new(),
+        &mut IoStream(std::io::empty()),
+        &mut host,
+        cfg,
+        &mut buf,
+    );
+    assert!(
+        matches!(result, Err(MigrateError::PostcopyLost)),
+        "{result:?}"
+    );
+    let bound = late_request_bound([RAM_PAGES * PAGE, HUGEPAGES * HUGE].into_iter());
+    assert_eq!(
+        host.after_end,
+        bound + 1,
+        "read up to the bound, not forever"
+    );
+}

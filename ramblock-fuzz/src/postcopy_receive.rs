@@ -1,8 +1,8 @@
 //! The post-copy part of the receiver (Discard, Postcopy, placement,
-//! hugepage assembly) against [`receive_model`](crate::receive_model).
+//! hugepage assembly) against [`crate::receive_model`].
 //!
 //! An input is one stream for the destination of
-//! [`receive_model::LAYOUT`](crate::receive_model::LAYOUT): a good header
+//! [`crate::receive_model::LAYOUT`]: a good header
 //! and table, optionally every page sent once in pre-copy (so a verified
 //! end is within reach), then an operation list encoded as records with
 //! small indices, pages and counts, so records collide: discards, the

@@ -1,4 +1,4 @@
-//! The resume path against [`receive_model`](crate::receive_model): the
+//! The resume path against [`crate::receive_model`]: the
 //! resume header and block table on the destination, and the received map
 //! it sends back, read by the source.
 //!
@@ -7,7 +7,7 @@
 //! that try to resume it: a resume or a new header, the original table or
 //! one with entries reordered, renamed, resized, with other page sizes or
 //! flags, left out or added, then operations (as in
-//! [`postcopy_receive`](crate::postcopy_receive)) and a cut. Every check of
+//! [`crate::postcopy_receive`]) and a cut. Every check of
 //! [`check_streams`](crate::receive_model::check_streams) applies; and
 //! each received map the destination sent back is read by the source's
 //! reader over a list of the same blocks: it must report exactly the pages

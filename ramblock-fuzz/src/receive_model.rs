@@ -1,6 +1,6 @@
 //! A model of the receiving side once post-copy is in play, shared by the
-//! [`postcopy_receive`](crate::postcopy_receive) and
-//! [`postcopy_resume`](crate::postcopy_resume) targets.
+//! [`crate::postcopy_receive`] and
+//! [`crate::postcopy_resume`] targets.
 //!
 //! The destination is a fixed list whose memory starts filled with a guard
 //! pattern (no page is zero):
@@ -18,7 +18,7 @@
 //! order; a resumed table equal to the original) and predicts the outcome
 //! (the summary, or the error's [`ReceiveError::code`]), what memory holds,
 //! which pages are received, what the ledger vouches for and every
-//! placement. [`Harness`] runs the real [`Receiver`] (with a ledger and a
+//! placement. [`check_streams`] runs the real [`Receiver`] (with a ledger and a
 //! hugepage buffer) over the same bytes into real blocks through a target
 //! that places pages the way userfaultfd does: a page already present is
 //! kept, and placing over one is a finding. Streams follow each other on

@@ -240,23 +240,20 @@ impl<'b> Receiver<'b> {
                 ledger.reserve(index, slot.used_pages);
             }
         }
-        match (resumed, self.postcopy) {
-            (false, false) => {
-                self.summary = ReceiveSummary::default();
-                self.original
-                    .remember(table.iter().map(|s| (s.addr, s.entry)));
+        // read_table let a resumed stream through only to a post-copy
+        // waiting for one, and a new stream only when none waits.
+        if resumed {
+            // A hugepage half assembled when the connection broke was
+            // not placed, so the received map asks for all of it again.
+            self.assembly.abandon();
+            if let Some(t) = target.as_deref_mut() {
+                t.resumed().map_err(ReceiveError::Host)?;
             }
-            (true, true) => {
-                // A hugepage half assembled when the connection broke was
-                // not placed, so the received map asks for all of it again.
-                self.assembly.abandon();
-                if let Some(t) = target.as_deref_mut() {
-                    t.resumed().map_err(ReceiveError::Host)?;
-                }
-                events(ReceiveEvent::Resumed);
-            }
-            // read_table refused both.
-            (false, true) | (true, false) => unreachable!("checked with the header"),
+            events(ReceiveEvent::Resumed);
+        } else {
+            self.summary = ReceiveSummary::default();
+            self.original
+                .remember(table.iter().map(|s| (s.addr, s.entry)));
         }
         let mut session = Session {
             rx: self,

@@ -187,8 +187,10 @@ pub struct Model {
     pub used: Vec<u64>,
     /// Each block's received map (post-copy pages).
     pub received: Vec<Vec<bool>>,
-    /// The ledger, by table index (= block index here): page digests.
+    /// The ledger, by table index: page digests.
     pub ledger: Vec<BTreeMap<u64, u64>>,
+    /// The blocks of the last table read, in table order.
+    pub last_table: Vec<usize>,
     /// Post-copy started and has not ended.
     pub postcopy: bool,
     /// The table post-copy started with: block and entry.
@@ -224,7 +226,8 @@ impl Default for Model {
                 .iter()
                 .map(|s| vec![false; s.postcopy as usize])
                 .collect(),
-            ledger: vec![BTreeMap::new(); LAYOUT.len()],
+            ledger: vec![BTreeMap::new(); CAPACITY],
+            last_table: Vec::new(),
             postcopy: false,
             original: Vec::new(),
             assembly: None,
@@ -283,6 +286,11 @@ impl Model {
     pub fn receive(&mut self, data: &[u8]) -> Result<ReceiveSummary, u32> {
         let mut r = Cursor(data);
         let (table, resumed) = self.read_table(&mut r)?;
+        self.last_table = table.iter().map(|s| s.block).collect();
+        if !resumed {
+            // A new stream starts from an empty ledger.
+            self.ledger.iter_mut().for_each(BTreeMap::clear);
+        }
         if resumed {
             self.assembly = None;
             let missing = (0..LAYOUT.len())
@@ -479,7 +487,7 @@ impl Model {
         if !self.postcopy {
             let at = first as usize * PAGE;
             self.memory[b][at..at + len].copy_from_slice(&data);
-            self.record(b, first, &data);
+            self.record(index as usize, first, &data);
             self.mark(b, first, count, true);
         } else {
             let s = LAYOUT[b];
@@ -490,9 +498,9 @@ impl Model {
                 return Err(31);
             }
             if s.per_host == 1 {
-                self.place(b, first, &data, !is_pages);
+                self.place(b, index as usize, first, &data, !is_pages);
             } else {
-                self.assemble(b, first, count, &data)?;
+                self.assemble(b, index as usize, first, count, &data)?;
             }
         }
         if is_pages {
@@ -505,19 +513,26 @@ impl Model {
 
     /// Places whole host pages (after the checks): memory, received map,
     /// ledger and the placement list.
-    fn place(&mut self, b: usize, first: u64, data: &[u8], zero: bool) {
+    fn place(&mut self, b: usize, index: usize, first: u64, data: &[u8], zero: bool) {
         let at = first as usize * PAGE;
         self.memory[b][at..at + data.len()].copy_from_slice(data);
         let pages = (data.len() / PAGE) as u64;
         self.mark(b, first, pages, true);
-        self.record(b, first, data);
+        self.record(index, first, data);
         self.summary.postcopy_pages += pages;
         self.placements
             .push((b, at as u64, data.len() as u64, zero));
     }
 
     /// Adds a run to the hugepage being assembled.
-    fn assemble(&mut self, b: usize, first: u64, count: u64, data: &[u8]) -> Result<(), u32> {
+    fn assemble(
+        &mut self,
+        b: usize,
+        index: usize,
+        first: u64,
+        count: u64,
+        data: &[u8],
+    ) -> Result<(), u32> {
         let per = LAYOUT[b].per_host;
         let (mut page, mut done) = (first, 0u64);
         while done < count {
@@ -546,7 +561,8 @@ impl Model {
             page += n;
             if at.filled == per {
                 // Placed as data, zeros or not.
-                self.place(b, start, &at.buf, false);
+                let buf = std::mem::take(&mut at.buf);
+                self.place(b, index, start, &buf, false);
             } else {
                 self.assembly = Some(at);
             }
@@ -582,7 +598,7 @@ impl Model {
         self.memory[b][first as usize * PAGE..end as usize * PAGE].fill(0);
         self.mark(b, first, count, false);
         let zeros = vec![0u8; count as usize * PAGE];
-        self.record(b, first, &zeros);
+        self.record(index as usize, first, &zeros);
         self.summary.discarded += count;
         Ok(())
     }
@@ -801,23 +817,26 @@ pub fn check_streams(streams: &[Vec<u8>]) -> Result<(Model, Real), Mismatch> {
         )?;
     }
     drop(view);
-    // The ledger vouches for what memory holds wherever it vouches at all.
-    for (b, s) in LAYOUT.iter().enumerate() {
-        for (&p, &d) in model.ledger[b].range(..model.used[b]) {
+    // The ledger (by table position) vouches for what memory holds
+    // wherever it vouches at all, and agrees with the model's.
+    for (i, &b) in model.last_table.iter().enumerate() {
+        for (&p, &d) in model.ledger[i].range(..model.used[b]) {
             let page = &model.memory[b][p as usize * PAGE..][..PAGE];
             same(
                 None,
-                format_args!("{} ledger digest of page {p}", s.name),
+                format_args!("ledger digest of page {p} at table position {i}"),
                 d,
                 page_digest(p, page),
             )?;
         }
-        let pages = model.used[b];
+    }
+    for i in 0..CAPACITY {
+        let pages = LAYOUT.iter().map(|s| s.max).max().unwrap_or(0);
         same(
             None,
-            format_args!("{} ledger checksum", s.name),
-            ramblock_core::checksum::PageLedger::checksum(&ledger, b, pages),
-            model.ledger_checksum(b, pages),
+            format_args!("ledger checksum at table position {i}"),
+            ramblock_core::checksum::PageLedger::checksum(&ledger, i, pages),
+            model.ledger_checksum(i, pages),
         )?;
     }
     Ok((

@@ -181,9 +181,8 @@ impl<'b> Receiver<'b> {
 
     /// Records every page written in `ledger` and verifies the end
     /// checksums from it: nothing is read back from memory while the source
-    /// guest is paused. The ledger must start empty (or hold only what an
-    /// earlier, failed receive recorded: a new stream's first pass records
-    /// every page again).
+    /// guest is paused. Each new stream empties it first (a resumed one
+    /// keeps it), since it is indexed by table position.
     pub fn with_ledger(mut self, ledger: &'b mut dyn PageLedger) -> Self {
         self.ledger = Some(ledger);
         self
@@ -236,6 +235,16 @@ impl<'b> Receiver<'b> {
         let waiting = self.postcopy.then_some(&self.original);
         let (table, resumed) = Self::read_table(list, r, waiting)?;
         if let Some(ledger) = self.ledger.as_deref_mut() {
+            if !resumed {
+                // The ledger is indexed by table position: what an earlier
+                // stream recorded may belong to another block in this
+                // stream's table, and would vouch for pages this stream
+                // never sent. A new stream starts from an empty ledger
+                // (its first pass records every page anyway).
+                for index in 0..N {
+                    ledger.truncate(index, 0);
+                }
+            }
             for (index, slot) in table.iter().enumerate() {
                 ledger.reserve(index, slot.used_pages);
             }

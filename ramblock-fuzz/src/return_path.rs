@@ -35,7 +35,7 @@ use ramblock_core::buffer::{BufferError, BufferMemory};
 use ramblock_core::dirty_log::SoftwareOnly;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
-use ramblock_core::migrate::postcopy::{late_request_bound, REQUESTS_PER_BACKGROUND};
+use ramblock_core::migrate::postcopy::REQUESTS_PER_BACKGROUND;
 use ramblock_core::migrate::{
     migrate, MigrateError, MigrationHost, PostcopyStats, PostcopyTarget, PrecopyConfig, Receiver,
     ReturnEvent,
@@ -505,18 +505,10 @@ impl Engine {
             self.pc.background_pages += self.send(b, start, end);
             self.cursor = (b, end);
         }
-        let most_late = late_request_bound(BLOCKS.iter().map(|b| b.1 * PAGE as u64));
-        let mut late = 0;
         loop {
             match self.event() {
                 Event::Nothing => {}
-                Event::Request(_) => {
-                    self.pc.requests += 1;
-                    late += 1;
-                    if late > most_late {
-                        return Err(Stop::Broken);
-                    }
-                }
+                Event::Request(_) => self.pc.requests += 1,
                 Event::AckOk => return Ok(()),
                 Event::AckErr(c) => return Err(Stop::Fatal(Outcome::Refused(c))),
                 Event::Closed => return Err(Stop::Broken),

@@ -24,10 +24,7 @@
 //! whose pages were all sent already costs a look at the dirty bitmap: no
 //! write, no flush, no move of the background cursor. The engine keeps no
 //! queue of its own; the host's return path decides how many requests wait
-//! (the program's is bounded). After its end record the engine waits for
-//! the acknowledgement; a destination that sends more requests than
-//! [`late_request_bound`] instead is treated as a broken connection
-//! (resumed, or the migration is lost), not waited for forever.
+//! (the program's is bounded).
 //!
 //! **Recovery.** If the connection breaks, nothing is lost: the source's
 //! bitmaps and ledger stay as they are, [`MigrationHost::reconnect`] gets a
@@ -59,15 +56,6 @@ const ACK_POLL_NS: u64 = 100_000_000;
 /// [`MAX_RUN_PAGES`] pages, so background pages make up at least a share
 /// of roughly one in this many runs sent).
 pub const REQUESTS_PER_BACKGROUND: usize = 32;
-
-/// Most requests the engine reads after its end record while it waits for
-/// the acknowledgement: four per target page of the table (several vCPUs
-/// may fault on one page) and a batch. Past it the connection counts as
-/// broken.
-pub fn late_request_bound(used_lengths: impl Iterator<Item = u64>) -> u64 {
-    let pages: u64 = used_lengths.map(|l| l >> TARGET_PAGE_SHIFT).sum();
-    pages.saturating_mul(4) + REQUESTS_PER_BACKGROUND as u64
-}
 
 /// Pages `start..end` of table block `index` (`(index, start, end)`).
 type Span = (usize, usize, usize);
@@ -174,22 +162,11 @@ impl<
         }
         self.write_end().map_err(broken_on_write)?;
         self.out.flush().map_err(|_| Stop::Broken)?;
-        let mut late = 0u64;
-        let most_late = late_request_bound(self.table.iter().map(|s| s.used_length));
         loop {
             match self.host.return_message(ACK_POLL_NS) {
                 ReturnEvent::Nothing => {}
                 // Everything is on its way: late requests need no answer.
-                // But a destination cannot wait for more pages than there
-                // are: one that keeps asking instead of acknowledging is
-                // treated as a broken connection, not waited for forever.
-                ReturnEvent::Message(ReturnMessage::Request(_)) => {
-                    pc.requests += 1;
-                    late += 1;
-                    if late > most_late {
-                        return Err(Stop::Broken);
-                    }
-                }
+                ReturnEvent::Message(ReturnMessage::Request(_)) => pc.requests += 1,
                 ReturnEvent::Message(ReturnMessage::Ack(Ok(()))) => return Ok(()),
                 ReturnEvent::Message(ReturnMessage::Ack(Err(code))) => {
                     return Err(Stop::Fatal(MigrateError::Refused(code)))

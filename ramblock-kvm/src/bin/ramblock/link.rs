@@ -157,6 +157,9 @@ pub struct Link {
     addr: String,
     current: Rc<RefCell<Current>>,
     events: Option<Events>,
+    /// When the engine started waiting for the acknowledgement on this
+    /// connection (it is the only caller that waits).
+    ack_since: Option<Instant>,
     breaks: Option<Breaks>,
     resume: bool,
 }
@@ -177,6 +180,7 @@ impl Link {
                 addr,
                 current,
                 events: None,
+                ack_since: None,
                 breaks,
                 resume,
             },
@@ -203,6 +207,16 @@ impl Link {
 
     /// The next return-path event, waiting up to `wait`.
     pub fn next_event(&mut self, wait: Duration) -> ReturnEvent {
+        if !wait.is_zero() {
+            // Waiting for the acknowledgement: a destination that keeps
+            // sending requests instead is never silent, so the read timeout
+            // never fires; the wait as a whole is bounded the same.
+            let since = *self.ack_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > RETURN_TIMEOUT {
+                eprintln!("post-copy: no acknowledgement within {RETURN_TIMEOUT:?}");
+                return ReturnEvent::Closed;
+            }
+        }
         let Some(Events { rx, queued }) = &self.events else {
             return ReturnEvent::Closed;
         };
@@ -228,6 +242,7 @@ impl Link {
     /// [`RESUME_TIMEOUT`].
     pub fn reconnect(&mut self) -> bool {
         self.events = None;
+        self.ack_since = None;
         if !self.resume {
             return false;
         }

@@ -26,6 +26,7 @@ use ramblock_core::block::BlockSpec;
 use ramblock_core::buffer::BufferError;
 use ramblock_core::checksum::{Checksum, Ledger};
 use ramblock_core::dirty_log::SoftwareOnly;
+use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
 use ramblock_core::migrate::receiver::{
     send_ack, ReceiveError, ReceiveEvent, ReceiveSummary, Receiver, BOUNCE_BYTES,
@@ -1889,6 +1890,252 @@ fn a_hugepage_block_needs_a_large_enough_assembly_buffer() {
         );
         assert!(target.starts.is_empty(), "the guest did not start");
         assert!(!in_postcopy);
+    }
+}
+
+/// The attack: a `Discard` in a stream that never switched to post-copy
+/// zeroed pages the end checksum (or a ledger) vouched for. Discards come
+/// only just before the `Postcopy` record: anything else after one is out
+/// of place.
+#[test]
+fn a_discard_not_followed_by_postcopy_is_out_of_place() {
+    for (next, name) in [
+        (Record::End { count: 3 }, "end"),
+        (
+            Record::Zero {
+                block: BAD_RAM,
+                first: 3,
+                count: 1,
+            },
+            "zero",
+        ),
+        (
+            Record::Sync {
+                pass: 1,
+                remaining: 0,
+            },
+            "sync",
+        ),
+    ] {
+        let list = bad_dest();
+        let mut s = vec![];
+        table(&mut s, false);
+        record(
+            &mut s,
+            Record::Discard {
+                block: BAD_RAM,
+                first: 3,
+                count: 1,
+            },
+        );
+        record(&mut s, next);
+        s.extend_from_slice(&checksums(|_, _| GUARD));
+        let (result, target, in_postcopy) = receive_one(&list, &s);
+        assert_eq!(
+            result.unwrap_err(),
+            ReceiveError::OutOfPlace {
+                record: name,
+                why: "only discards and the post-copy record may follow a discard",
+            },
+            "{next:?}"
+        );
+        assert!(target.starts.is_empty() && !in_postcopy);
+    }
+}
+
+/// The attack: after the switch, a `Pages` record for a page already
+/// present was recorded in the ledger while userfaultfd kept the old page,
+/// so the receive verified memory it did not hold. A page is placed once;
+/// a second record for it is refused (re-placing it would also undo what
+/// the guest, running here, wrote to it since).
+#[test]
+fn a_page_placed_twice_after_the_switch_is_refused() {
+    // (page placed after the switch first, then the record that repeats a
+    // present page): a page placed in post-copy, and a page that arrived
+    // in pre-copy and was never discarded.
+    for (again, is_zero) in [(3, false), (3, true), (5, false)] {
+        let list = bad_dest();
+        let mut s = vec![];
+        table(&mut s, false);
+        all_pages(&mut s, |_, _| 0x11);
+        record(
+            &mut s,
+            Record::Discard {
+                block: BAD_RAM,
+                first: 3,
+                count: 1,
+            },
+        );
+        record(&mut s, Record::Postcopy { state_len: 0 });
+        pages(&mut s, BAD_RAM, 3, 1, |_| 0x22);
+        if is_zero {
+            record(
+                &mut s,
+                Record::Zero {
+                    block: BAD_RAM,
+                    first: again,
+                    count: 1,
+                },
+            );
+        } else {
+            pages(&mut s, BAD_RAM, again, 1, |_| 0x33);
+        }
+        let (result, target, _) = receive_one(&list, &s);
+        assert_eq!(
+            result.unwrap_err(),
+            ReceiveError::AlreadyPlaced {
+                name: bn("ram"),
+                page: again,
+            },
+            "page {again}, zero: {is_zero}"
+        );
+        assert_eq!(
+            target.placed,
+            vec![("ram".to_string(), 3 * PAGE, PAGE)],
+            "placed once"
+        );
+        let mut page = vec![0u8; PAGE as usize];
+        let view = list.read();
+        view.by_name("ram")
+            .unwrap()
+            .read(ByteLen(again * PAGE), &mut page)
+            .unwrap();
+        let want = if again == 3 { 0x22 } else { 0x11 };
+        assert!(
+            page.iter().all(|&b| b == want),
+            "memory kept the first copy"
+        );
+    }
+}
+
+/// A table entry for `table_of`: name, used length, page size, flags.
+type Entry = (&'static str, u64, u64, u32);
+
+fn table_of(out: &mut Vec<u8>, resume: bool, entries: &[Entry]) {
+    let header = Header::new(entries.len() as u32);
+    if resume {
+        header.write_resume(&TOKEN, out).unwrap();
+    } else {
+        header.write(out).unwrap();
+    }
+    for &(name, used_length, page_size, flags) in entries {
+        TableEntry {
+            used_length,
+            page_size,
+            flags,
+        }
+        .write(name, out)
+        .unwrap();
+    }
+}
+
+/// The attack: a resumed table was matched by name only, so it could
+/// reorder the table under the ledger, resize a resizable block during
+/// post-copy or add a block userfaultfd never registered. It must repeat
+/// the original exactly; each difference is refused before anything
+/// changes, and the post-copy still waits for a good resume.
+#[test]
+fn a_resumed_table_that_differs_from_the_original_is_refused() {
+    let list = bad_dest();
+    // A resizable block, so the attack's resize has something to resize.
+    add_buffer_block(
+        &list,
+        BlockSpec::new(bn("grow"), ByteLen(8 * PAGE)).resizable(ByteLen(16 * PAGE)),
+        GUARD,
+    );
+    let flags = BlockFlags::MIGRATABLE.bits();
+    let original: [Entry; 4] = [
+        ("ram", 16 * PAGE, PAGE, flags),
+        ("huge", 2 * HUGE, HUGE, flags),
+        ("short", 16 * PAGE, PAGE, flags),
+        ("grow", 8 * PAGE, PAGE, flags | BlockFlags::RESIZABLE.bits()),
+    ];
+    let mut broken = vec![];
+    table_of(&mut broken, false, &original);
+    record(&mut broken, Record::Postcopy { state_len: 0 });
+    let mut resumes = vec![broken];
+    let mut expected = vec![Err(ReceiveError::Truncated)];
+    let mut bad = |entries: Vec<Entry>, index: u32, what: &'static str| {
+        let mut s = vec![];
+        table_of(&mut s, true, &entries);
+        resumes.push(s);
+        expected.push(Err(ReceiveError::ResumeTableMismatch { index, what }));
+    };
+    // Reordered.
+    bad(
+        vec![original[1], original[0], original[2], original[3]],
+        0,
+        "block",
+    );
+    // A resizable block resized.
+    let mut grown = original;
+    grown[3].1 = 16 * PAGE;
+    bad(grown.to_vec(), 3, "used length");
+    // Another page size (the destination's matches, so only the original
+    // tells).
+    let mut paged = original;
+    paged[0].2 = HUGE;
+    bad(paged.to_vec(), 0, "page size");
+    // Other flags.
+    let mut flagged = original;
+    flagged[2].3 = 0;
+    bad(flagged.to_vec(), 2, "flags");
+    // A block left out, a block added.
+    bad(original[..3].to_vec(), 3, "block count");
+    let mut more = original.to_vec();
+    more.push(("extra", PAGE, PAGE, 0));
+    bad(more, 4, "block count");
+    // The original itself resumes.
+    let mut good = vec![];
+    table_of(&mut good, true, &original);
+    resumes.push(good);
+    expected.push(Err(ReceiveError::Truncated));
+    let streams: Vec<&[u8]> = resumes.iter().map(|s| s.as_slice()).collect();
+    let (results, target, in_postcopy) = receive_streams(&list, &streams, false, HUGE as usize);
+    assert_eq!(results, expected);
+    assert_eq!(target.resumes, 1, "only the original resumed");
+    assert!(in_postcopy, "the post-copy still waits");
+    let view = list.read();
+    assert_eq!(
+        view.by_name("grow").unwrap().used_length(),
+        ByteLen(8 * PAGE),
+        "nothing was resized"
+    );
+}
+
+/// The attack: a post-copy run that started a new hugepage silently
+/// dropped the one half assembled, whose pages were then never placed.
+#[test]
+fn a_hugepage_left_half_assembled_is_refused() {
+    // Runs: the first half of hugepage 0, then hugepage 1 of the same
+    // block, or a run that starts hugepage 0 again.
+    for (next, first_next) in [(PER_HUGE, 64u32), (0, 64)] {
+        let list = bad_dest();
+        let mut s = vec![];
+        table(&mut s, false);
+        all_pages(&mut s, |_, _| GUARD);
+        record(
+            &mut s,
+            Record::Discard {
+                block: BAD_HUGE,
+                first: 0,
+                count: 2 * PER_HUGE as u32,
+            },
+        );
+        record(&mut s, Record::Postcopy { state_len: 0 });
+        pages(&mut s, BAD_HUGE, 0, 64, |_| 0x77);
+        pages(&mut s, BAD_HUGE, next, first_next, |_| 0x78);
+        let (result, target, _) = receive_one(&list, &s);
+        assert_eq!(
+            result.unwrap_err(),
+            ReceiveError::HugepageIncomplete {
+                name: bn("huge"),
+                first: 0,
+                arrived: 64,
+            },
+            "then {next}..+{first_next}"
+        );
+        assert!(target.placed.is_empty(), "no hugepage was placed");
     }
 }
 

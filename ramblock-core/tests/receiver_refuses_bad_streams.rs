@@ -500,11 +500,12 @@ fn a_ledger_verifies_what_was_received_and_a_fresh_destination_still_clears_writ
     ));
 }
 
-/// A `Discard` in a stream that never goes to post-copy leaves the pages
-/// zero; the ledger records them as zero, so an end checksum that vouches
-/// for their earlier content fails instead of passing with wrong memory.
+/// A `Discard` in a stream that never goes to post-copy would zero pages
+/// the end checksum vouches for (the attack: a receive with a ledger ended
+/// `Ok` with wrong memory). A receive that does not do post-copy now
+/// refuses the discard itself, before touching memory.
 #[test]
-fn a_discard_that_is_never_resent_fails_ledger_verification() {
+fn a_discard_outside_postcopy_is_out_of_place() {
     let good = verified_fresh_stream();
     // The same stream with page 3 discarded just before the end.
     let end_at = good.len() - 8 - Record::End { count: 1 }.wire_len();
@@ -533,10 +534,17 @@ fn a_discard_that_is_never_resent_fails_ledger_verification() {
     result.unwrap();
     assert_eq!(bytes, [0x11, 0, 0, 0x11, 0, 0, 0, 0]);
     let (result, bytes) = run(&discarding);
-    assert_eq!(bytes, [0x11, 0, 0, 0, 0, 0, 0, 0], "page 3 was discarded");
-    assert!(
-        matches!(result, Err(ReceiveError::ChecksumMismatch { .. })),
-        "{result:?}"
+    assert_eq!(
+        result.unwrap_err(),
+        ReceiveError::OutOfPlace {
+            record: "discard",
+            why: "a discard only comes just before post-copy, which this receive does not do",
+        }
+    );
+    assert_eq!(
+        bytes,
+        [0x11, 0, 0, 0x11, 0, 0, 0, 0],
+        "page 3 was not discarded"
     );
 }
 
@@ -600,5 +608,77 @@ fn payloads_read_in_place_and_staged_leave_the_same_memory_at_every_cut() {
         want.iter()
             .map(|&(b, p, byte)| (b.to_string(), p, byte, true))
             .collect::<Vec<_>>()
+    );
+}
+
+/// Found by the `postcopy_resume` fuzz target: the ledger is indexed by
+/// table position, and a second stream on the same receiver with the
+/// table reordered verified against what the first stream recorded for
+/// another block, so its end could vouch for contents the blocks do not
+/// hold. A new stream now starts from an empty ledger.
+#[test]
+fn a_new_stream_cannot_verify_with_the_previous_streams_ledger() {
+    use ramblock_core::checksum::Checksum;
+    let list = List::new();
+    for name in ["a", "b"] {
+        add_buffer_block(
+            &list,
+            BlockSpec::new(BlockName::new(name).unwrap(), ByteLen(PAGE)),
+            0,
+        );
+    }
+    let sum_of = |byte: u8| {
+        let page = vec![byte; PAGE as usize];
+        let mut mem = page.clone();
+        let m = ramblock_core::buffer::BufferMemory::new(
+            &mut mem[..],
+            ByteLen(PAGE),
+            ramblock_core::addr::PageSize::SIZE_4K,
+        )
+        .unwrap();
+        Checksum::of_region(&ramblock_core::host::HostMemory::region(&m), PAGE).unwrap()
+    };
+    let stream = |order: [&str; 2], pages: &[(u32, u8)], sums: [u8; 2]| {
+        let mut s = vec![];
+        Header::new(2).write(&mut s).unwrap();
+        for name in order {
+            TableEntry {
+                used_length: PAGE,
+                page_size: PAGE,
+                flags: BlockFlags::MIGRATABLE.bits(),
+            }
+            .write(name, &mut s)
+            .unwrap();
+        }
+        for &(block, byte) in pages {
+            Record::Pages {
+                block,
+                first: 0,
+                count: 1,
+            }
+            .write(&mut s)
+            .unwrap();
+            s.extend(std::iter::repeat_n(byte, PAGE as usize));
+        }
+        Record::End { count: 2 }.write(&mut s).unwrap();
+        for byte in sums {
+            s.extend_from_slice(&sum_of(byte).to_le_bytes());
+        }
+        s
+    };
+    let mut bounce = vec![0u8; BOUNCE_BYTES];
+    let mut ledger = Ledger::new();
+    let mut rx = Receiver::new(&mut bounce).unwrap().with_ledger(&mut ledger);
+    // "a" gets 0x11, "b" 0x22: verified.
+    let first = stream(["a", "b"], &[(0, 0x11), (1, 0x22)], [0x11, 0x22]);
+    rx.receive(&list, &mut SliceReader::new(&first), |_| {})
+        .unwrap();
+    // The table reordered, nothing sent, an end claiming "b" holds 0x11
+    // and "a" 0x22: what the old ledger held at those positions.
+    let second = stream(["b", "a"], &[], [0x11, 0x22]);
+    let result = rx.receive(&list, &mut SliceReader::new(&second), |_| {});
+    assert!(
+        matches!(result, Err(ReceiveError::ChecksumMismatch { .. })),
+        "{result:?}"
     );
 }

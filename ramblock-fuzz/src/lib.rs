@@ -15,6 +15,9 @@
 //! | [`stream_decode`] | the stream `Receiver` fed arbitrary bytes | a byte-by-byte model receiver over guard-filled memory |
 //! | [`stream_roundtrip`] | `migrate::migrate` then `Receiver` | the source's memory |
 //! | [`snapshot_meta`] | the snapshot metadata parser `Meta::parse` | a naive reader written from the format document |
+//! | [`postcopy_receive`] | `Receiver::receive_postcopy`: Discard, Postcopy, placement, hugepage assembly | [`receive_model`]: memory, received map, ledger, placements |
+//! | [`postcopy_resume`] | resumed streams (header, table) and the received map read back by the source | [`receive_model`], and the missing pages it predicts |
+//! | [`return_path`] | the source engine reading page requests, acks and received maps | a model of the engine's post-copy loop |
 //!
 //! Each module has `check(&Input) -> Result<(), Mismatch>` (the model run)
 //! and `fuzz(&[u8])` (bytes to input, check, panic with a reproducer: the
@@ -55,7 +58,11 @@
 pub mod bitmap;
 pub mod clear_map;
 pub mod generate;
+pub mod postcopy_receive;
+pub mod postcopy_resume;
 pub mod ram_list;
+pub mod receive_model;
+pub mod return_path;
 pub mod snapshot_meta;
 pub mod stream_decode;
 pub mod stream_roundtrip;

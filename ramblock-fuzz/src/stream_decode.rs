@@ -317,26 +317,13 @@ fn model_receive(
                 return Ok(summary);
             }
             6 => {
-                // Discard: the same checks as a run (no length cap), then
-                // the block's post-copy length (its used length when the
-                // list was made); the pages read as zero afterwards.
-                let (index, first, count) = (r.u32()?, r.u64()?, r.u32()?);
-                after_state(state)?;
-                let slot = table.get(index as usize).ok_or(13u32)?;
-                if count == 0 {
-                    return Err(14);
-                }
-                let end = first.checked_add(u64::from(count)).ok_or(15u32)?;
-                if end > slot.used_pages {
-                    return Err(16);
-                }
-                if end > LAYOUT[slot.block].1 {
-                    return Err(26);
-                }
-                let mem = &mut blocks[slot.block].memory;
-                mem[first as usize * PAGE..end as usize * PAGE].fill(0);
-                summary.discarded += u64::from(count);
-                touched.extend((first..end).map(|p| (slot.block, p)));
+                // Discard: read whole, then refused: a plain receive does
+                // not do post-copy, and a discard only comes just before
+                // it (nothing is discarded).
+                r.u32()?;
+                r.u64()?;
+                r.u32()?;
+                return Err(23);
             }
             7 => {
                 // Post-copy: this destination (plain `receive`) refuses it

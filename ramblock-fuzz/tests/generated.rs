@@ -147,3 +147,141 @@ fn receiver_matches_its_model_on_streams_with_sections() {
         );
     }
 }
+
+/// The post-copy receiver against its model: every outcome code the model
+/// can predict shows up, and clean ends too.
+#[test]
+fn postcopy_receiver_matches_its_model_on_generated_inputs() {
+    use ramblock_fuzz::postcopy_receive;
+    let mut codes = std::collections::BTreeSet::new();
+    for (case, data) in generate::inputs(0x9057_C0B7, 1500, 300).enumerate() {
+        let outcome = ramblock_fuzz::try_bytes(&data, |i: &postcopy_receive::Input| {
+            postcopy_receive::check(i).map(|o| {
+                codes.insert(o.err());
+            })
+        });
+        if let Err(m) = outcome {
+            let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+            panic!("case {case}: {m}\nbytes: {hex}");
+        }
+    }
+    println!("outcomes seen: {codes:?}");
+    assert!(codes.len() >= 10, "outcomes seen: {codes:?}");
+}
+
+#[test]
+fn postcopy_resume_matches_its_model_on_generated_inputs() {
+    use ramblock_fuzz::{postcopy_resume, receive_model};
+    let (mut resumed, mut codes) = (0, std::collections::BTreeSet::new());
+    generate::run(0x2E5_0BE, 300, 400, |data| {
+        try_bytes(data, |i: &postcopy_resume::Input| {
+            postcopy_resume::check(i)?;
+            // Which paths the inputs took (the model agreed on them).
+            let (model, real) = receive_model::check_streams(&postcopy_resume::streams(i))?;
+            resumed += model.resumes.len();
+            codes.extend(real.outcomes.iter().skip(1).map(|o| o.err()));
+            Ok(())
+        })
+    })
+    .unwrap();
+    println!("resumes accepted: {resumed}; outcomes after the break: {codes:?}");
+    assert!(resumed > 0, "no resume was accepted");
+    assert!(
+        codes.contains(&Some(35)),
+        "no resumed table differed: {codes:?}"
+    );
+}
+
+/// The engine's reading of the return path against its model: successes
+/// (with and without resumes) and every kind of failure show up.
+#[test]
+fn return_path_matches_its_model_on_generated_inputs() {
+    use ramblock_fuzz::return_path::{self, Outcome};
+    let mut seen = std::collections::BTreeSet::new();
+    for (case, data) in generate::inputs(0x2E7_0A7, 1500, 200).enumerate() {
+        let outcome = ramblock_fuzz::try_bytes(&data, |i: &return_path::Input| {
+            return_path::check(i).map(|o| {
+                seen.insert(match o {
+                    Outcome::Done(pc) if pc.resumes > 0 => "resumed",
+                    Outcome::Done(_) => "done",
+                    Outcome::BadRequest(_) => "bad request",
+                    Outcome::BadAck => "bad ack",
+                    Outcome::Refused(_) => "refused",
+                    Outcome::Lost => "lost",
+                });
+            })
+        });
+        if let Err(m) = outcome {
+            let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+            panic!("case {case}: {m}\nbytes: {hex}");
+        }
+    }
+    println!("outcomes seen: {seen:?}");
+    assert!(seen.len() >= 3, "outcomes seen: {seen:?}");
+}
+
+/// Hand-made return paths reach what random bytes rarely do: an
+/// acknowledged migration (with and without a resume, and with a request
+/// answered), a refusal after the end, and a map that does not read.
+#[test]
+fn return_path_model_reaches_success_and_refusal() {
+    use ramblock_fuzz::return_path::{check, Connection, Input, Msg, Outcome};
+    use ramblock_fuzz::Ops;
+    let req = |block, first, count| Msg::Request {
+        block,
+        first,
+        count,
+    };
+    let conn = |corrupt, msgs| Connection {
+        ram_missing: 0b1010_0110,
+        huge_missing: 0b0100,
+        corrupt,
+        msgs,
+    };
+    let run = |first, resumes| {
+        check(&Input {
+            first,
+            resumes: Ops(resumes),
+        })
+        .unwrap()
+    };
+    // Each wait ends a batch of requests, and each batch is followed by a
+    // background chunk; once nothing is left the end goes out and the ack
+    // after the waits is read as the answer to it.
+    let waits = |n: usize, then: Msg| {
+        let mut v = vec![Msg::Wait; n];
+        v.push(then);
+        v
+    };
+    // Page 3 first, then the background from page 4 on: ram 4..24, huge,
+    // ram 0..3 after wrapping around, nothing.
+    let mut first = vec![req(0, 3, 1), req(0, 3, 1)];
+    first.extend(waits(4, Msg::Ok));
+    match run(first, vec![]) {
+        Outcome::Done(pc) => {
+            assert_eq!((pc.requests, pc.duplicate_requests, pc.resumes), (2, 1, 0));
+            assert_eq!(pc.requested_pages, 1);
+            assert_eq!(pc.requested_pages + pc.background_pages, 40);
+        }
+        other => panic!("{other:?}"),
+    }
+    match run(
+        vec![req(1, 5, 1)],
+        vec![
+            conn(Some((3, false)), vec![]),
+            conn(None, waits(3, Msg::Ok)),
+        ],
+    ) {
+        Outcome::Done(pc) => {
+            assert_eq!(pc.resumes, 1);
+            // The hugepage asked for went whole; the map that does not
+            // read made the engine reconnect; the good one named pages
+            // still to send (hugepage 1, sent, is not among them).
+            assert_eq!(pc.requested_pages, 4);
+            assert_eq!(pc.requested_pages + pc.background_pages, 40);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(run(waits(3, Msg::Refused(5)), vec![]), Outcome::Refused(5));
+    assert_eq!(run(vec![Msg::Ok], vec![]), Outcome::BadAck);
+}

@@ -2,7 +2,8 @@
 //! model, exactly as the fuzzer would run it.
 
 use ramblock_fuzz::{
-    bitmap, clear_map, files_in, ram_list, snapshot_meta, stream_decode, stream_roundtrip,
+    bitmap, clear_map, files_in, postcopy_receive, postcopy_resume, ram_list, return_path,
+    snapshot_meta, stream_decode, stream_roundtrip,
 };
 use std::path::Path;
 
@@ -59,4 +60,19 @@ fn stream_roundtrip_seeds() {
 #[test]
 fn snapshot_meta_seeds() {
     replay("snapshot_meta", snapshot_meta::fuzz);
+}
+
+#[test]
+fn postcopy_receive_seeds() {
+    replay("postcopy_receive", postcopy_receive::fuzz);
+}
+
+#[test]
+fn postcopy_resume_seeds() {
+    replay("postcopy_resume", postcopy_resume::fuzz);
+}
+
+#[test]
+fn return_path_seeds() {
+    replay("return_path", return_path::fuzz);
 }

@@ -16,6 +16,16 @@
 //! touch memory in order). With nothing left it writes the end record and
 //! waits for the acknowledgement.
 //!
+//! **A flooding destination.** Requests come first, but never all of them:
+//! after at most [`REQUESTS_PER_BACKGROUND`] requests the engine sends one
+//! background chunk (a host page, at least [`MAX_RUN_PAGES`] target pages)
+//! before it looks at the return path again, so a destination that asks
+//! without pause slows the migration down but cannot stop it. A request
+//! whose pages were all sent already costs a look at the dirty bitmap: no
+//! write, no flush, no move of the background cursor. The engine keeps no
+//! queue of its own; the host's return path decides how many requests wait
+//! (the program's is bounded).
+//!
 //! **Recovery.** If the connection breaks, nothing is lost: the source's
 //! bitmaps and ledger stay as they are, [`MigrationHost::reconnect`] gets a
 //! new connection, the engine sends a resume header and the block table,
@@ -39,6 +49,13 @@ use crate::stream::io::ByteWrite;
 /// How long one wait for the destination's acknowledgement lasts before
 /// the engine looks again (the host decides when a silent path is dead).
 const ACK_POLL_NS: u64 = 100_000_000;
+
+/// Requests answered at most between two background chunks: enough that a
+/// burst of faults is served before anything else, few enough that a flood
+/// of requests cannot starve the background (each chunk is at least
+/// [`MAX_RUN_PAGES`] pages, so background pages make up at least a share
+/// of roughly one in this many runs sent).
+pub const REQUESTS_PER_BACKGROUND: usize = 32;
 
 /// Pages `start..end` of table block `index` (`(index, start, end)`).
 type Span = (usize, usize, usize);
@@ -159,19 +176,27 @@ impl<
         }
     }
 
-    /// Sends the pages of every request waiting on the return path.
+    /// Sends the pages of the requests waiting on the return path, at most
+    /// [`REQUESTS_PER_BACKGROUND`] of them (the caller sends a background
+    /// chunk before it calls again). A request for pages that were all
+    /// sent already is counted and dropped: it writes nothing and leaves
+    /// the cursor where it is.
     fn answer_requests<E>(
         &mut self,
         cursor: &mut (usize, usize),
         pc: &mut PostcopyStats,
     ) -> StepResult<(), D::Error, W::Error, E> {
         let mut answered = false;
-        loop {
+        for _ in 0..REQUESTS_PER_BACKGROUND {
             match self.host.return_message(0) {
                 ReturnEvent::Nothing => break,
                 ReturnEvent::Message(ReturnMessage::Request(r)) => {
                     pc.requests += 1;
                     let (index, start, end) = self.request_range::<E>(r).map_err(Stop::Fatal)?;
+                    if !self.any_dirty(index, start, end) {
+                        pc.duplicate_requests += 1;
+                        continue;
+                    }
                     self.send_range::<E>(index, start, end, &mut pc.requested_pages)?;
                     *cursor = (index, end);
                     answered = true;
@@ -188,6 +213,19 @@ impl<
             self.out.flush().map_err(|_| Stop::Broken)?;
         }
         Ok(())
+    }
+
+    /// Whether any page in `start..end` of table block `index` is still to
+    /// be sent.
+    fn any_dirty(&self, index: usize, start: usize, end: usize) -> bool {
+        let view = self.list.read();
+        view.by_name(self.table[index].name.as_str())
+            .is_some_and(|b| {
+                b.migration()
+                    .bitmap
+                    .find_next_dirty(start)
+                    .is_some_and(|p| p < end)
+            })
     }
 
     /// The pages a request covers, widened to whole host pages and checked

@@ -60,6 +60,9 @@ pub struct PostcopyStats {
     pub discarded: u64,
     /// Page requests received.
     pub requests: u64,
+    /// Requests for pages all sent already (dropped at the cost of a look
+    /// at the dirty bitmap).
+    pub duplicate_requests: u64,
     /// Pages sent in answer to requests.
     pub requested_pages: u64,
     /// Pages sent in the background.

@@ -181,6 +181,34 @@ pub enum ReceiveError<E, H> {
         /// The VMM's own error code.
         code: u32,
     },
+    /// A resumed stream's block table differs from the one post-copy
+    /// started with (blocks, order, used lengths, page sizes, flags).
+    ResumeTableMismatch {
+        /// The first entry that differs (the original's count when the
+        /// counts differ).
+        index: u32,
+        /// What differs: "block count", "block", "used length", "page
+        /// size" or "flags".
+        what: &'static str,
+    },
+    /// After the switch, a record for a page already placed: memory keeps
+    /// the first copy, so the second is refused rather than recorded.
+    AlreadyPlaced {
+        /// The block.
+        name: BlockName,
+        /// The first such page.
+        page: u64,
+    },
+    /// A post-copy run started a new hugepage while another one was half
+    /// assembled: the source must send each hugepage whole, in order.
+    HugepageIncomplete {
+        /// The block of the hugepage left half assembled.
+        name: BlockName,
+        /// Its first target page.
+        first: u64,
+        /// Target pages of it that had arrived.
+        arrived: u64,
+    },
 }
 
 impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
@@ -239,6 +267,15 @@ impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
             DeviceStateOverLimit { total, limit } => write!(f, "device-state sections reach {total} bytes, over this destination's limit of {limit}"),
             SectionsUnsupported => f.write_str("the source sent device state, but this destination cannot load any"),
             SectionRefused { name, instance_id, code } => write!(f, "the VMM refused device-state section {name:?} instance {instance_id} (its code {code})"),
+            ResumeTableMismatch { index, what } => write!(
+                f,
+                "the resumed stream's block table differs from the original at entry {index} ({what}); a resumed stream must repeat it exactly"
+            ),
+            AlreadyPlaced { name, page } => write!(f, "post-copy record for page {page} of block {name:?}, which was placed already"),
+            HugepageIncomplete { name, first, arrived } => write!(
+                f,
+                "a new hugepage started while the one at page {first} of block {name:?} had only {arrived} target pages"
+            ),
         }
     }
 }
@@ -287,6 +324,9 @@ impl<E, H> ReceiveError<E, H> {
             DeviceStateOverLimit { .. } => 32,
             SectionsUnsupported => 33,
             SectionRefused { .. } => 34,
+            ResumeTableMismatch { .. } => 35,
+            AlreadyPlaced { .. } => 36,
+            HugepageIncomplete { .. } => 37,
         }
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod error;
 pub mod placement;
+mod resume;
 pub mod sections;
 
 pub use error::ReceiveError;
@@ -39,6 +40,7 @@ use crate::stream::io::{ByteRead, ByteWrite};
 use crate::stream::resume_token::ResumeToken;
 use core::fmt;
 use placement::Assembly;
+use resume::ResumeTable;
 
 /// What a completed receive did.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -75,10 +77,14 @@ pub enum ReceiveEvent {
     Resumed,
 }
 
-/// A table slot: the block's name and its used length in pages.
+/// A table slot: the block's name and its used length in pages, with the
+/// entry as the source sent it and the block's RAM address here (what a
+/// resumed stream's table must repeat).
 struct Slot {
     name: BlockName,
     used_pages: u64,
+    entry: TableEntry,
+    addr: u64,
 }
 
 /// How a block's checksum is computed: [`Checksum::of_region`], or a
@@ -95,6 +101,9 @@ pub struct Receiver<'b> {
     assembly: Assembly<'b>,
     /// Post-copy has started: the guest runs here, pages are placed.
     postcopy: bool,
+    /// The block table of the stream post-copy started in: a resumed
+    /// stream must send the same one.
+    original: ResumeTable,
     /// Counters of the receive in progress (kept across a resume).
     summary: ReceiveSummary,
     /// Where device-state sections go ([`Receiver::with_device_state`]).
@@ -158,6 +167,7 @@ impl<'b> Receiver<'b> {
             fresh: false,
             assembly: Assembly::default(),
             postcopy: false,
+            original: ResumeTable::default(),
             summary: ReceiveSummary::default(),
             sections: None,
             state_limit: DEFAULT_DEVICE_STATE_LIMIT,
@@ -192,9 +202,8 @@ impl<'b> Receiver<'b> {
 
     /// Records every page written in `ledger` and verifies the end
     /// checksums from it: nothing is read back from memory while the source
-    /// guest is paused. The ledger must start empty (or hold only what an
-    /// earlier, failed receive recorded: a new stream's first pass records
-    /// every page again).
+    /// guest is paused. Each new stream empties it first (a resumed one
+    /// keeps it), since it is indexed by table position.
     pub fn with_ledger(mut self, ledger: &'b mut dyn PageLedger) -> Self {
         self.ledger = Some(ledger);
         self
@@ -256,38 +265,38 @@ impl<'b> Receiver<'b> {
         mut events: impl FnMut(ReceiveEvent),
     ) -> Result2<ReceiveSummary, R, M> {
         let token = target.as_deref().and_then(|t| t.resume_token());
-        let (table, resumed) = Self::read_table(list, r, token)?;
+        let waiting = self.postcopy.then_some(&self.original);
+        let (table, resumed) = Self::read_table(list, r, token, waiting)?;
         if let Some(ledger) = self.ledger.as_deref_mut() {
+            if !resumed {
+                // The ledger is indexed by table position: what an earlier
+                // stream recorded may belong to another block in this
+                // stream's table, and would vouch for pages this stream
+                // never sent. A new stream starts from an empty ledger
+                // (its first pass records every page anyway).
+                for index in 0..N {
+                    ledger.truncate(index, 0);
+                }
+            }
             for (index, slot) in table.iter().enumerate() {
                 ledger.reserve(index, slot.used_pages);
             }
         }
-        match (resumed, self.postcopy) {
-            (false, false) => {
-                self.summary = ReceiveSummary::default();
-                self.state_bytes = 0;
+        // read_table let a resumed stream through only to a post-copy
+        // waiting for one, and a new stream only when none waits.
+        if resumed {
+            // A hugepage half assembled when the connection broke was
+            // not placed, so the received map asks for all of it again.
+            self.assembly.abandon();
+            if let Some(t) = target.as_deref_mut() {
+                t.resumed().map_err(ReceiveError::Host)?;
             }
-            (true, true) => {
-                // A hugepage half assembled when the connection broke was
-                // not placed, so the received map asks for all of it again.
-                self.assembly.abandon();
-                if let Some(t) = target.as_deref_mut() {
-                    t.resumed().map_err(ReceiveError::Host)?;
-                }
-                events(ReceiveEvent::Resumed);
-            }
-            (false, true) => {
-                return Err(ReceiveError::OutOfPlace {
-                    record: "stream header",
-                    why: "a new stream cannot start while a post-copy waits to be resumed",
-                })
-            }
-            (true, false) => {
-                return Err(ReceiveError::OutOfPlace {
-                    record: "resume header",
-                    why: "no post-copy migration is waiting to be resumed",
-                })
-            }
+            events(ReceiveEvent::Resumed);
+        } else {
+            self.summary = ReceiveSummary::default();
+            self.state_bytes = 0;
+            self.original
+                .remember(table.iter().map(|s| (s.addr, s.entry)));
         }
         let mut session = Session {
             rx: self,
@@ -298,6 +307,9 @@ impl<'b> Receiver<'b> {
             table,
             events,
         };
+        // Set by a `Discard`: only discards and the `Postcopy` record may
+        // follow, as the source sends them at the switch.
+        let mut discarding = false;
         loop {
             let record = Record::read(&mut *session.r)?.map_err(ReceiveError::UnknownRecord)?;
             if session.rx.state_bytes > 0 && !matches!(record, Record::Section | Record::End { .. })
@@ -307,6 +319,14 @@ impl<'b> Receiver<'b> {
                     why: "only device-state sections and End may follow a section",
                 });
             }
+            let is_switch = matches!(record, Record::Discard { .. } | Record::Postcopy { .. });
+            if discarding && !is_switch {
+                return Err(ReceiveError::OutOfPlace {
+                    record: record_name(&record),
+                    why: "only discards and the post-copy record may follow a discard",
+                });
+            }
+            discarding = matches!(record, Record::Discard { .. });
             match record {
                 Record::Pages {
                     block,
@@ -436,6 +456,18 @@ impl<'b> Receiver<'b> {
         is_pages: bool,
     ) -> Result<(), ReceiveError<E, M::Error>> {
         Self::check_postcopy_run(dest, slot, first, count)?;
+        // A page is placed once: userfaultfd keeps a present page as it is
+        // (and the guest may have written to it since), so a second copy
+        // would be recorded in the ledger but not in memory.
+        let received = dest.received();
+        if let Some(page) = (first..first + u64::from(count))
+            .find(|&p| received.is_received(p as usize) == Ok(true))
+        {
+            return Err(ReceiveError::AlreadyPlaced {
+                name: slot.name.clone(),
+                page,
+            });
+        }
         let len = count as usize * TARGET_PAGE_SIZE as usize;
         let data = is_pages.then_some(&self.bounce[..len]);
         let page_size = dest.page_size().bytes();
@@ -536,10 +568,14 @@ impl<'b> Receiver<'b> {
     /// Reads the header and the block table. A resume header's token is
     /// checked against `token` (the one the target issued) before the
     /// table is looked at, so a peer without it changes nothing.
+    /// `waiting`: the table of a post-copy waiting to be resumed, which a
+    /// resumed stream must repeat exactly (and only a resumed stream may
+    /// come then).
     fn read_table<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
         list: &RamList<'_, M, S, N>,
         r: &mut R,
         token: Option<ResumeToken>,
+        waiting: Option<&ResumeTable>,
     ) -> Result2<(heapless::Vec<Slot, N>, bool), R, M> {
         let (header, resumed) = Header::read_either(r)?.ok_or(ReceiveError::BadMagic)?;
         let version = if resumed { RESUME_VERSION } else { VERSION };
@@ -549,20 +585,39 @@ impl<'b> Receiver<'b> {
         if u32::from(header.page_shift) != TARGET_PAGE_SHIFT {
             return Err(ReceiveError::TargetPageSizeMismatch(header.page_shift));
         }
-        if header.block_count as usize > N {
-            return Err(ReceiveError::TooManyBlocks {
-                count: header.block_count,
-            });
-        }
         if resumed {
             let carried = ResumeToken::read(r)?;
             if token.is_some_and(|t| !t.matches(&carried)) {
                 return Err(ReceiveError::BadResumeToken);
             }
         }
+        let original = match (resumed, waiting) {
+            (false, None) => None,
+            (true, Some(original)) => Some(original),
+            (false, Some(_)) => {
+                return Err(ReceiveError::OutOfPlace {
+                    record: "stream header",
+                    why: "a new stream cannot start while a post-copy waits to be resumed",
+                })
+            }
+            (true, None) => {
+                return Err(ReceiveError::OutOfPlace {
+                    record: "resume header",
+                    why: "no post-copy migration is waiting to be resumed",
+                })
+            }
+        };
+        if let Some(original) = original {
+            original.check_count(header.block_count)?;
+        }
+        if header.block_count as usize > N {
+            return Err(ReceiveError::TooManyBlocks {
+                count: header.block_count,
+            });
+        }
         let mut table: heapless::Vec<Slot, N> = heapless::Vec::new();
         let mut raw = [0u8; 255];
-        for _ in 0..header.block_count {
+        for index in 0..header.block_count {
             let (len, entry) = TableEntry::read(r, &mut raw)?;
             let name = core::str::from_utf8(&raw[..len])
                 .ok()
@@ -571,11 +626,17 @@ impl<'b> Receiver<'b> {
             if table.iter().any(|s| s.name == name) {
                 return Err(ReceiveError::DuplicateBlock(name));
             }
-            let resize_to = {
+            let (resize_to, addr) = {
                 let view = list.read();
                 let dest = view
                     .by_name(name.as_str())
                     .ok_or_else(|| ReceiveError::UnknownBlock(name.clone()))?;
+                let addr = dest.offset().0;
+                // Before anything is resized: a resumed table changes
+                // nothing.
+                if let Some(original) = original {
+                    original.check_entry(index, addr, &entry)?;
+                }
                 if dest.flags().contains(BlockFlags::READ_ONLY) {
                     return Err(ReceiveError::ReadOnlyBlock(name));
                 }
@@ -604,7 +665,9 @@ impl<'b> Receiver<'b> {
                         destination,
                     });
                 }
-                (entry.used_length != dest.used_length().0).then_some(entry.used_length)
+                let resize_to =
+                    (entry.used_length != dest.used_length().0).then_some(entry.used_length);
+                (resize_to, addr)
             };
             if let Some(length) = resize_to {
                 list.resize(name.as_str(), ByteLen(length))
@@ -618,7 +681,12 @@ impl<'b> Receiver<'b> {
             }
             let used_pages = entry.used_length >> TARGET_PAGE_SHIFT;
             // Cannot overflow: block_count <= N was checked.
-            let _ = table.push(Slot { name, used_pages });
+            let _ = table.push(Slot {
+                name,
+                used_pages,
+                entry,
+                addr,
+            });
         }
         let view = list.read();
         if let Some(missing) = view.iter().find(|b| {
@@ -815,6 +883,12 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
                 why: "post-copy has started",
             });
         }
+        if self.target.is_none() {
+            return Err(ReceiveError::OutOfPlace {
+                record: "discard",
+                why: "a discard only comes just before post-copy, which this receive does not do",
+            });
+        }
         let slot = Receiver::check_span(&self.table, block, first, count)?;
         let view = self.list.read();
         let dest = view
@@ -876,6 +950,12 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
                     .check(&slot.name, dest.page_size().bytes())?;
             }
         }
+        // A post-copy can only be resumed with its table remembered.
+        if !self.rx.original.holds(self.table.len()) {
+            return Err(ReceiveError::TooManyBlocks {
+                count: self.table.len() as u32,
+            });
+        }
         let names: heapless::Vec<&str, N> = self.table.iter().map(|s| s.name.as_str()).collect();
         target.start(state, &names).map_err(ReceiveError::Host)?;
         self.rx.postcopy = true;
@@ -896,6 +976,20 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
         self.rx.verify_end(self.list, &self.table, &mut *self.r)?;
         self.rx.postcopy = false;
         Ok(self.rx.summary)
+    }
+}
+
+/// A record kind's name, for [`ReceiveError::OutOfPlace`].
+fn record_name(record: &Record) -> &'static str {
+    match record {
+        Record::Pages { .. } => "pages",
+        Record::Zero { .. } => "zero",
+        Record::Sync { .. } => "sync",
+        Record::Resize { .. } => "resize",
+        Record::End { .. } => "end",
+        Record::Discard { .. } => "discard",
+        Record::Postcopy { .. } => "post-copy",
+        Record::Section => "section",
     }
 }
 

@@ -55,9 +55,10 @@ pub(crate) type PlaceFn<'f, E, H> =
 
 /// A hugepage being put together: which, and how many of its target pages
 /// arrived (in order, from its first).
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct InProgress {
     block: u32,
+    name: BlockName,
     first: u64,
     filled: u64,
 }
@@ -117,19 +118,31 @@ impl<'b> Assembly<'b> {
         let (mut page, mut done) = (first, 0u64);
         while done < u64::from(count) {
             let start = page - page % per_page;
-            let mut at = match self.at {
+            let mut at = match self.at.take() {
                 Some(p) if p.block == block && p.first == start && start + p.filled == page => p,
-                _ if page == start => InProgress {
+                // Starting a hugepage drops none half assembled: its pages
+                // were neither placed nor received, and the source sent
+                // them as one run of runs, so it broke the format.
+                Some(p) if page == start => {
+                    return Err(ReceiveError::HugepageIncomplete {
+                        name: p.name,
+                        first: p.first,
+                        arrived: p.filled,
+                    })
+                }
+                None if page == start => InProgress {
                     block,
+                    name: name.clone(),
                     first: start,
                     filled: 0,
                 },
-                _ => {
+                p => {
+                    self.at = p;
                     return Err(ReceiveError::NotWholeHostPages {
                         name: name.clone(),
                         first: page,
                         page_size,
-                    })
+                    });
                 }
             };
             let n = (u64::from(count) - done).min(per_page - at.filled);

@@ -12,10 +12,12 @@ use ramblock_core::stream::io::{ByteWrite, IoStream};
 use ramblock_core::stream::resume_token::ResumeToken;
 use ramblock_linux::transport::{read_first_return, Conn, ConnWriter, Connector, FirstReturn};
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The kernel's send buffer during post-copy: pages already sent wait in
@@ -34,6 +36,42 @@ pub const RETURN_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the source waits, after the switch to post-copy, for the
 /// destination's resume token (the first thing it sends back).
 const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Return-path events waiting for the engine at most. The reader stops
+/// reading the socket while the queue is full, so a destination that
+/// floods requests fills the kernel's socket buffers, not this process;
+/// the engine takes a batch of requests between background chunks, so
+/// this only has to cover a burst of faults.
+pub const REQUEST_QUEUE: usize = 256;
+
+/// A page request as a key: block, first page, count.
+type RequestKey = (u32, u64, u32);
+
+/// The requests in the queue, so the reader can drop one equal to a
+/// request already waiting (a vCPU that faults again, or a flood of the
+/// same request, costs nothing). At most [`REQUEST_QUEUE`] + 1 entries.
+#[derive(Clone, Default)]
+struct Queued(Arc<Mutex<HashSet<RequestKey>>>);
+
+impl Queued {
+    fn lock(&self) -> MutexGuard<'_, HashSet<RequestKey>> {
+        // The set holds no invariant a panicking holder could break.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn key(event: &ReturnEvent) -> Option<RequestKey> {
+        match event {
+            ReturnEvent::Message(ReturnMessage::Request(r)) => Some((r.block, r.first, r.count)),
+            _ => None,
+        }
+    }
+}
+
+/// The engine's end of the return-path queue.
+struct Events {
+    rx: Receiver<ReturnEvent>,
+    queued: Queued,
+}
 
 /// The connection in use, shared by the engine's writer and the host.
 struct Current {
@@ -125,7 +163,10 @@ impl Breaks {
 pub struct Link {
     connector: Connector,
     current: Rc<RefCell<Current>>,
-    events: Option<Receiver<ReturnEvent>>,
+    events: Option<Events>,
+    /// When the engine started waiting for the acknowledgement on this
+    /// connection (it is the only caller that waits).
+    ack_since: Option<Instant>,
     breaks: Option<Breaks>,
     resume: bool,
     /// The destination's resume token, once post-copy started.
@@ -148,6 +189,7 @@ impl Link {
                 connector,
                 current,
                 events: None,
+                ack_since: None,
                 breaks,
                 resume,
                 token: None,
@@ -186,7 +228,7 @@ impl Link {
             .borrow_mut()
             .enter_postcopy(self.breaks.as_mut());
         self.events = Some(match first {
-            Some(ReturnEvent::Closed) => closed_channel(),
+            Some(ReturnEvent::Closed) => closed_events(),
             _ => spawn_reader(stream, first),
         });
     }
@@ -198,7 +240,17 @@ impl Link {
 
     /// The next return-path event, waiting up to `wait`.
     pub fn next_event(&mut self, wait: Duration) -> ReturnEvent {
-        let Some(rx) = &self.events else {
+        if !wait.is_zero() {
+            // Waiting for the acknowledgement: a destination that keeps
+            // sending requests instead is never silent, so the read timeout
+            // never fires; the wait as a whole is bounded the same.
+            let since = *self.ack_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > RETURN_TIMEOUT {
+                eprintln!("post-copy: no acknowledgement within {RETURN_TIMEOUT:?}");
+                return ReturnEvent::Closed;
+            }
+        }
+        let Some(Events { rx, queued }) = &self.events else {
             return ReturnEvent::Closed;
         };
         let got = if wait.is_zero() {
@@ -208,7 +260,12 @@ impl Link {
                 .map_err(|e| e == RecvTimeoutError::Disconnected)
         };
         match got {
-            Ok(event) => event,
+            Ok(event) => {
+                if let Some(key) = Queued::key(&event) {
+                    queued.lock().remove(&key);
+                }
+                event
+            }
             Err(false) => ReturnEvent::Nothing,
             Err(true) => ReturnEvent::Closed,
         }
@@ -218,6 +275,7 @@ impl Link {
     /// [`RESUME_TIMEOUT`].
     pub fn reconnect(&mut self) -> bool {
         self.events = None;
+        self.ack_since = None;
         if !self.resume {
             return false;
         }
@@ -315,18 +373,28 @@ fn current(stream: Conn) -> Result<Current, String> {
     })
 }
 
-/// A channel that says the return path is closed.
-fn closed_channel() -> Receiver<ReturnEvent> {
-    let (tx, rx) = mpsc::channel();
+/// An event queue that says the return path is closed.
+fn closed_events() -> Events {
+    let (tx, rx) = mpsc::sync_channel(1);
     let _ = tx.send(ReturnEvent::Closed);
-    rx
+    Events {
+        rx,
+        queued: Queued::default(),
+    }
 }
 
-/// Reads return-path messages into a channel until the connection ends,
-/// after `first` (one read already).
-fn spawn_reader(stream: Conn, first: Option<ReturnEvent>) -> Receiver<ReturnEvent> {
-    let (tx, rx) = mpsc::channel();
+/// Reads return-path messages into a bounded queue until the connection
+/// ends, after `first` (one read already), dropping a request equal to one
+/// already queued. Each message is read into a fixed frame: a peer's
+/// message allocates nothing.
+fn spawn_reader(stream: Conn, first: Option<ReturnEvent>) -> Events {
+    let (tx, rx) = mpsc::sync_channel(REQUEST_QUEUE);
+    let queued = Queued::default();
+    let seen = queued.clone();
     if let Some(event) = first {
+        if let Some(key) = Queued::key(&event) {
+            seen.lock().insert(key);
+        }
         let _ = tx.send(event);
     }
     std::thread::spawn(move || {
@@ -336,11 +404,17 @@ fn spawn_reader(stream: Conn, first: Option<ReturnEvent>) -> Receiver<ReturnEven
                 Ok(Ok(m)) => ReturnEvent::Message(m),
                 Ok(Err(_)) | Err(_) => ReturnEvent::Closed,
             };
+            if let Some(key) = Queued::key(&event) {
+                if !seen.lock().insert(key) {
+                    continue; // the same request waits already
+                }
+            }
             let closed = event == ReturnEvent::Closed;
+            // Blocks while the queue is full: the flood waits in the socket.
             if tx.send(event).is_err() || closed {
                 return;
             }
         }
     });
-    rx
+    Events { rx, queued }
 }

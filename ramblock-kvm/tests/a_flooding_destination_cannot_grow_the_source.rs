@@ -10,20 +10,17 @@
 //! it passes the stream and the destination's own return-path messages
 //! through whole, and adds its flood between them.
 
+mod program;
+use program::{field, free_port, texts, Running};
 use ramblock_core::stream::format::PageRequest;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const SIZE: &str = "64M";
 const PAGES: u64 = (64 << 20) / 4096;
-/// Longest a run may take before the test fails (a run takes a few
-/// seconds, most of it the stall).
-const LIMIT: Duration = Duration::from_secs(60);
 /// Stream bytes passed on before the proxy stops reading the source.
 const STALL_AFTER: u64 = 8 << 20;
 /// How long it then reads nothing while it floods.
@@ -32,88 +29,6 @@ const STALL: Duration = Duration::from_secs(3);
 /// the bound its request queue grew by tens of MiB in the stall (43 MiB
 /// here); with it, by a few KiB.
 const MAX_GROWTH_KIB: u64 = 16 << 10;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `ramblock migrate --json` child, killed if dropped while running.
-struct Running {
-    child: Child,
-    out: Option<JoinHandle<(Vec<u8>, Vec<u8>)>>,
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Running {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ramblock"))
-            .arg("migrate")
-            .arg("--json")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ramblock");
-        let (mut o, mut e) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-        let out = std::thread::spawn(move || {
-            let err = std::thread::spawn(move || {
-                let mut b = Vec::new();
-                let _ = e.read_to_end(&mut b);
-                b
-            });
-            let mut b = Vec::new();
-            let _ = o.read_to_end(&mut b);
-            (b, err.join().unwrap())
-        });
-        Running {
-            child,
-            out: Some(out),
-        }
-    }
-
-    /// Waits for the exit (killing the child after [`LIMIT`]); success and
-    /// (stdout, stderr).
-    fn finish(mut self) -> (bool, String, String) {
-        let deadline = Instant::now() + LIMIT;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                break self.child.wait().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let (o, e) = self.out.take().unwrap().join().unwrap();
-        (
-            status.success(),
-            String::from_utf8_lossy(&o).into_owned(),
-            String::from_utf8_lossy(&e).into_owned(),
-        )
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn field<'j>(json: &'j str, key: &str) -> &'j str {
-    let label = format!("\"{key}\":");
-    let at = json
-        .find(&label)
-        .unwrap_or_else(|| panic!("no {key} in {json}"));
-    let rest = &json[at + label.len()..];
-    &rest[..rest.find([',', '}']).unwrap_or(rest.len())]
-}
 
 /// A process's resident memory in KiB (None once it is gone).
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -248,7 +163,7 @@ fn a_flooding_destination_neither_stops_the_migration_nor_grows_the_source() {
         "--downtime-ms",
         "0",
     ]);
-    let pid = src.child.id();
+    let pid = src.id();
     let proxy = Arc::new(Proxy::default());
     let (source_conn, _) = listener.accept().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -288,8 +203,9 @@ fn a_flooding_destination_neither_stops_the_migration_nor_grows_the_source() {
         peak = peak.max(kib);
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (src_ok, s, s_err) = src.finish();
-    let (dest_ok, d, d_err) = dest.finish();
+    let (so, d_o) = (src.finish(), dest.finish());
+    let (src_ok, dest_ok) = (so.status.success(), d_o.status.success());
+    let ((s, s_err), (d, d_err)) = (texts(&so), texts(&d_o));
     let _ = source_conn.shutdown(Shutdown::Both);
     let _ = dest_conn.shutdown(Shutdown::Both);
     for t in threads {

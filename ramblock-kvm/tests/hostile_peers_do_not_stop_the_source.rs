@@ -11,120 +11,21 @@
 //! Without /dev/kvm the program moves a host writer's RAM instead, so
 //! these run either way. Each child is killed after [`LIMIT`].
 
+mod program;
+use program::{field, free_port, texts, Running, LIMIT};
 use ramblock_core::stream::format::{Header, TableEntry};
 use ramblock_core::stream::resume_token::ResumeToken;
 use ramblock_linux::transport::tls::TlsConfig;
 use ramblock_linux::transport::Connector;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const SIZE: &str = "64M";
-/// Longest any one `ramblock` process may run (a run takes about a second).
-const LIMIT: Duration = Duration::from_secs(60);
-
-/// A `ramblock migrate --json` child, its output collected as it comes.
-struct Running {
-    what: String,
-    child: Child,
-    stdout: Option<JoinHandle<Vec<u8>>>,
-    stderr: Option<JoinHandle<Vec<u8>>>,
-}
-
-fn drain(pipe: Option<impl Read + Send + 'static>) -> Option<JoinHandle<Vec<u8>>> {
-    let mut pipe = pipe?;
-    Some(std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        bytes
-    }))
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Running {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ramblock"))
-            .arg("migrate")
-            .arg("--json")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ramblock");
-        let stdout = drain(child.stdout.take());
-        let stderr = drain(child.stderr.take());
-        Running {
-            what: format!("ramblock migrate --json {}", args.join(" ")),
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Waits for the exit; kills the child and fails after [`LIMIT`].
-    fn finish(mut self) -> (Output, String, String) {
-        let deadline = Instant::now() + LIMIT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait for ramblock") {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("`{}` still running after {LIMIT:?}; killed it", self.what);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let join = |h: Option<JoinHandle<Vec<u8>>>| h.map_or(Vec::new(), |h| h.join().unwrap());
-        let (stdout, stderr) = (join(self.stdout.take()), join(self.stderr.take()));
-        let texts = (
-            String::from_utf8_lossy(&stdout).into_owned(),
-            String::from_utf8_lossy(&stderr).into_owned(),
-        );
-        (
-            Output {
-                status,
-                stdout,
-                stderr,
-            },
-            texts.0,
-            texts.1,
-        )
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The raw value of `key` in the one-line JSON summary.
-fn field<'j>(json: &'j str, key: &str) -> &'j str {
-    let label = format!("\"{key}\":");
-    let at = json
-        .find(&label)
-        .unwrap_or_else(|| panic!("no {key} in {json}"));
-    let rest = &json[at + label.len()..];
-    &rest[..rest.find([',', '}']).unwrap_or(rest.len())]
-}
-
-/// A free loopback port (bound, then released for a child to take).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Connects to `addr`, retrying while the destination starts.
 fn connect(addr: &str) -> TcpStream {
@@ -158,8 +59,8 @@ fn tokenless_resume() -> Vec<u8> {
 /// Asserts both sides succeeded and verified; returns the destination's
 /// summary and stderr.
 fn assert_completed(src: Running, dest: Running) -> (String, String) {
-    let (so, s, s_err) = src.finish();
-    let (d_o, d, d_err) = dest.finish();
+    let (so, d_o) = (src.finish(), dest.finish());
+    let ((s, s_err), (d, d_err)) = (texts(&so), texts(&d_o));
     assert!(
         so.status.success(),
         "source: {s}\n{s_err}\ndestination: {d_err}"

@@ -48,7 +48,7 @@
 //! while writers run (synchronous write-protect, copy before write).
 //!
 //! # Features
-//! - `vm-memory`: [`guest_memory`], blocks as rust-vmm vm-memory regions
+//! - `vm-memory`: `guest_memory`, blocks as rust-vmm vm-memory regions
 //!   and guest memory, with vm-memory's dirty `Bitmap` over the blocks' own
 //!   dirty bitmaps, for virtio devices and vhost-user backends. (Here and
 //!   not in `ramblock-kvm`: vm-memory is hypervisor-neutral, and the

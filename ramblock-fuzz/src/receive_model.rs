@@ -37,6 +37,7 @@ use ramblock_core::list::RamList;
 use ramblock_core::migrate::receiver::{ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES};
 use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::name::BlockName;
+use ramblock_core::stream::format::DEFAULT_DEVICE_STATE_LIMIT;
 use ramblock_core::stream::format::{Header, Record, TableEntry};
 use ramblock_core::stream::io::SliceReader;
 use ramblock_core::stream::received_map::write_received_map;
@@ -314,6 +315,21 @@ impl Model {
         let mut discarding = false;
         loop {
             let tag = r.take(1)?[0];
+            if tag == 8 {
+                // A device-state section: out of place after a discard or
+                // once post-copy started; otherwise its header is checked,
+                // and this receiver has no sink to load it into.
+                if discarding || self.postcopy {
+                    return Err(23);
+                }
+                let (.., len) = crate::stream_decode::section_header(r.take(272)?)?;
+                let total = 272u64.saturating_add(len);
+                return Err(if total > DEFAULT_DEVICE_STATE_LIMIT {
+                    32
+                } else {
+                    33
+                });
+            }
             let fields = match tag {
                 1 | 2 | 6 => (r.u32()?, r.u64()?, u64::from(r.u32()?)),
                 3 | 4 => (r.u32()?, r.u64()?, 0),

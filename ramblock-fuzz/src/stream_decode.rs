@@ -340,20 +340,7 @@ fn model_receive(
                 // Section: a 272-byte header (length byte, 255-byte
                 // zero-padded name, instance u32, version u32, len u64),
                 // then `len` bytes; see docs/stream-format.md.
-                let h = r.take(272)?;
-                let name_len = usize::from(h[0]);
-                let name = &h[1..1 + name_len];
-                let padded = h[1 + name_len..256].iter().all(|&b| b == 0);
-                let name = match std::str::from_utf8(name) {
-                    Ok(n) if name_len > 0 && padded && !n.contains('\0') => n,
-                    _ => return Err(31),
-                };
-                let word = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-                let (instance, version) = (word(256), word(260));
-                let len = u64::from(word(264)) | u64::from(word(268)) << 32;
-                if len > 64 << 20 {
-                    return Err(31);
-                }
+                let (name, instance, version, len) = section_header(r.take(272)?)?;
                 let total = state.saturating_add(272).saturating_add(len);
                 if total > STATE_LIMIT {
                     return Err(32);
@@ -368,6 +355,27 @@ fn model_receive(
             _ => return Err(12),
         }
     }
+}
+
+/// A section record's 272-byte header as the format document describes it
+/// (length byte, 255-byte zero-padded name, instance u32, version u32, len
+/// u64): name, instance, version and body length, or code 31
+/// (`BadSection`).
+pub fn section_header(h: &[u8]) -> Result<(&str, u32, u32, u64), u32> {
+    let name_len = usize::from(h[0]);
+    let name = &h[1..1 + name_len];
+    let padded = h[1 + name_len..256].iter().all(|&b| b == 0);
+    let name = match std::str::from_utf8(name) {
+        Ok(n) if name_len > 0 && padded && !n.contains('\0') => n,
+        _ => return Err(31),
+    };
+    let word = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+    let (instance, version) = (word(256), word(260));
+    let len = u64::from(word(264)) | u64::from(word(268)) << 32;
+    if len > 64 << 20 {
+        return Err(31);
+    }
+    Ok((name, instance, version, len))
 }
 
 /// How a receive ended: its summary, or the error's code.

@@ -216,16 +216,7 @@ pub fn save(
 
     let file_id = random_id()
         .map_err(|e| SnapshotError::io("getrandom", path, e, "the kernel must offer randomness"))?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| {
-            SnapshotError::io("open", path, e, "the snapshot's directory must be writable")
-        })?;
+    let file = create_file(path, "the snapshot's directory must be writable")?;
     file.set_len(data_end).map_err(|e| {
         SnapshotError::io(
             "ftruncate",
@@ -512,4 +503,18 @@ impl Plan {
         let sum = seal(&mut meta);
         (meta, sum)
     }
+}
+
+/// Creates (or truncates) the output file at `path`, readable and writable
+/// by its owner only (a snapshot holds guest memory); `hint` says what the
+/// caller needs when that fails.
+pub(crate) fn create_file(path: &Path, hint: &'static str) -> Result<File, SnapshotError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| SnapshotError::io("open", path, e, hint))
 }

@@ -19,6 +19,7 @@ pub(super) mod qmp;
 mod ramblock;
 
 use super::ramblock_run::build_ramblock;
+use crate::bench::opt;
 use image::Variant;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -127,10 +128,7 @@ pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| format!("`{arg}` needs a value; {USAGE}"))
-        };
+        let mut value = || opt::value(&mut args, arg, USAGE);
         match arg.as_str() {
             "--sizes" => {
                 o.sizes = value()?
@@ -178,11 +176,7 @@ pub(super) fn parse(args: &[String]) -> Result<Options, String> {
                     .collect::<Result<_, _>>()?
             }
             "--runs" => {
-                o.runs = value()?
-                    .parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .ok_or_else(|| format!("`--runs` needs a positive count; {USAGE}"))?
+                o.runs = opt::runs(value()?, USAGE)?
             }
             other => return Err(format!("unexpected argument `{other}`; {USAGE}")),
         }

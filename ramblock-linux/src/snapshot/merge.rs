@@ -44,15 +44,12 @@ pub fn merge(chain: &SnapshotChain, out: &Path) -> Result<SaveSummary, SnapshotE
         })
         .collect();
     let blocks = chain.blocks();
-    let plan = Plan::new(
+    let plan = Plan::for_sections(
         &blocks
             .iter()
             .map(|b| (b.used_length, b.page_size))
             .collect::<Vec<_>>(),
-        &sections
-            .iter()
-            .map(|s| s.bytes.len() as u64)
-            .collect::<Vec<_>>(),
+        &sections,
     )?;
     let file = create_file(out, "the output's directory must be writable")?;
     file.set_len(plan.data_end).map_err(|e| {

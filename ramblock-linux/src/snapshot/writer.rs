@@ -202,15 +202,12 @@ pub fn save(
         });
     }
 
-    let plan = Plan::new(
+    let plan = Plan::for_sections(
         &blocks
             .iter()
             .map(|b| (ByteLen(b.region.len() as u64), b.page_size))
             .collect::<Vec<_>>(),
-        &sections
-            .iter()
-            .map(|s| s.bytes.len() as u64)
-            .collect::<Vec<_>>(),
+        sections,
     )?;
     let (data_at, data_end) = (&plan.data_at, plan.data_end);
 
@@ -402,6 +399,19 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// Places blocks of these used lengths and page sizes and `sections`
+    /// (by the length of their bytes): what a save and a merge both write.
+    pub(crate) fn for_sections(
+        blocks: &[(ByteLen, PageSize)],
+        sections: &[SaveSection<'_>],
+    ) -> Result<Plan, SnapshotError> {
+        let lens = sections
+            .iter()
+            .map(|s| s.bytes.len() as u64)
+            .collect::<Vec<_>>();
+        Plan::new(blocks, &lens)
+    }
+
     /// Places blocks of these used lengths and page sizes and sections of
     /// these lengths.
     pub fn new(blocks: &[(ByteLen, PageSize)], sections: &[u64]) -> Result<Plan, SnapshotError> {

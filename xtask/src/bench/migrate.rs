@@ -100,6 +100,11 @@ pub(super) struct Options {
     runs: usize,
 }
 
+/// A comma-separated list of sizes, each as [`parse_size`] reads it.
+pub(super) fn parse_sizes(list: &str) -> Result<Vec<u64>, String> {
+    list.split(',').map(parse_size).collect()
+}
+
 /// Parses `512M` or `4G` (binary units, at least 64 MiB).
 pub(super) fn parse_size(s: &str) -> Result<u64, String> {
     let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
@@ -130,12 +135,7 @@ pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     while let Some(arg) = args.next() {
         let mut value = || opt::value(&mut args, arg, USAGE);
         match arg.as_str() {
-            "--sizes" => {
-                o.sizes = value()?
-                    .split(',')
-                    .map(parse_size)
-                    .collect::<Result<_, _>>()?
-            }
+            "--sizes" => o.sizes = parse_sizes(value()?)?,
             "--workloads" => {
                 o.variants = value()?
                     .split(',')

@@ -21,7 +21,7 @@
 
 mod qemu;
 
-use super::migrate::{ensure_installed, image, median, parse_size};
+use super::migrate::{ensure_installed, image, median, parse_sizes};
 use super::ramblock_run::{run_json, RunFailure, Summary};
 use crate::bench::opt;
 use std::path::{Path, PathBuf};
@@ -50,12 +50,7 @@ pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     while let Some(arg) = args.next() {
         let mut value = || opt::value(&mut args, arg, USAGE);
         match arg.as_str() {
-            "--sizes" => {
-                o.sizes = value()?
-                    .split(',')
-                    .map(parse_size)
-                    .collect::<Result<_, _>>()?
-            }
+            "--sizes" => o.sizes = parse_sizes(value()?)?,
             "--dirs" => o.dirs = value()?.split(',').map(PathBuf::from).collect(),
             "--runs" => o.runs = opt::runs(value()?, USAGE)?,
             "--diff-after-ms" => {

@@ -58,6 +58,7 @@
 pub mod bitmap;
 pub mod clear_map;
 pub mod generate;
+mod model_cursor;
 pub mod postcopy_receive;
 pub mod postcopy_resume;
 pub mod ram_list;

@@ -24,6 +24,7 @@
 //! kept, and placing over one is a finding. Streams follow each other on
 //! the same receiver, as a destination sees a broken post-copy resumed.
 
+use crate::model_cursor::Cursor;
 use crate::stream_roundtrip::{Mem, CAPACITY};
 use crate::{holds, same, Mismatch};
 use ramblock_core::addr::{ByteLen, PageSize};
@@ -143,36 +144,6 @@ pub fn good_table(out: &mut Vec<u8>, resume: bool) {
 
 /// A placement the target was asked for: block, byte offset, bytes, zero.
 pub type Placement = (usize, u64, u64, bool);
-
-/// The error code of `Truncated`.
-const TRUNCATED: u32 = 20;
-
-/// The bytes still to read.
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], u32> {
-        if n > self.0.len() {
-            self.0 = &[];
-            return Err(TRUNCATED);
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Ok(head)
-    }
-
-    fn u32(&mut self) -> Result<u32, u32> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().unwrap_or([0; 4]),
-        ))
-    }
-
-    fn u64(&mut self) -> Result<u64, u32> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().unwrap_or([0; 8]),
-        ))
-    }
-}
 
 /// A hugepage being assembled: block, first page, pages arrived, bytes.
 #[derive(Clone, Debug)]

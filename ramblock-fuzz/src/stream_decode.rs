@@ -24,6 +24,7 @@
 //!   VMM that refuses any section named `refuse`, with a limit of
 //!   [`STATE_LIMIT`] bytes) must be the ones the model accepted.
 
+use crate::model_cursor::Cursor;
 use crate::stream_roundtrip::{self, PageFill, Step};
 use crate::{holds, same, Mismatch};
 use ramblock_core::addr::{ByteLen, PageSize};
@@ -97,36 +98,8 @@ struct Block {
     memory: Vec<u8>,
 }
 
-/// The bytes still to read.
-struct Cursor<'a>(&'a [u8]);
-
 /// The model's error: the receiver's error code.
 type Code = u32;
-const TRUNCATED: Code = 20;
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], Code> {
-        if n > self.0.len() {
-            self.0 = &[];
-            return Err(TRUNCATED);
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Ok(head)
-    }
-
-    fn u32(&mut self) -> Result<u32, Code> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().unwrap_or([0; 4]),
-        ))
-    }
-
-    fn u64(&mut self) -> Result<u64, Code> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().unwrap_or([0; 8]),
-        ))
-    }
-}
 
 /// The guard byte of page `page` of block `block` (never zero).
 fn guard(block: usize, page: usize) -> u8 {

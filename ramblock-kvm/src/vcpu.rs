@@ -176,15 +176,7 @@ impl Vcpu {
         self.settle()?;
         let id = self.id;
         let fd = &self.fd;
-        let part = |part, ioctl| {
-            move |e: kvm_ioctls::Error| KvmError::VcpuPart {
-                vcpu: id,
-                part,
-                ioctl,
-                errno: Errno::from_raw(e.errno()),
-                hint: "",
-            }
-        };
+        let part = |part, ioctl| part_error(id, part, ioctl);
         let mp_state = fd
             .get_mp_state()
             .map_err(part(VcpuPart::MpState, "KVM_GET_MP_STATE"))?;
@@ -363,15 +355,7 @@ impl Vcpu {
     pub fn restore(&self, state: &VcpuState) -> Result<(), KvmError> {
         let id = self.id;
         let fd = &self.fd;
-        let part = |part, ioctl| {
-            move |e: kvm_ioctls::Error| KvmError::VcpuPart {
-                vcpu: id,
-                part,
-                ioctl,
-                errno: Errno::from_raw(e.errno()),
-                hint: "",
-            }
-        };
+        let part = |part, ioctl| part_error(id, part, ioctl);
         // Refuse a state this vCPU cannot take (a LAPIC it lacks, an
         // XSAVE area larger than its own) before changing anything.
         if state.lapic.is_some() && !self.has_lapic()? {
@@ -599,5 +583,21 @@ impl Vcpu {
                 what: format!("{unexpected} at rip {rip:#x}"),
             });
         }
+    }
+}
+
+/// The error for `ioctl` failing on `part` of vCPU `vcpu`, as a `map_err`
+/// argument: what saving and restoring a vCPU's state both report.
+fn part_error(
+    vcpu: u64,
+    part: VcpuPart,
+    ioctl: &'static str,
+) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |e| KvmError::VcpuPart {
+        vcpu,
+        part,
+        ioctl,
+        errno: Errno::from_raw(e.errno()),
+        hint: "",
     }
 }

@@ -200,16 +200,6 @@ fn the_check_names_the_first_page_that_breaks_the_pattern() {
 
 const RAM: u64 = 8 << 20;
 
-/// Waits (at most 60 s) until the runner has counted `n` heartbeats.
-fn wait_for(runner: &VcpuRunner, n: u64) {
-    let start = Instant::now();
-    while runner.heartbeats() < n {
-        assert!(runner.error().is_none(), "{:?}", runner.error());
-        assert!(start.elapsed() < Duration::from_secs(60), "no progress");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 fn snapshot_of(region: &HostRegion<'_>) -> Vec<u8> {
     let mut copy = vec![0u8; region.len()];
     region.read(ByteLen::ZERO, &mut copy).unwrap();
@@ -245,7 +235,7 @@ fn a_guest_resumed_from_shipped_state_continues_where_it_stopped() {
             ..
         })
     ));
-    wait_for(&source, 2);
+    wait_for_heartbeats(&source, 2);
     source.pause();
     let paused_ram = snapshot_of(&ram_a);
     let beats = source.heartbeats();
@@ -292,7 +282,7 @@ fn a_guest_resumed_from_shipped_state_continues_where_it_stopped() {
     let vcpu_b = vm_b.create_vcpu(0).unwrap();
     vcpu_b.restore(&received).unwrap();
     let destination = VcpuRunner::spawn(vm_b.clone(), vcpu_b).unwrap();
-    wait_for(&destination, 2);
+    wait_for_heartbeats(&destination, 2);
     // Stop mid-pass, most likely.
     std::thread::sleep(Duration::from_micros(300));
     destination.pause();
@@ -407,15 +397,7 @@ fn a_state_saved_at_a_heartbeat_exit_resumes_with_the_next_pass() {
         return;
     }
     let list = List::new();
-    add(&list, "a.ram", RAM, |s| s);
-    add(&list, "b.ram", RAM, |s| s);
-    let vm_a = vm(DirtyLogRequest::Auto);
-    let vm_b = vm(DirtyLogRequest::Auto);
-    {
-        let view = list.read();
-        map(&vm_a, view.by_name("a.ram").unwrap(), 0, BlockRange::Whole).unwrap();
-        map(&vm_b, view.by_name("b.ram").unwrap(), 0, BlockRange::Whole).unwrap();
-    }
+    let (vm_a, vm_b) = two_vms(&list, RAM);
     let (ram_a, ram_b) = (region(&list, "a.ram"), region(&list, "b.ram"));
     let work = Workload::new(RAM).unwrap();
     let mut vcpu_a = vm_a.create_vcpu(0).unwrap();

@@ -26,18 +26,8 @@ use ramblock_linux::snapshot::{
 };
 use ramblock_linux::{LinuxMemory, MemoryBuilder};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 const RAM: u64 = 8 << 20;
-
-fn wait_for(runner: &VcpuRunner, n: u64) {
-    let start = Instant::now();
-    while runner.heartbeats() < n {
-        assert!(runner.error().is_none(), "{:?}", runner.error());
-        assert!(start.elapsed() < Duration::from_secs(60), "no progress");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 /// Runs a guest on `mem` from the snapshot's vCPU state until it has
 /// made two passes, and checks it against the paused source.
@@ -78,7 +68,7 @@ fn run_on(
     vcpu.restore(state).unwrap();
     let next = work.next_page_index(state).unwrap();
     let runner = VcpuRunner::spawn(vm_b.clone(), vcpu).unwrap();
-    wait_for(&runner, 2);
+    wait_for_heartbeats(&runner, 2);
     runner.pause();
     let dest = region(list, "pc.ram");
     let delta = check_resumed_increment(source, &dest, work, next)
@@ -140,11 +130,11 @@ fn a_restored_guest_continues_its_loop_in_every_mode() {
             )
             .unwrap()
         };
-    wait_for(&source, 2);
+    wait_for_heartbeats(&source, 2);
     source.pause();
     let full = save(&mut snap, &mut log, &dir.join("full.snap"), false);
     source.resume();
-    wait_for(&source, source.heartbeats() + 2);
+    wait_for_heartbeats(&source, source.heartbeats() + 2);
     source.pause();
     let diff_path = dir.join("diff.snap");
     let diff = save(&mut snap, &mut log, &diff_path, true);

@@ -14,7 +14,6 @@ use kvm_bindings::{
 use ramblock_core::addr::ByteLen;
 use ramblock_core::region::HostRegion;
 use ramblock_kvm::guest::{SseProgram, EXIT_PORT, HEARTBEAT_PORT, SSE_INPUT};
-use ramblock_kvm::memslot::BlockRange;
 use ramblock_kvm::mode::DirtyLogRequest;
 use ramblock_kvm::vcpu::Vcpu;
 use ramblock_kvm::vcpu_state::{Msr, VcpuPart, VcpuState};
@@ -53,15 +52,7 @@ fn sse_registers_and_the_tsc_survive_a_move_to_a_new_vm() {
         return;
     }
     let list = List::new();
-    add(&list, "a.ram", RAM, |s| s);
-    add(&list, "b.ram", RAM, |s| s);
-    let vm_a = vm(DirtyLogRequest::Auto);
-    let vm_b = vm(DirtyLogRequest::Auto);
-    {
-        let view = list.read();
-        map(&vm_a, view.by_name("a.ram").unwrap(), 0, BlockRange::Whole).unwrap();
-        map(&vm_b, view.by_name("b.ram").unwrap(), 0, BlockRange::Whole).unwrap();
-    }
+    let (vm_a, vm_b) = two_vms(&list, RAM);
     let (ram_a, ram_b) = (region(&list, "a.ram"), region(&list, "b.ram"));
     let program = SseProgram {
         values: xmm_values(),

@@ -10,19 +10,9 @@ use ramblock_kvm::memslot::BlockRange;
 use ramblock_kvm::mode::DirtyLogRequest;
 use ramblock_kvm::runner::VcpuRunner;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const RAM: u64 = 8 << 20;
-
-/// Waits (at most 60 s) until the runner has counted `n` heartbeats.
-fn wait_for(runner: &VcpuRunner, n: u64) {
-    let start = Instant::now();
-    while runner.heartbeats() < n {
-        assert!(runner.error().is_none(), "{:?}", runner.error());
-        assert!(start.elapsed() < Duration::from_secs(60), "no progress");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 #[test]
 fn the_workload_runs_pauses_and_dirties_exactly_its_pages() {
@@ -41,7 +31,7 @@ fn the_workload_runs_pauses_and_dirties_exactly_its_pages() {
     let work = Workload::new(RAM).unwrap();
     work.load(&region(&list, "pc.ram"), &vcpu).unwrap();
     let runner = VcpuRunner::spawn(vm.clone(), vcpu).unwrap();
-    wait_for(&runner, 2);
+    wait_for_heartbeats(&runner, 2);
     runner.pause();
     assert!(runner.is_paused());
 
@@ -70,9 +60,9 @@ fn the_workload_runs_pauses_and_dirties_exactly_its_pages() {
         "paused guest dirties nothing"
     );
     runner.resume();
-    wait_for(&runner, h + 2);
+    wait_for_heartbeats(&runner, h + 2);
     runner.set_throttle(0.5);
-    wait_for(&runner, h + 3);
+    wait_for_heartbeats(&runner, h + 3);
     runner.pause();
     // A full pass ran since the harvest: exactly the workload's pages.
     let want: Vec<usize> = (first..(RAM / 4096) as usize).collect();

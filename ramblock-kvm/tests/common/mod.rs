@@ -176,3 +176,34 @@ pub fn set(pages: &[usize]) -> BTreeSet<usize> {
 pub fn used(list: &List<'_>, name: &str) -> u64 {
     list.read().by_name(name).unwrap().memory().used_len().0
 }
+
+/// Two VMs, `a` and `b`, each with its own block of `len` bytes (`a.ram`,
+/// `b.ram`) added to `list` and mapped whole at guest address 0: the source
+/// and the destination of a move between VMs.
+pub fn two_vms(list: &List<'_>, len: u64) -> (Vm, Vm) {
+    add(list, "a.ram", len, |s| s);
+    add(list, "b.ram", len, |s| s);
+    let vm_a = vm(DirtyLogRequest::Auto);
+    let vm_b = vm(DirtyLogRequest::Auto);
+    {
+        let view = list.read();
+        let whole = ramblock_kvm::memslot::BlockRange::Whole;
+        map(&vm_a, view.by_name("a.ram").unwrap(), 0, whole).unwrap();
+        map(&vm_b, view.by_name("b.ram").unwrap(), 0, whole).unwrap();
+    }
+    (vm_a, vm_b)
+}
+
+/// Waits (at most 60 s) until `runner` has counted `n` heartbeats, failing
+/// the test on a runner error.
+pub fn wait_for_heartbeats(runner: &ramblock_kvm::runner::VcpuRunner, n: u64) {
+    let start = std::time::Instant::now();
+    while runner.heartbeats() < n {
+        assert!(runner.error().is_none(), "{:?}", runner.error());
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "no progress"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}

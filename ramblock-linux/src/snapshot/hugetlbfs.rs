@@ -11,24 +11,14 @@
 use super::error::SnapshotError;
 use super::file::SnapshotFile;
 use super::io::read_region_at;
+use super::writer::create_file;
 use crate::hugetlb::HUGETLBFS_MAGIC;
 use ramblock_core::region::HostRegion;
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Copies `src` to `dst`, a new file on hugetlbfs, and opens the copy.
 pub fn copy_to_hugetlbfs(src: &SnapshotFile, dst: &Path) -> Result<SnapshotFile, SnapshotError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(dst)
-        .map_err(|e| {
-            SnapshotError::io("open", dst, e, "the hugetlbfs directory must be writable")
-        })?;
+    let file = create_file(dst, "the hugetlbfs directory must be writable")?;
     let stat = rustix::fs::fstatfs(&file).map_err(|e| {
         SnapshotError::io(
             "fstatfs",

@@ -10,12 +10,11 @@
 use super::chain::{SnapshotChain, PARENT_PATH_SECTION};
 use super::error::SnapshotError;
 use super::io::random_id;
-use super::writer::{Plan, SaveSection, SaveSummary};
+use super::writer::{create_file, Plan, SaveSection, SaveSummary};
 use ramblock_core::section::SectionName;
 use ramblock_core::snapshot::{BlockEntry, Kind};
-use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
@@ -45,26 +44,14 @@ pub fn merge(chain: &SnapshotChain, out: &Path) -> Result<SaveSummary, SnapshotE
         })
         .collect();
     let blocks = chain.blocks();
-    let plan = Plan::new(
+    let plan = Plan::for_sections(
         &blocks
             .iter()
             .map(|b| (b.used_length, b.page_size))
             .collect::<Vec<_>>(),
-        &sections
-            .iter()
-            .map(|s| s.bytes.len() as u64)
-            .collect::<Vec<_>>(),
+        &sections,
     )?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(out)
-        .map_err(|e| {
-            SnapshotError::io("open", out, e, "the output's directory must be writable")
-        })?;
+    let file = create_file(out, "the output's directory must be writable")?;
     file.set_len(plan.data_end).map_err(|e| {
         SnapshotError::io(
             "ftruncate",

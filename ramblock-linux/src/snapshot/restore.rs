@@ -12,6 +12,7 @@
 
 use super::chain::SnapshotChain;
 use super::error::SnapshotError;
+use super::file::SnapshotFile;
 use crate::{LinuxMemory, MemoryBuilder};
 use ramblock_core::addr::{ByteLen, PageSize};
 use ramblock_core::checksum::Checksum;
@@ -61,13 +62,7 @@ pub(crate) fn match_targets(
     targets
         .iter()
         .map(|&(name, len, page)| {
-            let i = chain
-                .newest()
-                .find_block(name)
-                .ok_or_else(|| SnapshotError::MissingBlock {
-                    name: name.to_owned(),
-                    side: "snapshot",
-                })?;
+            let i = snapshot_block(chain.newest(), name)?;
             let b = &blocks[i];
             if b.used_length.0 != len || b.page_size != page {
                 return Err(SnapshotError::TargetSize {
@@ -159,12 +154,7 @@ pub fn restore_eager(
 /// Maps block `name` of `chain` as new private memory (see the module docs).
 pub fn map_block(chain: &SnapshotChain, name: &str) -> Result<LinuxMemory, SnapshotError> {
     let root = chain.files().last().expect("a chain is not empty");
-    let block = root
-        .find_block(name)
-        .ok_or_else(|| SnapshotError::MissingBlock {
-            name: name.to_owned(),
-            side: "snapshot",
-        })?;
+    let block = snapshot_block(root, name)?;
     let entry = &root.blocks()[block];
     let mem = MemoryBuilder::file(root.path(), entry.used_length)
         .offset(entry.data_offset)
@@ -212,13 +202,7 @@ pub fn verify_block(
     name: &str,
     region: &HostRegion<'_>,
 ) -> Result<(), SnapshotError> {
-    let i = chain
-        .newest()
-        .find_block(name)
-        .ok_or_else(|| SnapshotError::MissingBlock {
-            name: name.to_owned(),
-            side: "snapshot",
-        })?;
+    let i = snapshot_block(chain.newest(), name)?;
     let b = &chain.blocks()[i];
     let computed = Checksum::of_region(region, b.used_length.0)?;
     if computed != b.content_checksum {
@@ -229,4 +213,14 @@ pub fn verify_block(
         });
     }
     Ok(())
+}
+
+/// The index of block `name` in `file`'s table, or the typed error naming
+/// the snapshot as the side that lacks it.
+fn snapshot_block(file: &SnapshotFile, name: &str) -> Result<usize, SnapshotError> {
+    file.find_block(name)
+        .ok_or_else(|| SnapshotError::MissingBlock {
+            name: name.to_owned(),
+            side: "snapshot",
+        })
 }

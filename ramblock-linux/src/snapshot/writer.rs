@@ -202,30 +202,18 @@ pub fn save(
         });
     }
 
-    let plan = Plan::new(
+    let plan = Plan::for_sections(
         &blocks
             .iter()
             .map(|b| (ByteLen(b.region.len() as u64), b.page_size))
             .collect::<Vec<_>>(),
-        &sections
-            .iter()
-            .map(|s| s.bytes.len() as u64)
-            .collect::<Vec<_>>(),
+        sections,
     )?;
     let (data_at, data_end) = (&plan.data_at, plan.data_end);
 
     let file_id = random_id()
         .map_err(|e| SnapshotError::io("getrandom", path, e, "the kernel must offer randomness"))?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| {
-            SnapshotError::io("open", path, e, "the snapshot's directory must be writable")
-        })?;
+    let file = create_file(path, "the snapshot's directory must be writable")?;
     file.set_len(data_end).map_err(|e| {
         SnapshotError::io(
             "ftruncate",
@@ -411,6 +399,19 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// Places blocks of these used lengths and page sizes and `sections`
+    /// (by the length of their bytes): what a save and a merge both write.
+    pub(crate) fn for_sections(
+        blocks: &[(ByteLen, PageSize)],
+        sections: &[SaveSection<'_>],
+    ) -> Result<Plan, SnapshotError> {
+        let lens = sections
+            .iter()
+            .map(|s| s.bytes.len() as u64)
+            .collect::<Vec<_>>();
+        Plan::new(blocks, &lens)
+    }
+
     /// Places blocks of these used lengths and page sizes and sections of
     /// these lengths.
     pub fn new(blocks: &[(ByteLen, PageSize)], sections: &[u64]) -> Result<Plan, SnapshotError> {
@@ -512,4 +513,18 @@ impl Plan {
         let sum = seal(&mut meta);
         (meta, sum)
     }
+}
+
+/// Creates (or truncates) the output file at `path`, readable and writable
+/// by its owner only (a snapshot holds guest memory); `hint` says what the
+/// caller needs when that fails.
+pub(crate) fn create_file(path: &Path, hint: &'static str) -> Result<File, SnapshotError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| SnapshotError::io("open", path, e, hint))
 }

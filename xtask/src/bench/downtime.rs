@@ -11,6 +11,7 @@
 
 use super::migrate::median;
 use super::ramblock_run::{build_ramblock, migrate_json, RunFailure};
+use crate::bench::opt;
 use std::time::Duration;
 
 const USAGE: &str = "usage: cargo xtask bench downtime [--runs N] [--limit-ms MS] [-- ARGS...]";
@@ -50,8 +51,7 @@ pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     while let Some(arg) = args.next() {
         let mut number = || {
             args.next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .filter(|&n| n > 0)
+                .and_then(|v| opt::positive::<u64>(v))
                 .ok_or_else(|| format!("`{arg}` needs a positive number; {USAGE}"))
         };
         match arg.as_str() {

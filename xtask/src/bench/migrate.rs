@@ -19,6 +19,7 @@ pub(super) mod qmp;
 mod ramblock;
 
 use super::ramblock_run::build_ramblock;
+use crate::bench::opt;
 use image::Variant;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -99,6 +100,11 @@ pub(super) struct Options {
     runs: usize,
 }
 
+/// A comma-separated list of sizes, each as [`parse_size`] reads it.
+pub(super) fn parse_sizes(list: &str) -> Result<Vec<u64>, String> {
+    list.split(',').map(parse_size).collect()
+}
+
 /// Parses `512M` or `4G` (binary units, at least 64 MiB).
 pub(super) fn parse_size(s: &str) -> Result<u64, String> {
     let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
@@ -127,17 +133,9 @@ pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| format!("`{arg}` needs a value; {USAGE}"))
-        };
+        let mut value = || opt::value(&mut args, arg, USAGE);
         match arg.as_str() {
-            "--sizes" => {
-                o.sizes = value()?
-                    .split(',')
-                    .map(parse_size)
-                    .collect::<Result<_, _>>()?
-            }
+            "--sizes" => o.sizes = parse_sizes(value()?)?,
             "--workloads" => {
                 o.variants = value()?
                     .split(',')
@@ -178,11 +176,7 @@ pub(super) fn parse(args: &[String]) -> Result<Options, String> {
                     .collect::<Result<_, _>>()?
             }
             "--runs" => {
-                o.runs = value()?
-                    .parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .ok_or_else(|| format!("`--runs` needs a positive count; {USAGE}"))?
+                o.runs = opt::runs(value()?, USAGE)?
             }
             other => return Err(format!("unexpected argument `{other}`; {USAGE}")),
         }

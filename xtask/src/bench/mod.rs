@@ -8,6 +8,7 @@
 
 mod downtime;
 pub(crate) mod migrate;
+mod opt;
 mod postcopy;
 mod ramblock_run;
 mod report;

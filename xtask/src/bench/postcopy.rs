@@ -12,6 +12,7 @@
 
 use super::migrate::{median, parse_size};
 use super::ramblock_run::{build_ramblock, migrate_json, RunFailure, Summary};
+use crate::bench::opt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -63,18 +64,9 @@ pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| format!("`{arg}` needs a value; {USAGE}"))
-        };
+        let mut value = || opt::value(&mut args, arg, USAGE);
         match arg.as_str() {
-            "--runs" => {
-                o.runs = value()?
-                    .parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .ok_or_else(|| format!("`--runs` needs a positive count; {USAGE}"))?
-            }
+            "--runs" => o.runs = opt::runs(value()?, USAGE)?,
             "--size" => o.size = parse_size(value()?)?,
             other => return Err(format!("unexpected argument `{other}`; {USAGE}")),
         }

@@ -10,6 +10,7 @@
 //! prints the medians and the ratio TLS / plain against the 0.8x target.
 //! A run that fails or does not verify makes the bench fail.
 
+use crate::bench::opt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -29,17 +30,11 @@ pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| format!("`{arg}` needs a value; {USAGE}"))
-        };
+        let mut value = || opt::value(&mut args, arg, USAGE);
         match arg.as_str() {
             "--size" => o.size = super::migrate::parse_size(value()?)?,
             "--runs" => {
-                o.runs = value()?
-                    .parse()
-                    .ok()
-                    .filter(|&n| n > 0)
+                o.runs = opt::positive(value()?)
                     .ok_or_else(|| format!("--runs needs a count of at least 1; {USAGE}"))?
             }
             other => return Err(format!("unknown option `{other}`; {USAGE}")),

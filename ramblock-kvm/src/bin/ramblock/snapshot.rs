@@ -387,16 +387,7 @@ fn baseline_pwrite(
 ) -> Result<Duration, String> {
     let t = Instant::now();
     let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let chunk = 4usize << 20;
-    let mut at = 0usize;
-    while at < region.len() {
-        let n = chunk.min(region.len() - at);
-        let sub = region
-            .subregion(ByteLen(at as u64), n)
-            .map_err(|e| e.to_string())?;
-        write_region_at(&file, &sub, at as u64).map_err(|e| e.to_string())?;
-        at += n;
-    }
+    in_chunks(region, |sub, at| write_region_at(&file, sub, at))?;
     let elapsed = t.elapsed();
     let _ = std::fs::remove_file(path);
     Ok(elapsed)
@@ -410,6 +401,18 @@ fn baseline_read(
 ) -> Result<Duration, String> {
     let t = Instant::now();
     let data = file.blocks()[0].data_offset;
+    in_chunks(region, |sub, at| {
+        read_region_at(file.file(), sub, data + at)
+    })?;
+    Ok(t.elapsed())
+}
+
+/// The baselines' plain loop: calls `each` on every 4 MiB piece of
+/// `region` in order, with the piece's offset in the region.
+fn in_chunks(
+    region: &ramblock_core::region::HostRegion<'_>,
+    mut each: impl FnMut(&ramblock_core::region::HostRegion<'_>, u64) -> std::io::Result<()>,
+) -> Result<(), String> {
     let chunk = 4usize << 20;
     let mut at = 0usize;
     while at < region.len() {
@@ -417,10 +420,10 @@ fn baseline_read(
         let sub = region
             .subregion(ByteLen(at as u64), n)
             .map_err(|e| e.to_string())?;
-        read_region_at(file.file(), &sub, data + at as u64).map_err(|e| e.to_string())?;
+        each(&sub, at as u64).map_err(|e| e.to_string())?;
         at += n;
     }
-    Ok(t.elapsed())
+    Ok(())
 }
 
 /// Fresh memory for block `len` bytes with `page` pages, preallocated or not.

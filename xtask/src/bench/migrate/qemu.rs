@@ -149,6 +149,38 @@ pub(crate) fn log_tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
+/// `e` followed by the tail of each of `sides`' logs (`<side>.log` in
+/// `run_dir`), which say why QEMU failed.
+pub(crate) fn with_log_tails(e: &str, run_dir: &Path, sides: &[&str]) -> String {
+    let logs = sides
+        .iter()
+        .map(|side| {
+            let tail = log_tail(&run_dir.join(format!("{side}.log")));
+            format!("{side} log: {tail}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    format!("{e} ({logs})")
+}
+
+/// The QEMU arguments every bench guest shares: KVM, `size` bytes of
+/// memory, the bench kernel `image`, no devices, and QMP on `socket`.
+pub(crate) fn common_args(image: &Path, size: u64, socket: &Path) -> Vec<String> {
+    [
+        "-enable-kvm",
+        "-m",
+        &format!("{}M", size >> 20),
+        "-kernel",
+        &image.display().to_string(),
+        "-nographic",
+        "-nodefaults",
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", socket.display()),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Migrates a `size`-byte guest running `variant` from one QEMU to
 /// another, verifies the destination, and returns QEMU's own figures.
 pub fn migrate(
@@ -168,15 +200,7 @@ pub fn migrate(
     let result = run(&run_dir, image, size, variant, config, prep, link);
     match result {
         Ok(outcome) => outcome,
-        Err(e) => {
-            let logs = ["source", "destination"]
-                .map(|side| {
-                    let tail = log_tail(&run_dir.join(format!("{side}.log")));
-                    format!("{side} log: {tail}")
-                })
-                .join("; ");
-            Outcome::Failed(format!("{e} ({logs})"))
-        }
+        Err(e) => Outcome::Failed(with_log_tails(&e, &run_dir, &["source", "destination"])),
     }
 }
 
@@ -191,21 +215,7 @@ fn run(
 ) -> Result<Outcome, String> {
     let port = free_port()?;
     let sockets: [PathBuf; 2] = ["source", "destination"].map(|s| run_dir.join(format!("{s}.qmp")));
-    let common = |socket: &Path| -> Vec<String> {
-        [
-            "-enable-kvm",
-            "-m",
-            &format!("{}M", size >> 20),
-            "-kernel",
-            &image.display().to_string(),
-            "-nographic",
-            "-nodefaults",
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", socket.display()),
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    let common = |socket: &Path| common_args(image, size, socket);
     let mut children = Children(Vec::new());
     let mut source_args = common(&sockets[0]);
     if config.zero_copy {

@@ -21,8 +21,9 @@
 
 mod qemu;
 
-use super::migrate::{ensure_installed, image, median, parse_size};
+use super::migrate::{ensure_installed, image, median, parse_sizes};
 use super::ramblock_run::{run_json, RunFailure, Summary};
+use crate::bench::opt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -47,25 +48,11 @@ pub(super) fn parse(args: &[String]) -> Result<Options, String> {
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| format!("`{arg}` needs a value; {USAGE}"))
-        };
+        let mut value = || opt::value(&mut args, arg, USAGE);
         match arg.as_str() {
-            "--sizes" => {
-                o.sizes = value()?
-                    .split(',')
-                    .map(parse_size)
-                    .collect::<Result<_, _>>()?
-            }
+            "--sizes" => o.sizes = parse_sizes(value()?)?,
             "--dirs" => o.dirs = value()?.split(',').map(PathBuf::from).collect(),
-            "--runs" => {
-                o.runs = value()?
-                    .parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .ok_or_else(|| format!("`--runs` needs a positive count; {USAGE}"))?
-            }
+            "--runs" => o.runs = opt::runs(value()?, USAGE)?,
             "--diff-after-ms" => {
                 o.diff_after_ms = value()?
                     .parse()

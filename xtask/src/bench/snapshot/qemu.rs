@@ -11,7 +11,9 @@
 //! its VM.
 
 use super::super::migrate::image::Variant;
-use super::super::migrate::qemu::{log_tail, spawn, warm_up, Children, MAX_BANDWIDTH, QEMU};
+use super::super::migrate::qemu::{
+    common_args, spawn, warm_up, with_log_tails, Children, MAX_BANDWIDTH, QEMU,
+};
 use super::super::migrate::qmp::Qmp;
 use serde_json::json;
 use std::path::Path;
@@ -25,22 +27,6 @@ pub struct QemuFigures {
     pub file_bytes: u64,
 }
 
-fn common(image: &Path, size: u64, socket: &Path) -> Vec<String> {
-    [
-        "-enable-kvm",
-        "-m",
-        &format!("{}M", size >> 20),
-        "-kernel",
-        &image.display().to_string(),
-        "-nographic",
-        "-nodefaults",
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", socket.display()),
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
 /// Saves a `size`-byte increment guest to `file` and loads it back.
 pub fn save_and_load(
     run_dir: &Path,
@@ -52,12 +38,7 @@ pub fn save_and_load(
     std::fs::create_dir_all(run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
     let result = run(run_dir, image, size, file);
     let _ = std::fs::remove_file(file);
-    result.map_err(|e| {
-        let logs = ["save", "load"]
-            .map(|s| format!("{s} log: {}", log_tail(&run_dir.join(format!("{s}.log")))))
-            .join("; ");
-        format!("{e} ({logs})")
-    })
+    result.map_err(|e| with_log_tails(&e, run_dir, &["save", "load"]))
 }
 
 fn wait_completed(q: &mut Qmp, deadline: Instant) -> Result<serde_json::Value, String> {
@@ -81,7 +62,7 @@ fn run(run_dir: &Path, image: &Path, size: u64, file: &Path) -> Result<QemuFigur
     let socket = run_dir.join("save.qmp");
     let mut children = Children(vec![spawn(
         Command::new(QEMU),
-        &common(image, size, &socket),
+        &common_args(image, size, &socket),
         &run_dir.join("save.log"),
     )?]);
     let mut q = Qmp::connect(
@@ -108,7 +89,7 @@ fn run(run_dir: &Path, image: &Path, size: u64, file: &Path) -> Result<QemuFigur
     let file_bytes = std::fs::metadata(file).map_err(|e| e.to_string())?.len();
 
     let socket = run_dir.join("load.qmp");
-    let mut args = common(image, size, &socket);
+    let mut args = common_args(image, size, &socket);
     args.extend([
         "-S".to_string(),
         "-incoming".to_string(),

@@ -499,7 +499,9 @@ fn restore(a: &RestoreArgs) -> Result<Report, String> {
             let runner = VcpuRunner::spawn(vm.clone(), vcpu).map_err(|e| e.to_string())?;
             Ok((runner, t0.elapsed()))
         };
-    let limit = Duration::from_secs(60);
+    // The first loop after a restore faults every page in: an mmap restore
+    // takes about 8 s per GiB here, so the wait grows with the guest.
+    let limit = Duration::from_secs(30) * (1 + len.div_ceil(1 << 30) as u32);
     let ram = match a.mode {
         Mode::Eager => {
             // Preallocation is preparation, before the clock starts.

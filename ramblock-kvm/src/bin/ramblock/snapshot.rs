@@ -88,6 +88,21 @@ pub struct SaveArgs {
     /// two snapshots (default: until it completes one more pass).
     #[arg(long, value_name = "MS")]
     pub diff_after_ms: Option<u64>,
+    /// Save while the guest runs: pause it for the instant (vCPU state and
+    /// write-protection of its RAM), resume it, and write each page as it
+    /// was at the instant before the guest's first write to it
+    /// (copy-before-write). Then pause it and verify the file against the
+    /// guest's RAM at the instant. Not with --diff or --direct.
+    #[arg(long, conflicts_with_all = ["diff", "direct"])]
+    pub live: bool,
+    /// With --live: also time a paused snapshot of the same guest
+    /// afterwards (to PATH.paused, removed), for the ratio.
+    #[arg(long, requires = "live")]
+    pub compare_paused: bool,
+    /// With --live: milliseconds over which the guest's loop rate is
+    /// measured before the instant.
+    #[arg(long, default_value_t = 1000, value_name = "MS", requires = "live")]
+    pub rate_window_ms: u64,
     /// Benchmarks: also time a plain single-threaded pwrite loop of the
     /// guest's memory to a file beside PATH (baseline_pwrite_ms).
     #[arg(long, hide = true)]
@@ -136,6 +151,7 @@ pub struct RestoreArgs {
 /// Runs a snapshot command.
 pub fn run(cmd: SnapshotCommand) -> ExitCode {
     let (json, result) = match cmd {
+        SnapshotCommand::Save(a) if a.live => (a.json, crate::live_snapshot::save_live(&a)),
         SnapshotCommand::Save(a) => (a.json, save(&a)),
         SnapshotCommand::Restore(a) => (a.json, restore(&a)),
         SnapshotCommand::Inspect { path, json } => (json, inspect(&path, json)),
@@ -170,14 +186,14 @@ pub fn run(cmd: SnapshotCommand) -> ExitCode {
 
 /// What a command reports.
 #[derive(Debug, Default)]
-struct Report {
-    fields: Vec<(&'static str, String)>,
-    verified: Option<bool>,
-    text: String,
+pub(crate) struct Report {
+    pub(crate) fields: Vec<(&'static str, String)>,
+    pub(crate) verified: Option<bool>,
+    pub(crate) text: String,
 }
 
 impl Report {
-    fn num(&mut self, key: &'static str, v: impl Into<f64>) {
+    pub(crate) fn num(&mut self, key: &'static str, v: impl Into<f64>) {
         let v: f64 = v.into();
         let s = if v.fract() == 0.0 && v.abs() < 1e15 {
             format!("{}", v as i64)
@@ -187,7 +203,7 @@ impl Report {
         self.fields.push((key, s));
     }
 
-    fn str(&mut self, key: &'static str, v: &str) {
+    pub(crate) fn str(&mut self, key: &'static str, v: &str) {
         self.fields.push((key, format!("{v:?}")));
     }
 
@@ -215,13 +231,13 @@ impl Report {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// A progress bar on stderr for work of `total` bytes, hidden for short
 /// work and with --json.
-fn bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
+pub(crate) fn bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
     if quiet || total < (256 << 20) {
         return ProgressBar::hidden();
     }
@@ -235,7 +251,7 @@ fn bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
     pb
 }
 
-fn vm() -> Result<Arc<Vm>, String> {
+pub(crate) fn vm() -> Result<Arc<Vm>, String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("no /dev/kvm: snapshots run the KVM test guest".into());
     }
@@ -247,7 +263,7 @@ fn vm() -> Result<Arc<Vm>, String> {
 }
 
 /// Waits until the runner has counted `n` heartbeats (at most `limit`).
-fn wait_beats(runner: &VcpuRunner, n: u64, limit: Duration) -> Result<(), String> {
+pub(crate) fn wait_beats(runner: &VcpuRunner, n: u64, limit: Duration) -> Result<(), String> {
     let start = Instant::now();
     while runner.heartbeats() < n {
         if let Some(e) = runner.error() {
@@ -427,7 +443,7 @@ fn in_chunks(
 }
 
 /// Fresh memory for block `len` bytes with `page` pages, preallocated or not.
-fn fresh_memory(len: u64, page: PageSize, prealloc: bool) -> Result<LinuxMemory, String> {
+pub(crate) fn fresh_memory(len: u64, page: PageSize, prealloc: bool) -> Result<LinuxMemory, String> {
     let b = if page == PageSize::SIZE_4K {
         MemoryBuilder::anonymous(ByteLen(len))
     } else {

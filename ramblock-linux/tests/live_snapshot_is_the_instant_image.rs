@@ -278,10 +278,7 @@ fn a_live_save_of_bad_blocks_is_a_typed_error_and_protects_nothing() {
             name: name.clone(),
             memory: &mem,
         },
-        LiveBlock {
-            name,
-            memory: &mem,
-        },
+        LiveBlock { name, memory: &mem },
     ];
     let err = save_live(
         &dir.path().join("x"),
@@ -306,10 +303,7 @@ fn a_live_save_of_bad_blocks_is_a_typed_error_and_protects_nothing() {
         &|_| {},
     )
     .unwrap_err();
-    assert!(
-        matches!(err, SnapshotError::Io { op: "open", .. }),
-        "{err}"
-    );
+    assert!(matches!(err, SnapshotError::Io { op: "open", .. }), "{err}");
     // Nothing was protected: writes go through.
     mem.region().write(ByteLen(4096), b"free").unwrap();
 }

@@ -427,7 +427,9 @@ pub fn save(
         if (b.digests.len() as u64) < pages {
             return bad("its digest table has fewer entries than it has pages");
         }
-        if b.pages.is_some_and(|w| (w.len() as u64) < pages.div_ceil(64)) {
+        if b.pages
+            .is_some_and(|w| (w.len() as u64) < pages.div_ceil(64))
+        {
             return bad("its page bitmap is shorter than the block");
         }
     }

@@ -443,7 +443,11 @@ fn in_chunks(
 }
 
 /// Fresh memory for block `len` bytes with `page` pages, preallocated or not.
-pub(crate) fn fresh_memory(len: u64, page: PageSize, prealloc: bool) -> Result<LinuxMemory, String> {
+pub(crate) fn fresh_memory(
+    len: u64,
+    page: PageSize,
+    prealloc: bool,
+) -> Result<LinuxMemory, String> {
     let b = if page == PageSize::SIZE_4K {
         MemoryBuilder::anonymous(ByteLen(len))
     } else {

@@ -14,7 +14,7 @@
 //! writers must have changed memory during the save.
 mod common;
 
-use common::{skip, HugepagePool, ScratchDir};
+use common::{skip, wait_for, HugepagePool, ScratchDir};
 use ramblock_core::addr::{ByteLen, PageSize};
 use ramblock_core::host::HostMemory;
 use ramblock_core::name::BlockName;
@@ -26,22 +26,9 @@ use ramblock_linux::snapshot::{
 };
 use ramblock_linux::{LinuxMemory, MemoryBuilder};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const PAGE: usize = 4096;
-
-/// Waits (bounded) until `cond`; false if it never held.
-fn wait_for(cond: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::yield_now();
-    }
-    true
-}
 
 /// A writer parked at the instant on request.
 struct Writer {

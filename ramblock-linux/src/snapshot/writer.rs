@@ -210,15 +210,11 @@ impl<'p> Output<'p> {
         let file_id = random_id().map_err(|e| {
             SnapshotError::io("getrandom", path, e, "the kernel must offer randomness")
         })?;
-        let file = create_file(path, "the snapshot's directory must be writable")?;
-        file.set_len(plan.data_end).map_err(|e| {
-            SnapshotError::io(
-                "ftruncate",
-                path,
-                e,
-                "the filesystem must hold a file this large",
-            )
-        })?;
+        let file = create_sized(
+            path,
+            plan.data_end,
+            "the snapshot's directory must be writable",
+        )?;
         let direct = if direct {
             Some(
                 OpenOptions::new()
@@ -625,6 +621,24 @@ impl Plan {
         let sum = seal(&mut meta);
         (meta, sum)
     }
+}
+
+/// [`create_file`] at `len` bytes (a sparse file: all holes).
+pub(crate) fn create_sized(
+    path: &Path,
+    len: u64,
+    hint: &'static str,
+) -> Result<File, SnapshotError> {
+    let file = create_file(path, hint)?;
+    file.set_len(len).map_err(|e| {
+        SnapshotError::io(
+            "ftruncate",
+            path,
+            e,
+            "the filesystem must hold a file this large",
+        )
+    })?;
+    Ok(file)
 }
 
 /// Creates (or truncates) the output file at `path`, readable and writable

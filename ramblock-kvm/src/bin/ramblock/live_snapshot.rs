@@ -10,21 +10,19 @@
 //! paused vCPU's registers): before the instant, over --rate-window-ms, and
 //! during the save.
 
-use crate::memory::{guest_ram, GuestRam, Side, RAM_BLOCK};
-use crate::snapshot::{bar, fresh_memory, ms, vm, wait_beats, Report, SaveArgs};
+use crate::memory::RAM_BLOCK;
+use crate::snapshot::{
+    bar, cpu_section, fresh_memory, ms, start_save_guest, with_suffix, Report, SaveArgs, SaveGuest,
+};
 use ramblock_core::host::HostMemory;
 use ramblock_core::name::BlockName;
-use ramblock_core::section::SectionName;
 use ramblock_core::snapshot::Kind;
 use ramblock_kvm::guest::{check_resumed_increment, Workload};
-use ramblock_kvm::memslot::BlockRange;
-use ramblock_kvm::mode::{DirtyLogMode, DirtyLogRequest};
 use ramblock_kvm::runner::VcpuRunner;
 use ramblock_linux::snapshot::{
     restore_eager, save, verify_block, LiveBlock, LiveSave, RestoreTarget, SaveBlock, SaveOptions,
-    SaveSection, SnapshotChain,
+    SnapshotChain,
 };
-use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
@@ -57,27 +55,14 @@ fn quantile_us(sorted: &[u64], q: f64) -> f64 {
 }
 
 pub fn save_live(a: &SaveArgs) -> Result<Report, String> {
-    let ram: &'static GuestRam = guest_ram(
-        a.size,
-        &a.backing,
-        18,
-        Side::Source,
-        DirtyLogRequest::Mode(DirtyLogMode::Bitmap),
-    )?;
-    let vm = vm()?;
+    let SaveGuest {
+        ram,
+        vm: _vm,
+        runner,
+        work,
+    } = start_save_guest(a, false)?;
     let view = ram.read();
     let block = view.by_name(RAM_BLOCK).ok_or("no guest RAM block")?;
-    // SAFETY: `ram` is leaked ('static) and its block never removed, so the
-    // memory behind the slot outlives the VM.
-    unsafe { vm.map_block(block, 0, BlockRange::Whole) }.map_err(|e| e.to_string())?;
-    let work = Workload::for_ram(a.size).map_err(|e| e.to_string())?;
-    let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
-    work.load(&block.region(), &vcpu)
-        .map_err(|e| e.to_string())?;
-    let runner = VcpuRunner::spawn(vm.clone(), vcpu).map_err(|e| e.to_string())?;
-    let gib = a.size.div_ceil(1 << 30) as u32;
-    // One whole pass: the guest wrote all its memory.
-    wait_beats(&runner, 1, Duration::from_secs(20) * (1 + gib))?;
 
     // The loop rate before: a window of free running.
     runner.pause();
@@ -90,12 +75,7 @@ pub fn save_live(a: &SaveArgs) -> Result<Report, String> {
     runner.pause();
     let before_window = window.elapsed();
     let (at_instant, next_page, state) = position(&runner, &work)?;
-    let sections = [SaveSection {
-        name: SectionName::new("cpu").expect("valid"),
-        instance_id: 0,
-        version: 1,
-        bytes: &state,
-    }];
+    let sections = [cpu_section(&state)];
     let blocks = [LiveBlock {
         name: BlockName::new(RAM_BLOCK).expect("valid"),
         memory: block.memory(),
@@ -188,19 +168,12 @@ pub fn save_live(a: &SaveArgs) -> Result<Report, String> {
     }
     if a.compare_paused {
         // The same guest, paused for a whole save (it is paused now).
-        let mut p = a.path.clone().into_os_string();
-        p.push(".paused");
-        let p = PathBuf::from(p);
+        let p = with_suffix(&a.path, ".paused");
         let pages = block.used_length().0 / 4096;
         let digests: Vec<AtomicU64> = (0..pages).map(|_| AtomicU64::new(0)).collect();
         let t = Instant::now();
         let state = runner.snapshot().map_err(|e| e.to_string())?.to_bytes();
-        let sections = [SaveSection {
-            name: SectionName::new("cpu").expect("valid"),
-            instance_id: 0,
-            version: 1,
-            bytes: &state,
-        }];
+        let sections = [cpu_section(&state)];
         let s = save(
             &p,
             &[SaveBlock {

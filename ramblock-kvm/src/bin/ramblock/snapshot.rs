@@ -251,7 +251,7 @@ pub(crate) fn bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
     pb
 }
 
-pub(crate) fn vm() -> Result<Arc<Vm>, String> {
+fn vm() -> Result<Arc<Vm>, String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("no /dev/kvm: snapshots run the KVM test guest".into());
     }
@@ -263,7 +263,7 @@ pub(crate) fn vm() -> Result<Arc<Vm>, String> {
 }
 
 /// Waits until the runner has counted `n` heartbeats (at most `limit`).
-pub(crate) fn wait_beats(runner: &VcpuRunner, n: u64, limit: Duration) -> Result<(), String> {
+fn wait_beats(runner: &VcpuRunner, n: u64, limit: Duration) -> Result<(), String> {
     let start = Instant::now();
     while runner.heartbeats() < n {
         if let Some(e) = runner.error() {
@@ -277,7 +277,39 @@ pub(crate) fn wait_beats(runner: &VcpuRunner, n: u64, limit: Duration) -> Result
     Ok(())
 }
 
-fn save(a: &SaveArgs) -> Result<Report, String> {
+/// The vCPU state section a snapshot of the test guest carries.
+pub(crate) fn cpu_section(state: &[u8]) -> SaveSection<'_> {
+    SaveSection {
+        name: SectionName::new("cpu").expect("valid"),
+        instance_id: 0,
+        version: 1,
+        bytes: state,
+    }
+}
+
+/// `path` with `suffix` appended to its file name (`g.snap` -> `g.snap.base`).
+pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// The test guest to save, running.
+pub(crate) struct SaveGuest {
+    /// Its RAM (one block, `pc.ram`).
+    pub ram: &'static GuestRam,
+    /// Its VM.
+    pub vm: Arc<Vm>,
+    /// Its vCPU.
+    pub runner: VcpuRunner,
+    /// Its loop.
+    pub work: Workload,
+}
+
+/// Builds `a.size` bytes of guest RAM over `a.backing`, maps it, starts
+/// the increment loop and waits until it wrote all its memory once; KVM's
+/// dirty log is switched on for the block when `log` (for diffs).
+pub(crate) fn start_save_guest(a: &SaveArgs, log: bool) -> Result<SaveGuest, String> {
     let ram: &'static GuestRam = guest_ram(
         a.size,
         &a.backing,
@@ -291,16 +323,36 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
     // SAFETY: `ram` is leaked ('static) and its block never removed, so the
     // memory behind the slot outlives the VM.
     unsafe { vm.map_block(block, 0, BlockRange::Whole) }.map_err(|e| e.to_string())?;
-    vm.set_block_logging(block.offset(), true)
-        .map_err(|e| e.to_string())?;
+    if log {
+        vm.set_block_logging(block.offset(), true)
+            .map_err(|e| e.to_string())?;
+    }
     let work = Workload::for_ram(a.size).map_err(|e| e.to_string())?;
     let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
     work.load(&block.region(), &vcpu)
         .map_err(|e| e.to_string())?;
     let runner = VcpuRunner::spawn(vm.clone(), vcpu).map_err(|e| e.to_string())?;
-    let gib = a.size.div_ceil(1 << 30) as u32;
     // One whole pass: the guest wrote all its memory.
-    wait_beats(&runner, 1, Duration::from_secs(20) * (1 + gib))?;
+    wait_beats(&runner, 1, pass_limit(a.size))?;
+    Ok(SaveGuest {
+        ram,
+        vm,
+        runner,
+        work,
+    })
+}
+
+/// The longest a guest of `size` bytes may take for a pass.
+fn pass_limit(size: u64) -> Duration {
+    Duration::from_secs(20) * (1 + size.div_ceil(1 << 30) as u32)
+}
+
+fn save(a: &SaveArgs) -> Result<Report, String> {
+    let SaveGuest {
+        ram, vm, runner, ..
+    } = start_save_guest(a, true)?;
+    let view = ram.read();
+    let block = view.by_name(RAM_BLOCK).ok_or("no guest RAM block")?;
     runner.pause();
     let mut log = KvmDirtyLog::new(&vm);
     let mut snap = Snapshotter::new();
@@ -312,12 +364,7 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
     let mut report = Report::default();
     let mut one = |path: &Path, diff: bool, snap: &mut Snapshotter| {
         let state = runner.snapshot().map_err(|e| e.to_string())?.to_bytes();
-        let sections = [SaveSection {
-            name: SectionName::new("cpu").expect("valid"),
-            instance_id: 0,
-            version: 1,
-            bytes: &state,
-        }];
+        let sections = [cpu_section(&state)];
         let pb = bar(a.size, a.json, if diff { "saving diff" } else { "saving" });
         let s = snap
             .save(path, &[block], &mut log, &sections, diff, options, &|n| {
@@ -328,9 +375,7 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
         Ok::<_, String>(s)
     };
     let full_path = if a.diff {
-        let mut p = a.path.clone().into_os_string();
-        p.push(".base");
-        PathBuf::from(p)
+        with_suffix(&a.path, ".base")
     } else {
         a.path.clone()
     };
@@ -342,7 +387,7 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
             Some(ms) => std::thread::sleep(Duration::from_millis(ms)),
             None => {
                 let beats = runner.heartbeats();
-                wait_beats(&runner, beats + 1, Duration::from_secs(20) * (1 + gib))?;
+                wait_beats(&runner, beats + 1, pass_limit(a.size))?;
             }
         }
         runner.pause();
@@ -375,9 +420,7 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
     );
     report.num("guest_passes", runner.heartbeats() as f64);
     if a.baseline {
-        let mut p = a.path.clone().into_os_string();
-        p.push(".baseline");
-        let p = PathBuf::from(p);
+        let p = with_suffix(&a.path, ".baseline");
         let t = baseline_pwrite(&p, &block.region())?;
         report.num("baseline_pwrite_ms", ms(t));
         report.num(

@@ -191,18 +191,14 @@ fn one_run(
         // A new file, as for the first save: replacing the 1 GiB snapshot
         // would time freeing its blocks.
         let _ = std::fs::remove_file(&file);
-        let diff = ramblock(
-            binary,
-            &a(&[
-                "snapshot",
-                "save",
-                &f,
-                &size_arg,
-                "--diff",
-                &format!("--diff-after-ms={diff_ms}"),
-                "--json",
-            ]),
-        )?;
+        // `ramblock snapshot save FILE --size=.. EXTRA --json`.
+        let save_with = |extra: &[&str]| {
+            let mut args = a(&["snapshot", "save", &f, &size_arg]);
+            args.extend(a(extra));
+            args.push("--json".into());
+            ramblock(binary, &args)
+        };
+        let diff = save_with(&["--diff", &format!("--diff-after-ms={diff_ms}")])?;
         let full_disk = std::fs::metadata(format!("{f}.base")).map(|m| {
             use std::os::unix::fs::MetadataExt;
             m.blocks() * 512
@@ -221,18 +217,7 @@ fn one_run(
             100.0 * diff.float("save_ms")? / diff.float("full_save_ms")?,
         );
         let _ = std::fs::remove_file(&file);
-        let live = ramblock(
-            binary,
-            &a(&[
-                "snapshot",
-                "save",
-                &f,
-                &size_arg,
-                "--live",
-                "--compare-paused",
-                "--json",
-            ]),
-        )?;
+        let live = save_with(&["--live", "--compare-paused"])?;
         for (key, series) in [
             ("save_ms", "live_save_ms"),
             ("paused_save_ms", "live_paused_save_ms"),

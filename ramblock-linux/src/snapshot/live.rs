@@ -90,6 +90,10 @@ impl<'a> LiveSave<'a> {
     /// shows. Writers may run again as soon as this returns; their writes
     /// to pages not yet saved stop until [`LiveSave::run`] saves them.
     ///
+    /// Creating the file is part of the instant, so a caller whose writers
+    /// are paused removes an old file at `path` beforehand (truncating a
+    /// large one frees its blocks, which takes time).
+    ///
     /// `options.direct` and `options.sync` apply as for [`super::save`];
     /// `options.threads` does not (one thread per block). A kernel without
     /// write-protection of unpopulated memory is

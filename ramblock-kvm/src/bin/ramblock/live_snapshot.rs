@@ -64,6 +64,14 @@ pub fn save_live(a: &SaveArgs) -> Result<Report, String> {
     let view = ram.read();
     let block = view.by_name(RAM_BLOCK).ok_or("no guest RAM block")?;
 
+    // An old file at PATH goes now: truncating it inside the instant
+    // would stop the guest while its blocks are freed.
+    match std::fs::remove_file(&a.path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("{}: {e}", a.path.display()))
+        }
+        _ => {}
+    }
     // The loop rate before: a window of free running.
     runner.pause();
     let (before_from, _, _) = position(&runner, &work)?;

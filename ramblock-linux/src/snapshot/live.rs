@@ -71,7 +71,9 @@ pub struct LiveSaveSummary {
 }
 
 /// A live save in progress: the instant taken, the pages still to save;
-/// see the module docs.
+/// see the module docs. Dropped without [`LiveSave::run`], it un-protects
+/// the memory (waking any writer stopped in a fault) and leaves an
+/// incomplete file that no reader accepts.
 #[derive(Debug)]
 pub struct LiveSave<'a> {
     out: Output<'a>,

@@ -41,13 +41,17 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-// `poll(2)` for `fault_pending`, through libc as the uffd module does.
+// `poll(2)` and `eventfd(2)` for the fault thread and `fault_pending`,
+// through libc as the uffd module does.
 #![allow(unsafe_code)]
 
 use crate::memory::LinuxMemory;
 use crate::uffd::{Event, Features, RegisterMode, RegisteredBlock, UffdError, Userfaultfd};
 use ramblock_core::host::HostMemory;
 use ramblock_core::region::HostRegion;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Bytes read and saved at a time by the background copy (at least one
@@ -120,9 +124,140 @@ pub struct LiveCopy<'m> {
     block: RegisteredBlock<'m>,
     region: HostRegion<'m>,
     page: usize,
-    /// One bit per page: saved (and so un-protected).
-    saved: Vec<u64>,
     started: Instant,
+}
+
+/// What `run_regions` calls to save pages, from both of its threads.
+type SaveFn<'f> = dyn Fn(u64, &HostRegion<'_>) -> std::io::Result<()> + Sync + 'f;
+
+/// No page: [`Shared::ahead`] holds no hint.
+const NO_PAGE: usize = usize::MAX;
+
+/// What the fault thread and the background copier share.
+struct Shared {
+    /// One bit per page: a saver took it. Set by one `fetch_or`, so
+    /// exactly one of the two threads saves each page.
+    claimed: Vec<AtomicU64>,
+    /// One bit per page: saved and un-protected (set after both).
+    released: Vec<AtomicU64>,
+    /// With `changed`: the fault thread waits there for a page the copier
+    /// claimed to be released. Guards no data; the bits are atomics.
+    lock: Mutex<()>,
+    changed: Condvar,
+    /// The page after the last one the fault thread saved (or
+    /// [`NO_PAGE`]): writers walk up, so the copier saves there next,
+    /// ahead of the writer, instead of where it was.
+    ahead: AtomicUsize,
+    /// Set when the copier is done (every page claimed and its own
+    /// released) or either thread failed; both threads then stop.
+    finished: AtomicBool,
+    /// Set by the fault thread when it failed (its error is the copy's).
+    fault_failed: AtomicBool,
+    /// Readable once `finished` is set: wakes the fault thread from its
+    /// `poll(2)` on the userfaultfd.
+    stop: OwnedFd,
+}
+
+impl Shared {
+    fn new(pages: usize) -> std::io::Result<Shared> {
+        // SAFETY: eventfd(2) takes no pointers; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let stop = unsafe { OwnedFd::from_raw_fd(fd) };
+        let bits = || (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        Ok(Shared {
+            claimed: bits(),
+            released: bits(),
+            lock: Mutex::new(()),
+            changed: Condvar::new(),
+            ahead: AtomicUsize::new(NO_PAGE),
+            finished: AtomicBool::new(false),
+            fault_failed: AtomicBool::new(false),
+            stop,
+        })
+    }
+
+    /// Takes `page` to save; false if the other thread took it first.
+    fn claim(&self, page: usize) -> bool {
+        let bit = 1 << (page % 64);
+        self.claimed[page / 64].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    /// The first page at or after `from` that no one claimed.
+    fn next_unclaimed(&self, from: usize, pages: usize) -> Option<usize> {
+        let mut word = from / 64;
+        // Bits below `from` in its word count as claimed.
+        let mut below = (1u64 << (from % 64)) - 1;
+        while word < self.claimed.len() {
+            let free = !(self.claimed[word].load(Ordering::Acquire) | below);
+            if free != 0 {
+                let page = word * 64 + free.trailing_zeros() as usize;
+                return (page < pages).then_some(page);
+            }
+            below = 0;
+            word += 1;
+        }
+        None
+    }
+
+    fn is_released(&self, page: usize) -> bool {
+        self.released[page / 64].load(Ordering::Acquire) >> (page % 64) & 1 == 1
+    }
+
+    /// Marks `first .. first + count` saved and un-protected, and wakes
+    /// the fault thread if it waits for one of them.
+    fn release(&self, first: usize, count: usize) {
+        for p in first..first + count {
+            self.released[p / 64].fetch_or(1 << (p % 64), Ordering::Release);
+        }
+        // Taken between setting the bits and notifying, so a waiter that
+        // checked before they were set is already waiting: no lost wake.
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.notify_all();
+    }
+
+    /// Waits until `page` is released or the copy stopped (done, or the
+    /// fault thread failed); whether it was released.
+    fn wait_released(&self, page: usize) -> bool {
+        let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if self.is_released(page) {
+                return true;
+            }
+            if self.finished.load(Ordering::Acquire) || self.fault_failed.load(Ordering::Acquire) {
+                return self.is_released(page);
+            }
+            guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Stops both threads: the fault thread leaves its `poll(2)` and any
+    /// wait for a page.
+    fn finish(&self) {
+        self.finished.store(true, Ordering::Release);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live 8-byte buffer to our eventfd.
+        // It cannot fail short of the counter overflowing, which one write
+        // per copy cannot do; if it did, the fault thread would still see
+        // `finished` on its next event.
+        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.notify_all();
+    }
+}
+
+/// Calls [`Shared::finish`] when dropped: the copier stops the fault thread
+/// however it leaves (done, failed, or unwinding from a panic in `save`),
+/// so the scope joining it never hangs.
+struct FinishOnDrop<'s>(&'s Shared);
+
+impl Drop for FinishOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
 }
 
 impl<'m> LiveCopy<'m> {
@@ -145,13 +280,11 @@ impl<'m> LiveCopy<'m> {
         uffd.write_protect(block.base(), block.len(), true, false)?;
         let started = Instant::now();
         let page = block.page_size();
-        let pages = block.len() / page;
         Ok(LiveCopy {
             uffd,
             block,
             region: mem.region(),
             page,
-            saved: vec![0; pages.div_ceil(64)],
             started,
         })
     }
@@ -160,7 +293,7 @@ impl<'m> LiveCopy<'m> {
     /// userfaultfd has an event to read; nothing is consumed).
     pub fn fault_pending(&self) -> bool {
         let mut pollfd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&self.uffd.as_fd()),
+            fd: self.uffd.as_fd().as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
@@ -174,18 +307,15 @@ impl<'m> LiveCopy<'m> {
         self.block.len() / self.page
     }
 
-    fn is_saved(&self, page: usize) -> bool {
-        self.saved[page / 64] >> (page % 64) & 1 == 1
-    }
-
-    /// Hands pages `first .. first + count` (unsaved, still protected, so
-    /// as they were at the instant) to `save`, marks them saved and
-    /// un-protects them, waking writers waiting there.
+    /// Hands pages `first .. first + count` (claimed by the caller, still
+    /// protected, so as they were at the instant) to `save`, un-protects
+    /// them (waking writers waiting there), and marks them released.
     fn save_run(
-        &mut self,
+        &self,
+        shared: &Shared,
         first: usize,
         count: usize,
-        save: &mut dyn FnMut(u64, &HostRegion<'_>) -> std::io::Result<()>,
+        save: &SaveFn<'_>,
     ) -> Result<(), LiveCopyError> {
         let (offset, len) = (first * self.page, count * self.page);
         let save_error = |source| LiveCopyError::Save {
@@ -201,22 +331,23 @@ impl<'m> LiveCopy<'m> {
             .map_err(|e| save_error(std::io::Error::other(e.to_string())))?
             .read_only();
         save(offset as u64, &pages).map_err(save_error)?;
-        for p in first..first + count {
-            self.saved[p / 64] |= 1 << (p % 64);
-        }
         // Saved first, un-protected second: a writer woken here writes
         // into a page whose old content is already out.
         self.uffd
             .write_protect(self.block.base().wrapping_add(offset), len, false, true)?;
+        shared.release(first, count);
         Ok(())
     }
 
-    /// Serves one event: saves the faulting page unless it is saved
-    /// already, and wakes its writer.
+    /// Serves one event: saves the faulting page if no one has claimed
+    /// it, else waits until whoever did has saved and un-protected it;
+    /// then the writer is awake (woken by the un-protect; a wake after it
+    /// covers an event read late, and is harmless otherwise).
     fn serve(
-        &mut self,
+        &self,
+        shared: &Shared,
         event: Event,
-        save: &mut dyn FnMut(u64, &HostRegion<'_>) -> std::io::Result<()>,
+        save: &SaveFn<'_>,
         stats: &mut LiveCopyStats,
     ) -> Result<(), LiveCopyError> {
         let t = Instant::now();
@@ -234,39 +365,153 @@ impl<'m> LiveCopy<'m> {
             .ok_or(LiveCopyError::Unexpected { event })?;
         let page = offset as usize / self.page;
         stats.faults += 1;
-        if self.is_saved(page) {
-            // Saved and un-protected meanwhile (which woke the writer);
-            // waking again is harmless.
-            self.uffd
-                .wake(self.block.base().wrapping_add(offset as usize), self.page)?;
-        } else {
-            self.save_run(page, 1, save)?;
+        if shared.claim(page) {
+            self.save_run(shared, page, 1, save)?;
             stats.faulted_pages += 1;
             stats.pages += 1;
+            shared.ahead.store(page + 1, Ordering::Release);
+        } else {
+            // The copier has it (or this thread saved it for an earlier
+            // fault): once released, the un-protect woke the writer.
+            if !shared.wait_released(page) {
+                // A thread failed; its error is the copy's, and the
+                // writer is freed when the userfaultfd closes.
+                return Ok(());
+            }
+            let start = self.block.base().wrapping_add(page * self.page);
+            self.uffd.wake(start, self.page)?;
         }
         stats.fault_service_ns.push(t.elapsed().as_nanos() as u64);
         Ok(())
     }
 
+    /// The fault thread: blocks on the userfaultfd and serves each event
+    /// as it comes, until the copier is done.
+    fn serve_faults(
+        &self,
+        shared: &Shared,
+        save: &SaveFn<'_>,
+    ) -> Result<LiveCopyStats, LiveCopyError> {
+        let mut stats = LiveCopyStats::default();
+        let mut fds = [
+            libc::pollfd {
+                fd: self.uffd.as_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: shared.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            while let Some(event) = self.uffd.read_event(Some(Duration::ZERO))? {
+                self.serve(shared, event, save, &mut stats)?;
+            }
+            if shared.finished.load(Ordering::Acquire) {
+                // Every page is released (with a wake); events still
+                // queued are for writers already woken.
+                return Ok(stats);
+            }
+            // SAFETY: two valid pollfds, counted as two; waits until one
+            // is readable (a signal returns early and loops).
+            let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if ret < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(LiveCopyError::Save {
+                        offset: 0,
+                        len: 0,
+                        source: err,
+                    });
+                }
+            }
+            for fd in &mut fds {
+                fd.revents = 0;
+            }
+        }
+    }
+
+    /// The background copier: claims and saves runs of pages until every
+    /// page is claimed, going next to the page after the latest fault
+    /// (see [`Shared::ahead`]), else onwards from where it was, else from
+    /// the lowest page no one claimed.
+    ///
+    /// Between runs it also serves the faults already reported, as the
+    /// fault thread does: on a busy host the fault thread may wait for a
+    /// core while this one runs, and a writer's event that is not read
+    /// before the copier un-protects its page vanishes (the woken writer
+    /// withdraws it), so the copier takes its share.
+    fn copy_all(
+        &self,
+        shared: &Shared,
+        save: &SaveFn<'_>,
+        stats: &mut LiveCopyStats,
+    ) -> Result<(), LiveCopyError> {
+        let pages = self.pages();
+        let chunk_pages = (CHUNK / self.page).max(1);
+        let (mut cursor, mut low) = (0, 0);
+        while !shared.fault_failed.load(Ordering::Acquire) {
+            while let Some(event) = self.uffd.read_event(Some(Duration::ZERO))? {
+                self.serve(shared, event, save, stats)?;
+            }
+            let hint = shared.ahead.swap(NO_PAGE, Ordering::AcqRel);
+            if hint < pages {
+                cursor = hint;
+            }
+            let first = match shared.next_unclaimed(cursor, pages) {
+                Some(p) => p,
+                None => match shared.next_unclaimed(low, pages) {
+                    Some(p) => {
+                        low = p;
+                        p
+                    }
+                    None => break,
+                },
+            };
+            let mut count = 0;
+            while count < chunk_pages && first + count < pages && shared.claim(first + count) {
+                count += 1;
+            }
+            cursor = first + count.max(1);
+            if count > 0 {
+                self.save_run(shared, first, count, save)?;
+                stats.pages += count as u64;
+            }
+        }
+        Ok(())
+    }
+
     /// Saves every page as it was at [`LiveCopy::start`], through
     /// `save(offset, data)` (`offset` from the memory's start, `data` one
-    /// or more whole pages), each page exactly once, serving writers'
-    /// faults first; see the module docs. Returns once all are saved and
-    /// nothing is protected any more.
+    /// or more whole pages), each page exactly once; see the module docs.
+    /// Returns once all are saved and nothing is protected any more.
     ///
-    /// The pages are copied into a buffer for `save`; [`LiveCopy::run_regions`]
-    /// hands them without the copy.
+    /// The pages are copied into a buffer for `save`, which is called
+    /// under a lock (the fault thread's one page may wait for a
+    /// background run in `save`); [`LiveCopy::run_regions`] hands the
+    /// pages without the copy, to a `save` that both threads may call at
+    /// once.
     pub fn run(
         self,
-        mut save: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+        save: impl FnMut(u64, &[u8]) -> std::io::Result<()> + Send,
     ) -> Result<LiveCopyStats, LiveCopyError> {
-        let mut buf = vec![0u8; CHUNK.max(self.page)];
+        let save = Mutex::new(save);
+        // One buffer per caller at a time: there are at most two, the
+        // copier and the fault thread, so one of two is always free.
+        let bufs = [Mutex::new(Vec::new()), Mutex::new(Vec::new())];
         self.run_regions(|offset, pages| {
-            let data = &mut buf[..pages.len()];
+            let mut buf = match bufs.iter().find_map(|b| b.try_lock().ok()) {
+                Some(buf) => buf,
+                None => bufs[0].lock().unwrap_or_else(|p| p.into_inner()),
+            };
+            buf.resize(pages.len(), 0);
             pages
-                .read(ramblock_core::addr::ByteLen(0), data)
+                .read(ramblock_core::addr::ByteLen(0), &mut buf)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            save(offset, data)
+            let mut save = save.lock().unwrap_or_else(|p| p.into_inner());
+            (*save)(offset, &buf)
         })
     }
 
@@ -274,36 +519,54 @@ impl<'m> LiveCopy<'m> {
     /// its pages still protected while `save` runs, so as they were at the
     /// instant): a file writer can `pwritev(2)` straight from it, with no
     /// copy in user space.
+    ///
+    /// Two threads call `save`, possibly at once (for different pages): a
+    /// fault thread, blocked on the userfaultfd, saves a page a writer
+    /// faulted on as soon as the fault is reported; the calling thread
+    /// saves the rest in runs, going ahead of the latest fault. Each page
+    /// is claimed by one of them with an atomic bit, so saved exactly
+    /// once, and un-protected only after `save` returned for it.
     pub fn run_regions(
-        mut self,
-        mut save: impl FnMut(u64, &HostRegion<'_>) -> std::io::Result<()>,
+        self,
+        save: impl Fn(u64, &HostRegion<'_>) -> std::io::Result<()> + Sync,
     ) -> Result<LiveCopyStats, LiveCopyError> {
-        let chunk_pages = (CHUNK / self.page).max(1);
-        let mut stats = LiveCopyStats::default();
-        let pages = self.pages();
-        let mut next = 0;
-        loop {
-            // Writers first: each waits until its page is saved.
-            while let Some(event) = self.uffd.read_event(Some(Duration::ZERO))? {
-                self.serve(event, &mut save, &mut stats)?;
-            }
-            while next < pages && self.is_saved(next) {
-                next += 1;
-            }
-            if next == pages {
-                break;
-            }
-            let mut count = 1;
-            while count < chunk_pages && next + count < pages && !self.is_saved(next + count) {
-                count += 1;
-            }
-            self.save_run(next, count, &mut save)?;
-            stats.pages += count as u64;
-            next += count;
-        }
+        let shared = Shared::new(self.pages()).map_err(|source| LiveCopyError::Save {
+            offset: 0,
+            len: 0,
+            source,
+        })?;
+        let save: &SaveFn<'_> = &save;
+        let this = &self;
+        let (copied, faults) = std::thread::scope(|s| {
+            let faults = s.spawn(|| {
+                let result = this.serve_faults(&shared, save);
+                if result.is_err() {
+                    // Stops the copier, also if it waits for a page this
+                    // thread claimed and will not release.
+                    shared.fault_failed.store(true, Ordering::Release);
+                    drop(shared.lock.lock().unwrap_or_else(|p| p.into_inner()));
+                    shared.changed.notify_all();
+                }
+                result
+            });
+            let mut copied = LiveCopyStats::default();
+            let copied = {
+                let _finish = FinishOnDrop(&shared);
+                this.copy_all(&shared, save, &mut copied).map(|()| copied)
+            };
+            let faults = faults
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (copied, faults)
+        });
+        // The fault thread's error first: it made the copier stop.
+        let mut stats = faults?;
+        let copied = copied?;
+        stats.pages += copied.pages;
+        stats.faults += copied.faults;
+        stats.faulted_pages += copied.faulted_pages;
+        stats.fault_service_ns.extend(copied.fault_service_ns);
         stats.elapsed = self.started.elapsed();
-        // Every page is un-protected (with a wake); events still queued
-        // are for writers already woken.
         Ok(stats)
     }
 }

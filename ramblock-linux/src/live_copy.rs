@@ -6,14 +6,23 @@
 //! protected page stops its writer and is reported) and protects all of it
 //! (with `WP_UNPOPULATED`, unpopulated anonymous pages too): that is the
 //! instant the copy shows. [`LiveCopy::run`] then hands every page, as it
-//! was at that instant, to the caller's `save` exactly once, on the calling
-//! thread:
-//! - a writer's fault is served first: the page is read (still protected,
-//!   so still as it was), saved, and only then un-protected, which wakes
-//!   the writer;
-//! - otherwise the next unsaved run of pages is read, saved and
-//!   un-protected (waking anyone who faulted on it meanwhile; their event,
-//!   read later, finds the page saved and only wakes again).
+//! was at that instant, to the caller's `save` exactly once, from two
+//! threads:
+//! - a fault thread blocks on the userfaultfd; when a writer faults, it
+//!   reads the page (still protected, so still as it was), saves it, and
+//!   only then un-protects it, which wakes the writer;
+//! - the calling thread saves the other pages in runs, going next to the
+//!   page after the latest fault (a writer walking up memory then finds
+//!   its next pages saved, not protected), else onwards, and un-protects
+//!   each run after saving it (waking anyone who faulted on it meanwhile;
+//!   their event, read later, finds the page saved and only wakes again).
+//!   Between runs it serves faults already reported too, in case the fault
+//!   thread waits for a core.
+//!
+//! Each page is claimed by one thread with an atomic bit before it is
+//! read, so it is saved exactly once; a writer faulting on a page the
+//! other thread claimed waits until that thread has saved and un-protected
+//! it.
 //!
 //! When every page is saved, nothing is protected any more and no writer
 //! waits. The caller decides what saving means (a file, a buffer, a
@@ -56,7 +65,7 @@ use std::time::{Duration, Instant};
 
 /// Bytes read and saved at a time by the background copy (at least one
 /// page): large enough to amortise the system calls, small enough that a
-/// faulting writer waits little for the copier to notice it.
+/// writer faulting on a page of the run in progress waits little.
 const CHUNK: usize = 256 << 10;
 
 /// Why a live copy failed.

@@ -63,13 +63,19 @@ impl Writer {
     }
 }
 
+/// What one copy under the writers left: the image, the model, how often
+/// each page was saved, and the stats.
+struct Outcome {
+    image: Vec<u8>,
+    model: Vec<u8>,
+    times: Vec<u8>,
+    stats: LiveCopyStats,
+}
+
 /// Copies `mem` live under the writers, with `run_regions` (`save` called
 /// from both threads at once) or `run`; returns the image, the model, how
 /// often each page was saved, and the stats.
-fn copy_under_writers(
-    mem: &LinuxMemory,
-    regions: bool,
-) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>, LiveCopyStats), LiveCopyError> {
+fn copy_under_writers(mem: &LinuxMemory, regions: bool) -> Result<Outcome, LiveCopyError> {
     let len = mem.used_len().0 as usize;
     let region = mem.region();
     // Some pages populated, the rest untouched (first writes must stop too).
@@ -84,8 +90,8 @@ fn copy_under_writers(
     let mut model = vec![0u8; len];
     let record = |offset: u64, data: &[u8]| {
         let offset = offset as usize;
-        for p in offset / PAGE..(offset + data.len()) / PAGE {
-            times_saved[p].fetch_add(1, Ordering::Relaxed);
+        for t in &times_saved[offset / PAGE..(offset + data.len()) / PAGE] {
+            t.fetch_add(1, Ordering::Relaxed);
         }
         image.lock().unwrap()[offset..offset + data.len()].copy_from_slice(data);
     };
@@ -142,11 +148,21 @@ fn copy_under_writers(
         .iter()
         .map(|t| t.load(Ordering::Relaxed))
         .collect();
-    Ok((image.into_inner().unwrap(), model, times, stats))
+    Ok(Outcome {
+        image: image.into_inner().unwrap(),
+        model,
+        times,
+        stats,
+    })
 }
 
 fn prove(mem: LinuxMemory, regions: bool) {
-    let (image, model, times, stats) = match copy_under_writers(&mem, regions) {
+    let Outcome {
+        image,
+        model,
+        times,
+        stats,
+    } = match copy_under_writers(&mem, regions) {
         Err(LiveCopyError::KernelLacks { .. }) => return skip("no UFFD_FEATURE_WP_UNPOPULATED"),
         Err(LiveCopyError::Uffd(e)) if e.is_unavailable() => return skip(&e.to_string()),
         Err(e) => panic!("live copy: {e}"),

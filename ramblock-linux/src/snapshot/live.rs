@@ -6,15 +6,16 @@
 //! [`LiveSave::start`]: the file is created and every block is
 //! write-protected. That is the instant the file shows. The caller resumes
 //! its guest and calls [`LiveSave::run`], which saves each block on a
-//! thread of its own with a [`LiveCopy`]:
+//! thread of its own with a [`LiveCopy`] (and its fault thread):
 //! - a page not yet saved that a writer writes to stops the writer in a
-//!   write-protect fault; the block's thread saves that page first (its
-//!   old content, still protected), then un-protects it, which wakes the
-//!   writer, whose write then proceeds;
-//! - otherwise the thread saves the next unsaved run of pages in address
-//!   order and un-protects it.
+//!   write-protect fault; the block's fault thread saves that page at once
+//!   (its old content, still protected), then un-protects it, which wakes
+//!   the writer, whose write then proceeds;
+//! - meanwhile the block's thread saves the other pages in runs, going on
+//!   after the latest fault (ahead of a writer walking up memory), and
+//!   un-protects each run once written.
 //!
-//! One thread per block, so a writer faulting in one block does not wait
+//! Threads per block, so a writer faulting in one block does not wait
 //! behind the copy of another. Pages go to the file exactly as [`save`]
 //! writes them (the same layout, digests and zero-page holes: both write
 //! through one helper, straight from guest memory with `pwritev(2)`); the

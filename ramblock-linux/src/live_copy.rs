@@ -98,6 +98,15 @@ pub enum LiveCopyError {
         /// What `save` returned.
         source: std::io::Error,
     },
+    /// The fault thread could not be set up or wait for faults
+    /// (`eventfd(2)`, `poll(2)`).
+    #[error("waiting for write-protect faults failed ({call}): {source}")]
+    Wait {
+        /// The system call that failed.
+        call: &'static str,
+        /// Its error.
+        source: std::io::Error,
+    },
     /// A fault outside the copied memory, or not a write-protect fault.
     #[error("unexpected userfaultfd event {event:?} during a live copy")]
     Unexpected {
@@ -429,9 +438,8 @@ impl<'m> LiveCopy<'m> {
             if ret < 0 {
                 let err = std::io::Error::last_os_error();
                 if err.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(LiveCopyError::Save {
-                        offset: 0,
-                        len: 0,
+                    return Err(LiveCopyError::Wait {
+                        call: "poll",
                         source: err,
                     });
                 }
@@ -539,9 +547,8 @@ impl<'m> LiveCopy<'m> {
         self,
         save: impl Fn(u64, &HostRegion<'_>) -> std::io::Result<()> + Sync,
     ) -> Result<LiveCopyStats, LiveCopyError> {
-        let shared = Shared::new(self.pages()).map_err(|source| LiveCopyError::Save {
-            offset: 0,
-            len: 0,
+        let shared = Shared::new(self.pages()).map_err(|source| LiveCopyError::Wait {
+            call: "eventfd",
             source,
         })?;
         let save: &SaveFn<'_> = &save;

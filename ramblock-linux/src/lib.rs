@@ -65,6 +65,7 @@ mod file;
 pub mod guest_memory;
 pub mod hugetlb;
 pub mod live_copy;
+pub mod local_update;
 pub mod memfd;
 pub mod memory;
 pub mod mmap;

@@ -40,7 +40,7 @@ fn postcopy_target(
     let start = Box::new(move |state: &[u8]| {
         // Pages queue in the receive buffer too; a faulting vCPU waits
         // behind them.
-        set_receive_buffer(conn.tcp(), POSTCOPY_SOCKET_BUFFER);
+        set_receive_buffer(conn.socket(), POSTCOPY_SOCKET_BUFFER);
         start(state).map_err(Into::into)
     });
     PostcopyDestination::new(ram, ret.clone(), start).map_err(|e| e.to_string())
@@ -118,7 +118,7 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
     if how.fresh {
         receiver = receiver.with_fresh_destination();
     }
-    let _ = stream.tcp().set_nodelay(true);
+    let _ = stream.set_nodelay();
     let ret = Arc::new(Mutex::new(
         stream
             .try_clone()
@@ -158,8 +158,8 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
                 conn = listener
                     .accept_resume(&proof, RESUME_TIMEOUT)
                     .map_err(|e| format!("post-copy: no resumed connection: {e}"))?;
-                let _ = conn.tcp().set_nodelay(true);
-                set_receive_buffer(conn.tcp(), POSTCOPY_SOCKET_BUFFER);
+                let _ = conn.set_nodelay();
+                set_receive_buffer(conn.socket(), POSTCOPY_SOCKET_BUFFER);
                 t.set_next_connection(
                     conn.try_clone()
                         .map_err(|e| format!("cannot clone the connection: {e}"))?,

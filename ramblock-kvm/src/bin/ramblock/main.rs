@@ -147,7 +147,11 @@ fn local_update(opts: &MigrateOptions) -> Summary {
             (None, None) => "local",
         },
         size: opts.size,
-        backing: backing_name(opts),
+        backing: if opts.incoming.is_some() {
+            "the source's fds".into()
+        } else {
+            backing_name(opts)
+        },
         mode: "local (fd passing)".into(),
         local: true,
         ..Summary::default()

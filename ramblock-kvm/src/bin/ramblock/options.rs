@@ -43,12 +43,12 @@ pub struct MigrateOptions {
     /// 1 MiB up, forever), or random:RATE (random page writes per second).
     #[arg(long, default_value = "increment", value_parser = parse_workload)]
     pub workload: Workload,
-    /// Be the destination: listen on tcp:HOST:PORT (or, with --local,
-    /// unix:PATH) and receive one migration.
+    /// Be the destination: listen on tcp:HOST:PORT or unix:PATH (a UNIX
+    /// stream socket; --local needs one) and receive one migration.
     #[arg(long, value_parser = parse_endpoint, conflicts_with = "to")]
     pub incoming: Option<String>,
     /// Be the source: migrate to a destination listening on tcp:HOST:PORT
-    /// (or, with --local, unix:PATH).
+    /// or unix:PATH.
     #[arg(long, value_parser = parse_endpoint)]
     pub to: Option<String>,
     /// Switch to post-copy after N pre-copy passes (default 1; 0: at once)

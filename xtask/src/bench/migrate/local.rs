@@ -221,8 +221,18 @@ impl HugePool {
         };
         let original = read()?;
         let pool = HugePool(original);
-        std::fs::write(NR_HUGEPAGES, (original + pages).to_string())
-            .map_err(|e| format!("{NR_HUGEPAGES}: {e}"))?;
+        for attempt in 0..2 {
+            if attempt > 0 {
+                // Free memory in fragments (a busy build machine) holds no
+                // 2 MiB runs: compact it once, then ask again.
+                let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+            }
+            std::fs::write(NR_HUGEPAGES, (original + pages).to_string())
+                .map_err(|e| format!("{NR_HUGEPAGES}: {e}"))?;
+            if read()? >= original + pages {
+                break;
+            }
+        }
         if read()? < original + pages {
             return Err(format!(
                 "only {} of {} 2 MiB hugepages could be reserved",

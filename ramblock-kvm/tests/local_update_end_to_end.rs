@@ -30,9 +30,16 @@ fn assert_updated(o: &std::process::Output, what: &str) {
     assert_eq!(field(&json, "local"), "true", "{what}: {json}");
     assert_eq!(field(&json, "destination_ran"), "true", "{what}: {json}");
     assert_eq!(field(&json, "verified"), "true", "{what}: {json}");
-    assert_eq!(field(&json, "pages"), "0", "{what}: no page is copied: {json}");
+    assert_eq!(
+        field(&json, "pages"),
+        "0",
+        "{what}: no page is copied: {json}"
+    );
     let bytes: u64 = field(&json, "bytes").parse().unwrap();
-    assert!(bytes < 64 << 10, "{what}: only the table and the vCPU move: {json}");
+    assert!(
+        bytes < 64 << 10,
+        "{what}: only the table and the vCPU move: {json}"
+    );
     for key in ["downtime_ms", "dest_two_loops_ms", "prepare_ms"] {
         let ms: f64 = field(&json, key).parse().unwrap();
         assert!(ms > 0.0, "{what}: {key} in {json}");
@@ -99,13 +106,22 @@ fn two_processes_update_over_a_unix_socket() {
     let addr = format!("unix:{}", dir.join("update.sock").display());
     let dest = Running::start(&["--local", "--incoming", &addr, "--size", SIZE]);
     let source = run(&[
-        "--local", "--to", &addr, "--backing", "memfd", "--size", SIZE,
+        "--local",
+        "--to",
+        &addr,
+        "--backing",
+        "memfd",
+        "--size",
+        SIZE,
     ]);
     let dest = dest.finish();
     let _ = std::fs::remove_dir_all(&dir);
     let (sj, se) = texts(&source);
     let (dj, de) = texts(&dest);
-    assert!(source.status.success(), "source: {sj}\n{se}\ndestination: {dj}\n{de}");
+    assert!(
+        source.status.success(),
+        "source: {sj}\n{se}\ndestination: {dj}\n{de}"
+    );
     assert!(dest.status.success(), "destination: {dj}\n{de}");
     assert_eq!(field(&sj, "role"), "\"source\"");
     assert_eq!(field(&sj, "verified"), "true", "{sj}");
@@ -118,7 +134,15 @@ fn two_processes_update_over_a_unix_socket() {
 
 #[test]
 fn a_local_update_needs_a_unix_address() {
-    let o = run(&["--local", "--to", "tcp:127.0.0.1:1", "--backing", "memfd", "--size", SIZE]);
+    let o = run(&[
+        "--local",
+        "--to",
+        "tcp:127.0.0.1:1",
+        "--backing",
+        "memfd",
+        "--size",
+        SIZE,
+    ]);
     let (json, err) = texts(&o);
     assert!(!o.status.success(), "{json}");
     if std::path::Path::new("/dev/kvm").exists() {

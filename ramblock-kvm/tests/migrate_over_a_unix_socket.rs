@@ -18,13 +18,19 @@ fn two_processes_migrate_over_a_unix_socket() {
     let dest = dest.finish();
     let (sj, se) = texts(&source);
     let (dj, de) = texts(&dest);
-    assert!(source.status.success(), "source: {sj}\n{se}\ndestination: {dj}\n{de}");
+    assert!(
+        source.status.success(),
+        "source: {sj}\n{se}\ndestination: {dj}\n{de}"
+    );
     assert!(dest.status.success(), "destination: {dj}\n{de}");
     assert_eq!(field(&sj, "verified"), "true", "{sj}");
     assert_eq!(field(&dj, "verified"), "true", "{dj}");
     let pages: u64 = field(&dj, "pages").parse().unwrap();
     let zero: u64 = field(&dj, "zero_pages").parse().unwrap();
-    assert!(pages + zero >= 32768 - 256, "every page crossed the socket: {dj}");
+    assert!(
+        pages + zero >= 32768 - 256,
+        "every page crossed the socket: {dj}"
+    );
     assert!(!path.exists(), "the destination removed its socket file");
     let _ = std::fs::remove_dir_all(&dir);
 }

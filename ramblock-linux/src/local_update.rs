@@ -734,7 +734,7 @@ pub fn send_reply(sock: &UnixStream, reply: &Reply) -> Result<(), LocalUpdateErr
             while !reason.is_char_boundary(end) {
                 end -= 1;
             }
-            (REFUSED, *code, reason[..end].as_bytes())
+            (REFUSED, *code, &reason.as_bytes()[..end])
         }
     };
     send_all(

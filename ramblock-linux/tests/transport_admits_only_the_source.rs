@@ -442,7 +442,10 @@ fn a_unix_socket_listener_admits_only_the_source_and_carries_the_stream() {
             assert!(dropped.to_string().contains("unix peer"));
             sink.lock().unwrap().push(format!("{:?}", dropped.refusal));
         });
-    assert!(l.local_addr().is_err(), "a UNIX listener has a path, not an IP address");
+    assert!(
+        l.local_addr().is_err(),
+        "a UNIX listener has a path, not an IP address"
+    );
     let mut garbage = std::os::unix::net::UnixStream::connect(&path).unwrap();
     garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let mut source = Connector::new(addr.clone()).connect().unwrap();
@@ -457,7 +460,11 @@ fn a_unix_socket_listener_admits_only_the_source_and_carries_the_stream() {
     writer.write_region(&region).unwrap();
     ByteWrite::flush(&mut writer).unwrap();
     let got = first_bytes(conn, start.len() + 4096);
-    assert_eq!(&got[..start.len()], &start[..], "the source's bytes are intact");
+    assert_eq!(
+        &got[..start.len()],
+        &start[..],
+        "the source's bytes are intact"
+    );
     assert!(got[start.len()..].iter().all(|&b| b == 0x5a));
     assert_eq!(kinds(&log), ["Garbage"]);
     drop(l);

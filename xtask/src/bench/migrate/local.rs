@@ -129,7 +129,11 @@ pub(in crate::bench) fn bench(o: &Options) -> Result<(), String> {
     println!("{}", table(gib, &columns));
     let bad: usize = columns
         .iter()
-        .map(|(_, runs)| runs.iter().filter(|r| !matches!(r, Ok(r) if r.verified)).count())
+        .map(|(_, runs)| {
+            runs.iter()
+                .filter(|r| !matches!(r, Ok(r) if r.verified))
+                .count()
+        })
         .sum();
     if bad > 0 {
         return Err(format!("{bad} run(s) failed or did not verify"));
@@ -151,7 +155,10 @@ fn table(gib: f64, columns: &[(String, Vec<Result<Run, String>>)]) -> String {
         columns.first().map_or(0, |c| c.1.len())
     );
     for (name, runs) in columns {
-        let ok = runs.iter().filter(|r| matches!(r, Ok(r) if r.verified)).count();
+        let ok = runs
+            .iter()
+            .filter(|r| matches!(r, Ok(r) if r.verified))
+            .count();
         let figures: Vec<Option<f64>> = [
             (|r: &Run| r.total_ms) as fn(&Run) -> f64,
             |r| r.downtime_ms,
@@ -160,11 +167,13 @@ fn table(gib: f64, columns: &[(String, Vec<Result<Run, String>>)]) -> String {
         .iter()
         .map(|f| med(runs, *f))
         .collect();
-        let ratio = |i: usize, f: fn(&Run) -> f64| match (figures[i], qemu.and_then(|q| med(q, f))) {
+        let ratio = |i: usize, f: fn(&Run) -> f64| match (figures[i], qemu.and_then(|q| med(q, f)))
+        {
             (Some(a), Some(b)) if b > 0.0 && !name.starts_with("QEMU") => format!("{:.3}x", a / b),
             _ => "-".into(),
         };
-        let cell = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+        let cell =
+            |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
         t.push_str(&format!(
             "| {name} | {} | {} | {} | {} | {ok}/{} | {} | {} | {} |\n",
             cell(figures[0], 1),

@@ -17,10 +17,18 @@ const ASAN_TARGET_DIR: &str = "target/asan";
 /// The end-to-end migrations run two 128 MiB guests each and are timed;
 /// their memory handling is the library code the other binaries already
 /// cover under ASan, and they run uninstrumented in the `tests` step.
-const ASAN_EXCLUDED: [(&str, &str); 4] = [
+const ASAN_EXCLUDED: [(&str, &str); 6] = [
     (
         "migrate_end_to_end",
         "end-to-end KVM migration of two 128 MiB guests; minutes under ASan",
+    ),
+    (
+        "migrate_over_a_unix_socket",
+        "end-to-end KVM migration of two 128 MiB guests; minutes under ASan",
+    ),
+    (
+        "local_update_end_to_end",
+        "end-to-end KVM local updates of 128 MiB guests; minutes under ASan",
     ),
     (
         "postcopy_end_to_end",

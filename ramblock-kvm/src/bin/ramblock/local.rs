@@ -166,13 +166,12 @@ pub fn receive(sock: &UnixStream, opts: &MigrateOptions) -> Result<LocalReceived
     let cpu = cpu.ok_or_else(|| refuse(2, "no `cpu` section".into()))?;
     // Where the source stopped, read before anything runs here.
     let (work, next) = crate::kvm::resume_point(ram, &cpu).map_err(|e| refuse(3, e))?;
-    let before = counter(ram, &work, next).map_err(|e| refuse(3, e))?;
+    let before = first_byte(ram, next).map_err(|e| refuse(3, e))?;
     let mut guest = start(&cpu).map_err(|e| refuse(3, e))?;
     let running_at = Instant::now();
     send_reply(sock, &Reply::Running).map_err(|e| e.to_string())?;
     let deadline = running_at + Duration::from_secs(10) * (1 + opts.size.div_ceil(1 << 30) as u32);
     while guest.progress() < 2 && Instant::now() < deadline && guest.failure().is_none() {
-        std::hint::spin_loop();
         std::thread::sleep(Duration::from_micros(200));
     }
     let two_loops_at = (guest.progress() >= 2).then(Instant::now);
@@ -239,11 +238,6 @@ fn first_byte(ram: &GuestRam, index: u64) -> Result<u8, String> {
         )
         .map_err(|e| e.to_string())?;
     Ok(b[0])
-}
-
-/// The counter the loop increments next: the byte of page `next`.
-fn counter(ram: &GuestRam, _work: &GuestWorkload, next: u64) -> Result<u8, String> {
-    first_byte(ram, next)
 }
 
 /// Checks that the guest continued from page `next` (whose byte was

@@ -354,3 +354,66 @@ fn qemu_run(run_dir: &Path, image: &Path, size: u64, shm: &str) -> Result<Run, S
         verified: source.status()? == "postmigrate",
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn options_parse() {
+        let o = parse(&args("--local")).unwrap();
+        assert_eq!((o.runs, o.size, o.qemu), (10, 4 << 30, true));
+        assert_eq!(o.backings, ["memfd", "hugetlb"]);
+        let o = parse(&args(
+            "--local --runs 3 --size 1G --backings hugetlb --no-qemu",
+        ))
+        .unwrap();
+        assert_eq!((o.runs, o.size, o.qemu), (3, 1 << 30, false));
+        assert_eq!(o.backings, ["hugetlb"]);
+        assert!(parse(&args("--backings anonymous")).is_err());
+        assert!(parse(&args("--runs 0")).is_err());
+        assert!(parse(&args("--frobnicate")).is_err());
+    }
+
+    #[test]
+    fn the_table_has_medians_and_ratios_to_qemu() {
+        let run = |total_ms, downtime_ms, two_loops_ms| {
+            Ok(Run {
+                total_ms,
+                downtime_ms,
+                two_loops_ms,
+                prepare_ms: 1.0,
+                verified: true,
+            })
+        };
+        let columns = vec![
+            (
+                "ramblock memfd".to_string(),
+                vec![run(10.0, 1.0, 50.0), run(30.0, 3.0, 70.0), Err("x".into())],
+            ),
+            (
+                "QEMU shm x-ignore-shared".to_string(),
+                vec![
+                    run(20.0, 4.0, 5000.0),
+                    run(20.0, 4.0, 5000.0),
+                    run(20.0, 4.0, 5000.0),
+                ],
+            ),
+        ];
+        let t = table(4.0, &columns);
+        assert!(
+            t.contains(
+                "| ramblock memfd | 20.0 | 2.00 | 60.0 | 1 | 2/3 | 1.000x | 0.500x | 0.012x |"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("| QEMU shm x-ignore-shared | 20.0 | 4.00 | 5000.0 | 1 | 3/3 | - | - | - |"),
+            "{t}"
+        );
+    }
+}

@@ -1665,6 +1665,7 @@ fn a_resume_without_the_issued_token_is_refused_before_its_table() {
     let mut old = vec![];
     Header::new(3).write(&mut old).unwrap();
     old[..8].copy_from_slice(b"RBRESUME");
+    old[8..10].copy_from_slice(&1u16.to_le_bytes());
     let mut resume = vec![];
     table(&mut resume, true);
     let (results, target, in_postcopy) = receive_streams(

@@ -330,6 +330,26 @@ impl<
         }
     }
 
+    /// The error for the destination's refusal of the device-state
+    /// section at `index` (its position in the stream), named by the
+    /// host's own header for it; an index the host never sent is no
+    /// answer this side understands.
+    pub(super) fn section_refused<E>(
+        &mut self,
+        index: u32,
+        code: u32,
+    ) -> MigrateError<D::Error, W::Error, E> {
+        match self.host.device_section(index as usize) {
+            Some((header, _)) => MigrateError::SectionRefused {
+                index,
+                name: header.name,
+                instance_id: header.instance_id,
+                code,
+            },
+            None => MigrateError::BadAck,
+        }
+    }
+
     /// The end record: one checksum per block, in table order.
     pub(super) fn write_end<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
         self.write(Record::End {

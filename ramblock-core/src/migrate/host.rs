@@ -69,6 +69,19 @@ pub trait MigrationHost {
     fn device_state_limit(&mut self) -> u64 {
         DEFAULT_DEVICE_STATE_LIMIT
     }
+    /// Pre-copy handover: called once the destination acknowledged the
+    /// `End` record, just before the engine waits on the acknowledgement
+    /// reader for its word that the guest runs there. Returns the longest
+    /// wait in nanoseconds, which the host must enforce on that reader (a
+    /// socket read timeout, say): the engine makes no system call and
+    /// cannot interrupt a read. A read that fails, timed out or not, fails
+    /// the migration and the guest resumes here. Also called before the
+    /// engine reads the answer of a destination that broke off the stream
+    /// at the switch-over (a refused section), which may never come. The
+    /// default is [`DEFAULT_HANDOVER_WAIT_NS`].
+    fn handover_wait_ns(&mut self) -> u64 {
+        DEFAULT_HANDOVER_WAIT_NS
+    }
     /// Post-copy: the next message from the destination's return path,
     /// waiting at most `wait_ns` for one (0: just look). Hosts that never
     /// run post-copy keep the default, which says the path is closed.
@@ -100,6 +113,11 @@ pub trait MigrationHost {
         None
     }
 }
+
+/// How long a source waits by default for the destination to say its
+/// guest runs, after the RAM was verified: loading device state and
+/// starting vCPUs takes milliseconds, so 10 s is only ever a dead peer.
+pub const DEFAULT_HANDOVER_WAIT_NS: u64 = 10_000_000_000;
 
 /// What [`MigrationHost::return_message`] found.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]

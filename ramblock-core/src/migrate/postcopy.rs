@@ -123,6 +123,7 @@ impl<
         // The destination runs the guest now; never resume it here.
         *paused = false;
         stats.downtime_ns = self.host.now_ns() - pause_start;
+        stats.ram_downtime_ns = stats.downtime_ns;
         self.host.postcopy_started();
         let mut cursor = (0, 0);
         loop {
@@ -171,6 +172,13 @@ impl<
                 ReturnEvent::Message(ReturnMessage::Ack(Err(code))) => {
                     return Err(Stop::Fatal(MigrateError::Refused(code)))
                 }
+                ReturnEvent::Message(ReturnMessage::SectionRefused { index, code }) => {
+                    return Err(Stop::Fatal(self.section_refused(index, code)))
+                }
+                // The guest started at the Postcopy record: no handover.
+                ReturnEvent::Message(ReturnMessage::Handover(_)) => {
+                    return Err(Stop::Fatal(MigrateError::BadAck))
+                }
                 ReturnEvent::Closed => return Err(Stop::Broken),
             }
         }
@@ -201,9 +209,11 @@ impl<
                     *cursor = (index, end);
                     answered = true;
                 }
-                ReturnEvent::Message(ReturnMessage::Ack(_)) => {
-                    return Err(Stop::Fatal(MigrateError::BadAck))
-                }
+                ReturnEvent::Message(
+                    ReturnMessage::Ack(_)
+                    | ReturnMessage::SectionRefused { .. }
+                    | ReturnMessage::Handover(_),
+                ) => return Err(Stop::Fatal(MigrateError::BadAck)),
                 ReturnEvent::Closed => return Err(Stop::Broken),
             }
         }

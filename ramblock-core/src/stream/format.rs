@@ -1,4 +1,4 @@
-//! The wire format, version 1 (documented in `docs/stream-format.md`).
+//! The wire format, version 2 (documented in `docs/stream-format.md`).
 //!
 //! Everything is little-endian. A stream is a [`Header`], one [`TableEntry`]
 //! per migrated block, then [`Record`]s until an `End` record. Pages travel in
@@ -11,8 +11,10 @@ use crate::addr::TARGET_PAGE_SHIFT;
 
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"RAMBLOCK";
-/// The version this code writes and reads.
-pub const VERSION: u16 = 1;
+/// The version this code writes and reads: 2 added the handover
+/// ([`ReturnMessage::Handover`]) a source waits for, which a version-1
+/// destination never sends.
+pub const VERSION: u16 = 2;
 /// Most pages in one `Pages` or `Zero` record.
 pub const MAX_RUN_PAGES: u32 = 64;
 /// The receiver's acknowledgement after a good `End` record.
@@ -21,6 +23,15 @@ pub const ACK_OK: [u8; 4] = *b"RBOK";
 pub const ACK_ERR: [u8; 4] = *b"RBER";
 /// A post-copy page request on the return path (see [`PageRequest`]).
 pub const REQUEST: [u8; 4] = *b"RBRQ";
+/// The receiver's refusal of a device-state section: u32 index of the
+/// section in the stream (from 0), u32 the VMM's code.
+pub const ACK_SECTION: [u8; 4] = *b"RBSR";
+/// Pre-copy handover, after [`ACK_OK`]: the destination's vCPUs run
+/// (followed by a u32 `0`).
+pub const RUNNING: [u8; 4] = *b"RBRN";
+/// Pre-copy handover, after [`ACK_OK`]: the destination could not start
+/// the guest (followed by the VMM's u32 code).
+pub const NOT_RUNNING: [u8; 4] = *b"RBNR";
 /// First bytes of a stream that resumes a broken post-copy migration: the
 /// header and block table follow as in a new stream, then the receiver
 /// answers with its received map and the records continue.
@@ -170,6 +181,18 @@ pub enum ReturnMessage {
     /// The receive ended: `Ok` after verified checksums, or the refusal's
     /// error code.
     Ack(Result<(), u32>),
+    /// The receive ended with the VMM's refusal of a device-state section
+    /// (`ReceiveError::SectionRefused`): which one and the VMM's code.
+    SectionRefused {
+        /// The section's position in the stream, from 0.
+        index: u32,
+        /// The VMM's own code.
+        code: u32,
+    },
+    /// Pre-copy handover, after a good [`ReturnMessage::Ack`]: `Ok` once
+    /// the destination's vCPUs run, or the VMM's code when it could not
+    /// start them.
+    Handover(Result<(), u32>),
 }
 
 impl PageRequest {
@@ -204,6 +227,17 @@ impl ReturnMessage {
                 _ => return Ok(Err(ACK_OK)),
             },
             ACK_ERR => ReturnMessage::Ack(Err(read_u32(r)?)),
+            ACK_SECTION => ReturnMessage::SectionRefused {
+                index: read_u32(r)?,
+                code: read_u32(r)?,
+            },
+            // "Running" carries a zero code, like "OK"; "not running" the
+            // VMM's (zero included: it is still no success).
+            RUNNING => match read_u32(r)? {
+                0 => ReturnMessage::Handover(Ok(())),
+                _ => return Ok(Err(RUNNING)),
+            },
+            NOT_RUNNING => ReturnMessage::Handover(Err(read_u32(r)?)),
             other => return Ok(Err(other)),
         }))
     }
@@ -522,7 +556,9 @@ mod tests {
             count: 512,
         };
         req.write(&mut back).unwrap();
-        back.extend_from_slice(b"RBER\x05\0\0\0RBOK\0\0\0\0RBOK\x01\0\0\0XXXX");
+        back.extend_from_slice(b"RBER\x05\0\0\0RBOK\0\0\0\0RBSR\x02\0\0\0\x07\0\0\0");
+        back.extend_from_slice(b"RBRN\0\0\0\0RBNR\x09\0\0\0RBRN\x01\0\0\0");
+        back.extend_from_slice(b"RBOK\x01\0\0\0XXXX");
         let mut r = SliceReader::new(&back);
         assert_eq!(
             ReturnMessage::read(&mut r).unwrap(),
@@ -536,6 +572,20 @@ mod tests {
             ReturnMessage::read(&mut r).unwrap(),
             Ok(ReturnMessage::Ack(Ok(())))
         );
+        assert_eq!(
+            ReturnMessage::read(&mut r).unwrap(),
+            Ok(ReturnMessage::SectionRefused { index: 2, code: 7 })
+        );
+        assert_eq!(
+            ReturnMessage::read(&mut r).unwrap(),
+            Ok(ReturnMessage::Handover(Ok(())))
+        );
+        assert_eq!(
+            ReturnMessage::read(&mut r).unwrap(),
+            Ok(ReturnMessage::Handover(Err(9)))
+        );
+        // "Running" with a code is no success either.
+        assert_eq!(ReturnMessage::read(&mut r).unwrap(), Err(*b"RBRN"));
         // "OK" with a code is no success.
         assert_eq!(ReturnMessage::read(&mut r).unwrap(), Err(*b"RBOK"));
         assert_eq!(ReturnMessage::read(&mut r).unwrap(), Err(*b"XXXX"));

@@ -174,6 +174,9 @@ pub enum ReceiveError<E, H> {
     SectionsUnsupported,
     /// The VMM refused a section (unknown device, bad version, bad bytes).
     SectionRefused {
+        /// The section's position among the stream's sections, from 0
+        /// (the source names the section by it).
+        index: u32,
         /// The section.
         name: SectionName,
         /// Its instance id.
@@ -266,7 +269,7 @@ impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
             BadSection(e) => write!(f, "malformed device-state section: {e}"),
             DeviceStateOverLimit { total, limit } => write!(f, "device-state sections reach {total} bytes, over this destination's limit of {limit}"),
             SectionsUnsupported => f.write_str("the source sent device state, but this destination cannot load any"),
-            SectionRefused { name, instance_id, code } => write!(f, "the VMM refused device-state section {name:?} instance {instance_id} (its code {code})"),
+            SectionRefused { index, name, instance_id, code } => write!(f, "the VMM refused device-state section {index} ({name:?} instance {instance_id}, its code {code})"),
             ResumeTableMismatch { index, what } => write!(
                 f,
                 "the resumed stream's block table differs from the original at entry {index} ({what}); a resumed stream must repeat it exactly"

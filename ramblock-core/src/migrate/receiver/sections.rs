@@ -6,8 +6,9 @@
 //! buffer's size, so the core allocates nothing whatever a section claims;
 //! all sections of one stream together, headers included, are bounded by
 //! the receiver's device-state limit. A refusal by the VMM is a
-//! [`ReceiveError::SectionRefused`], which reaches the source as the usual
-//! `RBER` acknowledgement: the source then resumes its guest.
+//! [`ReceiveError::SectionRefused`], which reaches the source as an `RBSR`
+//! acknowledgement naming the section by its position: the source then
+//! resumes its guest.
 
 use super::{ReceiveError, ReceiveEvent, Result2, Session};
 use crate::bitmap::Storage;
@@ -59,7 +60,10 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
             .sections
             .as_deref_mut()
             .ok_or(ReceiveError::SectionsUnsupported)?;
+        let index = self.rx.state_sections;
+        self.rx.state_sections = index.saturating_add(1);
         let refused = |code| ReceiveError::SectionRefused {
+            index,
             name: header.name.clone(),
             instance_id: header.instance_id,
             code,

@@ -181,6 +181,8 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         fresh,
         postcopy: start_guest,
         resume: opts.resume.then(|| listener.clone()),
+        precopy: None,
+        refuse_section: opts.refuse_section.clone(),
     };
     match destination::receive(ram, conn, how) {
         Ok(r) => {
@@ -347,7 +349,7 @@ fn run_source(
     let start_guest = postcopy_guest(dest, opts)?;
     // Pre-copy with a vCPU: the destination VM is made now, so the
     // switch-over only loads the shipped `cpu` section into it.
-    let mut precopy_guest = match (&start_guest, kvm_present(opts)) {
+    let precopy_guest = match (&start_guest, kvm_present(opts)) {
         (None, true) if opts.workload == options::Workload::Increment => {
             Some(kvm::prepare_destination(dest)?)
         }
@@ -356,6 +358,7 @@ fn run_source(
     let listener = Arc::new(listen("127.0.0.1:0", opts)?);
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let resume = (opts.resume || opts.break_postcopy.is_some()).then(|| listener.clone());
+    let refuse_section = opts.refuse_section.clone();
     let receiver = std::thread::spawn(move || {
         // Bounded, so a source that never connects cannot leave this
         // thread waiting for ever.
@@ -366,20 +369,10 @@ fn run_source(
             fresh: true,
             postcopy: start_guest,
             resume,
+            precopy: precopy_guest,
+            refuse_section,
         };
-        let received = destination::receive(dest, conn, how)?;
-        let cpu = received
-            .sections
-            .iter()
-            .find(|(h, _)| h.name.as_str() == source::CPU_SECTION);
-        let started = match (precopy_guest.as_mut(), cpu) {
-            (Some(start), Some((_, state))) => {
-                let guest = start(state)?;
-                Some((guest, Instant::now()))
-            }
-            _ => None,
-        };
-        Ok::<_, String>((received, started))
+        destination::receive(dest, conn, how)
     });
     let to = connector(&addr.to_string(), opts)?;
     let conn = to.connect().map_err(|e| e.to_string())?;
@@ -398,16 +391,22 @@ fn run_source(
     })?;
     summary.stats = sent.stats;
     summary.pass0_bandwidth = sent.pass0_bandwidth;
-    let (received, started) = received?;
+    let mut received = received?;
     summary.fault_latency = received.latency;
     summary.resumes = received.resumes;
-    if let Some((mut dest_guest, running_at)) = started {
-        // Pre-copy: the destination's vCPU runs from the `cpu` section.
-        // Downtime as QEMU counts it: source pause to that vCPU running.
-        summary.ram_downtime_ns = Some(summary.stats.downtime_ns);
-        if let Some(paused_at) = sent.paused_at {
-            summary.stats.downtime_ns = running_at.duration_since(paused_at).as_nanos() as u64;
+    let precopy_guest = match received.guest.take() {
+        Some(g) if !received.summary.postcopy => Some(g),
+        g => {
+            received.guest = g;
+            None
         }
+    };
+    if let Some(mut dest_guest) = precopy_guest {
+        // Pre-copy: the destination's vCPU runs from the `cpu` section,
+        // started before it confirmed the handover. Downtime as QEMU
+        // counts it: the source's pause to that confirmation (the
+        // engine's), the RAM-only part beside it.
+        summary.ram_downtime_ns = Some(summary.stats.ram_downtime_ns);
         let ran = destination_continues(dest_guest.as_mut());
         dest_guest.stop();
         summary.destination_progress = Some(dest_guest.progress());

@@ -10,6 +10,7 @@ use ramblock_core::checksum::{Ledger, PageLedger};
 use ramblock_core::dirty_log::DirtyLogSource;
 use ramblock_core::migrate::{
     migrate, MigrationHost, MigrationStats, PassReport, PrecopyConfig, ReturnEvent,
+    DEFAULT_HANDOVER_WAIT_NS,
 };
 use ramblock_core::section::{SectionHeader, SectionName};
 use ramblock_core::stream::io::IoStream;
@@ -33,8 +34,6 @@ struct ProgramHost<'g> {
     state: &'g mut Vec<u8>,
     /// Pass 0's bytes per second.
     pass0_bandwidth: f64,
-    /// When the guest was last paused (the switch-over).
-    paused_at: Option<Instant>,
     /// The `cpu` section's header.
     cpu: SectionHeader,
 }
@@ -47,7 +46,6 @@ impl MigrationHost for ProgramHost<'_> {
         std::thread::sleep(Duration::from_nanos(ns));
     }
     fn pause_guest(&mut self) {
-        self.paused_at = Some(Instant::now());
         self.guest.pause();
     }
     fn resume_guest(&mut self) {
@@ -89,6 +87,10 @@ impl MigrationHost for ProgramHost<'_> {
         }
         (!self.state.is_empty()).then(|| (self.cpu.clone(), self.state.as_slice()))
     }
+    fn handover_wait_ns(&mut self) -> u64 {
+        self.link.set_ack_timeout(HANDOVER_TIMEOUT);
+        HANDOVER_TIMEOUT.as_nanos() as u64
+    }
     fn return_message(&mut self, wait_ns: u64) -> ReturnEvent {
         self.link.next_event(Duration::from_nanos(wait_ns))
     }
@@ -129,6 +131,10 @@ impl MigrationHost for ProgramHost<'_> {
     }
 }
 
+/// How long the source waits, after the destination verified the RAM, for
+/// its word that the guest runs there (the library's default).
+const HANDOVER_TIMEOUT: Duration = Duration::from_nanos(DEFAULT_HANDOVER_WAIT_NS);
+
 /// The name of the vCPU's device-state section (`VcpuState::to_bytes`).
 pub const CPU_SECTION: &str = "cpu";
 
@@ -152,8 +158,6 @@ pub struct Sent {
     /// Postcopy record or as the pre-copy `cpu` section (empty without a
     /// vCPU).
     pub device_state: Vec<u8>,
-    /// When the source guest was paused for the switch-over.
-    pub paused_at: Option<Instant>,
     /// Pass 0's throughput, bytes per second (0 if it never ended).
     pub pass0_bandwidth: f64,
 }
@@ -185,7 +189,6 @@ pub fn send<D: DirtyLogSource>(
         link,
         state: &mut device_state,
         pass0_bandwidth: 0.0,
-        paused_at: None,
         cpu: SectionHeader {
             name: SectionName::new(CPU_SECTION).map_err(|e| e.to_string())?,
             instance_id: 0,
@@ -203,14 +206,13 @@ pub fn send<D: DirtyLogSource>(
         config(opts),
         &mut buf,
     );
-    let (pass0_bandwidth, paused_at) = (host.pass0_bandwidth, host.paused_at);
+    let pass0_bandwidth = host.pass0_bandwidth;
     drop(host);
     result
         .map(|stats| Sent {
             stats,
             device_state,
             pass0_bandwidth,
-            paused_at,
         })
         .map_err(|e| e.to_string())
 }

@@ -348,6 +348,8 @@ impl Model {
                     let state = r.take(state_len as usize)?.to_vec();
                     self.starts.push(state);
                     self.postcopy = true;
+                    // No handover follows this stream's End.
+                    self.summary.postcopy = true;
                 }
                 _ => {
                     let count = fields.0;
@@ -381,10 +383,10 @@ impl Model {
         if header[..8] != *b"RAMBLOCK" && !resumed {
             return Err(1);
         }
-        // A resume header has its own version (2) and the destination's
-        // token after it; the model's target issues none, so any passes.
-        let version = if resumed { 2 } else { 1 };
-        if u16::from_le_bytes([header[8], header[9]]) != version {
+        // A new stream is version 2 (the handover); a resume header has
+        // its own version (2 too) and the destination's token after it;
+        // the model's target issues none, so any passes.
+        if u16::from_le_bytes([header[8], header[9]]) != 2 {
             return Err(2);
         }
         if header[10] != 12 {

@@ -159,8 +159,9 @@ fn model_receive(
         return Err(1);
     }
     let version = u16::from_le_bytes([header[8], header[9]]);
-    // A resume header is version 2: it carries the destination's token.
-    if version != if resume { 2 } else { 1 } {
+    // A new stream is version 2 (the handover); a resume header is its
+    // own version 2: it carries the destination's token.
+    if version != 2 {
         return Err(2);
     }
     if header[10] != 12 {

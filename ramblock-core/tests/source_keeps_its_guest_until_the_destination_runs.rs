@@ -102,7 +102,8 @@ impl SectionSink for Sink {
     }
 }
 
-type Sent = Result<MigrationStats, MigrateError<core::convert::Infallible, std::io::Error, std::io::Error>>;
+type Sent =
+    Result<MigrationStats, MigrateError<core::convert::Infallible, std::io::Error, std::io::Error>>;
 
 /// Migrates a 16-page block to a receiver whose VMM answers as `vmm`.
 /// Returns what the source got, its host, and whether the receive and

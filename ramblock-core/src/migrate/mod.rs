@@ -37,6 +37,7 @@ pub use error::MigrateError;
 pub use host::{MigrationHost, ReturnEvent, DEFAULT_HANDOVER_WAIT_NS};
 pub use precopy::migrate;
 pub use receiver::{
-    acknowledge, send_ack, Handover, PostcopyTarget, ReceiveError, ReceiveEvent, ReceiveSummary, Receiver, BOUNCE_BYTES,
+    acknowledge, send_ack, Handover, PostcopyTarget, ReceiveError, ReceiveEvent, ReceiveSummary,
+    Receiver, BOUNCE_BYTES,
 };
 pub use stats::{MigrationStats, PassReport, PostcopyStats};

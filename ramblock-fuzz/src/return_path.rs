@@ -591,7 +591,7 @@ struct Copy<'l>(&'l List);
 
 impl PostcopyTarget for Copy<'_> {
     type Error = BufferError;
-    fn start(&mut self, _: &[u8], _: &[&str]) -> Result<(), BufferError> {
+    fn start(&mut self, _: &[&str]) -> Result<(), BufferError> {
         Ok(())
     }
     fn place(&mut self, block: &str, offset: ByteLen, data: &[u8]) -> Result<(), BufferError> {

@@ -24,6 +24,10 @@ pub enum MigrateError<D, W, R> {
     Refused(u32),
     /// The receiver answered something that is not an acknowledgement.
     BadAck,
+    /// The host's device-state sections changed between the engine's two
+    /// looks at them (the host must answer the same both times); nothing
+    /// more was sent and the guest resumed.
+    DeviceStateChanged,
     /// The destination's VMM refused a device-state section.
     SectionRefused {
         /// The section's position in the stream, from 0.
@@ -113,6 +117,10 @@ impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for Migrate
                 "the destination refused device-state section {name:?} instance {instance_id} \
                  (section {index} of the stream, the destination VMM's code {code}); \
                  the guest runs on at the source"
+            ),
+            MigrateError::DeviceStateChanged => f.write_str(
+                "the VMM's device-state sections changed while they were sent (it must \
+                 return the same ones while the guest is paused); the guest runs on at the source",
             ),
             MigrateError::NotRunning(code) => write!(
                 f,

@@ -44,21 +44,15 @@ pub trait MigrationHost {
     fn checksum(&mut self, region: &HostRegion<'_>, len: u64) -> u64 {
         Checksum::of_region(region, len).unwrap_or(0)
     }
-    /// Post-copy: writes the VMM's device state (vCPU registers and the
-    /// like, opaque to ramblock) into `buf` and returns its length (at most
-    /// `buf.len()` and [`MAX_DEVICE_STATE`](crate::stream::format::MAX_DEVICE_STATE)).
-    /// Called with the guest paused.
-    fn device_state(&mut self, buf: &mut [u8]) -> usize {
-        let _ = buf;
-        0
-    }
-    /// Pre-copy switch-over: the VMM's device-state section number `index`
-    /// (0, 1, 2, ... until `None`), as a header and its bytes; the engine
-    /// sends it after the final RAM pass and before `End`, with the
-    /// header's `len` set to the bytes' length. Called with the guest
-    /// paused, twice per section (once to check the total against
-    /// [`device_state_limit`](Self::device_state_limit), once to send), so
-    /// return the same thing both times. The default has none.
+    /// The VMM's device-state section number `index` (0, 1, 2, ... until
+    /// `None`), as a header and its bytes; the engine sends it with the
+    /// header's `len` set to the bytes' length: at a pre-copy switch-over
+    /// as `Section` records after the final RAM pass and before `End`, at
+    /// a switch to post-copy inside the `Postcopy` record. Called with the
+    /// guest paused, twice per section (once to check the total against
+    /// [`device_state_limit`](Self::device_state_limit), once to send),
+    /// and again to name a section the destination refused, so return the
+    /// same thing each time. The default has none.
     fn device_section(&mut self, index: usize) -> Option<(SectionHeader, &[u8])> {
         let _ = index;
         None

@@ -33,7 +33,6 @@ use crate::dirty_log::DirtyLogSource;
 use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::list::RamList;
-use crate::section::{SectionHeader, MAX_SECTION_LEN};
 use crate::stream::format::{Header, Record, ReturnMessage, MAX_RUN_PAGES};
 use crate::stream::io::{ByteRead, ByteWrite};
 
@@ -337,39 +336,10 @@ impl<
     /// Switch-over: sends the VMM's device-state sections (after the final
     /// pass, before `End`), once their total is known to fit the limit.
     fn write_sections<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
-        let header_len = SectionHeader::ENCODED_LEN as u64;
-        let mut total = 0u64;
-        let mut index = 0;
-        while let Some((_, bytes)) = self.host.device_section(index) {
-            // One section past the format's own bound would be refused by
-            // every receiver: fail here, before the guest's state leaves.
-            if bytes.len() as u64 > MAX_SECTION_LEN {
-                return Err(MigrateError::DeviceStateTooLarge {
-                    total: bytes.len() as u64,
-                    limit: MAX_SECTION_LEN,
-                });
-            }
-            total = total
-                .saturating_add(header_len)
-                .saturating_add(bytes.len() as u64);
-            index += 1;
-        }
-        let limit = self.host.device_state_limit();
-        if total > limit {
-            return Err(MigrateError::DeviceStateTooLarge { total, limit });
-        }
-        for index in 0..index {
-            let Some((mut header, bytes)) = self.host.device_section(index) else {
-                break;
-            };
-            header.len = bytes.len() as u64;
-            let mut raw = [0u8; SectionHeader::ENCODED_LEN];
-            header.encode(&mut raw);
-            let out = &mut *self.out;
-            Record::Section.write(out).map_err(MigrateError::Write)?;
-            out.write_all(&raw).map_err(MigrateError::Write)?;
-            out.write_all(bytes).map_err(MigrateError::Write)?;
-            self.pass.bytes += Record::Section.wire_len() as u64 + header_len + header.len;
+        let count = self.count_sections()?;
+        for index in 0..count {
+            self.write(Record::Section)?;
+            self.write_section(index as usize)?;
         }
         Ok(())
     }

@@ -13,7 +13,8 @@ use crate::addr::TARGET_PAGE_SHIFT;
 pub const MAGIC: [u8; 8] = *b"RAMBLOCK";
 /// The version this code writes and reads: 2 added the handover
 /// ([`ReturnMessage::Handover`]) a source waits for, which a version-1
-/// destination never sends.
+/// destination never sends, and device-state sections in the `Postcopy`
+/// record instead of one opaque blob.
 pub const VERSION: u16 = 2;
 /// Most pages in one `Pages` or `Zero` record.
 pub const MAX_RUN_PAGES: u32 = 64;
@@ -40,8 +41,6 @@ pub const RESUME_MAGIC: [u8; 8] = *b"RBRESUME";
 /// destination's [`ResumeToken`] (version 1 carried none, and a reader of
 /// it would take the token for the block table; it refuses version 2).
 pub const RESUME_VERSION: u16 = 2;
-/// Most bytes of VMM device state a `Postcopy` record carries.
-pub const MAX_DEVICE_STATE: u32 = 64 << 10;
 /// The default bound on all `Section` records of one stream together,
 /// headers included (`MigrationHost::device_state_limit` on the source,
 /// `Receiver::with_device_state` on the destination): a VMM's device state
@@ -143,13 +142,14 @@ pub enum Record {
         /// Pages (any number within the block).
         count: u32,
     },
-    /// Post-copy starts: the source guest is paused for good, `state_len`
-    /// bytes of VMM device state follow (at most [`MAX_DEVICE_STATE`]), and
-    /// the destination runs the guest, asking for missing pages with
-    /// [`PageRequest`]s on the return path.
+    /// Post-copy starts: the source guest is paused for good, `sections`
+    /// device-state sections follow, each as in a [`Record::Section`] (an
+    /// encoded [`SectionHeader`](crate::section::SectionHeader), then its
+    /// bytes), and the destination runs the guest, asking for missing
+    /// pages with [`PageRequest`]s on the return path.
     Postcopy {
-        /// Bytes of device state that follow.
-        state_len: u32,
+        /// Device-state sections that follow.
+        sections: u32,
     },
     /// Pre-copy switch-over, after the final pass and before `End`: an
     /// encoded [`SectionHeader`](crate::section::SectionHeader)
@@ -422,9 +422,9 @@ impl Record {
                 b[5..13].copy_from_slice(&first.to_le_bytes());
                 b[13..17].copy_from_slice(&count.to_le_bytes());
             }
-            Record::Postcopy { state_len } => {
+            Record::Postcopy { sections } => {
                 b[0] = tag::POSTCOPY;
-                b[1..5].copy_from_slice(&state_len.to_le_bytes());
+                b[1..5].copy_from_slice(&sections.to_le_bytes());
             }
             Record::Section => b[0] = tag::SECTION,
         }
@@ -468,7 +468,7 @@ impl Record {
                 count: read_u32(r)?,
             },
             tag::POSTCOPY => Record::Postcopy {
-                state_len: read_u32(r)?,
+                sections: read_u32(r)?,
             },
             tag::SECTION => Record::Section,
             other => return Ok(Err(other)),
@@ -510,7 +510,7 @@ mod tests {
                 first: 9,
                 count: 1 << 20,
             },
-            Record::Postcopy { state_len: 300 },
+            Record::Postcopy { sections: 300 },
             Record::Section,
         ];
         let mut out = Vec::new();

@@ -35,7 +35,7 @@ use crate::list::{RamList, ResizeError};
 use crate::name::BlockName;
 use crate::region::{HostRegion, RegionError};
 use crate::stream::format::{
-    read_u64, Header, Record, TableEntry, DEFAULT_DEVICE_STATE_LIMIT, MAX_DEVICE_STATE,
+    read_u64, Header, Record, TableEntry, DEFAULT_DEVICE_STATE_LIMIT,
     MAX_RUN_PAGES, RESUME_VERSION, VERSION,
 };
 use crate::stream::io::ByteRead;
@@ -321,7 +321,9 @@ impl<'b> Receiver<'b> {
         let mut discarding = false;
         loop {
             let record = Record::read(&mut *session.r)?.map_err(ReceiveError::UnknownRecord)?;
-            if session.rx.state_bytes > 0 && !matches!(record, Record::Section | Record::End { .. })
+            if !session.rx.postcopy
+                && session.rx.state_bytes > 0
+                && !matches!(record, Record::Section | Record::End { .. })
             {
                 return Err(ReceiveError::OutOfPlace {
                     record: "RAM or post-copy",
@@ -354,7 +356,7 @@ impl<'b> Receiver<'b> {
                     first,
                     count,
                 } => session.on_discard(block, first, count)?,
-                Record::Postcopy { state_len } => session.on_postcopy(state_len)?,
+                Record::Postcopy { sections } => session.on_postcopy(sections)?,
                 Record::Section => session.on_section()?,
                 Record::End { count } => return session.on_end(count),
             }
@@ -933,21 +935,25 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
         Ok(())
     }
 
-    /// `Postcopy`: the guest moves here. Reads the device state, checks
-    /// that every hugepage block can be assembled, and starts the guest
-    /// through the target.
-    fn on_postcopy(&mut self, state_len: u32) -> Result2<(), R, M> {
+    /// `Postcopy`: the guest moves here. Hands its device-state sections
+    /// to the VMM's sink (as pre-copy's `Section` records go), checks that
+    /// every hugepage block can be assembled, and starts the guest through
+    /// the target.
+    fn on_postcopy(&mut self, sections: u32) -> Result2<(), R, M> {
         if self.rx.postcopy {
             return Err(ReceiveError::OutOfPlace {
                 record: "post-copy",
                 why: "post-copy has started already",
             });
         }
-        if state_len > MAX_DEVICE_STATE {
-            return Err(ReceiveError::DeviceStateTooLarge(state_len));
+        if self.target.is_none() {
+            return Err(ReceiveError::PostcopyUnsupported);
         }
-        let state = &mut self.rx.bounce[..state_len as usize];
-        self.r.read_exact(state)?;
+        // Bounded by the device-state limit: each section, empty or not,
+        // counts its header against it.
+        for _ in 0..sections {
+            self.read_section()?;
+        }
         let target = self
             .target
             .as_deref_mut()
@@ -966,7 +972,7 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
             });
         }
         let names: heapless::Vec<&str, N> = self.table.iter().map(|s| s.name.as_str()).collect();
-        target.start(state, &names).map_err(ReceiveError::Host)?;
+        target.start(&names).map_err(ReceiveError::Host)?;
         self.rx.postcopy = true;
         self.rx.summary.postcopy = true;
         (self.events)(ReceiveEvent::PostcopyStarted);

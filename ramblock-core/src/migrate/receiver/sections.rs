@@ -1,6 +1,8 @@
-//! Device state at a pre-copy switch-over: `Section` records, each a
+//! Device state: at a pre-copy switch-over `Section` records, each a
 //! [`SectionHeader`] and its bytes, handed to the VMM through a
-//! [`SectionSink`] after the final RAM pass and before `End`.
+//! [`SectionSink`] after the final RAM pass and before `End`; at a switch
+//! to post-copy the same sections inside the `Postcopy` record, through
+//! the same sink and bound, before the guest starts.
 //!
 //! The body is streamed to the sink in pieces of at most the bounce
 //! buffer's size, so the core allocates nothing whatever a section claims;
@@ -40,6 +42,12 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
                 why: "device state travels at a pre-copy switch-over, not after post-copy started",
             });
         }
+        self.read_section()
+    }
+
+    /// One section, as a `Section` record or inside the `Postcopy` record
+    /// carries it: the header, the bound, and the body to the sink.
+    pub(super) fn read_section(&mut self) -> Result2<(), R, M> {
         let mut raw = [0u8; SectionHeader::ENCODED_LEN];
         self.r.read_exact(&mut raw)?;
         let header = SectionHeader::decode(&raw).map_err(ReceiveError::BadSection)?;

@@ -26,22 +26,25 @@ pub type StartGuest = Box<dyn FnMut(&[u8]) -> Result<Box<dyn Guest>, String> + S
 type Target = PostcopyDestination<&'static GuestRam, Conn, Box<dyn Guest>>;
 
 /// The library's destination over `ram`, answering on `ret`; `start` runs
-/// the guest once the source switches to post-copy.
+/// the guest once the source switches to post-copy, from the `cpu` section
+/// the `Postcopy` record carried (`cpu`, filled by the section sink).
 fn postcopy_target(
     ram: &'static GuestRam,
     ret: &Arc<Mutex<Conn>>,
     mut start: StartGuest,
+    cpu: Arc<Mutex<Vec<u8>>>,
 ) -> Result<Target, String> {
     let conn = ret
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .try_clone()
         .map_err(|e| format!("cannot clone the connection: {e}"))?;
-    let start = Box::new(move |state: &[u8]| {
+    let start = Box::new(move || {
         // Pages queue in the receive buffer too; a faulting vCPU waits
         // behind them.
         set_receive_buffer(conn.tcp(), POSTCOPY_SOCKET_BUFFER);
-        start(state).map_err(Into::into)
+        let state = std::mem::take(&mut *cpu.lock().unwrap_or_else(|e| e.into_inner()));
+        start(&state).map_err(Into::into)
     });
     PostcopyDestination::new(ram, ret.clone(), start).map_err(|e| e.to_string())
 }
@@ -91,6 +94,8 @@ struct Sections {
     done: Vec<(SectionHeader, Vec<u8>)>,
     partial: Vec<u8>,
     refuse: Option<String>,
+    /// The `cpu` section's bytes too, for post-copy's start hook.
+    cpu: Arc<Mutex<Vec<u8>>>,
 }
 
 impl SectionSink for Sections {
@@ -109,6 +114,7 @@ impl SectionSink for Sections {
         if self.done.iter().any(|(h, _)| h.name == header.name) {
             return Err(1);
         }
+        bytes.clone_into(&mut self.cpu.lock().unwrap_or_else(|e| e.into_inner()));
         self.done.push((header.clone(), bytes));
         Ok(())
     }
@@ -122,8 +128,10 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
     // The end checksums come from what was received, page by page, so
     // verifying them adds nothing to the downtime.
     let mut ledger = ledger_for(ram);
+    let cpu = Arc::new(Mutex::new(Vec::new()));
     let mut sections = Sections {
         refuse: how.refuse_section.clone(),
+        cpu: cpu.clone(),
         ..Sections::default()
     };
     let mut receiver = Receiver::new(&mut bounce)
@@ -141,7 +149,7 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
             .map_err(|e| format!("cannot clone the connection: {e}"))?,
     ));
     let mut target = match how.postcopy {
-        Some(start) => Some(postcopy_target(ram, &ret, start)?),
+        Some(start) => Some(postcopy_target(ram, &ret, start, cpu)?),
         None => None,
     };
     // A resume must come from the source this migration came from.

@@ -30,7 +30,8 @@ struct ProgramHost<'g> {
     /// Every page sent, so the end checksums cost nothing in the downtime.
     ledger: Ledger,
     link: Link,
-    /// The guest's device state, as sent at the switch to post-copy.
+    /// The guest's device state (the `cpu` section), as sent at the
+    /// switch-over.
     state: &'g mut Vec<u8>,
     /// Pass 0's bytes per second.
     pass0_bandwidth: f64,
@@ -71,14 +72,9 @@ impl MigrationHost for ProgramHost<'_> {
             self.progress.update(so_far, now);
         }
     }
-    fn device_state(&mut self, buf: &mut [u8]) -> usize {
-        *self.state = self.guest.save_state();
-        let n = self.state.len().min(buf.len());
-        buf[..n].copy_from_slice(&self.state[..n]);
-        n
-    }
     fn device_section(&mut self, index: usize) -> Option<(SectionHeader, &[u8])> {
-        // Pre-copy switch-over: the vCPU, saved once (the engine asks twice).
+        // The switch-over (pre-copy, or the Postcopy record): the vCPU,
+        // saved once (the engine asks more than once).
         if index != 0 {
             return None;
         }
@@ -154,9 +150,9 @@ pub fn config(opts: &MigrateOptions) -> PrecopyConfig {
 pub struct Sent {
     /// The engine's totals.
     pub stats: MigrationStats,
-    /// The device state sent at the switch-over: the vCPU's, in the
-    /// Postcopy record or as the pre-copy `cpu` section (empty without a
-    /// vCPU).
+    /// The device state sent at the switch-over: the vCPU's `cpu`
+    /// section, as a pre-copy `Section` record or in the `Postcopy` record
+    /// (empty without a vCPU).
     pub device_state: Vec<u8>,
     /// Pass 0's throughput, bytes per second (0 if it never ended).
     pub pass0_bandwidth: f64,

@@ -1645,6 +1645,38 @@ fn too_much_device_state_is_refused_before_the_guest_starts() {
 }
 
 #[test]
+fn a_refused_section_in_the_postcopy_record_starts_no_guest() {
+    let list = bad_dest();
+    let mut s = vec![];
+    table(&mut s, false);
+    // The cpu section is taken, the second one (no such device) refused.
+    record(&mut s, Record::Postcopy { sections: 2 });
+    let mut raw = [0u8; SectionHeader::ENCODED_LEN];
+    cpu_header(4).encode(&mut raw);
+    s.extend_from_slice(&raw);
+    s.extend_from_slice(b"regs");
+    SectionHeader {
+        name: SectionName::new("net").unwrap(),
+        ..cpu_header(1)
+    }
+    .encode(&mut raw);
+    s.extend_from_slice(&raw);
+    s.push(7);
+    let (result, target, in_postcopy) = receive_one(&list, &s);
+    assert_eq!(
+        result.unwrap_err(),
+        ReceiveError::SectionRefused {
+            index: 1,
+            name: SectionName::new("net").unwrap(),
+            instance_id: 0,
+            code: 1,
+        }
+    );
+    assert!(target.starts.is_empty(), "the guest never started here");
+    assert!(!in_postcopy);
+}
+
+#[test]
 fn a_plain_receive_refuses_postcopy() {
     let list = bad_dest();
     let mut s = vec![];

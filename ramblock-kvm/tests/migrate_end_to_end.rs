@@ -405,7 +405,8 @@ fn a_destination_with_a_smaller_block_is_refused() {
 }
 
 /// The destination's VMM refuses the vCPU's `cpu` section (the hidden
-/// `--refuse-section`), in one process and in two: the source names the
+/// `--refuse-section`), in one process (pre-copy and post-copy) and in
+/// two: the source names the
 /// section in its error, exits non-zero, and its guest's loop goes on (the
 /// program waits for the guest's progress after the failure before it says
 /// "still running"). No device state, no section: this needs a vCPU.
@@ -415,16 +416,21 @@ fn a_refused_cpu_section_leaves_the_source_guest_running() {
         return;
     }
     let named = "the destination refused device-state section \"cpu\" instance 0";
-    let local = run(&["--size", "64M", "--refuse-section", "cpu"]);
-    let json = stdout(&local);
-    assert!(!local.status.success(), "{json}");
-    let error = field(&json, "error");
-    assert!(error.starts_with(named), "{error}");
-    assert!(
-        error.ends_with("the source guest is still running"),
-        "{error}"
-    );
-    assert_eq!(field(&json, "verified"), "null", "{json}");
+    // Pre-copy, and post-copy, whose Postcopy record carries the same
+    // section: refused before the destination starts the guest, so the
+    // source keeps it.
+    for postcopy in [&[][..], &["--postcopy", "0"]] {
+        let local = run(&[&["--size", "64M", "--refuse-section", "cpu"][..], postcopy].concat());
+        let json = stdout(&local);
+        assert!(!local.status.success(), "{json}");
+        let error = field(&json, "error");
+        assert!(error.starts_with(named), "{error}");
+        assert!(
+            error.ends_with("the source guest is still running"),
+            "{error}"
+        );
+        assert_eq!(field(&json, "verified"), "null", "{json}");
+    }
 
     let port = free_port();
     let dest = ramblock()

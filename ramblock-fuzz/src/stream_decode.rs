@@ -301,13 +301,9 @@ fn model_receive(
             }
             7 => {
                 // Post-copy: this destination (plain `receive`) refuses it
-                // once the device state has been read.
-                let state_len = r.u32()?;
+                // at the record, before its sections.
+                r.u32()?;
                 after_state(state)?;
-                if state_len > 64 << 10 {
-                    return Err(25);
-                }
-                r.take(state_len as usize)?;
                 return Err(24);
             }
             8 => {

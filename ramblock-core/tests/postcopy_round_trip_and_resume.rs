@@ -438,8 +438,7 @@ impl MigrationHost for Source<'_> {
             // destination must end up with.
             let _ = self.at_switch.set(snapshot(self.list));
         }
-        (index == 0 && !self.device_state.is_empty())
-            .then(|| (cpu_header(0), self.device_state))
+        (index == 0 && !self.device_state.is_empty()).then(|| (cpu_header(0), self.device_state))
     }
 
     fn return_message(&mut self, wait_ns: u64) -> ReturnEvent {

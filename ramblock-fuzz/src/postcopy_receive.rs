@@ -161,7 +161,11 @@ pub fn encode(out: &mut Vec<u8>, op: &Op, before: &Model) {
             let sections = u32::from(state > 0) + u32::from(state % 2 == 1);
             write_record(out, Record::Postcopy { sections });
             if state > 0 {
-                section(out, "cpu", &(0..state).map(|i| i ^ 0x5c).collect::<Vec<_>>());
+                section(
+                    out,
+                    "cpu",
+                    &(0..state).map(|i| i ^ 0x5c).collect::<Vec<_>>(),
+                );
             }
             if state % 2 == 1 {
                 section(out, "net", &[]);

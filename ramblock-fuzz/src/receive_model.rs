@@ -41,16 +41,16 @@ use ramblock_core::list::RamList;
 use ramblock_core::migrate::receiver::{
     ReceiveError, ReceiveSummary, Receiver, SectionSink, BOUNCE_BYTES,
 };
-use ramblock_core::section::SectionHeader;
-use std::cell::RefCell;
-use std::rc::Rc;
 use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::name::BlockName;
+use ramblock_core::section::SectionHeader;
 use ramblock_core::stream::format::DEFAULT_DEVICE_STATE_LIMIT;
 use ramblock_core::stream::format::{Header, Record, TableEntry};
 use ramblock_core::stream::io::SliceReader;
 use ramblock_core::stream::received_map::write_received_map;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 /// Bytes per target page.
 pub const PAGE: usize = 4096;
@@ -730,7 +730,8 @@ impl SectionSink for Loaded {
 impl PostcopyTarget for UffdLike<'_> {
     type Error = BufferError;
     fn start(&mut self, _table: &[&str]) -> Result<(), BufferError> {
-        self.starts.push(std::mem::take(&mut *self.loaded.0.borrow_mut()));
+        self.starts
+            .push(std::mem::take(&mut *self.loaded.0.borrow_mut()));
         Ok(())
     }
     fn place(&mut self, block: &str, offset: ByteLen, data: &[u8]) -> Result<(), BufferError> {

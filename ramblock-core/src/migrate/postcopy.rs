@@ -42,9 +42,7 @@ use crate::addr::TARGET_PAGE_SHIFT;
 use crate::bitmap::Storage;
 use crate::dirty_log::DirtyLogSource;
 use crate::host::HostMemory;
-use crate::stream::format::{
-    Header, PageRequest, Record, ReturnMessage, MAX_RUN_PAGES,
-};
+use crate::stream::format::{Header, PageRequest, Record, ReturnMessage, MAX_RUN_PAGES};
 use crate::stream::io::ByteWrite;
 
 /// How long one wait for the destination's acknowledgement lasts before

@@ -35,8 +35,8 @@ use crate::list::{RamList, ResizeError};
 use crate::name::BlockName;
 use crate::region::{HostRegion, RegionError};
 use crate::stream::format::{
-    read_u64, Header, Record, TableEntry, DEFAULT_DEVICE_STATE_LIMIT,
-    MAX_RUN_PAGES, RESUME_VERSION, VERSION,
+    read_u64, Header, Record, TableEntry, DEFAULT_DEVICE_STATE_LIMIT, MAX_RUN_PAGES,
+    RESUME_VERSION, VERSION,
 };
 use crate::stream::io::ByteRead;
 use crate::stream::resume_token::ResumeToken;

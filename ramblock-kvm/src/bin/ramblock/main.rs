@@ -162,6 +162,17 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         Ok(s) => s,
         Err(e) => return failed(summary, e),
     };
+    // Pre-copy on KVM: a vCPU of a VM over this RAM, made now, so the
+    // switch-over only loads the shipped `cpu` section into it and runs it
+    // before this side confirms the handover.
+    let precopy_guest = if start_guest.is_none() && kvm_present(opts) {
+        match kvm::prepare_destination(ram) {
+            Ok(s) => Some(s),
+            Err(e) => return failed(summary, e),
+        }
+    } else {
+        None
+    };
     let listener = match listen(addr, opts) {
         Ok(l) => Arc::new(l),
         Err(e) => return failed(summary, e),
@@ -181,7 +192,7 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         fresh,
         postcopy: start_guest,
         resume: opts.resume.then(|| listener.clone()),
-        precopy: None,
+        precopy: precopy_guest,
         refuse_section: opts.refuse_section.clone(),
     };
     match destination::receive(ram, conn, how) {
@@ -204,13 +215,23 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
                     ..PostcopyStats::default()
                 });
             }
+            summary.verified = Some(true);
             if let Some(mut guest) = r.guest {
+                if !r.summary.postcopy {
+                    // Pre-copy: the vCPU runs from the shipped `cpu`
+                    // section; it must go on with the source's loop.
+                    let ran = destination_continues(guest.as_mut());
+                    if let Err(e) = &ran {
+                        eprintln!("{e}");
+                    }
+                    summary.destination_ran = Some(ran.is_ok());
+                    summary.verified = Some(ran.is_ok());
+                }
                 // The guest runs here now; this program only demonstrates
                 // the move, so it stops it once the memory is verified.
                 summary.guest_progress = guest.progress();
                 guest.stop();
             }
-            summary.verified = Some(true);
             summary
         }
         Err(e) => failed(summary, e),
@@ -330,6 +351,11 @@ fn run_source(
         let sent = result.map_err(|e| still_running(e, guest, opts))?;
         summary.stats = sent.stats;
         summary.pass0_bandwidth = sent.pass0_bandwidth;
+        if !sent.device_state.is_empty() && sent.stats.postcopy.is_none() {
+            // A vCPU went: the downtime ran until the destination said it
+            // runs there; the RAM-only part beside it.
+            summary.ram_downtime_ns = Some(sent.stats.ram_downtime_ns);
+        }
         summary.verified = Some(true); // the destination acknowledged its checksums
         return Ok(());
     }

@@ -178,31 +178,29 @@ impl<'m> LiveCopy<'m> {
         self.saved[page / 64] >> (page % 64) & 1 == 1
     }
 
-    /// Reads pages `first .. first + count` (unsaved, still protected, so
-    /// as they were at the instant), saves them, marks them saved and
+    /// Hands pages `first .. first + count` (unsaved, still protected, so
+    /// as they were at the instant) to `save`, marks them saved and
     /// un-protects them, waking writers waiting there.
     fn save_run(
         &mut self,
         first: usize,
         count: usize,
-        buf: &mut [u8],
-        save: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+        save: &mut dyn FnMut(u64, &HostRegion<'_>) -> std::io::Result<()>,
     ) -> Result<(), LiveCopyError> {
         let (offset, len) = (first * self.page, count * self.page);
-        let data = &mut buf[..len];
-        // A protected page is readable; the copier's reads never write.
-        self.region
-            .read(ramblock_core::addr::ByteLen(offset as u64), data)
-            .map_err(|e| LiveCopyError::Save {
-                offset: offset as u64,
-                len: len as u64,
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        save(offset as u64, data).map_err(|source| LiveCopyError::Save {
+        let save_error = |source| LiveCopyError::Save {
             offset: offset as u64,
             len: len as u64,
             source,
-        })?;
+        };
+        // Read-only: a protected page is readable, and `save` must not
+        // write it (a write would stop this thread in its own fault).
+        let pages = self
+            .region
+            .subregion(ramblock_core::addr::ByteLen(offset as u64), len)
+            .map_err(|e| save_error(std::io::Error::other(e.to_string())))?
+            .read_only();
+        save(offset as u64, &pages).map_err(save_error)?;
         for p in first..first + count {
             self.saved[p / 64] |= 1 << (p % 64);
         }
@@ -218,8 +216,7 @@ impl<'m> LiveCopy<'m> {
     fn serve(
         &mut self,
         event: Event,
-        buf: &mut [u8],
-        save: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+        save: &mut dyn FnMut(u64, &HostRegion<'_>) -> std::io::Result<()>,
         stats: &mut LiveCopyStats,
     ) -> Result<(), LiveCopyError> {
         let t = Instant::now();
@@ -243,7 +240,7 @@ impl<'m> LiveCopy<'m> {
             self.uffd
                 .wake(self.block.base().wrapping_add(offset as usize), self.page)?;
         } else {
-            self.save_run(page, 1, buf, save)?;
+            self.save_run(page, 1, save)?;
             stats.faulted_pages += 1;
             stats.pages += 1;
         }
@@ -256,19 +253,39 @@ impl<'m> LiveCopy<'m> {
     /// or more whole pages), each page exactly once, serving writers'
     /// faults first; see the module docs. Returns once all are saved and
     /// nothing is protected any more.
+    ///
+    /// The pages are copied into a buffer for `save`; [`LiveCopy::run_regions`]
+    /// hands them without the copy.
     pub fn run(
-        mut self,
+        self,
         mut save: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
     ) -> Result<LiveCopyStats, LiveCopyError> {
+        let mut buf = vec![0u8; CHUNK.max(self.page)];
+        self.run_regions(|offset, pages| {
+            let data = &mut buf[..pages.len()];
+            pages
+                .read(ramblock_core::addr::ByteLen(0), data)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            save(offset, data)
+        })
+    }
+
+    /// As [`LiveCopy::run`], but `save` gets the memory itself (read-only,
+    /// its pages still protected while `save` runs, so as they were at the
+    /// instant): a file writer can `pwritev(2)` straight from it, with no
+    /// copy in user space.
+    pub fn run_regions(
+        mut self,
+        mut save: impl FnMut(u64, &HostRegion<'_>) -> std::io::Result<()>,
+    ) -> Result<LiveCopyStats, LiveCopyError> {
         let chunk_pages = (CHUNK / self.page).max(1);
-        let mut buf = vec![0u8; chunk_pages * self.page];
         let mut stats = LiveCopyStats::default();
         let pages = self.pages();
         let mut next = 0;
         loop {
             // Writers first: each waits until its page is saved.
             while let Some(event) = self.uffd.read_event(Some(Duration::ZERO))? {
-                self.serve(event, &mut buf, &mut save, &mut stats)?;
+                self.serve(event, &mut save, &mut stats)?;
             }
             while next < pages && self.is_saved(next) {
                 next += 1;
@@ -280,7 +297,7 @@ impl<'m> LiveCopy<'m> {
             while count < chunk_pages && next + count < pages && !self.is_saved(next + count) {
                 count += 1;
             }
-            self.save_run(next, count, &mut buf, &mut save)?;
+            self.save_run(next, count, &mut save)?;
             stats.pages += count as u64;
             next += count;
         }

@@ -11,28 +11,15 @@
 //! been saved because the writer faulted on it.
 mod common;
 
-use common::{skip, HugepagePool};
+use common::{skip, wait_for, HugepagePool};
 use ramblock_core::addr::{ByteLen, PageSize};
 use ramblock_core::host::HostMemory;
 use ramblock_linux::live_copy::{LiveCopy, LiveCopyError};
 use ramblock_linux::uffd::UffdError;
 use ramblock_linux::{LinuxMemory, MemoryBuilder};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
-
-/// Waits (bounded) until `cond`; false if it never held.
-fn wait_for(cond: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::yield_now();
-    }
-    true
-}
 
 fn prove(mem: LinuxMemory) {
     let len = mem.used_len().0 as usize;

@@ -150,6 +150,15 @@ pub enum SnapshotError {
         /// Why.
         why: &'static str,
     },
+    /// A live save's copy of a block failed (the kernel lacks what it
+    /// needs, userfaultfd failed, or an unexpected fault arrived).
+    #[error("live copy of block {block:?}: {error}")]
+    LiveCopy {
+        /// The block.
+        block: String,
+        /// What failed.
+        error: crate::live_copy::LiveCopyError,
+    },
     /// A worker thread panicked (a bug).
     #[error("a snapshot worker thread panicked")]
     WorkerPanicked,

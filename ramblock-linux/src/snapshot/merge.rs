@@ -10,7 +10,7 @@
 use super::chain::{SnapshotChain, PARENT_PATH_SECTION};
 use super::error::SnapshotError;
 use super::io::random_id;
-use super::writer::{create_file, Plan, SaveSection, SaveSummary};
+use super::writer::{create_sized, Plan, SaveSection, SaveSummary};
 use ramblock_core::section::SectionName;
 use ramblock_core::snapshot::{BlockEntry, Kind};
 use std::os::fd::AsRawFd;
@@ -51,15 +51,11 @@ pub fn merge(chain: &SnapshotChain, out: &Path) -> Result<SaveSummary, SnapshotE
             .collect::<Vec<_>>(),
         &sections,
     )?;
-    let file = create_file(out, "the output's directory must be writable")?;
-    file.set_len(plan.data_end).map_err(|e| {
-        SnapshotError::io(
-            "ftruncate",
-            out,
-            e,
-            "the filesystem must hold a file this large",
-        )
-    })?;
+    let file = create_sized(
+        out,
+        plan.data_end,
+        "the output's directory must be writable",
+    )?;
     let mut written = 0u64;
     for (bi, b) in blocks.iter().enumerate() {
         let pages = b.pages();

@@ -9,7 +9,8 @@
 //!
 //! - [`save`] writes blocks from guest memory with `pwritev(2)` on several
 //!   threads (optionally `O_DIRECT`); [`Snapshotter`] takes a full
-//!   snapshot and then diffs over the dirty log.
+//!   snapshot and then diffs over the dirty log; [`LiveSave`] saves memory
+//!   that writers keep writing, as it was at one instant (copy-before-write).
 //! - [`SnapshotFile`] opens one file and checks every field;
 //!   [`SnapshotChain`] opens a diff with its parents, each link checked.
 //! - [`restore_eager`], [`map_block`] and [`restore_lazy`] restore;
@@ -24,6 +25,7 @@ mod file;
 mod hugetlbfs;
 pub mod io;
 mod lazy;
+mod live;
 mod merge;
 mod restore;
 mod snapshotter;
@@ -34,6 +36,7 @@ pub use error::SnapshotError;
 pub use file::SnapshotFile;
 pub use hugetlbfs::copy_to_hugetlbfs;
 pub use lazy::{restore_lazy, LazyOptions, LazyProgress, LazyStats};
+pub use live::{save_live, LiveBlock, LiveSave, LiveSaveSummary};
 pub use merge::merge;
 pub use restore::{map_block, restore_eager, verify_block, RestoreSummary, RestoreTarget};
 pub use snapshotter::{take_dirty, Snapshotter, SnapshotterError};

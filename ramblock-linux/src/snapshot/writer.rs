@@ -114,7 +114,7 @@ pub struct SaveSummary {
 
 /// Per-chunk results, summed per block.
 #[derive(Default)]
-struct Totals {
+pub(crate) struct Totals {
     data_sum: AtomicU64,
     held: AtomicU64,
     zero: AtomicU64,
@@ -128,19 +128,19 @@ fn selected(pages: Option<&[u64]>, page: u64) -> bool {
     })
 }
 
-/// Saves `blocks` and `sections` to a new file at `path` (replacing one
-/// there) as a full snapshot or, with `kind` [`Kind::Diff`], a diff of the
-/// pages each block selects. `progress` is called from the workers with the
-/// bytes of memory done so far.
-pub fn save(
-    path: &Path,
-    blocks: &[SaveBlock<'_>],
+/// A block as the layout sees it: what a save checks and plans.
+pub(crate) struct Shape<'a> {
+    pub name: &'a BlockName,
+    pub len: u64,
+    pub page_size: PageSize,
+}
+
+/// Checks that `blocks` and `sections` can be saved in one file (counts,
+/// whole pages, sizes, unique names) and places them.
+pub(crate) fn plan_for(
+    blocks: &[Shape<'_>],
     sections: &[SaveSection<'_>],
-    kind: Kind,
-    options: SaveOptions,
-    progress: &(dyn Fn(u64) + Sync),
-) -> Result<SaveSummary, SnapshotError> {
-    let start = Instant::now();
+) -> Result<Plan, SnapshotError> {
     let layout = SnapshotError::Layout;
     if blocks.len() > MAX_BLOCKS as usize {
         return Err(layout(FormatError::TooManyBlocks {
@@ -159,20 +159,11 @@ pub fn save(
                 why,
             })
         };
-        let len = b.region.len() as u64;
-        if len == 0 || len % b.page_size.bytes() != 0 || len % PAGE != 0 {
+        if b.len == 0 || b.len % b.page_size.bytes() != 0 || b.len % PAGE != 0 {
             return bad("its length is not a non-zero number of whole pages");
         }
-        if len > ramblock_core::snapshot::MAX_BLOCK_LEN {
+        if b.len > ramblock_core::snapshot::MAX_BLOCK_LEN {
             return bad("it is larger than a snapshot block may be (1 TiB)");
-        }
-        if (b.digests.len() as u64) < len / PAGE {
-            return bad("its digest table has fewer entries than it has pages");
-        }
-        if b.pages
-            .is_some_and(|w| (w.len() as u64) < (len / PAGE).div_ceil(64))
-        {
-            return bad("its page bitmap is shorter than the block");
         }
         if blocks[..i].iter().any(|o| o.name == b.name) {
             return bad("another block has the same name");
@@ -194,52 +185,257 @@ pub fn save(
             }));
         }
     }
-    let full_missing = matches!(kind, Kind::Full) && blocks.iter().any(|b| b.pages.is_some());
-    if full_missing {
+    Plan::for_sections(
+        &blocks
+            .iter()
+            .map(|b| (ByteLen(b.len), b.page_size))
+            .collect::<Vec<_>>(),
+        sections,
+    )
+}
+
+/// The file being written: created at its full length (every page a
+/// hole), with a second `O_DIRECT` handle for page data when asked.
+#[derive(Debug)]
+pub(crate) struct Output<'p> {
+    pub path: &'p Path,
+    file: File,
+    direct: Option<File>,
+    file_id: [u8; 16],
+}
+
+impl<'p> Output<'p> {
+    /// Creates the file at `path` for `plan`.
+    pub fn create(path: &'p Path, plan: &Plan, direct: bool) -> Result<Output<'p>, SnapshotError> {
+        let file_id = random_id().map_err(|e| {
+            SnapshotError::io("getrandom", path, e, "the kernel must offer randomness")
+        })?;
+        let file = create_sized(
+            path,
+            plan.data_end,
+            "the snapshot's directory must be writable",
+        )?;
+        let direct = if direct {
+            Some(
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .map_err(|e| {
+                        SnapshotError::io(
+                            "open(O_DIRECT)",
+                            path,
+                            e,
+                            "the filesystem must support O_DIRECT (tmpfs may not); save without it",
+                        )
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(Output {
+            path,
+            file,
+            direct,
+            file_id,
+        })
+    }
+
+    /// Saves pages `first ..` of one block, whose memory `region` holds
+    /// (from page `first` on, whole 4 KiB pages) and whose data starts at
+    /// `data_at` in the file: each page `pages` selects is hashed into
+    /// `digests` and, unless zero (a hole), written, in runs of non-zero
+    /// pages straight from `region`. The paused and the live save both
+    /// write pages through here.
+    pub fn save_pages(
+        &self,
+        region: &HostRegion<'_>,
+        first: u64,
+        data_at: u64,
+        pages: Option<&[u64]>,
+        digests: &[AtomicU64],
+        totals: &Totals,
+    ) -> Result<(), SnapshotError> {
+        let data_file = self.direct.as_ref().unwrap_or(&self.file);
+        let end = first + region.len() as u64 / PAGE;
+        let at = |page: u64| ByteLen((page - first) * PAGE);
+        let (mut sum, mut held, mut zero, mut written) = (0u64, 0u64, 0u64, 0u64);
+        let mut run: Option<u64> = None;
+        let flush = |run_start: u64, run_end: u64| -> Result<u64, SnapshotError> {
+            let len = (run_end - run_start) * PAGE;
+            let sub = region.subregion(at(run_start), len as usize)?;
+            write_region_at(data_file, &sub, data_at + run_start * PAGE).map_err(|e| {
+                SnapshotError::io(
+                    "pwritev",
+                    self.path,
+                    e,
+                    "the snapshot's filesystem must have space",
+                )
+            })?;
+            Ok(len)
+        };
+        for page in first..end {
+            let keep = selected(pages, page) && !region.is_zero(at(page), PAGE as usize)?;
+            if selected(pages, page) {
+                held += 1;
+                let d = page_digest_region(page, region, at(page))?;
+                digests[page as usize].store(d, Ordering::Relaxed);
+                sum = sum.wrapping_add(d);
+                if !keep {
+                    zero += 1;
+                }
+            }
+            match (keep, run) {
+                (true, None) => run = Some(page),
+                (false, Some(s)) => {
+                    written += flush(s, page)?;
+                    run = None;
+                }
+                _ => {}
+            }
+            // Written while the hashing left it in cache.
+            if let Some(s) = run.filter(|&s| page + 1 - s >= RUN_PAGES) {
+                written += flush(s, page + 1)?;
+                run = None;
+            }
+        }
+        if let Some(s) = run {
+            written += flush(s, end)?;
+        }
+        totals.data_sum.fetch_add(sum, Ordering::Relaxed);
+        totals.held.fetch_add(held, Ordering::Relaxed);
+        totals.zero.fetch_add(zero, Ordering::Relaxed);
+        totals.written.fetch_add(written, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes the metadata once every page is saved (last, so a file cut
+    /// short fails its checksum) and syncs if asked: `blocks` with their
+    /// page bitmaps (`None`: every page), digest tables and totals.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish(
+        self,
+        plan: &Plan,
+        kind: Kind,
+        blocks: &[Shape<'_>],
+        bitmaps: &[Option<&[u64]>],
+        digests: &[&[AtomicU64]],
+        totals: &[Totals],
+        sections: &[SaveSection<'_>],
+        sync: bool,
+        start: Instant,
+    ) -> Result<SaveSummary, SnapshotError> {
+        let path = self.path;
+        let mut entries = Vec::with_capacity(blocks.len());
+        let mut content_checksums = Vec::with_capacity(blocks.len());
+        for (i, b) in blocks.iter().enumerate() {
+            let pages = b.len / PAGE;
+            let all = digests[i][..pages as usize]
+                .iter()
+                .fold(0u64, |a, d| a.wrapping_add(d.load(Ordering::Relaxed)));
+            let content = finish_sum(all, pages * PAGE);
+            content_checksums.push(content);
+            let t = &totals[i];
+            let held = t.held.load(Ordering::Relaxed);
+            entries.push(BlockEntry {
+                name: b.name.clone(),
+                used_length: ByteLen(pages * PAGE),
+                page_size: b.page_size,
+                bitmap_offset: plan.bitmap_at[i],
+                data_offset: plan.data_at[i],
+                held_pages: held,
+                content_checksum: content,
+                data_checksum: finish_sum(t.data_sum.load(Ordering::Relaxed), held * PAGE),
+            });
+        }
+        let (meta, meta_checksum) = plan.encode(kind, self.file_id, &entries, sections, |b, w| {
+            bitmaps[b].map_or(u64::MAX, |p| p[w])
+        });
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(&meta, 0).map_err(|e| {
+            SnapshotError::io(
+                "pwrite",
+                path,
+                e,
+                "the snapshot's filesystem must have space",
+            )
+        })?;
+        if sync {
+            self.file.sync_data().map_err(|e| {
+                SnapshotError::io(
+                    "fdatasync",
+                    path,
+                    e,
+                    "the snapshot's filesystem failed to write back",
+                )
+            })?;
+        }
+        let sum = |f: fn(&Totals) -> &AtomicU64| {
+            totals
+                .iter()
+                .map(|t| f(t).load(Ordering::Relaxed))
+                .sum::<u64>()
+        };
+        Ok(SaveSummary {
+            path: path.to_owned(),
+            file_id: self.file_id,
+            meta_checksum,
+            bytes_written: sum(|t| &t.written),
+            pages_held: sum(|t| &t.held),
+            zero_pages: sum(|t| &t.zero),
+            file_len: plan.data_end,
+            content_checksums,
+            elapsed: start.elapsed(),
+        })
+    }
+}
+
+/// Saves `blocks` and `sections` to a new file at `path` (replacing one
+/// there) as a full snapshot or, with `kind` [`Kind::Diff`], a diff of the
+/// pages each block selects. `progress` is called from the workers with the
+/// bytes of memory done so far.
+pub fn save(
+    path: &Path,
+    blocks: &[SaveBlock<'_>],
+    sections: &[SaveSection<'_>],
+    kind: Kind,
+    options: SaveOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<SaveSummary, SnapshotError> {
+    let start = Instant::now();
+    let shapes: Vec<Shape<'_>> = blocks
+        .iter()
+        .map(|b| Shape {
+            name: &b.name,
+            len: b.region.len() as u64,
+            page_size: b.page_size,
+        })
+        .collect();
+    let plan = plan_for(&shapes, sections)?;
+    for b in blocks {
+        let bad = |why| {
+            Err(SnapshotError::BadBlock {
+                name: b.name.to_string(),
+                why,
+            })
+        };
+        let pages = b.region.len() as u64 / PAGE;
+        if (b.digests.len() as u64) < pages {
+            return bad("its digest table has fewer entries than it has pages");
+        }
+        if b.pages
+            .is_some_and(|w| (w.len() as u64) < pages.div_ceil(64))
+        {
+            return bad("its page bitmap is shorter than the block");
+        }
+    }
+    if matches!(kind, Kind::Full) && blocks.iter().any(|b| b.pages.is_some()) {
         return Err(SnapshotError::BadBlock {
             name: String::new(),
             why: "a full snapshot saves every page; give no page bitmap",
         });
     }
-
-    let plan = Plan::for_sections(
-        &blocks
-            .iter()
-            .map(|b| (ByteLen(b.region.len() as u64), b.page_size))
-            .collect::<Vec<_>>(),
-        sections,
-    )?;
-    let (data_at, data_end) = (&plan.data_at, plan.data_end);
-
-    let file_id = random_id()
-        .map_err(|e| SnapshotError::io("getrandom", path, e, "the kernel must offer randomness"))?;
-    let file = create_file(path, "the snapshot's directory must be writable")?;
-    file.set_len(data_end).map_err(|e| {
-        SnapshotError::io(
-            "ftruncate",
-            path,
-            e,
-            "the filesystem must hold a file this large",
-        )
-    })?;
-    let direct;
-    let data_file: &File = if options.direct {
-        direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| {
-                SnapshotError::io(
-                    "open(O_DIRECT)",
-                    path,
-                    e,
-                    "the filesystem must support O_DIRECT (tmpfs may not); save without it",
-                )
-            })?;
-        &direct
-    } else {
-        &file
-    };
+    let out = Output::create(path, &plan, options.direct)?;
 
     // Pages.
     let totals: Vec<Totals> = blocks.iter().map(|_| Totals::default()).collect();
@@ -260,61 +456,18 @@ pub fn save(
                 return Ok(());
             };
             let b = &blocks[bi];
-            let t = &totals[bi];
-            let pages = b.region.len() as u64 / PAGE;
-            let end = (first + CHUNK_PAGES).min(pages);
-            let (mut sum, mut held, mut zero, mut written) = (0u64, 0u64, 0u64, 0u64);
-            let mut run: Option<u64> = None;
-            let flush = |run_start: u64, run_end: u64| -> Result<u64, SnapshotError> {
-                let region = b.region.subregion(
-                    ByteLen(run_start * PAGE),
-                    ((run_end - run_start) * PAGE) as usize,
-                )?;
-                write_region_at(data_file, &region, data_at[bi] + run_start * PAGE).map_err(
-                    |e| {
-                        SnapshotError::io(
-                            "pwritev",
-                            path,
-                            e,
-                            "the snapshot's filesystem must have space",
-                        )
-                    },
-                )?;
-                Ok((run_end - run_start) * PAGE)
-            };
-            for page in first..end {
-                let keep = selected(b.pages, page)
-                    && !b.region.is_zero(ByteLen(page * PAGE), PAGE as usize)?;
-                if selected(b.pages, page) {
-                    held += 1;
-                    let d = page_digest_region(page, &b.region, ByteLen(page * PAGE))?;
-                    b.digests[page as usize].store(d, Ordering::Relaxed);
-                    sum = sum.wrapping_add(d);
-                    if !keep {
-                        zero += 1;
-                    }
-                }
-                match (keep, run) {
-                    (true, None) => run = Some(page),
-                    (false, Some(s)) => {
-                        written += flush(s, page)?;
-                        run = None;
-                    }
-                    _ => {}
-                }
-                // Written while the hashing left it in cache.
-                if let Some(s) = run.filter(|&s| page + 1 - s >= RUN_PAGES) {
-                    written += flush(s, page + 1)?;
-                    run = None;
-                }
-            }
-            if let Some(s) = run {
-                written += flush(s, end)?;
-            }
-            t.data_sum.fetch_add(sum, Ordering::Relaxed);
-            t.held.fetch_add(held, Ordering::Relaxed);
-            t.zero.fetch_add(zero, Ordering::Relaxed);
-            t.written.fetch_add(written, Ordering::Relaxed);
+            let end = (first + CHUNK_PAGES).min(b.region.len() as u64 / PAGE);
+            let region = b
+                .region
+                .subregion(ByteLen(first * PAGE), ((end - first) * PAGE) as usize)?;
+            out.save_pages(
+                &region,
+                first,
+                plan.data_at[bi],
+                b.pages,
+                b.digests,
+                &totals[bi],
+            )?;
             let d = done_bytes.fetch_add((end - first) * PAGE, Ordering::Relaxed);
             progress(d + (end - first) * PAGE);
         }
@@ -328,64 +481,19 @@ pub fn save(
     })?;
 
     // Metadata.
-    let mut entries = Vec::with_capacity(blocks.len());
-    let mut content_checksums = Vec::with_capacity(blocks.len());
-    for (i, b) in blocks.iter().enumerate() {
-        let pages = b.region.len() as u64 / PAGE;
-        let all = b.digests[..pages as usize]
-            .iter()
-            .fold(0u64, |a, d| a.wrapping_add(d.load(Ordering::Relaxed)));
-        let content = finish_sum(all, pages * PAGE);
-        content_checksums.push(content);
-        let t = &totals[i];
-        let held = t.held.load(Ordering::Relaxed);
-        entries.push(BlockEntry {
-            name: b.name.clone(),
-            used_length: ByteLen(pages * PAGE),
-            page_size: b.page_size,
-            bitmap_offset: plan.bitmap_at[i],
-            data_offset: data_at[i],
-            held_pages: held,
-            content_checksum: content,
-            data_checksum: finish_sum(t.data_sum.load(Ordering::Relaxed), held * PAGE),
-        });
-    }
-    let (meta, meta_checksum) = plan.encode(kind, file_id, &entries, sections, |b, w| {
-        blocks[b].pages.map_or(u64::MAX, |p| p[w])
-    });
-    use std::os::unix::fs::FileExt;
-    file.write_all_at(&meta, 0).map_err(|e| {
-        SnapshotError::io(
-            "pwrite",
-            path,
-            e,
-            "the snapshot's filesystem must have space",
-        )
-    })?;
-    if options.sync {
-        file.sync_data().map_err(|e| {
-            SnapshotError::io(
-                "fdatasync",
-                path,
-                e,
-                "the snapshot's filesystem failed to write back",
-            )
-        })?;
-    }
-    Ok(SaveSummary {
-        path: path.to_owned(),
-        file_id,
-        meta_checksum,
-        bytes_written: totals
-            .iter()
-            .map(|t| t.written.load(Ordering::Relaxed))
-            .sum(),
-        pages_held: totals.iter().map(|t| t.held.load(Ordering::Relaxed)).sum(),
-        zero_pages: totals.iter().map(|t| t.zero.load(Ordering::Relaxed)).sum(),
-        file_len: data_end,
-        content_checksums,
-        elapsed: start.elapsed(),
-    })
+    let bitmaps: Vec<Option<&[u64]>> = blocks.iter().map(|b| b.pages).collect();
+    let digests: Vec<&[AtomicU64]> = blocks.iter().map(|b| b.digests).collect();
+    out.finish(
+        &plan,
+        kind,
+        &shapes,
+        &bitmaps,
+        &digests,
+        &totals,
+        sections,
+        options.sync,
+        start,
+    )
 }
 
 /// Where everything of a file goes (see [`ramblock_core::snapshot::layout`]).
@@ -513,6 +621,24 @@ impl Plan {
         let sum = seal(&mut meta);
         (meta, sum)
     }
+}
+
+/// [`create_file`] at `len` bytes (a sparse file: all holes).
+pub(crate) fn create_sized(
+    path: &Path,
+    len: u64,
+    hint: &'static str,
+) -> Result<File, SnapshotError> {
+    let file = create_file(path, hint)?;
+    file.set_len(len).map_err(|e| {
+        SnapshotError::io(
+            "ftruncate",
+            path,
+            e,
+            "the filesystem must hold a file this large",
+        )
+    })?;
+    Ok(file)
 }
 
 /// Creates (or truncates) the output file at `path`, readable and writable

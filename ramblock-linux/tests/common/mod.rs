@@ -370,6 +370,18 @@ impl Drop for ScratchDir {
     }
 }
 
+/// Waits (bounded: 20 s) until `cond`; false if it never held.
+pub fn wait_for(cond: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cond() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+    true
+}
+
 /// Prints the one `skipped:` line.
 pub fn skip(reason: &str) {
     println!("skipped: {reason}");

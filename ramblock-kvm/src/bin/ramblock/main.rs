@@ -12,6 +12,7 @@
 mod destination;
 mod kvm;
 mod link;
+mod live_snapshot;
 mod memory;
 mod options;
 mod report;

@@ -88,6 +88,21 @@ pub struct SaveArgs {
     /// two snapshots (default: until it completes one more pass).
     #[arg(long, value_name = "MS")]
     pub diff_after_ms: Option<u64>,
+    /// Save while the guest runs: pause it for the instant (vCPU state and
+    /// write-protection of its RAM), resume it, and write each page as it
+    /// was at the instant before the guest's first write to it
+    /// (copy-before-write). Then pause it and verify the file against the
+    /// guest's RAM at the instant. Not with --diff or --direct.
+    #[arg(long, conflicts_with_all = ["diff", "direct"])]
+    pub live: bool,
+    /// With --live: also time a paused snapshot of the same guest
+    /// afterwards (to PATH.paused, removed), for the ratio.
+    #[arg(long, requires = "live")]
+    pub compare_paused: bool,
+    /// With --live: milliseconds over which the guest's loop rate is
+    /// measured before the instant.
+    #[arg(long, default_value_t = 1000, value_name = "MS", requires = "live")]
+    pub rate_window_ms: u64,
     /// Benchmarks: also time a plain single-threaded pwrite loop of the
     /// guest's memory to a file beside PATH (baseline_pwrite_ms).
     #[arg(long, hide = true)]
@@ -136,6 +151,7 @@ pub struct RestoreArgs {
 /// Runs a snapshot command.
 pub fn run(cmd: SnapshotCommand) -> ExitCode {
     let (json, result) = match cmd {
+        SnapshotCommand::Save(a) if a.live => (a.json, crate::live_snapshot::save_live(&a)),
         SnapshotCommand::Save(a) => (a.json, save(&a)),
         SnapshotCommand::Restore(a) => (a.json, restore(&a)),
         SnapshotCommand::Inspect { path, json } => (json, inspect(&path, json)),
@@ -170,14 +186,14 @@ pub fn run(cmd: SnapshotCommand) -> ExitCode {
 
 /// What a command reports.
 #[derive(Debug, Default)]
-struct Report {
-    fields: Vec<(&'static str, String)>,
-    verified: Option<bool>,
-    text: String,
+pub(crate) struct Report {
+    pub(crate) fields: Vec<(&'static str, String)>,
+    pub(crate) verified: Option<bool>,
+    pub(crate) text: String,
 }
 
 impl Report {
-    fn num(&mut self, key: &'static str, v: impl Into<f64>) {
+    pub(crate) fn num(&mut self, key: &'static str, v: impl Into<f64>) {
         let v: f64 = v.into();
         let s = if v.fract() == 0.0 && v.abs() < 1e15 {
             format!("{}", v as i64)
@@ -187,7 +203,7 @@ impl Report {
         self.fields.push((key, s));
     }
 
-    fn str(&mut self, key: &'static str, v: &str) {
+    pub(crate) fn str(&mut self, key: &'static str, v: &str) {
         self.fields.push((key, format!("{v:?}")));
     }
 
@@ -215,13 +231,13 @@ impl Report {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// A progress bar on stderr for work of `total` bytes, hidden for short
 /// work and with --json.
-fn bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
+pub(crate) fn bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
     if quiet || total < (256 << 20) {
         return ProgressBar::hidden();
     }
@@ -261,7 +277,39 @@ fn wait_beats(runner: &VcpuRunner, n: u64, limit: Duration) -> Result<(), String
     Ok(())
 }
 
-fn save(a: &SaveArgs) -> Result<Report, String> {
+/// The vCPU state section a snapshot of the test guest carries.
+pub(crate) fn cpu_section(state: &[u8]) -> SaveSection<'_> {
+    SaveSection {
+        name: SectionName::new("cpu").expect("valid"),
+        instance_id: 0,
+        version: 1,
+        bytes: state,
+    }
+}
+
+/// `path` with `suffix` appended to its file name (`g.snap` -> `g.snap.base`).
+pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// The test guest to save, running.
+pub(crate) struct SaveGuest {
+    /// Its RAM (one block, `pc.ram`).
+    pub ram: &'static GuestRam,
+    /// Its VM.
+    pub vm: Arc<Vm>,
+    /// Its vCPU.
+    pub runner: VcpuRunner,
+    /// Its loop.
+    pub work: Workload,
+}
+
+/// Builds `a.size` bytes of guest RAM over `a.backing`, maps it, starts
+/// the increment loop and waits until it wrote all its memory once; KVM's
+/// dirty log is switched on for the block when `log` (for diffs).
+pub(crate) fn start_save_guest(a: &SaveArgs, log: bool) -> Result<SaveGuest, String> {
     let ram: &'static GuestRam = guest_ram(
         a.size,
         &a.backing,
@@ -275,16 +323,36 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
     // SAFETY: `ram` is leaked ('static) and its block never removed, so the
     // memory behind the slot outlives the VM.
     unsafe { vm.map_block(block, 0, BlockRange::Whole) }.map_err(|e| e.to_string())?;
-    vm.set_block_logging(block.offset(), true)
-        .map_err(|e| e.to_string())?;
+    if log {
+        vm.set_block_logging(block.offset(), true)
+            .map_err(|e| e.to_string())?;
+    }
     let work = Workload::for_ram(a.size).map_err(|e| e.to_string())?;
     let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
     work.load(&block.region(), &vcpu)
         .map_err(|e| e.to_string())?;
     let runner = VcpuRunner::spawn(vm.clone(), vcpu).map_err(|e| e.to_string())?;
-    let gib = a.size.div_ceil(1 << 30) as u32;
     // One whole pass: the guest wrote all its memory.
-    wait_beats(&runner, 1, Duration::from_secs(20) * (1 + gib))?;
+    wait_beats(&runner, 1, pass_limit(a.size))?;
+    Ok(SaveGuest {
+        ram,
+        vm,
+        runner,
+        work,
+    })
+}
+
+/// The longest a guest of `size` bytes may take for a pass.
+fn pass_limit(size: u64) -> Duration {
+    Duration::from_secs(20) * (1 + size.div_ceil(1 << 30) as u32)
+}
+
+fn save(a: &SaveArgs) -> Result<Report, String> {
+    let SaveGuest {
+        ram, vm, runner, ..
+    } = start_save_guest(a, true)?;
+    let view = ram.read();
+    let block = view.by_name(RAM_BLOCK).ok_or("no guest RAM block")?;
     runner.pause();
     let mut log = KvmDirtyLog::new(&vm);
     let mut snap = Snapshotter::new();
@@ -296,12 +364,7 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
     let mut report = Report::default();
     let mut one = |path: &Path, diff: bool, snap: &mut Snapshotter| {
         let state = runner.snapshot().map_err(|e| e.to_string())?.to_bytes();
-        let sections = [SaveSection {
-            name: SectionName::new("cpu").expect("valid"),
-            instance_id: 0,
-            version: 1,
-            bytes: &state,
-        }];
+        let sections = [cpu_section(&state)];
         let pb = bar(a.size, a.json, if diff { "saving diff" } else { "saving" });
         let s = snap
             .save(path, &[block], &mut log, &sections, diff, options, &|n| {
@@ -312,9 +375,7 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
         Ok::<_, String>(s)
     };
     let full_path = if a.diff {
-        let mut p = a.path.clone().into_os_string();
-        p.push(".base");
-        PathBuf::from(p)
+        with_suffix(&a.path, ".base")
     } else {
         a.path.clone()
     };
@@ -326,7 +387,7 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
             Some(ms) => std::thread::sleep(Duration::from_millis(ms)),
             None => {
                 let beats = runner.heartbeats();
-                wait_beats(&runner, beats + 1, Duration::from_secs(20) * (1 + gib))?;
+                wait_beats(&runner, beats + 1, pass_limit(a.size))?;
             }
         }
         runner.pause();
@@ -359,9 +420,7 @@ fn save(a: &SaveArgs) -> Result<Report, String> {
     );
     report.num("guest_passes", runner.heartbeats() as f64);
     if a.baseline {
-        let mut p = a.path.clone().into_os_string();
-        p.push(".baseline");
-        let p = PathBuf::from(p);
+        let p = with_suffix(&a.path, ".baseline");
         let t = baseline_pwrite(&p, &block.region())?;
         report.num("baseline_pwrite_ms", ms(t));
         report.num(
@@ -427,7 +486,11 @@ fn in_chunks(
 }
 
 /// Fresh memory for block `len` bytes with `page` pages, preallocated or not.
-fn fresh_memory(len: u64, page: PageSize, prealloc: bool) -> Result<LinuxMemory, String> {
+pub(crate) fn fresh_memory(
+    len: u64,
+    page: PageSize,
+    prealloc: bool,
+) -> Result<LinuxMemory, String> {
     let b = if page == PageSize::SIZE_4K {
         MemoryBuilder::anonymous(ByteLen(len))
     } else {

@@ -10,7 +10,10 @@
 //!   the guest's first instruction and to its first completed loop, lazy
 //!   faults and their p99 (the file is in the page cache: just written);
 //! - save a parent and a diff after the guest ran `--diff-after-ms` more:
-//!   the diff's size on disk and save time against the full snapshot's.
+//!   the diff's size on disk and save time against the full snapshot's;
+//! - save the running guest live (`--live --compare-paused`): its total
+//!   time against a paused save of the same guest, the guest's loop rate
+//!   before and during, and the per-fault service time p50/p99.
 //!
 //! - with `--qemu` (the default when QEMU 7.2 is installed or installable),
 //!   QEMU saving the same guest with `migrate "exec:cat > FILE"` and loading
@@ -188,18 +191,14 @@ fn one_run(
         // A new file, as for the first save: replacing the 1 GiB snapshot
         // would time freeing its blocks.
         let _ = std::fs::remove_file(&file);
-        let diff = ramblock(
-            binary,
-            &a(&[
-                "snapshot",
-                "save",
-                &f,
-                &size_arg,
-                "--diff",
-                &format!("--diff-after-ms={diff_ms}"),
-                "--json",
-            ]),
-        )?;
+        // `ramblock snapshot save FILE --size=.. EXTRA --json`.
+        let save_with = |extra: &[&str]| {
+            let mut args = a(&["snapshot", "save", &f, &size_arg]);
+            args.extend(a(extra));
+            args.push("--json".into());
+            ramblock(binary, &args)
+        };
+        let diff = save_with(&["--diff", &format!("--diff-after-ms={diff_ms}")])?;
         let full_disk = std::fs::metadata(format!("{f}.base")).map(|m| {
             use std::os::unix::fs::MetadataExt;
             m.blocks() * 512
@@ -217,6 +216,22 @@ fn one_run(
             "diff_time_pct",
             100.0 * diff.float("save_ms")? / diff.float("full_save_ms")?,
         );
+        let _ = std::fs::remove_file(&file);
+        let live = save_with(&["--live", "--compare-paused"])?;
+        for (key, series) in [
+            ("save_ms", "live_save_ms"),
+            ("paused_save_ms", "live_paused_save_ms"),
+            ("live_vs_paused", "live_vs_paused"),
+            ("guest_paused_ms", "live_guest_paused_ms"),
+            ("loops_per_s_before", "live_loops_before"),
+            ("loops_per_s_during", "live_loops_during"),
+            ("faults", "live_faults"),
+            ("faulted_pages", "live_faulted_pages"),
+            ("fault_service_p50_us", "live_p50_us"),
+            ("fault_service_p99_us", "live_p99_us"),
+        ] {
+            s.push(series, live.float(key)?);
+        }
         if let Some(image) = qemu_image {
             let run_dir = crate::target_dir()
                 .map_err(|e| e.to_string())?
@@ -375,6 +390,37 @@ fn table(label: &str, s: &Series) -> String {
             format!("<= 0.1x: eager {}, lazy {}", ok(lr <= 0.1), ok(ll <= 0.1)),
         );
     }
+    row(
+        "live save: total / paused save of the same guest",
+        format!(
+            "{:.0} ms / {:.0} ms: {:.2}x (guest paused {:.1} ms for the instant)",
+            s.med("live_save_ms"),
+            s.med("live_paused_save_ms"),
+            s.med("live_vs_paused"),
+            s.med("live_guest_paused_ms")
+        ),
+        "-".into(),
+    );
+    row(
+        "live save: guest loops/s before / during",
+        format!(
+            "{:.1} / {:.2}",
+            s.med("live_loops_before"),
+            s.med("live_loops_during")
+        ),
+        "-".into(),
+    );
+    row(
+        "live save: faults, pages saved ahead of the guest, service p50, p99",
+        format!(
+            "{:.0}, {:.0}, {:.1} us, {:.1} us",
+            s.med("live_faults"),
+            s.med("live_faulted_pages"),
+            s.med("live_p50_us"),
+            s.med("live_p99_us")
+        ),
+        "-".into(),
+    );
     let (sz, tm) = (s.med("diff_size_pct"), s.med("diff_time_pct"));
     row(
         "diff",

@@ -40,7 +40,7 @@ const ASAN_EXCLUDED: [(&str, &str); 4] = [
 /// (printed in the step's output). Miri interprets a 4 KiB page's checksum
 /// in about a second, and these migrate hundreds of pages per test; they
 /// need Miri-sized blocks first.
-const MIRI_NOT_YET: [(&str, &str); 6] = [
+const MIRI_NOT_YET: [(&str, &str); 7] = [
     (
         "migration_stream_round_trip_and_faults",
         "migrates blocks of hundreds of pages with a writer thread; not yet sized for Miri",

@@ -204,6 +204,11 @@ impl Link {
             .map_err(|e| format!("cannot clone the connection: {e}"))
     }
 
+    /// Bounds the next reads of the acknowledgement (the handover wait).
+    pub fn set_ack_timeout(&self, wait: Duration) {
+        let _ = self.current.borrow().stream.set_read_timeout(Some(wait));
+    }
+
     /// Post-copy started: take the destination's resume token (the first
     /// message back, before any page request; waiting here for it means a
     /// break can never come before the source holds it), then read the

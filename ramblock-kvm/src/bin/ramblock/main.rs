@@ -338,6 +338,17 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         Ok(s) => s,
         Err(e) => return failed(summary, e),
     };
+    // Pre-copy on KVM: a vCPU of a VM over this RAM, made now, so the
+    // switch-over only loads the shipped `cpu` section into it and runs it
+    // before this side confirms the handover.
+    let precopy_guest = if start_guest.is_none() && kvm_present(opts) {
+        match kvm::prepare_destination(ram) {
+            Ok(s) => Some(s),
+            Err(e) => return failed(summary, e),
+        }
+    } else {
+        None
+    };
     let listener = match listen(addr, opts) {
         Ok(l) => Arc::new(l),
         Err(e) => return failed(summary, e),
@@ -357,6 +368,8 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         fresh,
         postcopy: start_guest,
         resume: opts.resume.then(|| listener.clone()),
+        precopy: precopy_guest,
+        refuse_section: opts.refuse_section.clone(),
     };
     match destination::receive(ram, conn, how) {
         Ok(r) => {
@@ -378,13 +391,23 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
                     ..PostcopyStats::default()
                 });
             }
+            summary.verified = Some(true);
             if let Some(mut guest) = r.guest {
+                if !r.summary.postcopy {
+                    // Pre-copy: the vCPU runs from the shipped `cpu`
+                    // section; it must go on with the source's loop.
+                    let ran = destination_continues(guest.as_mut());
+                    if let Err(e) = &ran {
+                        eprintln!("{e}");
+                    }
+                    summary.destination_ran = Some(ran.is_ok());
+                    summary.verified = Some(ran.is_ok());
+                }
                 // The guest runs here now; this program only demonstrates
                 // the move, so it stops it once the memory is verified.
                 summary.guest_progress = guest.progress();
                 guest.stop();
             }
-            summary.verified = Some(true);
             summary
         }
         Err(e) => failed(summary, e),
@@ -504,6 +527,11 @@ fn run_source(
         let sent = result.map_err(|e| still_running(e, guest, opts))?;
         summary.stats = sent.stats;
         summary.pass0_bandwidth = sent.pass0_bandwidth;
+        if !sent.device_state.is_empty() && sent.stats.postcopy.is_none() {
+            // A vCPU went: the downtime ran until the destination said it
+            // runs there; the RAM-only part beside it.
+            summary.ram_downtime_ns = Some(sent.stats.ram_downtime_ns);
+        }
         summary.verified = Some(true); // the destination acknowledged its checksums
         return Ok(());
     }
@@ -523,7 +551,7 @@ fn run_source(
     let start_guest = postcopy_guest(dest, opts)?;
     // Pre-copy with a vCPU: the destination VM is made now, so the
     // switch-over only loads the shipped `cpu` section into it.
-    let mut precopy_guest = match (&start_guest, kvm_present(opts)) {
+    let precopy_guest = match (&start_guest, kvm_present(opts)) {
         (None, true) if opts.workload == options::Workload::Increment => {
             Some(kvm::prepare_destination(dest)?)
         }
@@ -532,6 +560,7 @@ fn run_source(
     let listener = Arc::new(listen("127.0.0.1:0", opts)?);
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let resume = (opts.resume || opts.break_postcopy.is_some()).then(|| listener.clone());
+    let refuse_section = opts.refuse_section.clone();
     let receiver = std::thread::spawn(move || {
         // Bounded, so a source that never connects cannot leave this
         // thread waiting for ever.
@@ -542,20 +571,10 @@ fn run_source(
             fresh: true,
             postcopy: start_guest,
             resume,
+            precopy: precopy_guest,
+            refuse_section,
         };
-        let received = destination::receive(dest, conn, how)?;
-        let cpu = received
-            .sections
-            .iter()
-            .find(|(h, _)| h.name.as_str() == source::CPU_SECTION);
-        let started = match (precopy_guest.as_mut(), cpu) {
-            (Some(start), Some((_, state))) => {
-                let guest = start(state)?;
-                Some((guest, Instant::now()))
-            }
-            _ => None,
-        };
-        Ok::<_, String>((received, started))
+        destination::receive(dest, conn, how)
     });
     let to = connector(&addr.to_string(), opts)?;
     let conn = to.connect().map_err(|e| e.to_string())?;
@@ -574,16 +593,22 @@ fn run_source(
     })?;
     summary.stats = sent.stats;
     summary.pass0_bandwidth = sent.pass0_bandwidth;
-    let (received, started) = received?;
+    let mut received = received?;
     summary.fault_latency = received.latency;
     summary.resumes = received.resumes;
-    if let Some((mut dest_guest, running_at)) = started {
-        // Pre-copy: the destination's vCPU runs from the `cpu` section.
-        // Downtime as QEMU counts it: source pause to that vCPU running.
-        summary.ram_downtime_ns = Some(summary.stats.downtime_ns);
-        if let Some(paused_at) = sent.paused_at {
-            summary.stats.downtime_ns = running_at.duration_since(paused_at).as_nanos() as u64;
+    let precopy_guest = match received.guest.take() {
+        Some(g) if !received.summary.postcopy => Some(g),
+        g => {
+            received.guest = g;
+            None
         }
+    };
+    if let Some(mut dest_guest) = precopy_guest {
+        // Pre-copy: the destination's vCPU runs from the `cpu` section,
+        // started before it confirmed the handover. Downtime as QEMU
+        // counts it: the source's pause to that confirmation (the
+        // engine's), the RAM-only part beside it.
+        summary.ram_downtime_ns = Some(summary.stats.ram_downtime_ns);
         let ran = destination_continues(dest_guest.as_mut());
         dest_guest.stop();
         summary.destination_progress = Some(dest_guest.progress());

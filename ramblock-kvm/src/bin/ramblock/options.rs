@@ -67,6 +67,10 @@ pub struct MigrateOptions {
     /// instead of failing (both sides keep their state meanwhile).
     #[arg(long)]
     pub resume: bool,
+    /// Testing: the destination's VMM refuses the device-state section of
+    /// this name (say `cpu`), so the source must resume its guest.
+    #[arg(long, hide = true, value_name = "NAME")]
+    pub refuse_section: Option<String>,
     /// Testing: break the connection at up to 3 random points during
     /// post-copy, from this seed (the source's side; implies --resume).
     #[arg(long, hide = true, value_name = "SEED")]

@@ -407,6 +407,15 @@ impl MemoryBuilder {
         Ok((max, flags))
     }
 
+    /// Where the mapped part of a file ends: `offset + max`, which must fit.
+    fn file_end(&self, max: ByteLen) -> Result<u64, OptionsError> {
+        self.offset
+            .checked_add(max.0)
+            .ok_or(OptionsError::TooLarge {
+                len: ByteLen(u64::MAX),
+            })
+    }
+
     /// Validates the options, then maps the memory, applies NUMA binding,
     /// hints, protection, locking and preallocation, in that order.
     pub fn build(self) -> Result<LinuxMemory, Error> {
@@ -474,12 +483,7 @@ impl MemoryBuilder {
             Origin::File { path } => {
                 let backing = file::open(path, self.read_only_fd, &self.name)?;
                 check_multiples(backing.page_size, self.used, max, Some(self.offset))?;
-                let needed = self
-                    .offset
-                    .checked_add(max.0)
-                    .ok_or(OptionsError::TooLarge {
-                        len: ByteLen(u64::MAX),
-                    })?;
+                let needed = self.file_end(max)?;
                 file::ensure_size(&backing, needed, self.read_only_fd)?;
                 (
                     Some(backing.fd),
@@ -511,12 +515,7 @@ impl MemoryBuilder {
                     });
                 }
                 check_multiples(backing.page_size, self.used, max, Some(self.offset))?;
-                let needed = self
-                    .offset
-                    .checked_add(max.0)
-                    .ok_or(OptionsError::TooLarge {
-                        len: ByteLen(u64::MAX),
-                    })?;
+                let needed = self.file_end(max)?;
                 // Never grown: the other process's memory stays its size.
                 file::ensure_size(&backing, needed, true)?;
                 (Some(backing.fd), *kind, backing.page_size)

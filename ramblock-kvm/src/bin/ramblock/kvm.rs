@@ -11,6 +11,7 @@ use ramblock_kvm::dirty::KvmDirtyLog;
 use ramblock_kvm::guest::Workload as GuestWorkload;
 use ramblock_kvm::memslot::BlockRange;
 use ramblock_kvm::runner::VcpuRunner;
+use ramblock_kvm::vcpu::Vcpu;
 use ramblock_kvm::vcpu_state::VcpuState;
 use ramblock_kvm::vm::{Vm, VmBuilder};
 use ramblock_linux::transport::{Conn, Connector};
@@ -164,15 +165,25 @@ pub fn prepare_destination(ram: &'static GuestRam) -> Result<StartGuest, String>
         if state.is_empty() {
             return Ok(Box::new(KvmGuest { runner: None }) as Box<dyn Guest>);
         }
-        let state = VcpuState::from_bytes(state).map_err(|e| e.to_string())?;
-        let vcpu = vcpu
-            .take()
-            .ok_or("the destination guest was started already")?;
-        vcpu.restore(&state).map_err(|e| e.to_string())?;
-        let runner = VcpuRunner::spawn(vm.clone(), vcpu).map_err(|e| e.to_string())?;
-        Ok(Box::new(KvmGuest {
-            runner: Some(runner),
-        }) as Box<dyn Guest>)
+        resume_vcpu(&vm, &mut vcpu, state)
+    }))
+}
+
+/// Starts the destination's one vCPU (`vcpu`, taken: a guest starts once)
+/// from the shipped `cpu` section's bytes.
+fn resume_vcpu(
+    vm: &Arc<Vm>,
+    vcpu: &mut Option<Vcpu>,
+    state: &[u8],
+) -> Result<Box<dyn Guest>, String> {
+    let state = VcpuState::from_bytes(state).map_err(|e| e.to_string())?;
+    let vcpu = vcpu
+        .take()
+        .ok_or("the destination guest was started already")?;
+    vcpu.restore(&state).map_err(|e| e.to_string())?;
+    let runner = VcpuRunner::spawn(vm.clone(), vcpu).map_err(|e| e.to_string())?;
+    Ok(Box::new(KvmGuest {
+        runner: Some(runner),
     }))
 }
 
@@ -206,17 +217,7 @@ pub fn prepare_local(ram: &'static GuestRam, prefault: bool) -> Result<(StartGue
         0
     };
     let mut vcpu = Some(vm.create_vcpu(0).map_err(|e| e.to_string())?);
-    let start: StartGuest = Box::new(move |state: &[u8]| {
-        let state = VcpuState::from_bytes(state).map_err(|e| e.to_string())?;
-        let vcpu = vcpu
-            .take()
-            .ok_or("the destination guest was started already")?;
-        vcpu.restore(&state).map_err(|e| e.to_string())?;
-        let runner = VcpuRunner::spawn(vm.clone(), vcpu).map_err(|e| e.to_string())?;
-        Ok(Box::new(KvmGuest {
-            runner: Some(runner),
-        }) as Box<dyn Guest>)
-    });
+    let start: StartGuest = Box::new(move |state: &[u8]| resume_vcpu(&vm, &mut vcpu, state));
     Ok((start, prefault_ns))
 }
 

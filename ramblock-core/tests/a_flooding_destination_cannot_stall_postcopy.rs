@@ -126,7 +126,7 @@ impl Place<'_> {
 
 impl PostcopyTarget for Place<'_> {
     type Error = BufferError;
-    fn start(&mut self, _: &[u8], _: &[&str]) -> Result<(), BufferError> {
+    fn start(&mut self, _: &[&str]) -> Result<(), BufferError> {
         Ok(())
     }
     fn place(&mut self, block: &str, offset: ByteLen, data: &[u8]) -> Result<(), BufferError> {

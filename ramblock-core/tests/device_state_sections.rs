@@ -131,6 +131,10 @@ fn run(src: &List, dst: &List, host: &mut Host, sink: &mut Sink) -> (Result<(), 
             let mut reader = IoStream(std::io::BufReader::new(b.try_clone().unwrap()));
             let result = rx.receive(dst, &mut reader, |_| {});
             let _ = send_ack(&mut IoStream(&b), &result);
+            if result.is_err() {
+                // As a destination does: a source still sending notices.
+                let _ = b.shutdown(std::net::Shutdown::Both);
+            }
             result
         });
         let mut out = IoStream(std::io::BufWriter::new(a.try_clone().unwrap()));
@@ -196,13 +200,16 @@ fn sections_reach_the_vmm_byte_for_byte_with_the_ram() {
 }
 
 #[test]
-fn a_refused_section_reaches_the_source_and_its_guest_resumes() {
-    for in_load in [false, true] {
+fn a_refused_section_reaches_the_source_by_name_and_its_guest_resumes() {
+    // Refused when complete, or at its first piece; a section larger than
+    // the socket's buffers refused at its first piece also makes the
+    // source's write fail, and the refusal must still be what it reports.
+    for (in_load, cpu_len) in [(false, 10), (true, 10), (true, 8 << 20)] {
         let src = list(4, 1);
         let dst = list(4, 0);
         let mut host = Host::new(vec![
             (header("net", 0, 1), vec![1; 10]),
-            (header("cpu", 0, 1), vec![2; 10]),
+            (header("cpu", 0, 1), vec![2; cpu_len]),
         ]);
         let mut sink = Sink {
             refuse: Some(("cpu", 7)),
@@ -214,7 +221,7 @@ fn a_refused_section_reaches_the_source_and_its_guest_resumes() {
         assert!(
             matches!(
                 &err,
-                ReceiveError::SectionRefused { name, instance_id: 0, code: 7 } if name.as_str() == "cpu"
+                ReceiveError::SectionRefused { index: 1, name, instance_id: 0, code: 7 } if name.as_str() == "cpu"
             ),
             "{err}"
         );
@@ -222,7 +229,13 @@ fn a_refused_section_reaches_the_source_and_its_guest_resumes() {
         let sent = sent.unwrap_err();
         assert_eq!(
             sent,
-            MigrateError::<Infallible, std::io::Error, std::io::Error>::Refused(34).to_string()
+            MigrateError::<Infallible, std::io::Error, std::io::Error>::SectionRefused {
+                index: 1,
+                name: SectionName::new("cpu").unwrap(),
+                instance_id: 0,
+                code: 7
+            }
+            .to_string()
         );
         assert_eq!(host.resumed, 1, "the source guest runs on");
         assert!(!host.paused);
@@ -390,6 +403,7 @@ fn every_malformed_section_is_its_own_error() {
         ReceiveError::<(), ()>::DeviceStateOverLimit { total: 1, limit: 0 }.code(),
         ReceiveError::<(), ()>::SectionsUnsupported.code(),
         ReceiveError::<(), ()>::SectionRefused {
+            index: 0,
             name: SectionName::new("cpu").unwrap(),
             instance_id: 0,
             code: 1,

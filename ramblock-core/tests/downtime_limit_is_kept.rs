@@ -20,7 +20,7 @@ use ramblock_core::migrate::{
 };
 use ramblock_core::name::BlockName;
 use ramblock_core::region::HostRegion;
-use ramblock_core::stream::format::ACK_OK;
+use ramblock_core::stream::format::{ACK_OK, RUNNING};
 use ramblock_core::stream::io::{ByteWrite, SliceReader};
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -155,8 +155,10 @@ fn run(ns_per_byte: u64, harvest_ns: u64, dirty_per_pass: u64, cfg: PrecopyConfi
         paused_at: None,
         reports: Vec::new(),
     };
-    let mut ack_bytes = [0u8; 8];
+    // The acknowledgement, then the handover: the destination runs.
+    let mut ack_bytes = [0u8; 16];
     ack_bytes[..4].copy_from_slice(&ACK_OK);
+    ack_bytes[8..12].copy_from_slice(&RUNNING);
     let mut ack = SliceReader::new(&ack_bytes);
     let mut buf = vec![0u8; 64 * PAGE as usize];
     let result = migrate(

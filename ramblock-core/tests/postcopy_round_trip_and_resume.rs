@@ -29,7 +29,7 @@ use ramblock_core::dirty_log::SoftwareOnly;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
 use ramblock_core::migrate::receiver::{
-    send_ack, ReceiveError, ReceiveEvent, ReceiveSummary, Receiver, BOUNCE_BYTES,
+    send_ack, ReceiveError, ReceiveEvent, ReceiveSummary, Receiver, SectionSink, BOUNCE_BYTES,
 };
 use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::migrate::{
@@ -37,8 +37,9 @@ use ramblock_core::migrate::{
 };
 use ramblock_core::name::BlockName;
 use ramblock_core::region::HostRegion;
+use ramblock_core::section::{SectionHeader, SectionName};
 use ramblock_core::stream::format::{
-    Header, PageRequest, Record, ReturnMessage, TableEntry, MAX_DEVICE_STATE,
+    Header, PageRequest, Record, ReturnMessage, TableEntry, DEFAULT_DEVICE_STATE_LIMIT,
 };
 use ramblock_core::stream::io::{ByteWrite, IoStream, SliceReader};
 use ramblock_core::stream::received_map::{read_received_map, scratch_words, write_received_map};
@@ -58,6 +59,54 @@ type List = RamList<'static, Mem, Owned, 8>;
 type Snapshot = Vec<(String, Vec<u8>)>;
 /// What a target's `start` got: the device state and the table's names.
 type Started = (Vec<u8>, Vec<String>);
+
+/// The destination VMM's device-state sink: the `cpu` section's bytes,
+/// shared with the target that starts the guest from them.
+#[derive(Clone, Default)]
+struct CpuSink(Arc<Mutex<Vec<u8>>>);
+
+impl CpuSink {
+    /// The state the sink took since the last call.
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl SectionSink for CpuSink {
+    fn load(&mut self, h: &SectionHeader, _: u64, bytes: &[u8]) -> Result<(), u32> {
+        if h.name.as_str() != "cpu" {
+            return Err(1);
+        }
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(())
+    }
+    fn done(&mut self, _: &SectionHeader) -> Result<(), u32> {
+        Ok(())
+    }
+}
+
+/// The vCPU's section header for `len` bytes of state.
+fn cpu_header(len: u64) -> SectionHeader {
+    SectionHeader {
+        name: SectionName::new("cpu").unwrap(),
+        instance_id: 0,
+        version: 1,
+        len,
+    }
+}
+
+/// A `Postcopy` record carrying `state` as the `cpu` section (no section
+/// when it is empty).
+fn postcopy(out: &mut Vec<u8>, state: &[u8]) {
+    let sections = u32::from(!state.is_empty());
+    record(out, Record::Postcopy { sections });
+    if !state.is_empty() {
+        let mut raw = [0u8; SectionHeader::ENCODED_LEN];
+        cpu_header(state.len() as u64).encode(&mut raw);
+        out.extend_from_slice(&raw);
+        out.extend_from_slice(state);
+    }
+}
 type Migrated = Result<MigrationStats, MigrateError<Infallible, std::io::Error, std::io::Error>>;
 
 const PAGE: u64 = 4096;
@@ -382,14 +431,14 @@ impl MigrationHost for Source<'_> {
         .unwrap();
     }
 
-    fn device_state(&mut self, buf: &mut [u8]) -> usize {
-        self.events.push("device_state");
-        // The guest is paused for good: this is the memory the destination
-        // must end up with.
-        let _ = self.at_switch.set(snapshot(self.list));
-        let n = self.device_state.len().min(buf.len());
-        buf[..n].copy_from_slice(&self.device_state[..n]);
-        n
+    fn device_section(&mut self, index: usize) -> Option<(SectionHeader, &[u8])> {
+        if !self.events.contains(&"device_state") {
+            self.events.push("device_state");
+            // The guest is paused for good: this is the memory the
+            // destination must end up with.
+            let _ = self.at_switch.set(snapshot(self.list));
+        }
+        (index == 0 && !self.device_state.is_empty()).then(|| (cpu_header(0), self.device_state))
     }
 
     fn return_message(&mut self, wait_ns: u64) -> ReturnEvent {
@@ -535,6 +584,8 @@ struct GuestTarget<'a> {
     pending: Option<UnixStream>,
     /// Starts the vCPU with the device state and the table's block names.
     start: Option<mpsc::Sender<Started>>,
+    /// Where the device state arrived.
+    cpu: CpuSink,
     report: TargetReport,
 }
 
@@ -557,6 +608,7 @@ impl<'a> GuestTarget<'a> {
             present: Vec::new(),
             pending: None,
             start: Some(start),
+            cpu: CpuSink::default(),
             report: TargetReport::default(),
         }
     }
@@ -601,8 +653,9 @@ impl<'a> GuestTarget<'a> {
 impl PostcopyTarget for GuestTarget<'_> {
     type Error = BufferError;
 
-    fn start(&mut self, state: &[u8], table: &[&str]) -> Result<(), BufferError> {
+    fn start(&mut self, table: &[&str]) -> Result<(), BufferError> {
         self.report.starts += 1;
+        let state = self.cpu.take();
         let view = self.list.read();
         self.present = view
             .iter()
@@ -614,7 +667,7 @@ impl PostcopyTarget for GuestTarget<'_> {
             .collect();
         if let Some(start) = self.start.take() {
             let table = table.iter().map(|n| n.to_string()).collect();
-            let _ = start.send((state.to_vec(), table));
+            let _ = start.send((state, table));
         }
         Ok(())
     }
@@ -780,9 +833,11 @@ fn destination(
     let mut bounce = vec![0u8; BOUNCE_BYTES];
     let mut huge = vec![0u8; HUGE as usize];
     let mut ledger = Ledger::new();
+    let mut sink = target.cpu.clone();
     let mut rx = Receiver::new(&mut bounce)
         .unwrap()
         .with_ledger(&mut ledger)
+        .with_device_state(&mut sink, DEFAULT_DEVICE_STATE_LIMIT)
         .with_hugepage_buffer(&mut huge);
     *shared.ret.lock().unwrap() = Some(first.try_clone().unwrap());
     let mut conn = first;
@@ -1312,6 +1367,7 @@ fn all_pages(out: &mut Vec<u8>, fill: impl Fn(u32, u64) -> u8) {
 struct Recorder<'a> {
     regions: Vec<(String, HostRegion<'a>)>,
     starts: Vec<Started>,
+    cpu: CpuSink,
     placed: Vec<(String, u64, u64)>,
     resumes: u32,
     /// The token a resume header must carry.
@@ -1340,9 +1396,9 @@ impl<'a> Recorder<'a> {
 
 impl PostcopyTarget for Recorder<'_> {
     type Error = BufferError;
-    fn start(&mut self, state: &[u8], table: &[&str]) -> Result<(), BufferError> {
+    fn start(&mut self, table: &[&str]) -> Result<(), BufferError> {
         let table = table.iter().map(|n| n.to_string()).collect();
-        self.starts.push((state.to_vec(), table));
+        self.starts.push((self.cpu.take(), table));
         Ok(())
     }
     fn place(&mut self, block: &str, offset: ByteLen, data: &[u8]) -> Result<(), BufferError> {
@@ -1382,10 +1438,12 @@ fn receive_streams<'l>(
 ) -> (Vec<BadResult>, Recorder<'l>, bool) {
     let mut bounce = vec![0u8; BOUNCE_BYTES];
     let mut huge = vec![0u8; huge_buf];
+    let mut target = Recorder::new(list);
+    let mut sink = target.cpu.clone();
     let mut rx = Receiver::new(&mut bounce)
         .unwrap()
+        .with_device_state(&mut sink, DEFAULT_DEVICE_STATE_LIMIT)
         .with_hugepage_buffer(&mut huge);
-    let mut target = Recorder::new(list);
     let results = streams
         .iter()
         .map(|s| {
@@ -1472,14 +1530,9 @@ fn a_hand_built_postcopy_stream_is_accepted() {
             count: PER_HUGE as u32,
         },
     );
-    let state = seeded_bytes(7, MAX_DEVICE_STATE as usize);
-    record(
-        &mut s,
-        Record::Postcopy {
-            state_len: MAX_DEVICE_STATE,
-        },
-    );
-    s.extend_from_slice(&state);
+    // Larger than the receiver's buffer: the sink gets it in pieces.
+    let state = seeded_bytes(7, BOUNCE_BYTES + 4097);
+    postcopy(&mut s, &state);
     pages(&mut s, BAD_RAM, 3, 2, |p| content(BAD_RAM, p));
     // Hugepage 1 in three runs, one of them zero.
     pages(&mut s, BAD_HUGE, PER_HUGE, 64, |p| content(BAD_HUGE, p));
@@ -1523,7 +1576,7 @@ fn a_discard_after_postcopy_started_is_out_of_place() {
     let list = bad_dest();
     let mut s = vec![];
     table(&mut s, false);
-    record(&mut s, Record::Postcopy { state_len: 0 });
+    record(&mut s, Record::Postcopy { sections: 0 });
     record(
         &mut s,
         Record::Discard {
@@ -1550,10 +1603,8 @@ fn a_second_postcopy_record_is_out_of_place() {
     let list = bad_dest();
     let mut s = vec![];
     table(&mut s, false);
-    record(&mut s, Record::Postcopy { state_len: 2 });
-    s.extend_from_slice(b"ab");
-    record(&mut s, Record::Postcopy { state_len: 2 });
-    s.extend_from_slice(b"cd");
+    postcopy(&mut s, b"ab");
+    postcopy(&mut s, b"cd");
     let (result, target, _) = receive_one(&list, &s);
     assert_eq!(
         result.unwrap_err(),
@@ -1575,19 +1626,52 @@ fn too_much_device_state_is_refused_before_the_guest_starts() {
     let list = bad_dest();
     let mut s = vec![];
     table(&mut s, false);
-    record(
-        &mut s,
-        Record::Postcopy {
-            state_len: MAX_DEVICE_STATE + 1,
-        },
-    );
-    s.extend(std::iter::repeat_n(0u8, MAX_DEVICE_STATE as usize + 1));
+    // The same bound as pre-copy's sections, checked at the header.
+    record(&mut s, Record::Postcopy { sections: 1 });
+    let mut raw = [0u8; SectionHeader::ENCODED_LEN];
+    cpu_header(DEFAULT_DEVICE_STATE_LIMIT).encode(&mut raw);
+    s.extend_from_slice(&raw);
     let (result, target, in_postcopy) = receive_one(&list, &s);
     assert_eq!(
         result.unwrap_err(),
-        ReceiveError::DeviceStateTooLarge(MAX_DEVICE_STATE + 1)
+        ReceiveError::DeviceStateOverLimit {
+            total: DEFAULT_DEVICE_STATE_LIMIT + SectionHeader::ENCODED_LEN as u64,
+            limit: DEFAULT_DEVICE_STATE_LIMIT,
+        }
     );
     assert!(target.starts.is_empty());
+    assert!(!in_postcopy);
+}
+
+#[test]
+fn a_refused_section_in_the_postcopy_record_starts_no_guest() {
+    let list = bad_dest();
+    let mut s = vec![];
+    table(&mut s, false);
+    // The cpu section is taken, the second one (no such device) refused.
+    record(&mut s, Record::Postcopy { sections: 2 });
+    let mut raw = [0u8; SectionHeader::ENCODED_LEN];
+    cpu_header(4).encode(&mut raw);
+    s.extend_from_slice(&raw);
+    s.extend_from_slice(b"regs");
+    SectionHeader {
+        name: SectionName::new("net").unwrap(),
+        ..cpu_header(1)
+    }
+    .encode(&mut raw);
+    s.extend_from_slice(&raw);
+    s.push(7);
+    let (result, target, in_postcopy) = receive_one(&list, &s);
+    assert_eq!(
+        result.unwrap_err(),
+        ReceiveError::SectionRefused {
+            index: 1,
+            name: SectionName::new("net").unwrap(),
+            instance_id: 0,
+            code: 1,
+        }
+    );
+    assert!(target.starts.is_empty(), "the guest never started here");
     assert!(!in_postcopy);
 }
 
@@ -1596,8 +1680,7 @@ fn a_plain_receive_refuses_postcopy() {
     let list = bad_dest();
     let mut s = vec![];
     table(&mut s, false);
-    record(&mut s, Record::Postcopy { state_len: 4 });
-    s.extend_from_slice(b"regs");
+    postcopy(&mut s, b"regs");
     let (mut results, target, in_postcopy) = receive_streams(&list, &[&s], true, HUGE as usize);
     assert_eq!(
         results.remove(0).unwrap_err(),
@@ -1625,7 +1708,7 @@ fn resume_headers_need_a_postcopy_waiting_and_new_streams_need_none() {
     // A post-copy that broke: a new stream is refused, a resumed one goes on.
     let mut broken = vec![];
     table(&mut broken, false);
-    record(&mut broken, Record::Postcopy { state_len: 0 });
+    record(&mut broken, Record::Postcopy { sections: 0 });
     let mut fresh = vec![];
     table(&mut fresh, false);
     let (results, target, in_postcopy) =
@@ -1652,7 +1735,7 @@ fn a_resume_without_the_issued_token_is_refused_before_its_table() {
     let list = bad_dest();
     let mut broken = vec![];
     table(&mut broken, false);
-    record(&mut broken, Record::Postcopy { state_len: 0 });
+    record(&mut broken, Record::Postcopy { sections: 0 });
     // A hijacker: the right header and table, another token.
     let mut wrong = vec![];
     table_with_token(&mut wrong, true, &ResumeToken(*b"a guessed token!"));
@@ -1665,6 +1748,7 @@ fn a_resume_without_the_issued_token_is_refused_before_its_table() {
     let mut old = vec![];
     Header::new(3).write(&mut old).unwrap();
     old[..8].copy_from_slice(b"RBRESUME");
+    old[8..10].copy_from_slice(&1u16.to_le_bytes());
     let mut resume = vec![];
     table(&mut resume, true);
     let (results, target, in_postcopy) = receive_streams(
@@ -1742,7 +1826,7 @@ fn a_hugepage_run_must_start_or_continue_a_hugepage() {
                 count: 2 * PER_HUGE as u32,
             },
         );
-        record(&mut s, Record::Postcopy { state_len: 0 });
+        record(&mut s, Record::Postcopy { sections: 0 });
         for &(f, c) in before {
             pages(&mut s, BAD_HUGE, f, c, |_| 0x77);
         }
@@ -1789,7 +1873,7 @@ fn an_end_with_pages_still_missing_is_refused() {
             count: 1,
         },
     );
-    record(&mut s, Record::Postcopy { state_len: 0 });
+    record(&mut s, Record::Postcopy { sections: 0 });
     record(&mut s, Record::End { count: 3 });
     s.extend_from_slice(&checksums(|_, _| 0x22));
     let (result, target, _) = receive_one(&list, &s);
@@ -1809,7 +1893,7 @@ fn postcopy_records_past_the_postcopy_length_are_refused() {
     let list = bad_dest();
     let mut s = vec![];
     table(&mut s, false);
-    record(&mut s, Record::Postcopy { state_len: 0 });
+    record(&mut s, Record::Postcopy { sections: 0 });
     pages(&mut s, BAD_SHORT, 6, 4, |_| 0x33);
     let (result, target, _) = receive_one(&list, &s);
     assert_eq!(
@@ -1865,7 +1949,7 @@ fn a_precopy_run_across_the_postcopy_length_counts_as_received() {
     }
     // One run over all of "short", as the engine's pass 0 sends it.
     pages(&mut s, BAD_SHORT, 0, 16, |_| 0x44);
-    record(&mut s, Record::Postcopy { state_len: 0 });
+    record(&mut s, Record::Postcopy { sections: 0 });
     record(&mut s, Record::End { count: 3 });
     s.extend_from_slice(&checksums(|_, _| 0x44));
     let (result, _, _) = receive_one(&list, &s);
@@ -1878,7 +1962,7 @@ fn a_hugepage_block_needs_a_large_enough_assembly_buffer() {
         let list = bad_dest();
         let mut s = vec![];
         table(&mut s, false);
-        record(&mut s, Record::Postcopy { state_len: 0 });
+        record(&mut s, Record::Postcopy { sections: 0 });
         let (mut results, target, in_postcopy) = receive_streams(&list, &[&s], false, buffer);
         assert_eq!(
             results.remove(0).unwrap_err(),
@@ -1966,7 +2050,7 @@ fn a_page_placed_twice_after_the_switch_is_refused() {
                 count: 1,
             },
         );
-        record(&mut s, Record::Postcopy { state_len: 0 });
+        record(&mut s, Record::Postcopy { sections: 0 });
         pages(&mut s, BAD_RAM, 3, 1, |_| 0x22);
         if is_zero {
             record(
@@ -2052,7 +2136,7 @@ fn a_resumed_table_that_differs_from_the_original_is_refused() {
     ];
     let mut broken = vec![];
     table_of(&mut broken, false, &original);
-    record(&mut broken, Record::Postcopy { state_len: 0 });
+    record(&mut broken, Record::Postcopy { sections: 0 });
     let mut resumes = vec![broken];
     let mut expected = vec![Err(ReceiveError::Truncated)];
     let mut bad = |entries: Vec<Entry>, index: u32, what: &'static str| {
@@ -2122,7 +2206,7 @@ fn a_hugepage_left_half_assembled_is_refused() {
                 count: 2 * PER_HUGE as u32,
             },
         );
-        record(&mut s, Record::Postcopy { state_len: 0 });
+        record(&mut s, Record::Postcopy { sections: 0 });
         pages(&mut s, BAD_HUGE, 0, 64, |_| 0x77);
         pages(&mut s, BAD_HUGE, next, first_next, |_| 0x78);
         let (result, target, _) = receive_one(&list, &s);

@@ -119,7 +119,16 @@ fn unsupported_version() {
     }
     .write(&mut s)
     .unwrap();
-    expect(s, "stream version 9 is not supported (this build reads 1)");
+    expect(s, "stream version 9 is not supported (this build reads 2)");
+    // Version 1 had no handover: its source would not wait for one.
+    let mut s = vec![];
+    Header {
+        version: 1,
+        ..Header::new(0)
+    }
+    .write(&mut s)
+    .unwrap();
+    expect(s, "stream version 1 is not supported (this build reads 2)");
 }
 
 #[test]

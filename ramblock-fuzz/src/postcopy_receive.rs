@@ -15,6 +15,7 @@ use crate::receive_model::{self, good_table, write_record, Model, LAYOUT, PAGE};
 use crate::{Mismatch, Ops};
 use arbitrary::Arbitrary;
 use ramblock_core::migrate::receiver::ReceiveSummary;
+use ramblock_core::section::{SectionHeader, SectionName};
 use ramblock_core::stream::format::Record;
 
 /// One record to encode.
@@ -49,7 +50,8 @@ pub enum Op {
         /// Pages.
         count: u8,
     },
-    /// A `Postcopy` record with `state` bytes of device state.
+    /// A `Postcopy` record with `state` bytes of device state (as
+    /// sections).
     Postcopy {
         /// Device state bytes.
         state: u8,
@@ -76,6 +78,23 @@ pub enum Op {
     },
     /// A raw byte where a record tag belongs.
     Tag(u8),
+}
+
+/// A section (header and body) as a `Postcopy` record carries it.
+fn section(out: &mut Vec<u8>, name: &str, body: &[u8]) {
+    let Ok(name) = SectionName::new(name) else {
+        return;
+    };
+    let header = SectionHeader {
+        name,
+        instance_id: 0,
+        version: 1,
+        len: body.len() as u64,
+    };
+    let mut raw = [0u8; SectionHeader::ENCODED_LEN];
+    header.encode(&mut raw);
+    out.extend_from_slice(&raw);
+    out.extend_from_slice(body);
 }
 
 fn small(v: u8, n: u8) -> u64 {
@@ -137,13 +156,20 @@ pub fn encode(out: &mut Vec<u8>, op: &Op, before: &Model) {
             },
         ),
         Op::Postcopy { state } => {
-            write_record(
-                out,
-                Record::Postcopy {
-                    state_len: u32::from(state),
-                },
-            );
-            out.extend((0..state).map(|i| i ^ 0x5c));
+            // The state as the `cpu` section, a second (empty) `net`
+            // section when it is odd, none when it is zero.
+            let sections = u32::from(state > 0) + u32::from(state % 2 == 1);
+            write_record(out, Record::Postcopy { sections });
+            if state > 0 {
+                section(
+                    out,
+                    "cpu",
+                    &(0..state).map(|i| i ^ 0x5c).collect::<Vec<_>>(),
+                );
+            }
+            if state % 2 == 1 {
+                section(out, "net", &[]);
+            }
         }
         Op::Sync { pass } => write_record(
             out,

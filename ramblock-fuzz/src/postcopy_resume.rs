@@ -165,7 +165,7 @@ pub fn streams(input: &Input) -> Vec<Vec<u8>> {
             );
         }
     }
-    write_record(&mut first, Record::Postcopy { state_len: 0 });
+    write_record(&mut first, Record::Postcopy { sections: 0 });
     for op in input.first.iter().take(16) {
         if matches!(op, Op::End { .. }) {
             continue; // the first stream breaks

@@ -18,7 +18,10 @@
 //! order; a resumed table equal to the original) and predicts the outcome
 //! (the summary, or the error's [`ReceiveError::code`]), what memory holds,
 //! which pages are received, what the ledger vouches for and every
-//! placement. [`check_streams`] runs the real [`Receiver`] (with a ledger and a
+//! placement, and the device-state sections (pre-copy `Section` records
+//! and those inside the `Postcopy` record, one bound over them all) the
+//! VMM's sink got before each start. [`check_streams`] runs the real
+//! [`Receiver`] (with a ledger, a section sink and a
 //! hugepage buffer) over the same bytes into real blocks through a target
 //! that places pages the way userfaultfd does: a page already present is
 //! kept, and placing over one is a finding. Streams follow each other on
@@ -35,14 +38,19 @@ use ramblock_core::checksum::{finish_sum, page_digest, Checksum, Ledger};
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::host::HostMemory;
 use ramblock_core::list::RamList;
-use ramblock_core::migrate::receiver::{ReceiveError, ReceiveSummary, Receiver, BOUNCE_BYTES};
+use ramblock_core::migrate::receiver::{
+    ReceiveError, ReceiveSummary, Receiver, SectionSink, BOUNCE_BYTES,
+};
 use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::name::BlockName;
+use ramblock_core::section::SectionHeader;
 use ramblock_core::stream::format::DEFAULT_DEVICE_STATE_LIMIT;
 use ramblock_core::stream::format::{Header, Record, TableEntry};
 use ramblock_core::stream::io::SliceReader;
 use ramblock_core::stream::received_map::write_received_map;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 /// Bytes per target page.
 pub const PAGE: usize = 4096;
@@ -176,8 +184,13 @@ pub struct Model {
     pub summary: ReceiveSummary,
     /// Every placement, in order.
     pub placements: Vec<Placement>,
-    /// Device state handed to the target at each start.
+    /// Device state handed to the target at each start: the bodies of
+    /// the sections loaded since the last start, in order.
     pub starts: Vec<Vec<u8>>,
+    /// Section bodies the VMM's sink took since the last start.
+    pub loaded: Vec<u8>,
+    /// Section bytes of the stream in progress, headers included.
+    pub state_bytes: u64,
     /// At each accepted resume: the pages missing (block, page), as the
     /// received map sent back must say.
     pub resumes: Vec<Vec<(usize, u64)>>,
@@ -210,6 +223,8 @@ impl Default for Model {
             summary: ReceiveSummary::default(),
             placements: Vec::new(),
             starts: Vec::new(),
+            loaded: Vec::new(),
+            state_bytes: 0,
             resumes: Vec::new(),
         }
     }
@@ -280,6 +295,7 @@ impl Model {
             self.resumes.push(missing);
         } else {
             self.summary = ReceiveSummary::default();
+            self.state_bytes = 0;
             self.original = table.iter().map(|s| (s.block, s.entry)).collect();
         }
         let mut table = table;
@@ -288,18 +304,12 @@ impl Model {
             let tag = r.take(1)?[0];
             if tag == 8 {
                 // A device-state section: out of place after a discard or
-                // once post-copy started; otherwise its header is checked,
-                // and this receiver has no sink to load it into.
+                // once post-copy started; otherwise loaded into the sink.
                 if discarding || self.postcopy {
                     return Err(23);
                 }
-                let (.., len) = crate::stream_decode::section_header(r.take(272)?)?;
-                let total = 272u64.saturating_add(len);
-                return Err(if total > DEFAULT_DEVICE_STATE_LIMIT {
-                    32
-                } else {
-                    33
-                });
+                self.section(&mut r)?;
+                continue;
             }
             let fields = match tag {
                 1 | 2 | 6 => (r.u32()?, r.u64()?, u64::from(r.u32()?)),
@@ -307,6 +317,10 @@ impl Model {
                 5 | 7 => (r.u32()?, 0, 0),
                 _ => return Err(12),
             };
+            // After a pre-copy section only sections and End may come.
+            if !self.postcopy && self.state_bytes > 0 && tag != 5 {
+                return Err(23);
+            }
             if discarding && tag != 6 && tag != 7 {
                 return Err(23);
             }
@@ -341,13 +355,15 @@ impl Model {
                     if self.postcopy {
                         return Err(23);
                     }
-                    let state_len = fields.0;
-                    if state_len > 64 << 10 {
-                        return Err(25);
+                    // Its sections go the pre-copy sections' way, each
+                    // counted against the same bound.
+                    for _ in 0..fields.0 {
+                        self.section(&mut r)?;
                     }
-                    let state = r.take(state_len as usize)?.to_vec();
-                    self.starts.push(state);
+                    self.starts.push(std::mem::take(&mut self.loaded));
                     self.postcopy = true;
+                    // No handover follows this stream's End.
+                    self.summary.postcopy = true;
                 }
                 _ => {
                     let count = fields.0;
@@ -374,6 +390,26 @@ impl Model {
         }
     }
 
+    /// One section (after its tag, or inside the `Postcopy` record): the
+    /// header, the bound over the stream's sections (checked before the
+    /// body), and the body, which the sink gets in pieces of the bounce
+    /// buffer's size as they arrive whole.
+    fn section(&mut self, r: &mut Cursor<'_>) -> Result<(), u32> {
+        let (.., len) = crate::stream_decode::section_header(r.take(272)?)?;
+        let total = self.state_bytes.saturating_add(272).saturating_add(len);
+        if total > DEFAULT_DEVICE_STATE_LIMIT {
+            return Err(32);
+        }
+        self.state_bytes = total;
+        let mut left = len as usize;
+        while left > 0 {
+            let n = left.min(BOUNCE_BYTES);
+            self.loaded.extend_from_slice(r.take(n)?);
+            left -= n;
+        }
+        Ok(())
+    }
+
     /// Header and table; the slots and whether the stream resumes.
     fn read_table(&mut self, r: &mut Cursor<'_>) -> Result<(Vec<Slot>, bool), u32> {
         let header = r.take(16)?;
@@ -381,10 +417,10 @@ impl Model {
         if header[..8] != *b"RAMBLOCK" && !resumed {
             return Err(1);
         }
-        // A resume header has its own version (2) and the destination's
-        // token after it; the model's target issues none, so any passes.
-        let version = if resumed { 2 } else { 1 };
-        if u16::from_le_bytes([header[8], header[9]]) != version {
+        // A new stream is version 2 (the handover); a resume header has
+        // its own version (2 too) and the destination's token after it;
+        // the model's target issues none, so any passes.
+        if u16::from_le_bytes([header[8], header[9]]) != 2 {
             return Err(2);
         }
         if header[10] != 12 {
@@ -644,6 +680,8 @@ struct UffdLike<'l> {
     list: &'l List,
     placements: Vec<Placement>,
     starts: Vec<Vec<u8>>,
+    /// What the VMM's sink loaded since the last start.
+    loaded: Loaded,
     maps: Vec<Vec<u8>>,
     over_present: Vec<(usize, u64)>,
 }
@@ -674,10 +712,26 @@ impl UffdLike<'_> {
     }
 }
 
+/// The destination VMM's sink: every section body, in order, until the
+/// target starts the guest from them.
+#[derive(Clone, Default)]
+struct Loaded(Rc<RefCell<Vec<u8>>>);
+
+impl SectionSink for Loaded {
+    fn load(&mut self, _: &SectionHeader, _: u64, bytes: &[u8]) -> Result<(), u32> {
+        self.0.borrow_mut().extend_from_slice(bytes);
+        Ok(())
+    }
+    fn done(&mut self, _: &SectionHeader) -> Result<(), u32> {
+        Ok(())
+    }
+}
+
 impl PostcopyTarget for UffdLike<'_> {
     type Error = BufferError;
-    fn start(&mut self, state: &[u8], _table: &[&str]) -> Result<(), BufferError> {
-        self.starts.push(state.to_vec());
+    fn start(&mut self, _table: &[&str]) -> Result<(), BufferError> {
+        self.starts
+            .push(std::mem::take(&mut *self.loaded.0.borrow_mut()));
         Ok(())
     }
     fn place(&mut self, block: &str, offset: ByteLen, data: &[u8]) -> Result<(), BufferError> {
@@ -733,9 +787,11 @@ pub fn check_streams(streams: &[Vec<u8>]) -> Result<(Model, Real), Mismatch> {
         list: &list,
         placements: Vec::new(),
         starts: Vec::new(),
+        loaded: Loaded::default(),
         maps: Vec::new(),
         over_present: Vec::new(),
     };
+    let mut sink = target.loaded.clone();
     let mut real_errors = Vec::new();
     let outcomes = crate::stream_roundtrip::with_buffers(|_, bounce| {
         let mut rx = Receiver::new(&mut bounce[..BOUNCE_BYTES])
@@ -744,6 +800,7 @@ pub fn check_streams(streams: &[Vec<u8>]) -> Result<(Model, Real), Mismatch> {
                 what: format!("harness: {e}"),
             })?
             .with_ledger(&mut ledger)
+            .with_device_state(&mut sink, DEFAULT_DEVICE_STATE_LIMIT)
             .with_hugepage_buffer(&mut huge);
         let mut outcomes = Vec::new();
         for (i, s) in streams.iter().enumerate() {

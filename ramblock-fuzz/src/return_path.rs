@@ -6,7 +6,8 @@
 //! post-copy at once, so every page is discarded and sent after the switch.
 //! Its host reads the return path from bytes, with the real parsers: each
 //! connection is messages ([`ReturnMessage::read`]: requests valid and
-//! not, `RBOK`, `RBOK` with a code, `RBER`, garbage, torn messages) with
+//! not, `RBOK`, `RBOK` with a code, `RBER`, the pre-copy end's `RBSR`,
+//! `RBRN` and `RBNR`, garbage, torn messages) with
 //! pauses between them (nothing to read just then); a connection's end is
 //! a broken connection, and the next one, if any, is a resume that starts
 //! with a received map ([`read_received_map`]) written from a set of
@@ -41,7 +42,9 @@ use ramblock_core::migrate::{
     ReturnEvent,
 };
 use ramblock_core::name::BlockName;
-use ramblock_core::stream::format::{PageRequest, ReturnMessage, ACK_ERR, ACK_OK};
+use ramblock_core::stream::format::{
+    PageRequest, ReturnMessage, ACK_ERR, ACK_OK, ACK_SECTION, NOT_RUNNING, RUNNING,
+};
 use ramblock_core::stream::io::{ByteWrite, SliceReader};
 use ramblock_core::stream::received_map::{read_received_map, scratch_words, write_received_map};
 use std::cell::RefCell;
@@ -79,6 +82,12 @@ pub enum Msg {
     Torn(u8),
     /// Nothing to read just now.
     Wait,
+    /// `RBSR`: a section refusal (index, code), which a post-copy never
+    /// has: no answer the engine takes.
+    SectionRefused(u8),
+    /// The pre-copy handover (`RBRN` 0 for 0, else `RBNR` and the code),
+    /// which a post-copy never has: no answer the engine takes.
+    Handover(u8),
 }
 
 /// A resumed connection: the received map it starts with, then messages.
@@ -111,6 +120,8 @@ enum Event {
     AckErr(u32),
     /// The connection ends here (garbage, a torn message, or its end).
     Closed,
+    /// A message of the pre-copy end (`RBSR`, `RBRN`, `RBNR`).
+    PrecopyOnly,
     Nothing,
 }
 
@@ -175,6 +186,17 @@ impl Msg {
                 Event::Closed
             }
             Msg::Wait => Event::Nothing,
+            Msg::SectionRefused(c) => {
+                out.extend_from_slice(&ACK_SECTION);
+                out.extend_from_slice(&u32::from(c % 3).to_le_bytes());
+                out.extend_from_slice(&u32::from(c).to_le_bytes());
+                Event::PrecopyOnly
+            }
+            Msg::Handover(c) => {
+                out.extend_from_slice(if c == 0 { &RUNNING } else { &NOT_RUNNING });
+                out.extend_from_slice(&u32::from(c).to_le_bytes());
+                Event::PrecopyOnly
+            }
         }
     }
 }
@@ -474,7 +496,9 @@ impl Engine {
                     self.pc.requested_pages += self.send(b, start, end);
                     self.cursor = (b, end);
                 }
-                Event::AckOk | Event::AckErr(_) => return Err(Stop::Fatal(Outcome::BadAck)),
+                Event::AckOk | Event::AckErr(_) | Event::PrecopyOnly => {
+                    return Err(Stop::Fatal(Outcome::BadAck))
+                }
                 Event::Closed => return Err(Stop::Broken),
             }
         }
@@ -511,6 +535,9 @@ impl Engine {
                 Event::Request(_) => self.pc.requests += 1,
                 Event::AckOk => return Ok(()),
                 Event::AckErr(c) => return Err(Stop::Fatal(Outcome::Refused(c))),
+                // The source has no device-state section to name, and a
+                // post-copy no handover.
+                Event::PrecopyOnly => return Err(Stop::Fatal(Outcome::BadAck)),
                 Event::Closed => return Err(Stop::Broken),
             }
         }
@@ -564,7 +591,7 @@ struct Copy<'l>(&'l List);
 
 impl PostcopyTarget for Copy<'_> {
     type Error = BufferError;
-    fn start(&mut self, _: &[u8], _: &[&str]) -> Result<(), BufferError> {
+    fn start(&mut self, _: &[&str]) -> Result<(), BufferError> {
         Ok(())
     }
     fn place(&mut self, block: &str, offset: ByteLen, data: &[u8]) -> Result<(), BufferError> {

@@ -159,8 +159,9 @@ fn model_receive(
         return Err(1);
     }
     let version = u16::from_le_bytes([header[8], header[9]]);
-    // A resume header is version 2: it carries the destination's token.
-    if version != if resume { 2 } else { 1 } {
+    // A new stream is version 2 (the handover); a resume header is its
+    // own version 2: it carries the destination's token.
+    if version != 2 {
         return Err(2);
     }
     if header[10] != 12 {
@@ -300,13 +301,9 @@ fn model_receive(
             }
             7 => {
                 // Post-copy: this destination (plain `receive`) refuses it
-                // once the device state has been read.
-                let state_len = r.u32()?;
+                // at the record, before its sections.
+                r.u32()?;
                 after_state(state)?;
-                if state_len > 64 << 10 {
-                    return Err(25);
-                }
-                r.take(state_len as usize)?;
                 return Err(24);
             }
             8 => {

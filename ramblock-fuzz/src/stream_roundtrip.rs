@@ -25,7 +25,7 @@ use ramblock_core::list::RamList;
 use ramblock_core::migrate::receiver::{Receiver, BOUNCE_BYTES};
 use ramblock_core::migrate::{self, MigrationHost, MigrationStats, PassReport, PrecopyConfig};
 use ramblock_core::name::BlockName;
-use ramblock_core::stream::format::ACK_OK;
+use ramblock_core::stream::format::{ACK_OK, RUNNING};
 use ramblock_core::stream::io::SliceReader;
 
 const PAGE: usize = 4096;
@@ -245,8 +245,10 @@ pub fn send(
     script: &[Step],
 ) -> Result<(Vec<u8>, MigrationStats), String> {
     let mut out = Vec::new();
-    let mut ack_bytes = [0u8; 8];
+    // The acknowledgement, then the handover: the destination runs.
+    let mut ack_bytes = [0u8; 16];
     ack_bytes[..4].copy_from_slice(&ACK_OK);
+    ack_bytes[8..12].copy_from_slice(&RUNNING);
     let mut ack = SliceReader::new(&ack_bytes);
     let mut host = Host {
         list,

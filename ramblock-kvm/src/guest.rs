@@ -547,6 +547,64 @@ impl Workload {
     }
 }
 
+/// Where [`Workload::prefault`] puts its code: the page after the
+/// workload's page tables, which the workload never reads or writes.
+pub const PREFAULT_CODE: u64 = PML4_GPA + 6 * PAGE;
+const _: () = assert!(PREFAULT_CODE + PAGE <= WORKLOAD_FIRST);
+
+impl Workload {
+    /// Builds `vm`'s mappings of every page the workload writes, before the
+    /// workload's vCPU runs in `vm`, so that vCPU runs at full speed from
+    /// its first instruction (the host has no `KVM_PRE_FAULT_MEMORY`).
+    ///
+    /// `vcpu` (a spare vCPU of `vm`, never used for the guest) runs a CPL 3
+    /// loop on the workload's own paging state (the same page tables in
+    /// guest memory, `cr3`, paging mode and CPL), doing `lock or byte
+    /// [page], 0` on each page: an atomic read-modify-write of the value
+    /// already there, so a guest writing the same memory from another VM
+    /// meanwhile loses nothing. KVM builds writable mappings for each page,
+    /// in its shadow page tables (reused by the workload's vCPU, which has
+    /// the same `cr3` and role) or its TDP tables alike. The loop's code
+    /// goes to [`PREFAULT_CODE`] in `low`; the workload's tables must be in
+    /// place there already (the memory came from a running workload).
+    pub fn prefault(
+        &self,
+        vm: &Vm,
+        vcpu: &mut Vcpu,
+        low: &HostRegion<'_>,
+    ) -> Result<(), GuestError> {
+        let mut c = vec![0xbb]; // mov ebx, WORKLOAD_FIRST
+        c.extend_from_slice(&(WORKLOAD_FIRST as u32).to_le_bytes());
+        c.push(0xb9); // mov ecx, pages
+        c.extend_from_slice(&(self.pages() as u32).to_le_bytes());
+        // loop: lock or byte [rbx], 0; add ebx, 4096; dec ecx; jnz loop
+        c.extend_from_slice(&[
+            0xf0, 0x80, 0x0b, 0x00, 0x81, 0xc3, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xf2,
+        ]);
+        // done: out EXIT, al; jmp done
+        c.extend_from_slice(&[0xe6, EXIT_PORT as u8, 0xeb, 0xfc]);
+        low.write(ByteLen(PREFAULT_CODE), &c)
+            .map_err(|e| GuestError::Layout(format!("low memory too small: {e}")))?;
+        enter_user(vcpu, PREFAULT_CODE, true)?;
+        loop {
+            match vcpu.run(vm)? {
+                VcpuEvent::IoOut {
+                    port: EXIT_PORT, ..
+                } => return Ok(()),
+                VcpuEvent::Interrupted => continue,
+                VcpuEvent::IoOut { port, data } => {
+                    return Err(GuestError::UnexpectedPort {
+                        vcpu: vcpu.id(),
+                        who: "the prefault loop",
+                        port,
+                        data,
+                    })
+                }
+            }
+        }
+    }
+}
+
 /// Where [`SseProgram`] lives (guest-physical): its code, the 16 xmm
 /// values it loads, the 16 it stores, and the two TSC readings.
 const SSE_CODE_GPA: u64 = PAGE_WRITER_CODE;

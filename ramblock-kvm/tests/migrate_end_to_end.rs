@@ -1,9 +1,11 @@
 //! `ramblock migrate` end to end, through the real binary: a guest that keeps
 //! writing is migrated in every dirty-log mode and over every backing, and
 //! the destination is checked byte for byte (local runs) or by its end
-//! checksums (two processes). Faults (a connection closed mid-pass, a
-//! corrupted record, a destination with a smaller block) fail the migration
-//! with an error that says what happened, and the source guest runs on.
+//! checksums and its own vCPU continuing the source's loop (two
+//! processes). Faults (a connection closed mid-pass, a
+//! corrupted record, a destination with a smaller block, a destination VMM
+//! that refuses the vCPU's device-state section) fail the migration with
+//! an error that says what happened, and the source guest runs on.
 //!
 //! Tests that need `/dev/kvm` print `skipped: no /dev/kvm`; the fault tests
 //! run either way (without KVM a host thread is the writer).
@@ -254,6 +256,15 @@ fn two_processes_over_tcp_migrate_and_verify() {
         "the destination's checksums matched: {d}"
     );
     assert_eq!(field(&s, "pages"), field(&d, "pages"), "{s}\n{d}");
+    if has_kvm() {
+        // The destination process ran the vCPU from the shipped `cpu`
+        // section before it confirmed the handover, and it went on with
+        // the source's loop; the source's downtime ran until then.
+        assert_eq!(field(&d, "destination_ran"), "true", "{d}");
+        let ram: f64 = field(&s, "ram_downtime_ms").parse().unwrap();
+        let all: f64 = field(&s, "downtime_ms").parse().unwrap();
+        assert!(ram <= all, "{s}");
+    }
 }
 
 #[test]
@@ -400,5 +411,64 @@ fn a_destination_with_a_smaller_block_is_refused() {
     assert!(
         field(&s, "error").ends_with("the source guest is still running"),
         "{s}"
+    );
+}
+
+/// The destination's VMM refuses the vCPU's `cpu` section (the hidden
+/// `--refuse-section`), in one process (pre-copy and post-copy) and in
+/// two: the source names the
+/// section in its error, exits non-zero, and its guest's loop goes on (the
+/// program waits for the guest's progress after the failure before it says
+/// "still running"). No device state, no section: this needs a vCPU.
+#[test]
+fn a_refused_cpu_section_leaves_the_source_guest_running() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let named = "the destination refused device-state section \"cpu\" instance 0";
+    // Pre-copy, and post-copy, whose Postcopy record carries the same
+    // section: refused before the destination starts the guest, so the
+    // source keeps it.
+    for postcopy in [&[][..], &["--postcopy", "0"]] {
+        let local = run(&[&["--size", "64M", "--refuse-section", "cpu"][..], postcopy].concat());
+        let json = stdout(&local);
+        assert!(!local.status.success(), "{json}");
+        let error = field(&json, "error");
+        assert!(error.starts_with(named), "{error}");
+        assert!(
+            error.ends_with("the source guest is still running"),
+            "{error}"
+        );
+        assert_eq!(field(&json, "verified"), "null", "{json}");
+    }
+
+    let port = free_port();
+    let dest = ramblock()
+        .args([
+            "--incoming",
+            &format!("tcp:127.0.0.1:{port}"),
+            "--size",
+            "64M",
+            "--refuse-section",
+            "cpu",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the destination");
+    let src = source(port, "64M");
+    let dest = dest.wait_with_output().unwrap();
+    let (s, d) = (stdout(&src), stdout(&dest));
+    assert!(!src.status.success(), "source: {s}");
+    assert!(!dest.status.success(), "destination: {d}");
+    assert!(
+        field(&d, "error").contains("the VMM refused device-state section 0 (\"cpu\""),
+        "{d}"
+    );
+    let error = field(&s, "error");
+    assert!(error.starts_with(named), "{error}");
+    assert!(
+        error.ends_with("the source guest is still running"),
+        "{error}"
     );
 }

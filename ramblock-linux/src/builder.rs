@@ -33,6 +33,12 @@ enum Origin {
     GuestMemfd {
         fd: std::sync::Arc<OwnedFd>,
     },
+    /// Another process's memfd or file, received over a UNIX socket
+    /// ([`crate::local_update`]); duplicated for the memory that is built.
+    SharedFd {
+        fd: std::sync::Arc<OwnedFd>,
+        kind: BackingKind,
+    },
 }
 
 impl Origin {
@@ -43,6 +49,7 @@ impl Origin {
             Origin::File { .. } => "file",
             Origin::Caller { .. } => "caller",
             Origin::GuestMemfd { .. } => "guest_memfd",
+            Origin::SharedFd { .. } => "shared fd",
         }
     }
 }
@@ -138,6 +145,24 @@ impl MemoryBuilder {
         Self::new(
             Origin::GuestMemfd {
                 fd: std::sync::Arc::new(fd),
+            },
+            used_len,
+        )
+    }
+
+    /// The memory behind `fd`, a memfd (hugetlb or not) or a file that
+    /// another process made (received over a UNIX socket, see
+    /// [`crate::local_update`]), mapped shared from
+    /// [`MemoryBuilder::offset`]: both processes then see the same pages.
+    /// `kind` is what the other side says it is; the page size comes from
+    /// the fd itself (hugetlbfs reports its hugepage size) and must agree
+    /// with `kind`, and the file must hold `offset + max_length` bytes.
+    /// Only [`BackingKind::Memfd`] and [`BackingKind::File`] are accepted.
+    pub fn shared_fd(fd: OwnedFd, kind: BackingKind, used_len: ByteLen) -> MemoryBuilder {
+        Self::new(
+            Origin::SharedFd {
+                fd: std::sync::Arc::new(fd),
+                kind,
             },
             used_len,
         )
@@ -255,7 +280,7 @@ impl MemoryBuilder {
     fn is_shared(&self) -> bool {
         self.shared.unwrap_or(matches!(
             self.origin,
-            Origin::Memfd | Origin::GuestMemfd { .. }
+            Origin::Memfd | Origin::GuestMemfd { .. } | Origin::SharedFd { .. }
         ))
     }
 
@@ -329,7 +354,21 @@ impl MemoryBuilder {
                 return Err(OptionsError::GuestMemfdOption { option });
             }
         }
-        let is_file = matches!(self.origin, Origin::File { .. });
+        if let Origin::SharedFd { kind, .. } = self.origin {
+            let refused = [
+                (
+                    !matches!(kind, BackingKind::Memfd(_) | BackingKind::File { .. }),
+                    "a backing other than memfd or file",
+                ),
+                (self.shared == Some(false), "shared(false)"),
+                (self.thp, "transparent_hugepages"),
+                (self.huge.is_some(), "huge_pages"),
+            ];
+            if let Some((_, option)) = refused.iter().find(|(bad, _)| *bad) {
+                return Err(OptionsError::SharedFdOption { option });
+            }
+        }
+        let is_file = matches!(self.origin, Origin::File { .. } | Origin::SharedFd { .. });
         if let Some(page) = self.huge {
             if is_file {
                 return Err(OptionsError::HugePageSizeNotApplicable {
@@ -359,13 +398,22 @@ impl MemoryBuilder {
         // The page size is known here for all but files.
         let page = match self.origin {
             Origin::Caller { page_size, .. } => Some(page_size),
-            Origin::File { .. } => None,
+            Origin::File { .. } | Origin::SharedFd { .. } => None,
             _ => Some(self.huge.unwrap_or_else(host_page_size)),
         };
         if let Some(page) = page {
             check_multiples(page, self.used, max, None)?;
         }
         Ok((max, flags))
+    }
+
+    /// Where the mapped part of a file ends: `offset + max`, which must fit.
+    fn file_end(&self, max: ByteLen) -> Result<u64, OptionsError> {
+        self.offset
+            .checked_add(max.0)
+            .ok_or(OptionsError::TooLarge {
+                len: ByteLen(u64::MAX),
+            })
     }
 
     /// Validates the options, then maps the memory, applies NUMA binding,
@@ -394,9 +442,11 @@ impl MemoryBuilder {
                 prealloc: None,
                 flags,
             },
-            Origin::Anonymous | Origin::Memfd | Origin::File { .. } | Origin::GuestMemfd { .. } => {
-                self.map(max, flags)?
-            }
+            Origin::Anonymous
+            | Origin::Memfd
+            | Origin::File { .. }
+            | Origin::GuestMemfd { .. }
+            | Origin::SharedFd { .. } => self.map(max, flags)?,
         };
         for hint in self.thp.then_some(Hint::Hugepage).iter().chain(&self.hints) {
             memory.advise(*hint)?;
@@ -433,12 +483,7 @@ impl MemoryBuilder {
             Origin::File { path } => {
                 let backing = file::open(path, self.read_only_fd, &self.name)?;
                 check_multiples(backing.page_size, self.used, max, Some(self.offset))?;
-                let needed = self
-                    .offset
-                    .checked_add(max.0)
-                    .ok_or(OptionsError::TooLarge {
-                        len: ByteLen(u64::MAX),
-                    })?;
+                let needed = self.file_end(max)?;
                 file::ensure_size(&backing, needed, self.read_only_fd)?;
                 (
                     Some(backing.fd),
@@ -447,6 +492,33 @@ impl MemoryBuilder {
                     },
                     backing.page_size,
                 )
+            }
+            Origin::SharedFd { fd, kind } => {
+                let fd = fd.try_clone().map_err(|e| Error::SharedFdDup {
+                    errno: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::BADF),
+                })?;
+                let backing = file::inspect(fd, std::path::Path::new("(received fd)"))?;
+                let expected = match *kind {
+                    BackingKind::Memfd(huge) => huge.unwrap_or_else(host_page_size),
+                    _ => backing.page_size,
+                };
+                let hugetlbfs_expected = match *kind {
+                    BackingKind::Memfd(huge) => huge.is_some(),
+                    BackingKind::File { hugetlbfs } => hugetlbfs,
+                    _ => backing.hugetlbfs,
+                };
+                if backing.page_size != expected || backing.hugetlbfs != hugetlbfs_expected {
+                    return Err(Error::SharedFdKind {
+                        claimed: *kind,
+                        page_size: backing.page_size,
+                        hugetlbfs: backing.hugetlbfs,
+                    });
+                }
+                check_multiples(backing.page_size, self.used, max, Some(self.offset))?;
+                let needed = self.file_end(max)?;
+                // Never grown: the other process's memory stays its size.
+                file::ensure_size(&backing, needed, true)?;
+                (Some(backing.fd), *kind, backing.page_size)
             }
             Origin::GuestMemfd { fd } => (
                 Some(fd.try_clone().map_err(|e| Error::GuestMemfdDup {

@@ -86,6 +86,13 @@ pub enum OptionsError {
         /// The option.
         option: &'static str,
     },
+    /// Memory over another process's fd is mapped shared, in the fd's own
+    /// page size, and only memfds and files can be shared.
+    #[error("memory over a received fd cannot take {option}: it is another process's memfd or file, mapped shared in the fd's own page size")]
+    SharedFdOption {
+        /// The option.
+        option: &'static str,
+    },
     /// Caller memory whose pointer is not page aligned.
     #[error("caller memory at {addr:#x} is not aligned to its {page_size} page size")]
     CallerUnaligned {
@@ -119,6 +126,22 @@ pub enum Error {
     GuestMemfdDup {
         /// What the kernel said.
         errno: Errno,
+    },
+    /// A received fd could not be duplicated for the memory to own.
+    #[error("cannot duplicate the received fd: {errno}; raise the open-files limit")]
+    SharedFdDup {
+        /// What the kernel said.
+        errno: Errno,
+    },
+    /// A received fd is not what its sender said it was.
+    #[error("the received fd was announced as {claimed:?} but is {} with {page_size} pages: the sender's block table does not match its fds", if *hugetlbfs { "on hugetlbfs" } else { "not on hugetlbfs" })]
+    SharedFdKind {
+        /// What the sender said.
+        claimed: crate::memory::BackingKind,
+        /// The fd's page size.
+        page_size: PageSize,
+        /// Whether the fd is on hugetlbfs.
+        hugetlbfs: bool,
     },
     /// userfaultfd failed (registering memory, placing pages).
     #[error("userfaultfd: {0}")]

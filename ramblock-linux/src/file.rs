@@ -57,7 +57,12 @@ pub(crate) fn open(path: &Path, read_only_fd: bool, name: &str) -> Result<Backin
                 )
             })?
     };
-    let fd = OwnedFd::from(file);
+    inspect(OwnedFd::from(file), path)
+}
+
+/// The page size and filesystem of an open file (`path` names it in
+/// errors).
+pub(crate) fn inspect(fd: OwnedFd, path: &Path) -> Result<Backing, Error> {
     let stat = rustix::fs::fstatfs(&fd).map_err(|e| Error::File {
         call: "fstatfs",
         path: path.to_owned(),

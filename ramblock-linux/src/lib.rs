@@ -41,7 +41,8 @@
 //! post-copy destination on it (registration, the fault thread, page
 //! requests on the return path);
 //! [`fd_stream`] moves a migration stream between a socket and guest memory
-//! without a user-space copy; [`snapshot`] saves guest RAM to a file and
+//! without a user-space copy; [`local_update`] hands guest RAM to a new
+//! process on the same host by passing its fds over a UNIX socket; [`snapshot`] saves guest RAM to a file and
 //! restores it eagerly, by mapping or lazily through userfaultfd. [`dirty_log`] tracks writes without a
 //! hypervisor (userfaultfd asynchronous write-protect, harvested with
 //! [`pagemap_scan`]); [`live_copy`] saves memory as it was at one instant
@@ -65,6 +66,7 @@ mod file;
 pub mod guest_memory;
 pub mod hugetlb;
 pub mod live_copy;
+pub mod local_update;
 pub mod memfd;
 pub mod memory;
 pub mod mmap;

@@ -421,3 +421,58 @@ fn pem_files_load_and_missing_ones_say_which() {
     assert!(err.to_string().contains("certificate chain"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_unix_socket_listener_admits_only_the_source_and_carries_the_stream() {
+    let dir = std::env::temp_dir().join(format!("ramblock-unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("migrate.sock");
+    // A socket file left by an earlier run does not stop the bind.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let addr = format!("unix:{}", path.display());
+    let log: Log = Arc::default();
+    let sink = log.clone();
+    let l = Listener::bind(&addr)
+        .unwrap()
+        .with_timeouts(Timeouts {
+            handshake: Duration::from_millis(300),
+            read: Some(Duration::from_secs(5)),
+        })
+        .with_log(move |dropped: &PeerRefused| {
+            assert!(dropped.to_string().contains("unix peer"));
+            sink.lock().unwrap().push(format!("{:?}", dropped.refusal));
+        });
+    assert!(
+        l.local_addr().is_err(),
+        "a UNIX listener has a path, not an IP address"
+    );
+    let mut garbage = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut source = Connector::new(addr.clone()).connect().unwrap();
+    assert!(source.tcp().is_none() && !source.is_tls());
+    let start = stream_start();
+    source.write_all(&start).unwrap();
+    let (l, conn) = accept_in_thread(l).join().unwrap();
+    // Pages move between guest memory and the socket in place, as on TCP.
+    let mut writer = source.writer().unwrap();
+    let mut page = vec![0x5au8; 4096];
+    let region = HostRegion::from_mut_slice(&mut page);
+    writer.write_region(&region).unwrap();
+    ByteWrite::flush(&mut writer).unwrap();
+    let got = first_bytes(conn, start.len() + 4096);
+    assert_eq!(
+        &got[..start.len()],
+        &start[..],
+        "the source's bytes are intact"
+    );
+    assert!(got[start.len()..].iter().all(|&b| b == 0x5a));
+    assert_eq!(kinds(&log), ["Garbage"]);
+    drop(l);
+    assert!(!path.exists(), "the listener removes its socket file");
+    let e = Connector::new(addr)
+        .retry_for(Duration::from_millis(100))
+        .connect()
+        .unwrap_err();
+    assert!(e.to_string().contains("migrate.sock"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

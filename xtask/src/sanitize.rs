@@ -17,10 +17,18 @@ const ASAN_TARGET_DIR: &str = "target/asan";
 /// The end-to-end migrations run two 128 MiB guests each and are timed;
 /// their memory handling is the library code the other binaries already
 /// cover under ASan, and they run uninstrumented in the `tests` step.
-const ASAN_EXCLUDED: [(&str, &str); 4] = [
+const ASAN_EXCLUDED: [(&str, &str); 6] = [
     (
         "migrate_end_to_end",
         "end-to-end KVM migration of two 128 MiB guests; minutes under ASan",
+    ),
+    (
+        "migrate_over_a_unix_socket",
+        "end-to-end KVM migration of two 128 MiB guests; minutes under ASan",
+    ),
+    (
+        "local_update_end_to_end",
+        "end-to-end KVM local updates of 128 MiB guests; minutes under ASan",
     ),
     (
         "postcopy_end_to_end",
@@ -40,7 +48,7 @@ const ASAN_EXCLUDED: [(&str, &str); 4] = [
 /// (printed in the step's output). Miri interprets a 4 KiB page's checksum
 /// in about a second, and these migrate hundreds of pages per test; they
 /// need Miri-sized blocks first.
-const MIRI_NOT_YET: [(&str, &str); 6] = [
+const MIRI_NOT_YET: [(&str, &str); 7] = [
     (
         "migration_stream_round_trip_and_faults",
         "migrates blocks of hundreds of pages with a writer thread; not yet sized for Miri",
@@ -56,6 +64,10 @@ const MIRI_NOT_YET: [(&str, &str); 6] = [
     (
         "device_state_sections",
         "migrates over a Unix socket pair, which Miri cannot shut down (ENOTSOCK)",
+    ),
+    (
+        "source_keeps_its_guest_until_the_destination_runs",
+        "migrates over a Unix socket pair with read timeouts and shutdown, which Miri lacks",
     ),
     (
         "a_flooding_destination_cannot_stall_postcopy",

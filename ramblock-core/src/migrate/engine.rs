@@ -15,6 +15,7 @@ use crate::host::HostMemory;
 use crate::list::RamList;
 use crate::name::BlockName;
 use crate::region::HostRegion;
+use crate::section::{SectionHeader, MAX_SECTION_LEN};
 use crate::stream::format::{Record, TableEntry, MAX_RUN_PAGES};
 use crate::stream::io::ByteWrite;
 
@@ -327,6 +328,76 @@ impl<
             if due > elapsed {
                 self.host.sleep_ns(due - elapsed);
             }
+        }
+    }
+
+    /// Checks the VMM's device-state sections against the format's bound
+    /// on one and the host's on all; returns how many there are. Called
+    /// with the guest paused, before anything of the switch is sent, so a
+    /// failure leaves the destination with nothing to undo.
+    pub(super) fn count_sections<E>(&mut self) -> Result<u32, MigrateError<D::Error, W::Error, E>> {
+        let header_len = SectionHeader::ENCODED_LEN as u64;
+        let mut total = 0u64;
+        let mut index = 0u32;
+        while let Some((_, bytes)) = self.host.device_section(index as usize) {
+            // One section past the format's own bound would be refused by
+            // every receiver: fail here, before the guest's state leaves.
+            if bytes.len() as u64 > MAX_SECTION_LEN {
+                return Err(MigrateError::DeviceStateTooLarge {
+                    total: bytes.len() as u64,
+                    limit: MAX_SECTION_LEN,
+                });
+            }
+            total = total
+                .saturating_add(header_len)
+                .saturating_add(bytes.len() as u64);
+            index = index.saturating_add(1);
+        }
+        let limit = self.host.device_state_limit();
+        if total > limit {
+            return Err(MigrateError::DeviceStateTooLarge { total, limit });
+        }
+        Ok(index)
+    }
+
+    /// Writes section `index`'s header (its `len` set to its bytes) and
+    /// bytes: after a `Section` record's tag, or inside the `Postcopy`
+    /// record.
+    pub(super) fn write_section<E>(
+        &mut self,
+        index: usize,
+    ) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        let Some((mut header, bytes)) = self.host.device_section(index) else {
+            // The host said it had this section a moment ago.
+            return Err(MigrateError::DeviceStateChanged);
+        };
+        header.len = bytes.len() as u64;
+        let mut raw = [0u8; SectionHeader::ENCODED_LEN];
+        header.encode(&mut raw);
+        let out = &mut *self.out;
+        out.write_all(&raw).map_err(MigrateError::Write)?;
+        out.write_all(bytes).map_err(MigrateError::Write)?;
+        self.pass.bytes += raw.len() as u64 + header.len;
+        Ok(())
+    }
+
+    /// The error for the destination's refusal of the device-state
+    /// section at `index` (its position in the stream), named by the
+    /// host's own header for it; an index the host never sent is no
+    /// answer this side understands.
+    pub(super) fn section_refused<E>(
+        &mut self,
+        index: u32,
+        code: u32,
+    ) -> MigrateError<D::Error, W::Error, E> {
+        match self.host.device_section(index as usize) {
+            Some((header, _)) => MigrateError::SectionRefused {
+                index,
+                name: header.name,
+                instance_id: header.instance_id,
+                code,
+            },
+            None => MigrateError::BadAck,
         }
     }
 

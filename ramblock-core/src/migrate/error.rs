@@ -3,6 +3,7 @@
 use crate::dirty_log::DirtyLogSource;
 use crate::name::BlockName;
 use crate::region::RegionError;
+use crate::section::SectionName;
 use crate::stream::format::PageRequest;
 use crate::stream::io::{ByteRead, ByteWrite, ReadError};
 use core::fmt;
@@ -23,6 +24,38 @@ pub enum MigrateError<D, W, R> {
     Refused(u32),
     /// The receiver answered something that is not an acknowledgement.
     BadAck,
+    /// The host's device-state sections changed between the engine's two
+    /// looks at them (the host must answer the same both times); nothing
+    /// more was sent and the guest resumed.
+    DeviceStateChanged,
+    /// The destination's VMM refused a device-state section.
+    SectionRefused {
+        /// The section's position in the stream, from 0.
+        index: u32,
+        /// Its name, as the source sent it.
+        name: SectionName,
+        /// Its instance id.
+        instance_id: u32,
+        /// The VMM's own code.
+        code: u32,
+    },
+    /// The destination verified the RAM but could not start the guest
+    /// (the VMM's own code): the handover was refused.
+    NotRunning(u32),
+    /// The destination verified the RAM but did not say whether its guest
+    /// runs: the return path failed or stayed silent past the host's
+    /// timeout ([`MigrationHost::handover_wait_ns`](super::MigrationHost::handover_wait_ns)).
+    NoHandover {
+        /// Why the read failed (a timeout is the transport's error).
+        error: ReadError<R>,
+        /// How long the engine waited.
+        waited_ns: u64,
+        /// The host's bound on the wait.
+        timeout_ns: u64,
+    },
+    /// After its acknowledgement the destination answered something that
+    /// is not a handover.
+    BadHandover,
     /// A block was removed during the migration.
     BlockRemoved(BlockName),
     /// A migratable block was added during the migration.
@@ -73,6 +106,41 @@ impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for Migrate
             }
             MigrateError::BadAck => f.write_str(
                 "the destination answered with something that is not an acknowledgement",
+            ),
+            MigrateError::SectionRefused {
+                index,
+                name,
+                instance_id,
+                code,
+            } => write!(
+                f,
+                "the destination refused device-state section {name:?} instance {instance_id} \
+                 (section {index} of the stream, the destination VMM's code {code}); \
+                 the guest runs on at the source"
+            ),
+            MigrateError::DeviceStateChanged => f.write_str(
+                "the VMM's device-state sections changed while they were sent (it must \
+                 return the same ones while the guest is paused); the guest runs on at the source",
+            ),
+            MigrateError::NotRunning(code) => write!(
+                f,
+                "the destination could not start the guest (its code {code}); \
+                 the guest runs on at the source"
+            ),
+            MigrateError::NoHandover {
+                error,
+                waited_ns,
+                timeout_ns,
+            } => write!(
+                f,
+                "the destination never said its guest runs ({error}, after {} ms, \
+                 timeout {} ms); the guest runs on at the source",
+                waited_ns / 1_000_000,
+                timeout_ns / 1_000_000
+            ),
+            MigrateError::BadHandover => f.write_str(
+                "the destination answered something that is not a handover after its \
+                 acknowledgement; the guest runs on at the source",
             ),
             MigrateError::BlockRemoved(n) => {
                 write!(f, "block {n:?} was removed during the migration")

@@ -44,21 +44,15 @@ pub trait MigrationHost {
     fn checksum(&mut self, region: &HostRegion<'_>, len: u64) -> u64 {
         Checksum::of_region(region, len).unwrap_or(0)
     }
-    /// Post-copy: writes the VMM's device state (vCPU registers and the
-    /// like, opaque to ramblock) into `buf` and returns its length (at most
-    /// `buf.len()` and [`MAX_DEVICE_STATE`](crate::stream::format::MAX_DEVICE_STATE)).
-    /// Called with the guest paused.
-    fn device_state(&mut self, buf: &mut [u8]) -> usize {
-        let _ = buf;
-        0
-    }
-    /// Pre-copy switch-over: the VMM's device-state section number `index`
-    /// (0, 1, 2, ... until `None`), as a header and its bytes; the engine
-    /// sends it after the final RAM pass and before `End`, with the
-    /// header's `len` set to the bytes' length. Called with the guest
-    /// paused, twice per section (once to check the total against
-    /// [`device_state_limit`](Self::device_state_limit), once to send), so
-    /// return the same thing both times. The default has none.
+    /// The VMM's device-state section number `index` (0, 1, 2, ... until
+    /// `None`), as a header and its bytes; the engine sends it with the
+    /// header's `len` set to the bytes' length: at a pre-copy switch-over
+    /// as `Section` records after the final RAM pass and before `End`, at
+    /// a switch to post-copy inside the `Postcopy` record. Called with the
+    /// guest paused, twice per section (once to check the total against
+    /// [`device_state_limit`](Self::device_state_limit), once to send),
+    /// and again to name a section the destination refused, so return the
+    /// same thing each time. The default has none.
     fn device_section(&mut self, index: usize) -> Option<(SectionHeader, &[u8])> {
         let _ = index;
         None
@@ -68,6 +62,19 @@ pub trait MigrationHost {
     /// sent and the guest resumes (`MigrateError::DeviceStateTooLarge`).
     fn device_state_limit(&mut self) -> u64 {
         DEFAULT_DEVICE_STATE_LIMIT
+    }
+    /// Pre-copy handover: called once the destination acknowledged the
+    /// `End` record, just before the engine waits on the acknowledgement
+    /// reader for its word that the guest runs there. Returns the longest
+    /// wait in nanoseconds, which the host must enforce on that reader (a
+    /// socket read timeout, say): the engine makes no system call and
+    /// cannot interrupt a read. A read that fails, timed out or not, fails
+    /// the migration and the guest resumes here. Also called before the
+    /// engine reads the answer of a destination that broke off the stream
+    /// at the switch-over (a refused section), which may never come. The
+    /// default is [`DEFAULT_HANDOVER_WAIT_NS`].
+    fn handover_wait_ns(&mut self) -> u64 {
+        DEFAULT_HANDOVER_WAIT_NS
     }
     /// Post-copy: the next message from the destination's return path,
     /// waiting at most `wait_ns` for one (0: just look). Hosts that never
@@ -100,6 +107,11 @@ pub trait MigrationHost {
         None
     }
 }
+
+/// How long a source waits by default for the destination to say its
+/// guest runs, after the RAM was verified: loading device state and
+/// starting vCPUs takes milliseconds, so 10 s is only ever a dead peer.
+pub const DEFAULT_HANDOVER_WAIT_NS: u64 = 10_000_000_000;
 
 /// What [`MigrationHost::return_message`] found.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]

@@ -34,9 +34,10 @@ pub mod stats;
 pub use config::PrecopyConfig;
 pub use converge::next_throttle;
 pub use error::MigrateError;
-pub use host::{MigrationHost, ReturnEvent};
+pub use host::{MigrationHost, ReturnEvent, DEFAULT_HANDOVER_WAIT_NS};
 pub use precopy::migrate;
 pub use receiver::{
-    send_ack, PostcopyTarget, ReceiveError, ReceiveEvent, ReceiveSummary, Receiver, BOUNCE_BYTES,
+    acknowledge, send_ack, Handover, PostcopyTarget, ReceiveError, ReceiveEvent, ReceiveSummary,
+    Receiver, BOUNCE_BYTES,
 };
 pub use stats::{MigrationStats, PassReport, PostcopyStats};

@@ -6,9 +6,10 @@
 //! dirty log once more and sending:
 //! 1. `Discard` records naming every page still dirty (in whole host pages
 //!    for hugepage blocks: a hugepage is placed whole, so it is sent whole);
-//! 2. a `Postcopy` record carrying the VMM's device state
-//!    ([`MigrationHost::device_state`]). From here the guest belongs to the
-//!    destination: the source never resumes it.
+//! 2. a `Postcopy` record carrying the VMM's device-state sections
+//!    ([`MigrationHost::device_section`], checked against the same bounds
+//!    as at a pre-copy switch-over before the first discard). From here
+//!    the guest belongs to the destination: the source never resumes it.
 //!
 //! Then it sends every page still dirty, answering the destination's page
 //! requests ([`MigrationHost::return_message`]) before anything else and
@@ -41,9 +42,7 @@ use crate::addr::TARGET_PAGE_SHIFT;
 use crate::bitmap::Storage;
 use crate::dirty_log::DirtyLogSource;
 use crate::host::HostMemory;
-use crate::stream::format::{
-    Header, PageRequest, Record, ReturnMessage, MAX_DEVICE_STATE, MAX_RUN_PAGES,
-};
+use crate::stream::format::{Header, PageRequest, Record, ReturnMessage, MAX_RUN_PAGES};
 use crate::stream::io::ByteWrite;
 
 /// How long one wait for the destination's acknowledgement lasts before
@@ -106,28 +105,35 @@ impl<
         // inside it (and refuses the rest with `PastPostcopyLength`).
         self.send_dirty_from(|b| (b.postcopy_length().0 >> TARGET_PAGE_SHIFT) as usize)?;
         self.whole_host_pages();
+        // Checked before the first discard: a failure here leaves the
+        // destination with nothing to undo, and the guest resumes.
+        let sections = self.count_sections()?;
         let mut pc = PostcopyStats {
             discarded: self.write_discards::<E>()?,
             ..PostcopyStats::default()
         };
-        let room = self.buf.len().min(MAX_DEVICE_STATE as usize);
-        let state_len = self.host.device_state(&mut self.buf[..room]).min(room);
-        self.write(Record::Postcopy {
-            state_len: state_len as u32,
-        })?;
-        self.out
-            .write_all(&self.buf[..state_len])
-            .map_err(MigrateError::Write)?;
+        self.write(Record::Postcopy { sections })?;
+        for index in 0..sections {
+            self.write_section(index as usize)?;
+        }
         self.out.flush().map_err(MigrateError::Write)?;
-        self.pass.bytes += state_len as u64;
         // The destination runs the guest now; never resume it here.
         *paused = false;
         stats.downtime_ns = self.host.now_ns() - pause_start;
+        stats.ram_downtime_ns = stats.downtime_ns;
         self.host.postcopy_started();
         let mut cursor = (0, 0);
         loop {
             match self.postcopy_send::<E>(&mut cursor, &mut pc) {
                 Ok(()) => break,
+                Err(Stop::Fatal(e @ MigrateError::SectionRefused { .. })) => {
+                    // The destination refused the Postcopy record's device
+                    // state, before it started the guest (that is the only
+                    // place sections come in post-copy): the guest is
+                    // still this side's, so it resumes here.
+                    *paused = true;
+                    return Err(e);
+                }
                 Err(Stop::Fatal(e)) => return Err(e),
                 Err(Stop::Broken) => {
                     self.resume::<E>(&mut pc)?;
@@ -171,6 +177,13 @@ impl<
                 ReturnEvent::Message(ReturnMessage::Ack(Err(code))) => {
                     return Err(Stop::Fatal(MigrateError::Refused(code)))
                 }
+                ReturnEvent::Message(ReturnMessage::SectionRefused { index, code }) => {
+                    return Err(Stop::Fatal(self.section_refused(index, code)))
+                }
+                // The guest started at the Postcopy record: no handover.
+                ReturnEvent::Message(ReturnMessage::Handover(_)) => {
+                    return Err(Stop::Fatal(MigrateError::BadAck))
+                }
                 ReturnEvent::Closed => return Err(Stop::Broken),
             }
         }
@@ -201,7 +214,10 @@ impl<
                     *cursor = (index, end);
                     answered = true;
                 }
-                ReturnEvent::Message(ReturnMessage::Ack(_)) => {
+                ReturnEvent::Message(ReturnMessage::SectionRefused { index, code }) => {
+                    return Err(Stop::Fatal(self.section_refused(index, code)))
+                }
+                ReturnEvent::Message(ReturnMessage::Ack(_) | ReturnMessage::Handover(_)) => {
                     return Err(Stop::Fatal(MigrateError::BadAck))
                 }
                 ReturnEvent::Closed => return Err(Stop::Broken),

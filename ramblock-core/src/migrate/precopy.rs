@@ -5,8 +5,13 @@
 //! before its first page goes out. After each pass the engine estimates the
 //! dirty rate and the bandwidth; when the pages left could be sent within
 //! the downtime limit (or the pass limit is reached) it pauses the guest,
-//! runs a final sync and send, writes the end record with a checksum of
-//! every block, and waits for the receiver's acknowledgement.
+//! runs a final sync and send, sends the VMM's device-state sections,
+//! writes the end record with a checksum of every block, and waits for the
+//! receiver's acknowledgement and then for the handover: the destination's
+//! word that its vCPUs run. Only then does the migration succeed; a
+//! refusal, an unknown answer or silence (bounded by
+//! [`MigrationHost::handover_wait_ns`]) fails it and the guest resumes
+//! here.
 //!
 //! Blocks added or removed during the migration fail it cleanly; a resize of
 //! a resizable block is carried to the destination. On any failure the guest
@@ -28,8 +33,7 @@ use crate::dirty_log::DirtyLogSource;
 use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::list::RamList;
-use crate::section::{SectionHeader, MAX_SECTION_LEN};
-use crate::stream::format::{read_array, Header, Record, ACK_ERR, ACK_OK, MAX_RUN_PAGES};
+use crate::stream::format::{Header, Record, ReturnMessage, MAX_RUN_PAGES};
 use crate::stream::io::{ByteRead, ByteWrite};
 
 /// Migrates every migratable block of `list` to the receiver at the other
@@ -162,28 +166,68 @@ impl<
             pass: stats.passes,
             remaining: 0,
         })?;
-        self.write_sections()?;
-        self.write_end()?;
-        self.out.flush().map_err(MigrateError::Write)?;
+        let sent = self
+            .write_sections()
+            .and_then(|()| self.write_end())
+            .and_then(|()| self.out.flush().map_err(MigrateError::Write));
+        if let Err(e @ MigrateError::Write(_)) = sent {
+            // A destination that refused a section stops reading and
+            // closes: its answer, if it came, says more than the write.
+            self.host.handover_wait_ns();
+            return Err(match self.wait_ack(ack) {
+                Err(refusal @ (MigrateError::Refused(_) | MigrateError::SectionRefused { .. })) => {
+                    refusal
+                }
+                _ => e,
+            });
+        }
+        sent?;
         let report = self.end_pass(0, 0);
         stats.final_pages = report.pages_sent + report.zero_pages;
         stats.add(&report);
-        let answer: [u8; 8] = read_array(ack).map_err(MigrateError::Ack)?;
+        self.wait_ack(ack)?;
+        stats.ram_downtime_ns = self.host.now_ns() - pause_start;
+        // Until the destination says its guest runs, this side keeps it:
+        // a refusal, garbage or silence fails the migration and the guest
+        // resumes here.
+        self.wait_handover(ack)?;
         let now = self.host.now_ns();
-        match (
-            &answer[..4],
-            u32::from_le_bytes([answer[4], answer[5], answer[6], answer[7]]),
-        ) {
-            // "OK" carries a zero code; anything else is not an answer
-            // this side understands, so it is no success.
-            (a, 0) if a == ACK_OK => {}
-            (a, code) if a == ACK_ERR => return Err(MigrateError::Refused(code)),
-            _ => return Err(MigrateError::BadAck),
-        }
         stats.downtime_ns = now - pause_start;
         stats.total_ns = now - start;
         self.host.set_throttle(0);
         Ok(stats)
+    }
+
+    /// Reads the destination's answer to the `End` record.
+    fn wait_ack<R: ByteRead>(&mut self, ack: &mut R) -> Result<(), Error<D, W, R>> {
+        match ReturnMessage::read(ack).map_err(MigrateError::Ack)? {
+            Ok(ReturnMessage::Ack(Ok(()))) => Ok(()),
+            Ok(ReturnMessage::Ack(Err(code))) => Err(MigrateError::Refused(code)),
+            Ok(ReturnMessage::SectionRefused { index, code }) => {
+                Err(self.section_refused(index, code))
+            }
+            // Anything else ("OK" with a code, a request, a handover
+            // before the acknowledgement) is not an answer this side
+            // understands, so it is no success.
+            Ok(_) | Err(_) => Err(MigrateError::BadAck),
+        }
+    }
+
+    /// Waits, as long as the host allows, for the destination to say its
+    /// guest runs.
+    fn wait_handover<R: ByteRead>(&mut self, ack: &mut R) -> Result<(), Error<D, W, R>> {
+        let since = self.host.now_ns();
+        let timeout_ns = self.host.handover_wait_ns();
+        match ReturnMessage::read(ack) {
+            Ok(Ok(ReturnMessage::Handover(Ok(())))) => Ok(()),
+            Ok(Ok(ReturnMessage::Handover(Err(code)))) => Err(MigrateError::NotRunning(code)),
+            Ok(_) => Err(MigrateError::BadHandover),
+            Err(error) => Err(MigrateError::NoHandover {
+                error,
+                waited_ns: self.host.now_ns().saturating_sub(since),
+                timeout_ns,
+            }),
+        }
     }
 
     /// Builds the table, marks every used page dirty, resets the log, and
@@ -292,39 +336,10 @@ impl<
     /// Switch-over: sends the VMM's device-state sections (after the final
     /// pass, before `End`), once their total is known to fit the limit.
     fn write_sections<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
-        let header_len = SectionHeader::ENCODED_LEN as u64;
-        let mut total = 0u64;
-        let mut index = 0;
-        while let Some((_, bytes)) = self.host.device_section(index) {
-            // One section past the format's own bound would be refused by
-            // every receiver: fail here, before the guest's state leaves.
-            if bytes.len() as u64 > MAX_SECTION_LEN {
-                return Err(MigrateError::DeviceStateTooLarge {
-                    total: bytes.len() as u64,
-                    limit: MAX_SECTION_LEN,
-                });
-            }
-            total = total
-                .saturating_add(header_len)
-                .saturating_add(bytes.len() as u64);
-            index += 1;
-        }
-        let limit = self.host.device_state_limit();
-        if total > limit {
-            return Err(MigrateError::DeviceStateTooLarge { total, limit });
-        }
-        for index in 0..index {
-            let Some((mut header, bytes)) = self.host.device_section(index) else {
-                break;
-            };
-            header.len = bytes.len() as u64;
-            let mut raw = [0u8; SectionHeader::ENCODED_LEN];
-            header.encode(&mut raw);
-            let out = &mut *self.out;
-            Record::Section.write(out).map_err(MigrateError::Write)?;
-            out.write_all(&raw).map_err(MigrateError::Write)?;
-            out.write_all(bytes).map_err(MigrateError::Write)?;
-            self.pass.bytes += Record::Section.wire_len() as u64 + header_len + header.len;
+        let count = self.count_sections()?;
+        for index in 0..count {
+            self.write(Record::Section)?;
+            self.write_section(index as usize)?;
         }
         Ok(())
     }

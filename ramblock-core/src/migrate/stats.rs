@@ -34,8 +34,13 @@ pub struct MigrationStats {
     pub total_ns: u64,
     /// Building the bitmaps and sending the table, ns.
     pub setup_ns: u64,
-    /// Guest paused until the destination acknowledged, ns.
+    /// Guest paused until the destination said it runs the guest (the
+    /// handover; post-copy: until the `Postcopy` record was sent), ns.
     pub downtime_ns: u64,
+    /// Guest paused until the destination acknowledged the RAM (its
+    /// checksums), ns: the part of the downtime before device state is
+    /// loaded and vCPUs start (post-copy: as `downtime_ns`).
+    pub ram_downtime_ns: u64,
     /// Bytes on the wire.
     pub bytes: u64,
     /// Normal pages sent.

@@ -1,4 +1,4 @@
-//! The wire format, version 1 (documented in `docs/stream-format.md`).
+//! The wire format, version 2 (documented in `docs/stream-format.md`).
 //!
 //! Everything is little-endian. A stream is a [`Header`], one [`TableEntry`]
 //! per migrated block, then [`Record`]s until an `End` record. Pages travel in
@@ -11,8 +11,11 @@ use crate::addr::TARGET_PAGE_SHIFT;
 
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"RAMBLOCK";
-/// The version this code writes and reads.
-pub const VERSION: u16 = 1;
+/// The version this code writes and reads: 2 added the handover
+/// ([`ReturnMessage::Handover`]) a source waits for, which a version-1
+/// destination never sends, and device-state sections in the `Postcopy`
+/// record instead of one opaque blob.
+pub const VERSION: u16 = 2;
 /// Most pages in one `Pages` or `Zero` record.
 pub const MAX_RUN_PAGES: u32 = 64;
 /// The receiver's acknowledgement after a good `End` record.
@@ -21,6 +24,15 @@ pub const ACK_OK: [u8; 4] = *b"RBOK";
 pub const ACK_ERR: [u8; 4] = *b"RBER";
 /// A post-copy page request on the return path (see [`PageRequest`]).
 pub const REQUEST: [u8; 4] = *b"RBRQ";
+/// The receiver's refusal of a device-state section: u32 index of the
+/// section in the stream (from 0), u32 the VMM's code.
+pub const ACK_SECTION: [u8; 4] = *b"RBSR";
+/// Pre-copy handover, after [`ACK_OK`]: the destination's vCPUs run
+/// (followed by a u32 `0`).
+pub const RUNNING: [u8; 4] = *b"RBRN";
+/// Pre-copy handover, after [`ACK_OK`]: the destination could not start
+/// the guest (followed by the VMM's u32 code).
+pub const NOT_RUNNING: [u8; 4] = *b"RBNR";
 /// First bytes of a stream that resumes a broken post-copy migration: the
 /// header and block table follow as in a new stream, then the receiver
 /// answers with its received map and the records continue.
@@ -29,8 +41,6 @@ pub const RESUME_MAGIC: [u8; 8] = *b"RBRESUME";
 /// destination's [`ResumeToken`] (version 1 carried none, and a reader of
 /// it would take the token for the block table; it refuses version 2).
 pub const RESUME_VERSION: u16 = 2;
-/// Most bytes of VMM device state a `Postcopy` record carries.
-pub const MAX_DEVICE_STATE: u32 = 64 << 10;
 /// The default bound on all `Section` records of one stream together,
 /// headers included (`MigrationHost::device_state_limit` on the source,
 /// `Receiver::with_device_state` on the destination): a VMM's device state
@@ -132,13 +142,14 @@ pub enum Record {
         /// Pages (any number within the block).
         count: u32,
     },
-    /// Post-copy starts: the source guest is paused for good, `state_len`
-    /// bytes of VMM device state follow (at most [`MAX_DEVICE_STATE`]), and
-    /// the destination runs the guest, asking for missing pages with
-    /// [`PageRequest`]s on the return path.
+    /// Post-copy starts: the source guest is paused for good, `sections`
+    /// device-state sections follow, each as in a [`Record::Section`] (an
+    /// encoded [`SectionHeader`](crate::section::SectionHeader), then its
+    /// bytes), and the destination runs the guest, asking for missing
+    /// pages with [`PageRequest`]s on the return path.
     Postcopy {
-        /// Bytes of device state that follow.
-        state_len: u32,
+        /// Device-state sections that follow.
+        sections: u32,
     },
     /// Pre-copy switch-over, after the final pass and before `End`: an
     /// encoded [`SectionHeader`](crate::section::SectionHeader)
@@ -170,6 +181,18 @@ pub enum ReturnMessage {
     /// The receive ended: `Ok` after verified checksums, or the refusal's
     /// error code.
     Ack(Result<(), u32>),
+    /// The receive ended with the VMM's refusal of a device-state section
+    /// (`ReceiveError::SectionRefused`): which one and the VMM's code.
+    SectionRefused {
+        /// The section's position in the stream, from 0.
+        index: u32,
+        /// The VMM's own code.
+        code: u32,
+    },
+    /// Pre-copy handover, after a good [`ReturnMessage::Ack`]: `Ok` once
+    /// the destination's vCPUs run, or the VMM's code when it could not
+    /// start them.
+    Handover(Result<(), u32>),
 }
 
 impl PageRequest {
@@ -204,6 +227,17 @@ impl ReturnMessage {
                 _ => return Ok(Err(ACK_OK)),
             },
             ACK_ERR => ReturnMessage::Ack(Err(read_u32(r)?)),
+            ACK_SECTION => ReturnMessage::SectionRefused {
+                index: read_u32(r)?,
+                code: read_u32(r)?,
+            },
+            // "Running" carries a zero code, like "OK"; "not running" the
+            // VMM's (zero included: it is still no success).
+            RUNNING => match read_u32(r)? {
+                0 => ReturnMessage::Handover(Ok(())),
+                _ => return Ok(Err(RUNNING)),
+            },
+            NOT_RUNNING => ReturnMessage::Handover(Err(read_u32(r)?)),
             other => return Ok(Err(other)),
         }))
     }
@@ -388,9 +422,9 @@ impl Record {
                 b[5..13].copy_from_slice(&first.to_le_bytes());
                 b[13..17].copy_from_slice(&count.to_le_bytes());
             }
-            Record::Postcopy { state_len } => {
+            Record::Postcopy { sections } => {
                 b[0] = tag::POSTCOPY;
-                b[1..5].copy_from_slice(&state_len.to_le_bytes());
+                b[1..5].copy_from_slice(&sections.to_le_bytes());
             }
             Record::Section => b[0] = tag::SECTION,
         }
@@ -434,7 +468,7 @@ impl Record {
                 count: read_u32(r)?,
             },
             tag::POSTCOPY => Record::Postcopy {
-                state_len: read_u32(r)?,
+                sections: read_u32(r)?,
             },
             tag::SECTION => Record::Section,
             other => return Ok(Err(other)),
@@ -476,7 +510,7 @@ mod tests {
                 first: 9,
                 count: 1 << 20,
             },
-            Record::Postcopy { state_len: 300 },
+            Record::Postcopy { sections: 300 },
             Record::Section,
         ];
         let mut out = Vec::new();
@@ -522,7 +556,9 @@ mod tests {
             count: 512,
         };
         req.write(&mut back).unwrap();
-        back.extend_from_slice(b"RBER\x05\0\0\0RBOK\0\0\0\0RBOK\x01\0\0\0XXXX");
+        back.extend_from_slice(b"RBER\x05\0\0\0RBOK\0\0\0\0RBSR\x02\0\0\0\x07\0\0\0");
+        back.extend_from_slice(b"RBRN\0\0\0\0RBNR\x09\0\0\0RBRN\x01\0\0\0");
+        back.extend_from_slice(b"RBOK\x01\0\0\0XXXX");
         let mut r = SliceReader::new(&back);
         assert_eq!(
             ReturnMessage::read(&mut r).unwrap(),
@@ -536,6 +572,20 @@ mod tests {
             ReturnMessage::read(&mut r).unwrap(),
             Ok(ReturnMessage::Ack(Ok(())))
         );
+        assert_eq!(
+            ReturnMessage::read(&mut r).unwrap(),
+            Ok(ReturnMessage::SectionRefused { index: 2, code: 7 })
+        );
+        assert_eq!(
+            ReturnMessage::read(&mut r).unwrap(),
+            Ok(ReturnMessage::Handover(Ok(())))
+        );
+        assert_eq!(
+            ReturnMessage::read(&mut r).unwrap(),
+            Ok(ReturnMessage::Handover(Err(9)))
+        );
+        // "Running" with a code is no success either.
+        assert_eq!(ReturnMessage::read(&mut r).unwrap(), Err(*b"RBRN"));
         // "OK" with a code is no success.
         assert_eq!(ReturnMessage::read(&mut r).unwrap(), Err(*b"RBOK"));
         assert_eq!(ReturnMessage::read(&mut r).unwrap(), Err(*b"XXXX"));

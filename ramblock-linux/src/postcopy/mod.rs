@@ -14,8 +14,8 @@
 //! 3. starts a fault thread, which reads each fault, asks the source for
 //!    the host page holding it with a [`PageRequest`] on the return path (once per page, however many vCPUs wait on it), and
 //!    times the wait ([`FaultLatency`]);
-//! 4. calls the VMM's [`StartGuest`] hook with the source's device state,
-//!    which starts the vCPUs; what the hook returns (a guest handle) is
+//! 4. calls the VMM's [`StartGuest`] hook, which starts the vCPUs from
+//!    the device state its section sink took from the `Postcopy` record; what the hook returns (a guest handle) is
 //!    handed back by [`PostcopyDestination::finish`].
 //!
 //! Pages placed ([`PostcopyTarget::place`]) wake the vCPUs waiting on
@@ -57,8 +57,8 @@
 //!
 //! let (conn, _) = TcpListener::bind("127.0.0.1:4444")?.accept()?;
 //! let ret = Arc::new(Mutex::new(conn.try_clone()?));
-//! // The VMM's own: load the vCPU state and run the vCPUs.
-//! let start: StartGuest<()> = Box::new(|_device_state: &[u8]| Ok(()));
+//! // The VMM's own: run the vCPUs from the state its section sink loaded.
+//! let start: StartGuest<()> = Box::new(|| Ok(()));
 //! let mut target = PostcopyDestination::new(ram, ret.clone(), start)?;
 //! let mut bounce = vec![0u8; BOUNCE_BYTES];
 //! let mut receiver = Receiver::new(&mut bounce)?;
@@ -103,11 +103,12 @@ use std::time::Duration;
 /// acknowledgement). A resume replaces the connection inside.
 pub type ReturnPath<W> = Arc<Mutex<W>>;
 
-/// The VMM's hook that starts the guest from the source's device state
-/// (the `Postcopy` record's payload) once post-copy has begun; it returns
-/// whatever handle the VMM keeps for the running guest.
+/// The VMM's hook that starts the guest once post-copy has begun, from the
+/// device state the `Postcopy` record carried (its sections went to the
+/// VMM's `SectionSink` just before); it returns whatever handle the VMM
+/// keeps for the running guest.
 pub type StartGuest<G> =
-    Box<dyn FnMut(&[u8]) -> Result<G, Box<dyn std::error::Error + Send + Sync>> + Send>;
+    Box<dyn FnMut() -> Result<G, Box<dyn std::error::Error + Send + Sync>> + Send>;
 
 /// How long the fault thread waits for a fault before it looks at its stop
 /// flag again.
@@ -293,7 +294,7 @@ where
         self.ret.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn start_postcopy(&mut self, state: &[u8], table: &[&str]) -> Result<(), PostcopyError> {
+    fn start_postcopy(&mut self, table: &[&str]) -> Result<(), PostcopyError> {
         if self.fault_thread.is_some() {
             return Err(PostcopyError::AlreadyStarted);
         }
@@ -354,7 +355,7 @@ where
                 .spawn(serve)
                 .map_err(PostcopyError::FaultThread)?,
         );
-        self.guest = Some((self.start_guest)(state).map_err(PostcopyError::StartGuest)?);
+        self.guest = Some((self.start_guest)().map_err(PostcopyError::StartGuest)?);
         Ok(())
     }
 
@@ -478,8 +479,8 @@ where
     // The core's receiver reports a target's errors as the memory's.
     type Error = Error;
 
-    fn start(&mut self, state: &[u8], table: &[&str]) -> Result<(), Error> {
-        Ok(self.start_postcopy(state, table)?)
+    fn start(&mut self, table: &[&str]) -> Result<(), Error> {
+        Ok(self.start_postcopy(table)?)
     }
 
     // UffdBlock speaks the kernel's u64 offsets; the ByteLen is unwrapped

@@ -1,4 +1,5 @@
-//! [`Conn`]: one admitted migration connection, plain TCP or TLS, with
+//! [`Conn`]: one admitted migration connection, plain TCP, a UNIX stream
+//! socket (two processes on one host) or TLS, with
 //! the engine's byte traits on top ([`ConnReader`], [`ConnWriter`]).
 //!
 //! The listener reads a peer's first bytes to decide whether it is the
@@ -12,6 +13,8 @@ use ramblock_core::stream::io::IoStream;
 use ramblock_core::stream::io::{ByteRead, ByteWrite, ReadError};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 #[cfg(feature = "tls")]
@@ -21,6 +24,7 @@ use super::tls::TlsStream;
 #[derive(Debug)]
 enum Kind {
     Plain(TcpStream),
+    Unix(UnixStream),
     #[cfg(feature = "tls")]
     Tls(TlsStream),
 }
@@ -43,6 +47,14 @@ impl Conn {
         }
     }
 
+    /// A connection over a UNIX stream socket (two processes on one host).
+    pub fn unix(stream: UnixStream) -> Conn {
+        Conn {
+            kind: Kind::Unix(stream),
+            prefix: Vec::new(),
+        }
+    }
+
     #[cfg(feature = "tls")]
     pub(crate) fn tls(stream: TlsStream) -> Conn {
         Conn {
@@ -61,6 +73,7 @@ impl Conn {
     pub fn try_clone(&self) -> io::Result<Conn> {
         let kind = match &self.kind {
             Kind::Plain(s) => Kind::Plain(s.try_clone()?),
+            Kind::Unix(s) => Kind::Unix(s.try_clone()?),
             #[cfg(feature = "tls")]
             Kind::Tls(s) => Kind::Tls(s.try_clone()),
         };
@@ -70,26 +83,42 @@ impl Conn {
         })
     }
 
-    /// The TCP socket underneath, for socket options (buffer sizes,
-    /// `TCP_NODELAY`).
-    pub fn tcp(&self) -> &TcpStream {
+    /// The TCP socket underneath (`None` over a UNIX socket).
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match &self.kind {
-            Kind::Plain(s) => s,
+            Kind::Plain(s) => Some(s),
+            Kind::Unix(_) => None,
             #[cfg(feature = "tls")]
-            Kind::Tls(s) => s.tcp(),
+            Kind::Tls(s) => Some(s.tcp()),
         }
+    }
+
+    /// The socket underneath, TCP or UNIX, for socket options (buffer
+    /// sizes).
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        match &self.kind {
+            Kind::Plain(s) => s.as_fd(),
+            Kind::Unix(s) => s.as_fd(),
+            #[cfg(feature = "tls")]
+            Kind::Tls(s) => s.tcp().as_fd(),
+        }
+    }
+
+    /// Turns Nagle's delay off on TCP (a UNIX socket has none).
+    pub fn set_nodelay(&self) -> io::Result<()> {
+        self.tcp().map_or(Ok(()), |t| t.set_nodelay(true))
     }
 
     /// Whether the connection is TLS.
     pub fn is_tls(&self) -> bool {
-        !matches!(self.kind, Kind::Plain(_))
+        !matches!(self.kind, Kind::Plain(_) | Kind::Unix(_))
     }
 
     /// The peer's end-entity certificate (DER) on a TLS connection: the
     /// identity a resume must present again.
     pub fn peer_certificate(&self) -> Option<&[u8]> {
         match &self.kind {
-            Kind::Plain(_) => None,
+            Kind::Plain(_) | Kind::Unix(_) => None,
             #[cfg(feature = "tls")]
             Kind::Tls(s) => s.peer_certificate(),
         }
@@ -99,19 +128,25 @@ impl Conn {
     #[cfg(feature = "tls")]
     pub fn tls_negotiated(&self) -> Option<(rustls::ProtocolVersion, rustls::CipherSuite)> {
         match &self.kind {
-            Kind::Plain(_) => None,
+            Kind::Plain(_) | Kind::Unix(_) => None,
             Kind::Tls(s) => s.negotiated(),
         }
     }
 
     /// Shuts both directions down (every clone sees it).
     pub fn shutdown(&self) {
-        let _ = self.tcp().shutdown(Shutdown::Both);
+        let _ = match &self.kind {
+            Kind::Unix(s) => s.shutdown(Shutdown::Both),
+            _ => self.tcp().map_or(Ok(()), |t| t.shutdown(Shutdown::Both)),
+        };
     }
 
     /// Sets the socket's read timeout (every clone shares it).
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.tcp().set_read_timeout(timeout)
+        match &self.kind {
+            Kind::Unix(s) => s.set_read_timeout(timeout),
+            _ => self.tcp().map_or(Ok(()), |t| t.set_read_timeout(timeout)),
+        }
     }
 
     /// A reader of the stream for the receiver: pages are read straight
@@ -121,6 +156,7 @@ impl Conn {
         let prefix = std::mem::take(&mut self.prefix);
         let inner = match &self.kind {
             Kind::Plain(s) => Inner::Plain(FdReader::new(s.try_clone()?)),
+            Kind::Unix(s) => Inner::Unix(FdReader::new(s.try_clone()?)),
             #[cfg(feature = "tls")]
             Kind::Tls(s) => Inner::Tls(IoStream(s.try_clone())),
         };
@@ -133,6 +169,7 @@ impl Conn {
     pub fn writer(&self) -> io::Result<ConnWriter> {
         Ok(match &self.kind {
             Kind::Plain(s) => ConnWriter::Plain(FdWriter::new(s.try_clone()?)),
+            Kind::Unix(s) => ConnWriter::Unix(FdWriter::new(s.try_clone()?)),
             #[cfg(feature = "tls")]
             Kind::Tls(s) => ConnWriter::Tls(s.try_clone(), Vec::new()),
         })
@@ -149,6 +186,7 @@ impl Read for Conn {
         }
         match &mut self.kind {
             Kind::Plain(s) => s.read(buf),
+            Kind::Unix(s) => s.read(buf),
             #[cfg(feature = "tls")]
             Kind::Tls(s) => s.read(buf),
         }
@@ -159,6 +197,7 @@ impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match &mut self.kind {
             Kind::Plain(s) => s.write(buf),
+            Kind::Unix(s) => s.write(buf),
             #[cfg(feature = "tls")]
             Kind::Tls(s) => s.write(buf),
         }
@@ -166,6 +205,7 @@ impl Write for Conn {
     fn flush(&mut self) -> io::Result<()> {
         match &mut self.kind {
             Kind::Plain(s) => s.flush(),
+            Kind::Unix(s) => s.flush(),
             #[cfg(feature = "tls")]
             Kind::Tls(s) => s.flush(),
         }
@@ -175,6 +215,7 @@ impl Write for Conn {
 #[derive(Debug)]
 enum Inner {
     Plain(FdReader<TcpStream>),
+    Unix(FdReader<UnixStream>),
     #[cfg(feature = "tls")]
     Tls(IoStream<TlsStream>),
 }
@@ -199,6 +240,7 @@ impl ByteRead for ConnReader {
         }
         match &mut self.inner {
             Inner::Plain(r) => r.read_exact(rest),
+            Inner::Unix(r) => r.read_exact(rest),
             #[cfg(feature = "tls")]
             Inner::Tls(r) => r.read_exact(rest),
         }
@@ -211,6 +253,7 @@ impl ByteRead for ConnReader {
         }
         match &mut self.inner {
             Inner::Plain(r) => r.read_ready_into(region),
+            Inner::Unix(r) => r.read_ready_into(region),
             #[cfg(feature = "tls")]
             Inner::Tls(_) => Ok(false),
         }
@@ -222,6 +265,8 @@ impl ByteRead for ConnReader {
 pub enum ConnWriter {
     /// Plain TCP: headers queued, page runs written from guest memory.
     Plain(FdWriter<TcpStream>),
+    /// A UNIX stream socket, likewise.
+    Unix(FdWriter<UnixStream>),
     /// TLS, with the buffer a page run is copied into for encryption.
     #[cfg(feature = "tls")]
     Tls(TlsStream, Vec<u8>),
@@ -233,6 +278,7 @@ impl ByteWrite for ConnWriter {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         match self {
             ConnWriter::Plain(w) => w.write_all(buf),
+            ConnWriter::Unix(w) => w.write_all(buf),
             #[cfg(feature = "tls")]
             ConnWriter::Tls(s, _) => s.send(buf),
         }
@@ -241,6 +287,7 @@ impl ByteWrite for ConnWriter {
     fn write_region(&mut self, region: &HostRegion<'_>) -> io::Result<()> {
         match self {
             ConnWriter::Plain(w) => w.write_region(region),
+            ConnWriter::Unix(w) => w.write_region(region),
             #[cfg(feature = "tls")]
             ConnWriter::Tls(s, stage) => {
                 // Guest memory is never borrowed as a slice (the guest may
@@ -258,6 +305,7 @@ impl ByteWrite for ConnWriter {
     fn flush(&mut self) -> io::Result<()> {
         match self {
             ConnWriter::Plain(w) => ByteWrite::flush(w),
+            ConnWriter::Unix(w) => ByteWrite::flush(w),
             #[cfg(feature = "tls")]
             ConnWriter::Tls(..) => Ok(()),
         }

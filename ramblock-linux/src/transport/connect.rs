@@ -19,8 +19,8 @@ pub struct Connector {
 }
 
 impl Connector {
-    /// Connects to `addr` (`HOST:PORT`), retrying for 10 s; a TLS
-    /// handshake gets 10 s.
+    /// Connects to `addr` (`HOST:PORT`, or `unix:PATH` for a UNIX stream
+    /// socket), retrying for 10 s; a TLS handshake gets 10 s.
     pub fn new(addr: impl Into<String>) -> Connector {
         Connector {
             addr: addr.into(),
@@ -70,6 +70,31 @@ impl Connector {
     /// Connects (and authenticates, with TLS).
     pub fn connect(&self) -> Result<Conn, TransportError> {
         let deadline = Instant::now() + self.retry_for;
+        if let Some(path) = self.addr.strip_prefix("unix:") {
+            #[cfg(feature = "tls")]
+            if self.tls.is_some() {
+                return Err(TransportError::Connect {
+                    addr: self.addr.clone(),
+                    source: std::io::Error::other(
+                        "TLS runs over TCP only; a UNIX socket stays on this host, so drop the TLS options",
+                    ),
+                });
+            }
+            return loop {
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(s) => break Ok(Conn::unix(s)),
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    Err(source) => {
+                        break Err(TransportError::Connect {
+                            addr: self.addr.clone(),
+                            source,
+                        })
+                    }
+                }
+            };
+        }
         let stream = loop {
             match TcpStream::connect(&self.addr) {
                 Ok(s) => break s,

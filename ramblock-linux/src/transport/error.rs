@@ -3,7 +3,6 @@
 //! transport itself ([`TransportError`]).
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -96,8 +95,8 @@ pub enum Refusal {
 /// A peer a listener dropped, as its log hook sees it.
 #[derive(Debug)]
 pub struct PeerRefused {
-    /// Where it came from.
-    pub peer: SocketAddr,
+    /// Where it came from (`HOST:PORT`, or `unix peer` on a UNIX socket).
+    pub peer: String,
     /// Why it was dropped.
     pub refusal: Refusal,
 }

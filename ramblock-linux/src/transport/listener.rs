@@ -10,6 +10,7 @@ use ramblock_core::stream::resume_token::ResumeToken;
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,9 +59,25 @@ impl ResumeProof {
     }
 }
 
+/// What a [`Listener`] listens on.
+#[derive(Debug)]
+enum Socket {
+    Tcp(TcpListener),
+    /// A UNIX stream socket, and its path (removed on drop).
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        if let Socket::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// A destination's listening socket (see the [module](super)).
 pub struct Listener {
-    tcp: TcpListener,
+    tcp: Socket,
     timeouts: Timeouts,
     #[cfg(feature = "tls")]
     tls: Option<TlsConfig>,
@@ -81,8 +98,29 @@ impl fmt::Debug for Listener {
 const POLL: Duration = Duration::from_millis(10);
 
 impl Listener {
-    /// Listens on `addr` (`HOST:PORT`).
+    /// Listens on `addr` (`HOST:PORT`, or `unix:PATH` for a UNIX stream
+    /// socket: a socket file left at `PATH` by an earlier run is replaced,
+    /// any other file is an error).
     pub fn bind(addr: &str) -> Result<Listener, TransportError> {
+        if let Some(path) = addr.strip_prefix("unix:") {
+            let stale = std::fs::symlink_metadata(path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+            if stale {
+                let _ = std::fs::remove_file(path);
+            }
+            return UnixListener::bind(path)
+                .map(|unix| Listener {
+                    tcp: Socket::Unix(unix, path.into()),
+                    timeouts: Timeouts::default(),
+                    #[cfg(feature = "tls")]
+                    tls: None,
+                    log: Arc::new(|_| {}),
+                })
+                .map_err(|source| TransportError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                });
+        }
         TcpListener::bind(addr)
             .map(Listener::from_tcp)
             .map_err(|source| TransportError::Bind {
@@ -95,7 +133,7 @@ impl Listener {
     /// TLS and a log hook that drops the lines.
     pub fn from_tcp(tcp: TcpListener) -> Listener {
         Listener {
-            tcp,
+            tcp: Socket::Tcp(tcp),
             timeouts: Timeouts::default(),
             #[cfg(feature = "tls")]
             tls: None,
@@ -131,9 +169,16 @@ impl Listener {
         false
     }
 
-    /// The address it listens on.
+    /// The address it listens on (an error for a UNIX socket, which has
+    /// a path instead).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp.local_addr()
+        match &self.tcp {
+            Socket::Tcp(t) => t.local_addr(),
+            Socket::Unix(_, path) => Err(io::Error::other(format!(
+                "a UNIX socket listener ({}) has no IP address",
+                path.display()
+            ))),
+        }
     }
 
     /// The timeouts in force.
@@ -169,11 +214,21 @@ impl Listener {
         deadline: Option<Instant>,
         within: Option<Duration>,
     ) -> Result<Conn, TransportError> {
-        self.tcp
-            .set_nonblocking(deadline.is_some())
-            .map_err(TransportError::Accept)?;
+        match &self.tcp {
+            Socket::Tcp(t) => t.set_nonblocking(deadline.is_some()),
+            Socket::Unix(u, _) => u.set_nonblocking(deadline.is_some()),
+        }
+        .map_err(TransportError::Accept)?;
         loop {
-            let (stream, peer) = match self.tcp.accept() {
+            let accepted = match &self.tcp {
+                Socket::Tcp(t) => t
+                    .accept()
+                    .map(|(s, peer)| (Stream::Tcp(s), peer.to_string())),
+                Socket::Unix(u, _) => u
+                    .accept()
+                    .map(|(s, _)| (Stream::Unix(s), "unix peer".to_string())),
+            };
+            let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     match deadline {
@@ -203,10 +258,26 @@ impl Listener {
 
     fn admit(
         &self,
-        stream: TcpStream,
+        stream: Stream,
         expect: &Expect<'_>,
         deadline: Instant,
     ) -> Result<Conn, Refusal> {
+        let stream = match stream {
+            Stream::Tcp(s) => s,
+            Stream::Unix(s) => {
+                if self.requires_tls() {
+                    return Err(Refusal::Io(io::Error::other(
+                        "TLS runs over TCP only; a UNIX socket listener cannot require it",
+                    )));
+                }
+                s.set_nonblocking(false).map_err(Refusal::Io)?;
+                let mut conn = Conn::unix(s);
+                admit(&mut conn, expect, deadline, self.timeouts.handshake)?;
+                conn.set_read_timeout(self.timeouts.read)
+                    .map_err(Refusal::Io)?;
+                return Ok(conn);
+            }
+        };
         stream.set_nonblocking(false).map_err(Refusal::Io)?;
         let _ = stream.set_nodelay(true);
         #[cfg(feature = "tls")]
@@ -221,6 +292,12 @@ impl Listener {
             .map_err(Refusal::Io)?;
         Ok(conn)
     }
+}
+
+/// An accepted socket.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
 }
 
 /// Errors of `accept(2)` that concern one peer, not the listener.

@@ -12,10 +12,15 @@
 //! post-copy started ([`ResumeProof`]; `docs/stream-format.md`), and over
 //! TLS the same certificate as the original source, takes over.
 //!
+//! Addresses are `HOST:PORT` (TCP) or `unix:PATH`: a UNIX stream socket
+//! for two processes on one host, admitted the same way (TLS is TCP only;
+//! a local update that passes guest RAM's fds instead of its pages is
+//! [`crate::local_update`]).
+//!
 //! A source connects with a [`Connector`]. Both give a [`Conn`], which
 //! hands the engine the core's byte traits: [`ConnReader`] and
-//! [`ConnWriter`] (plain TCP moves pages between guest memory and the
-//! kernel in place, see [`crate::fd_stream`]).
+//! [`ConnWriter`] (plain TCP and UNIX sockets move pages between guest
+//! memory and the kernel in place, see [`crate::fd_stream`]).
 //!
 //! With the `tls` feature, `tls::TlsConfig` adds mutual TLS 1.3
 //! (rustls, AES-GCM): each side presents a certificate and checks the

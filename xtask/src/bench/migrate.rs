@@ -14,6 +14,7 @@
 
 pub(super) mod image;
 pub(super) mod link;
+pub(super) mod local;
 pub(super) mod qemu;
 pub(super) mod qmp;
 mod ramblock;

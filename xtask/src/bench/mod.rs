@@ -27,6 +27,14 @@ const USAGE: &str = "usage: bench [--report-only] [-p CRATE | CRATE] [FILTER]";
 /// Without a crate every workspace crate is benched; a filter is handed to
 /// criterion (a substring of the benchmark id).
 pub fn run(args: &[String]) -> Result<ExitCode, Error> {
+    if args.first().is_some_and(|a| a == "migrate") && args.iter().any(|a| a == "--local") {
+        return Ok(task(
+            "migrate --local",
+            &args[1..],
+            migrate::local::parse,
+            migrate::local::bench,
+        ));
+    }
     if args.first().is_some_and(|a| a == "migrate") {
         return Ok(task("migrate", &args[1..], migrate::parse, migrate::bench));
     }

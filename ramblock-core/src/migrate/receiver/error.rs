@@ -5,7 +5,7 @@
 use crate::addr::TARGET_PAGE_SHIFT;
 use crate::name::BlockName;
 use crate::section::{SectionError, SectionName};
-use crate::stream::format::{MAX_DEVICE_STATE, MAX_RUN_PAGES, VERSION};
+use crate::stream::format::{MAX_RUN_PAGES, VERSION};
 use crate::stream::io::ReadError;
 use core::fmt;
 
@@ -112,8 +112,6 @@ pub enum ReceiveError<E, H> {
     /// The source started post-copy, but this destination was not set up
     /// for it ([`Receiver::receive_postcopy`](super::Receiver::receive_postcopy)).
     PostcopyUnsupported,
-    /// A `Postcopy` record announces more device state than allowed.
-    DeviceStateTooLarge(u32),
     /// A post-copy record reaches past the block's post-copy length.
     PastPostcopyLength {
         /// The block.
@@ -174,6 +172,9 @@ pub enum ReceiveError<E, H> {
     SectionsUnsupported,
     /// The VMM refused a section (unknown device, bad version, bad bytes).
     SectionRefused {
+        /// The section's position among the stream's sections, from 0
+        /// (the source names the section by it).
+        index: u32,
         /// The section.
         name: SectionName,
         /// Its instance id.
@@ -248,7 +249,6 @@ impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
             Host(e) => write!(f, "destination memory failed: {e}"),
             OutOfPlace { record, why } => write!(f, "unexpected {record} record: {why}"),
             PostcopyUnsupported => f.write_str("the source started post-copy, which this destination was not set up for"),
-            DeviceStateTooLarge(n) => write!(f, "the post-copy record carries {n} bytes of device state, more than {MAX_DEVICE_STATE}"),
             PastPostcopyLength { name, first, count, postcopy_pages } => write!(
                 f,
                 "post-copy record for pages {first}..+{count} of block {name:?} reaches past its post-copy length of {postcopy_pages} pages"
@@ -266,7 +266,7 @@ impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
             BadSection(e) => write!(f, "malformed device-state section: {e}"),
             DeviceStateOverLimit { total, limit } => write!(f, "device-state sections reach {total} bytes, over this destination's limit of {limit}"),
             SectionsUnsupported => f.write_str("the source sent device state, but this destination cannot load any"),
-            SectionRefused { name, instance_id, code } => write!(f, "the VMM refused device-state section {name:?} instance {instance_id} (its code {code})"),
+            SectionRefused { index, name, instance_id, code } => write!(f, "the VMM refused device-state section {index} ({name:?} instance {instance_id}, its code {code})"),
             ResumeTableMismatch { index, what } => write!(
                 f,
                 "the resumed stream's block table differs from the original at entry {index} ({what}); a resumed stream must repeat it exactly"
@@ -314,7 +314,9 @@ impl<E, H> ReceiveError<E, H> {
             Host(_) => 22,
             OutOfPlace { .. } => 23,
             PostcopyUnsupported => 24,
-            DeviceStateTooLarge(_) => 25,
+            // 25 was a Postcopy record's opaque device state over its
+            // bound: the record carries sections now (31-34), and the code
+            // is not reused.
             PastPostcopyLength { .. } => 26,
             NotWholeHostPages { .. } => 27,
             HugepageBufferTooSmall { .. } => 28,

@@ -15,11 +15,13 @@
 //! through a [`PostcopyTarget`] ([`placement`]).
 
 pub mod error;
+pub mod handover;
 pub mod placement;
 mod resume;
 pub mod sections;
 
 pub use error::ReceiveError;
+pub use handover::{acknowledge, send_ack, Handover};
 pub use placement::PostcopyTarget;
 pub use sections::SectionSink;
 
@@ -33,10 +35,10 @@ use crate::list::{RamList, ResizeError};
 use crate::name::BlockName;
 use crate::region::{HostRegion, RegionError};
 use crate::stream::format::{
-    read_u64, Header, Record, TableEntry, ACK_ERR, ACK_OK, DEFAULT_DEVICE_STATE_LIMIT,
-    MAX_DEVICE_STATE, MAX_RUN_PAGES, RESUME_VERSION, VERSION,
+    read_u64, Header, Record, TableEntry, DEFAULT_DEVICE_STATE_LIMIT, MAX_RUN_PAGES,
+    RESUME_VERSION, VERSION,
 };
-use crate::stream::io::{ByteRead, ByteWrite};
+use crate::stream::io::ByteRead;
 use crate::stream::resume_token::ResumeToken;
 use core::fmt;
 use placement::Assembly;
@@ -57,6 +59,9 @@ pub struct ReceiveSummary {
     pub passes: u32,
     /// Blocks verified by checksum.
     pub blocks: u32,
+    /// The guest started here at the `Postcopy` record: no handover
+    /// follows the acknowledgement ([`acknowledge`]).
+    pub postcopy: bool,
 }
 
 /// Progress the receiver reports while it runs.
@@ -114,6 +119,8 @@ pub struct Receiver<'b> {
     /// zero once a section arrived, after which only sections and `End`
     /// may follow.
     state_bytes: u64,
+    /// Sections of the receive in progress so far (the next one's index).
+    state_sections: u32,
 }
 
 impl fmt::Debug for dyn SectionSink + '_ {
@@ -172,6 +179,7 @@ impl<'b> Receiver<'b> {
             sections: None,
             state_limit: DEFAULT_DEVICE_STATE_LIMIT,
             state_bytes: 0,
+            state_sections: 0,
         })
     }
 
@@ -295,6 +303,7 @@ impl<'b> Receiver<'b> {
         } else {
             self.summary = ReceiveSummary::default();
             self.state_bytes = 0;
+            self.state_sections = 0;
             self.original
                 .remember(table.iter().map(|s| (s.addr, s.entry)));
         }
@@ -312,7 +321,9 @@ impl<'b> Receiver<'b> {
         let mut discarding = false;
         loop {
             let record = Record::read(&mut *session.r)?.map_err(ReceiveError::UnknownRecord)?;
-            if session.rx.state_bytes > 0 && !matches!(record, Record::Section | Record::End { .. })
+            if !session.rx.postcopy
+                && session.rx.state_bytes > 0
+                && !matches!(record, Record::Section | Record::End { .. })
             {
                 return Err(ReceiveError::OutOfPlace {
                     record: "RAM or post-copy",
@@ -345,7 +356,7 @@ impl<'b> Receiver<'b> {
                     first,
                     count,
                 } => session.on_discard(block, first, count)?,
-                Record::Postcopy { state_len } => session.on_postcopy(state_len)?,
+                Record::Postcopy { sections } => session.on_postcopy(sections)?,
                 Record::Section => session.on_section()?,
                 Record::End { count } => return session.on_end(count),
             }
@@ -924,21 +935,25 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
         Ok(())
     }
 
-    /// `Postcopy`: the guest moves here. Reads the device state, checks
-    /// that every hugepage block can be assembled, and starts the guest
-    /// through the target.
-    fn on_postcopy(&mut self, state_len: u32) -> Result2<(), R, M> {
+    /// `Postcopy`: the guest moves here. Hands its device-state sections
+    /// to the VMM's sink (as pre-copy's `Section` records go), checks that
+    /// every hugepage block can be assembled, and starts the guest through
+    /// the target.
+    fn on_postcopy(&mut self, sections: u32) -> Result2<(), R, M> {
         if self.rx.postcopy {
             return Err(ReceiveError::OutOfPlace {
                 record: "post-copy",
                 why: "post-copy has started already",
             });
         }
-        if state_len > MAX_DEVICE_STATE {
-            return Err(ReceiveError::DeviceStateTooLarge(state_len));
+        if self.target.is_none() {
+            return Err(ReceiveError::PostcopyUnsupported);
         }
-        let state = &mut self.rx.bounce[..state_len as usize];
-        self.r.read_exact(state)?;
+        // Bounded by the device-state limit: each section, empty or not,
+        // counts its header against it.
+        for _ in 0..sections {
+            self.read_section()?;
+        }
         let target = self
             .target
             .as_deref_mut()
@@ -957,8 +972,9 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
             });
         }
         let names: heapless::Vec<&str, N> = self.table.iter().map(|s| s.name.as_str()).collect();
-        target.start(state, &names).map_err(ReceiveError::Host)?;
+        target.start(&names).map_err(ReceiveError::Host)?;
         self.rx.postcopy = true;
+        self.rx.summary.postcopy = true;
         (self.events)(ReceiveEvent::PostcopyStarted);
         Ok(())
     }
@@ -991,22 +1007,4 @@ fn record_name(record: &Record) -> &'static str {
         Record::Postcopy { .. } => "post-copy",
         Record::Section => "section",
     }
-}
-
-/// Tells the source how the receive ended: [`ACK_OK`], or [`ACK_ERR`] and
-/// the error's code.
-pub fn send_ack<W: ByteWrite, E, H>(
-    w: &mut W,
-    result: &Result<ReceiveSummary, ReceiveError<E, H>>,
-) -> Result<(), W::Error> {
-    let mut b = [0u8; 8];
-    match result {
-        Ok(_) => b[..4].copy_from_slice(&ACK_OK),
-        Err(e) => {
-            b[..4].copy_from_slice(&ACK_ERR);
-            b[4..].copy_from_slice(&e.code().to_le_bytes());
-        }
-    }
-    w.write_all(&b)?;
-    w.flush()
 }

@@ -20,11 +20,13 @@ pub trait PostcopyTarget {
     type Error;
 
     /// The source switched to post-copy: the discarded pages are dropped
-    /// and marked missing. Register every block for missing-page faults and
-    /// start the guest from the VMM's device `state`. `table` names the
-    /// blocks in the stream's table order, which is what a
-    /// [`PageRequest`](crate::stream::format::PageRequest)'s block index refers to.
-    fn start(&mut self, state: &[u8], table: &[&str]) -> Result<(), Self::Error>;
+    /// and marked missing, and the record's device-state sections went to
+    /// the VMM's [`SectionSink`](super::SectionSink). Register every block
+    /// for missing-page faults and start the guest from that state.
+    /// `table` names the blocks in the stream's table order, which is what
+    /// a [`PageRequest`](crate::stream::format::PageRequest)'s block index
+    /// refers to.
+    fn start(&mut self, table: &[&str]) -> Result<(), Self::Error>;
 
     /// Places `data` (whole host pages) at byte `offset` of `block`, all
     /// at once, waking any vCPU waiting on it. Pages already present stay

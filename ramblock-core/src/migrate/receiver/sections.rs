@@ -1,13 +1,16 @@
-//! Device state at a pre-copy switch-over: `Section` records, each a
+//! Device state: at a pre-copy switch-over `Section` records, each a
 //! [`SectionHeader`] and its bytes, handed to the VMM through a
-//! [`SectionSink`] after the final RAM pass and before `End`.
+//! [`SectionSink`] after the final RAM pass and before `End`; at a switch
+//! to post-copy the same sections inside the `Postcopy` record, through
+//! the same sink and bound, before the guest starts.
 //!
 //! The body is streamed to the sink in pieces of at most the bounce
 //! buffer's size, so the core allocates nothing whatever a section claims;
 //! all sections of one stream together, headers included, are bounded by
 //! the receiver's device-state limit. A refusal by the VMM is a
-//! [`ReceiveError::SectionRefused`], which reaches the source as the usual
-//! `RBER` acknowledgement: the source then resumes its guest.
+//! [`ReceiveError::SectionRefused`], which reaches the source as an `RBSR`
+//! acknowledgement naming the section by its position: the source then
+//! resumes its guest.
 
 use super::{ReceiveError, ReceiveEvent, Result2, Session};
 use crate::bitmap::Storage;
@@ -39,6 +42,12 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
                 why: "device state travels at a pre-copy switch-over, not after post-copy started",
             });
         }
+        self.read_section()
+    }
+
+    /// One section, as a `Section` record or inside the `Postcopy` record
+    /// carries it: the header, the bound, and the body to the sink.
+    pub(super) fn read_section(&mut self) -> Result2<(), R, M> {
         let mut raw = [0u8; SectionHeader::ENCODED_LEN];
         self.r.read_exact(&mut raw)?;
         let header = SectionHeader::decode(&raw).map_err(ReceiveError::BadSection)?;
@@ -59,7 +68,10 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
             .sections
             .as_deref_mut()
             .ok_or(ReceiveError::SectionsUnsupported)?;
+        let index = self.rx.state_sections;
+        self.rx.state_sections = index.saturating_add(1);
         let refused = |code| ReceiveError::SectionRefused {
+            index,
             name: header.name.clone(),
             instance_id: header.instance_id,
             code,

@@ -9,7 +9,7 @@ use crate::link::{set_receive_buffer, POSTCOPY_SOCKET_BUFFER, RESUME_TIMEOUT};
 use crate::memory::{ledger_for, GuestRam};
 use crate::workload::Guest;
 use ramblock_core::migrate::receiver::{
-    send_ack, ReceiveError, ReceiveSummary, Receiver, SectionSink, BOUNCE_BYTES,
+    acknowledge, ReceiveError, ReceiveSummary, Receiver, SectionSink, BOUNCE_BYTES,
 };
 use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::section::SectionHeader;
@@ -26,22 +26,25 @@ pub type StartGuest = Box<dyn FnMut(&[u8]) -> Result<Box<dyn Guest>, String> + S
 type Target = PostcopyDestination<&'static GuestRam, Conn, Box<dyn Guest>>;
 
 /// The library's destination over `ram`, answering on `ret`; `start` runs
-/// the guest once the source switches to post-copy.
+/// the guest once the source switches to post-copy, from the `cpu` section
+/// the `Postcopy` record carried (`cpu`, filled by the section sink).
 fn postcopy_target(
     ram: &'static GuestRam,
     ret: &Arc<Mutex<Conn>>,
     mut start: StartGuest,
+    cpu: Arc<Mutex<Vec<u8>>>,
 ) -> Result<Target, String> {
     let conn = ret
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .try_clone()
         .map_err(|e| format!("cannot clone the connection: {e}"))?;
-    let start = Box::new(move |state: &[u8]| {
+    let start = Box::new(move || {
         // Pages queue in the receive buffer too; a faulting vCPU waits
         // behind them.
-        set_receive_buffer(conn.tcp(), POSTCOPY_SOCKET_BUFFER);
-        start(state).map_err(Into::into)
+        set_receive_buffer(conn.socket(), POSTCOPY_SOCKET_BUFFER);
+        let state = std::mem::take(&mut *cpu.lock().unwrap_or_else(|e| e.into_inner()));
+        start(&state).map_err(Into::into)
     });
     PostcopyDestination::new(ram, ret.clone(), start).map_err(|e| e.to_string())
 }
@@ -57,7 +60,16 @@ pub struct Incoming {
     pub postcopy: Option<StartGuest>,
     /// Where to accept a resumed connection after a post-copy break.
     pub resume: Option<Arc<Listener>>,
+    /// Pre-copy: how to start the guest here from the shipped `cpu`
+    /// section before confirming the handover (without it, or without a
+    /// `cpu` section, the handover is confirmed at once: nothing to run).
+    pub precopy: Option<StartGuest>,
+    /// Testing: refuse the device-state section of this name.
+    pub refuse_section: Option<String>,
 }
+
+/// The handover's refusal code when the guest could not be started here.
+const CANNOT_START: u32 = 1;
 
 /// What a completed receive did.
 pub struct Received {
@@ -65,22 +77,25 @@ pub struct Received {
     pub summary: ReceiveSummary,
     /// Post-copy fault waits.
     pub latency: Option<LatencySummary>,
-    /// The guest started here by post-copy (running).
+    /// The guest started here (running): by post-copy at its switch, or
+    /// after a pre-copy from the `cpu` section, before the handover was
+    /// confirmed.
     pub guest: Option<Box<dyn Guest>>,
     /// Connections resumed after a break.
     pub resumes: u32,
-    /// The device-state sections of a pre-copy switch-over, in order.
-    pub sections: Vec<(SectionHeader, Vec<u8>)>,
 }
 
 /// This program's device-state sink: keeps every section (the one VMM
 /// device it has is the vCPU, started from its `cpu` section after the
-/// receive); refuses a name twice (code 1) or one it has no device for
-/// (code 2).
+/// receive); refuses a name twice (code 1), one it has no device for
+/// (code 2), or (testing) the one it was told to refuse (code 3).
 #[derive(Default)]
 struct Sections {
     done: Vec<(SectionHeader, Vec<u8>)>,
     partial: Vec<u8>,
+    refuse: Option<String>,
+    /// The `cpu` section's bytes too, for post-copy's start hook.
+    cpu: Arc<Mutex<Vec<u8>>>,
 }
 
 impl SectionSink for Sections {
@@ -90,12 +105,16 @@ impl SectionSink for Sections {
     }
     fn done(&mut self, header: &SectionHeader) -> Result<(), u32> {
         let bytes = std::mem::take(&mut self.partial);
+        if self.refuse.as_deref() == Some(header.name.as_str()) {
+            return Err(3);
+        }
         if header.name.as_str() != crate::source::CPU_SECTION || header.instance_id != 0 {
             return Err(2);
         }
         if self.done.iter().any(|(h, _)| h.name == header.name) {
             return Err(1);
         }
+        bytes.clone_into(&mut self.cpu.lock().unwrap_or_else(|e| e.into_inner()));
         self.done.push((header.clone(), bytes));
         Ok(())
     }
@@ -109,7 +128,12 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
     // The end checksums come from what was received, page by page, so
     // verifying them adds nothing to the downtime.
     let mut ledger = ledger_for(ram);
-    let mut sections = Sections::default();
+    let cpu = Arc::new(Mutex::new(Vec::new()));
+    let mut sections = Sections {
+        refuse: how.refuse_section.clone(),
+        cpu: cpu.clone(),
+        ..Sections::default()
+    };
     let mut receiver = Receiver::new(&mut bounce)
         .map_err(|e| e.to_string())?
         .with_ledger(&mut ledger)
@@ -118,14 +142,14 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
     if how.fresh {
         receiver = receiver.with_fresh_destination();
     }
-    let _ = stream.tcp().set_nodelay(true);
+    let _ = stream.set_nodelay();
     let ret = Arc::new(Mutex::new(
         stream
             .try_clone()
             .map_err(|e| format!("cannot clone the connection: {e}"))?,
     ));
     let mut target = match how.postcopy {
-        Some(start) => Some(postcopy_target(ram, &ret, start)?),
+        Some(start) => Some(postcopy_target(ram, &ret, start, cpu)?),
         None => None,
     };
     // A resume must come from the source this migration came from.
@@ -158,8 +182,8 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
                 conn = listener
                     .accept_resume(&proof, RESUME_TIMEOUT)
                     .map_err(|e| format!("post-copy: no resumed connection: {e}"))?;
-                let _ = conn.tcp().set_nodelay(true);
-                set_receive_buffer(conn.tcp(), POSTCOPY_SOCKET_BUFFER);
+                let _ = conn.set_nodelay();
+                set_receive_buffer(conn.socket(), POSTCOPY_SOCKET_BUFFER);
                 t.set_next_connection(
                     conn.try_clone()
                         .map_err(|e| format!("cannot clone the connection: {e}"))?,
@@ -169,9 +193,10 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
             _ => break result,
         }
     };
+    drop(receiver);
     let acked = {
         let mut ret = ret.lock().unwrap_or_else(|e| e.into_inner());
-        send_ack(&mut IoStream(&mut *ret), &result)
+        acknowledge(&mut IoStream(&mut *ret), &result)
     };
     if result.is_err() {
         conn.shutdown();
@@ -180,14 +205,45 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
     if let Some(Err(e)) = target.as_mut().map(Target::stop_faults) {
         eprintln!("post-copy: {e}");
     }
-    let guest = target.and_then(Target::finish);
+    let mut guest = target.and_then(Target::finish);
     let summary = result.map_err(|e| format!("destination refused the stream: {e}"))?;
-    acked.map_err(|e| format!("cannot acknowledge: {e}"))?;
+    let handover = acked.map_err(|e| format!("cannot acknowledge: {e}"))?;
+    if let Some(handover) = handover {
+        // Pre-copy: the source keeps its guest paused until this side
+        // says its own runs.
+        let cpu = sections
+            .done
+            .iter()
+            .find(|(h, _)| h.name.as_str() == crate::source::CPU_SECTION);
+        let started = match (how.precopy, cpu) {
+            (Some(mut start), Some((_, state))) => match start(state) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    let mut ret = ret.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = handover.refuse(&mut IoStream(&mut *ret), CANNOT_START);
+                    conn.shutdown();
+                    return Err(format!("cannot start the guest here: {e}"));
+                }
+            },
+            _ => None,
+        };
+        let confirmed = {
+            let mut ret = ret.lock().unwrap_or_else(|e| e.into_inner());
+            handover.confirm(&mut IoStream(&mut *ret))
+        };
+        if let Err(e) = confirmed {
+            // The source may resume its guest: this copy must not run on.
+            if let Some(mut g) = started {
+                g.stop();
+            }
+            return Err(format!("cannot confirm that the guest runs here: {e}"));
+        }
+        guest = started.or(guest);
+    }
     Ok(Received {
         summary,
         latency,
         guest,
         resumes,
-        sections: sections.done,
     })
 }

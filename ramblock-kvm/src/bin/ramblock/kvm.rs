@@ -11,6 +11,7 @@ use ramblock_kvm::dirty::KvmDirtyLog;
 use ramblock_kvm::guest::Workload as GuestWorkload;
 use ramblock_kvm::memslot::BlockRange;
 use ramblock_kvm::runner::VcpuRunner;
+use ramblock_kvm::vcpu::Vcpu;
 use ramblock_kvm::vcpu_state::VcpuState;
 use ramblock_kvm::vm::{Vm, VmBuilder};
 use ramblock_linux::transport::{Conn, Connector};
@@ -164,16 +165,60 @@ pub fn prepare_destination(ram: &'static GuestRam) -> Result<StartGuest, String>
         if state.is_empty() {
             return Ok(Box::new(KvmGuest { runner: None }) as Box<dyn Guest>);
         }
-        let state = VcpuState::from_bytes(state).map_err(|e| e.to_string())?;
-        let vcpu = vcpu
-            .take()
-            .ok_or("the destination guest was started already")?;
-        vcpu.restore(&state).map_err(|e| e.to_string())?;
-        let runner = VcpuRunner::spawn(vm.clone(), vcpu).map_err(|e| e.to_string())?;
-        Ok(Box::new(KvmGuest {
-            runner: Some(runner),
-        }) as Box<dyn Guest>)
+        resume_vcpu(&vm, &mut vcpu, state)
     }))
+}
+
+/// Starts the destination's one vCPU (`vcpu`, taken: a guest starts once)
+/// from the shipped `cpu` section's bytes.
+fn resume_vcpu(
+    vm: &Arc<Vm>,
+    vcpu: &mut Option<Vcpu>,
+    state: &[u8],
+) -> Result<Box<dyn Guest>, String> {
+    let state = VcpuState::from_bytes(state).map_err(|e| e.to_string())?;
+    let vcpu = vcpu
+        .take()
+        .ok_or("the destination guest was started already")?;
+    vcpu.restore(&state).map_err(|e| e.to_string())?;
+    let runner = VcpuRunner::spawn(vm.clone(), vcpu).map_err(|e| e.to_string())?;
+    Ok(Box::new(KvmGuest {
+        runner: Some(runner),
+    }))
+}
+
+/// A local update's destination VM over `ram` (the source's memory, mapped
+/// here): the memslot registered and, with `prefault`, KVM's mappings of
+/// every workload page built by a spare vCPU running on the guest's own
+/// page tables ([`GuestWorkload::prefault`]), while the source guest still
+/// runs. Returns how to start the guest and how long the prefault took.
+pub fn prepare_local(ram: &'static GuestRam, prefault: bool) -> Result<(StartGuest, u64), String> {
+    let vm = Arc::new(
+        VmBuilder::new()
+            .dirty_log(crate::DESTINATION_LOG)
+            .build()
+            .map_err(|e| e.to_string())?,
+    );
+    let t0 = std::time::Instant::now();
+    {
+        let view = ram.read();
+        let block = view.by_name(RAM_BLOCK).ok_or("no guest RAM block")?;
+        map_ram(&vm, block)?;
+        if prefault {
+            let work = GuestWorkload::for_ram(block.used_length().0).map_err(|e| e.to_string())?;
+            let mut spare = vm.create_vcpu(1).map_err(|e| e.to_string())?;
+            work.prefault(&vm, &mut spare, &block.region())
+                .map_err(|e| format!("prefaulting guest RAM: {e}"))?;
+        }
+    }
+    let prefault_ns = if prefault {
+        t0.elapsed().as_nanos() as u64
+    } else {
+        0
+    };
+    let mut vcpu = Some(vm.create_vcpu(0).map_err(|e| e.to_string())?);
+    let start: StartGuest = Box::new(move |state: &[u8]| resume_vcpu(&vm, &mut vcpu, state));
+    Ok((start, prefault_ns))
 }
 
 /// Where the increment workload resumes from `state` (its next page), for

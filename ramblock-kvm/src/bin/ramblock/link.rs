@@ -13,8 +13,7 @@ use ramblock_core::stream::resume_token::ResumeToken;
 use ramblock_linux::transport::{read_first_return, Conn, ConnWriter, Connector, FirstReturn};
 use std::cell::RefCell;
 use std::collections::HashSet;
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -89,7 +88,7 @@ impl Current {
     /// Post-copy runs on this connection: small send buffer, byte count
     /// for the next test break.
     fn enter_postcopy(&mut self, breaks: Option<&mut Breaks>) {
-        set_send_buffer(self.stream.tcp(), POSTCOPY_SOCKET_BUFFER);
+        set_send_buffer(self.stream.socket(), POSTCOPY_SOCKET_BUFFER);
         self.postcopy = true;
         self.break_at = breaks.and_then(Breaks::next);
     }
@@ -203,6 +202,11 @@ impl Link {
         let s = self.current.borrow().stream.try_clone();
         s.map(IoStream)
             .map_err(|e| format!("cannot clone the connection: {e}"))
+    }
+
+    /// Bounds the next reads of the acknowledgement (the handover wait).
+    pub fn set_ack_timeout(&self, wait: Duration) {
+        let _ = self.current.borrow().stream.set_read_timeout(Some(wait));
     }
 
     /// Post-copy started: take the destination's resume token (the first
@@ -330,16 +334,16 @@ impl Link {
 
 /// Caps the kernel's send buffer of `stream` (best effort: a failure only
 /// costs latency).
-pub fn set_send_buffer(stream: &TcpStream, bytes: usize) {
+pub fn set_send_buffer(stream: BorrowedFd<'_>, bytes: usize) {
     set_buffer(stream, libc::SO_SNDBUF, bytes);
 }
 
 /// Caps the kernel's receive buffer of `stream`, likewise.
-pub fn set_receive_buffer(stream: &TcpStream, bytes: usize) {
+pub fn set_receive_buffer(stream: BorrowedFd<'_>, bytes: usize) {
     set_buffer(stream, libc::SO_RCVBUF, bytes);
 }
 
-fn set_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) {
+fn set_buffer(stream: BorrowedFd<'_>, option: libc::c_int, bytes: usize) {
     let value = bytes as libc::c_int;
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local,
     // on a descriptor `stream` keeps open.
@@ -357,7 +361,7 @@ fn set_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) {
 /// A connection set up for migration: no Nagle delay (a page request or
 /// an urgent page must not wait), a timeout on reads.
 fn current(stream: Conn) -> Result<Current, String> {
-    let _ = stream.tcp().set_nodelay(true);
+    let _ = stream.set_nodelay();
     stream
         .set_read_timeout(Some(RETURN_TIMEOUT))
         .map_err(|e| format!("cannot set a timeout on the connection: {e}"))?;

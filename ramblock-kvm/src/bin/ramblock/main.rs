@@ -13,6 +13,7 @@ mod destination;
 mod kvm;
 mod link;
 mod live_snapshot;
+mod local;
 mod memory;
 mod options;
 mod report;
@@ -62,11 +63,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let opts = match Cli::parse().command {
+    let mut opts = match Cli::parse().command {
         Command::Migrate(opts) => opts,
         Command::Snapshot(cmd) => return snapshot::run(cmd),
     };
-    let summary = if let Some(addr) = opts.incoming.clone() {
+    if opts.local && opts.backing == Backing::Hugetlb {
+        // Anonymous hugetlb memory has no fd another process could map.
+        opts.backing = Backing::HugetlbMemfd;
+    }
+    let summary = if opts.local {
+        local_update(&opts)
+    } else if let Some(addr) = opts.incoming.clone() {
         incoming(&opts, &addr)
     } else {
         outgoing(&opts)
@@ -88,6 +95,7 @@ fn backing_name(opts: &MigrateOptions) -> String {
         options::Backing::Anonymous => "anonymous".into(),
         options::Backing::Memfd => "memfd".into(),
         options::Backing::Hugetlb => "hugetlb 2M".into(),
+        options::Backing::HugetlbMemfd => "hugetlb memfd 2M".into(),
         options::Backing::File(p) => format!("file {}", p.display()),
         options::Backing::GuestMemfd => "guest_memfd".into(),
     }
@@ -129,6 +137,173 @@ fn connector(addr: &str, opts: &MigrateOptions) -> Result<Connector, String> {
     Ok(connector)
 }
 
+/// `--local`: a local live update, in one process (the destination in a
+/// thread, over a socket pair) or, with `--to`/`--incoming unix:PATH`,
+/// between two.
+fn local_update(opts: &MigrateOptions) -> Summary {
+    let mut summary = Summary {
+        role: match (&opts.incoming, &opts.to) {
+            (Some(_), _) => "destination",
+            (None, Some(_)) => "source",
+            (None, None) => "local",
+        },
+        size: opts.size,
+        backing: if opts.incoming.is_some() {
+            "the source's fds".into()
+        } else {
+            backing_name(opts)
+        },
+        mode: "local (fd passing)".into(),
+        local: true,
+        ..Summary::default()
+    };
+    let unix_path = |addr: &String| {
+        addr.strip_prefix("unix:")
+            .map(std::path::PathBuf::from)
+            .ok_or_else(|| {
+                format!("--local moves guest RAM over a UNIX socket: give unix:PATH, not {addr:?}")
+            })
+    };
+    if let Some(addr) = &opts.incoming {
+        let result = unix_path(addr).and_then(|path| {
+            // A socket file left by an earlier run would make bind fail.
+            if std::fs::symlink_metadata(&path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+            let listener = std::os::unix::net::UnixListener::bind(&path)
+                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+            if !opts.json {
+                eprintln!("waiting for a local update on {}", path.display());
+            }
+            let (sock, _) = listener.accept().map_err(|e| e.to_string())?;
+            let _ = std::fs::remove_file(&path);
+            local::receive(&sock, opts)
+        });
+        return match result {
+            Ok(r) => {
+                local_destination_summary(&mut summary, &r, r.state_at);
+                summary
+            }
+            Err(e) => failed(summary, e),
+        };
+    }
+    if !kvm_present(opts) || opts.workload != options::Workload::Increment {
+        return failed(
+            summary,
+            "--local hands a running KVM guest over: it needs /dev/kvm and --workload increment"
+                .into(),
+        );
+    }
+    let ram = match guest_ram(
+        opts.size,
+        &opts.backing,
+        opts.clear_shift,
+        Side::Source,
+        DESTINATION_LOG,
+    ) {
+        Ok(r) => r,
+        Err(e) => return failed(summary, e),
+    };
+    // Before the guest starts: anonymous memory is refused at once.
+    if let Err(e) = local::check_shareable(ram) {
+        return failed(summary, e);
+    }
+    let mut k = match kvm::start(ram, opts) {
+        Ok(k) => k,
+        Err(e) => return failed(summary, e),
+    };
+    let result = local_source(ram, opts, &mut summary, k.guest.as_mut());
+    k.guest.stop();
+    match result {
+        Ok(()) => summary,
+        Err(e) => failed(summary, e),
+    }
+}
+
+/// The source of a local update: to `--to unix:PATH`, or to a destination
+/// thread.
+fn local_source(
+    ram: &'static GuestRam,
+    opts: &MigrateOptions,
+    summary: &mut Summary,
+    guest: &mut dyn Guest,
+) -> Result<(), String> {
+    summary.guest_rate_before = warm_up(guest, opts)?;
+    let start_progress = guest.progress();
+    let t0 = Instant::now();
+    let (sent, received) = match &opts.to {
+        Some(addr) => {
+            let path = addr.strip_prefix("unix:").ok_or_else(|| {
+                format!("--local moves guest RAM over a UNIX socket: give unix:PATH, not {addr:?}")
+            })?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let sock = loop {
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(s) => break s,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    Err(e) => return Err(format!("cannot connect to {path}: {e}")),
+                }
+            };
+            (local::send(ram, guest, &sock, opts)?, None)
+        }
+        None => {
+            let (ours, theirs) =
+                std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+            let dest_opts = opts.clone();
+            let dest = std::thread::spawn(move || local::receive(&theirs, &dest_opts));
+            let sent = local::send(ram, guest, &ours, opts);
+            // A source that failed closes its end, so the destination
+            // thread sees the end of the stream instead of waiting.
+            drop(ours);
+            let received = dest
+                .join()
+                .map_err(|_| "the destination thread panicked".to_string())?;
+            let sent = sent.map_err(|e| match &received {
+                Err(d) => format!("{e} ({d})"),
+                Ok(_) => e,
+            })?;
+            (sent, Some(received?))
+        }
+    };
+    summary.guest_progress = guest.progress() - start_progress;
+    let end = received.as_ref().map_or(sent.running_ack, |r| r.running_at);
+    summary.stats.total_ns = end.duration_since(t0).as_nanos() as u64;
+    summary.stats.downtime_ns = end.duration_since(sent.paused_at).as_nanos() as u64;
+    summary.stats.bytes = sent.bytes;
+    summary.prepare_ns = Some(sent.prepare_ns);
+    summary.switchover_ns = Some(end.duration_since(sent.paused_at).as_nanos() as u64);
+    match received {
+        Some(r) => local_destination_summary(summary, &r, sent.paused_at),
+        // The destination said it runs; its own summary says how well.
+        None => summary.verified = Some(true),
+    }
+    Ok(())
+}
+
+/// The destination's findings in `summary`; `switched` is the switch-over
+/// instant the two-loop time counts from.
+fn local_destination_summary(summary: &mut Summary, r: &local::LocalReceived, switched: Instant) {
+    if summary.role == "destination" {
+        summary.prepare_ns = Some(r.prepare_ns);
+        summary.stats.downtime_ns = r.running_at.duration_since(r.state_at).as_nanos() as u64;
+    }
+    summary.prefault_ns = Some(r.prefault_ns);
+    summary.dest_two_loops_ns = r
+        .two_loops_at
+        .map(|t| t.duration_since(switched).as_nanos() as u64);
+    summary.destination_progress = Some(r.progress);
+    summary.destination_ran = Some(r.ran);
+    summary.verified = Some(r.ran);
+    if let Some(f) = &r.failure {
+        eprintln!("local update: {f}");
+        summary.mismatch = Some((RAM_BLOCK.to_string(), 0));
+    }
+}
+
 fn failed(mut summary: Summary, error: String) -> Summary {
     summary.error = Some(error);
     summary
@@ -163,6 +338,17 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         Ok(s) => s,
         Err(e) => return failed(summary, e),
     };
+    // Pre-copy on KVM: a vCPU of a VM over this RAM, made now, so the
+    // switch-over only loads the shipped `cpu` section into it and runs it
+    // before this side confirms the handover.
+    let precopy_guest = if start_guest.is_none() && kvm_present(opts) {
+        match kvm::prepare_destination(ram) {
+            Ok(s) => Some(s),
+            Err(e) => return failed(summary, e),
+        }
+    } else {
+        None
+    };
     let listener = match listen(addr, opts) {
         Ok(l) => Arc::new(l),
         Err(e) => return failed(summary, e),
@@ -182,6 +368,8 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         fresh,
         postcopy: start_guest,
         resume: opts.resume.then(|| listener.clone()),
+        precopy: precopy_guest,
+        refuse_section: opts.refuse_section.clone(),
     };
     match destination::receive(ram, conn, how) {
         Ok(r) => {
@@ -203,13 +391,23 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
                     ..PostcopyStats::default()
                 });
             }
+            summary.verified = Some(true);
             if let Some(mut guest) = r.guest {
+                if !r.summary.postcopy {
+                    // Pre-copy: the vCPU runs from the shipped `cpu`
+                    // section; it must go on with the source's loop.
+                    let ran = destination_continues(guest.as_mut());
+                    if let Err(e) = &ran {
+                        eprintln!("{e}");
+                    }
+                    summary.destination_ran = Some(ran.is_ok());
+                    summary.verified = Some(ran.is_ok());
+                }
                 // The guest runs here now; this program only demonstrates
                 // the move, so it stops it once the memory is verified.
                 summary.guest_progress = guest.progress();
                 guest.stop();
             }
-            summary.verified = Some(true);
             summary
         }
         Err(e) => failed(summary, e),
@@ -329,6 +527,11 @@ fn run_source(
         let sent = result.map_err(|e| still_running(e, guest, opts))?;
         summary.stats = sent.stats;
         summary.pass0_bandwidth = sent.pass0_bandwidth;
+        if !sent.device_state.is_empty() && sent.stats.postcopy.is_none() {
+            // A vCPU went: the downtime ran until the destination said it
+            // runs there; the RAM-only part beside it.
+            summary.ram_downtime_ns = Some(sent.stats.ram_downtime_ns);
+        }
         summary.verified = Some(true); // the destination acknowledged its checksums
         return Ok(());
     }
@@ -348,7 +551,7 @@ fn run_source(
     let start_guest = postcopy_guest(dest, opts)?;
     // Pre-copy with a vCPU: the destination VM is made now, so the
     // switch-over only loads the shipped `cpu` section into it.
-    let mut precopy_guest = match (&start_guest, kvm_present(opts)) {
+    let precopy_guest = match (&start_guest, kvm_present(opts)) {
         (None, true) if opts.workload == options::Workload::Increment => {
             Some(kvm::prepare_destination(dest)?)
         }
@@ -357,6 +560,7 @@ fn run_source(
     let listener = Arc::new(listen("127.0.0.1:0", opts)?);
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let resume = (opts.resume || opts.break_postcopy.is_some()).then(|| listener.clone());
+    let refuse_section = opts.refuse_section.clone();
     let receiver = std::thread::spawn(move || {
         // Bounded, so a source that never connects cannot leave this
         // thread waiting for ever.
@@ -367,20 +571,10 @@ fn run_source(
             fresh: true,
             postcopy: start_guest,
             resume,
+            precopy: precopy_guest,
+            refuse_section,
         };
-        let received = destination::receive(dest, conn, how)?;
-        let cpu = received
-            .sections
-            .iter()
-            .find(|(h, _)| h.name.as_str() == source::CPU_SECTION);
-        let started = match (precopy_guest.as_mut(), cpu) {
-            (Some(start), Some((_, state))) => {
-                let guest = start(state)?;
-                Some((guest, Instant::now()))
-            }
-            _ => None,
-        };
-        Ok::<_, String>((received, started))
+        destination::receive(dest, conn, how)
     });
     let to = connector(&addr.to_string(), opts)?;
     let conn = to.connect().map_err(|e| e.to_string())?;
@@ -399,16 +593,22 @@ fn run_source(
     })?;
     summary.stats = sent.stats;
     summary.pass0_bandwidth = sent.pass0_bandwidth;
-    let (received, started) = received?;
+    let mut received = received?;
     summary.fault_latency = received.latency;
     summary.resumes = received.resumes;
-    if let Some((mut dest_guest, running_at)) = started {
-        // Pre-copy: the destination's vCPU runs from the `cpu` section.
-        // Downtime as QEMU counts it: source pause to that vCPU running.
-        summary.ram_downtime_ns = Some(summary.stats.downtime_ns);
-        if let Some(paused_at) = sent.paused_at {
-            summary.stats.downtime_ns = running_at.duration_since(paused_at).as_nanos() as u64;
+    let precopy_guest = match received.guest.take() {
+        Some(g) if !received.summary.postcopy => Some(g),
+        g => {
+            received.guest = g;
+            None
         }
+    };
+    if let Some(mut dest_guest) = precopy_guest {
+        // Pre-copy: the destination's vCPU runs from the `cpu` section,
+        // started before it confirmed the handover. Downtime as QEMU
+        // counts it: the source's pause to that confirmation (the
+        // engine's), the RAM-only part beside it.
+        summary.ram_downtime_ns = Some(summary.stats.ram_downtime_ns);
         let ran = destination_continues(dest_guest.as_mut());
         dest_guest.stop();
         summary.destination_progress = Some(dest_guest.progress());

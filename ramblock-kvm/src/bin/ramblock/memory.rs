@@ -67,6 +67,9 @@ pub fn guest_ram(
         Backing::Anonymous => MemoryBuilder::anonymous(len).transparent_hugepages(true),
         Backing::Memfd => MemoryBuilder::memfd(len).name(RAM_BLOCK),
         Backing::Hugetlb => MemoryBuilder::hugetlb(len, PageSize::SIZE_2M),
+        Backing::HugetlbMemfd => MemoryBuilder::memfd(len)
+            .huge_pages(PageSize::SIZE_2M)
+            .name(RAM_BLOCK),
         Backing::File(path) => {
             // Two blocks in one process never share a file: the local
             // destination gets an unlinked file beside the source's.

@@ -43,10 +43,12 @@ pub struct MigrateOptions {
     /// 1 MiB up, forever), or random:RATE (random page writes per second).
     #[arg(long, default_value = "increment", value_parser = parse_workload)]
     pub workload: Workload,
-    /// Be the destination: listen on tcp:HOST:PORT and receive one migration.
+    /// Be the destination: listen on tcp:HOST:PORT or unix:PATH (a UNIX
+    /// stream socket; --local needs one) and receive one migration.
     #[arg(long, value_parser = parse_endpoint, conflicts_with = "to")]
     pub incoming: Option<String>,
-    /// Be the source: migrate to a destination listening on tcp:HOST:PORT.
+    /// Be the source: migrate to a destination listening on tcp:HOST:PORT
+    /// or unix:PATH.
     #[arg(long, value_parser = parse_endpoint)]
     pub to: Option<String>,
     /// Switch to post-copy after N pre-copy passes (default 1; 0: at once)
@@ -65,6 +67,10 @@ pub struct MigrateOptions {
     /// instead of failing (both sides keep their state meanwhile).
     #[arg(long)]
     pub resume: bool,
+    /// Testing: the destination's VMM refuses the device-state section of
+    /// this name (say `cpu`), so the source must resume its guest.
+    #[arg(long, hide = true, value_name = "NAME")]
+    pub refuse_section: Option<String>,
     /// Testing: break the connection at up to 3 random points during
     /// post-copy, from this seed (the source's side; implies --resume).
     #[arg(long, hide = true, value_name = "SEED")]
@@ -87,6 +93,19 @@ pub struct MigrateOptions {
     /// handshake and send a valid header before it is dropped (ms).
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     pub handshake_timeout_ms: u64,
+    /// Local live update (same host): guest RAM's fds travel over a UNIX
+    /// socket (`SCM_RIGHTS`) and no page is copied; only the vCPU state
+    /// moves. Needs memory another process can map: `--backing memfd`,
+    /// `hugetlb` (then a hugetlb memfd) or a file. With `--to`/`--incoming`
+    /// the address must be unix:PATH.
+    #[arg(long)]
+    pub local: bool,
+    /// With --local: how the destination readies guest RAM before the
+    /// switch-over: vcpu (a spare vCPU writes every page atomically on the
+    /// guest's page tables, so KVM maps them all), populate (fault the
+    /// pages into this process's page tables only), both, or none.
+    #[arg(long, default_value = "both", value_parser = parse_prefault)]
+    pub prefault: Prefault,
     /// Do not use /dev/kvm even if present (a host thread writes instead).
     #[arg(long)]
     pub no_kvm: bool,
@@ -126,10 +145,47 @@ pub enum Backing {
     Memfd,
     /// 2 MiB hugetlb pages.
     Hugetlb,
+    /// A memfd of 2 MiB hugetlb pages (what `hugetlb` becomes with
+    /// `--local`: anonymous hugetlb memory has no fd to pass).
+    HugetlbMemfd,
     /// A file or a directory.
     File(PathBuf),
     /// A KVM guest_memfd (mmap and init-shared flags) of the guest's VM.
     GuestMemfd,
+}
+
+/// How a local update's destination readies guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefault {
+    /// Nothing: every page faults on the guest's first touch.
+    None,
+    /// `MADV_POPULATE_WRITE` on this process's mapping.
+    Populate,
+    /// A spare vCPU touches every page on the guest's page tables.
+    Vcpu,
+    /// Both.
+    Both,
+}
+
+impl Prefault {
+    /// Whether this process's page tables are populated.
+    pub fn populate(self) -> bool {
+        matches!(self, Prefault::Populate | Prefault::Both)
+    }
+    /// Whether a spare vCPU builds KVM's mappings.
+    pub fn vcpu(self) -> bool {
+        matches!(self, Prefault::Vcpu | Prefault::Both)
+    }
+}
+
+fn parse_prefault(s: &str) -> Result<Prefault, String> {
+    Ok(match s {
+        "none" => Prefault::None,
+        "populate" => Prefault::Populate,
+        "vcpu" => Prefault::Vcpu,
+        "both" => Prefault::Both,
+        _ => return Err(format!("{s:?}: use none, populate, vcpu or both")),
+    })
 }
 
 /// The guest's activity during migration.
@@ -176,6 +232,7 @@ pub(crate) fn parse_backing(s: &str) -> Result<Backing, String> {
         "anonymous" | "anon" => Backing::Anonymous,
         "memfd" => Backing::Memfd,
         "hugetlb" => Backing::Hugetlb,
+        "hugetlb-memfd" => Backing::HugetlbMemfd,
         "guest-memfd" | "guest_memfd" => Backing::GuestMemfd,
         "" => {
             return Err(
@@ -202,11 +259,19 @@ fn parse_workload(s: &str) -> Result<Workload, String> {
     }
 }
 
-/// Checks `tcp:HOST:PORT` and returns `HOST:PORT`.
+/// Checks `tcp:HOST:PORT` and returns `HOST:PORT`, or `unix:PATH`
+/// (returned as it is).
 fn parse_endpoint(s: &str) -> Result<String, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        return if path.is_empty() {
+            Err(format!("{s:?}: a UNIX socket endpoint is unix:PATH"))
+        } else {
+            Ok(s.to_string())
+        };
+    }
     let addr = s
         .strip_prefix("tcp:")
-        .ok_or_else(|| format!("{s:?}: endpoints look like tcp:HOST:PORT"))?;
+        .ok_or_else(|| format!("{s:?}: endpoints look like tcp:HOST:PORT or unix:PATH"))?;
     match addr.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
             Ok(addr.to_string())
@@ -233,6 +298,10 @@ mod tests {
             Ok("127.0.0.1:4444".into())
         );
         assert!(parse_endpoint("127.0.0.1:4444").is_err());
+        assert_eq!(parse_endpoint("unix:/tmp/s"), Ok("unix:/tmp/s".into()));
+        assert!(parse_endpoint("unix:").is_err());
+        assert_eq!(parse_prefault("vcpu"), Ok(Prefault::Vcpu));
+        assert!(parse_prefault("all").is_err());
         assert!(parse_endpoint("tcp:host:99999").is_err());
         assert_eq!(parse_backing("/tmp/x"), Ok(Backing::File("/tmp/x".into())));
         assert_eq!(parse_mode("uffd-wp"), Ok(DirtyLog::UffdWp));

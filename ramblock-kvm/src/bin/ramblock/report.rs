@@ -95,6 +95,19 @@ pub struct Summary {
     /// destination's acknowledgement); `stats.downtime_ns` then runs to
     /// the destination vCPU running.
     pub ram_downtime_ns: Option<u64>,
+    /// `--local`: a local update (fds passed, no page copied).
+    pub local: bool,
+    /// `--local`: table sent to the destination ready (mapping, memslot,
+    /// prefault), while the source guest runs.
+    pub prepare_ns: Option<u64>,
+    /// `--local`: of which the destination's prefault.
+    pub prefault_ns: Option<u64>,
+    /// `--local`: the source's switch-over (its pause) to the destination
+    /// guest running.
+    pub switchover_ns: Option<u64>,
+    /// `--local`: the switch-over to the destination guest completing two
+    /// loops.
+    pub dest_two_loops_ns: Option<u64>,
 }
 
 impl Summary {
@@ -122,6 +135,16 @@ impl Summary {
         }
         if let Some(ran) = self.destination_ran {
             let _ = writeln!(o, "dest. ran       {ran:>10}");
+        }
+        for (what, ns) in [
+            ("prepare", self.prepare_ns),
+            ("  prefault", self.prefault_ns),
+            ("switch-over", self.switchover_ns),
+            ("dest. 2 loops", self.dest_two_loops_ns),
+        ] {
+            if let Some(ns) = ns {
+                let _ = writeln!(o, "{what:<16}{:>10.1} ms", ms(ns));
+            }
         }
         let _ = writeln!(
             o,
@@ -219,6 +242,19 @@ impl Summary {
         }
         if let Some(ran) = self.destination_ran {
             postcopy.push_str(&format!(",\"destination_ran\":{ran}"));
+        }
+        if self.local {
+            postcopy.push_str(",\"local\":true");
+        }
+        for (key, ns) in [
+            ("prepare_ms", self.prepare_ns),
+            ("prefault_ms", self.prefault_ns),
+            ("switchover_ms", self.switchover_ns),
+            ("dest_two_loops_ms", self.dest_two_loops_ns),
+        ] {
+            if let Some(ns) = ns {
+                postcopy.push_str(&format!(",\"{key}\":{:.3}", ns as f64 / 1e6));
+            }
         }
         let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
         let opt = |v: &Option<String>| {

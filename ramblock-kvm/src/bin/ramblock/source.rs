@@ -10,6 +10,7 @@ use ramblock_core::checksum::{Ledger, PageLedger};
 use ramblock_core::dirty_log::DirtyLogSource;
 use ramblock_core::migrate::{
     migrate, MigrationHost, MigrationStats, PassReport, PrecopyConfig, ReturnEvent,
+    DEFAULT_HANDOVER_WAIT_NS,
 };
 use ramblock_core::section::{SectionHeader, SectionName};
 use ramblock_core::stream::io::IoStream;
@@ -29,12 +30,11 @@ struct ProgramHost<'g> {
     /// Every page sent, so the end checksums cost nothing in the downtime.
     ledger: Ledger,
     link: Link,
-    /// The guest's device state, as sent at the switch to post-copy.
+    /// The guest's device state (the `cpu` section), as sent at the
+    /// switch-over.
     state: &'g mut Vec<u8>,
     /// Pass 0's bytes per second.
     pass0_bandwidth: f64,
-    /// When the guest was last paused (the switch-over).
-    paused_at: Option<Instant>,
     /// The `cpu` section's header.
     cpu: SectionHeader,
 }
@@ -47,7 +47,6 @@ impl MigrationHost for ProgramHost<'_> {
         std::thread::sleep(Duration::from_nanos(ns));
     }
     fn pause_guest(&mut self) {
-        self.paused_at = Some(Instant::now());
         self.guest.pause();
     }
     fn resume_guest(&mut self) {
@@ -73,14 +72,9 @@ impl MigrationHost for ProgramHost<'_> {
             self.progress.update(so_far, now);
         }
     }
-    fn device_state(&mut self, buf: &mut [u8]) -> usize {
-        *self.state = self.guest.save_state();
-        let n = self.state.len().min(buf.len());
-        buf[..n].copy_from_slice(&self.state[..n]);
-        n
-    }
     fn device_section(&mut self, index: usize) -> Option<(SectionHeader, &[u8])> {
-        // Pre-copy switch-over: the vCPU, saved once (the engine asks twice).
+        // The switch-over (pre-copy, or the Postcopy record): the vCPU,
+        // saved once (the engine asks more than once).
         if index != 0 {
             return None;
         }
@@ -88,6 +82,10 @@ impl MigrationHost for ProgramHost<'_> {
             *self.state = self.guest.save_state();
         }
         (!self.state.is_empty()).then(|| (self.cpu.clone(), self.state.as_slice()))
+    }
+    fn handover_wait_ns(&mut self) -> u64 {
+        self.link.set_ack_timeout(HANDOVER_TIMEOUT);
+        HANDOVER_TIMEOUT.as_nanos() as u64
     }
     fn return_message(&mut self, wait_ns: u64) -> ReturnEvent {
         self.link.next_event(Duration::from_nanos(wait_ns))
@@ -129,6 +127,10 @@ impl MigrationHost for ProgramHost<'_> {
     }
 }
 
+/// How long the source waits, after the destination verified the RAM, for
+/// its word that the guest runs there (the library's default).
+const HANDOVER_TIMEOUT: Duration = Duration::from_nanos(DEFAULT_HANDOVER_WAIT_NS);
+
 /// The name of the vCPU's device-state section (`VcpuState::to_bytes`).
 pub const CPU_SECTION: &str = "cpu";
 
@@ -148,12 +150,10 @@ pub fn config(opts: &MigrateOptions) -> PrecopyConfig {
 pub struct Sent {
     /// The engine's totals.
     pub stats: MigrationStats,
-    /// The device state sent at the switch-over: the vCPU's, in the
-    /// Postcopy record or as the pre-copy `cpu` section (empty without a
-    /// vCPU).
+    /// The device state sent at the switch-over: the vCPU's `cpu`
+    /// section, as a pre-copy `Section` record or in the `Postcopy` record
+    /// (empty without a vCPU).
     pub device_state: Vec<u8>,
-    /// When the source guest was paused for the switch-over.
-    pub paused_at: Option<Instant>,
     /// Pass 0's throughput, bytes per second (0 if it never ended).
     pub pass0_bandwidth: f64,
 }
@@ -185,7 +185,6 @@ pub fn send<D: DirtyLogSource>(
         link,
         state: &mut device_state,
         pass0_bandwidth: 0.0,
-        paused_at: None,
         cpu: SectionHeader {
             name: SectionName::new(CPU_SECTION).map_err(|e| e.to_string())?,
             instance_id: 0,
@@ -203,14 +202,13 @@ pub fn send<D: DirtyLogSource>(
         config(opts),
         &mut buf,
     );
-    let (pass0_bandwidth, paused_at) = (host.pass0_bandwidth, host.paused_at);
+    let pass0_bandwidth = host.pass0_bandwidth;
     drop(host);
     result
         .map(|stats| Sent {
             stats,
             device_state,
             pass0_bandwidth,
-            paused_at,
         })
         .map_err(|e| e.to_string())
 }

@@ -206,7 +206,10 @@ fn prove(mems: [LinuxMemory; 2]) {
             mems[i].used_len().0,
             "block {i}: every page saved once"
         );
-        assert!(summary.copies[i].faults >= 1, "{:?}", summary.copies[i]);
+        // Not `faults >= 1`: a writer's fault event is withdrawn when the
+        // copier un-protects its page before anyone reads the event (the
+        // kernel wakes the writer then), so the count may be 0 on a busy
+        // machine; that the writer ran during the save is checked above.
     }
     let zero_pages: usize = references
         .iter()

@@ -6,7 +6,8 @@
 //! memfd or a shared file. The new process maps the same files `MAP_SHARED`
 //! ([`ReceivedBlock::map`]), so both see the same pages; then only device
 //! state moves ([`send_state`], [`receive_state`], the core's named
-//! sections). Private anonymous memory has no fd another process could map
+//! sections) and, for a VMM that keeps logging across the update, the
+//! blocks' dirty bitmaps ([`send_dirty`], [`receive_dirty`]). Private anonymous memory has no fd another process could map
 //! and is refused ([`LocalUpdateError::NotShareable`]).
 //!
 //! What does *not* travel: KVM's VM and vCPU fds. KVM binds a VM to the
@@ -28,6 +29,7 @@
 //! | 3 ready | 0 | none | none |
 //! | 4 running | 0 | none | none |
 //! | 5 refused | a code | a UTF-8 reason (at most [`MAX_REASON`] bytes) | none |
+//! | 6 dirty | entries | per block and client: its dirty bitmap's words ([`send_dirty`]) | none |
 //!
 //! A table entry: name length (`u8`, 1..=255), the name (UTF-8), backing
 //! kind (`u8`: 1 memfd, 2 hugetlb memfd, 3 file, 4 file on hugetlbfs), page
@@ -55,6 +57,9 @@ use rustix::net::{
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::unix::net::UnixStream;
+
+mod dirty;
+pub use dirty::{receive_dirty, send_dirty, DirtyBitmapError, DirtyMerged, MAX_DIRTY_ENTRIES};
 
 /// The frame magic.
 pub const MAGIC: [u8; 8] = *b"RBLOCAL1";
@@ -171,6 +176,14 @@ pub enum LocalUpdateError {
         index: u32,
         /// What is wrong.
         error: SectionError,
+    },
+    /// A malformed dirty-bitmap entry.
+    #[error("dirty-bitmap entry {index}: {error}")]
+    BadDirty {
+        /// Which entry.
+        index: u32,
+        /// What is wrong.
+        error: DirtyBitmapError,
     },
     /// Bytes left over after the last entry or section.
     #[error("{what}: {extra} bytes after the last item")]

@@ -3,7 +3,8 @@
 //! it: the engine answers a bounded batch of requests, then sends a
 //! background chunk, so the migration completes while the flood is still
 //! going, and the stream it wrote leaves the destination equal to the
-//! source (checked by receiving it).
+//! source (checked by receiving it). And a request that arrives while
+//! background pages go out waits behind at most one small chunk.
 mod common;
 use common::{add_buffer_block, add_buffer_block_with_page_size, Mem};
 
@@ -228,4 +229,110 @@ fn a_request_flood_still_lets_background_pages_out_and_the_migration_completes()
     assert!(events.contains(&ReceiveEvent::PostcopyStarted));
     assert_eq!(summary.blocks, 2);
     assert!(contents(&src) == contents(&dst), "destination differs");
+}
+
+/// Counts what the engine wrote, so its host can tell how much went out
+/// between two looks at the return path.
+struct Counting<'a> {
+    bytes: &'a std::cell::Cell<u64>,
+}
+
+impl ramblock_core::stream::io::ByteWrite for Counting<'_> {
+    type Error = std::convert::Infallible;
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), Self::Error> {
+        self.bytes.set(self.bytes.get() + buf.len() as u64);
+        Ok(())
+    }
+}
+
+/// The source's host with one request waiting now and then: records how
+/// many bytes the engine wrote between two looks at the return path while
+/// no request was answered (background only), and acknowledges at the end.
+struct Looking<'a> {
+    bytes: &'a std::cell::Cell<u64>,
+    at_last_look: u64,
+    looks: u64,
+    /// The most written between two looks that took no request.
+    most_between_looks: u64,
+    requests_left: u64,
+}
+
+impl MigrationHost for Looking<'_> {
+    fn now_ns(&mut self) -> u64 {
+        0
+    }
+    fn sleep_ns(&mut self, _: u64) {}
+    fn pause_guest(&mut self) {}
+    fn resume_guest(&mut self) {
+        panic!("the guest belongs to the destination once post-copy started");
+    }
+    fn set_throttle(&mut self, _: u8) {}
+    fn return_message(&mut self, wait_ns: u64) -> ReturnEvent {
+        if wait_ns > 0 {
+            return ReturnEvent::Message(ReturnMessage::Ack(Ok(())));
+        }
+        let written = self.bytes.get() - self.at_last_look;
+        self.at_last_look = self.bytes.get();
+        self.looks += 1;
+        // Every 50th look: a request for a page far ahead of the cursor,
+        // as a faulting vCPU would send.
+        if self.looks % 50 == 0 && self.requests_left > 0 {
+            self.requests_left -= 1;
+            return ReturnEvent::Message(ReturnMessage::Request(PageRequest {
+                block: 0,
+                first: (self.looks * 37) % RAM_PAGES,
+                count: 1,
+            }));
+        }
+        self.most_between_looks = self.most_between_looks.max(written);
+        ReturnEvent::Nothing
+    }
+}
+
+#[test]
+fn a_request_waits_behind_at_most_one_small_background_chunk() {
+    use ramblock_core::migrate::postcopy::BACKGROUND_CHUNK_PAGES;
+    let src = List::new();
+    add_buffer_block(
+        &src,
+        BlockSpec::new(BlockName::new("pc.ram").unwrap(), ByteLen(RAM_PAGES * PAGE)),
+        0x5A,
+    );
+    let bytes = std::cell::Cell::new(0);
+    let mut host = Looking {
+        bytes: &bytes,
+        at_last_look: 0,
+        looks: 0,
+        most_between_looks: 0,
+        requests_left: 10,
+    };
+    let mut buf = vec![0u8; 64 * PAGE as usize];
+    let cfg = PrecopyConfig {
+        downtime_limit_ns: 0,
+        postcopy_after: Some(0),
+        ..PrecopyConfig::default()
+    };
+    let stats = migrate(
+        &src,
+        &mut SoftwareOnly,
+        &mut Counting { bytes: &bytes },
+        &mut IoStream(std::io::empty()),
+        &mut host,
+        cfg,
+        &mut buf,
+    )
+    .unwrap();
+    let pc = stats.postcopy.expect("the migration ended in post-copy");
+    assert_eq!(pc.requested_pages + pc.background_pages, RAM_PAGES, "{pc:?}");
+    assert!(pc.requested_pages > 0, "{pc:?}");
+    // Every page is non-zero, so a chunk is its pages plus one record
+    // header; between two looks the engine wrote at most one chunk (the
+    // first look also covers the header, table, discards and Postcopy
+    // record: a few hundred bytes).
+    let chunk = BACKGROUND_CHUNK_PAGES as u64 * PAGE;
+    assert!(
+        host.most_between_looks >= chunk && host.most_between_looks < chunk + PAGE,
+        "{} bytes went out between two looks at the return path; a chunk is {chunk}",
+        host.most_between_looks
+    );
 }

@@ -17,11 +17,17 @@
 //! touch memory in order). With nothing left it writes the end record and
 //! waits for the acknowledgement.
 //!
+//! **Small background chunks.** The engine looks at the return path only
+//! between writes, and a write of background pages blocks while the
+//! socket is full, so a request that arrives meanwhile waits until the
+//! whole chunk is in the socket. A chunk is therefore small:
+//! [`BACKGROUND_CHUNK_PAGES`] target pages (or one host page, if larger).
+//!
 //! **A flooding destination.** Requests come first, but never all of them:
 //! after at most [`REQUESTS_PER_BACKGROUND`] requests the engine sends one
-//! background chunk (a host page, at least [`MAX_RUN_PAGES`] target pages)
-//! before it looks at the return path again, so a destination that asks
-//! without pause slows the migration down but cannot stop it. A request
+//! background chunk before it looks at the return path again, so a
+//! destination that asks without pause slows the migration down but cannot
+//! stop it. A request
 //! whose pages were all sent already costs a look at the dirty bitmap: no
 //! write, no flush, no move of the background cursor. The engine keeps no
 //! queue of its own; the host's return path decides how many requests wait
@@ -52,9 +58,19 @@ const ACK_POLL_NS: u64 = 100_000_000;
 /// Requests answered at most between two background chunks: enough that a
 /// burst of faults is served before anything else, few enough that a flood
 /// of requests cannot starve the background (each chunk is at least
-/// [`MAX_RUN_PAGES`] pages, so background pages make up at least a share
-/// of roughly one in this many runs sent).
+/// [`BACKGROUND_CHUNK_PAGES`] pages, so background pages make up at least a
+/// share of roughly one in this many runs sent).
 pub const REQUESTS_PER_BACKGROUND: usize = 32;
+
+/// Target pages per background chunk (a hugepage block's chunk is one
+/// host page): the engine looks for page requests after each chunk. A
+/// request arriving while a chunk is written waits until the chunk is in
+/// the socket: at the ~1 GiB/s of a loopback post-copy stream, about
+/// 60 µs for 64 KiB. With chunks of [`MAX_RUN_PAGES`] (256 KiB) that wait
+/// was the largest share of a fault's latency (BENCHMARKS.md, post-copy).
+/// Smaller chunks cost a record header (a few bytes) and a return-path
+/// look per chunk.
+pub const BACKGROUND_CHUNK_PAGES: usize = 16;
 
 /// Pages `start..end` of table block `index` (`(index, start, end)`).
 type Span = (usize, usize, usize);
@@ -162,7 +178,7 @@ impl<
             };
             let per_page = self.pages_per_host_page(index);
             let start = page - page % per_page;
-            let end = start + per_page.max(MAX_RUN_PAGES as usize);
+            let end = start + per_page.max(BACKGROUND_CHUNK_PAGES);
             self.send_range::<E>(index, start, end, &mut pc.background_pages)?;
             *cursor = (index, end);
         }

@@ -323,7 +323,11 @@ fn a_request_waits_behind_at_most_one_small_background_chunk() {
     )
     .unwrap();
     let pc = stats.postcopy.expect("the migration ended in post-copy");
-    assert_eq!(pc.requested_pages + pc.background_pages, RAM_PAGES, "{pc:?}");
+    assert_eq!(
+        pc.requested_pages + pc.background_pages,
+        RAM_PAGES,
+        "{pc:?}"
+    );
     assert!(pc.requested_pages > 0, "{pc:?}");
     // Every page is non-zero, so a chunk is its pages plus one record
     // header; between two looks the engine wrote at most one chunk (the

@@ -449,16 +449,28 @@ unsafe impl HostMemory for LinuxMemory {
         Ok(())
     }
 
-    /// Private anonymous memory only: its page tables say which pages were
-    /// ever written. Shared memory can be written through other mappings,
-    /// which this process's page tables do not show.
+    /// Private anonymous memory: its page tables say which pages were ever
+    /// written. A memfd of base pages mapped shared: its file's holes do,
+    /// for every mapping of it. Other memory cannot tell cheaply (shared
+    /// anonymous memory can be written through other mappings, which this
+    /// process's page tables do not show).
     fn untouched_runs(&self, first: u64, pages: u64, report: &mut dyn FnMut(u64, u64)) -> bool {
-        if self.kind != BackingKind::Anonymous || self.shared {
-            return false;
-        }
         let pages = pages.min((self.used.0 >> 12).saturating_sub(first));
-        let start = self.base.as_ptr() as usize + (first << 12) as usize;
-        crate::pagemap::untouched_runs(start, pages, &mut |f, c| report(first + f, c)).is_ok()
+        match (self.kind, &self.fd) {
+            (BackingKind::Anonymous, _) if !self.shared => {
+                let start = self.base.as_ptr() as usize + (first << 12) as usize;
+                crate::pagemap::untouched_runs(start, pages, &mut |f, c| report(first + f, c))
+                    .is_ok()
+            }
+            (BackingKind::Memfd(None), Some(fd)) if self.shared => crate::pagemap::hole_runs(
+                fd.as_fd(),
+                self.fd_offset + (first << 12),
+                pages,
+                &mut |f, c| report(first + f, c),
+            )
+            .is_ok(),
+            _ => false,
+        }
     }
 
     fn discard(&self, offset: ByteLen, len: ByteLen) -> Result<(), Error> {

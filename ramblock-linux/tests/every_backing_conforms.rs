@@ -290,3 +290,69 @@ fn caller_memory_conforms_and_is_never_unmapped() {
     // SAFETY: the mapping made above; nothing uses it any more.
     unsafe { rustix::mm::munmap(outer, len + 2 * 4096) }.unwrap();
 }
+
+/// The pages `untouched_runs` reports for `mem`'s first `pages` pages
+/// after writing one byte in each of `written`, or `None` if the memory
+/// cannot tell.
+fn untouched_after_writes(mem: &impl HostMemory, pages: u64, written: &[u64]) -> Option<Vec<bool>> {
+    for &page in written {
+        // SAFETY: inside the used length of the memory, which is mapped
+        // writable; nothing else accesses it meanwhile.
+        unsafe {
+            mem.base()
+                .as_ptr()
+                .add((page * 4096 + 9) as usize)
+                .write_volatile(7)
+        };
+    }
+    let mut untouched = vec![false; pages as usize];
+    let told = mem.untouched_runs(0, pages, &mut |first, count| {
+        untouched[first as usize..(first + count) as usize].fill(true)
+    });
+    told.then_some(untouched)
+}
+
+#[test]
+fn untouched_pages_are_the_never_written_ones_where_the_memory_can_tell() {
+    const PAGES: u64 = 4 * MIB / 4096;
+    let written = [0u64, 1, 300, 301, 302, PAGES - 1];
+    let model: Vec<bool> = (0..PAGES).map(|p| !written.contains(&p)).collect();
+    // Private anonymous memory (page tables) and a shared memfd (its
+    // file's holes) can tell.
+    let anonymous = MemoryBuilder::anonymous(ByteLen(4 * MIB)).build().unwrap();
+    assert_eq!(
+        untouched_after_writes(&anonymous, PAGES, &written),
+        Some(model.clone())
+    );
+    let memfd = MemoryBuilder::memfd(ByteLen(4 * MIB)).build().unwrap();
+    assert_eq!(
+        untouched_after_writes(&memfd, PAGES, &written),
+        Some(model.clone())
+    );
+    // A discarded page is untouched again (the memfd's hole is punched).
+    memfd.discard(ByteLen(300 * 4096), ByteLen(4096)).unwrap();
+    let mut after_discard = model.clone();
+    after_discard[300] = true;
+    assert_eq!(
+        untouched_after_writes(&memfd, PAGES, &[]),
+        Some(after_discard)
+    );
+    // Memory that other mappings may write without a trace in the file or
+    // this process's page tables cannot tell.
+    let shared_anonymous = MemoryBuilder::anonymous(ByteLen(4 * MIB))
+        .shared(true)
+        .build()
+        .unwrap();
+    assert_eq!(
+        untouched_after_writes(&shared_anonymous, PAGES, &written),
+        None
+    );
+    let private_memfd = MemoryBuilder::memfd(ByteLen(4 * MIB))
+        .shared(false)
+        .build()
+        .unwrap();
+    assert_eq!(
+        untouched_after_writes(&private_memfd, PAGES, &written),
+        None
+    );
+}

@@ -66,6 +66,9 @@ pub mod tag {
     pub const POSTCOPY: u8 = 7;
     /// Pre-copy switch-over: one named device-state section.
     pub const SECTION: u8 = 8;
+    /// Multi-channel pre-copy: everything sent before it, on every
+    /// channel, lands before anything sent after it.
+    pub const BARRIER: u8 = 9;
 }
 
 /// The stream header.
@@ -158,6 +161,17 @@ pub enum Record {
     /// is payload rather than fields here so the record stays `Copy` and
     /// the section encoding stays the one snapshots use.
     Section,
+    /// Multi-channel pre-copy (docs/stream-format.md, "Page channels"):
+    /// written on the main stream and on each of the `channels` page
+    /// channels. Every page record before barrier `generation`, on any
+    /// channel, is applied before any record after it on any channel, so a
+    /// page sent again in a later pass on another channel lands last.
+    Barrier {
+        /// Counts up from 0 in each stream.
+        generation: u32,
+        /// Page channels beside the main stream.
+        channels: u32,
+    },
 }
 
 /// A post-copy page request, destination to source: the guest needs pages
@@ -370,6 +384,7 @@ impl Record {
         match self {
             Record::Pages { .. } | Record::Zero { .. } | Record::Discard { .. } => 17,
             Record::Sync { .. } | Record::Resize { .. } => 13,
+            Record::Barrier { .. } => 9,
             Record::End { .. } | Record::Postcopy { .. } => 5,
             Record::Section => 1,
         }
@@ -427,6 +442,14 @@ impl Record {
                 b[1..5].copy_from_slice(&sections.to_le_bytes());
             }
             Record::Section => b[0] = tag::SECTION,
+            Record::Barrier {
+                generation,
+                channels,
+            } => {
+                b[0] = tag::BARRIER;
+                b[1..5].copy_from_slice(&generation.to_le_bytes());
+                b[5..9].copy_from_slice(&channels.to_le_bytes());
+            }
         }
         w.write_all(&b[..self.wire_len()])
     }
@@ -434,6 +457,16 @@ impl Record {
     /// Reads a record header; `Ok(Err(tag))` for an unknown tag.
     pub fn read<R: ByteRead>(r: &mut R) -> Result<Result<Record, u8>, ReadError<R::Error>> {
         let [t] = read_array(r)?;
+        Self::read_after_tag(t, r)
+    }
+
+    /// Reads the rest of a record header whose tag `t` was read already
+    /// (a reader that must tell a stream ending between two records from
+    /// one ending inside a record reads the tag on its own).
+    pub fn read_after_tag<R: ByteRead>(
+        t: u8,
+        r: &mut R,
+    ) -> Result<Result<Record, u8>, ReadError<R::Error>> {
         Ok(Ok(match t {
             tag::PAGES | tag::ZERO => {
                 let (block, first, count) = (read_u32(r)?, read_u64(r)?, read_u32(r)?);
@@ -471,6 +504,10 @@ impl Record {
                 sections: read_u32(r)?,
             },
             tag::SECTION => Record::Section,
+            tag::BARRIER => Record::Barrier {
+                generation: read_u32(r)?,
+                channels: read_u32(r)?,
+            },
             other => return Ok(Err(other)),
         }))
     }
@@ -512,6 +549,10 @@ mod tests {
             },
             Record::Postcopy { sections: 300 },
             Record::Section,
+            Record::Barrier {
+                generation: 4,
+                channels: 3,
+            },
         ];
         let mut out = Vec::new();
         Header::new(3).write(&mut out).unwrap();

@@ -17,9 +17,9 @@
 use crate::addr::ByteLen;
 #[cfg(feature = "alloc")]
 use crate::bitmap::AtomicWord;
+use crate::region::{HostRegion, RegionError};
 #[cfg(feature = "alloc")]
 use core::sync::atomic::Ordering;
-use crate::region::{HostRegion, RegionError};
 
 /// Bytes per independently hashed chunk.
 #[cfg(not(miri))]
@@ -277,7 +277,10 @@ impl Ledger {
     fn with_block<T>(&self, block: usize, pages: u64, f: impl FnOnce(&BlockLedger) -> T) -> T {
         {
             let blocks = self.blocks.read();
-            if let Some(b) = blocks.get(block).filter(|b| b.digests.len() as u64 >= pages) {
+            if let Some(b) = blocks
+                .get(block)
+                .filter(|b| b.digests.len() as u64 >= pages)
+            {
                 return f(b);
             }
         }
@@ -364,10 +367,10 @@ impl Ledger {
     pub fn checksum_of(&self, block: usize, pages: u64) -> u64 {
         let blocks = self.blocks.read();
         let sum = blocks.get(block).map_or(0, |b| {
-            let past: u64 = b
-                .digests
-                .get(pages as usize..)
-                .map_or(0, |d| d.iter().fold(0u64, |a, x| a.wrapping_add(x.load(Ordering::Relaxed))));
+            let past: u64 = b.digests.get(pages as usize..).map_or(0, |d| {
+                d.iter()
+                    .fold(0u64, |a, x| a.wrapping_add(x.load(Ordering::Relaxed)))
+            });
             b.sum.load(Ordering::Relaxed).wrapping_sub(past)
         });
         finish_sum(sum, pages * PAGE as u64)

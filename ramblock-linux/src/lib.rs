@@ -58,6 +58,7 @@
 
 pub mod advice;
 pub mod builder;
+pub mod channels;
 pub mod dirty_log;
 pub mod error;
 pub mod fd_stream;

@@ -2,10 +2,10 @@
 //! share: writing records and the block table, pass accounting, harvesting
 //! the dirty log, noticing layout changes, and sending dirty runs.
 
+use super::channels::{write_run, PageChannels, RunCounts, RunError};
 use super::config::PrecopyConfig;
 use super::error::MigrateError;
 use super::host::MigrationHost;
-use super::channels::{write_run, PageChannels, RunCounts, RunError};
 use super::stats::PassReport;
 use crate::addr::{ByteLen, TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::bitmap::Storage;
@@ -299,11 +299,17 @@ impl<
                 .map_err(MigrateError::Channel)?;
             self.in_flight += (count * PAGE) as u64;
         } else {
-            let sent = write_run(&mut *self.out, self.host.ledger(), block, first as u64, &run)
-                .map_err(|e| match e {
-                    RunError::Write(e) => MigrateError::Write(e),
-                    RunError::OutsideBlock(e) => MigrateError::RunOutsideBlock(e),
-                })?;
+            let sent = write_run(
+                &mut *self.out,
+                self.host.ledger(),
+                block,
+                first as u64,
+                &run,
+            )
+            .map_err(|e| match e {
+                RunError::Write(e) => MigrateError::Write(e),
+                RunError::OutsideBlock(e) => MigrateError::RunOutsideBlock(e),
+            })?;
             self.count_sent(sent);
         }
         self.throttle_bandwidth();
@@ -325,7 +331,9 @@ impl<
             return Ok(());
         };
         let generation = self.generation;
-        let sent = channels.barrier(generation).map_err(MigrateError::Channel)?;
+        let sent = channels
+            .barrier(generation)
+            .map_err(MigrateError::Channel)?;
         let count = channels.count();
         self.in_flight = 0;
         self.count_sent(sent);
@@ -333,13 +341,17 @@ impl<
         self.write(Record::Barrier {
             generation,
             channels: count,
-        })
+        })?;
+        // The destination's channels wait at this barrier for the main
+        // stream: it must not sit in a queue here while the channels fill.
+        self.out.flush().map_err(MigrateError::Write)
     }
 
     /// Sleeps as needed to keep the pass under the bandwidth cap.
     fn throttle_bandwidth(&mut self) {
         if let Some(limit) = self.cfg.bandwidth_limit.filter(|&l| l > 0) {
-            let due = ((self.pass.bytes + self.in_flight) as u128 * 1_000_000_000 / u128::from(limit)) as u64;
+            let due = ((self.pass.bytes + self.in_flight) as u128 * 1_000_000_000
+                / u128::from(limit)) as u64;
             let elapsed = self.host.now_ns() - self.pass_start;
             if due > elapsed {
                 self.host.sleep_ns(due - elapsed);

@@ -313,7 +313,13 @@ impl<
         Header::new(self.table.len() as u32)
             .write(self.out)
             .map_err(MigrateError::Write)?;
-        self.write_table()
+        self.write_table()?;
+        if self.channels.is_some() {
+            // A destination accepts the main stream before the channels,
+            // which may fill and stall while the header waits in a queue.
+            self.out.flush().map_err(MigrateError::Write)?;
+        }
+        Ok(())
     }
 
     /// Pass 0: sends the pages the host memory says were never written as

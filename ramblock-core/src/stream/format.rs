@@ -174,6 +174,61 @@ pub enum Record {
     },
 }
 
+/// The first bytes of a page channel's connection
+/// (`crate::migrate::channels`): magic [`CHANNEL_MAGIC`], version
+/// [`CHANNEL_VERSION`], this channel's index and the channel count; records
+/// follow. The main stream starts as always, with its [`Header`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ChannelHello {
+    /// This channel, from 0.
+    pub index: u32,
+    /// Page channels of the migration.
+    pub count: u32,
+}
+
+/// Magic bytes of a [`ChannelHello`].
+pub const CHANNEL_MAGIC: [u8; 8] = *b"RBCHANNL";
+/// Version of the page-channel format.
+pub const CHANNEL_VERSION: u16 = 1;
+
+impl ChannelHello {
+    /// Bytes on the wire.
+    pub const LEN: usize = 18;
+
+    /// Writes the hello.
+    pub fn write<W: ByteWrite>(&self, w: &mut W) -> Result<(), W::Error> {
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&CHANNEL_MAGIC);
+        b[8..10].copy_from_slice(&CHANNEL_VERSION.to_le_bytes());
+        b[10..14].copy_from_slice(&self.index.to_le_bytes());
+        b[14..18].copy_from_slice(&self.count.to_le_bytes());
+        w.write_all(&b)
+    }
+
+    /// Reads a hello: `Ok(Err(why))` for wrong magic or version, or an
+    /// index not below the count.
+    pub fn read<R: ByteRead>(
+        r: &mut R,
+    ) -> Result<Result<ChannelHello, &'static str>, ReadError<R::Error>> {
+        let b: [u8; Self::LEN] = read_array(r)?;
+        if b[..8] != CHANNEL_MAGIC {
+            return Ok(Err("not a page channel (wrong magic)"));
+        }
+        if u16::from_le_bytes([b[8], b[9]]) != CHANNEL_VERSION {
+            return Ok(Err("unsupported page channel version"));
+        }
+        let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let hello = ChannelHello {
+            index: word(10),
+            count: word(14),
+        };
+        if hello.index >= hello.count {
+            return Ok(Err("channel index not below the channel count"));
+        }
+        Ok(Ok(hello))
+    }
+}
+
 /// A post-copy page request, destination to source: the guest needs pages
 /// `first .. first + count` of block `block` (a table index). The source
 /// sends them before anything else it has left.

@@ -25,11 +25,11 @@ pub use handover::{acknowledge, send_ack, Handover};
 pub use placement::PostcopyTarget;
 pub use sections::SectionSink;
 
+use super::channels::ChannelGate;
 use crate::addr::{ByteLen, TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::bitmap::Storage;
 use crate::block::RamBlock;
 use crate::checksum::{Checksum, PageLedger};
-use super::channels::ChannelGate;
 use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::list::{RamList, ResizeError};
@@ -413,8 +413,13 @@ impl<'b> Receiver<'b> {
     ) -> Result<(), ReceiveError<E, M::Error>> {
         let len = count as usize * TARGET_PAGE_SIZE as usize;
         let data = is_pages.then_some(&self.bounce[..len]);
-        let ledger = self.ledger.as_mut().map(|l| &mut **l as &mut dyn PageLedger);
-        store_precopy_run(dest, &slot.name, block, first, count, data, self.fresh, ledger)?;
+        let ledger = self
+            .ledger
+            .as_mut()
+            .map(|l| &mut **l as &mut dyn PageLedger);
+        store_precopy_run(
+            dest, &slot.name, block, first, count, data, self.fresh, ledger,
+        )?;
         if is_pages {
             self.summary.pages += u64::from(count);
         } else {

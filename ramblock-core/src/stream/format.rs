@@ -644,7 +644,7 @@ mod tests {
         for want in records {
             assert_eq!(Record::read(&mut r).unwrap(), Ok(want));
         }
-        assert_eq!(Record::read(&mut SliceReader::new(&[9])).unwrap(), Err(9));
+        assert_eq!(Record::read(&mut SliceReader::new(&[10])).unwrap(), Err(10));
         let mut back = Vec::new();
         let req = PageRequest {
             block: 2,

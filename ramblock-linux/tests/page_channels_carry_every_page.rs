@@ -182,7 +182,7 @@ fn receive(
     let mut main = listener
         .accept_migration(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut channels = listener
+    let channels = listener
         .accept_page_channels(CHANNELS, Duration::from_secs(10))
         .unwrap();
     if let Some(k) = kill_channel {

@@ -302,12 +302,13 @@ pub fn receive_channel<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
                 })
             }
         };
-        if count == 0 || count > MAX_RUN_PAGES {
-            return Err(ReceiveError::BadRunLength(count));
-        }
+        // Checked in the main stream's order: index, length, bounds.
         let name = names
             .get(block as usize)
             .ok_or(ReceiveError::BadBlockIndex(block))?;
+        if count == 0 || count > MAX_RUN_PAGES {
+            return Err(ReceiveError::BadRunLength(count));
+        }
         let view = list.read();
         let dest = view
             .by_name(name.as_str())

@@ -92,7 +92,8 @@ fn model(data: &[u8], memory: &mut [Vec<u8>]) -> Result<(u64, u64), u32> {
                 generation += 1;
             }
             3 | 4 => {
-                (r.u32()?, r.u64()?);
+                r.u32()?;
+                r.u64()?;
                 return Err(23);
             }
             5 | 7 => {
@@ -100,7 +101,9 @@ fn model(data: &[u8], memory: &mut [Vec<u8>]) -> Result<(u64, u64), u32> {
                 return Err(23);
             }
             6 => {
-                (r.u32()?, r.u64()?, r.u32()?);
+                r.u32()?;
+                r.u64()?;
+                r.u32()?;
                 return Err(23);
             }
             8 => return Err(23),

@@ -70,10 +70,16 @@ const SO_EE_CODE_ZEROCOPY_COPIED: u8 = 1;
 /// (Documentation/networking/msg_zerocopy.rst).
 pub const DEFAULT_MIN_LEN: usize = 16 << 10;
 
-/// Uncompleted sends allowed by default. Each holds an allocation charged
-/// to `net.core.optmem_max` (128 KiB on current kernels); TCP extends one
-/// allocation over consecutive sends, so this stays well under it.
-pub const DEFAULT_MAX_OUTSTANDING: usize = 64;
+/// Uncompleted sends allowed by default. The memory the kernel pins is
+/// bounded anyway: pinned pages count against the socket's send buffer as
+/// copied ones do. What this bounds is the bookkeeping (one entry per send
+/// here, one notification per range in the kernel, charged to
+/// `net.core.optmem_max`; `ENOBUFS` from that limit makes the writer wait
+/// for completions and retry). Set high enough not to throttle a full send
+/// buffer of 256 KiB runs: with 64, pass 0 over loopback measured 0.66x
+/// plain `writev`, with 1024 and 4096 0.87x and 0.95x (a noisy machine;
+/// BENCHMARKS.md, "Zero-copy sends").
+pub const DEFAULT_MAX_OUTSTANDING: usize = 1024;
 
 /// How long the writer waits for the kernel (completions, or room in a
 /// non-blocking socket) before it gives up, by default: a peer that stops

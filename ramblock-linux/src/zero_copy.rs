@@ -587,3 +587,52 @@ impl<T: Write + AsFd> Drop for ZeroCopyWriter<T> {
         let _ = self.reap_until(0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    /// The bookkeeping against a model: sends numbered across the 2^32
+    /// wrap, completed in coalesced ranges out of order (and once again,
+    /// as a malformed report would): each send counts once, sends retire
+    /// only in order, and a queue buffer is released only with its send.
+    #[test]
+    fn completions_out_of_order_and_across_the_wrap() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let mut w = ZeroCopyWriter::new(a).unwrap();
+        w.low = u32::MAX - 2; // ids MAX-2, MAX-1, MAX, 0, 1, 2
+        for i in 0..6 {
+            w.pending.push_back(Pending {
+                done: false,
+                bytes: 100 + i,
+                buffer: (i == 1).then(|| vec![1u8; 10]),
+            });
+        }
+        w.undone = 6;
+        // Sends 0..=2 (ids MAX, 0, 1 are the 3rd to 5th) first: nothing
+        // retires, the front is still out.
+        w.complete(u32::MAX, 1, true);
+        assert_eq!((w.undone, w.pending.len(), w.low), (3, 6, u32::MAX - 2));
+        // Again, overlapping: counted once.
+        w.complete(u32::MAX - 1, 1, true);
+        assert_eq!(w.undone, 2);
+        assert_eq!(w.pending.len(), 6, "the front (MAX-2) still holds all");
+        assert!(w.spare.is_empty(), "the header buffer is still referenced");
+        w.complete(u32::MAX - 2, u32::MAX - 2, false);
+        assert_eq!((w.undone, w.pending.len(), w.low), (1, 1, 2));
+        assert_eq!(w.spare.len(), 1, "the header buffer came back");
+        assert!(w.spare[0].is_empty());
+        // A report for ids long retired or never sent changes nothing.
+        w.complete(10, 20, true);
+        assert_eq!(w.undone, 1);
+        w.complete(2, 2, false);
+        assert_eq!((w.undone, w.pending.len(), w.low), (0, 0, 3));
+        let s = w.stats();
+        assert_eq!(s.completed_sends, 6);
+        // Copied: MAX-1, MAX, 0, 1 (the second report added MAX-1).
+        assert_eq!(s.copied_sends, 4);
+        assert_eq!(s.copied_bytes, 101 + 102 + 103 + 104);
+    }
+}

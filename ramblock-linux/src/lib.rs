@@ -59,6 +59,7 @@
 
 pub mod advice;
 pub mod builder;
+pub mod channels;
 pub mod dirty_log;
 pub mod error;
 pub mod fd_stream;

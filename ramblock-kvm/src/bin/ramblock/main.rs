@@ -370,6 +370,7 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         resume: opts.resume.then(|| listener.clone()),
         precopy: precopy_guest,
         refuse_section: opts.refuse_section.clone(),
+        channels: (opts.channels > 0).then(|| (listener.clone(), opts.channels)),
     };
     match destination::receive(ram, conn, how) {
         Ok(r) => {
@@ -562,6 +563,7 @@ fn run_source(
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let resume = (opts.resume || opts.break_postcopy.is_some()).then(|| listener.clone());
     let refuse_section = opts.refuse_section.clone();
+    let channels = (opts.channels > 0).then(|| (listener.clone(), opts.channels));
     let receiver = std::thread::spawn(move || {
         // Bounded, so a source that never connects cannot leave this
         // thread waiting for ever.
@@ -574,6 +576,7 @@ fn run_source(
             resume,
             precopy: precopy_guest,
             refuse_section,
+            channels,
         };
         destination::receive(dest, conn, how)
     });

@@ -63,6 +63,12 @@ pub struct MigrateOptions {
     /// By default a pre-copy destination preallocates before it listens.
     #[arg(long)]
     pub lazy_destination: bool,
+    /// Pre-copy pages travel on N page channels beside the main stream,
+    /// each with a sending thread here and a receiving thread on the
+    /// destination (0: pages on the main stream). Both sides must be given
+    /// the same N.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub channels: u32,
     /// If the connection breaks during post-copy, reconnect and resume
     /// instead of failing (both sides keep their state meanwhile).
     #[arg(long)]

@@ -120,8 +120,9 @@ pub struct MigrateOptions {
     /// waited for). Off by default: on loopback and veth the kernel copies
     /// anyway and it costs more than it saves (BENCHMARKS.md, "Zero-copy
     /// sends"); the summary says how many sends the kernel copied after
-    /// all. Refused over TLS and UNIX sockets.
-    #[arg(long, conflicts_with_all = ["incoming", "local"])]
+    /// all. Refused over TLS and UNIX sockets, and with --channels (the
+    /// page channels send by copy).
+    #[arg(long, conflicts_with_all = ["incoming", "local", "channels"])]
     pub zero_copy: bool,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]

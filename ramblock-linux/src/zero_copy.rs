@@ -293,10 +293,14 @@ impl<T: Write + AsFd> ZeroCopyWriter<T> {
     /// Retries short sends, `EINTR`, `EAGAIN` (after waiting for room) and
     /// `ENOBUFS` (after waiting for completions).
     ///
+    /// # Safety
     /// `data..data + len` must be readable for the call (a region's bytes,
-    /// which its creator keeps mapped, or a slice's), and with `zero_copy`
-    /// should stay unchanged until the next flush (the module's contract).
-    fn send_with(
+    /// which its creator keeps mapped, or a slice's). With `zero_copy` the
+    /// kernel reads them later too, from pages it pinned (so nothing can
+    /// fault); they should stay unchanged until the next flush or be sent
+    /// again (the module's contract), but that is correctness of the
+    /// stream, not memory safety.
+    unsafe fn send_with(
         &mut self,
         data: *const u8,
         len: usize,
@@ -548,7 +552,8 @@ impl<T: Write + AsFd> ZeroCopyWriter<T> {
     /// Sends the queue (by copy) and waits for every completion.
     fn flush_all(&mut self) -> Result<(), ZeroCopyError> {
         if !self.queued.is_empty() {
-            self.send_with(std::ptr::NonNull::dangling().as_ptr(), 0, false)?;
+            // SAFETY: zero bytes: nothing past the queue is read.
+            unsafe { self.send_with(std::ptr::NonNull::dangling().as_ptr(), 0, false) }?;
         }
         self.inner.flush()?;
         self.reap_until(0)
@@ -562,7 +567,9 @@ impl<T: Write + AsFd> ByteWrite for ZeroCopyWriter<T> {
         if self.queued.len() + buf.len() > QUEUE_BYTES {
             // Sent by copy with the queue, in one writev: the slice's
             // borrow ends with this call.
-            return self.send_with(buf.as_ptr(), buf.len(), false);
+            // SAFETY: `buf` is readable for this call, and without
+            // zero-copy the kernel is done with it when the call returns.
+            return unsafe { self.send_with(buf.as_ptr(), buf.len(), false) };
         }
         self.queued.extend_from_slice(buf);
         Ok(())
@@ -570,7 +577,9 @@ impl<T: Write + AsFd> ByteWrite for ZeroCopyWriter<T> {
 
     fn write_region(&mut self, region: &HostRegion<'_>) -> Result<(), ZeroCopyError> {
         let zero_copy = self.enabled && region.len() >= self.min_len;
-        self.send_with(region.as_ptr(), region.len(), zero_copy)
+        // SAFETY: a region's creator keeps its bytes mapped and readable
+        // for the region's lifetime, which covers this call.
+        unsafe { self.send_with(region.as_ptr(), region.len(), zero_copy) }
     }
 
     /// Sends what is queued and returns once the kernel completed every

@@ -15,8 +15,8 @@ use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::section::SectionHeader;
 use ramblock_core::stream::format::DEFAULT_DEVICE_STATE_LIMIT;
 use ramblock_core::stream::io::IoStream;
-use ramblock_linux::postcopy::{LatencySummary, PostcopyDestination};
 use ramblock_linux::channels::{receive_page_channels, Gate};
+use ramblock_linux::postcopy::{LatencySummary, PostcopyDestination};
 use ramblock_linux::transport::{Conn, Listener, ResumeProof};
 use std::sync::{Arc, Mutex};
 

@@ -225,11 +225,22 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
                     receive_stream(Some(gate))
                 })
                 .map_err(|e| format!("cannot start the page channels: {e}"))?;
+            // The main stream's summary counts its own pages; the
+            // channels' go with them.
+            let (pages, zero_pages) = channels
+                .channels
+                .iter()
+                .flatten()
+                .fold((0, 0), |(p, z), c| (p + c.pages, z + c.zero_pages));
             let failed = channels.channels.into_iter().find_map(Result::err);
             match (result?, failed) {
                 // The channel's own error says what went wrong.
                 (Err(ReceiveError::ChannelFailed), Some(e)) => Err(e),
-                (result, _) => result,
+                (result, _) => result.map(|mut summary| {
+                    summary.pages += pages;
+                    summary.zero_pages += zero_pages;
+                    summary
+                }),
             }
         }
     };

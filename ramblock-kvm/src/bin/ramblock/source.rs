@@ -18,6 +18,7 @@ use ramblock_core::stream::received_map::{read_received_map, scratch_words};
 use ramblock_core::stream::resume_token::ResumeToken;
 use ramblock_linux::channels::with_page_channels;
 use ramblock_linux::transport::{Conn, Connector};
+use ramblock_linux::zero_copy::ZeroCopyStats;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -158,6 +159,8 @@ pub struct Sent {
     pub device_state: Vec<u8>,
     /// Pass 0's throughput, bytes per second (0 if it never ended).
     pub pass0_bandwidth: f64,
+    /// With `--zero-copy`: what the writer sent how (None without).
+    pub zero_copy: Option<ZeroCopyStats>,
 }
 
 /// Migrates `ram` over `stream`, made by `connector`. On a pre-copy failure
@@ -174,7 +177,7 @@ pub fn send<D: DirtyLogSource>(
 ) -> Result<Sent, String> {
     let breaks = opts.break_postcopy.map(Breaks::new);
     let resume = opts.resume || breaks.is_some();
-    let (link, mut out) = Link::new(stream, connector.clone(), resume, breaks)?;
+    let (link, mut out) = Link::new(stream, connector.clone(), resume, breaks, opts.zero_copy)?;
     let mut ack = link.ack_reader()?;
     let mut device_state = Vec::new();
     let ledger = ledger_for(ram);
@@ -228,12 +231,14 @@ pub fn send<D: DirtyLogSource>(
         .map_err(|e| format!("cannot start the page channels: {e}"))?
     };
     let pass0_bandwidth = host.pass0_bandwidth;
+    let zero_copy = host.link.zero_copy_stats();
     drop(host);
     result
         .map(|stats| Sent {
             stats,
             device_state,
             pass0_bandwidth,
+            zero_copy,
         })
         .map_err(|e| e.to_string())
 }

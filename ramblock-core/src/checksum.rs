@@ -15,7 +15,11 @@
 //!   end-of-migration checksum costs nothing while the guest is paused.
 
 use crate::addr::ByteLen;
+#[cfg(feature = "alloc")]
+use crate::bitmap::AtomicWord;
 use crate::region::{HostRegion, RegionError};
+#[cfg(feature = "alloc")]
+use core::sync::atomic::Ordering;
 
 /// Bytes per independently hashed chunk.
 #[cfg(not(miri))]
@@ -218,29 +222,40 @@ pub trait PageLedger {
 }
 
 /// A [`PageLedger`] holding one digest per page (8 bytes per 4 KiB page).
+///
+/// Shared: every method takes `&self` (digests and sums are atomics, the
+/// per-block vectors grow under a lock), so the threads of a multi-channel
+/// migration record into one ledger through `&Ledger`, which is a
+/// [`PageLedger`] too. A page recorded twice by two threads keeps whichever
+/// digest came last, and the block's sum stays the sum of the digests kept:
+/// each update adds the difference between the digest it swapped in and the
+/// one it swapped out. Which update comes last is the caller's ordering
+/// (a migration's channels meet at a barrier between two passes).
 #[cfg(feature = "alloc")]
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Ledger {
-    blocks: alloc::vec::Vec<BlockLedger>,
+    blocks: spin::RwLock<alloc::vec::Vec<BlockLedger>>,
     zero_hash: u64,
 }
 
 #[cfg(feature = "alloc")]
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 struct BlockLedger {
-    digests: alloc::vec::Vec<u64>,
-    sum: u64,
+    digests: alloc::vec::Vec<AtomicWord>,
+    sum: AtomicWord,
 }
 
 #[cfg(feature = "alloc")]
 impl BlockLedger {
-    fn set(&mut self, page: u64, digest: u64) {
-        let page = page as usize;
-        if page >= self.digests.len() {
-            self.digests.resize(page + 1, 0);
-        }
-        let old = core::mem::replace(&mut self.digests[page], digest);
-        self.sum = self.sum.wrapping_sub(old).wrapping_add(digest);
+    /// Sets page `page`'s digest (inside the vector); returns what the
+    /// block's sum must change by.
+    fn set(&self, page: usize, digest: u64) -> u64 {
+        let old = self.digests[page].swap(digest, Ordering::Relaxed);
+        digest.wrapping_sub(old)
+    }
+
+    fn add(&self, delta: u64) {
+        self.sum.fetch_add(delta, Ordering::Relaxed);
     }
 }
 
@@ -251,16 +266,114 @@ impl Ledger {
         let mut c = Checksum::new();
         c.update(&[0u8; PAGE]);
         Ledger {
-            blocks: alloc::vec::Vec::new(),
+            blocks: spin::RwLock::new(alloc::vec::Vec::new()),
             zero_hash: c.finish(),
         }
     }
 
-    fn block(&mut self, block: usize) -> &mut BlockLedger {
-        if block >= self.blocks.len() {
-            self.blocks.resize_with(block + 1, BlockLedger::default);
+    /// Runs `f` on `block`'s ledger, grown first to hold at least `pages`
+    /// pages. Recording is under the shared lock; only growing takes the
+    /// exclusive one, and a migration reserves every block's room up front.
+    fn with_block<T>(&self, block: usize, pages: u64, f: impl FnOnce(&BlockLedger) -> T) -> T {
+        {
+            let blocks = self.blocks.read();
+            if let Some(b) = blocks
+                .get(block)
+                .filter(|b| b.digests.len() as u64 >= pages)
+            {
+                return f(b);
+            }
         }
-        &mut self.blocks[block]
+        let mut blocks = self.blocks.write();
+        if block >= blocks.len() {
+            blocks.resize_with(block + 1, BlockLedger::default);
+        }
+        let b = &mut blocks[block];
+        if (b.digests.len() as u64) < pages {
+            // Zero is "not recorded": it adds nothing to the sum.
+            b.digests.resize_with(pages as usize, || AtomicWord::new(0));
+        }
+        f(b)
+    }
+
+    /// [`PageLedger::record`] through a shared reference.
+    pub fn record_shared(&self, block: usize, first: u64, data: &[u8]) {
+        let pages = (data.len() / PAGE) as u64;
+        self.with_block(block, first.saturating_add(pages), |b| {
+            let mut delta = 0u64;
+            for (k, page) in data.chunks_exact(PAGE).enumerate() {
+                let index = first + k as u64;
+                delta = delta.wrapping_add(b.set(index as usize, page_digest(index, page)));
+            }
+            b.add(delta);
+        });
+    }
+
+    /// [`PageLedger::record_region`] through a shared reference.
+    pub fn record_region_shared(&self, block: usize, first: u64, pages: &HostRegion<'_>) {
+        let count = (pages.len() / PAGE) as u64;
+        self.with_block(block, first.saturating_add(count), |b| {
+            let mut delta = 0u64;
+            for k in 0..count {
+                // In range: page k lies inside the region.
+                let digest =
+                    page_digest_region(first + k, pages, ByteLen::from_pages(k)).unwrap_or(0);
+                delta = delta.wrapping_add(b.set((first + k) as usize, digest));
+            }
+            b.add(delta);
+        });
+    }
+
+    /// [`PageLedger::record_zero`] through a shared reference.
+    pub fn record_zero_shared(&self, block: usize, first: u64, count: u64) {
+        let end = first.saturating_add(count);
+        if end == first {
+            return;
+        }
+        let zero = self.zero_hash;
+        // One sum update per run, not per page: a fresh 4 GiB guest is a
+        // million zero pages.
+        self.with_block(block, end, |b| {
+            let mut delta = 0u64;
+            for page in first..end {
+                delta = delta.wrapping_add(b.set(page as usize, mix_index(zero, page)));
+            }
+            b.add(delta);
+        });
+    }
+
+    /// [`PageLedger::reserve`] through a shared reference.
+    pub fn reserve_shared(&self, block: usize, pages: u64) {
+        self.with_block(block, pages, |_| ());
+    }
+
+    /// [`PageLedger::truncate`] through a shared reference.
+    pub fn truncate_shared(&self, block: usize, pages: u64) {
+        let mut blocks = self.blocks.write();
+        if block >= blocks.len() {
+            blocks.resize_with(block + 1, BlockLedger::default);
+        }
+        let b = &mut blocks[block];
+        let keep = (pages as usize).min(b.digests.len());
+        let dropped = b.digests[keep..]
+            .iter()
+            .fold(0u64, |a, d| a.wrapping_add(d.load(Ordering::Relaxed)));
+        b.add(dropped.wrapping_neg());
+        b.digests.truncate(keep);
+    }
+
+    /// [`PageLedger::checksum`]: the checksum of `block`'s first `pages`
+    /// pages as recorded.
+    pub fn checksum_of(&self, block: usize, pages: u64) -> u64 {
+        let blocks = self.blocks.read();
+        let sum = blocks.get(block).map_or(0, |b| {
+            let past: u64 = b.digests.get(pages as usize..).map_or(0, |d| {
+                d.iter()
+                    .fold(0u64, |a, x| a.wrapping_add(x.load(Ordering::Relaxed)))
+            });
+            b.sum.load(Ordering::Relaxed).wrapping_sub(past)
+        });
+        finish_sum(sum, pages * PAGE as u64)
     }
 }
 
@@ -273,72 +386,39 @@ impl Default for Ledger {
     }
 }
 
-#[cfg(feature = "alloc")]
-impl PageLedger for Ledger {
-    fn record(&mut self, block: usize, first: u64, data: &[u8]) {
-        let b = self.block(block);
-        for (k, page) in data.chunks(PAGE).enumerate() {
-            b.set(first + k as u64, page_digest(first + k as u64, page));
-        }
-    }
+/// The trait's calls, for a ledger owned and for one shared between
+/// threads (`&Ledger`).
+macro_rules! ledger_forwards {
+    ($($ledger:ty),*) => {$(
+        #[cfg(feature = "alloc")]
+        impl PageLedger for $ledger {
+            fn record(&mut self, block: usize, first: u64, data: &[u8]) {
+                self.record_shared(block, first, data);
+            }
 
-    fn record_region(&mut self, block: usize, first: u64, pages: &HostRegion<'_>) {
-        let b = self.block(block);
-        for k in 0..(pages.len() / PAGE) as u64 {
-            // In range: page k lies inside the region.
-            let digest = page_digest_region(first + k, pages, ByteLen::from_pages(k)).unwrap_or(0);
-            b.set(first + k, digest);
-        }
-    }
+            fn record_region(&mut self, block: usize, first: u64, pages: &HostRegion<'_>) {
+                self.record_region_shared(block, first, pages);
+            }
 
-    fn record_zero(&mut self, block: usize, first: u64, count: u64) {
-        let zero = self.zero_hash;
-        let b = self.block(block);
-        let end = first.saturating_add(count);
-        if end == first {
-            return;
-        }
-        // One bounds check and one sum update per run, not per page: a
-        // fresh 4 GiB guest is a million zero pages.
-        b.set(end - 1, mix_index(zero, end - 1));
-        let mut sum = b.sum;
-        for (page, d) in (first..end - 1).zip(&mut b.digests[first as usize..(end - 1) as usize]) {
-            let digest = mix_index(zero, page);
-            sum = sum.wrapping_sub(*d).wrapping_add(digest);
-            *d = digest;
-        }
-        b.sum = sum;
-    }
+            fn record_zero(&mut self, block: usize, first: u64, count: u64) {
+                self.record_zero_shared(block, first, count);
+            }
 
-    fn reserve(&mut self, block: usize, pages: u64) {
-        let b = self.block(block);
-        if (b.digests.len() as u64) < pages {
-            // Zero is "not recorded": it adds nothing to the sum.
-            b.digests.resize(pages as usize, 0);
+            fn reserve(&mut self, block: usize, pages: u64) {
+                self.reserve_shared(block, pages);
+            }
+
+            fn truncate(&mut self, block: usize, pages: u64) {
+                self.truncate_shared(block, pages);
+            }
+
+            fn checksum(&self, block: usize, pages: u64) -> u64 {
+                self.checksum_of(block, pages)
+            }
         }
-    }
-
-    fn truncate(&mut self, block: usize, pages: u64) {
-        let b = self.block(block);
-        let keep = (pages as usize).min(b.digests.len());
-        let dropped = b.digests[keep..]
-            .iter()
-            .fold(0u64, |a, &d| a.wrapping_add(d));
-        b.sum = b.sum.wrapping_sub(dropped);
-        b.digests.truncate(keep);
-    }
-
-    fn checksum(&self, block: usize, pages: u64) -> u64 {
-        let sum = self.blocks.get(block).map_or(0, |b| {
-            let past: u64 = b
-                .digests
-                .get(pages as usize..)
-                .map_or(0, |d| d.iter().fold(0u64, |a, &x| a.wrapping_add(x)));
-            b.sum.wrapping_sub(past)
-        });
-        finish_sum(sum, pages * PAGE as u64)
-    }
+    )*};
 }
+ledger_forwards!(Ledger, &Ledger);
 
 #[cfg(test)]
 mod tests {

@@ -56,6 +56,7 @@
 #![deny(missing_docs)]
 
 pub mod bitmap;
+pub mod channel_receive;
 pub mod clear_map;
 pub mod generate;
 mod model_cursor;

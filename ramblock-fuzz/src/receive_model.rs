@@ -315,6 +315,7 @@ impl Model {
                 1 | 2 | 6 => (r.u32()?, r.u64()?, u64::from(r.u32()?)),
                 3 | 4 => (r.u32()?, r.u64()?, 0),
                 5 | 7 => (r.u32()?, 0, 0),
+                9 => (r.u32()?, u64::from(r.u32()?), 0),
                 _ => return Err(12),
             };
             // After a pre-copy section only sections and End may come.
@@ -351,6 +352,9 @@ impl Model {
                     self.ledger[index as usize].retain(|&p, _| p < pages);
                 }
                 6 => self.discard(&table, fields)?,
+                // A barrier: this receiver has no page channels.
+                9 if self.postcopy => return Err(23),
+                9 => return Err(38),
                 7 => {
                     if self.postcopy {
                         return Err(23);

@@ -322,6 +322,14 @@ fn model_receive(
                 }
                 loaded.push((name.to_string(), instance, version, body.to_vec()));
             }
+            9 => {
+                // Barrier: read whole, then refused: this destination has
+                // no page channels.
+                r.u32()?;
+                r.u32()?;
+                after_state(state)?;
+                return Err(38);
+            }
             _ => return Err(12),
         }
     }

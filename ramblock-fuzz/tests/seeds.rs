@@ -2,8 +2,8 @@
 //! model, exactly as the fuzzer would run it.
 
 use ramblock_fuzz::{
-    bitmap, clear_map, files_in, postcopy_receive, postcopy_resume, ram_list, return_path,
-    snapshot_meta, stream_decode, stream_roundtrip,
+    bitmap, channel_receive, clear_map, files_in, postcopy_receive, postcopy_resume, ram_list,
+    return_path, snapshot_meta, stream_decode, stream_roundtrip,
 };
 use std::path::Path;
 
@@ -23,6 +23,11 @@ fn replay(target: &str, fuzz: fn(&[u8])) {
 #[test]
 fn bitmap_seeds() {
     replay("bitmap", bitmap::fuzz);
+}
+
+#[test]
+fn channel_receive_seeds() {
+    replay("channel_receive", channel_receive::fuzz);
 }
 
 #[test]

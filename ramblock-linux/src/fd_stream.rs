@@ -7,7 +7,9 @@
 //! in the sending thread's profile. [`FdWriter`] queues the small record
 //! headers and sends a header and the pages that follow it with one
 //! `writev(2)` straight from guest memory, so the only copy left is the
-//! kernel's into its socket buffer.
+//! kernel's into its socket buffer. ([`ZeroCopyWriter`](crate::zero_copy::ZeroCopyWriter)
+//! removes that one too with `MSG_ZEROCOPY` on TCP; it is opt-in, as it
+//! only pays when a NIC reads the pages itself.)
 //!
 //! On the receiving side, [`FdReader`] reads a `Pages` payload straight
 //! into guest memory when the socket already holds all of it (`FIONREAD`),

@@ -41,7 +41,8 @@
 //! post-copy destination on it (registration, the fault thread, page
 //! requests on the return path);
 //! [`fd_stream`] moves a migration stream between a socket and guest memory
-//! without a user-space copy; [`local_update`] hands guest RAM to a new
+//! without a user-space copy, and [`zero_copy`] without the kernel's copy
+//! either (`MSG_ZEROCOPY`, opt-in); [`local_update`] hands guest RAM to a new
 //! process on the same host by passing its fds over a UNIX socket; [`snapshot`] saves guest RAM to a file and
 //! restores it eagerly, by mapping or lazily through userfaultfd. [`dirty_log`] tracks writes without a
 //! hypervisor (userfaultfd asynchronous write-protect, harvested with
@@ -58,6 +59,7 @@
 
 pub mod advice;
 pub mod builder;
+pub mod channels;
 pub mod dirty_log;
 pub mod error;
 pub mod fd_stream;
@@ -78,6 +80,7 @@ pub mod prealloc;
 pub mod snapshot;
 pub mod transport;
 pub mod uffd;
+pub mod zero_copy;
 
 pub use advice::{Hint, LockMode};
 pub use builder::MemoryBuilder;

@@ -2,6 +2,9 @@
 //! share: writing records and the block table, pass accounting, harvesting
 //! the dirty log, noticing layout changes, and sending dirty runs.
 
+use super::channels::{
+    write_run, ChannelFailure, ChannelFailureKind, PageChannels, RunCounts, RunError,
+};
 use super::config::PrecopyConfig;
 use super::error::MigrateError;
 use super::host::MigrationHost;
@@ -51,6 +54,14 @@ pub(super) struct Engine<'a, 'l, M, S: Storage, const N: usize, D, W, H> {
     /// enough to measure it ([`RATE_SAMPLE_BYTES`]).
     pub(super) send_rate: Option<f64>,
     pub(super) throttle: u8,
+    /// Page channels to hand runs to, until post-copy starts; `None`
+    /// sends them inline on `out`.
+    pub(super) channels: Option<&'a mut dyn PageChannels>,
+    /// The next barrier's generation.
+    pub(super) generation: u32,
+    /// Bytes handed to the channels since their last barrier (counted by
+    /// the channels at the barrier; an estimate until then).
+    pub(super) in_flight: u64,
 }
 
 /// A pass that sends less than this (a few pages, or zero pages only,
@@ -145,6 +156,7 @@ impl<
     /// Tells the host how far the pass in progress is.
     fn report_progress(&mut self) {
         let mut so_far = self.pass;
+        so_far.bytes += self.in_flight;
         so_far.duration_ns = (self.host.now_ns() - self.pass_start).max(1);
         so_far.bandwidth = so_far.bytes as f64 / (so_far.duration_ns as f64 / 1e9);
         self.host.pass_progress(&so_far);
@@ -211,6 +223,10 @@ impl<
                 return Err(MigrateError::BlockAdded(added.name.clone()));
             }
         }
+        if !resized.is_empty() {
+            // Pages sent before the resize land before it.
+            self.barrier()?;
+        }
         for (block, used_length) in resized {
             self.write(Record::Resize { block, used_length })?;
         }
@@ -259,12 +275,13 @@ impl<
         Ok(())
     }
 
-    /// Sends `count` pages from `first`, zero pages as counts. The pages
-    /// are read in place: checked for zeros, hashed for the ledger and
-    /// handed to the writer without a copy. A page the guest changes
-    /// meanwhile may go out torn, but it is dirty again (its clear-map chunk
-    /// was cleared before this), so a later pass, at the latest the one
-    /// with the guest paused, sends it again and records its final digest.
+    /// Sends `count` pages from `first`, zero pages as counts, inline
+    /// ([`write_run`]) or through a page channel. The pages are read in
+    /// place: checked for zeros, hashed for the ledger and handed to the
+    /// writer without a copy. A page the guest changes meanwhile may go out
+    /// torn, but it is dirty again (its clear-map chunk was cleared before
+    /// this), so a later pass, at the latest the one with the guest paused,
+    /// sends it again and records its final digest.
     pub(super) fn send_run<E>(
         &mut self,
         block: u32,
@@ -277,53 +294,76 @@ impl<
         let run = region
             .subregion(ByteLen::from_pages(first as u64), count * PAGE)
             .map_err(MigrateError::RunOutsideBlock)?;
-        let is_zero = |i: usize| run.is_zero(ByteLen::from_pages(i as u64), PAGE) == Ok(true);
-        let mut i = 0;
-        while i < count {
-            let zero = is_zero(i);
-            let mut j = i + 1;
-            while j < count && is_zero(j) == zero {
-                j += 1;
-            }
-            let (first, n) = ((first + i) as u64, (j - i) as u32);
-            // In range: i < j <= count.
-            let pages = run
-                .subregion(ByteLen::from_pages(i as u64), (j - i) * PAGE)
-                .map_err(MigrateError::RunOutsideBlock)?;
-            if let Some(ledger) = self.host.ledger() {
-                if zero {
-                    ledger.record_zero(block as usize, first, u64::from(n));
-                } else {
-                    ledger.record_region(block as usize, first, &pages);
-                }
-            }
-            if zero {
-                self.write(Record::Zero {
-                    block,
-                    first,
-                    count: n,
-                })?;
-                self.pass.zero_pages += u64::from(n);
-            } else {
-                self.write(Record::Pages {
-                    block,
-                    first,
-                    count: n,
-                })?;
-                self.out.write_region(&pages).map_err(MigrateError::Write)?;
-                self.pass.bytes += (j - i) as u64 * PAGE as u64;
-                self.pass.pages_sent += u64::from(n);
-            }
-            i = j;
+        if let Some(channels) = self.channels.as_deref_mut() {
+            let name = &self.table[block as usize].name;
+            let sent = channels.send(block, name, first as u64, count as u32);
+            sent.map_err(|e| self.channel_failed(e))?;
+            self.in_flight += (count * PAGE) as u64;
+        } else {
+            let sent = write_run(
+                &mut *self.out,
+                self.host.ledger(),
+                block,
+                first as u64,
+                &run,
+            )
+            .map_err(|e| match e {
+                RunError::Write(e) => MigrateError::Write(e),
+                RunError::OutsideBlock(e) => MigrateError::RunOutsideBlock(e),
+            })?;
+            self.count_sent(sent);
         }
         self.throttle_bandwidth();
         Ok(())
     }
 
+    /// A channel's failure as the migration's error: a removed block by
+    /// its name, as without channels.
+    fn channel_failed<E>(&self, failure: ChannelFailure) -> MigrateError<D::Error, W::Error, E> {
+        match failure.what {
+            ChannelFailureKind::BlockRemoved(index) => match self.table.get(index as usize) {
+                Some(slot) => MigrateError::BlockRemoved(slot.name.clone()),
+                None => MigrateError::Channel(failure),
+            },
+            _ => MigrateError::Channel(failure),
+        }
+    }
+
+    fn count_sent(&mut self, sent: RunCounts) {
+        self.pass.bytes += sent.bytes;
+        self.pass.pages_sent += sent.pages;
+        self.pass.zero_pages += sent.zero_pages;
+    }
+
+    /// With page channels: every channel sends what it was handed and a
+    /// barrier, then the main stream sends its own, so the destination
+    /// applies all of it before anything that follows (the next pass, a
+    /// resize, the end). Without channels there is nothing to order.
+    pub(super) fn barrier<E>(&mut self) -> Result<(), MigrateError<D::Error, W::Error, E>> {
+        let Some(channels) = self.channels.as_deref_mut() else {
+            return Ok(());
+        };
+        let generation = self.generation;
+        let sent = channels.barrier(generation);
+        let count = channels.count();
+        let sent = sent.map_err(|e| self.channel_failed(e))?;
+        self.in_flight = 0;
+        self.count_sent(sent);
+        self.generation += 1;
+        self.write(Record::Barrier {
+            generation,
+            channels: count,
+        })?;
+        // The destination's channels wait at this barrier for the main
+        // stream: it must not sit in a queue here while the channels fill.
+        self.out.flush().map_err(MigrateError::Write)
+    }
+
     /// Sleeps as needed to keep the pass under the bandwidth cap.
     fn throttle_bandwidth(&mut self) {
         if let Some(limit) = self.cfg.bandwidth_limit.filter(|&l| l > 0) {
-            let due = (self.pass.bytes as u128 * 1_000_000_000 / u128::from(limit)) as u64;
+            let due = ((self.pass.bytes + self.in_flight) as u128 * 1_000_000_000
+                / u128::from(limit)) as u64;
             let elapsed = self.host.now_ns() - self.pass_start;
             if due > elapsed {
                 self.host.sleep_ns(due - elapsed);

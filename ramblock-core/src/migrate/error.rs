@@ -1,5 +1,6 @@
 //! Why a migration failed, for both phases of the sending side.
 
+use super::channels::ChannelFailure;
 use crate::dirty_log::DirtyLogSource;
 use crate::name::BlockName;
 use crate::region::RegionError;
@@ -79,6 +80,8 @@ pub enum MigrateError<D, W, R> {
         /// Passes run.
         passes: u32,
     },
+    /// A page channel failed ([`crate::migrate::channels`]).
+    Channel(ChannelFailure),
     /// The VMM's device-state sections exceed
     /// [`MigrationHost::device_state_limit`](super::MigrationHost::device_state_limit)
     /// together, or one exceeds [`MAX_SECTION_LEN`](crate::section::MAX_SECTION_LEN)
@@ -100,6 +103,7 @@ impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for Migrate
             }
             MigrateError::DirtyLog(e) => write!(f, "dirty log failed: {e}"),
             MigrateError::Write(e) => write!(f, "sending failed: {e}"),
+            MigrateError::Channel(e) => write!(f, "sending failed: {e}"),
             MigrateError::Ack(e) => write!(f, "no acknowledgement from the destination: {e}"),
             MigrateError::Refused(code) => {
                 write!(f, "the destination refused the stream (error code {code})")

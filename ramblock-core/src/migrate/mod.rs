@@ -20,6 +20,7 @@
 //! before it touches guest memory, and places pages through a
 //! [`PostcopyTarget`] once post-copy starts.
 
+pub mod channels;
 pub mod config;
 pub mod converge;
 mod engine;
@@ -35,7 +36,7 @@ pub use config::PrecopyConfig;
 pub use converge::next_throttle;
 pub use error::MigrateError;
 pub use host::{MigrationHost, ReturnEvent, DEFAULT_HANDOVER_WAIT_NS};
-pub use precopy::migrate;
+pub use precopy::{migrate, migrate_with_channels};
 pub use receiver::{
     acknowledge, send_ack, Handover, PostcopyTarget, ReceiveError, ReceiveEvent, ReceiveSummary,
     Receiver, BOUNCE_BYTES,

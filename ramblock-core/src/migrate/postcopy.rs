@@ -120,6 +120,11 @@ impl<
         // pre-copy way: after the switch the destination places only pages
         // inside it (and refuses the rest with `PastPostcopyLength`).
         self.send_dirty_from(|b| (b.postcopy_length().0 >> TARGET_PAGE_SHIFT) as usize)?;
+        // Everything the page channels carry lands before the discards;
+        // from here on pages go on the main stream only, where requests
+        // come first.
+        self.barrier()?;
+        self.channels = None;
         self.whole_host_pages();
         // Checked before the first discard: a failure here leaves the
         // destination with nothing to undo, and the guest resumes.

@@ -22,6 +22,7 @@
 //! The switch to post-copy is in [`super::postcopy`], the throttle policy in
 //! [`super::converge`].
 
+use super::channels::PageChannels;
 use super::config::PrecopyConfig;
 use super::engine::{Engine, Slot, PAGE};
 use super::error::{Error, MigrateError};
@@ -59,6 +60,55 @@ where
     R: ByteRead,
     H: MigrationHost,
 {
+    run_migration(list, source, out, ack, host, cfg, buf, None)
+}
+
+/// [`migrate`] with page channels: pre-copy pages go to `channels`
+/// ([`crate::migrate::channels`]), everything else (and all of post-copy)
+/// on `out`. A host ledger ([`MigrationHost::ledger`]) must be the one the
+/// channels record in (a shared [`Ledger`](crate::checksum::Ledger)); a
+/// failed channel fails the migration and the guest runs on here.
+#[allow(clippy::too_many_arguments)]
+pub fn migrate_with_channels<M, S, const N: usize, D, W, R, H>(
+    list: &RamList<'_, M, S, N>,
+    source: &mut D,
+    out: &mut W,
+    ack: &mut R,
+    host: &mut H,
+    cfg: PrecopyConfig,
+    buf: &mut [u8],
+    channels: &mut dyn PageChannels,
+) -> Result<MigrationStats, Error<D, W, R>>
+where
+    M: HostMemory,
+    S: Storage,
+    D: DirtyLogSource,
+    W: ByteWrite,
+    R: ByteRead,
+    H: MigrationHost,
+{
+    run_migration(list, source, out, ack, host, cfg, buf, Some(channels))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_migration<M, S, const N: usize, D, W, R, H>(
+    list: &RamList<'_, M, S, N>,
+    source: &mut D,
+    out: &mut W,
+    ack: &mut R,
+    host: &mut H,
+    cfg: PrecopyConfig,
+    buf: &mut [u8],
+    channels: Option<&mut dyn PageChannels>,
+) -> Result<MigrationStats, Error<D, W, R>>
+where
+    M: HostMemory,
+    S: Storage,
+    D: DirtyLogSource,
+    W: ByteWrite,
+    R: ByteRead,
+    H: MigrationHost,
+{
     if buf.len() < PAGE {
         return Err(MigrateError::BufferTooSmall);
     }
@@ -76,6 +126,9 @@ where
         sync_ns: 0,
         send_rate: None,
         throttle: 0,
+        channels: channels.map(|c| &mut *c as &mut dyn PageChannels),
+        generation: 0,
+        in_flight: 0,
     };
     let mut paused = false;
     let result = engine.run(ack, &mut paused);
@@ -119,6 +172,7 @@ impl<
                 self.send_untouched()?;
             }
             self.send_dirty()?;
+            self.barrier()?;
             let newly = self.sync()?;
             let remaining = self.remaining();
             self.write(Record::Sync {
@@ -162,6 +216,7 @@ impl<
         self.sync()?;
         self.begin_pass(stats.passes, self.remaining());
         self.send_dirty()?;
+        self.barrier()?;
         self.write(Record::Sync {
             pass: stats.passes,
             remaining: 0,
@@ -258,7 +313,13 @@ impl<
         Header::new(self.table.len() as u32)
             .write(self.out)
             .map_err(MigrateError::Write)?;
-        self.write_table()
+        self.write_table()?;
+        if self.channels.is_some() {
+            // A destination accepts the main stream before the channels,
+            // which may fill and stall while the header waits in a queue.
+            self.out.flush().map_err(MigrateError::Write)?;
+        }
+        Ok(())
     }
 
     /// Pass 0: sends the pages the host memory says were never written as

@@ -66,6 +66,9 @@ pub mod tag {
     pub const POSTCOPY: u8 = 7;
     /// Pre-copy switch-over: one named device-state section.
     pub const SECTION: u8 = 8;
+    /// Multi-channel pre-copy: everything sent before it, on every
+    /// channel, lands before anything sent after it.
+    pub const BARRIER: u8 = 9;
 }
 
 /// The stream header.
@@ -158,6 +161,72 @@ pub enum Record {
     /// is payload rather than fields here so the record stays `Copy` and
     /// the section encoding stays the one snapshots use.
     Section,
+    /// Multi-channel pre-copy (docs/stream-format.md, "Page channels"):
+    /// written on the main stream and on each of the `channels` page
+    /// channels. Every page record before barrier `generation`, on any
+    /// channel, is applied before any record after it on any channel, so a
+    /// page sent again in a later pass on another channel lands last.
+    Barrier {
+        /// Counts up from 0 in each stream.
+        generation: u32,
+        /// Page channels beside the main stream.
+        channels: u32,
+    },
+}
+
+/// The first bytes of a page channel's connection
+/// (`crate::migrate::channels`): magic [`CHANNEL_MAGIC`], version
+/// [`CHANNEL_VERSION`], this channel's index and the channel count; records
+/// follow. The main stream starts as always, with its [`Header`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ChannelHello {
+    /// This channel, from 0.
+    pub index: u32,
+    /// Page channels of the migration.
+    pub count: u32,
+}
+
+/// Magic bytes of a [`ChannelHello`].
+pub const CHANNEL_MAGIC: [u8; 8] = *b"RBCHANNL";
+/// Version of the page-channel format.
+pub const CHANNEL_VERSION: u16 = 1;
+
+impl ChannelHello {
+    /// Bytes on the wire.
+    pub const LEN: usize = 18;
+
+    /// Writes the hello.
+    pub fn write<W: ByteWrite>(&self, w: &mut W) -> Result<(), W::Error> {
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&CHANNEL_MAGIC);
+        b[8..10].copy_from_slice(&CHANNEL_VERSION.to_le_bytes());
+        b[10..14].copy_from_slice(&self.index.to_le_bytes());
+        b[14..18].copy_from_slice(&self.count.to_le_bytes());
+        w.write_all(&b)
+    }
+
+    /// Reads a hello: `Ok(Err(why))` for wrong magic or version, or an
+    /// index not below the count.
+    pub fn read<R: ByteRead>(
+        r: &mut R,
+    ) -> Result<Result<ChannelHello, &'static str>, ReadError<R::Error>> {
+        let b: [u8; Self::LEN] = read_array(r)?;
+        if b[..8] != CHANNEL_MAGIC {
+            return Ok(Err("not a page channel (wrong magic)"));
+        }
+        if u16::from_le_bytes([b[8], b[9]]) != CHANNEL_VERSION {
+            return Ok(Err("unsupported page channel version"));
+        }
+        let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let hello = ChannelHello {
+            index: word(10),
+            count: word(14),
+        };
+        if hello.index >= hello.count {
+            return Ok(Err("channel index not below the channel count"));
+        }
+        Ok(Ok(hello))
+    }
 }
 
 /// A post-copy page request, destination to source: the guest needs pages
@@ -370,6 +439,7 @@ impl Record {
         match self {
             Record::Pages { .. } | Record::Zero { .. } | Record::Discard { .. } => 17,
             Record::Sync { .. } | Record::Resize { .. } => 13,
+            Record::Barrier { .. } => 9,
             Record::End { .. } | Record::Postcopy { .. } => 5,
             Record::Section => 1,
         }
@@ -427,6 +497,14 @@ impl Record {
                 b[1..5].copy_from_slice(&sections.to_le_bytes());
             }
             Record::Section => b[0] = tag::SECTION,
+            Record::Barrier {
+                generation,
+                channels,
+            } => {
+                b[0] = tag::BARRIER;
+                b[1..5].copy_from_slice(&generation.to_le_bytes());
+                b[5..9].copy_from_slice(&channels.to_le_bytes());
+            }
         }
         w.write_all(&b[..self.wire_len()])
     }
@@ -434,6 +512,16 @@ impl Record {
     /// Reads a record header; `Ok(Err(tag))` for an unknown tag.
     pub fn read<R: ByteRead>(r: &mut R) -> Result<Result<Record, u8>, ReadError<R::Error>> {
         let [t] = read_array(r)?;
+        Self::read_after_tag(t, r)
+    }
+
+    /// Reads the rest of a record header whose tag `t` was read already
+    /// (a reader that must tell a stream ending between two records from
+    /// one ending inside a record reads the tag on its own).
+    pub fn read_after_tag<R: ByteRead>(
+        t: u8,
+        r: &mut R,
+    ) -> Result<Result<Record, u8>, ReadError<R::Error>> {
         Ok(Ok(match t {
             tag::PAGES | tag::ZERO => {
                 let (block, first, count) = (read_u32(r)?, read_u64(r)?, read_u32(r)?);
@@ -471,6 +559,10 @@ impl Record {
                 sections: read_u32(r)?,
             },
             tag::SECTION => Record::Section,
+            tag::BARRIER => Record::Barrier {
+                generation: read_u32(r)?,
+                channels: read_u32(r)?,
+            },
             other => return Ok(Err(other)),
         }))
     }
@@ -512,6 +604,10 @@ mod tests {
             },
             Record::Postcopy { sections: 300 },
             Record::Section,
+            Record::Barrier {
+                generation: 4,
+                channels: 3,
+            },
         ];
         let mut out = Vec::new();
         Header::new(3).write(&mut out).unwrap();
@@ -548,7 +644,7 @@ mod tests {
         for want in records {
             assert_eq!(Record::read(&mut r).unwrap(), Ok(want));
         }
-        assert_eq!(Record::read(&mut SliceReader::new(&[9])).unwrap(), Err(9));
+        assert_eq!(Record::read(&mut SliceReader::new(&[10])).unwrap(), Err(10));
         let mut back = Vec::new();
         let req = PageRequest {
             block: 2,

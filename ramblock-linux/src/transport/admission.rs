@@ -4,7 +4,7 @@
 use super::conn::Conn;
 use super::error::Refusal;
 use ramblock_core::addr::TARGET_PAGE_SHIFT;
-use ramblock_core::stream::format::{Header, RESUME_VERSION, VERSION};
+use ramblock_core::stream::format::{ChannelHello, Header, RESUME_VERSION, VERSION};
 use ramblock_core::stream::io::SliceReader;
 use ramblock_core::stream::resume_token::ResumeToken;
 use std::io::{self, Read};
@@ -22,6 +22,8 @@ pub(crate) enum Expect<'a> {
         token: Option<&'a ResumeToken>,
         identity: Option<&'a [u8]>,
     },
+    /// One of `count` page channels: a [`ChannelHello`].
+    Channel { count: u32 },
 }
 
 /// Fills `buf` from `conn` before `deadline`.
@@ -93,6 +95,21 @@ pub(crate) fn admit(
         if conn.peer_certificate() != Some(*id) {
             return Err(Refusal::WrongIdentity);
         }
+    }
+    if let Expect::Channel { count } = expect {
+        let mut hello = [0u8; ChannelHello::LEN];
+        read_before(conn, &mut hello, deadline, timeout, 0)?;
+        return match ChannelHello::read(&mut SliceReader::new(&hello)) {
+            Ok(Ok(h)) if h.count == *count => {
+                conn.unread(&hello);
+                Ok(())
+            }
+            Ok(Ok(_)) => Err(Refusal::BadChannel(
+                "names another channel count than this destination expects",
+            )),
+            Ok(Err(why)) => Err(Refusal::BadChannel(why)),
+            Err(_) => Err(Refusal::BadChannel("truncated")),
+        };
     }
     let mut head = [0u8; 16 + ResumeToken::LEN];
     read_before(conn, &mut head[..16], deadline, timeout, 0)?;

@@ -7,6 +7,7 @@
 //! again first, so the receiver sees the stream from its first byte.
 
 use crate::fd_stream::{FdReader, FdWriter};
+use crate::zero_copy::{ZeroCopyError, ZeroCopyStats, ZeroCopyWriter};
 use ramblock_core::region::HostRegion;
 #[cfg(feature = "tls")]
 use ramblock_core::stream::io::IoStream;
@@ -174,6 +175,26 @@ impl Conn {
             Kind::Tls(s) => ConnWriter::Tls(s.try_clone(), Vec::new()),
         })
     }
+
+    /// A writer that sends page runs with `MSG_ZEROCOPY` (see
+    /// [`crate::zero_copy`]): plain TCP only. Over a UNIX socket or TLS,
+    /// [`ZeroCopyError::Unsupported`]; the caller asked for zero-copy, so
+    /// it is told rather than given a copying writer.
+    pub fn zero_copy_writer(&self) -> Result<ConnWriter, ZeroCopyError> {
+        match &self.kind {
+            Kind::Plain(s) => Ok(ConnWriter::ZeroCopy(ZeroCopyWriter::new(s.try_clone()?)?)),
+            // What the kernel answers SO_ZEROCOPY on an AF_UNIX socket (the
+            // zero_copy tests check it).
+            Kind::Unix(_) => Err(ZeroCopyError::Unsupported(io::Error::from_raw_os_error(
+                libc::EOPNOTSUPP,
+            ))),
+            #[cfg(feature = "tls")]
+            Kind::Tls(_) => Err(ZeroCopyError::Unsupported(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "TLS encrypts every page from a copy",
+            ))),
+        }
+    }
 }
 
 impl Read for Conn {
@@ -270,6 +291,27 @@ pub enum ConnWriter {
     /// TLS, with the buffer a page run is copied into for encryption.
     #[cfg(feature = "tls")]
     Tls(TlsStream, Vec<u8>),
+    /// Plain TCP with `MSG_ZEROCOPY` page runs ([`Conn::zero_copy_writer`]).
+    ZeroCopy(ZeroCopyWriter<TcpStream>),
+}
+
+impl ConnWriter {
+    /// With a zero-copy writer: what it sent how, and whether the kernel
+    /// copied after all.
+    pub fn zero_copy_stats(&self) -> Option<ZeroCopyStats> {
+        match self {
+            ConnWriter::ZeroCopy(w) => Some(w.stats()),
+            _ => None,
+        }
+    }
+
+    /// With a zero-copy writer: switches zero-copy sends on or off
+    /// ([`ZeroCopyWriter::set_zero_copy`]); other writers ignore it.
+    pub fn set_zero_copy(&mut self, on: bool) {
+        if let ConnWriter::ZeroCopy(w) = self {
+            w.set_zero_copy(on);
+        }
+    }
 }
 
 impl ByteWrite for ConnWriter {
@@ -281,6 +323,7 @@ impl ByteWrite for ConnWriter {
             ConnWriter::Unix(w) => w.write_all(buf),
             #[cfg(feature = "tls")]
             ConnWriter::Tls(s, _) => s.send(buf),
+            ConnWriter::ZeroCopy(w) => Ok(w.write_all(buf)?),
         }
     }
 
@@ -299,6 +342,7 @@ impl ByteWrite for ConnWriter {
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 s.send(stage)
             }
+            ConnWriter::ZeroCopy(w) => Ok(w.write_region(region)?),
         }
     }
 
@@ -308,6 +352,7 @@ impl ByteWrite for ConnWriter {
             ConnWriter::Unix(w) => ByteWrite::flush(w),
             #[cfg(feature = "tls")]
             ConnWriter::Tls(..) => Ok(()),
+            ConnWriter::ZeroCopy(w) => Ok(ByteWrite::flush(w)?),
         }
     }
 }

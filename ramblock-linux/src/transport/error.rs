@@ -87,6 +87,10 @@ pub enum Refusal {
     /// source of this migration.
     #[error("authenticated as another certificate than the migration's source")]
     WrongIdentity,
+    /// A page channel's hello that is malformed or names another
+    /// channel count than this destination expects.
+    #[error("sent a bad page channel hello: {0}")]
+    BadChannel(&'static str),
     /// The connection failed while the listener looked at it.
     #[error("connection failed during the handshake: {0}")]
     Io(io::Error),

@@ -6,6 +6,8 @@ use super::conn::Conn;
 use super::error::{PeerRefused, Refusal, TransportError};
 #[cfg(feature = "tls")]
 use super::tls::TlsConfig;
+use crate::channels::IncomingChannel;
+use ramblock_core::stream::format::ChannelHello;
 use ramblock_core::stream::resume_token::ResumeToken;
 use std::fmt;
 use std::io;
@@ -192,6 +194,39 @@ impl Listener {
     pub fn accept_migration(&self, within: Option<Duration>) -> Result<Conn, TransportError> {
         let deadline = within.map(|w| Instant::now() + w);
         self.accept_until(&Expect::Migration, deadline, within)
+    }
+
+    /// Accepts the `count` page channels of a migration whose main stream
+    /// was accepted ([`crate::channels`]), waiting at most `within` in all:
+    /// each must send a [`ChannelHello`](ramblock_core::stream::format::ChannelHello)
+    /// for `count` channels; a peer that does not, or repeats an index
+    /// already taken, is dropped and logged like any other. Returns them in
+    /// channel order, each with the reader its hello was read from.
+    pub fn accept_page_channels(
+        &self,
+        count: u32,
+        within: Duration,
+    ) -> Result<Vec<IncomingChannel>, TransportError> {
+        let deadline = Instant::now() + within;
+        let mut slots: Vec<Option<IncomingChannel>> = (0..count).map(|_| None).collect();
+        while slots.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut conn =
+                self.accept_until(&Expect::Channel { count }, Some(deadline), Some(left))?;
+            let mut reader = conn.reader().map_err(TransportError::Accept)?;
+            // The hello was checked on admission and put back.
+            let Ok(Ok(hello)) = ChannelHello::read(&mut reader) else {
+                continue;
+            };
+            match slots.get_mut(hello.index as usize) {
+                Some(slot @ None) => *slot = Some(IncomingChannel { conn, reader }),
+                _ => (self.log)(&PeerRefused {
+                    peer: "page channel".to_string(),
+                    refusal: Refusal::BadChannel("repeats a channel index already taken"),
+                }),
+            }
+        }
+        Ok(slots.into_iter().flatten().collect())
     }
 
     /// Waits at most `within` for the source of a broken post-copy to

@@ -210,6 +210,25 @@ pub enum ReceiveError<E, H> {
         /// Target pages of it that had arrived.
         arrived: u64,
     },
+    /// A `Barrier` named another number of page channels than this
+    /// destination accepted (0: it was set up without any).
+    ChannelCountMismatch {
+        /// Channels the source sends on.
+        source: u32,
+        /// Channels this destination accepted.
+        destination: u32,
+    },
+    /// A `Barrier` came out of order (generations count up from 0 on the
+    /// main stream and on each channel).
+    BarrierOutOfOrder {
+        /// The barrier's generation.
+        generation: u32,
+        /// The one due.
+        expected: u32,
+    },
+    /// Another page channel (or the main stream) failed or closed before
+    /// a barrier everyone must reach.
+    ChannelFailed,
 }
 
 impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
@@ -276,6 +295,12 @@ impl<E: fmt::Display, H: fmt::Display> fmt::Display for ReceiveError<E, H> {
                 f,
                 "a new hugepage started while the one at page {first} of block {name:?} had only {arrived} target pages"
             ),
+            ChannelCountMismatch { source, destination } => write!(
+                f,
+                "the source sends on {source} page channels, this destination accepted {destination}"
+            ),
+            BarrierOutOfOrder { generation, expected } => write!(f, "barrier {generation} came where barrier {expected} was due"),
+            ChannelFailed => f.write_str("another page channel or the main stream failed or closed before a barrier"),
         }
     }
 }
@@ -329,6 +354,9 @@ impl<E, H> ReceiveError<E, H> {
             ResumeTableMismatch { .. } => 35,
             AlreadyPlaced { .. } => 36,
             HugepageIncomplete { .. } => 37,
+            ChannelCountMismatch { .. } => 38,
+            BarrierOutOfOrder { .. } => 39,
+            ChannelFailed => 40,
         }
     }
 }

@@ -25,6 +25,7 @@ pub use handover::{acknowledge, send_ack, Handover};
 pub use placement::PostcopyTarget;
 pub use sections::SectionSink;
 
+use super::channels::ChannelGate;
 use crate::addr::{ByteLen, TARGET_PAGE_SHIFT, TARGET_PAGE_SIZE};
 use crate::bitmap::Storage;
 use crate::block::RamBlock;
@@ -121,6 +122,17 @@ pub struct Receiver<'b> {
     state_bytes: u64,
     /// Sections of the receive in progress so far (the next one's index).
     state_sections: u32,
+    /// Where the main stream meets the page channels
+    /// ([`Receiver::with_channels`]).
+    gate: Option<&'b dyn ChannelGate>,
+    /// Barriers the stream in progress passed (the next one's generation).
+    barriers: u32,
+}
+
+impl fmt::Debug for dyn ChannelGate + '_ {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChannelGate({} channels)", self.channels())
+    }
 }
 
 impl fmt::Debug for dyn SectionSink + '_ {
@@ -180,6 +192,8 @@ impl<'b> Receiver<'b> {
             state_limit: DEFAULT_DEVICE_STATE_LIMIT,
             state_bytes: 0,
             state_sections: 0,
+            gate: None,
+            barriers: 0,
         })
     }
 
@@ -225,6 +239,19 @@ impl<'b> Receiver<'b> {
     pub fn with_device_state(mut self, sink: &'b mut dyn SectionSink, limit: u64) -> Self {
         self.sections = Some(sink);
         self.state_limit = limit;
+        self
+    }
+
+    /// Receives pre-copy pages on page channels beside this stream
+    /// ([`crate::migrate::channels`]): the host runs
+    /// [`receive_channel`](crate::migrate::channels::receive_channel) on
+    /// each, this receiver publishes the block table to `gate` and meets
+    /// the channels there at every `Barrier`. A ledger given with
+    /// [`Receiver::with_ledger`] must be the one the channels record in (a
+    /// shared [`Ledger`](crate::checksum::Ledger)). Without a gate a stream
+    /// with barriers is refused ([`ReceiveError::ChannelCountMismatch`]).
+    pub fn with_channels(mut self, gate: &'b dyn ChannelGate) -> Self {
+        self.gate = Some(gate);
         self
     }
 
@@ -304,6 +331,12 @@ impl<'b> Receiver<'b> {
             self.summary = ReceiveSummary::default();
             self.state_bytes = 0;
             self.state_sections = 0;
+            self.barriers = 0;
+            if let Some(gate) = self.gate {
+                let names: heapless::Vec<BlockName, N> =
+                    table.iter().map(|s| s.name.clone()).collect();
+                gate.publish_table(&names);
+            }
             self.original
                 .remember(table.iter().map(|s| (s.addr, s.entry)));
         }
@@ -358,12 +391,17 @@ impl<'b> Receiver<'b> {
                 } => session.on_discard(block, first, count)?,
                 Record::Postcopy { sections } => session.on_postcopy(sections)?,
                 Record::Section => session.on_section()?,
+                Record::Barrier {
+                    generation,
+                    channels,
+                } => session.on_barrier(generation, channels)?,
                 Record::End { count } => return session.on_end(count),
             }
         }
     }
 
-    /// Pre-copy: writes a run into guest memory.
+    /// Pre-copy: writes a run into guest memory (its data, for `Pages`,
+    /// in the bounce buffer).
     fn write_run<E, M: HostMemory, S: Storage>(
         &mut self,
         dest: &RamBlock<M, S>,
@@ -373,52 +411,21 @@ impl<'b> Receiver<'b> {
         count: u32,
         is_pages: bool,
     ) -> Result<(), ReceiveError<E, M::Error>> {
-        let (start, len) = (
-            ByteLen::from_pages(first),
-            count as usize * TARGET_PAGE_SIZE as usize,
-        );
-        let region = dest.region();
-        let oob = |_| ReceiveError::PastUsedLength {
-            name: slot.name.clone(),
-            first,
-            count,
-            used_pages: dest.used_pages() as u64,
-        };
-        let received = dest.received();
+        let len = count as usize * TARGET_PAGE_SIZE as usize;
+        let data = is_pages.then_some(&self.bounce[..len]);
+        let ledger = self
+            .ledger
+            .as_mut()
+            .map(|l| &mut **l as &mut dyn PageLedger);
+        store_precopy_run(
+            dest, &slot.name, block, first, count, data, self.fresh, ledger,
+        )?;
         if is_pages {
-            region.write(start, &self.bounce[..len]).map_err(oob)?;
-            if let Some(ledger) = self.ledger.as_deref_mut() {
-                ledger.record(block as usize, first, &self.bounce[..len]);
-            }
             self.summary.pages += u64::from(count);
         } else {
-            // Only write pages that are not zero already: a fresh
-            // destination page then stays untouched (unallocated).
-            for page in 0..u64::from(count) {
-                let at = ByteLen::from_pages(first + page);
-                let index = (first + page) as usize;
-                let untouched = self.fresh && received.is_received(index) == Ok(false);
-                if !untouched && !region.is_zero(at, TARGET_PAGE_SIZE as usize).map_err(oob)? {
-                    region.fill(at, TARGET_PAGE_SIZE as usize, 0).map_err(oob)?;
-                }
-            }
-            if let Some(ledger) = self.ledger.as_deref_mut() {
-                ledger.record_zero(block as usize, first, u64::from(count));
-            }
             self.summary.zero_pages += u64::from(count);
         }
-        Self::mark_received(dest, first, count);
         Ok(())
-    }
-
-    /// Every page written is recorded as received (pages past a block's
-    /// post-copy length just go unrecorded: they have no bit).
-    fn mark_received<M: HostMemory, S: Storage>(dest: &RamBlock<M, S>, first: u64, count: u32) {
-        let received = dest.received();
-        let end = (first + u64::from(count)).min(received.postcopy_pages() as u64);
-        if first < end {
-            let _ = received.mark_received(first as usize, (end - first) as usize);
-        }
     }
 
     /// Reads a pre-copy `Pages` payload straight into guest memory when the
@@ -449,7 +456,7 @@ impl<'b> Receiver<'b> {
             ledger.record_region(block as usize, first, &pages);
         }
         self.summary.pages += u64::from(count);
-        Self::mark_received(dest, first, count);
+        mark_received(dest, first, count);
         Ok(true)
     }
 
@@ -757,6 +764,69 @@ impl<'b> Receiver<'b> {
     }
 }
 
+/// Pre-copy: writes pages `first..first + count` of `dest` (table block
+/// `block`, named `name`): `data` for a `Pages` record, zeros for a `Zero`
+/// one (skipping pages a fresh destination never wrote), records them in
+/// `ledger` and marks them received. The main stream and every page
+/// channel write runs through here.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_precopy_run<E, M: HostMemory, S: Storage>(
+    dest: &RamBlock<M, S>,
+    name: &BlockName,
+    block: u32,
+    first: u64,
+    count: u32,
+    data: Option<&[u8]>,
+    fresh: bool,
+    ledger: Option<&mut dyn PageLedger>,
+) -> Result<(), ReceiveError<E, M::Error>> {
+    let start = ByteLen::from_pages(first);
+    let region = dest.region();
+    let oob = |_| ReceiveError::PastUsedLength {
+        name: name.clone(),
+        first,
+        count,
+        used_pages: dest.used_pages() as u64,
+    };
+    let received = dest.received();
+    if let Some(data) = data {
+        region.write(start, data).map_err(oob)?;
+        if let Some(ledger) = ledger {
+            ledger.record(block as usize, first, data);
+        }
+    } else {
+        // Only write pages that are not zero already: a fresh
+        // destination page then stays untouched (unallocated).
+        for page in 0..u64::from(count) {
+            let at = ByteLen::from_pages(first + page);
+            let index = (first + page) as usize;
+            let untouched = fresh && received.is_received(index) == Ok(false);
+            if !untouched && !region.is_zero(at, TARGET_PAGE_SIZE as usize).map_err(oob)? {
+                region.fill(at, TARGET_PAGE_SIZE as usize, 0).map_err(oob)?;
+            }
+        }
+        if let Some(ledger) = ledger {
+            ledger.record_zero(block as usize, first, u64::from(count));
+        }
+    }
+    mark_received(dest, first, count);
+    Ok(())
+}
+
+/// Every page written is recorded as received (pages past a block's
+/// post-copy length just go unrecorded: they have no bit).
+pub(crate) fn mark_received<M: HostMemory, S: Storage>(
+    dest: &RamBlock<M, S>,
+    first: u64,
+    count: u32,
+) {
+    let received = dest.received();
+    let end = (first + u64::from(count)).min(received.postcopy_pages() as u64);
+    if first < end {
+        let _ = received.mark_received(first as usize, (end - first) as usize);
+    }
+}
+
 impl Receiver<'_> {
     /// Checks a post-copy run or discard (already inside the used length)
     /// against the block's post-copy length, and discards against its host
@@ -979,6 +1049,39 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
         Ok(())
     }
 
+    /// `Barrier`: waits until every page channel applied what came before
+    /// its own barrier of this generation.
+    fn on_barrier(&mut self, generation: u32, channels: u32) -> Result2<(), R, M> {
+        if self.rx.postcopy {
+            return Err(ReceiveError::OutOfPlace {
+                record: "barrier",
+                why: "page channels carry pre-copy pages only",
+            });
+        }
+        let Some(gate) = self.rx.gate else {
+            return Err(ReceiveError::ChannelCountMismatch {
+                source: channels,
+                destination: 0,
+            });
+        };
+        if channels != gate.channels() {
+            return Err(ReceiveError::ChannelCountMismatch {
+                source: channels,
+                destination: gate.channels(),
+            });
+        }
+        if generation != self.rx.barriers {
+            return Err(ReceiveError::BarrierOutOfOrder {
+                generation,
+                expected: self.rx.barriers,
+            });
+        }
+        gate.meet(generation)
+            .map_err(|_| ReceiveError::ChannelFailed)?;
+        self.rx.barriers += 1;
+        Ok(())
+    }
+
     /// `End`: verifies every block's checksum (and, after post-copy, that
     /// every page arrived); the receive is complete.
     fn on_end(&mut self, count: u32) -> Result2<ReceiveSummary, R, M> {
@@ -996,7 +1099,7 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
 }
 
 /// A record kind's name, for [`ReceiveError::OutOfPlace`].
-fn record_name(record: &Record) -> &'static str {
+pub(crate) fn record_name(record: &Record) -> &'static str {
     match record {
         Record::Pages { .. } => "pages",
         Record::Zero { .. } => "zero",
@@ -1006,5 +1109,6 @@ fn record_name(record: &Record) -> &'static str {
         Record::Discard { .. } => "discard",
         Record::Postcopy { .. } => "post-copy",
         Record::Section => "section",
+        Record::Barrier { .. } => "barrier",
     }
 }

@@ -15,6 +15,7 @@ use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::section::SectionHeader;
 use ramblock_core::stream::format::DEFAULT_DEVICE_STATE_LIMIT;
 use ramblock_core::stream::io::IoStream;
+use ramblock_linux::channels::{receive_page_channels, Gate};
 use ramblock_linux::postcopy::{LatencySummary, PostcopyDestination};
 use ramblock_linux::transport::{Conn, Listener, ResumeProof};
 use std::sync::{Arc, Mutex};
@@ -66,7 +67,13 @@ pub struct Incoming {
     pub precopy: Option<StartGuest>,
     /// Testing: refuse the device-state section of this name.
     pub refuse_section: Option<String>,
+    /// Pre-copy page channels: where to accept them, and how many.
+    pub channels: Option<(Arc<Listener>, u32)>,
 }
+
+/// How long the destination waits for the page channels after the main
+/// stream (the source opens them right after it).
+const CHANNEL_ACCEPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The handover's refusal code when the guest could not be started here.
 const CANNOT_START: u32 = 1;
@@ -126,22 +133,15 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
     let mut bounce = vec![0u8; BOUNCE_BYTES];
     let mut hugepage = vec![0u8; HUGEPAGE_BUFFER];
     // The end checksums come from what was received, page by page, so
-    // verifying them adds nothing to the downtime.
-    let mut ledger = ledger_for(ram);
+    // verifying them adds nothing to the downtime (shared with the page
+    // channels' threads).
+    let ledger = ledger_for(ram);
     let cpu = Arc::new(Mutex::new(Vec::new()));
     let mut sections = Sections {
         refuse: how.refuse_section.clone(),
         cpu: cpu.clone(),
         ..Sections::default()
     };
-    let mut receiver = Receiver::new(&mut bounce)
-        .map_err(|e| e.to_string())?
-        .with_ledger(&mut ledger)
-        .with_device_state(&mut sections, DEFAULT_DEVICE_STATE_LIMIT)
-        .with_hugepage_buffer(&mut hugepage);
-    if how.fresh {
-        receiver = receiver.with_fresh_destination();
-    }
     let _ = stream.set_nodelay();
     let ret = Arc::new(Mutex::new(
         stream
@@ -156,44 +156,94 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
     let identity = stream.peer_certificate().map(<[u8]>::to_vec);
     let mut conn = stream;
     let mut resumes = 0;
-    let result = loop {
-        let mut input = conn
-            .reader()
-            .map_err(|e| format!("cannot clone the connection: {e}"))?;
-        let result = match target.as_mut() {
-            Some(t) => receiver.receive_postcopy(ram, &mut input, t, |_| {}),
-            None => receiver.receive(ram, &mut input, |_| {}),
-        };
-        // A resume the receiver refused for its token is one more
-        // impostor (the listener checks the token first, so this is a
-        // second line): wait on for the source.
-        let broken = matches!(
-            result,
-            Err(ReceiveError::Truncated | ReceiveError::Io(_) | ReceiveError::BadResumeToken)
-        );
-        match (&how.resume, &mut target) {
-            (Some(listener), Some(t)) if broken && receiver.in_postcopy() => {
-                conn.shutdown();
-                eprintln!("post-copy: the connection broke; waiting for the source to resume");
-                let proof = ResumeProof {
-                    token: t.resume_token(),
-                    identity: identity.clone(),
-                };
-                conn = listener
-                    .accept_resume(&proof, RESUME_TIMEOUT)
-                    .map_err(|e| format!("post-copy: no resumed connection: {e}"))?;
-                let _ = conn.set_nodelay();
-                set_receive_buffer(conn.socket(), POSTCOPY_SOCKET_BUFFER);
-                t.set_next_connection(
-                    conn.try_clone()
-                        .map_err(|e| format!("cannot clone the connection: {e}"))?,
-                );
-                resumes += 1;
+    let mut receive_stream = |gate: Option<&Gate>| -> Result<_, String> {
+        let mut shared = &ledger;
+        let mut receiver = Receiver::new(&mut bounce)
+            .map_err(|e| e.to_string())?
+            .with_ledger(&mut shared)
+            .with_device_state(&mut sections, DEFAULT_DEVICE_STATE_LIMIT)
+            .with_hugepage_buffer(&mut hugepage);
+        if how.fresh {
+            receiver = receiver.with_fresh_destination();
+        }
+        if let Some(gate) = gate {
+            receiver = receiver.with_channels(gate);
+        }
+        loop {
+            let mut input = conn
+                .reader()
+                .map_err(|e| format!("cannot clone the connection: {e}"))?;
+            let result = match target.as_mut() {
+                Some(t) => receiver.receive_postcopy(ram, &mut input, t, |_| {}),
+                None => receiver.receive(ram, &mut input, |_| {}),
+            };
+            // A resume the receiver refused for its token is one more
+            // impostor (the listener checks the token first, so this is a
+            // second line): wait on for the source.
+            let broken = matches!(
+                result,
+                Err(ReceiveError::Truncated | ReceiveError::Io(_) | ReceiveError::BadResumeToken)
+            );
+            match (&how.resume, &mut target) {
+                (Some(listener), Some(t)) if broken && receiver.in_postcopy() => {
+                    conn.shutdown();
+                    eprintln!("post-copy: the connection broke; waiting for the source to resume");
+                    let proof = ResumeProof {
+                        token: t.resume_token(),
+                        identity: identity.clone(),
+                    };
+                    conn = listener
+                        .accept_resume(&proof, RESUME_TIMEOUT)
+                        .map_err(|e| format!("post-copy: no resumed connection: {e}"))?;
+                    let _ = conn.set_nodelay();
+                    set_receive_buffer(conn.socket(), POSTCOPY_SOCKET_BUFFER);
+                    t.set_next_connection(
+                        conn.try_clone()
+                            .map_err(|e| format!("cannot clone the connection: {e}"))?,
+                    );
+                    resumes += 1;
+                }
+                _ => return Ok(result),
             }
-            _ => break result,
         }
     };
-    drop(receiver);
+    let result = match &how.channels {
+        None => receive_stream(None)?,
+        Some((listener, count)) => {
+            let channels = listener
+                .accept_page_channels(*count, CHANNEL_ACCEPT_TIMEOUT)
+                .map_err(|e| format!("cannot accept the page channels: {e}"))?;
+            // A failed channel stops the main stream's reads too.
+            let main = ret
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_clone()
+                .map_err(|e| format!("cannot clone the connection: {e}"))?;
+            let abort = move || main.shutdown();
+            let (result, channels) =
+                receive_page_channels(ram, Some(&ledger), how.fresh, channels, &abort, |gate| {
+                    receive_stream(Some(gate))
+                })
+                .map_err(|e| format!("cannot start the page channels: {e}"))?;
+            // The main stream's summary counts its own pages; the
+            // channels' go with them.
+            let (pages, zero_pages) = channels
+                .channels
+                .iter()
+                .flatten()
+                .fold((0, 0), |(p, z), c| (p + c.pages, z + c.zero_pages));
+            let failed = channels.channels.into_iter().find_map(Result::err);
+            match (result?, failed) {
+                // The channel's own error says what went wrong.
+                (Err(ReceiveError::ChannelFailed), Some(e)) => Err(e),
+                (result, _) => result.map(|mut summary| {
+                    summary.pages += pages;
+                    summary.zero_pages += zero_pages;
+                    summary
+                }),
+            }
+        }
+    };
     let acked = {
         let mut ret = ret.lock().unwrap_or_else(|e| e.into_inner());
         acknowledge(&mut IoStream(&mut *ret), &result)

@@ -11,6 +11,7 @@ use ramblock_core::stream::format::ReturnMessage;
 use ramblock_core::stream::io::{ByteWrite, IoStream};
 use ramblock_core::stream::resume_token::ResumeToken;
 use ramblock_linux::transport::{read_first_return, Conn, ConnWriter, Connector, FirstReturn};
+use ramblock_linux::zero_copy::ZeroCopyStats;
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -89,6 +90,9 @@ impl Current {
     /// for the next test break.
     fn enter_postcopy(&mut self, breaks: Option<&mut Breaks>) {
         set_send_buffer(self.stream.socket(), POSTCOPY_SOCKET_BUFFER);
+        // The engine flushes after each urgent page, and a zero-copy flush
+        // waits for the peer's acknowledgement: pages go by copy from now.
+        self.writer.set_zero_copy(false);
         self.postcopy = true;
         self.break_at = breaks.and_then(Breaks::next);
     }
@@ -174,14 +178,16 @@ pub struct Link {
 
 impl Link {
     /// Wraps a connection made by `connector`. `resume`: reconnect after
-    /// a post-copy break.
+    /// a post-copy break. `zero_copy`: send pages with `MSG_ZEROCOPY`
+    /// (plain TCP only; post-copy and a resumed connection send by copy).
     pub fn new(
         stream: Conn,
         connector: Connector,
         resume: bool,
         breaks: Option<Breaks>,
+        zero_copy: bool,
     ) -> Result<(Link, LinkWriter), String> {
-        let current = Rc::new(RefCell::new(current(stream)?));
+        let current = Rc::new(RefCell::new(current(stream, zero_copy)?));
         let writer = LinkWriter(current.clone());
         Ok((
             Link {
@@ -235,6 +241,11 @@ impl Link {
             Some(ReturnEvent::Closed) => closed_events(),
             _ => spawn_reader(stream, first),
         });
+    }
+
+    /// With `--zero-copy`: what the current connection's writer sent how.
+    pub fn zero_copy_stats(&self) -> Option<ZeroCopyStats> {
+        self.current.borrow().writer.zero_copy_stats()
     }
 
     /// The destination's resume token (post-copy).
@@ -300,7 +311,7 @@ impl Link {
                 }
             }
         };
-        match current(stream) {
+        match current(stream, false) {
             Ok(mut c) => {
                 c.enter_postcopy(self.breaks.as_mut());
                 *self.current.borrow_mut() = c;
@@ -359,15 +370,22 @@ fn set_buffer(stream: BorrowedFd<'_>, option: libc::c_int, bytes: usize) {
 }
 
 /// A connection set up for migration: no Nagle delay (a page request or
-/// an urgent page must not wait), a timeout on reads.
-fn current(stream: Conn) -> Result<Current, String> {
+/// an urgent page must not wait), a timeout on reads, and a writer that
+/// sends pages with `MSG_ZEROCOPY` if `zero_copy`.
+fn current(stream: Conn, zero_copy: bool) -> Result<Current, String> {
     let _ = stream.set_nodelay();
     stream
         .set_read_timeout(Some(RETURN_TIMEOUT))
         .map_err(|e| format!("cannot set a timeout on the connection: {e}"))?;
-    let writer = stream
-        .writer()
-        .map_err(|e| format!("cannot clone the connection: {e}"))?;
+    let writer = if zero_copy {
+        stream
+            .zero_copy_writer()
+            .map_err(|e| format!("--zero-copy: {e}"))?
+    } else {
+        stream
+            .writer()
+            .map_err(|e| format!("cannot clone the connection: {e}"))?
+    };
     Ok(Current {
         stream,
         writer,

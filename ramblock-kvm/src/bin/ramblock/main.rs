@@ -370,6 +370,7 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         resume: opts.resume.then(|| listener.clone()),
         precopy: precopy_guest,
         refuse_section: opts.refuse_section.clone(),
+        channels: (opts.channels > 0).then(|| (listener.clone(), opts.channels)),
     };
     match destination::receive(ram, conn, how) {
         Ok(r) => {
@@ -527,6 +528,7 @@ fn run_source(
         let sent = result.map_err(|e| still_running(e, guest, opts))?;
         summary.stats = sent.stats;
         summary.pass0_bandwidth = sent.pass0_bandwidth;
+        summary.zero_copy = sent.zero_copy;
         if !sent.device_state.is_empty() && sent.stats.postcopy.is_none() {
             // A vCPU went: the downtime ran until the destination said it
             // runs there; the RAM-only part beside it.
@@ -561,6 +563,7 @@ fn run_source(
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let resume = (opts.resume || opts.break_postcopy.is_some()).then(|| listener.clone());
     let refuse_section = opts.refuse_section.clone();
+    let channels = (opts.channels > 0).then(|| (listener.clone(), opts.channels));
     let receiver = std::thread::spawn(move || {
         // Bounded, so a source that never connects cannot leave this
         // thread waiting for ever.
@@ -573,6 +576,7 @@ fn run_source(
             resume,
             precopy: precopy_guest,
             refuse_section,
+            channels,
         };
         destination::receive(dest, conn, how)
     });
@@ -593,6 +597,7 @@ fn run_source(
     })?;
     summary.stats = sent.stats;
     summary.pass0_bandwidth = sent.pass0_bandwidth;
+    summary.zero_copy = sent.zero_copy;
     let mut received = received?;
     summary.fault_latency = received.latency;
     summary.resumes = received.resumes;

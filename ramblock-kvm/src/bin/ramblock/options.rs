@@ -63,6 +63,12 @@ pub struct MigrateOptions {
     /// By default a pre-copy destination preallocates before it listens.
     #[arg(long)]
     pub lazy_destination: bool,
+    /// Pre-copy pages travel on N page channels beside the main stream,
+    /// each with a sending thread here and a receiving thread on the
+    /// destination (0: pages on the main stream). Both sides must be given
+    /// the same N.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub channels: u32,
     /// If the connection breaks during post-copy, reconnect and resume
     /// instead of failing (both sides keep their state meanwhile).
     #[arg(long)]
@@ -109,6 +115,15 @@ pub struct MigrateOptions {
     /// Do not use /dev/kvm even if present (a host thread writes instead).
     #[arg(long)]
     pub no_kvm: bool,
+    /// Source over plain TCP: send guest pages with MSG_ZEROCOPY (the
+    /// kernel pins them instead of copying; completions are tracked and
+    /// waited for). Off by default: on loopback and veth the kernel copies
+    /// anyway and it costs more than it saves (BENCHMARKS.md, "Zero-copy
+    /// sends"); the summary says how many sends the kernel copied after
+    /// all. Refused over TLS and UNIX sockets, and with --channels (the
+    /// page channels send by copy).
+    #[arg(long, conflicts_with_all = ["incoming", "local", "channels"])]
+    pub zero_copy: bool,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,

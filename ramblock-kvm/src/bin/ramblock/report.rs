@@ -3,6 +3,7 @@
 
 use ramblock_core::migrate::{MigrationStats, PassReport};
 use ramblock_linux::postcopy::LatencySummary;
+use ramblock_linux::zero_copy::ZeroCopyStats;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 
@@ -108,6 +109,9 @@ pub struct Summary {
     /// `--local`: the switch-over to the destination guest completing two
     /// loops.
     pub dest_two_loops_ns: Option<u64>,
+    /// `--zero-copy`: what the source's writer sent how, and how much the
+    /// kernel copied after all.
+    pub zero_copy: Option<ZeroCopyStats>,
 }
 
 impl Summary {
@@ -192,6 +196,16 @@ impl Summary {
         if let Some(p) = self.destination_progress {
             let _ = writeln!(o, "dest. progress  {p:>10}");
         }
+        if let Some(z) = &self.zero_copy {
+            let _ = writeln!(
+                o,
+                "zero-copy       {:>10} sends, {} MiB; kernel copied {} sends ({} MiB) after all",
+                z.zero_copy_sends,
+                z.zero_copy_bytes >> 20,
+                z.copied_sends,
+                z.copied_bytes >> 20
+            );
+        }
         match (&self.verified, &self.mismatch) {
             (Some(true), _) => o.push_str("verified\n"),
             (Some(false), Some((block, page))) => {
@@ -255,6 +269,18 @@ impl Summary {
             if let Some(ns) = ns {
                 postcopy.push_str(&format!(",\"{key}\":{:.3}", ns as f64 / 1e6));
             }
+        }
+        if let Some(z) = &self.zero_copy {
+            postcopy.push_str(&format!(
+                ",\"zero_copy\":{{\"sends\":{},\"bytes\":{},\"completed_sends\":{},\"copied_sends\":{},\"copied_bytes\":{},\"plain_bytes\":{},\"no_buffer_waits\":{}}}",
+                z.zero_copy_sends,
+                z.zero_copy_bytes,
+                z.completed_sends,
+                z.copied_sends,
+                z.copied_bytes,
+                z.plain_bytes,
+                z.no_buffer_waits
+            ));
         }
         let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
         let opt = |v: &Option<String>| {

@@ -9,14 +9,16 @@ use crate::workload::Guest;
 use ramblock_core::checksum::{Ledger, PageLedger};
 use ramblock_core::dirty_log::DirtyLogSource;
 use ramblock_core::migrate::{
-    migrate, MigrationHost, MigrationStats, PassReport, PrecopyConfig, ReturnEvent,
-    DEFAULT_HANDOVER_WAIT_NS,
+    migrate, migrate_with_channels, MigrationHost, MigrationStats, PassReport, PrecopyConfig,
+    ReturnEvent, DEFAULT_HANDOVER_WAIT_NS,
 };
 use ramblock_core::section::{SectionHeader, SectionName};
 use ramblock_core::stream::io::IoStream;
 use ramblock_core::stream::received_map::{read_received_map, scratch_words};
 use ramblock_core::stream::resume_token::ResumeToken;
+use ramblock_linux::channels::with_page_channels;
 use ramblock_linux::transport::{Conn, Connector};
+use ramblock_linux::zero_copy::ZeroCopyStats;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -27,8 +29,9 @@ struct ProgramHost<'g> {
     t0: Instant,
     quiet: bool,
     progress: PassProgress,
-    /// Every page sent, so the end checksums cost nothing in the downtime.
-    ledger: Ledger,
+    /// Every page sent, so the end checksums cost nothing in the downtime
+    /// (shared with the page channels' threads).
+    ledger: &'g Ledger,
     link: Link,
     /// The guest's device state (the `cpu` section), as sent at the
     /// switch-over.
@@ -156,6 +159,8 @@ pub struct Sent {
     pub device_state: Vec<u8>,
     /// Pass 0's throughput, bytes per second (0 if it never ended).
     pub pass0_bandwidth: f64,
+    /// With `--zero-copy`: what the writer sent how (None without).
+    pub zero_copy: Option<ZeroCopyStats>,
 }
 
 /// Migrates `ram` over `stream`, made by `connector`. On a pre-copy failure
@@ -172,16 +177,23 @@ pub fn send<D: DirtyLogSource>(
 ) -> Result<Sent, String> {
     let breaks = opts.break_postcopy.map(Breaks::new);
     let resume = opts.resume || breaks.is_some();
-    let (link, mut out) = Link::new(stream, connector.clone(), resume, breaks)?;
+    let (link, mut out) = Link::new(stream, connector.clone(), resume, breaks, opts.zero_copy)?;
     let mut ack = link.ack_reader()?;
     let mut device_state = Vec::new();
+    let ledger = ledger_for(ram);
+    // Page channels connect after the main stream, which the destination
+    // accepts first.
+    let channels = (0..opts.channels)
+        .map(|_| connector.connect())
+        .collect::<Result<Vec<Conn>, _>>()
+        .map_err(|e| format!("cannot open a page channel: {e}"))?;
     let mut host = ProgramHost {
         ram,
         guest,
         t0: Instant::now(),
         quiet: opts.json,
         progress: PassProgress::new(),
-        ledger: ledger_for(ram),
+        ledger: &ledger,
         link,
         state: &mut device_state,
         pass0_bandwidth: 0.0,
@@ -193,22 +205,40 @@ pub fn send<D: DirtyLogSource>(
         },
     };
     let mut buf = vec![0u8; 64 * 4096];
-    let result = migrate(
-        ram,
-        source,
-        &mut out,
-        &mut ack,
-        &mut host,
-        config(opts),
-        &mut buf,
-    );
+    let result = if channels.is_empty() {
+        migrate(
+            ram,
+            source,
+            &mut out,
+            &mut ack,
+            &mut host,
+            config(opts),
+            &mut buf,
+        )
+    } else {
+        with_page_channels(ram, Some(&ledger), channels, |ch| {
+            migrate_with_channels(
+                ram,
+                source,
+                &mut out,
+                &mut ack,
+                &mut host,
+                config(opts),
+                &mut buf,
+                ch,
+            )
+        })
+        .map_err(|e| format!("cannot start the page channels: {e}"))?
+    };
     let pass0_bandwidth = host.pass0_bandwidth;
+    let zero_copy = host.link.zero_copy_stats();
     drop(host);
     result
         .map(|stats| Sent {
             stats,
             device_state,
             pass0_bandwidth,
+            zero_copy,
         })
         .map_err(|e| e.to_string())
 }

@@ -1,0 +1,323 @@
+//! The sending side: one thread per page channel taking runs from a shared
+//! queue, so a channel whose runs hold more data pages than another's does
+//! not hold the others back.
+
+use super::shutdown_all;
+use crate::transport::Conn;
+use ramblock_core::addr::ByteLen;
+use ramblock_core::bitmap::Storage;
+use ramblock_core::checksum::{Ledger, PageLedger};
+use ramblock_core::host::HostMemory;
+use ramblock_core::list::RamList;
+use ramblock_core::migrate::channels::{
+    write_run, ChannelFailure, ChannelFailureKind, PageChannels, RunCounts, RunError,
+};
+use ramblock_core::name::BlockName;
+use ramblock_core::stream::format::{ChannelHello, Record};
+use ramblock_core::stream::io::ByteWrite;
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// Runs queued per channel at most: enough that no channel idles while the
+/// engine walks the bitmap, few enough that a barrier comes soon.
+const QUEUE_PER_CHANNEL: usize = 8;
+
+/// A run handed to the channels.
+struct Job {
+    block: u32,
+    name: BlockName,
+    first: u64,
+    count: u32,
+}
+
+/// What the engine and the channel threads share.
+struct State {
+    jobs: VecDeque<Job>,
+    /// The barrier being written, and which channels still owe it.
+    barrier: Option<u32>,
+    owed: Vec<bool>,
+    /// Counts since the last barrier.
+    sent: RunCounts,
+    failed: Option<ChannelFailure>,
+    stop: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Channel threads wait here for a run, a barrier or the stop.
+    work: Condvar,
+    /// The engine waits here for room in the queue or a finished barrier.
+    progress: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every holder leaves the state consistent between statements; a
+        // panicking channel thread is reported by the scope's join.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, failure: ChannelFailure) {
+        let mut st = self.lock();
+        st.failed.get_or_insert(failure);
+        self.work.notify_all();
+        self.progress.notify_all();
+    }
+}
+
+/// The engine's handle on the page channels: a [`PageChannels`] for
+/// [`migrate_with_channels`](ramblock_core::migrate::migrate_with_channels).
+pub struct ChannelSender<'s> {
+    shared: &'s Shared,
+    count: u32,
+}
+
+impl std::fmt::Debug for ChannelSender<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChannelSender({} channels)", self.count)
+    }
+}
+
+impl PageChannels for ChannelSender<'_> {
+    fn count(&self) -> u32 {
+        self.count
+    }
+
+    fn send(
+        &mut self,
+        block: u32,
+        name: &BlockName,
+        first: u64,
+        count: u32,
+    ) -> Result<(), ChannelFailure> {
+        let cap = QUEUE_PER_CHANNEL * self.count as usize;
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(failure) = &st.failed {
+                return Err(failure.clone());
+            }
+            if st.jobs.len() < cap {
+                break;
+            }
+            st = self
+                .shared
+                .progress
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        st.jobs.push_back(Job {
+            block,
+            name: name.clone(),
+            first,
+            count,
+        });
+        self.shared.work.notify_one();
+        Ok(())
+    }
+
+    fn barrier(&mut self, generation: u32) -> Result<RunCounts, ChannelFailure> {
+        let mut st = self.shared.lock();
+        st.barrier = Some(generation);
+        st.owed.iter_mut().for_each(|o| *o = true);
+        self.shared.work.notify_all();
+        loop {
+            if let Some(failure) = &st.failed {
+                return Err(failure.clone());
+            }
+            if st.owed.iter().all(|o| !o) {
+                break;
+            }
+            st = self
+                .shared
+                .progress
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        st.barrier = None;
+        Ok(std::mem::take(&mut st.sent))
+    }
+}
+
+/// Runs `f` with page channels over `conns` (connected to the destination's
+/// channel listener, in channel order): writes each channel's
+/// [`ChannelHello`], starts a sending thread per channel, and hands `f` the
+/// [`ChannelSender`] to migrate with. Each thread reads the runs it takes
+/// from `list` itself, records them in `ledger` (the one the migration's
+/// host returns, if any) and writes them on its own connection. When `f`
+/// returns, the threads stop and every channel is shut down (after the
+/// final barrier all they sent is on its way; after a failure a thread
+/// blocked on a dead peer is released). A failed channel fails the
+/// migration through the engine; `f`'s result is returned as it is.
+pub fn with_page_channels<'l, M, S, const N: usize, T>(
+    list: &RamList<'l, M, S, N>,
+    ledger: Option<&Ledger>,
+    conns: Vec<Conn>,
+    f: impl FnOnce(&mut ChannelSender<'_>) -> T,
+) -> io::Result<T>
+where
+    M: HostMemory,
+    S: Storage,
+    RamList<'l, M, S, N>: Sync,
+{
+    let count = u32::try_from(conns.len())
+        .ok()
+        .filter(|&c| c > 0)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no page channels"))?;
+    let mut writers = Vec::with_capacity(conns.len());
+    for (index, conn) in conns.iter().enumerate() {
+        let mut w = conn.writer()?;
+        ChannelHello {
+            index: index as u32,
+            count,
+        }
+        .write(&mut w)?;
+        w.flush()?;
+        writers.push(w);
+    }
+    let shared = Shared {
+        state: Mutex::new(State {
+            jobs: VecDeque::new(),
+            barrier: None,
+            owed: vec![false; conns.len()],
+            sent: RunCounts::default(),
+            failed: None,
+            stop: false,
+        }),
+        work: Condvar::new(),
+        progress: Condvar::new(),
+    };
+    Ok(std::thread::scope(|scope| {
+        for (index, w) in writers.into_iter().enumerate() {
+            let shared = &shared;
+            scope.spawn(move || channel_thread(list, ledger, shared, index, count, w));
+        }
+        let result = f(&mut ChannelSender {
+            shared: &shared,
+            count,
+        });
+        {
+            let mut st = shared.lock();
+            st.stop = true;
+            shared.work.notify_all();
+        }
+        shutdown_all(&conns);
+        result
+    }))
+}
+
+/// What a channel thread does next.
+enum Task {
+    Run(Box<Job>),
+    Barrier(u32),
+    Stop,
+}
+
+fn next_task(shared: &Shared, index: usize) -> Task {
+    let mut st = shared.lock();
+    loop {
+        if st.stop || st.failed.is_some() {
+            return Task::Stop;
+        }
+        if let Some(job) = st.jobs.pop_front() {
+            shared.progress.notify_one();
+            return Task::Run(Box::new(job));
+        }
+        // Only with the queue empty: every run handed before the barrier
+        // goes out before it, on whichever channel took it.
+        if let (Some(generation), true) = (st.barrier, st.owed[index]) {
+            st.owed[index] = false;
+            return Task::Barrier(generation);
+        }
+        st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+fn channel_thread<'l, M, S, const N: usize, W>(
+    list: &RamList<'l, M, S, N>,
+    ledger: Option<&Ledger>,
+    shared: &Shared,
+    index: usize,
+    count: u32,
+    mut out: W,
+) where
+    M: HostMemory,
+    S: Storage,
+    W: ByteWrite<Error = io::Error>,
+{
+    let failure = |what| ChannelFailure {
+        channel: index as u32,
+        what,
+    };
+    let io_failure = |e: io::Error| failure(ChannelFailureKind::Io(e.raw_os_error().unwrap_or(0)));
+    loop {
+        let sent = match next_task(shared, index) {
+            Task::Stop => return,
+            Task::Run(job) => send_job(list, ledger, &mut out, &job).map_err(|e| match e {
+                SendError::Io(e) => io_failure(e),
+                SendError::Gone => failure(ChannelFailureKind::BlockRemoved(job.block)),
+                SendError::Outside => failure(ChannelFailureKind::OutsideBlock),
+            }),
+            Task::Barrier(generation) => {
+                let record = Record::Barrier {
+                    generation,
+                    channels: count,
+                };
+                record
+                    .write(&mut out)
+                    .and_then(|()| out.flush())
+                    .map(|()| RunCounts {
+                        bytes: record.wire_len() as u64,
+                        ..RunCounts::default()
+                    })
+                    .map_err(io_failure)
+            }
+        };
+        match sent {
+            Ok(sent) => {
+                let mut st = shared.lock();
+                st.sent.add(sent);
+                shared.progress.notify_all();
+            }
+            Err(failure) => {
+                shared.fail(failure);
+                return;
+            }
+        }
+    }
+}
+
+enum SendError {
+    Io(io::Error),
+    Gone,
+    Outside,
+}
+
+/// Sends one run, reading it from the list under a shared lock of its own.
+fn send_job<'l, M, S, const N: usize, W>(
+    list: &RamList<'l, M, S, N>,
+    ledger: Option<&Ledger>,
+    out: &mut W,
+    job: &Job,
+) -> Result<RunCounts, SendError>
+where
+    M: HostMemory,
+    S: Storage,
+    W: ByteWrite<Error = io::Error>,
+{
+    let view = list.read();
+    let block = view.by_name(job.name.as_str()).ok_or(SendError::Gone)?;
+    let region = block.region();
+    let run = region
+        .subregion(
+            ByteLen::from_pages(job.first),
+            job.count as usize * ramblock_core::addr::TARGET_PAGE_SIZE as usize,
+        )
+        .map_err(|_| SendError::Outside)?;
+    let mut shared_ledger = ledger;
+    let ledger = shared_ledger.as_mut().map(|l| l as &mut dyn PageLedger);
+    write_run(out, ledger, job.block, job.first, &run).map_err(|e| match e {
+        RunError::Write(e) => SendError::Io(e),
+        RunError::OutsideBlock(_) => SendError::Outside,
+    })
+}

@@ -1,0 +1,510 @@
+//! Page channels end to end over TCP loopback: a writer keeps changing the
+//! source while four channels carry pre-copy pages beside the main stream;
+//! the destination ends equal to the source at the switch-over, byte for
+//! byte, in every pass's order. A channel that dies fails the migration
+//! and the source guest runs on; a malformed channel is a typed error.
+
+use ramblock_core::addr::ByteLen;
+use ramblock_core::bitmap::Owned;
+use ramblock_core::block::{BlockBitmaps, BlockSpec};
+use ramblock_core::checksum::{Ledger, PageLedger};
+use ramblock_core::dirty_log::SoftwareOnly;
+use ramblock_core::flags::BlockFlags;
+use ramblock_core::list::RamList;
+use ramblock_core::migrate::channels::{receive_channel, ChannelGate};
+use ramblock_core::migrate::receiver::{send_ack, ReceiveSummary, Receiver, BOUNCE_BYTES};
+use ramblock_core::migrate::{
+    migrate_with_channels, MigrateError, MigrationHost, MigrationStats, PassReport, PrecopyConfig,
+    ReceiveError,
+};
+use ramblock_core::name::BlockName;
+use ramblock_core::stream::format::Record;
+use ramblock_core::stream::io::{IoStream, SliceReader};
+use ramblock_linux::channels::{receive_page_channels, with_page_channels, Gate};
+use ramblock_linux::transport::{Conn, Connector, Listener};
+use ramblock_linux::{LinuxMemory, MemoryBuilder};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+type List = RamList<'static, LinuxMemory, Owned, 4>;
+const PAGE: u64 = 4096;
+const CHANNELS: u32 = 4;
+
+fn add(list: &List, name: &str, pages: u64) {
+    let len = ByteLen(pages * PAGE);
+    let mem = MemoryBuilder::anonymous(len).build().unwrap();
+    let spec = BlockSpec::new(BlockName::new(name).unwrap(), len)
+        .flags(mem.flags() | BlockFlags::MIGRATABLE);
+    let bitmaps = BlockBitmaps::<Owned>::for_spec(&spec).unwrap();
+    list.add(spec, mem, bitmaps).map_err(|r| r.error).unwrap();
+}
+
+fn lists() -> (List, List) {
+    let (src, dst) = (List::new(), List::new());
+    for list in [&src, &dst] {
+        add(list, "pc.ram", 8192);
+        add(list, "vram", 1024);
+    }
+    // Some pages with data, most zero (pass 0 sends them as counts).
+    let view = src.read();
+    for block in view.iter() {
+        for page in (0..block.used_pages() as u64).step_by(3) {
+            let byte = [(page % 251) as u8 + 1; 16];
+            block
+                .write(ByteLen(page * PAGE + page % 4000), &byte)
+                .unwrap();
+        }
+    }
+    drop(view);
+    (src, dst)
+}
+
+/// The guest: a flag the writer honours.
+#[derive(Default)]
+struct Vm {
+    paused: AtomicBool,
+    paused_ack: AtomicBool,
+    resumed: AtomicU32,
+}
+
+struct Host<'a> {
+    vm: &'a Vm,
+    t0: Instant,
+    ledger: &'a Ledger,
+    passes: Vec<PassReport>,
+}
+
+impl MigrationHost for Host<'_> {
+    fn now_ns(&mut self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
+    }
+    fn sleep_ns(&mut self, ns: u64) {
+        std::thread::sleep(Duration::from_nanos(ns));
+    }
+    fn pause_guest(&mut self) {
+        self.vm.paused.store(true, Ordering::SeqCst);
+        while !self.vm.paused_ack.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+    }
+    fn resume_guest(&mut self) {
+        self.vm.paused.store(false, Ordering::SeqCst);
+        self.vm.resumed.fetch_add(1, Ordering::SeqCst);
+    }
+    fn set_throttle(&mut self, _: u8) {}
+    fn pass_done(&mut self, r: &PassReport) {
+        self.passes.push(*r);
+    }
+    fn ledger(&mut self) -> Option<&mut dyn PageLedger> {
+        Some(&mut self.ledger)
+    }
+}
+
+/// Writes moving windows of pages of every block until paused or stopped.
+fn writer(list: &List, vm: &Vm, stop: &AtomicBool) {
+    let mut round = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        if vm.paused.load(Ordering::SeqCst) {
+            vm.paused_ack.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_micros(50));
+            continue;
+        }
+        vm.paused_ack.store(false, Ordering::SeqCst);
+        let view = list.read();
+        for block in view.iter() {
+            let pages = block.used_pages() as u64;
+            for k in 0..64 {
+                let page = (round * 61 + k * 17) % pages;
+                let byte = [(round % 250) as u8 + 1];
+                block.write(ByteLen(page * PAGE + k * 8), &byte).unwrap();
+            }
+        }
+        drop(view);
+        round += 1;
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn contents(list: &List) -> Vec<(String, Vec<u8>)> {
+    let view = list.read();
+    view.iter()
+        .map(|b| {
+            let mut v = vec![0u8; b.used_length().0 as usize];
+            b.read(ByteLen(0), &mut v).unwrap();
+            (b.name().to_string(), v)
+        })
+        .collect()
+}
+
+type Sent =
+    Result<MigrationStats, MigrateError<std::convert::Infallible, std::io::Error, std::io::Error>>;
+
+/// The source: main stream and channels to `addr`, migrating `src`.
+fn send(src: &List, vm: &Vm, addr: &str, cfg: PrecopyConfig) -> (Sent, Vec<PassReport>) {
+    let connector = Connector::new(addr);
+    let main = connector.connect().unwrap();
+    let channels: Vec<Conn> = (0..CHANNELS)
+        .map(|_| connector.connect().unwrap())
+        .collect();
+    let ledger = Ledger::new();
+    let mut host = Host {
+        vm,
+        t0: Instant::now(),
+        ledger: &ledger,
+        passes: Vec::new(),
+    };
+    let mut out = main.writer().unwrap();
+    let mut ack = main.try_clone().unwrap().reader().unwrap();
+    let mut buf = vec![0u8; 64 * 4096];
+    let sent = with_page_channels(src, Some(&ledger), channels, |ch| {
+        migrate_with_channels(
+            src,
+            &mut SoftwareOnly,
+            &mut out,
+            &mut ack,
+            &mut host,
+            cfg,
+            &mut buf,
+            ch,
+        )
+    })
+    .unwrap();
+    main.shutdown();
+    (sent, host.passes)
+}
+
+/// The destination: accepts the main stream and the channels, receives.
+fn receive(
+    dst: &List,
+    listener: &Listener,
+    kill_channel: Option<usize>,
+) -> Result<ReceiveSummary, String> {
+    let mut main = listener
+        .accept_migration(Some(Duration::from_secs(10)))
+        .unwrap();
+    let channels = listener
+        .accept_page_channels(CHANNELS, Duration::from_secs(10))
+        .unwrap();
+    if let Some(k) = kill_channel {
+        // This channel dies before a byte of it is read.
+        channels[k].conn.shutdown();
+    }
+    let ledger = Ledger::new();
+    let mut bounce = vec![0u8; BOUNCE_BYTES];
+    // The reader first: it takes the header the listener put back.
+    let mut input = main.reader().unwrap();
+    let abort = || main.shutdown();
+    let (result, chans) =
+        receive_page_channels(dst, Some(&ledger), true, channels, &abort, |gate| {
+            let mut shared = &ledger;
+            let mut rx = Receiver::new(&mut bounce)
+                .unwrap()
+                .with_ledger(&mut shared)
+                .with_channels(gate)
+                .with_fresh_destination();
+            rx.receive(dst, &mut input, |_| {})
+        })
+        .unwrap();
+    let mut result = match (result, chans.first_error()) {
+        (Err(ReceiveError::ChannelFailed), Some(e)) => Err(e.to_string()),
+        (r, _) => r.map_err(|e| e.to_string()),
+    };
+    // The main stream's summary counts its own pages; add the channels'.
+    if let Ok(summary) = &mut result {
+        for channel in chans.channels.iter().flatten() {
+            summary.pages += channel.pages;
+            summary.zero_pages += channel.zero_pages;
+        }
+    }
+    let _ = send_ack(
+        &mut IoStream(main.try_clone().unwrap()),
+        &result
+            .clone()
+            .map_err(|_| ReceiveError::<(), ()>::ChannelFailed),
+    );
+    result
+}
+
+#[test]
+fn four_channels_carry_a_changing_guest_byte_for_byte() {
+    let (src, dst) = lists();
+    let listener = Listener::bind("127.0.0.1:0")
+        .unwrap()
+        .with_log(|p| eprintln!("refused: {}: {}", p.peer, p.refusal));
+    let addr = listener.local_addr().unwrap().to_string();
+    let vm = Vm::default();
+    let stop = AtomicBool::new(false);
+    let cfg = PrecopyConfig {
+        downtime_limit_ns: 0,
+        max_passes: 5,
+        ..PrecopyConfig::default()
+    };
+    let (sent, passes, at_switch, received) = std::thread::scope(|s| {
+        s.spawn(|| writer(&src, &vm, &stop));
+        let rx = s.spawn(|| receive(&dst, &listener, None));
+        let (sent, passes) = send(&src, &vm, &addr, cfg);
+        // The guest is paused: this is the switch-over state.
+        let at_switch = contents(&src);
+        stop.store(true, Ordering::SeqCst);
+        (sent, passes, at_switch, rx.join().unwrap())
+    });
+    let stats =
+        sent.unwrap_or_else(|e| panic!("the migration failed: {e}; destination: {received:?}"));
+    let received = received.expect("the destination verified every block");
+    assert!(
+        contents(&dst) == at_switch,
+        "destination equals the source at switch-over"
+    );
+    assert_eq!(passes.len(), 6, "5 live passes and the final one");
+    assert!(
+        passes[1..5].iter().any(|p| p.pages_sent > 0),
+        "later passes sent pages again over the channels: {passes:?}"
+    );
+    assert_eq!(passes[0].pages_sent + passes[0].zero_pages, 8192 + 1024);
+    assert_eq!(received.pages, stats.pages, "every data page counted once");
+    assert_eq!(received.zero_pages, stats.zero_pages);
+    assert_eq!(vm.resumed.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_dead_channel_fails_the_migration_and_the_guest_runs_on() {
+    let (src, dst) = lists();
+    let listener = Listener::bind("127.0.0.1:0")
+        .unwrap()
+        .with_log(|p| eprintln!("refused: {}: {}", p.peer, p.refusal));
+    let addr = listener.local_addr().unwrap().to_string();
+    let vm = Vm::default();
+    let stop = AtomicBool::new(false);
+    let (sent, received) = std::thread::scope(|s| {
+        s.spawn(|| writer(&src, &vm, &stop));
+        let rx = s.spawn(|| receive(&dst, &listener, Some(2)));
+        let (sent, _) = send(&src, &vm, &addr, PrecopyConfig::default());
+        stop.store(true, Ordering::SeqCst);
+        (sent, rx.join().unwrap())
+    });
+    let error = sent.expect_err("a migration with a dead channel fails");
+    assert!(
+        matches!(
+            error,
+            MigrateError::Channel(_)
+                | MigrateError::Write(_)
+                | MigrateError::Ack(_)
+                | MigrateError::Refused(_)
+        ),
+        "{error}"
+    );
+    assert!(received.is_err(), "the destination refused: {received:?}");
+    assert!(
+        !vm.paused.load(Ordering::SeqCst),
+        "the source guest runs on ({error})"
+    );
+}
+
+/// A channel's records, read from memory against a published table.
+fn receive_bytes(dst: &List, bytes: &[u8]) -> Result<(), String> {
+    let gate = Gate::new(1);
+    gate.publish_table(&[
+        BlockName::new("pc.ram").unwrap(),
+        BlockName::new("vram").unwrap(),
+    ]);
+    let mut bounce = vec![0u8; BOUNCE_BYTES];
+    let mut r = SliceReader::new(bytes);
+    receive_channel(dst, &mut r, &gate, None, false, &mut bounce)
+        .map(|_| ())
+        .map_err(|e| format!("{e:?}"))
+}
+
+fn record(r: Record) -> Vec<u8> {
+    let mut v = Vec::new();
+    r.write(&mut v).unwrap();
+    v
+}
+
+#[test]
+fn malformed_channels_are_typed_errors() {
+    let (_, dst) = lists();
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            record(Record::Sync {
+                pass: 0,
+                remaining: 0,
+            }),
+            "OutOfPlace",
+        ),
+        (record(Record::End { count: 2 }), "OutOfPlace"),
+        (
+            record(Record::Barrier {
+                generation: 0,
+                channels: 3,
+            }),
+            "ChannelCountMismatch",
+        ),
+        (
+            record(Record::Barrier {
+                generation: 1,
+                channels: 1,
+            }),
+            "BarrierOutOfOrder",
+        ),
+        (
+            record(Record::Zero {
+                block: 2,
+                first: 0,
+                count: 1,
+            }),
+            "BadBlockIndex",
+        ),
+        (
+            record(Record::Zero {
+                block: 1,
+                first: 1020,
+                count: 8,
+            }),
+            "PastUsedLength",
+        ),
+        (
+            record(Record::Zero {
+                block: 0,
+                first: 0,
+                count: 65,
+            }),
+            "BadRunLength",
+        ),
+        (
+            record(Record::Zero {
+                block: 0,
+                first: u64::MAX,
+                count: 2,
+            }),
+            "LengthOverflow",
+        ),
+        (
+            record(Record::Pages {
+                block: 0,
+                first: 0,
+                count: 2,
+            })[..10]
+                .to_vec(),
+            "Truncated",
+        ),
+        (
+            [
+                record(Record::Pages {
+                    block: 0,
+                    first: 0,
+                    count: 2,
+                }),
+                vec![7; 4096],
+            ]
+            .concat(),
+            "Truncated",
+        ),
+        (vec![0xEE], "UnknownRecord"),
+    ];
+    for (bytes, want) in cases {
+        let before = contents(&dst);
+        let got = receive_bytes(&dst, &bytes).expect_err(want);
+        assert!(got.starts_with(want), "{want}: got {got}");
+        assert!(contents(&dst) == before, "{want}: nothing written");
+    }
+    // A clean end at a record boundary, after good records, is no error,
+    // and the good records were written.
+    let good = [
+        record(Record::Pages {
+            block: 1,
+            first: 5,
+            count: 1,
+        }),
+        vec![0x5A; 4096],
+    ]
+    .concat();
+    receive_bytes(&dst, &good).unwrap();
+    let mut page = vec![0u8; 4096];
+    dst.read()
+        .by_name("vram")
+        .unwrap()
+        .read(ByteLen(5 * PAGE), &mut page)
+        .unwrap();
+    assert!(page.iter().all(|&b| b == 0x5A));
+}
+
+#[test]
+fn a_destination_without_channels_refuses_a_barrier() {
+    let (_, dst) = lists();
+    let mut stream = Vec::new();
+    ramblock_core::stream::format::Header::new(2)
+        .write(&mut stream)
+        .unwrap();
+    for (name, pages) in [("pc.ram", 8192u64), ("vram", 1024)] {
+        ramblock_core::stream::format::TableEntry {
+            used_length: pages * PAGE,
+            page_size: PAGE,
+            flags: BlockFlags::MIGRATABLE.bits(),
+        }
+        .write(name, &mut stream)
+        .unwrap();
+    }
+    stream.extend(record(Record::Barrier {
+        generation: 0,
+        channels: 2,
+    }));
+    let mut bounce = vec![0u8; BOUNCE_BYTES];
+    let mut rx = Receiver::new(&mut bounce).unwrap();
+    let got = rx.receive(&dst, &mut SliceReader::new(&stream), |_| {});
+    assert!(
+        matches!(
+            got,
+            Err(ReceiveError::ChannelCountMismatch {
+                source: 2,
+                destination: 0
+            })
+        ),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn the_listener_admits_only_well_formed_channels_in_order() {
+    use ramblock_core::stream::format::ChannelHello;
+    use std::io::Write;
+    use std::sync::Mutex;
+    let refused = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let log = refused.clone();
+    let listener = Listener::bind("127.0.0.1:0")
+        .unwrap()
+        .with_log(move |p| log.lock().unwrap().push(p.refusal.to_string()));
+    let addr = listener.local_addr().unwrap();
+    let hello = |index: u32, count: u32| {
+        let mut v = Vec::new();
+        ChannelHello { index, count }.write(&mut v).unwrap();
+        v
+    };
+    let peers: Vec<Vec<u8>> = vec![
+        hello(1, 3),                              // another channel count
+        b"RAMBLOCK header, not a hello".to_vec(), // a stream header, not a hello
+        hello(1, 2),
+        hello(1, 2), // index 1 again
+        [hello(0, 2), b"tail".to_vec()].concat(),
+    ];
+    let mut held = Vec::new();
+    for bytes in &peers {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(bytes).unwrap();
+        held.push(s);
+    }
+    let mut channels = listener
+        .accept_page_channels(2, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(channels.len(), 2);
+    // Channel 0 is the one whose hello said 0: its reader goes on after it.
+    let mut tail = [0u8; 4];
+    ramblock_core::stream::io::ByteRead::read_exact(&mut channels[0].reader, &mut tail).unwrap();
+    assert_eq!(&tail, b"tail");
+    let refused = refused.lock().unwrap();
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    assert!(refused[0].contains("channel count"), "{refused:?}");
+    assert!(
+        refused.iter().any(|r| r.contains("already taken")),
+        "{refused:?}"
+    );
+}

@@ -182,7 +182,7 @@ fn receive(
     let mut main = listener
         .accept_migration(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut channels = listener
+    let channels = listener
         .accept_page_channels(CHANNELS, Duration::from_secs(10))
         .unwrap();
     if let Some(k) = kill_channel {
@@ -460,5 +460,51 @@ fn a_destination_without_channels_refuses_a_barrier() {
             })
         ),
         "{got:?}"
+    );
+}
+
+#[test]
+fn the_listener_admits_only_well_formed_channels_in_order() {
+    use ramblock_core::stream::format::ChannelHello;
+    use std::io::Write;
+    use std::sync::Mutex;
+    let refused = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let log = refused.clone();
+    let listener = Listener::bind("127.0.0.1:0")
+        .unwrap()
+        .with_log(move |p| log.lock().unwrap().push(p.refusal.to_string()));
+    let addr = listener.local_addr().unwrap();
+    let hello = |index: u32, count: u32| {
+        let mut v = Vec::new();
+        ChannelHello { index, count }.write(&mut v).unwrap();
+        v
+    };
+    let peers: Vec<Vec<u8>> = vec![
+        hello(1, 3),                              // another channel count
+        b"RAMBLOCK header, not a hello".to_vec(), // a stream header, not a hello
+        hello(1, 2),
+        hello(1, 2), // index 1 again
+        [hello(0, 2), b"tail".to_vec()].concat(),
+    ];
+    let mut held = Vec::new();
+    for bytes in &peers {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(bytes).unwrap();
+        held.push(s);
+    }
+    let mut channels = listener
+        .accept_page_channels(2, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(channels.len(), 2);
+    // Channel 0 is the one whose hello said 0: its reader goes on after it.
+    let mut tail = [0u8; 4];
+    ramblock_core::stream::io::ByteRead::read_exact(&mut channels[0].reader, &mut tail).unwrap();
+    assert_eq!(&tail, b"tail");
+    let refused = refused.lock().unwrap();
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    assert!(refused[0].contains("channel count"), "{refused:?}");
+    assert!(
+        refused.iter().any(|r| r.contains("already taken")),
+        "{refused:?}"
     );
 }

@@ -170,8 +170,8 @@ pub struct ChannelFailure {
 pub enum ChannelFailureKind {
     /// Its connection failed (the OS error number, 0 if none).
     Io(i32),
-    /// A block it was to send was removed from the list.
-    BlockRemoved(BlockName),
+    /// A block it was to send (its table index) was removed from the list.
+    BlockRemoved(u32),
     /// A run lay outside its block's memory (a bug, refused).
     OutsideBlock,
     /// Its thread is gone (it failed before, or was stopped).
@@ -184,8 +184,8 @@ impl fmt::Display for ChannelFailure {
         match &self.what {
             ChannelFailureKind::Io(0) => f.write_str("its connection failed"),
             ChannelFailureKind::Io(errno) => write!(f, "its connection failed (errno {errno})"),
-            ChannelFailureKind::BlockRemoved(name) => {
-                write!(f, "block {name:?} was removed while being sent")
+            ChannelFailureKind::BlockRemoved(index) => {
+                write!(f, "block {index} of the table was removed while being sent")
             }
             ChannelFailureKind::OutsideBlock => f.write_str("a run lay outside its block"),
             ChannelFailureKind::Gone => f.write_str("its thread stopped"),

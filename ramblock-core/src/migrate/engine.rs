@@ -2,7 +2,9 @@
 //! share: writing records and the block table, pass accounting, harvesting
 //! the dirty log, noticing layout changes, and sending dirty runs.
 
-use super::channels::{write_run, PageChannels, RunCounts, RunError};
+use super::channels::{
+    write_run, ChannelFailure, ChannelFailureKind, PageChannels, RunCounts, RunError,
+};
 use super::config::PrecopyConfig;
 use super::error::MigrateError;
 use super::host::MigrationHost;
@@ -294,9 +296,8 @@ impl<
             .map_err(MigrateError::RunOutsideBlock)?;
         if let Some(channels) = self.channels.as_deref_mut() {
             let name = &self.table[block as usize].name;
-            channels
-                .send(block, name, first as u64, count as u32)
-                .map_err(MigrateError::Channel)?;
+            let sent = channels.send(block, name, first as u64, count as u32);
+            sent.map_err(|e| self.channel_failed(e))?;
             self.in_flight += (count * PAGE) as u64;
         } else {
             let sent = write_run(
@@ -316,6 +317,18 @@ impl<
         Ok(())
     }
 
+    /// A channel's failure as the migration's error: a removed block by
+    /// its name, as without channels.
+    fn channel_failed<E>(&self, failure: ChannelFailure) -> MigrateError<D::Error, W::Error, E> {
+        match failure.what {
+            ChannelFailureKind::BlockRemoved(index) => match self.table.get(index as usize) {
+                Some(slot) => MigrateError::BlockRemoved(slot.name.clone()),
+                None => MigrateError::Channel(failure),
+            },
+            _ => MigrateError::Channel(failure),
+        }
+    }
+
     fn count_sent(&mut self, sent: RunCounts) {
         self.pass.bytes += sent.bytes;
         self.pass.pages_sent += sent.pages;
@@ -331,10 +344,9 @@ impl<
             return Ok(());
         };
         let generation = self.generation;
-        let sent = channels
-            .barrier(generation)
-            .map_err(MigrateError::Channel)?;
+        let sent = channels.barrier(generation);
         let count = channels.count();
+        let sent = sent.map_err(|e| self.channel_failed(e))?;
         self.in_flight = 0;
         self.count_sent(sent);
         self.generation += 1;

@@ -208,7 +208,7 @@ where
 
 /// What a channel thread does next.
 enum Task {
-    Run(Job),
+    Run(Box<Job>),
     Barrier(u32),
     Stop,
 }
@@ -221,7 +221,7 @@ fn next_task(shared: &Shared, index: usize) -> Task {
         }
         if let Some(job) = st.jobs.pop_front() {
             shared.progress.notify_one();
-            return Task::Run(job);
+            return Task::Run(Box::new(job));
         }
         // Only with the queue empty: every run handed before the barrier
         // goes out before it, on whichever channel took it.
@@ -255,7 +255,7 @@ fn channel_thread<'l, M, S, const N: usize, W>(
             Task::Stop => return,
             Task::Run(job) => send_job(list, ledger, &mut out, &job).map_err(|e| match e {
                 SendError::Io(e) => io_failure(e),
-                SendError::Gone(name) => failure(ChannelFailureKind::BlockRemoved(name)),
+                SendError::Gone => failure(ChannelFailureKind::BlockRemoved(job.block)),
                 SendError::Outside => failure(ChannelFailureKind::OutsideBlock),
             }),
             Task::Barrier(generation) => {
@@ -289,7 +289,7 @@ fn channel_thread<'l, M, S, const N: usize, W>(
 
 enum SendError {
     Io(io::Error),
-    Gone(BlockName),
+    Gone,
     Outside,
 }
 
@@ -306,9 +306,7 @@ where
     W: ByteWrite<Error = io::Error>,
 {
     let view = list.read();
-    let block = view
-        .by_name(job.name.as_str())
-        .ok_or_else(|| SendError::Gone(job.name.clone()))?;
+    let block = view.by_name(job.name.as_str()).ok_or(SendError::Gone)?;
     let region = block.region();
     let run = region
         .subregion(

@@ -15,8 +15,8 @@ use ramblock_core::migrate::PostcopyTarget;
 use ramblock_core::section::SectionHeader;
 use ramblock_core::stream::format::DEFAULT_DEVICE_STATE_LIMIT;
 use ramblock_core::stream::io::IoStream;
-use ramblock_linux::postcopy::{LatencySummary, PostcopyDestination};
 use ramblock_linux::channels::{receive_page_channels, Gate};
+use ramblock_linux::postcopy::{LatencySummary, PostcopyDestination};
 use ramblock_linux::transport::{Conn, Listener, ResumeProof};
 use std::sync::{Arc, Mutex};
 
@@ -225,11 +225,22 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
                     receive_stream(Some(gate))
                 })
                 .map_err(|e| format!("cannot start the page channels: {e}"))?;
+            // The main stream's summary counts its own pages; the
+            // channels' go with them.
+            let (pages, zero_pages) = channels
+                .channels
+                .iter()
+                .flatten()
+                .fold((0, 0), |(p, z), c| (p + c.pages, z + c.zero_pages));
             let failed = channels.channels.into_iter().find_map(Result::err);
             match (result?, failed) {
                 // The channel's own error says what went wrong.
                 (Err(ReceiveError::ChannelFailed), Some(e)) => Err(e),
-                (result, _) => result,
+                (result, _) => result.map(|mut summary| {
+                    summary.pages += pages;
+                    summary.zero_pages += zero_pages;
+                    summary
+                }),
             }
         }
     };

@@ -9,8 +9,8 @@ use crate::workload::Guest;
 use ramblock_core::checksum::{Ledger, PageLedger};
 use ramblock_core::dirty_log::DirtyLogSource;
 use ramblock_core::migrate::{
-    migrate, migrate_with_channels, MigrationHost, MigrationStats, PassReport, PrecopyConfig, ReturnEvent,
-    DEFAULT_HANDOVER_WAIT_NS,
+    migrate, migrate_with_channels, MigrationHost, MigrationStats, PassReport, PrecopyConfig,
+    ReturnEvent, DEFAULT_HANDOVER_WAIT_NS,
 };
 use ramblock_core::section::{SectionHeader, SectionName};
 use ramblock_core::stream::io::IoStream;

@@ -29,7 +29,8 @@ tasks:
   bench [--report-only] [-p CRATE | CRATE] [FILTER]
                                       run criterion benches and print ratios to baselines
   bench migrate [--sizes 1G,4G] [--workloads idle,increment] [--prep prealloc,lazy]
-        [--qemu stream,multifd2,multifd4,zero-copy] [--link loopback,10gbit,1gbit] [--runs N]
+        [--qemu stream,multifd2,multifd4,zero-copy] [--ramblock stream,channels2,channels4]
+        [--link loopback,10gbit,1gbit] [--runs N]
                                       ramblock vs QEMU live migration
   bench downtime [--runs 20] [--limit-ms 300] [-- ARGS...]
                                       does ramblock migrate keep its downtime limit

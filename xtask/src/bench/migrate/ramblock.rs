@@ -1,5 +1,6 @@
 //! One `ramblock migrate --json` run: the same guest loop on ramblock's own
-//! KVM VM, migrated to a destination in the same process over loopback TCP.
+//! KVM VM, migrated to a destination in the same process over loopback TCP,
+//! with its pages on the main stream or on page channels beside it.
 
 use super::image::Variant;
 use super::link::{Link, Shape};
@@ -10,7 +11,53 @@ use crate::bench::ramblock_run::{migrate_json, migrate_json_with, RunFailure, Su
 use std::path::Path;
 use std::time::Duration;
 
-/// Runs `binary migrate` for a `size`-byte guest doing `variant`.
+/// The most page channels `--ramblock channelsN` takes: more than the
+/// bench's QEMU columns have (multifd 4) and than a small machine has
+/// cores; `ramblock migrate` itself takes up to 64.
+pub const MAX_CHANNELS: u32 = 16;
+
+/// How ramblock sends: on its one stream, or with page channels beside it
+/// (`ramblock migrate --channels N`, given to both sides).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Page channels beside the main stream; 0: pages on the main stream.
+    pub channels: u32,
+}
+
+impl Config {
+    /// Pages on the main stream, the default column.
+    pub const STREAM: Config = Config { channels: 0 };
+
+    /// Parses the name `--ramblock` takes: `stream`, or `channelsN` with N
+    /// in 1..=[`MAX_CHANNELS`].
+    pub fn parse(s: &str) -> Result<Config, String> {
+        if s == "stream" {
+            return Ok(Config::STREAM);
+        }
+        s.strip_prefix("channels")
+            // Digits only: `u32::from_str` would also take `+4`.
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| (1..=MAX_CHANNELS).contains(n))
+            .map(|channels| Config { channels })
+            .ok_or_else(|| {
+                format!(
+                    "ramblock configuration {s:?}: use stream or channelsN with N in 1..={MAX_CHANNELS} (channels2, channels4)"
+                )
+            })
+    }
+
+    /// A column name for the table: `ramblock`, `ramblock ch 4`.
+    pub fn name(self) -> String {
+        match self.channels {
+            0 => "ramblock".into(),
+            n => format!("ramblock ch {n}"),
+        }
+    }
+}
+
+/// Runs `binary migrate` for a `size`-byte guest doing `variant`, sending
+/// as `config` says.
 ///
 /// The dirty-log mode is `manual` (bitmap plus `KVM_CLEAR_DIRTY_LOG`), the
 /// one QEMU uses by default; the downtime limit is QEMU's, and there is no
@@ -18,8 +65,16 @@ use std::time::Duration;
 /// `prep` says. On loopback the destination runs in the same process; over
 /// a shaped link it is a second process (`--incoming`) in the
 /// destination's namespace, and the source's summary counts only when the
-/// destination's says it received and checked everything too.
-pub fn migrate(binary: &Path, size: u64, variant: Variant, prep: Prep, link: &Link) -> Outcome {
+/// destination's says it received and checked everything too. Page
+/// channels are asked of both processes alike, as they must be.
+pub fn migrate(
+    binary: &Path,
+    size: u64,
+    variant: Variant,
+    config: Config,
+    prep: Prep,
+    link: &Link,
+) -> Outcome {
     let workload = match variant {
         Variant::Increment => "increment",
         Variant::Idle => "idle",
@@ -32,6 +87,10 @@ pub fn migrate(binary: &Path, size: u64, variant: Variant, prep: Prep, link: &Li
         format!("--size={}M", size >> 20),
         format!("--downtime-ms={}", super::qemu::DOWNTIME_LIMIT_MS),
     ];
+    if config.channels > 0 {
+        // In `args`, which both processes of a shaped link get.
+        args.push(format!("--channels={}", config.channels));
+    }
     // Migration, warm-up and the byte-for-byte check all count against the
     // timeout here; QEMU's clock starts at `migrate`, so this is generous to
     // QEMU, never to ramblock.
@@ -130,5 +189,26 @@ mod tests {
         let failed = ok.replace(r#""error":null"#, r#""error":"connection reset""#);
         assert!(parse(&failed).unwrap_err().contains("connection reset"));
         assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn configurations_parse() {
+        assert_eq!(Config::parse("stream"), Ok(Config::STREAM));
+        assert_eq!(Config::parse("channels4"), Ok(Config { channels: 4 }));
+        assert_eq!(Config::parse("channels16"), Ok(Config { channels: 16 }));
+        assert_eq!(Config::parse("channels1").unwrap().name(), "ramblock ch 1");
+        assert_eq!(Config::STREAM.name(), "ramblock");
+        for bad in [
+            "channels0",
+            "channels17",
+            "channels",
+            "channels+4",
+            "channels 4",
+            "ch4",
+            "multifd4",
+            "",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

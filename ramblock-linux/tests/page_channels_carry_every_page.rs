@@ -165,7 +165,7 @@ fn send(src: &List, vm: &Vm, addr: &str, cfg: PrecopyConfig) -> (Sent, Vec<PassR
             &mut host,
             cfg,
             &mut buf,
-            ch,
+            Some(ch),
         )
     })
     .unwrap();

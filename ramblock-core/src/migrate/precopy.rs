@@ -60,38 +60,17 @@ where
     R: ByteRead,
     H: MigrationHost,
 {
-    run_migration(list, source, out, ack, host, cfg, buf, None)
+    migrate_with_channels(list, source, out, ack, host, cfg, buf, None)
 }
 
-/// [`migrate`] with page channels: pre-copy pages go to `channels`
-/// ([`crate::migrate::channels`]), everything else (and all of post-copy)
-/// on `out`. A host ledger ([`MigrationHost::ledger`]) must be the one the
-/// channels record in (a shared [`Ledger`](crate::checksum::Ledger)); a
-/// failed channel fails the migration and the guest runs on here.
+/// [`migrate`] with page channels, when `channels` is given: pre-copy
+/// pages go to them ([`crate::migrate::channels`]), everything else (and
+/// all of post-copy) on `out`. A host ledger ([`MigrationHost::ledger`])
+/// must be the one the channels record in (a shared
+/// [`Ledger`](crate::checksum::Ledger)); a failed channel fails the
+/// migration and the guest runs on here. `None` is [`migrate`].
 #[allow(clippy::too_many_arguments)]
 pub fn migrate_with_channels<M, S, const N: usize, D, W, R, H>(
-    list: &RamList<'_, M, S, N>,
-    source: &mut D,
-    out: &mut W,
-    ack: &mut R,
-    host: &mut H,
-    cfg: PrecopyConfig,
-    buf: &mut [u8],
-    channels: &mut dyn PageChannels,
-) -> Result<MigrationStats, Error<D, W, R>>
-where
-    M: HostMemory,
-    S: Storage,
-    D: DirtyLogSource,
-    W: ByteWrite,
-    R: ByteRead,
-    H: MigrationHost,
-{
-    run_migration(list, source, out, ack, host, cfg, buf, Some(channels))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_migration<M, S, const N: usize, D, W, R, H>(
     list: &RamList<'_, M, S, N>,
     source: &mut D,
     out: &mut W,

@@ -58,6 +58,23 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The engine waits until `ready` holds, or a channel failed.
+    fn wait_for(
+        &self,
+        ready: impl Fn(&State) -> bool,
+    ) -> Result<MutexGuard<'_, State>, ChannelFailure> {
+        let mut st = self.lock();
+        loop {
+            if let Some(failure) = &st.failed {
+                return Err(failure.clone());
+            }
+            if ready(&st) {
+                return Ok(st);
+            }
+            st = self.progress.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     fn fail(&self, failure: ChannelFailure) {
         let mut st = self.lock();
         st.failed.get_or_insert(failure);
@@ -92,20 +109,7 @@ impl PageChannels for ChannelSender<'_> {
         count: u32,
     ) -> Result<(), ChannelFailure> {
         let cap = QUEUE_PER_CHANNEL * self.count as usize;
-        let mut st = self.shared.lock();
-        loop {
-            if let Some(failure) = &st.failed {
-                return Err(failure.clone());
-            }
-            if st.jobs.len() < cap {
-                break;
-            }
-            st = self
-                .shared
-                .progress
-                .wait(st)
-                .unwrap_or_else(|e| e.into_inner());
-        }
+        let mut st = self.shared.wait_for(|st| st.jobs.len() < cap)?;
         st.jobs.push_back(Job {
             block,
             name: name.clone(),
@@ -117,23 +121,13 @@ impl PageChannels for ChannelSender<'_> {
     }
 
     fn barrier(&mut self, generation: u32) -> Result<RunCounts, ChannelFailure> {
-        let mut st = self.shared.lock();
-        st.barrier = Some(generation);
-        st.owed.iter_mut().for_each(|o| *o = true);
-        self.shared.work.notify_all();
-        loop {
-            if let Some(failure) = &st.failed {
-                return Err(failure.clone());
-            }
-            if st.owed.iter().all(|o| !o) {
-                break;
-            }
-            st = self
-                .shared
-                .progress
-                .wait(st)
-                .unwrap_or_else(|e| e.into_inner());
+        {
+            let mut st = self.shared.lock();
+            st.barrier = Some(generation);
+            st.owed.iter_mut().for_each(|o| *o = true);
+            self.shared.work.notify_all();
         }
+        let mut st = self.shared.wait_for(|st| st.owed.iter().all(|o| !o))?;
         st.barrier = None;
         Ok(std::mem::take(&mut st.sent))
     }

@@ -8,9 +8,10 @@ use crate::report::{pass_line, PassProgress};
 use crate::workload::Guest;
 use ramblock_core::checksum::{Ledger, PageLedger};
 use ramblock_core::dirty_log::DirtyLogSource;
+use ramblock_core::migrate::channels::PageChannels;
 use ramblock_core::migrate::{
-    migrate, migrate_with_channels, MigrationHost, MigrationStats, PassReport, PrecopyConfig,
-    ReturnEvent, DEFAULT_HANDOVER_WAIT_NS,
+    migrate_with_channels, MigrationHost, MigrationStats, PassReport, PrecopyConfig, ReturnEvent,
+    DEFAULT_HANDOVER_WAIT_NS,
 };
 use ramblock_core::section::{SectionHeader, SectionName};
 use ramblock_core::stream::io::IoStream;
@@ -205,30 +206,17 @@ pub fn send<D: DirtyLogSource>(
         },
     };
     let mut buf = vec![0u8; 64 * 4096];
-    let result = if channels.is_empty() {
-        migrate(
-            ram,
-            source,
-            &mut out,
-            &mut ack,
-            &mut host,
-            config(opts),
-            &mut buf,
+    let mut run = |channels: Option<&mut dyn PageChannels>| {
+        let cfg = config(opts);
+        migrate_with_channels(
+            ram, source, &mut out, &mut ack, &mut host, cfg, &mut buf, channels,
         )
+    };
+    let result = if channels.is_empty() {
+        run(None)
     } else {
-        with_page_channels(ram, Some(&ledger), channels, |ch| {
-            migrate_with_channels(
-                ram,
-                source,
-                &mut out,
-                &mut ack,
-                &mut host,
-                config(opts),
-                &mut buf,
-                ch,
-            )
-        })
-        .map_err(|e| format!("cannot start the page channels: {e}"))?
+        with_page_channels(ram, Some(&ledger), channels, |ch| run(Some(ch)))
+            .map_err(|e| format!("cannot start the page channels: {e}"))?
     };
     let pass0_bandwidth = host.pass0_bandwidth;
     let zero_copy = host.link.zero_copy_stats();

@@ -36,7 +36,7 @@ use ramblock_core::buffer::{BufferError, BufferMemory};
 use ramblock_core::dirty_log::SoftwareOnly;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
-use ramblock_core::migrate::postcopy::REQUESTS_PER_BACKGROUND;
+use ramblock_core::migrate::postcopy::{BACKGROUND_CHUNK_PAGES, REQUESTS_PER_BACKGROUND};
 use ramblock_core::migrate::{
     migrate, MigrateError, MigrationHost, PostcopyStats, PostcopyTarget, PrecopyConfig, Receiver,
     ReturnEvent,
@@ -525,7 +525,7 @@ impl Engine {
             };
             let per = Self::per(b);
             let start = page - page % per;
-            let end = start + per.max(64);
+            let end = start + per.max(BACKGROUND_CHUNK_PAGES);
             self.pc.background_pages += self.send(b, start, end);
             self.cursor = (b, end);
         }

@@ -253,10 +253,11 @@ fn return_path_model_reaches_success_and_refusal() {
         v.push(then);
         v
     };
-    // Page 3 first, then the background from page 4 on: ram 4..24, huge,
-    // ram 0..3 after wrapping around, nothing.
+    // Page 3 first, then the background from page 4 on in chunks of
+    // BACKGROUND_CHUNK_PAGES (16): ram 4..20, ram 20..24, huge, ram 0..3
+    // after wrapping around, nothing.
     let mut first = vec![req(0, 3, 1), req(0, 3, 1)];
-    first.extend(waits(4, Msg::Ok));
+    first.extend(waits(5, Msg::Ok));
     match run(first, vec![]) {
         Outcome::Done(pc) => {
             assert_eq!((pc.requests, pc.duplicate_requests, pc.resumes), (2, 1, 0));
@@ -269,7 +270,7 @@ fn return_path_model_reaches_success_and_refusal() {
         vec![req(1, 5, 1)],
         vec![
             conn(Some((3, false)), vec![]),
-            conn(None, waits(3, Msg::Ok)),
+            conn(None, waits(8, Msg::Ok)),
         ],
     ) {
         Outcome::Done(pc) => {
@@ -282,6 +283,6 @@ fn return_path_model_reaches_success_and_refusal() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(run(waits(3, Msg::Refused(5)), vec![]), Outcome::Refused(5));
+    assert_eq!(run(waits(6, Msg::Refused(5)), vec![]), Outcome::Refused(5));
     assert_eq!(run(vec![Msg::Ok], vec![]), Outcome::BadAck);
 }

@@ -372,6 +372,14 @@ fn figures(info: &Value) -> Result<Measured, String> {
             .and_then(Value::as_u64)
             .ok_or_else(|| format!("query-migrate has no {pointer}: {info}"))
     };
+    // QEMU 7.2 with multifd once answered a completed migration with a
+    // total time of 0 ms (seen 2026-12-04): no measurement, so the run
+    // counts as failed rather than pulling the column's median down.
+    if num("/total-time")? == 0 {
+        return Err(format!(
+            "query-migrate reports a total time of 0 ms for a completed migration: {info}"
+        ));
+    }
     Ok(Measured {
         total_ms: num("/total-time")? as f64,
         downtime_ms: num("/downtime")? as f64,
@@ -468,4 +476,23 @@ fn same_memory(
         ));
     }
     Ok(saved[0] == saved[1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_total_time_of_zero_is_no_measurement() {
+        let info = |total: u64| {
+            json!({
+                "total-time": total, "downtime": 5, "setup-time": 1,
+                "ram": { "transferred": 10, "normal": 2, "duplicate": 1, "dirty-sync-count": 3 }
+            })
+        };
+        assert_eq!(figures(&info(120)).unwrap().total_ms, 120.0);
+        assert!(figures(&info(0))
+            .unwrap_err()
+            .contains("total time of 0 ms"));
+    }
 }

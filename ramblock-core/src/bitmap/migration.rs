@@ -59,6 +59,32 @@ impl<W: AsRef<[u64]> + AsMut<[u64]>> MigrationBitmap<W> {
         self.dirty
     }
 
+    /// How many runs of set bits there are (maximal stretches of
+    /// consecutive dirty pages, each at least one page): what sending
+    /// them costs beyond their bytes, a record and a write per run, grows
+    /// with this count. One pass over the words, no allocation.
+    pub fn dirty_runs(&self) -> u64 {
+        if self.dirty == 0 {
+            return 0;
+        }
+        let words = self.words();
+        let last = words.len().saturating_sub(1);
+        let mut runs = 0;
+        // Whether the bit before the current word (its top bit) was set.
+        let mut carry = 0u64;
+        for (i, &w) in words.iter().enumerate() {
+            let w = if i == last {
+                w & last_word_mask(self.len)
+            } else {
+                w
+            };
+            // A run starts at each set bit whose lower neighbour is clear.
+            runs += u64::from((w & !((w << 1) | carry)).count_ones());
+            carry = w >> (WORD_BITS - 1);
+        }
+        runs
+    }
+
     /// The words covering the bitmap, little-endian bit order within a word.
     pub fn words(&self) -> &[u64] {
         &self.words.as_ref()[..words_for(self.len)]
@@ -295,6 +321,10 @@ mod tests {
         );
         let last = *map.words().last().unwrap();
         assert_eq!(last & !last_word_mask(map.len()), 0, "bits past len");
+        let runs = (0..model.len())
+            .filter(|&i| model[i] && (i == 0 || !model[i - 1]))
+            .count() as u64;
+        assert_eq!(map.dirty_runs(), runs, "runs");
     }
 
     #[test]

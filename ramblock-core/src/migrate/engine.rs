@@ -50,9 +50,19 @@ pub(super) struct Engine<'a, 'l, M, S: Storage, const N: usize, D, W, H> {
     /// How long the pass's harvest of the dirty log took: the pause pays
     /// for one more.
     pub(super) sync_ns: u64,
-    /// The sending rate (bytes per second) of the last pass that sent
+    /// What sending cost in the slowest window of the last pass that sent
     /// enough to measure it ([`RATE_SAMPLE_BYTES`]).
-    pub(super) send_rate: Option<f64>,
+    pub(super) cost: Option<SendCost>,
+    /// The slowest window of the pass in progress so far.
+    pub(super) pass_cost: Option<SendCost>,
+    /// Where the window being measured began.
+    pub(super) window: Window,
+    /// Pages handed to [`Self::send_run`] in the pass in progress.
+    pub(super) run_pages: u64,
+    /// When the pass's sending ended: its harvest began.
+    pub(super) sending_end_ns: u64,
+    /// The last live pass's estimate of the pause.
+    pub(super) last_estimate_ns: u64,
     pub(super) throttle: u8,
     /// Page channels to hand runs to, until post-copy starts; `None`
     /// sends them inline on `out`.
@@ -66,8 +76,62 @@ pub(super) struct Engine<'a, 'l, M, S: Storage, const N: usize, D, W, H> {
 
 /// A pass that sends less than this (a few pages, or zero pages only,
 /// which cost a header each) says little about the link's rate: the
-/// estimate then uses the last pass that sent more.
+/// estimate then uses the last pass that sent more. Also the least a
+/// pass's last, partial window must hold to count.
 const RATE_SAMPLE_BYTES: u64 = 8 << 20;
+
+/// A pass's sending is measured in windows of this many bytes, and the
+/// estimate of the pause uses the slowest: a shared machine's rate swings
+/// by a third and more between windows, and a pause of a few hundred
+/// milliseconds may well fall on a slow stretch, so the average of a
+/// long pass promises too much.
+const RATE_WINDOW_BYTES: u64 = 16 << 20;
+
+/// Runs this short on average (pages per run) show what a run costs on
+/// its own, its record and its write; a window of longer runs says only
+/// what bytes cost.
+const SHORT_RUN_PAGES: u64 = 2;
+
+/// Where a measuring window began: the time and the pass's counters then.
+#[derive(Copy, Clone, Debug, Default)]
+pub(super) struct Window {
+    start_ns: u64,
+    bytes: u64,
+    runs: u64,
+    pages: u64,
+}
+
+/// What sending cost, as measured in a window.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub(super) struct SendCost {
+    /// Nanoseconds per byte handed to the output.
+    ns_per_byte: f64,
+    /// Nanoseconds per run, from windows of short runs only
+    /// ([`SHORT_RUN_PAGES`]): a sparse dirty set costs more per byte than
+    /// a dense one, and the pause sends the sparsest set of all.
+    ns_per_run: Option<f64>,
+}
+
+impl SendCost {
+    /// The slower of two costs, part by part.
+    fn max(self, other: SendCost) -> SendCost {
+        SendCost {
+            ns_per_byte: self.ns_per_byte.max(other.ns_per_byte),
+            ns_per_run: match (self.ns_per_run, other.ns_per_run) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+
+    /// Sending `bytes` in `runs` runs, after `backlog` bytes written
+    /// before that have not left yet, in nanoseconds.
+    fn send_ns(&self, bytes: u64, runs: u64, backlog: u64) -> f64 {
+        let by_bytes = bytes as f64 * self.ns_per_byte;
+        let by_runs = self.ns_per_run.map_or(0.0, |ns| runs as f64 * ns);
+        backlog as f64 * self.ns_per_byte + by_bytes.max(by_runs)
+    }
+}
 
 impl<
         M: HostMemory,
@@ -120,34 +184,92 @@ impl<
             ..PassReport::default()
         };
         self.pass_start = self.host.now_ns();
+        self.pass_cost = None;
+        self.run_pages = 0;
+        self.window = Window {
+            start_ns: self.pass_start,
+            ..Window::default()
+        };
+    }
+
+    /// Ends the measuring window at `now` if it holds `at_least` bytes:
+    /// its cost joins the pass's slowest, and the next window starts.
+    fn close_window(&mut self, now: u64, at_least: u64) {
+        let w = self.window;
+        let bytes = (self.pass.bytes + self.in_flight).saturating_sub(w.bytes);
+        if bytes < at_least.max(1) {
+            return;
+        }
+        let ns = now.saturating_sub(w.start_ns).max(1) as f64;
+        let runs = self.pass.runs - w.runs;
+        let pages = self.run_pages - w.pages;
+        let cost = SendCost {
+            ns_per_byte: ns / bytes as f64,
+            ns_per_run: (runs > 0 && pages <= SHORT_RUN_PAGES * runs).then(|| ns / runs as f64),
+        };
+        self.pass_cost = Some(self.pass_cost.map_or(cost, |c| c.max(cost)));
+        self.window = Window {
+            start_ns: now,
+            bytes: self.pass.bytes + self.in_flight,
+            runs: self.pass.runs,
+            pages: self.run_pages,
+        };
     }
 
     /// Closes the pass's report. The estimate of the pause is what the
-    /// switch-over would cost now: one more harvest (as long as this pass's)
-    /// plus sending `remaining` pages at the rate this pass sent at, its
-    /// harvest not counted (the pause's harvest is counted on its own), or
-    /// at the last measured rate when this pass sent too little to tell.
-    pub(super) fn end_pass(&mut self, newly: u64, remaining: u64) -> PassReport {
+    /// switch-over would cost now: one more harvest (as long as this
+    /// pass's), then the bytes written before it that have not left yet
+    /// ([`MigrationHost::unsent_bytes`]), then the `remaining` pages in
+    /// their `remaining_runs` runs, at the cost of this pass's slowest
+    /// window ([`RATE_WINDOW_BYTES`]; per byte, or per run when that is
+    /// more: see [`SendCost`]), its harvest not counted. A pass that sent
+    /// too little to tell keeps the last pass's cost.
+    pub(super) fn end_pass(
+        &mut self,
+        newly: u64,
+        remaining: u64,
+        remaining_runs: u64,
+    ) -> PassReport {
         let mut r = self.pass;
-        r.duration_ns = (self.host.now_ns() - self.pass_start).max(1);
+        let now = self.host.now_ns();
+        r.duration_ns = (now - self.pass_start).max(1);
         let secs = r.duration_ns as f64 / 1e9;
         r.bandwidth = r.bytes as f64 / secs;
         r.dirty_rate = newly as f64 / secs;
         r.remaining = remaining;
-        let sending_ns = r.duration_ns.saturating_sub(self.sync_ns).max(1);
-        let pass_rate = r.bytes as f64 / (sending_ns as f64 / 1e9);
-        if r.bytes >= RATE_SAMPLE_BYTES || self.send_rate.is_none() {
-            self.send_rate = Some(pass_rate);
+        r.remaining_runs = remaining_runs;
+        // The last window ends where sending did, before the harvest.
+        let sending_end = if self.sending_end_ns >= self.pass_start {
+            self.sending_end_ns
+        } else {
+            now
+        };
+        self.close_window(sending_end, RATE_SAMPLE_BYTES);
+        if let Some(cost) = self.pass_cost {
+            r.slowest_bandwidth = 1e9 / cost.ns_per_byte;
+            self.cost = Some(cost);
         }
-        let send_rate = self.send_rate.unwrap_or(pass_rate);
+        let cost = *self.cost.get_or_insert_with(|| {
+            // Nothing measured yet: the whole pass, however little it
+            // sent.
+            let sending_ns = r.duration_ns.saturating_sub(self.sync_ns).max(1);
+            SendCost {
+                ns_per_byte: if r.bytes > 0 {
+                    sending_ns as f64 / r.bytes as f64
+                } else {
+                    f64::INFINITY
+                },
+                ns_per_run: None,
+            }
+        });
+        r.unsent_bytes = self.host.unsent_bytes();
         r.estimated_ns = if remaining == 0 {
             0
-        } else if send_rate > 0.0 {
-            let send_ns = remaining as f64 * PAGE as f64 / send_rate * 1e9;
+        } else {
+            let send_ns = cost.send_ns(remaining * PAGE as u64, remaining_runs, r.unsent_bytes);
+            // Saturating: an unmeasurable rate is an endless pause.
             self.sync_ns
                 .saturating_add(send_ns.min(u64::MAX as f64) as u64)
-        } else {
-            u64::MAX
         };
         self.host.pass_done(&r);
         r
@@ -165,6 +287,7 @@ impl<
     /// Harvests every block's dirty log; returns the newly dirty count.
     pub(super) fn sync<E>(&mut self) -> Result<u64, MigrateError<D::Error, W::Error, E>> {
         let started = self.host.now_ns();
+        self.sending_end_ns = started;
         let newly = self.harvest()?;
         self.sync_ns = self.host.now_ns().saturating_sub(started);
         Ok(newly)
@@ -182,6 +305,16 @@ impl<
             }
         }
         Ok(newly)
+    }
+
+    /// The runs the dirty pages left form, over all blocks.
+    pub(super) fn remaining_runs(&self) -> u64 {
+        let view = self.list.read();
+        self.table
+            .iter()
+            .filter_map(|s| view.by_name(s.name.as_str()))
+            .map(|b| b.migration().bitmap.dirty_runs())
+            .sum()
     }
 
     pub(super) fn remaining(&self) -> u64 {
@@ -294,6 +427,8 @@ impl<
         let run = region
             .subregion(ByteLen::from_pages(first as u64), count * PAGE)
             .map_err(MigrateError::RunOutsideBlock)?;
+        self.pass.runs += 1;
+        self.run_pages += count as u64;
         if let Some(channels) = self.channels.as_deref_mut() {
             let name = &self.table[block as usize].name;
             let sent = channels.send(block, name, first as u64, count as u32);
@@ -314,6 +449,10 @@ impl<
             self.count_sent(sent);
         }
         self.throttle_bandwidth();
+        if self.pass.bytes + self.in_flight >= self.window.bytes + RATE_WINDOW_BYTES {
+            let now = self.host.now_ns();
+            self.close_window(now, RATE_WINDOW_BYTES);
+        }
         Ok(())
     }
 

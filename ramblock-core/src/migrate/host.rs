@@ -32,6 +32,14 @@ pub trait MigrationHost {
     fn pass_progress(&mut self, so_far: &PassReport) {
         let _ = so_far;
     }
+    /// Bytes written to the output that have not reached the destination
+    /// yet: what sits in this side's socket send queue (and any buffer in
+    /// front of it). A switch-over waits for them before its own pages
+    /// arrive, so the estimate of the pause counts them. The default, 0,
+    /// suits outputs that hold nothing back.
+    fn unsent_bytes(&mut self) -> u64 {
+        0
+    }
     /// A ledger to record every page sent in, so the end record's checksums
     /// come from it instead of a pass over memory while the guest is
     /// paused. Without one (the default), [`checksum`](Self::checksum) reads

@@ -5,7 +5,7 @@
 //! The sending side is one engine in several files, one concept each:
 //! - [`config`]: how a migration runs ([`PrecopyConfig`]);
 //! - [`stats`]: what it reports ([`PassReport`], [`MigrationStats`],
-//!   [`PostcopyStats`]);
+//!   [`PauseReport`], [`PostcopyStats`]);
 //! - [`host`]: what it needs from the VMM ([`MigrationHost`]);
 //! - [`error`]: why it failed ([`MigrateError`]);
 //! - [`precopy`]: the entry point [`migrate`] and the pass loop;
@@ -41,4 +41,4 @@ pub use receiver::{
     acknowledge, send_ack, Handover, PostcopyTarget, ReceiveError, ReceiveEvent, ReceiveSummary,
     Receiver, BOUNCE_BYTES,
 };
-pub use stats::{MigrationStats, PassReport, PostcopyStats};
+pub use stats::{MigrationStats, PassReport, PauseReport, PostcopyStats};

@@ -162,7 +162,7 @@ impl<
                 }
             }
         }
-        let report = self.end_pass(0, 0);
+        let report = self.end_pass(0, 0, 0);
         stats.final_pages = report.pages_sent + report.zero_pages;
         stats.add(&report);
         stats.postcopy = Some(pc);

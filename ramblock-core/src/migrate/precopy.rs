@@ -24,10 +24,10 @@
 
 use super::channels::PageChannels;
 use super::config::PrecopyConfig;
-use super::engine::{Engine, Slot, PAGE};
+use super::engine::{Engine, Slot, Window, PAGE};
 use super::error::{Error, MigrateError};
 use super::host::MigrationHost;
-use super::stats::{MigrationStats, PassReport};
+use super::stats::{MigrationStats, PassReport, PauseReport};
 use crate::addr::TARGET_PAGE_SHIFT;
 use crate::bitmap::Storage;
 use crate::dirty_log::DirtyLogSource;
@@ -103,7 +103,12 @@ where
         pass: PassReport::default(),
         pass_start: 0,
         sync_ns: 0,
-        send_rate: None,
+        cost: None,
+        pass_cost: None,
+        window: Window::default(),
+        run_pages: 0,
+        sending_end_ns: 0,
+        last_estimate_ns: 0,
         throttle: 0,
         channels: channels.map(|c| &mut *c as &mut dyn PageChannels),
         generation: 0,
@@ -158,7 +163,9 @@ impl<
                 pass: stats.passes,
                 remaining,
             })?;
-            let report = self.end_pass(newly, remaining);
+            let remaining_runs = self.remaining_runs();
+            let report = self.end_pass(newly, remaining, remaining_runs);
+            self.last_estimate_ns = report.estimated_ns;
             stats.add(&report);
             stats.dirty_rate = report.dirty_rate;
             dirty_found = remaining;
@@ -189,10 +196,13 @@ impl<
         }
 
         // Switch-over.
+        let backlog_bytes = self.host.unsent_bytes();
         let pause_start = self.host.now_ns();
         self.host.pause_guest();
         *paused = true;
+        let stopped = self.host.now_ns();
         self.sync()?;
+        let harvested = self.host.now_ns();
         self.begin_pass(stats.passes, self.remaining());
         self.send_dirty()?;
         self.barrier()?;
@@ -200,10 +210,27 @@ impl<
             pass: stats.passes,
             remaining: 0,
         })?;
+        let pages_sent = self.host.now_ns();
+        let mut device_done = pages_sent;
         let sent = self
             .write_sections()
             .and_then(|()| self.write_end())
-            .and_then(|()| self.out.flush().map_err(MigrateError::Write));
+            .and_then(|()| {
+                device_done = self.host.now_ns();
+                self.out.flush().map_err(MigrateError::Write)
+            });
+        let flushed = self.host.now_ns();
+        stats.pause = PauseReport {
+            estimated_ns: self.last_estimate_ns,
+            backlog_bytes,
+            stop_ns: stopped - pause_start,
+            harvest_ns: harvested - stopped,
+            send_ns: pages_sent - harvested,
+            device_ns: device_done - pages_sent,
+            flush_ns: flushed - device_done,
+            ack_ns: 0,
+            handover_ns: 0,
+        };
         if let Err(e @ MigrateError::Write(_)) = sent {
             // A destination that refused a section stops reading and
             // closes: its answer, if it came, says more than the write.
@@ -216,16 +243,19 @@ impl<
             });
         }
         sent?;
-        let report = self.end_pass(0, 0);
+        let report = self.end_pass(0, 0, 0);
         stats.final_pages = report.pages_sent + report.zero_pages;
         stats.add(&report);
         self.wait_ack(ack)?;
-        stats.ram_downtime_ns = self.host.now_ns() - pause_start;
+        let acked = self.host.now_ns();
+        stats.ram_downtime_ns = acked - pause_start;
+        stats.pause.ack_ns = acked.saturating_sub(flushed);
         // Until the destination says its guest runs, this side keeps it:
         // a refusal, garbage or silence fails the migration and the guest
         // resumes here.
         self.wait_handover(ack)?;
         let now = self.host.now_ns();
+        stats.pause.handover_ns = now - acked;
         stats.downtime_ns = now - pause_start;
         stats.total_ns = now - start;
         self.host.set_throttle(0);

@@ -21,7 +21,20 @@ pub struct PassReport {
     pub bandwidth: f64,
     /// Pages dirty after the pass's sync.
     pub remaining: u64,
-    /// Estimated time to send `remaining`, in nanoseconds.
+    /// Runs of consecutive pages `remaining` forms (each costs a record
+    /// and a write of its own).
+    pub remaining_runs: u64,
+    /// Runs of pages sent (each a record, zero runs included).
+    pub runs: u64,
+    /// Bytes per second in the pass's slowest window of 16 MiB, which the
+    /// estimate uses (0 when the pass sent too little to measure).
+    pub slowest_bandwidth: f64,
+    /// Bytes written that had not reached the destination when the pass
+    /// ended ([`MigrationHost::unsent_bytes`](super::MigrationHost::unsent_bytes)).
+    pub unsent_bytes: u64,
+    /// Estimated pause if the switch-over came now, in nanoseconds: one
+    /// more harvest, then `unsent_bytes`, then `remaining` pages in
+    /// `remaining_runs` runs, at the slowest window's cost.
     pub estimated_ns: u64,
     /// vCPU throttle in percent during the pass.
     pub throttle: u8,
@@ -56,6 +69,41 @@ pub struct MigrationStats {
     pub final_pages: u64,
     /// What post-copy did, when the migration ended in post-copy.
     pub postcopy: Option<PostcopyStats>,
+    /// Where a pre-copy switch-over's pause went (all zero after
+    /// post-copy).
+    pub pause: PauseReport,
+}
+
+/// Where the pause of a pre-copy switch-over went, part by part, next to
+/// the estimate it was decided on: when the downtime overshoots, the part
+/// that grew says why. The parts follow each other and add up to
+/// [`MigrationStats::downtime_ns`].
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PauseReport {
+    /// The estimate the switch-over was decided on (the last live pass's
+    /// [`PassReport::estimated_ns`]), ns.
+    pub estimated_ns: u64,
+    /// Bytes written before the pause that had not reached the
+    /// destination when it began ([`MigrationHost::unsent_bytes`]); the
+    /// pause waits for them before its own.
+    ///
+    /// [`MigrationHost::unsent_bytes`]: super::MigrationHost::unsent_bytes
+    pub backlog_bytes: u64,
+    /// Stopping the vCPUs, ns.
+    pub stop_ns: u64,
+    /// The final harvest of the dirty log, ns.
+    pub harvest_ns: u64,
+    /// Sending the pages found dirty (through the page channels' barrier),
+    /// ns.
+    pub send_ns: u64,
+    /// Writing the device state and the end record, ns.
+    pub device_ns: u64,
+    /// Flushing the stream to the destination, ns.
+    pub flush_ns: u64,
+    /// Waiting for the destination's acknowledgement of the RAM, ns.
+    pub ack_ns: u64,
+    /// Waiting for the destination's word that its guest runs, ns.
+    pub handover_ns: u64,
 }
 
 /// What post-copy did.

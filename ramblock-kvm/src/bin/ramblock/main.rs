@@ -528,6 +528,7 @@ fn run_source(
         let sent = result.map_err(|e| still_running(e, guest, opts))?;
         summary.stats = sent.stats;
         summary.pass0_bandwidth = sent.pass0_bandwidth;
+        summary.passes = sent.passes;
         summary.zero_copy = sent.zero_copy;
         if !sent.device_state.is_empty() && sent.stats.postcopy.is_none() {
             // A vCPU went: the downtime ran until the destination said it
@@ -597,6 +598,7 @@ fn run_source(
     })?;
     summary.stats = sent.stats;
     summary.pass0_bandwidth = sent.pass0_bandwidth;
+    summary.passes = sent.passes;
     summary.zero_copy = sent.zero_copy;
     let mut received = received?;
     summary.fault_latency = received.latency;

@@ -80,6 +80,8 @@ pub struct Summary {
     pub guest_rate_before: f64,
     /// Pass 0's throughput in bytes per second (source side).
     pub pass0_bandwidth: f64,
+    /// Every pass's report (source side), the final one included.
+    pub passes: Vec<PassReport>,
     /// The error, if the migration failed.
     pub error: Option<String>,
     /// Post-copy: how long faulting pages waited (destination side).
@@ -270,6 +272,13 @@ impl Summary {
                 postcopy.push_str(&format!(",\"{key}\":{:.3}", ns as f64 / 1e6));
             }
         }
+        if s.postcopy.is_none() && s.downtime_ns > 0 && !self.local {
+            postcopy.push_str(&pause_json(s));
+        }
+        if !self.passes.is_empty() {
+            let passes: Vec<String> = self.passes.iter().map(pass_json).collect();
+            postcopy.push_str(&format!(",\"pass_reports\":[{}]", passes.join(",")));
+        }
         if let Some(z) = &self.zero_copy {
             postcopy.push_str(&format!(
                 ",\"zero_copy\":{{\"sends\":{},\"bytes\":{},\"completed_sends\":{},\"copied_sends\":{},\"copied_bytes\":{},\"plain_bytes\":{},\"no_buffer_waits\":{}}}",
@@ -311,4 +320,45 @@ impl Summary {
             postcopy,
         )
     }
+}
+
+/// The switch-over's pause, part by part, as JSON members (ms).
+fn pause_json(s: &MigrationStats) -> String {
+    let p = &s.pause;
+    let ms = |ns: u64| ns as f64 / 1e6;
+    format!(
+        ",\"pause\":{{\"estimated_ms\":{:.3},\"backlog_bytes\":{},\"stop_ms\":{:.3},\"harvest_ms\":{:.3},\"send_ms\":{:.3},\"device_ms\":{:.3},\"flush_ms\":{:.3},\"ack_ms\":{:.3},\"handover_ms\":{:.3},\"final_pages\":{}}}",
+        ms(p.estimated_ns),
+        p.backlog_bytes,
+        ms(p.stop_ns),
+        ms(p.harvest_ns),
+        ms(p.send_ns),
+        ms(p.device_ns),
+        ms(p.flush_ns),
+        ms(p.ack_ns),
+        ms(p.handover_ns),
+        s.final_pages,
+    )
+}
+
+/// One pass's report as a JSON object.
+fn pass_json(r: &PassReport) -> String {
+    format!(
+        "{{\"pass\":{},\"dirty_found\":{},\"pages\":{},\"zero_pages\":{},\"bytes\":{},\"duration_ms\":{:.3},\"mib_s\":{:.1},\"dirty_rate\":{:.1},\"remaining\":{},\"remaining_runs\":{},\"runs\":{},\"slowest_mib_s\":{:.1},\"unsent_bytes\":{},\"estimated_ms\":{:.3},\"throttle\":{}}}",
+        r.pass,
+        r.dirty_found,
+        r.pages_sent,
+        r.zero_pages,
+        r.bytes,
+        r.duration_ns as f64 / 1e6,
+        r.bandwidth / (1 << 20) as f64,
+        r.dirty_rate,
+        r.remaining,
+        r.remaining_runs,
+        r.runs,
+        r.slowest_bandwidth / (1 << 20) as f64,
+        r.unsent_bytes,
+        r.estimated_ns as f64 / 1e6,
+        r.throttle,
+    )
 }

@@ -39,6 +39,8 @@ struct ProgramHost<'g> {
     state: &'g mut Vec<u8>,
     /// Pass 0's bytes per second.
     pass0_bandwidth: f64,
+    /// Every pass's report, in order.
+    passes: Vec<PassReport>,
     /// The `cpu` section's header.
     cpu: SectionHeader,
 }
@@ -59,6 +61,9 @@ impl MigrationHost for ProgramHost<'_> {
     fn set_throttle(&mut self, percent: u8) {
         self.guest.set_throttle(percent);
     }
+    fn unsent_bytes(&mut self) -> u64 {
+        self.link.unsent_bytes()
+    }
     fn ledger(&mut self) -> Option<&mut dyn PageLedger> {
         Some(&mut self.ledger)
     }
@@ -66,6 +71,7 @@ impl MigrationHost for ProgramHost<'_> {
         if report.pass == 0 {
             self.pass0_bandwidth = report.bandwidth;
         }
+        self.passes.push(*report);
         if !self.quiet {
             pass_line(report);
         }
@@ -160,6 +166,8 @@ pub struct Sent {
     pub device_state: Vec<u8>,
     /// Pass 0's throughput, bytes per second (0 if it never ended).
     pub pass0_bandwidth: f64,
+    /// Every pass's report, in order (the final one included).
+    pub passes: Vec<PassReport>,
     /// With `--zero-copy`: what the writer sent how (None without).
     pub zero_copy: Option<ZeroCopyStats>,
 }
@@ -198,6 +206,7 @@ pub fn send<D: DirtyLogSource>(
         link,
         state: &mut device_state,
         pass0_bandwidth: 0.0,
+        passes: Vec::new(),
         cpu: SectionHeader {
             name: SectionName::new(CPU_SECTION).map_err(|e| e.to_string())?,
             instance_id: 0,
@@ -219,6 +228,7 @@ pub fn send<D: DirtyLogSource>(
             .map_err(|e| format!("cannot start the page channels: {e}"))?
     };
     let pass0_bandwidth = host.pass0_bandwidth;
+    let passes = std::mem::take(&mut host.passes);
     let zero_copy = host.link.zero_copy_stats();
     drop(host);
     result
@@ -226,6 +236,7 @@ pub fn send<D: DirtyLogSource>(
             stats,
             device_state,
             pass0_bandwidth,
+            passes,
             zero_copy,
         })
         .map_err(|e| e.to_string())

@@ -1,12 +1,14 @@
 //! The downtime limit is a promise: the pre-copy engine pauses the guest
-//! only when its estimate of the pause (one more harvest plus sending what
-//! is left) fits the limit with the switch-over reserve to spare, and gives
-//! up with the guest running rather than pause it for longer.
+//! only when its estimate of the pause (one more harvest, the bytes still
+//! queued for the destination, and sending what is left at the slowest
+//! cost the last pass saw) fits the limit with the switch-over reserve to
+//! spare, and gives up with the guest running rather than pause it for
+//! longer.
 //!
-//! Time here is a model clock: sending advances it by a fixed cost per
-//! byte, a harvest by a fixed cost, and a modelled guest dirties a fixed
-//! number of pages after each live pass. So every figure is exact and the
-//! tests check the engine's arithmetic, not the machine's speed.
+//! Time here is a model clock: sending advances it by a cost per byte (and
+//! per write), a harvest by a fixed cost, and a modelled guest dirties a
+//! fixed set of pages after each live pass. So every figure is exact and
+//! the tests check the engine's arithmetic, not the machine's speed.
 mod common;
 use common::{add_buffer_block, Mem};
 
@@ -30,17 +32,40 @@ type List = RamList<'static, Mem, Owned, 4>;
 const PAGE: u64 = 4096;
 const PAGES: u64 = 2048;
 const MS: u64 = 1_000_000;
+const MIB: u64 = 1 << 20;
 
-/// The wire: every byte costs `ns_per_byte` of model time.
+/// The wire: every byte costs `ns_per_byte` of model time (`slow_ns_per_byte`
+/// in every other 16 MiB of the stream's first `slow_until` bytes, when
+/// set: a link whose rate swings), every write call `ns_per_write`. Bytes `backlog` left queued
+/// before the pause go out ahead of the paused guest's first byte.
 struct Wire {
     clock: Rc<Cell<u64>>,
     ns_per_byte: u64,
+    slow_ns_per_byte: Option<u64>,
+    slow_until: u64,
+    ns_per_write: u64,
+    written: u64,
+    backlog: Rc<Cell<u64>>,
+    paused: Rc<Cell<bool>>,
 }
 
 impl Wire {
-    fn spend(&self, bytes: usize) {
-        self.clock
-            .set(self.clock.get() + bytes as u64 * self.ns_per_byte);
+    fn spend(&mut self, bytes: usize) {
+        let mut ns = self.ns_per_write;
+        if self.paused.get() {
+            ns += self.backlog.replace(0) * self.ns_per_byte;
+        }
+        let per_byte = match self.slow_ns_per_byte {
+            Some(slow)
+                if self.written < self.slow_until && (self.written / (16 * MIB)) % 2 == 1 =>
+            {
+                slow
+            }
+            _ => self.ns_per_byte,
+        };
+        ns += bytes as u64 * per_byte;
+        self.written += bytes as u64;
+        self.clock.set(self.clock.get() + ns);
     }
 }
 
@@ -56,12 +81,24 @@ impl ByteWrite for Wire {
     }
 }
 
-/// The hypervisor's log of a guest that dirties `dirty_per_pass` pages
-/// between two harvests while it runs; every harvest costs `harvest_ns`.
+/// What the modelled guest dirties between two harvests while it runs:
+/// `pages` pages in runs of `run_len`, run `k` starting at page
+/// `k * stride` (plus the harvest's number, modulo the block).
+#[derive(Copy, Clone)]
+struct Shape {
+    pages: u64,
+    run_len: u64,
+    stride: u64,
+}
+
+/// The hypervisor's log of a guest that dirties `shapes[i]` before the
+/// harvest ending pass `i` (the last shape for every later pass) while it
+/// runs; every harvest costs `harvest_ns`.
 struct ModelLog {
     clock: Rc<Cell<u64>>,
     harvest_ns: u64,
-    dirty_per_pass: u64,
+    shapes: Vec<Shape>,
+    block_pages: u64,
     paused: Rc<Cell<bool>>,
     harvests: u64,
 }
@@ -83,10 +120,13 @@ impl DirtyLogSource for ModelLog {
         if self.harvests == 1 || self.paused.get() {
             return Ok(0);
         }
+        let index = (self.harvests as usize - 2).min(self.shapes.len() - 1);
+        let shape = self.shapes[index];
         let mut newly = 0;
-        for k in 0..self.dirty_per_pass {
-            let page = ((k * 7 + self.harvests) % PAGES) as usize;
-            newly += into.set_range(page, 1).unwrap();
+        for k in 0..shape.pages / shape.run_len {
+            let first = (k * shape.stride + self.harvests) % self.block_pages;
+            let len = shape.run_len.min(self.block_pages - first);
+            newly += into.set_range(first as usize, len as usize).unwrap();
         }
         Ok(newly)
     }
@@ -95,11 +135,13 @@ impl DirtyLogSource for ModelLog {
     }
 }
 
-/// The VMM: the model clock and the guest's pause switch.
+/// The VMM: the model clock, the guest's pause switch, and the bytes the
+/// host says are still queued for the destination.
 struct Host {
     clock: Rc<Cell<u64>>,
     paused: Rc<Cell<bool>>,
     paused_at: Option<u64>,
+    backlog: Rc<Cell<u64>>,
     reports: Vec<PassReport>,
 }
 
@@ -118,6 +160,9 @@ impl MigrationHost for Host {
         self.paused.set(false);
     }
     fn set_throttle(&mut self, _: u8) {}
+    fn unsent_bytes(&mut self) -> u64 {
+        self.backlog.get()
+    }
     fn pass_done(&mut self, report: &PassReport) {
         self.reports.push(*report);
     }
@@ -128,50 +173,101 @@ struct Run {
     host: Host,
 }
 
+/// A modelled migration; [`Model::new`] is the plain case.
+#[derive(Clone)]
+struct Model {
+    block_pages: u64,
+    ns_per_byte: u64,
+    slow_ns_per_byte: Option<u64>,
+    slow_until: u64,
+    ns_per_write: u64,
+    harvest_ns: u64,
+    backlog: u64,
+    shapes: Vec<Shape>,
+}
+
+impl Model {
+    /// A 2048-page block: sending costs `ns_per_byte`, each harvest
+    /// `harvest_ns`, the guest dirties `dirty_per_pass` single pages per
+    /// pass, seven pages apart.
+    fn new(ns_per_byte: u64, harvest_ns: u64, dirty_per_pass: u64) -> Model {
+        Model {
+            block_pages: PAGES,
+            ns_per_byte,
+            slow_ns_per_byte: None,
+            slow_until: u64::MAX,
+            ns_per_write: 0,
+            harvest_ns,
+            backlog: 0,
+            shapes: vec![Shape {
+                pages: dirty_per_pass,
+                run_len: 1,
+                stride: 7,
+            }],
+        }
+    }
+
+    fn run(&self, cfg: PrecopyConfig) -> Run {
+        let list: &'static List = Box::leak(Box::new(RamList::new()));
+        let spec = BlockSpec::new(
+            BlockName::new("ram").unwrap(),
+            ByteLen(self.block_pages * PAGE),
+        )
+        .flags(ramblock_core::flags::BlockFlags::MIGRATABLE);
+        // Non-zero pages, so each one is sent with its bytes.
+        add_buffer_block(list, spec, 0x5a);
+        let clock = Rc::new(Cell::new(0));
+        let paused = Rc::new(Cell::new(false));
+        let backlog = Rc::new(Cell::new(self.backlog));
+        let mut wire = Wire {
+            clock: clock.clone(),
+            ns_per_byte: self.ns_per_byte,
+            slow_ns_per_byte: self.slow_ns_per_byte,
+            slow_until: self.slow_until,
+            ns_per_write: self.ns_per_write,
+            written: 0,
+            backlog: backlog.clone(),
+            paused: paused.clone(),
+        };
+        let mut source = ModelLog {
+            clock: clock.clone(),
+            harvest_ns: self.harvest_ns,
+            shapes: self.shapes.clone(),
+            block_pages: self.block_pages,
+            paused: paused.clone(),
+            harvests: 0,
+        };
+        let mut host = Host {
+            clock,
+            paused,
+            paused_at: None,
+            backlog,
+            reports: Vec::new(),
+        };
+        // The acknowledgement, then the handover: the destination runs.
+        let mut ack_bytes = [0u8; 16];
+        ack_bytes[..4].copy_from_slice(&ACK_OK);
+        ack_bytes[8..12].copy_from_slice(&RUNNING);
+        let mut ack = SliceReader::new(&ack_bytes);
+        let mut buf = vec![0u8; 64 * PAGE as usize];
+        let result = migrate(
+            list,
+            &mut source,
+            &mut wire,
+            &mut ack,
+            &mut host,
+            cfg,
+            &mut buf,
+        )
+        .map_err(|e| e.to_string());
+        Run { result, host }
+    }
+}
+
 /// Migrates a 2048-page block: sending costs `ns_per_byte`, each harvest
 /// `harvest_ns`, the guest dirties `dirty_per_pass` pages per pass.
 fn run(ns_per_byte: u64, harvest_ns: u64, dirty_per_pass: u64, cfg: PrecopyConfig) -> Run {
-    let list: &'static List = Box::leak(Box::new(RamList::new()));
-    let spec = BlockSpec::new(BlockName::new("ram").unwrap(), ByteLen(PAGES * PAGE))
-        .flags(ramblock_core::flags::BlockFlags::MIGRATABLE);
-    // Non-zero pages, so each one is sent with its bytes.
-    add_buffer_block(list, spec, 0x5a);
-    let clock = Rc::new(Cell::new(0));
-    let paused = Rc::new(Cell::new(false));
-    let mut wire = Wire {
-        clock: clock.clone(),
-        ns_per_byte,
-    };
-    let mut source = ModelLog {
-        clock: clock.clone(),
-        harvest_ns,
-        dirty_per_pass,
-        paused: paused.clone(),
-        harvests: 0,
-    };
-    let mut host = Host {
-        clock,
-        paused,
-        paused_at: None,
-        reports: Vec::new(),
-    };
-    // The acknowledgement, then the handover: the destination runs.
-    let mut ack_bytes = [0u8; 16];
-    ack_bytes[..4].copy_from_slice(&ACK_OK);
-    ack_bytes[8..12].copy_from_slice(&RUNNING);
-    let mut ack = SliceReader::new(&ack_bytes);
-    let mut buf = vec![0u8; 64 * PAGE as usize];
-    let result = migrate(
-        list,
-        &mut source,
-        &mut wire,
-        &mut ack,
-        &mut host,
-        cfg,
-        &mut buf,
-    )
-    .map_err(|e| e.to_string());
-    Run { result, host }
+    Model::new(ns_per_byte, harvest_ns, dirty_per_pass).run(cfg)
 }
 
 fn limit(ms: u64, max_passes: u32) -> PrecopyConfig {
@@ -256,4 +352,124 @@ fn giving_up_is_a_typed_error() {
     let text = e.to_string();
     assert!(text.contains("412 ms"), "{text}");
     assert!(text.contains("runs on at the source"), "{text}");
+}
+
+#[test]
+fn bytes_still_queued_at_the_pause_count_in_the_estimate() {
+    // 64 ns per byte: 900 dirty pages take about 236 ms to send, which
+    // fits 270 ms. But 300 pages' worth of bytes written before the pause
+    // still wait in the host's queues, and go out first: 79 ms more, over
+    // the whole 300 ms limit. The engine must not pause for that.
+    let mut model = Model::new(64, MS, 900);
+    model.backlog = 300 * PAGE;
+    let r = model.run(limit(300, 4));
+    assert!(
+        matches!(&r.result, Err(e) if e.contains("after 4 passes")),
+        "{:?}",
+        r.result
+    );
+    assert_eq!(r.host.paused_at, None, "the guest was paused");
+    let report = r.host.reports[1];
+    assert_eq!(report.unsent_bytes, 300 * PAGE);
+    // Harvest, then the queued bytes, then the pages (with their
+    // headers), at pass 0's cost per byte.
+    let pass0 = r.host.reports[0];
+    let ns_per_byte = (pass0.duration_ns - MS) as f64 / pass0.bytes as f64;
+    let floor = MS as f64 + (300.0 + 900.0) * PAGE as f64 * ns_per_byte;
+    assert!(report.estimated_ns as f64 >= floor * 0.999, "{report:?}");
+    assert!(report.estimated_ns > 300 * MS, "{report:?}");
+    // With 100 pages queued (26 ms) it fits, and the pause, queue
+    // included, keeps the limit.
+    model.backlog = 100 * PAGE;
+    let r = model.run(limit(300, 4));
+    let stats = r.result.unwrap();
+    assert!(stats.downtime_ns <= 300 * MS, "{stats:?}");
+    assert!(
+        stats.downtime_ns >= stats.pause.estimated_ns / 100 * 97,
+        "{stats:?}"
+    );
+    assert_eq!(stats.pause.backlog_bytes, 100 * PAGE);
+}
+
+#[test]
+fn the_estimate_uses_the_slowest_stretch_of_the_pass() {
+    // A 64 MiB block over a link that sends every other 16 MiB at a third
+    // of its speed (16 and 48 ns per byte, 32 on average). Pass 0 sees
+    // both; the estimate must assume the pause falls on a slow stretch.
+    let mut model = Model::new(16, MS, 1000);
+    model.block_pages = 16384;
+    model.slow_ns_per_byte = Some(48);
+    let r = model.run(limit(180, 3));
+    let pass0 = r.host.reports[0];
+    let slow = 1e9 / 48.0;
+    assert!(
+        pass0.slowest_bandwidth <= slow * 1.05 && pass0.slowest_bandwidth >= slow * 0.95,
+        "{pass0:?}"
+    );
+    assert!(pass0.bandwidth >= slow * 1.3, "{pass0:?}");
+    // 1000 pages: 131 ms at the average rate would fit 162 ms, but 197 ms
+    // at the slow one does not: the guest keeps running.
+    assert!(
+        pass0.estimated_ns >= 1000 * PAGE * 48 * 95 / 100,
+        "{pass0:?}"
+    );
+    assert!(
+        matches!(&r.result, Err(e) if e.contains("after 3 passes")),
+        "{:?}",
+        r.result
+    );
+    assert_eq!(r.host.paused_at, None);
+    // 700 pages (138 ms even when slow) fit: the engine switches over
+    // within the limit.
+    model.shapes[0].pages = 700;
+    let r = model.run(limit(180, 3));
+    let stats = r.result.unwrap();
+    assert!(stats.downtime_ns <= 180 * MS, "{stats:?}");
+}
+
+#[test]
+fn a_sparse_set_is_estimated_at_what_its_runs_cost() {
+    // Each write costs 20 µs besides 1 ns per byte, and a run of pages is
+    // two writes (its record, its pages). Pass 1 sends 4096 pages in
+    // pairs; then the guest dirties 5000 single pages, apart, per pass.
+    // Per byte, the pairs cost about 5.9 ns, and 5000 singles would take
+    // 120 ms; each single costs 44 µs, though: 220 ms. The estimate after
+    // pass 1 must not take the pairs' cost per byte for the singles.
+    // Pass 0 runs into slow stretches (48 ns per byte), so the pairs do
+    // not fit after it; the link is fast (1 ns per byte) from then on.
+    let mut model = Model::new(1, MS, 0);
+    model.block_pages = 16384;
+    model.ns_per_write = 20_000;
+    model.slow_ns_per_byte = Some(48);
+    model.slow_until = 64 * MIB;
+    model.shapes = vec![
+        Shape {
+            pages: 4096,
+            run_len: 2,
+            stride: 6,
+        },
+        Shape {
+            pages: 5000,
+            run_len: 1,
+            stride: 3,
+        },
+    ];
+    // Pass 1's estimate, with a 200 ms limit (180 ms budget): the guest
+    // keeps running.
+    let r = model.run(limit(200, 2));
+    let pass1 = r.host.reports[1];
+    assert_eq!((pass1.remaining, pass1.remaining_runs), (5000, 5000));
+    assert_eq!(pass1.runs, 2048);
+    assert!(pass1.estimated_ns >= 5000 * 44_000, "{pass1:?}");
+    assert!(
+        matches!(&r.result, Err(e) if e.contains("after 2 passes")),
+        "{:?}",
+        r.result
+    );
+    assert_eq!(r.host.paused_at, None);
+    // With 300 ms (270 ms budget) it fits, and the pause keeps the limit.
+    let r = model.run(limit(300, 2));
+    let stats = r.result.unwrap();
+    assert!(stats.downtime_ns <= 300 * MS, "{stats:?}");
+    assert!(stats.downtime_ns >= 5000 * 44_000, "{stats:?}");
 }

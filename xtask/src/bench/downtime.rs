@@ -84,14 +84,14 @@ pub(super) fn bench(options: &Options) -> Result<(), String> {
             let downtime = s.float("downtime_ms").map_err(RunFailure::Failed)?;
             let passes = s.int("passes").map_err(RunFailure::Failed)?;
             if verified {
-                Ok((downtime, passes))
+                Ok((downtime, passes, pause_parts(&s.value)))
             } else {
                 Err(RunFailure::Failed("not verified".into()))
             }
         });
         match outcome {
-            Ok((downtime, passes)) => {
-                println!("run {n:>2}: downtime {downtime:>7.1} ms, {passes} passes");
+            Ok((downtime, passes, parts)) => {
+                println!("run {n:>2}: downtime {downtime:>7.1} ms, {passes} passes{parts}");
                 downtimes.push(downtime);
             }
             Err(e) => {
@@ -119,6 +119,20 @@ pub(super) fn bench(options: &Options) -> Result<(), String> {
         (0, true) => Ok(()),
         (0, false) => Err("the downtime target was missed".into()),
         (n, _) => Err(format!("{n} runs failed")),
+    }
+}
+
+/// The pause's estimate and its larger parts, from the summary's `pause`
+/// object, when the program reports one (empty otherwise).
+fn pause_parts(summary: &serde_json::Value) -> String {
+    let p = &summary["pause"];
+    let ms = |key: &str| p[key].as_f64();
+    match (ms("estimated_ms"), ms("send_ms"), ms("ack_ms")) {
+        (Some(estimated), Some(send), Some(ack)) => format!(
+            " (estimated {estimated:.1} ms; sending {send:.1} ms, acknowledgement {ack:.1} ms, {:.1} MiB queued before)",
+            p["backlog_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+        ),
+        _ => String::new(),
     }
 }
 

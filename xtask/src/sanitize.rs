@@ -75,7 +75,7 @@ const MIRI_NOT_YET: [(&str, &str); 7] = [
     ),
     (
         "downtime_limit_is_kept",
-        "migrates an 8 MiB block for up to 30 passes per test; over 10 minutes under Miri",
+        "migrates blocks of 8 to 64 MiB for up to 30 passes per test; over 10 minutes under Miri",
     ),
 ];
 

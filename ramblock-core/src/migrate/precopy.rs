@@ -223,11 +223,11 @@ impl<
         stats.pause = PauseReport {
             estimated_ns: self.last_estimate_ns,
             backlog_bytes,
-            stop_ns: stopped - pause_start,
-            harvest_ns: harvested - stopped,
-            send_ns: pages_sent - harvested,
-            device_ns: device_done - pages_sent,
-            flush_ns: flushed - device_done,
+            stop_ns: stopped.saturating_sub(pause_start),
+            harvest_ns: harvested.saturating_sub(stopped),
+            send_ns: pages_sent.saturating_sub(harvested),
+            device_ns: device_done.saturating_sub(pages_sent),
+            flush_ns: flushed.saturating_sub(device_done),
             ack_ns: 0,
             handover_ns: 0,
         };
@@ -255,7 +255,7 @@ impl<
         // resumes here.
         self.wait_handover(ack)?;
         let now = self.host.now_ns();
-        stats.pause.handover_ns = now - acked;
+        stats.pause.handover_ns = now.saturating_sub(acked);
         stats.downtime_ns = now - pause_start;
         stats.total_ns = now - start;
         self.host.set_throttle(0);

@@ -389,6 +389,14 @@ fn bytes_still_queued_at_the_pause_count_in_the_estimate() {
         "{stats:?}"
     );
     assert_eq!(stats.pause.backlog_bytes, 100 * PAGE);
+    // The parts follow each other and make up the pause; the sending
+    // (queue and harvest apart) is nearly all of it in this model.
+    let p = stats.pause;
+    let parts =
+        p.stop_ns + p.harvest_ns + p.send_ns + p.device_ns + p.flush_ns + p.ack_ns + p.handover_ns;
+    assert_eq!(parts, stats.downtime_ns, "{p:?}");
+    assert_eq!(p.harvest_ns, MS, "{p:?}");
+    assert!(p.send_ns >= (100 + 900) * PAGE * 64, "{p:?}");
 }
 
 #[test]

@@ -34,7 +34,7 @@ use crate::dirty_log::DirtyLogSource;
 use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::list::RamList;
-use crate::stream::format::{Header, Record, ReturnMessage, MAX_RUN_PAGES};
+use crate::stream::format::{Header, Record, ReturnMessage, MAX_PAGE_CHANNELS, MAX_RUN_PAGES};
 use crate::stream::io::{ByteRead, ByteWrite};
 
 /// Migrates every migratable block of `list` to the receiver at the other
@@ -68,7 +68,11 @@ where
 /// all of post-copy) on `out`. A host ledger ([`MigrationHost::ledger`])
 /// must be the one the channels record in (a shared
 /// [`Ledger`](crate::checksum::Ledger)); a failed channel fails the
-/// migration and the guest runs on here. `None` is [`migrate`].
+/// migration and the guest runs on here. The header announces the
+/// channels' count ([`Header::channels`]), so the destination knows how
+/// many to accept; more than [`MAX_PAGE_CHANNELS`] is refused
+/// ([`MigrateError::TooManyChannels`]) before anything is sent. `None`,
+/// or channels that count 0, is [`migrate`].
 #[allow(clippy::too_many_arguments)]
 pub fn migrate_with_channels<M, S, const N: usize, D, W, R, H>(
     list: &RamList<'_, M, S, N>,
@@ -90,6 +94,16 @@ where
 {
     if buf.len() < PAGE {
         return Err(MigrateError::BufferTooSmall);
+    }
+    // No channel at all is no channels: pages go on `out`.
+    let channels = channels.filter(|c| c.count() > 0);
+    if let Some(count) = channels.as_ref().map(|c| c.count()) {
+        if count > MAX_PAGE_CHANNELS {
+            return Err(MigrateError::TooManyChannels {
+                count,
+                max: MAX_PAGE_CHANNELS,
+            });
+        }
     }
     let mut engine = Engine {
         list,
@@ -289,7 +303,10 @@ impl<
                 });
             }
         }
+        // Bounded by MAX_PAGE_CHANNELS when the engine was made.
+        let channels = self.channels.as_deref().map_or(0, |c| c.count() as u8);
         Header::new(self.table.len() as u32)
+            .with_channels(channels)
             .write(self.out)
             .map_err(MigrateError::Write)?;
         self.write_table()?;

@@ -248,8 +248,11 @@ impl<'b> Receiver<'b> {
     /// each, this receiver publishes the block table to `gate` and meets
     /// the channels there at every `Barrier`. A ledger given with
     /// [`Receiver::with_ledger`] must be the one the channels record in (a
-    /// shared [`Ledger`](crate::checksum::Ledger)). Without a gate a stream
-    /// with barriers is refused ([`ReceiveError::ChannelCountMismatch`]).
+    /// shared [`Ledger`](crate::checksum::Ledger)). A new stream's header
+    /// must announce as many channels as the gate has
+    /// ([`Header::channels`]), and one without a gate none; otherwise, and
+    /// for a barrier naming another count, it is refused
+    /// ([`ReceiveError::ChannelCountMismatch`]).
     pub fn with_channels(mut self, gate: &'b dyn ChannelGate) -> Self {
         self.gate = Some(gate);
         self
@@ -301,7 +304,8 @@ impl<'b> Receiver<'b> {
     ) -> Result2<ReceiveSummary, R, M> {
         let token = target.as_deref().and_then(|t| t.resume_token());
         let waiting = self.postcopy.then_some(&self.original);
-        let (table, resumed) = Self::read_table(list, r, token, waiting)?;
+        let channels = self.gate.map_or(0, |g| g.channels());
+        let (table, resumed) = Self::read_table(list, r, token, waiting, channels)?;
         if let Some(ledger) = self.ledger.as_deref_mut() {
             if !resumed {
                 // The ledger is indexed by table position: what an earlier
@@ -583,12 +587,14 @@ impl<'b> Receiver<'b> {
     /// table is looked at, so a peer without it changes nothing.
     /// `waiting`: the table of a post-copy waiting to be resumed, which a
     /// resumed stream must repeat exactly (and only a resumed stream may
-    /// come then).
+    /// come then). `channels`: the page channels this receive has (its
+    /// gate's), which a new stream's header must announce.
     fn read_table<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
         list: &RamList<'_, M, S, N>,
         r: &mut R,
         token: Option<ResumeToken>,
         waiting: Option<&ResumeTable>,
+        channels: u32,
     ) -> Result2<(heapless::Vec<Slot, N>, bool), R, M> {
         let (header, resumed) = Header::read_either(r)?.ok_or(ReceiveError::BadMagic)?;
         let version = if resumed { RESUME_VERSION } else { VERSION };
@@ -597,6 +603,16 @@ impl<'b> Receiver<'b> {
         }
         if u32::from(header.page_shift) != TARGET_PAGE_SHIFT {
             return Err(ReceiveError::TargetPageSizeMismatch(header.page_shift));
+        }
+        // Before anything is resized: a source whose pages travel on
+        // channels this receive does not read (or that sends none where it
+        // waits for some) would leave pages unwritten, or wait for ever.
+        // A resumed stream carries none (post-copy has no channels).
+        if !resumed && u32::from(header.channels) != channels {
+            return Err(ReceiveError::ChannelCountMismatch {
+                source: header.channels.into(),
+                destination: channels,
+            });
         }
         if resumed {
             let carried = ResumeToken::read(r)?;

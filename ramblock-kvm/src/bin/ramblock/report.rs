@@ -112,6 +112,9 @@ pub struct Summary {
     /// `--zero-copy`: what the source's writer sent how, and how much the
     /// kernel copied after all.
     pub zero_copy: Option<ZeroCopyStats>,
+    /// Page channels beside the main stream: opened (source) or accepted
+    /// as the source's header announced (destination).
+    pub page_channels: Option<u32>,
 }
 
 impl Summary {
@@ -269,6 +272,9 @@ impl Summary {
             if let Some(ns) = ns {
                 postcopy.push_str(&format!(",\"{key}\":{:.3}", ns as f64 / 1e6));
             }
+        }
+        if let Some(n) = self.page_channels {
+            postcopy.push_str(&format!(",\"page_channels\":{n}"));
         }
         if let Some(z) = &self.zero_copy {
             postcopy.push_str(&format!(

@@ -184,7 +184,8 @@ pub fn send<D: DirtyLogSource>(
     let ledger = ledger_for(ram);
     // Page channels connect after the main stream, which the destination
     // accepts first.
-    let channels = (0..opts.channels)
+    // `outgoing` resolved the count (the default where it was not given).
+    let channels = (0..opts.channels.unwrap_or(0))
         .map(|_| connector.connect())
         .collect::<Result<Vec<Conn>, _>>()
         .map_err(|e| format!("cannot open a page channel: {e}"))?;

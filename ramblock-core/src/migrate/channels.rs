@@ -8,7 +8,10 @@
 //! per-page work and write `Pages` and `Zero` records on their own
 //! connections; the main stream keeps everything else (header, table,
 //! `Sync`, `Resize`, sections, `End`, and all of post-copy, so a faulting
-//! vCPU never waits behind bulk pages).
+//! vCPU never waits behind bulk pages). The main stream's header announces
+//! how many channels follow ([`Header::channels`](crate::stream::format::Header::channels)),
+//! so the destination accepts exactly that many, and its receiver refuses
+//! a header announcing another count than its gate's.
 //!
 //! Ordering: within one pass a page is sent once, so channels need no
 //! order among themselves; between passes the engine sends a

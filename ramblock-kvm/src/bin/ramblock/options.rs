@@ -67,7 +67,7 @@ pub struct MigrateOptions {
     /// each with a sending thread here and a receiving thread on the
     /// destination (0: pages on the main stream). Default: two per CPU of
     /// this host, at most 8 (ramblock_linux::channels::default_channel_count);
-    /// 0 with --local, --zero-copy or over a UNIX socket. The destination
+    /// 0 with --local, --postcopy 0, --zero-copy or over a UNIX socket. The destination
     /// accepts as many as the source announces; given to --incoming, N is a
     /// check (a source announcing another count is refused).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=64))]
@@ -136,9 +136,10 @@ pub struct MigrateOptions {
 impl MigrateOptions {
     /// The page channels a source opens: `--channels`, or the library's
     /// default for this host where channels apply (none with `--local`,
-    /// whose pages never travel, with `--zero-copy`, which sends on the
-    /// main stream, or to a UNIX socket, where the default stays one
-    /// stream). An explicit count above 0 that cannot apply is refused.
+    /// whose pages never travel, with `--postcopy 0`, which sends no
+    /// pre-copy page, with `--zero-copy`, which sends on the main stream,
+    /// or to a UNIX socket, where the default stays one stream). An
+    /// explicit count above 0 that cannot apply is refused.
     pub fn source_channels(&self) -> Result<u32, String> {
         let unix = self.to.as_deref().is_some_and(|a| a.starts_with("unix:"));
         match self.channels {
@@ -151,7 +152,8 @@ impl MigrateOptions {
                  have nothing to carry; leave out --channels"
             )),
             Some(n) => Ok(n),
-            None if self.local || self.zero_copy || unix => Ok(0),
+            // Post-copy from the start sends no pre-copy page.
+            None if self.local || self.zero_copy || unix || self.postcopy == Some(0) => Ok(0),
             None => Ok(ramblock_linux::channels::default_channel_count()),
         }
     }
@@ -383,6 +385,8 @@ mod tests {
         // Where channels do not apply the default is one stream...
         assert_eq!(channels(&["--zero-copy", "--to", "tcp:h:1"]), Ok(0));
         assert_eq!(channels(&["--local"]), Ok(0));
+        assert_eq!(channels(&["--postcopy", "0"]), Ok(0));
+        assert_eq!(channels(&["--postcopy"]), Ok(default));
         assert_eq!(channels(&["--to", "unix:/tmp/s"]), Ok(0));
         assert_eq!(channels(&["--to", "unix:/tmp/s", "--channels", "2"]), Ok(2));
         assert_eq!(channels(&["--zero-copy", "--channels", "0"]), Ok(0));

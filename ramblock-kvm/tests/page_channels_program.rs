@@ -110,4 +110,19 @@ fn a_destination_told_another_channel_count_refuses_the_source() {
         "{dj}"
     );
     assert!(sj.contains("still running"), "{sj}");
+    // A source without channels writes on its main stream, which the
+    // destination closed after its refusal: it reports the code.
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let dest = Running::start(&["--incoming", &addr, "--size", "64M", "--channels", "2"]);
+    let source = run(&["--to", &addr, "--size", "64M", "--channels", "0"]);
+    let dest = dest.finish();
+    let (sj, _) = texts(&source);
+    let (dj, _) = texts(&dest);
+    assert!(!source.status.success(), "{sj}");
+    assert!(
+        dj.contains("the source sends on 0 page channels, this destination accepted 2"),
+        "{dj}"
+    );
+    assert!(sj.contains("error code 38"), "the source heard why: {sj}");
+    assert!(sj.contains("still running"), "{sj}");
 }

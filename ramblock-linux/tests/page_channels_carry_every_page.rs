@@ -664,3 +664,63 @@ impl ramblock_core::migrate::channels::PageChannels for Many {
         unreachable!("refused before any barrier")
     }
 }
+
+/// A source without page channels to a destination that insists on some
+/// (its gate's count) is refused at the header; the source's next write
+/// fails, and it reports the destination's refusal (code 38) rather than
+/// its broken connection, and its guest runs on.
+#[test]
+fn a_source_refused_at_its_header_reports_the_destinations_code() {
+    let (src, dst) = lists();
+    let listener = Listener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let vm = Vm::default();
+    let stop = AtomicBool::new(false);
+    let (sent, received) = std::thread::scope(|s| {
+        s.spawn(|| writer(&src, &vm, &stop));
+        let rx = s.spawn(move || {
+            let mut main = listener
+                .accept_migration(Some(Duration::from_secs(10)))
+                .unwrap();
+            let announced = main.page_channels();
+            let gate = Gate::new(2);
+            let mut bounce = vec![0u8; BOUNCE_BYTES];
+            let mut rx = Receiver::new(&mut bounce).unwrap().with_channels(&gate);
+            let got = rx.receive(&dst, &mut main.reader().unwrap(), |_| {});
+            let _ = send_ack(&mut IoStream(main.try_clone().unwrap()), &got);
+            main.shutdown();
+            (announced, got.map_err(|e| e.code()))
+        });
+        let main = Connector::new(addr.as_str()).connect().unwrap();
+        let ledger = Ledger::new();
+        let mut host = Host {
+            vm: &vm,
+            t0: Instant::now(),
+            ledger: &ledger,
+            passes: Vec::new(),
+        };
+        let mut out = main.writer().unwrap();
+        let mut ack = main.try_clone().unwrap().reader().unwrap();
+        let mut buf = vec![0u8; 64 * 4096];
+        let sent = migrate_with_channels(
+            &src,
+            &mut SoftwareOnly,
+            &mut out,
+            &mut ack,
+            &mut host,
+            PrecopyConfig::default(),
+            &mut buf,
+            None,
+        );
+        stop.store(true, Ordering::SeqCst);
+        (sent, rx.join().unwrap())
+    });
+    assert_eq!(received, (0, Err(38)));
+    let error = sent.expect_err("refused");
+    assert!(matches!(error, MigrateError::Refused(38)), "{error}");
+    assert_eq!(vm.resumed.load(Ordering::SeqCst), 0, "never paused");
+    assert!(
+        !vm.paused.load(Ordering::SeqCst),
+        "the source guest runs on"
+    );
+}

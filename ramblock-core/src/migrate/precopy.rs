@@ -153,48 +153,16 @@ impl<
         let start = self.host.now_ns();
         self.setup()?;
         stats.setup_ns = self.host.now_ns() - start;
-        let mut dirty_found: u64 = self
-            .table
-            .iter()
-            .map(|s| s.used_length >> TARGET_PAGE_SHIFT)
-            .sum();
-        let mut postcopy = self.cfg.postcopy_after == Some(0);
-        while !postcopy {
-            self.begin_pass(stats.passes, dirty_found);
-            if stats.passes == 0 {
-                self.send_untouched()?;
-            }
-            self.send_dirty()?;
-            self.barrier()?;
-            let newly = self.sync()?;
-            let remaining = self.remaining();
-            self.write(Record::Sync {
-                pass: stats.passes,
-                remaining,
-            })?;
-            let report = self.end_pass(newly, remaining);
-            stats.add(&report);
-            stats.dirty_rate = report.dirty_rate;
-            dirty_found = remaining;
-            if self.cfg.fits(report.estimated_ns) {
-                break;
-            }
-            let limit = stats.passes >= self.cfg.max_passes;
-            if let Some(after) = self.cfg.postcopy_after {
-                postcopy = limit || stats.passes >= after;
-            } else if limit && self.cfg.downtime_limit_ns == 0 {
-                break;
-            } else if limit {
-                // The limit is a promise: rather than pause the guest for
-                // longer, give up and leave it running here.
-                return Err(MigrateError::DowntimeUnreachable {
-                    estimated_ns: report.estimated_ns,
-                    limit_ns: self.cfg.downtime_limit_ns,
-                    passes: stats.passes,
-                });
-            }
-            self.converge(&report);
-        }
+        let postcopy = match self.precopy_passes(&mut stats) {
+            // A destination that refused the stream (at its header, say)
+            // stops reading and closes, so a write on the main stream
+            // fails: its answer, if it came, says more. (Not after a page
+            // channel failed: the destination may still wait on the main
+            // stream for the next record, and the answer would wait for
+            // it.)
+            Err(e @ MigrateError::Write(_)) => return Err(self.refusal_or(ack, e)),
+            passes => passes?,
+        };
         if postcopy {
             self.postcopy(&mut stats, paused)?;
             stats.total_ns = self.host.now_ns() - start;
@@ -244,6 +212,69 @@ impl<
         stats.total_ns = now - start;
         self.host.set_throttle(0);
         Ok(stats)
+    }
+
+    /// The live passes, until the estimate fits (or the pass limit, with
+    /// no downtime limit); `true` when post-copy is due instead.
+    fn precopy_passes<E>(
+        &mut self,
+        stats: &mut MigrationStats,
+    ) -> Result<bool, MigrateError<D::Error, W::Error, E>> {
+        let mut dirty_found: u64 = self
+            .table
+            .iter()
+            .map(|s| s.used_length >> TARGET_PAGE_SHIFT)
+            .sum();
+        let mut postcopy = self.cfg.postcopy_after == Some(0);
+        while !postcopy {
+            self.begin_pass(stats.passes, dirty_found);
+            if stats.passes == 0 {
+                self.send_untouched()?;
+            }
+            self.send_dirty()?;
+            self.barrier()?;
+            let newly = self.sync()?;
+            let remaining = self.remaining();
+            self.write(Record::Sync {
+                pass: stats.passes,
+                remaining,
+            })?;
+            let report = self.end_pass(newly, remaining);
+            stats.add(&report);
+            stats.dirty_rate = report.dirty_rate;
+            dirty_found = remaining;
+            if self.cfg.fits(report.estimated_ns) {
+                break;
+            }
+            let limit = stats.passes >= self.cfg.max_passes;
+            if let Some(after) = self.cfg.postcopy_after {
+                postcopy = limit || stats.passes >= after;
+            } else if limit && self.cfg.downtime_limit_ns == 0 {
+                break;
+            } else if limit {
+                // The limit is a promise: rather than pause the guest for
+                // longer, give up and leave it running here.
+                return Err(MigrateError::DowntimeUnreachable {
+                    estimated_ns: report.estimated_ns,
+                    limit_ns: self.cfg.downtime_limit_ns,
+                    passes: stats.passes,
+                });
+            }
+            self.converge(&report);
+        }
+        Ok(postcopy)
+    }
+
+    /// `error`, or the destination's refusal if it sent one (waiting for
+    /// it at most as long as for a handover).
+    fn refusal_or<R: ByteRead>(&mut self, ack: &mut R, error: Error<D, W, R>) -> Error<D, W, R> {
+        self.host.handover_wait_ns();
+        match self.wait_ack(ack) {
+            Err(refusal @ (MigrateError::Refused(_) | MigrateError::SectionRefused { .. })) => {
+                refusal
+            }
+            _ => error,
+        }
     }
 
     /// Reads the destination's answer to the `End` record.

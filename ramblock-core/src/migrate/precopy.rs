@@ -41,7 +41,12 @@ use crate::stream::io::{ByteRead, ByteWrite};
 /// end of `out`, reading its acknowledgement from `ack`. `buf` (one page at
 /// least) bounds the records: a run has at most as many pages as it holds,
 /// up to 64; pages themselves go out in place. In post-copy it holds the
-/// device state. Dirty logging must be on before the call.
+/// device state. Dirty logging must be on before the call. When a write
+/// fails during the live passes, the destination's answer is read first
+/// (as long as the host bounds a handover wait,
+/// [`MigrationHost::handover_wait_ns`]): a destination that refused the
+/// stream and closed is reported as [`MigrateError::Refused`] with its
+/// code, not as the failed write.
 #[allow(clippy::too_many_arguments)]
 pub fn migrate<M, S, const N: usize, D, W, R, H>(
     list: &RamList<'_, M, S, N>,

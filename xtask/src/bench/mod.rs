@@ -57,16 +57,22 @@ pub fn run(args: &[String]) -> Result<ExitCode, Error> {
     // The two ends of `bench migrate`'s raw TCP ceiling, run inside the
     // source's and destination's network namespaces.
     match args {
-        [cmd, addr] if cmd == "tcp-sink" => {
-            return migrate::link::tcp_sink(addr)
+        [cmd, addr, streams] if cmd == "tcp-sink" => {
+            let streams = streams
+                .parse()
+                .map_err(|_| format!("tcp-sink: bad stream count {streams:?}"))?;
+            return migrate::link::tcp_sink(addr, streams)
                 .map(|()| ExitCode::SUCCESS)
-                .map_err(Into::into)
+                .map_err(Into::into);
         }
-        [cmd, addr, bytes] if cmd == "tcp-send" => {
+        [cmd, addr, bytes, streams] if cmd == "tcp-send" => {
             let bytes = bytes
                 .parse()
                 .map_err(|_| format!("tcp-send: bad byte count {bytes:?}"))?;
-            return migrate::link::tcp_send(addr, bytes)
+            let streams = streams
+                .parse()
+                .map_err(|_| format!("tcp-send: bad stream count {streams:?}"))?;
+            return migrate::link::tcp_send(addr, bytes, streams)
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(Into::into);
         }

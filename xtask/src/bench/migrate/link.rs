@@ -150,27 +150,29 @@ impl Link {
         }
     }
 
-    /// The raw TCP ceiling of this path: one stream, bytes written as fast
-    /// as the socket takes them, in bytes per second. The sending and the
-    /// receiving end are this program (`bench tcp-sink` / `tcp-send`) run
-    /// on each side.
-    pub fn tcp_ceiling(&self, bytes: u64) -> Result<f64, String> {
+    /// The raw TCP ceiling of this path over `streams` parallel
+    /// connections: bytes written as fast as the sockets take them (each
+    /// stream its share of `bytes`, from its own thread), in bytes per
+    /// second for all streams together. The sending and the receiving end
+    /// are this program (`bench tcp-sink` / `tcp-send`) run on each side.
+    pub fn tcp_ceiling(&self, bytes: u64, streams: u32) -> Result<f64, String> {
         let me = std::env::current_exe().map_err(|e| format!("cannot find xtask: {e}"))?;
         let port = 40_000 + (std::process::id() % 20_000) as u16;
         let addr = format!("{}:{port}", self.dest_addr());
+        let streams = streams.to_string();
         let mut sink = self
             .dest_command(&me)
-            .args(["bench", "tcp-sink", &addr])
+            .args(["bench", "tcp-sink", &addr, &streams])
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start the TCP sink: {e}"))?;
         let sent = self
             .source_command(&me)
-            .args(["bench", "tcp-send", &addr, &bytes.to_string()])
+            .args(["bench", "tcp-send", &addr, &bytes.to_string(), &streams])
             .output()
             .map_err(|e| format!("cannot start the TCP sender: {e}"));
         if !sent.as_ref().is_ok_and(|s| s.status.success()) {
-            // A sink that never got its connection would wait forever.
+            // A sink that never got its connections would wait forever.
             let _ = sink.kill();
         }
         let received = sink.wait_with_output().map_err(|e| e.to_string())?;
@@ -229,39 +231,84 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-/// `bench tcp-sink ADDR`: accepts one connection, reads it to its end and
-/// prints how many bytes came.
-pub fn tcp_sink(addr: &str) -> Result<(), String> {
+/// `bench tcp-sink ADDR STREAMS`: accepts STREAMS connections, reads each
+/// to its end (a thread each) and prints how many bytes came in all.
+pub fn tcp_sink(addr: &str, streams: u32) -> Result<(), String> {
     let listener = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 4 << 20];
+    let readers: Vec<_> = (0..streams)
+        .map(|_| {
+            let (conn, _) = listener.accept().map_err(|e| e.to_string())?;
+            Ok(std::thread::spawn(move || drain(conn)))
+        })
+        .collect::<Result<_, String>>()?;
     let mut total = 0u64;
-    loop {
-        match conn.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => total += n as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.to_string()),
-        }
+    for reader in readers {
+        total += reader.join().map_err(|_| "a sink thread panicked")??;
     }
     println!("{total}");
     Ok(())
 }
 
-/// `bench tcp-send ADDR BYTES`: connects (retrying while the sink starts),
-/// writes BYTES and prints the rate in bytes per second, from connect to
-/// the sink's close (so bytes still queued count).
-pub fn tcp_send(addr: &str, bytes: u64) -> Result<(), String> {
-    let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    let mut conn = loop {
-        match TcpStream::connect(addr) {
-            Ok(c) => break c,
-            Err(e) if Instant::now() >= deadline => return Err(format!("connect {addr}: {e}")),
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+/// Reads `conn` to its end; returns how many bytes came.
+fn drain(mut conn: TcpStream) -> Result<u64, String> {
+    let mut buf = vec![0u8; 4 << 20];
+    let mut total = 0u64;
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
         }
-    };
-    let buf = vec![0x5au8; 4 << 20];
+    }
+}
+
+/// `bench tcp-send ADDR BYTES STREAMS`: opens STREAMS connections
+/// (retrying while the sink starts), writes BYTES over them (an equal share
+/// each, a thread each) and prints the rate in bytes per second, from the
+/// first connect to the sink's close of the last (so bytes still queued
+/// count).
+pub fn tcp_send(addr: &str, bytes: u64, streams: u32) -> Result<(), String> {
+    if streams == 0 {
+        return Err("tcp-send: no streams".into());
+    }
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let conns = (0..streams)
+        .map(|_| loop {
+            match TcpStream::connect(addr) {
+                Ok(c) => break Ok(c),
+                Err(e) if Instant::now() >= deadline => break Err(format!("connect {addr}: {e}")),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let started = Instant::now();
+    let share = bytes / u64::from(streams);
+    let writers: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, conn)| {
+            // The first stream also carries the remainder.
+            let mine = share
+                + if i == 0 {
+                    bytes % u64::from(streams)
+                } else {
+                    0
+                };
+            std::thread::spawn(move || fill(conn, mine))
+        })
+        .collect();
+    for writer in writers {
+        writer.join().map_err(|_| "a sender thread panicked")??;
+    }
+    println!("{:.0}", bytes as f64 / started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Writes `bytes` to `conn`, then waits for the sink to close it (then
+/// every byte arrived).
+fn fill(mut conn: TcpStream, bytes: u64) -> Result<(), String> {
+    let buf = vec![0x5au8; 4 << 20];
     let mut left = bytes;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
@@ -270,9 +317,7 @@ pub fn tcp_send(addr: &str, bytes: u64) -> Result<(), String> {
     }
     conn.shutdown(std::net::Shutdown::Write)
         .map_err(|e| e.to_string())?;
-    // The sink closes after reading everything: then every byte arrived.
     let _ = conn.read(&mut [0u8; 1]);
-    println!("{:.0}", bytes as f64 / started.elapsed().as_secs_f64());
     Ok(())
 }
 

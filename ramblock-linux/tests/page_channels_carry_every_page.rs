@@ -23,7 +23,9 @@ use ramblock_core::migrate::{
 use ramblock_core::name::BlockName;
 use ramblock_core::stream::format::{Header, Record, TableEntry, MAX_PAGE_CHANNELS};
 use ramblock_core::stream::io::{IoStream, SliceReader};
-use ramblock_linux::channels::{receive_page_channels, with_page_channels, Gate};
+use ramblock_linux::channels::{
+    receive_page_channels, with_page_channels, with_page_channels_connecting, ChannelSender, Gate,
+};
 use ramblock_linux::transport::{Conn, Connector, Listener, TransportError};
 use ramblock_linux::{LinuxMemory, MemoryBuilder};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -144,11 +146,20 @@ type Sent =
 
 /// The source: main stream and channels to `addr`, migrating `src`.
 fn send(src: &List, vm: &Vm, addr: &str, cfg: PrecopyConfig) -> (Sent, Vec<PassReport>) {
+    send_with(src, vm, addr, cfg, false)
+}
+
+/// [`send`], the channels connected before the migration, or (`connecting`)
+/// each on its thread while the engine sends the header.
+fn send_with(
+    src: &List,
+    vm: &Vm,
+    addr: &str,
+    cfg: PrecopyConfig,
+    connecting: bool,
+) -> (Sent, Vec<PassReport>) {
     let connector = Connector::new(addr);
     let main = connector.connect().unwrap();
-    let channels: Vec<Conn> = (0..CHANNELS)
-        .map(|_| connector.connect().unwrap())
-        .collect();
     let ledger = Ledger::new();
     let mut host = Host {
         vm,
@@ -159,7 +170,7 @@ fn send(src: &List, vm: &Vm, addr: &str, cfg: PrecopyConfig) -> (Sent, Vec<PassR
     let mut out = main.writer().unwrap();
     let mut ack = main.try_clone().unwrap().reader().unwrap();
     let mut buf = vec![0u8; 64 * 4096];
-    let sent = with_page_channels(src, Some(&ledger), channels, |ch| {
+    let mut migrate = |ch: &mut ChannelSender<'_>| {
         migrate_with_channels(
             src,
             &mut SoftwareOnly,
@@ -170,7 +181,16 @@ fn send(src: &List, vm: &Vm, addr: &str, cfg: PrecopyConfig) -> (Sent, Vec<PassR
             &mut buf,
             Some(ch),
         )
-    })
+    };
+    let sent = if connecting {
+        let connect = || connector.connect().map_err(std::io::Error::other);
+        with_page_channels_connecting(src, Some(&ledger), CHANNELS, &connect, |ch| migrate(ch))
+    } else {
+        let channels: Vec<Conn> = (0..CHANNELS)
+            .map(|_| connector.connect().unwrap())
+            .collect();
+        with_page_channels(src, Some(&ledger), channels, |ch| migrate(ch))
+    }
     .unwrap();
     main.shutdown();
     (sent, host.passes)
@@ -232,6 +252,13 @@ fn receive(
 
 #[test]
 fn four_channels_carry_a_changing_guest_byte_for_byte() {
+    // Channels connected first, and each connecting on its own thread.
+    for connecting in [false, true] {
+        four_channels_carry(connecting);
+    }
+}
+
+fn four_channels_carry(connecting: bool) {
     let (src, dst) = lists();
     let listener = Listener::bind("127.0.0.1:0")
         .unwrap()
@@ -247,7 +274,7 @@ fn four_channels_carry_a_changing_guest_byte_for_byte() {
     let (sent, passes, at_switch, received) = std::thread::scope(|s| {
         s.spawn(|| writer(&src, &vm, &stop));
         let rx = s.spawn(|| receive(&dst, &listener, None));
-        let (sent, passes) = send(&src, &vm, &addr, cfg);
+        let (sent, passes) = send_with(&src, &vm, &addr, cfg, connecting);
         // The guest is paused: this is the switch-over state.
         let at_switch = contents(&src);
         stop.store(true, Ordering::SeqCst);

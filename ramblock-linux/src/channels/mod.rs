@@ -7,7 +7,10 @@
 //! (`Connector::connect` each) and migrates inside [`with_page_channels`],
 //! which writes each channel's hello, runs a sending thread per channel and
 //! hands the engine a [`ChannelSender`] for
-//! [`migrate_with_channels`](ramblock_core::migrate::migrate_with_channels).
+//! [`migrate_with_channels`](ramblock_core::migrate::migrate_with_channels);
+//! or it lets each channel's thread connect while the engine sends the
+//! header ([`with_page_channels_connecting`], needed over TLS, whose
+//! handshake the destination answers only after the header).
 //! The destination accepts the main stream, whose header announces how
 //! many channels follow ([`Conn::page_channels`](crate::transport::Conn::page_channels)),
 //! then exactly that many
@@ -47,7 +50,7 @@ mod receive;
 mod send;
 
 pub use receive::{receive_page_channels, ChannelsReceived, Gate};
-pub use send::{with_page_channels, ChannelSender};
+pub use send::{with_page_channels, with_page_channels_connecting, ChannelSender};
 
 use crate::transport::{Conn, ConnReader};
 use ramblock_core::stream::format::MAX_PAGE_CHANNELS;

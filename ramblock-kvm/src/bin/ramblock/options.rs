@@ -67,8 +67,8 @@ pub struct MigrateOptions {
     /// each with a sending thread here and a receiving thread on the
     /// destination (0: pages on the main stream). Default: two per CPU of
     /// this host, at most 8 (ramblock_linux::channels::default_channel_count);
-    /// 0 with --local, --postcopy 0, --zero-copy, TLS or over a UNIX socket
-    /// (refused above 0 with --local, --zero-copy and TLS). The destination
+    /// 0 with --local, --postcopy 0, --zero-copy or over a UNIX socket
+    /// (refused above 0 with --local and --zero-copy). The destination
     /// accepts as many as the source announces; given to --incoming, N is a
     /// check (a source announcing another count is refused).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=64))]
@@ -139,12 +139,10 @@ impl MigrateOptions {
     /// default for this host where channels apply (none with `--local`,
     /// whose pages never travel, with `--postcopy 0`, which sends no
     /// pre-copy page, with `--zero-copy`, which sends on the main stream,
-    /// over TLS, which cannot carry them yet, or to a UNIX socket, where
-    /// the default stays one stream). An explicit count above 0 that
-    /// cannot apply is refused.
+    /// or to a UNIX socket, where the default stays one stream). An
+    /// explicit count above 0 that cannot apply is refused.
     pub fn source_channels(&self) -> Result<u32, String> {
         let unix = self.to.as_deref().is_some_and(|a| a.starts_with("unix:"));
-        let tls = self.tls_cert.is_some();
         match self.channels {
             Some(n) if n > 0 && self.zero_copy => Err(format!(
                 "--channels {n} with --zero-copy: the page channels send by copy, zero-copy \
@@ -154,16 +152,9 @@ impl MigrateOptions {
                 "--channels {n} with --local: a local update moves no pages, so page channels \
                  have nothing to carry; leave out --channels"
             )),
-            Some(n) if n > 0 && tls => Err(format!(
-                "--channels {n} with TLS: the source completes each channel's TLS handshake \
-                 before it sends the main stream's header, which the destination waits for \
-                 first; page channels over TLS are not supported yet (give --channels 0)"
-            )),
             Some(n) => Ok(n),
             // Post-copy from the start sends no pre-copy page.
-            None if self.local || self.zero_copy || unix || tls || self.postcopy == Some(0) => {
-                Ok(0)
-            }
+            None if self.local || self.zero_copy || unix || self.postcopy == Some(0) => Ok(0),
             None => Ok(ramblock_linux::channels::default_channel_count()),
         }
     }
@@ -406,9 +397,7 @@ mod tests {
         let e = channels(&["--local", "--channels", "2"]).unwrap_err();
         assert!(e.contains("--local"), "{e}");
         let tls = ["--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a"];
-        assert_eq!(channels(&tls), Ok(0));
-        let e = channels(&[&tls[..], &["--channels", "2"]].concat()).unwrap_err();
-        assert!(e.contains("TLS"), "{e}");
+        assert_eq!(channels(&tls), Ok(default));
         assert!(opts(&["--channels", "65"]).is_err());
         assert!(opts(&["--zero-copy", "--incoming", "tcp:h:1"]).is_err());
     }

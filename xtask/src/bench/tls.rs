@@ -150,8 +150,8 @@ fn pass0_mib_s(stderr: &str) -> Option<f64> {
 /// One migration; its pass-0 throughput.
 fn migrate(binary: &Path, size: u64, tls: Option<&[PathBuf; 3]>) -> Result<f64, String> {
     let mut cmd = Command::new(binary);
-    // One stream on both: the program opens page channels by default on
-    // plain TCP but none over TLS, and this compares the encryption.
+    // One stream on both: the program opens page channels by default, and
+    // this compares the encryption of one stream with none.
     cmd.args([
         "migrate",
         "--size",

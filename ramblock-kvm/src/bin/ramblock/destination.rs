@@ -223,20 +223,14 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
             }
         }
     };
-    let expect = match &how.channels {
-        None => Some(0),
-        Some(c) => c.expect,
-    };
-    let result = match &how.channels {
-        _ if announced == 0 && expect.unwrap_or(0) == 0 => receive_stream(None)?,
+    // Without a listener for channels this side takes none.
+    let expect = how.channels.as_ref().map_or(Some(0), |c| c.expect);
+    let result = match (&how.channels, expect) {
         // Another count than this side expects: the receiver refuses the
         // header (ChannelCountMismatch) against a gate of the expected
         // count, and the source hears why; no channel is accepted.
-        _ if expect.is_some_and(|n| n != announced) => {
-            receive_stream(Some(&Gate::new(expect.unwrap_or(0))))?
-        }
-        None => receive_stream(None)?,
-        Some(Channels { listener, .. }) => {
+        (_, Some(expected)) if expected != announced => receive_stream(Some(&Gate::new(expected)))?,
+        (Some(Channels { listener, .. }), _) if announced > 0 => {
             let channels = listener
                 .accept_page_channels(announced, CHANNEL_ACCEPT_TIMEOUT)
                 .map_err(|e| format!("cannot accept the page channels: {e}"))?;
@@ -270,6 +264,7 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
                 }),
             }
         }
+        _ => receive_stream(None)?,
     };
     let acked = {
         let mut ret = ret.lock().unwrap_or_else(|e| e.into_inner());

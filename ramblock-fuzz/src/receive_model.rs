@@ -430,6 +430,11 @@ impl Model {
         if header[10] != 12 {
             return Err(3);
         }
+        // Byte 11: page channels that follow a new stream; this receiver
+        // has none (ChannelCountMismatch). A resume header's is not read.
+        if !resumed && header[11] != 0 {
+            return Err(38);
+        }
         if resumed {
             r.take(16)?;
         }

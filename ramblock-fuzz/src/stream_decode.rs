@@ -167,6 +167,11 @@ fn model_receive(
     if header[10] != 12 {
         return Err(3);
     }
+    // Byte 11: page channels that follow a new stream; this receiver has
+    // none (ChannelCountMismatch). A resume header's byte 11 is not read.
+    if !resume && header[11] != 0 {
+        return Err(38);
+    }
     let count = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
     if count as usize > LAYOUT.len() {
         return Err(4);

@@ -57,6 +57,23 @@ fn stream_decode_seeds_named_valid_are_accepted() {
     }
 }
 
+/// A valid stream whose header announces page channels (byte 11) is
+/// refused by a receiver without any: `ChannelCountMismatch`, code 38.
+#[test]
+fn stream_decode_seeds_announcing_channels_are_refused() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/stream_decode");
+    let mut seen = 0;
+    for file in files_in(&dir) {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("channels-announced") {
+            let outcome = stream_decode::check(&std::fs::read(&file).unwrap()).unwrap();
+            assert_eq!(outcome.map(|_| ()), Err(38), "{name}");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 2);
+}
+
 #[test]
 fn stream_roundtrip_seeds() {
     replay("stream_roundtrip", stream_roundtrip::fuzz);

@@ -162,6 +162,9 @@ fn a_flooding_destination_neither_stops_the_migration_nor_grows_the_source() {
         "0",
         "--downtime-ms",
         "0",
+        // The proxy passes one connection: the main stream.
+        "--channels",
+        "0",
     ]);
     let pid = src.id();
     let proxy = Arc::new(Proxy::default());

@@ -4,7 +4,8 @@
 //! hijackers that send a resume header without the token the destination
 //! issued. Each is dropped with a line on the destination's stderr, and
 //! the real source still completes and verifies. With TLS, a plaintext
-//! peer and a peer whose certificate another CA signed are refused. In
+//! peer and a peer whose certificate another CA signed are refused, and
+//! the source's page channels (each a TLS session) are accepted. In
 //! post-copy, token-less hijackers wait in the listener's queue when the
 //! connection breaks, and the real source still resumes.
 //!
@@ -207,7 +208,11 @@ fn over_tls_only_a_peer_with_a_certificate_from_the_ca_gets_in() {
         ]
         .concat(),
     );
-    let (_, d_err) = assert_completed(src, dest);
+    let (d, d_err) = assert_completed(src, dest);
+    // The source's default page channels, each its own TLS session from
+    // the same source, came in too.
+    let channels = ramblock_linux::channels::default_channel_count().to_string();
+    assert_eq!(field(&d, "page_channels"), channels, "{d}");
     let dropped = dropped_lines(&d_err);
     assert_eq!(dropped.len(), 2, "{d_err}");
     assert!(dropped[0].contains("spoke plaintext"), "{d_err}");

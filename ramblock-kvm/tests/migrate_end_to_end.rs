@@ -239,6 +239,18 @@ fn source(port: u16, size: &str) -> Output {
     run(&["--to", &format!("tcp:127.0.0.1:{port}"), "--size", size])
 }
 
+/// A source on its one stream, for a peer that takes one connection.
+fn source_one_stream(port: u16, size: &str) -> Output {
+    run(&[
+        "--to",
+        &format!("tcp:127.0.0.1:{port}"),
+        "--size",
+        size,
+        "--channels",
+        "0",
+    ])
+}
+
 #[test]
 fn two_processes_over_tcp_migrate_and_verify() {
     let port = free_port();
@@ -278,7 +290,7 @@ fn a_connection_closed_mid_pass_leaves_the_source_running() {
         conn.read_exact(&mut buf).unwrap();
         conn.shutdown(Shutdown::Both).unwrap();
     });
-    let o = source(port, SIZE);
+    let o = source_one_stream(port, SIZE);
     hangup.join().unwrap();
     let json = stdout(&o);
     assert!(!o.status.success(), "{json}");
@@ -371,7 +383,7 @@ fn a_corrupted_record_is_refused_and_the_source_runs_on() {
         let _ = to_dest.shutdown(Shutdown::Write);
         let _ = back.join();
     });
-    let o = source(proxy_port, SIZE);
+    let o = source_one_stream(proxy_port, SIZE);
     let dest = dest.wait_with_output().unwrap();
     relay.join().unwrap();
     let (s, d) = (stdout(&o), stdout(&dest));

@@ -1,8 +1,11 @@
 //! Page channels end to end over TCP loopback: a writer keeps changing the
 //! source while four channels carry pre-copy pages beside the main stream;
 //! the destination ends equal to the source at the switch-over, byte for
-//! byte, in every pass's order. A channel that dies fails the migration
-//! and the source guest runs on; a malformed channel is a typed error.
+//! byte, in every pass's order. The destination learns how many channels
+//! to accept from the main stream's header. A channel that dies fails the
+//! migration and the source guest runs on; a malformed channel, a header
+//! announcing another count than the destination's, or more channels than
+//! allowed, is a typed error.
 
 use ramblock_core::addr::ByteLen;
 use ramblock_core::bitmap::Owned;
@@ -18,10 +21,12 @@ use ramblock_core::migrate::{
     ReceiveError,
 };
 use ramblock_core::name::BlockName;
-use ramblock_core::stream::format::Record;
+use ramblock_core::stream::format::{Header, Record, TableEntry, MAX_PAGE_CHANNELS};
 use ramblock_core::stream::io::{IoStream, SliceReader};
-use ramblock_linux::channels::{receive_page_channels, with_page_channels, Gate};
-use ramblock_linux::transport::{Conn, Connector, Listener};
+use ramblock_linux::channels::{
+    receive_page_channels, with_page_channels, with_page_channels_connecting, ChannelSender, Gate,
+};
+use ramblock_linux::transport::{Conn, Connector, Listener, TransportError};
 use ramblock_linux::{LinuxMemory, MemoryBuilder};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -141,11 +146,20 @@ type Sent =
 
 /// The source: main stream and channels to `addr`, migrating `src`.
 fn send(src: &List, vm: &Vm, addr: &str, cfg: PrecopyConfig) -> (Sent, Vec<PassReport>) {
+    send_with(src, vm, addr, cfg, false)
+}
+
+/// [`send`], the channels connected before the migration, or (`connecting`)
+/// each on its thread while the engine sends the header.
+fn send_with(
+    src: &List,
+    vm: &Vm,
+    addr: &str,
+    cfg: PrecopyConfig,
+    connecting: bool,
+) -> (Sent, Vec<PassReport>) {
     let connector = Connector::new(addr);
     let main = connector.connect().unwrap();
-    let channels: Vec<Conn> = (0..CHANNELS)
-        .map(|_| connector.connect().unwrap())
-        .collect();
     let ledger = Ledger::new();
     let mut host = Host {
         vm,
@@ -156,7 +170,7 @@ fn send(src: &List, vm: &Vm, addr: &str, cfg: PrecopyConfig) -> (Sent, Vec<PassR
     let mut out = main.writer().unwrap();
     let mut ack = main.try_clone().unwrap().reader().unwrap();
     let mut buf = vec![0u8; 64 * 4096];
-    let sent = with_page_channels(src, Some(&ledger), channels, |ch| {
+    let mut migrate = |ch: &mut ChannelSender<'_>| {
         migrate_with_channels(
             src,
             &mut SoftwareOnly,
@@ -167,7 +181,16 @@ fn send(src: &List, vm: &Vm, addr: &str, cfg: PrecopyConfig) -> (Sent, Vec<PassR
             &mut buf,
             Some(ch),
         )
-    })
+    };
+    let sent = if connecting {
+        let connect = || connector.connect().map_err(std::io::Error::other);
+        with_page_channels_connecting(src, Some(&ledger), CHANNELS, &connect, |ch| migrate(ch))
+    } else {
+        let channels: Vec<Conn> = (0..CHANNELS)
+            .map(|_| connector.connect().unwrap())
+            .collect();
+        with_page_channels(src, Some(&ledger), channels, |ch| migrate(ch))
+    }
     .unwrap();
     main.shutdown();
     (sent, host.passes)
@@ -182,8 +205,10 @@ fn receive(
     let mut main = listener
         .accept_migration(Some(Duration::from_secs(10)))
         .unwrap();
+    // Nobody tells this side the count: the source's header does.
+    assert_eq!(main.page_channels(), CHANNELS, "the header announced them");
     let channels = listener
-        .accept_page_channels(CHANNELS, Duration::from_secs(10))
+        .accept_page_channels(main.page_channels(), Duration::from_secs(10))
         .unwrap();
     if let Some(k) = kill_channel {
         // This channel dies before a byte of it is read.
@@ -227,6 +252,13 @@ fn receive(
 
 #[test]
 fn four_channels_carry_a_changing_guest_byte_for_byte() {
+    // Channels connected first, and each connecting on its own thread.
+    for connecting in [false, true] {
+        four_channels_carry(connecting);
+    }
+}
+
+fn four_channels_carry(connecting: bool) {
     let (src, dst) = lists();
     let listener = Listener::bind("127.0.0.1:0")
         .unwrap()
@@ -242,7 +274,7 @@ fn four_channels_carry_a_changing_guest_byte_for_byte() {
     let (sent, passes, at_switch, received) = std::thread::scope(|s| {
         s.spawn(|| writer(&src, &vm, &stop));
         let rx = s.spawn(|| receive(&dst, &listener, None));
-        let (sent, passes) = send(&src, &vm, &addr, cfg);
+        let (sent, passes) = send_with(&src, &vm, &addr, cfg, connecting);
         // The guest is paused: this is the switch-over state.
         let at_switch = contents(&src);
         stop.store(true, Ordering::SeqCst);
@@ -432,18 +464,7 @@ fn malformed_channels_are_typed_errors() {
 fn a_destination_without_channels_refuses_a_barrier() {
     let (_, dst) = lists();
     let mut stream = Vec::new();
-    ramblock_core::stream::format::Header::new(2)
-        .write(&mut stream)
-        .unwrap();
-    for (name, pages) in [("pc.ram", 8192u64), ("vram", 1024)] {
-        ramblock_core::stream::format::TableEntry {
-            used_length: pages * PAGE,
-            page_size: PAGE,
-            flags: BlockFlags::MIGRATABLE.bits(),
-        }
-        .write(name, &mut stream)
-        .unwrap();
-    }
+    stream_start(&mut stream, 0);
     stream.extend(record(Record::Barrier {
         generation: 0,
         channels: 2,
@@ -506,5 +527,227 @@ fn the_listener_admits_only_well_formed_channels_in_order() {
     assert!(
         refused.iter().any(|r| r.contains("already taken")),
         "{refused:?}"
+    );
+}
+
+/// The header (announcing `channels` page channels) and table of a stream
+/// for the destination of [`lists`].
+fn stream_start(stream: &mut Vec<u8>, channels: u8) {
+    Header::new(2)
+        .with_channels(channels)
+        .write(stream)
+        .unwrap();
+    for (name, pages) in [("pc.ram", 8192u64), ("vram", 1024)] {
+        TableEntry {
+            used_length: pages * PAGE,
+            page_size: PAGE,
+            flags: BlockFlags::MIGRATABLE.bits(),
+        }
+        .write(name, stream)
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_header_announcing_another_channel_count_is_refused_before_the_table() {
+    let (_, dst) = lists();
+    // (announced, the destination's gate): every pair that differs.
+    for (announced, gate) in [(3u8, Some(2u32)), (2, None), (0, Some(2)), (1, Some(0))] {
+        let mut stream = Vec::new();
+        stream_start(&mut stream, announced);
+        let gate = gate.map(Gate::new);
+        let mut bounce = vec![0u8; BOUNCE_BYTES];
+        let mut rx = Receiver::new(&mut bounce).unwrap();
+        if let Some(gate) = &gate {
+            rx = rx.with_channels(gate);
+        }
+        let mut r = SliceReader::new(&stream);
+        let got = rx.receive(&dst, &mut r, |_| {});
+        let want = (
+            u32::from(announced),
+            gate.as_ref().map_or(0, |g| g.channels()),
+        );
+        assert!(
+            matches!(
+                got,
+                Err(ReceiveError::ChannelCountMismatch { source, destination })
+                    if (source, destination) == want
+            ),
+            "{want:?}: {got:?}"
+        );
+        assert_eq!(got.unwrap_err().code(), 38);
+        // Refused at the header: the table was not read.
+        assert_eq!(r.remaining(), stream.len() - 16, "{want:?}");
+    }
+    // The same count on both sides passes the header (and the stream,
+    // with nothing sent on the channels, ends at its End record).
+    let mut stream = Vec::new();
+    stream_start(&mut stream, 2);
+    let gate = Gate::new(2);
+    let mut bounce = vec![0u8; BOUNCE_BYTES];
+    let mut rx = Receiver::new(&mut bounce).unwrap().with_channels(&gate);
+    let got = rx.receive(&dst, &mut SliceReader::new(&stream), |_| {});
+    assert!(matches!(got, Err(ReceiveError::Truncated)), "{got:?}");
+}
+
+#[test]
+fn more_channels_than_the_maximum_are_refused_on_both_sides() {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    // The listener drops a source announcing too many, and takes the next.
+    let refused = Arc::new(Mutex::new(Vec::new()));
+    let log = refused.clone();
+    let listener = Listener::bind("127.0.0.1:0")
+        .unwrap()
+        .with_log(move |p| log.lock().unwrap().push(p.refusal.to_string()));
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for announced in [MAX_PAGE_CHANNELS as u8 + 1, u8::MAX, 2] {
+        let mut header = Vec::new();
+        Header::new(2)
+            .with_channels(announced)
+            .write(&mut header)
+            .unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(&header).unwrap();
+        held.push(s);
+    }
+    let main = listener
+        .accept_migration(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(main.page_channels(), 2);
+    let refused = refused.lock().unwrap().clone();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(
+        refused[0].contains("announced 65 page channels, more than the 64"),
+        "{refused:?}"
+    );
+    // Asking the listener for too many is an error, not a wait.
+    let got = listener.accept_page_channels(MAX_PAGE_CHANNELS + 1, Duration::from_secs(10));
+    assert!(
+        matches!(
+            got,
+            Err(TransportError::TooManyChannels { count: 65, max: 64 })
+        ),
+        "{got:?}"
+    );
+    // A source asked to open too many sends nothing.
+    let (src, _) = lists();
+    let vm = Vm::default();
+    let ledger = Ledger::new();
+    let mut host = Host {
+        vm: &vm,
+        t0: Instant::now(),
+        ledger: &ledger,
+        passes: Vec::new(),
+    };
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 4096];
+    let mut too_many = Many(MAX_PAGE_CHANNELS + 1);
+    let got = migrate_with_channels(
+        &src,
+        &mut SoftwareOnly,
+        &mut out,
+        &mut SliceReader::new(&[]),
+        &mut host,
+        PrecopyConfig::default(),
+        &mut buf,
+        Some(&mut too_many),
+    );
+    assert!(
+        matches!(
+            got,
+            Err(MigrateError::TooManyChannels { count: 65, max: 64 })
+        ),
+        "{got:?}"
+    );
+    assert!(out.is_empty(), "nothing was sent");
+    assert_eq!(vm.resumed.load(Ordering::SeqCst), 0, "never paused");
+}
+
+/// Page channels that only count.
+struct Many(u32);
+
+impl ramblock_core::migrate::channels::PageChannels for Many {
+    fn count(&self) -> u32 {
+        self.0
+    }
+    fn send(
+        &mut self,
+        _: u32,
+        _: &BlockName,
+        _: u64,
+        _: u32,
+    ) -> Result<(), ramblock_core::migrate::channels::ChannelFailure> {
+        unreachable!("refused before any run")
+    }
+    fn barrier(
+        &mut self,
+        _: u32,
+    ) -> Result<
+        ramblock_core::migrate::channels::RunCounts,
+        ramblock_core::migrate::channels::ChannelFailure,
+    > {
+        unreachable!("refused before any barrier")
+    }
+}
+
+/// A source without page channels to a destination that insists on some
+/// (its gate's count) is refused at the header; the source's next write
+/// fails, and it reports the destination's refusal (code 38) rather than
+/// its broken connection, and its guest runs on.
+#[test]
+fn a_source_refused_at_its_header_reports_the_destinations_code() {
+    let (src, dst) = lists();
+    let listener = Listener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let vm = Vm::default();
+    let stop = AtomicBool::new(false);
+    let (sent, received) = std::thread::scope(|s| {
+        s.spawn(|| writer(&src, &vm, &stop));
+        let rx = s.spawn(move || {
+            let mut main = listener
+                .accept_migration(Some(Duration::from_secs(10)))
+                .unwrap();
+            let announced = main.page_channels();
+            let gate = Gate::new(2);
+            let mut bounce = vec![0u8; BOUNCE_BYTES];
+            let mut rx = Receiver::new(&mut bounce).unwrap().with_channels(&gate);
+            let got = rx.receive(&dst, &mut main.reader().unwrap(), |_| {});
+            let _ = send_ack(&mut IoStream(main.try_clone().unwrap()), &got);
+            main.shutdown();
+            (announced, got.map_err(|e| e.code()))
+        });
+        let main = Connector::new(addr.as_str()).connect().unwrap();
+        let ledger = Ledger::new();
+        let mut host = Host {
+            vm: &vm,
+            t0: Instant::now(),
+            ledger: &ledger,
+            passes: Vec::new(),
+        };
+        let mut out = main.writer().unwrap();
+        let mut ack = main.try_clone().unwrap().reader().unwrap();
+        let mut buf = vec![0u8; 64 * 4096];
+        let sent = migrate_with_channels(
+            &src,
+            &mut SoftwareOnly,
+            &mut out,
+            &mut ack,
+            &mut host,
+            PrecopyConfig::default(),
+            &mut buf,
+            None,
+        );
+        stop.store(true, Ordering::SeqCst);
+        (sent, rx.join().unwrap())
+    });
+    assert_eq!(received, (0, Err(38)));
+    let error = sent.expect_err("refused");
+    assert!(matches!(error, MigrateError::Refused(38)), "{error}");
+    assert_eq!(vm.resumed.load(Ordering::SeqCst), 0, "never paused");
+    assert!(
+        !vm.paused.load(Ordering::SeqCst),
+        "the source guest runs on"
     );
 }

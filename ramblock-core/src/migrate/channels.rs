@@ -8,7 +8,10 @@
 //! per-page work and write `Pages` and `Zero` records on their own
 //! connections; the main stream keeps everything else (header, table,
 //! `Sync`, `Resize`, sections, `End`, and all of post-copy, so a faulting
-//! vCPU never waits behind bulk pages).
+//! vCPU never waits behind bulk pages). The main stream's header announces
+//! how many channels follow ([`Header::channels`](crate::stream::format::Header::channels)),
+//! so the destination accepts exactly that many, and its receiver refuses
+//! a header announcing another count than its gate's.
 //!
 //! Ordering: within one pass a page is sent once, so channels need no
 //! order among themselves; between passes the engine sends a
@@ -36,7 +39,9 @@ use crate::stream::format::{Record, MAX_RUN_PAGES};
 use crate::stream::io::{ByteRead, ByteWrite, ReadError};
 use core::fmt;
 
-use super::receiver::{store_precopy_run, ReceiveError};
+use super::receiver::{
+    check_inside, check_run_length, pass_barrier, read_in_place, store_precopy_run, ReceiveError,
+};
 
 const PAGE: usize = TARGET_PAGE_SIZE as usize;
 
@@ -278,21 +283,7 @@ pub fn receive_channel<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
                 generation,
                 channels,
             } => {
-                if channels != gate.channels() {
-                    return Err(ReceiveError::ChannelCountMismatch {
-                        source: channels,
-                        destination: gate.channels(),
-                    });
-                }
-                if generation != summary.barriers {
-                    return Err(ReceiveError::BarrierOutOfOrder {
-                        generation,
-                        expected: summary.barriers,
-                    });
-                }
-                gate.meet(generation)
-                    .map_err(|_| ReceiveError::ChannelFailed)?;
-                summary.barriers += 1;
+                pass_barrier(Some(gate), generation, channels, &mut summary.barriers)?;
                 continue;
             }
             _ => {
@@ -306,47 +297,20 @@ pub fn receive_channel<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
         let name = names
             .get(block as usize)
             .ok_or(ReceiveError::BadBlockIndex(block))?;
-        if count == 0 || count > MAX_RUN_PAGES {
-            return Err(ReceiveError::BadRunLength(count));
-        }
+        check_run_length(count)?;
         let view = list.read();
         let dest = view
             .by_name(name.as_str())
             .ok_or_else(|| ReceiveError::UnknownBlock(name.clone()))?;
-        let used_pages = dest.used_pages() as u64;
-        let end = first
-            .checked_add(u64::from(count))
-            .ok_or(ReceiveError::LengthOverflow)?;
-        if end > used_pages {
-            return Err(ReceiveError::PastUsedLength {
-                name: name.clone(),
-                first,
-                count,
-                used_pages,
-            });
-        }
-        let len = count as usize * PAGE;
+        check_inside(name, dest.used_pages() as u64, first, count)?;
         let data = if is_pages {
-            // In range: checked against the used length just above.
-            let pages = dest
-                .region()
-                .subregion(ByteLen::from_pages(first), len)
-                .map_err(|_| ReceiveError::PastUsedLength {
-                    name: name.clone(),
-                    first,
-                    count,
-                    used_pages,
-                })?;
-            if r.read_ready_into(&pages)? {
-                if let Some(ledger) = ledger.as_mut() {
-                    ledger.record_region(block as usize, first, &pages);
-                }
-                super::receiver::mark_received(dest, first, count);
+            let in_place = ledger.as_mut().map(|l| &mut **l as &mut dyn PageLedger);
+            if read_in_place(r, dest, block, first, count, in_place)? {
                 summary.pages += u64::from(count);
                 continue;
             }
             let staged = bounce
-                .get_mut(..len)
+                .get_mut(..count as usize * PAGE)
                 .ok_or(ReceiveError::BadRunLength(count))?;
             r.read_exact(staged)?;
             Some(&*staged)

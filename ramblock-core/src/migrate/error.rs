@@ -82,6 +82,15 @@ pub enum MigrateError<D, W, R> {
     },
     /// A page channel failed ([`crate::migrate::channels`]).
     Channel(ChannelFailure),
+    /// More page channels than a stream header can announce to a
+    /// destination ([`MAX_PAGE_CHANNELS`](crate::stream::format::MAX_PAGE_CHANNELS));
+    /// nothing was sent.
+    TooManyChannels {
+        /// The channels given.
+        count: u32,
+        /// The most a migration may use.
+        max: u32,
+    },
     /// The VMM's device-state sections exceed
     /// [`MigrationHost::device_state_limit`](super::MigrationHost::device_state_limit)
     /// together, or one exceeds [`MAX_SECTION_LEN`](crate::section::MAX_SECTION_LEN)
@@ -104,6 +113,10 @@ impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for Migrate
             MigrateError::DirtyLog(e) => write!(f, "dirty log failed: {e}"),
             MigrateError::Write(e) => write!(f, "sending failed: {e}"),
             MigrateError::Channel(e) => write!(f, "sending failed: {e}"),
+            MigrateError::TooManyChannels { count, max } => write!(
+                f,
+                "{count} page channels asked for, at most {max} can be announced to a destination"
+            ),
             MigrateError::Ack(e) => write!(f, "no acknowledgement from the destination: {e}"),
             MigrateError::Refused(code) => {
                 write!(f, "the destination refused the stream (error code {code})")

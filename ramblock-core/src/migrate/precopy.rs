@@ -34,14 +34,19 @@ use crate::dirty_log::DirtyLogSource;
 use crate::flags::BlockFlags;
 use crate::host::HostMemory;
 use crate::list::RamList;
-use crate::stream::format::{Header, Record, ReturnMessage, MAX_RUN_PAGES};
+use crate::stream::format::{Header, Record, ReturnMessage, MAX_PAGE_CHANNELS, MAX_RUN_PAGES};
 use crate::stream::io::{ByteRead, ByteWrite};
 
 /// Migrates every migratable block of `list` to the receiver at the other
 /// end of `out`, reading its acknowledgement from `ack`. `buf` (one page at
 /// least) bounds the records: a run has at most as many pages as it holds,
 /// up to 64; pages themselves go out in place. In post-copy it holds the
-/// device state. Dirty logging must be on before the call.
+/// device state. Dirty logging must be on before the call. When a write
+/// fails during the live passes, the destination's answer is read first
+/// (as long as the host bounds a handover wait,
+/// [`MigrationHost::handover_wait_ns`]): a destination that refused the
+/// stream and closed is reported as [`MigrateError::Refused`] with its
+/// code, not as the failed write.
 #[allow(clippy::too_many_arguments)]
 pub fn migrate<M, S, const N: usize, D, W, R, H>(
     list: &RamList<'_, M, S, N>,
@@ -68,7 +73,11 @@ where
 /// all of post-copy) on `out`. A host ledger ([`MigrationHost::ledger`])
 /// must be the one the channels record in (a shared
 /// [`Ledger`](crate::checksum::Ledger)); a failed channel fails the
-/// migration and the guest runs on here. `None` is [`migrate`].
+/// migration and the guest runs on here. The header announces the
+/// channels' count ([`Header::channels`]), so the destination knows how
+/// many to accept; more than [`MAX_PAGE_CHANNELS`] is refused
+/// ([`MigrateError::TooManyChannels`]) before anything is sent. `None`,
+/// or channels that count 0, is [`migrate`].
 #[allow(clippy::too_many_arguments)]
 pub fn migrate_with_channels<M, S, const N: usize, D, W, R, H>(
     list: &RamList<'_, M, S, N>,
@@ -90,6 +99,16 @@ where
 {
     if buf.len() < PAGE {
         return Err(MigrateError::BufferTooSmall);
+    }
+    // No channel at all is no channels: pages go on `out`.
+    let channels = channels.filter(|c| c.count() > 0);
+    if let Some(count) = channels.as_ref().map(|c| c.count()) {
+        if count > MAX_PAGE_CHANNELS {
+            return Err(MigrateError::TooManyChannels {
+                count,
+                max: MAX_PAGE_CHANNELS,
+            });
+        }
     }
     let mut engine = Engine {
         list,
@@ -144,50 +163,16 @@ impl<
         let start = self.host.now_ns();
         self.setup()?;
         stats.setup_ns = self.host.now_ns() - start;
-        let mut dirty_found: u64 = self
-            .table
-            .iter()
-            .map(|s| s.used_length >> TARGET_PAGE_SHIFT)
-            .sum();
-        let mut postcopy = self.cfg.postcopy_after == Some(0);
-        while !postcopy {
-            self.begin_pass(stats.passes, dirty_found);
-            if stats.passes == 0 {
-                self.send_untouched()?;
-            }
-            self.send_dirty()?;
-            self.barrier()?;
-            let newly = self.sync()?;
-            let remaining = self.remaining();
-            self.write(Record::Sync {
-                pass: stats.passes,
-                remaining,
-            })?;
-            let remaining_runs = self.remaining_runs();
-            let report = self.end_pass(newly, remaining, remaining_runs);
-            self.last_estimate_ns = report.estimated_ns;
-            stats.add(&report);
-            stats.dirty_rate = report.dirty_rate;
-            dirty_found = remaining;
-            if self.cfg.fits(report.estimated_ns) {
-                break;
-            }
-            let limit = stats.passes >= self.cfg.max_passes;
-            if let Some(after) = self.cfg.postcopy_after {
-                postcopy = limit || stats.passes >= after;
-            } else if limit && self.cfg.downtime_limit_ns == 0 {
-                break;
-            } else if limit {
-                // The limit is a promise: rather than pause the guest for
-                // longer, give up and leave it running here.
-                return Err(MigrateError::DowntimeUnreachable {
-                    estimated_ns: report.estimated_ns,
-                    limit_ns: self.cfg.downtime_limit_ns,
-                    passes: stats.passes,
-                });
-            }
-            self.converge(&report);
-        }
+        let postcopy = match self.precopy_passes(&mut stats) {
+            // A destination that refused the stream (at its header, say)
+            // stops reading and closes, so a write on the main stream
+            // fails: its answer, if it came, says more. (Not after a page
+            // channel failed: the destination may still wait on the main
+            // stream for the next record, and the answer would wait for
+            // it.)
+            Err(e @ MigrateError::Write(_)) => return Err(self.refusal_or(ack, e)),
+            passes => passes?,
+        };
         if postcopy {
             self.postcopy(&mut stats, paused)?;
             stats.total_ns = self.host.now_ns() - start;
@@ -262,6 +247,71 @@ impl<
         Ok(stats)
     }
 
+    /// The live passes, until the estimate fits (or the pass limit, with
+    /// no downtime limit); `true` when post-copy is due instead.
+    fn precopy_passes<E>(
+        &mut self,
+        stats: &mut MigrationStats,
+    ) -> Result<bool, MigrateError<D::Error, W::Error, E>> {
+        let mut dirty_found: u64 = self
+            .table
+            .iter()
+            .map(|s| s.used_length >> TARGET_PAGE_SHIFT)
+            .sum();
+        let mut postcopy = self.cfg.postcopy_after == Some(0);
+        while !postcopy {
+            self.begin_pass(stats.passes, dirty_found);
+            if stats.passes == 0 {
+                self.send_untouched()?;
+            }
+            self.send_dirty()?;
+            self.barrier()?;
+            let newly = self.sync()?;
+            let remaining = self.remaining();
+            self.write(Record::Sync {
+                pass: stats.passes,
+                remaining,
+            })?;
+            let remaining_runs = self.remaining_runs();
+            let report = self.end_pass(newly, remaining, remaining_runs);
+            self.last_estimate_ns = report.estimated_ns;
+            stats.add(&report);
+            stats.dirty_rate = report.dirty_rate;
+            dirty_found = remaining;
+            if self.cfg.fits(report.estimated_ns) {
+                break;
+            }
+            let limit = stats.passes >= self.cfg.max_passes;
+            if let Some(after) = self.cfg.postcopy_after {
+                postcopy = limit || stats.passes >= after;
+            } else if limit && self.cfg.downtime_limit_ns == 0 {
+                break;
+            } else if limit {
+                // The limit is a promise: rather than pause the guest for
+                // longer, give up and leave it running here.
+                return Err(MigrateError::DowntimeUnreachable {
+                    estimated_ns: report.estimated_ns,
+                    limit_ns: self.cfg.downtime_limit_ns,
+                    passes: stats.passes,
+                });
+            }
+            self.converge(&report);
+        }
+        Ok(postcopy)
+    }
+
+    /// `error`, or the destination's refusal if it sent one (waiting for
+    /// it at most as long as for a handover).
+    fn refusal_or<R: ByteRead>(&mut self, ack: &mut R, error: Error<D, W, R>) -> Error<D, W, R> {
+        self.host.handover_wait_ns();
+        match self.wait_ack(ack) {
+            Err(refusal @ (MigrateError::Refused(_) | MigrateError::SectionRefused { .. })) => {
+                refusal
+            }
+            _ => error,
+        }
+    }
+
     /// Reads the destination's answer to the `End` record.
     fn wait_ack<R: ByteRead>(&mut self, ack: &mut R) -> Result<(), Error<D, W, R>> {
         match ReturnMessage::read(ack).map_err(MigrateError::Ack)? {
@@ -319,7 +369,10 @@ impl<
                 });
             }
         }
+        // Bounded by MAX_PAGE_CHANNELS when the engine was made.
+        let channels = self.channels.as_deref().map_or(0, |c| c.count() as u8);
         Header::new(self.table.len() as u32)
+            .with_channels(channels)
             .write(self.out)
             .map_err(MigrateError::Write)?;
         self.write_table()?;

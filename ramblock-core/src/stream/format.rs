@@ -18,6 +18,12 @@ pub const MAGIC: [u8; 8] = *b"RAMBLOCK";
 pub const VERSION: u16 = 2;
 /// Most pages in one `Pages` or `Zero` record.
 pub const MAX_RUN_PAGES: u32 = 64;
+/// Most page channels a migration may announce in its [`Header`]
+/// ([`Header::channels`]): a source refuses to open more, a destination
+/// refuses a header that announces more. Each channel is a connection and
+/// a thread on both sides; measured gains end well below this
+/// (BENCHMARKS.md, "Page channels").
+pub const MAX_PAGE_CHANNELS: u32 = 64;
 /// The receiver's acknowledgement after a good `End` record.
 pub const ACK_OK: [u8; 4] = *b"RBOK";
 /// The receiver's refusal, followed by a u32 error code.
@@ -80,6 +86,12 @@ pub struct Header {
     pub page_shift: u8,
     /// Blocks in the table that follows.
     pub block_count: u32,
+    /// Page channels that carry this stream's pre-copy pages beside it
+    /// (byte 11; 0: none, the pages come on this stream). A destination
+    /// accepts exactly this many channels
+    /// ([`crate::migrate::channels`]). A resume header carries none: its
+    /// byte 11 is written 0 and not read.
+    pub channels: u8,
 }
 
 /// One block-table entry. The name is passed separately (borrowed).
@@ -330,13 +342,20 @@ pub(crate) fn read_u64<R: ByteRead>(r: &mut R) -> Result<u64, ReadError<R::Error
 }
 
 impl Header {
-    /// The header for `block_count` blocks in this version.
+    /// The header for `block_count` blocks in this version, without page
+    /// channels.
     pub fn new(block_count: u32) -> Header {
         Header {
             version: VERSION,
             page_shift: TARGET_PAGE_SHIFT as u8,
             block_count,
+            channels: 0,
         }
+    }
+
+    /// This header, announcing `channels` page channels.
+    pub fn with_channels(self, channels: u8) -> Header {
+        Header { channels, ..self }
     }
 
     /// Writes the header.
@@ -345,13 +364,15 @@ impl Header {
         b[..8].copy_from_slice(&MAGIC);
         b[8..10].copy_from_slice(&self.version.to_le_bytes());
         b[10] = self.page_shift;
+        b[11] = self.channels;
         b[12..16].copy_from_slice(&self.block_count.to_le_bytes());
         w.write_all(&b)
     }
 
     /// Writes the header of a stream resuming a broken post-copy migration:
     /// [`RESUME_MAGIC`], version [`RESUME_VERSION`] (whatever
-    /// `self.version` says), then the destination's `token`.
+    /// `self.version` says), no page channels (whatever `self.channels`
+    /// says: post-copy has none), then the destination's `token`.
     pub fn write_resume<W: ByteWrite>(
         &self,
         token: &ResumeToken,
@@ -373,7 +394,8 @@ impl Header {
 
     /// Reads a new stream's or a resumed stream's header; the flag says
     /// which (`true`: resumed). `Ok(None)` if the magic is neither. A
-    /// resume header's token is not read (see [`ResumeToken::read`]).
+    /// resume header's token is not read (see [`ResumeToken::read`]), nor
+    /// its reserved byte 11 (`channels` is 0).
     pub fn read_either<R: ByteRead>(
         r: &mut R,
     ) -> Result<Option<(Header, bool)>, ReadError<R::Error>> {
@@ -388,6 +410,7 @@ impl Header {
                 version: u16::from_le_bytes([b[8], b[9]]),
                 page_shift: b[10],
                 block_count: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+                channels: if resume { 0 } else { b[11] },
             },
             resume,
         )))
@@ -706,5 +729,37 @@ mod tests {
             Record::read(&mut SliceReader::new(&[1, 0])),
             Err(ReadError::Eof)
         );
+    }
+
+    #[test]
+    fn the_header_announces_page_channels_in_byte_11() {
+        let mut plain = Vec::new();
+        Header::new(2).write(&mut plain).unwrap();
+        let mut announced = Vec::new();
+        let header = Header::new(2).with_channels(4);
+        header.write(&mut announced).unwrap();
+        // Without channels the header is the one sent before byte 11 had a
+        // meaning; with them only byte 11 differs.
+        assert_eq!(plain[11], 0);
+        assert_eq!(announced[11], 4);
+        assert_eq!(
+            (&plain[..11], &plain[12..]),
+            (&announced[..11], &announced[12..])
+        );
+        let read = Header::read(&mut SliceReader::new(&announced)).unwrap();
+        assert_eq!(read, Some(header));
+        // A resume header carries none, whatever it was given, and its
+        // byte 11 is not read.
+        let mut resumed = Vec::new();
+        header
+            .write_resume(&ResumeToken::default(), &mut resumed)
+            .unwrap();
+        assert_eq!(resumed[11], 0);
+        resumed[11] = 9;
+        let (read, resume) = Header::read_either(&mut SliceReader::new(&resumed))
+            .unwrap()
+            .unwrap();
+        assert!(resume);
+        assert_eq!(read.channels, 0);
     }
 }

@@ -132,7 +132,9 @@ impl<H> ChannelsReceived<H> {
 /// `ledger` (the receiver's, if it has one). A channel that ends closes
 /// the gate, so nobody waits for it at a barrier; one that fails also
 /// calls `abort`, which must make `main`'s reads return (shut its
-/// connection down). When `main`
+/// connection down). With no channels (a source that announced none)
+/// `main` runs alone, with a gate of none, which the receiver accepts for
+/// a header that announces none. When `main`
 /// returns, the gate closes and the channels are shut down (after a
 /// verified `End` nothing more may come on them), and their threads are
 /// joined.

@@ -3,7 +3,7 @@
 //! not hold the others back.
 
 use super::shutdown_all;
-use crate::transport::Conn;
+use crate::transport::{Conn, ConnWriter};
 use ramblock_core::addr::ByteLen;
 use ramblock_core::bitmap::Storage;
 use ramblock_core::checksum::{Ledger, PageLedger};
@@ -143,6 +143,10 @@ impl PageChannels for ChannelSender<'_> {
 /// final barrier all they sent is on its way; after a failure a thread
 /// blocked on a dead peer is released). A failed channel fails the
 /// migration through the engine; `f`'s result is returned as it is.
+///
+/// Over TLS, use [`with_page_channels_connecting`]: a channel's
+/// handshake waits for a destination that first waits for the main
+/// stream's header, which `f` only sends.
 pub fn with_page_channels<'l, M, S, const N: usize, T>(
     list: &RamList<'l, M, S, N>,
     ledger: Option<&Ledger>,
@@ -154,26 +158,81 @@ where
     S: Storage,
     RamList<'l, M, S, N>: Sync,
 {
-    let count = u32::try_from(conns.len())
-        .ok()
-        .filter(|&c| c > 0)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no page channels"))?;
+    let count = channel_count(conns.len())?;
     let mut writers = Vec::with_capacity(conns.len());
     for (index, conn) in conns.iter().enumerate() {
-        let mut w = conn.writer()?;
-        ChannelHello {
-            index: index as u32,
-            count,
-        }
-        .write(&mut w)?;
-        w.flush()?;
-        writers.push(w);
+        writers.push(Some(hello(conn, index, count)?));
     }
+    run_channels(list, ledger, count, conns, writers, &|| unreachable!(), f)
+}
+
+/// [`with_page_channels`] with `count` channels that each connect on their
+/// own thread (`connect`, say a [`Connector`](crate::transport::Connector)'s),
+/// while `f` runs, then write their hello: the engine's header goes out
+/// first, so a destination that accepts the main stream before the
+/// channels, and a TLS handshake that needs the destination's answer,
+/// never wait for each other. A channel that cannot connect fails the
+/// migration like one whose connection breaks.
+pub fn with_page_channels_connecting<'l, M, S, const N: usize, T>(
+    list: &RamList<'l, M, S, N>,
+    ledger: Option<&Ledger>,
+    count: u32,
+    connect: &(dyn Fn() -> io::Result<Conn> + Sync),
+    f: impl FnOnce(&mut ChannelSender<'_>) -> T,
+) -> io::Result<T>
+where
+    M: HostMemory,
+    S: Storage,
+    RamList<'l, M, S, N>: Sync,
+{
+    let count = channel_count(count as usize)?;
+    let writers = (0..count).map(|_| None).collect();
+    run_channels(list, ledger, count, Vec::new(), writers, connect, f)
+}
+
+/// The count of `len` channels: 1 at least.
+fn channel_count(len: usize) -> io::Result<u32> {
+    u32::try_from(len)
+        .ok()
+        .filter(|&c| c > 0)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no page channels"))
+}
+
+/// Writes channel `index`'s hello on `conn`; its writer.
+fn hello(conn: &Conn, index: usize, count: u32) -> io::Result<ConnWriter> {
+    let mut w = conn.writer()?;
+    ChannelHello {
+        index: index as u32,
+        count,
+    }
+    .write(&mut w)?;
+    w.flush()?;
+    Ok(w)
+}
+
+/// The channel threads around `f`: channel `i` sends on `writers[i]`, or
+/// (`None`) connects with `connect` first. Every connection, given or made,
+/// is shut down when `f` returns.
+#[allow(clippy::too_many_arguments)]
+fn run_channels<'l, M, S, const N: usize, T>(
+    list: &RamList<'l, M, S, N>,
+    ledger: Option<&Ledger>,
+    count: u32,
+    conns: Vec<Conn>,
+    writers: Vec<Option<ConnWriter>>,
+    connect: &(dyn Fn() -> io::Result<Conn> + Sync),
+    f: impl FnOnce(&mut ChannelSender<'_>) -> T,
+) -> io::Result<T>
+where
+    M: HostMemory,
+    S: Storage,
+    RamList<'l, M, S, N>: Sync,
+{
     let shared = Shared {
         state: Mutex::new(State {
             jobs: VecDeque::new(),
             barrier: None,
-            owed: vec![false; conns.len()],
+            owed: vec![false; writers.len()],
             sent: RunCounts::default(),
             failed: None,
             stop: false,
@@ -181,10 +240,21 @@ where
         work: Condvar::new(),
         progress: Condvar::new(),
     };
+    // Connections made on the threads join the given ones, to be shut down.
+    let conns = Mutex::new(conns);
     Ok(std::thread::scope(|scope| {
         for (index, w) in writers.into_iter().enumerate() {
-            let shared = &shared;
-            scope.spawn(move || channel_thread(list, ledger, shared, index, count, w));
+            let (shared, conns) = (&shared, &conns);
+            scope.spawn(move || {
+                let w = match w {
+                    Some(w) => w,
+                    None => match connected(shared, conns, connect, index, count) {
+                        Some(w) => w,
+                        None => return,
+                    },
+                };
+                channel_thread(list, ledger, shared, index, count, w)
+            });
         }
         let result = f(&mut ChannelSender {
             shared: &shared,
@@ -195,9 +265,38 @@ where
             st.stop = true;
             shared.work.notify_all();
         }
-        shutdown_all(&conns);
+        shutdown_all(conns.lock().unwrap_or_else(|e| e.into_inner()).iter());
         result
     }))
+}
+
+/// Channel `index` connects and says hello; its writer, or `None` when it
+/// failed (the failure is recorded) or the channels stopped meanwhile.
+fn connected(
+    shared: &Shared,
+    conns: &Mutex<Vec<Conn>>,
+    connect: &(dyn Fn() -> io::Result<Conn> + Sync),
+    index: usize,
+    count: u32,
+) -> Option<ConnWriter> {
+    let failed = |e: io::Error| {
+        shared.fail(ChannelFailure {
+            channel: index as u32,
+            what: ChannelFailureKind::Io(e.raw_os_error().unwrap_or(0)),
+        })
+    };
+    let conn = connect().map_err(failed).ok()?;
+    {
+        // Under the list's lock: the stop either comes first (then this
+        // one is shut down here) or shuts it down with the others.
+        let mut all = conns.lock().unwrap_or_else(|e| e.into_inner());
+        if shared.lock().stop {
+            conn.shutdown();
+            return None;
+        }
+        all.push(conn.try_clone().map_err(failed).ok()?);
+    }
+    hello(&conn, index, count).map_err(failed).ok()
 }
 
 /// What a channel thread does next.

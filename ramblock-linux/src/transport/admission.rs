@@ -4,7 +4,9 @@
 use super::conn::Conn;
 use super::error::Refusal;
 use ramblock_core::addr::TARGET_PAGE_SHIFT;
-use ramblock_core::stream::format::{ChannelHello, Header, RESUME_VERSION, VERSION};
+use ramblock_core::stream::format::{
+    ChannelHello, Header, MAX_PAGE_CHANNELS, RESUME_VERSION, VERSION,
+};
 use ramblock_core::stream::io::SliceReader;
 use ramblock_core::stream::resume_token::ResumeToken;
 use std::io::{self, Read};
@@ -81,7 +83,8 @@ fn read_before(
 }
 
 /// Reads and checks the peer's header (and a resume's token); on success
-/// the bytes are put back for the receiver.
+/// the bytes are put back for the receiver, and the page channels the
+/// header announced are noted on `conn` ([`Conn::page_channels`]).
 pub(crate) fn admit(
     conn: &mut Conn,
     expect: &Expect<'_>,
@@ -134,6 +137,12 @@ pub(crate) fn admit(
             page_shift: header.page_shift,
         });
     }
+    if u32::from(header.channels) > MAX_PAGE_CHANNELS {
+        return Err(Refusal::TooManyChannels {
+            announced: header.channels.into(),
+            max: MAX_PAGE_CHANNELS,
+        });
+    }
     let mut len = 16;
     if let Expect::Resume { token, .. } = expect {
         read_before(conn, &mut head[16..], deadline, timeout, 16)?;
@@ -145,5 +154,6 @@ pub(crate) fn admit(
         }
     }
     conn.unread(&head[..len]);
+    conn.set_page_channels(header.channels.into());
     Ok(())
 }

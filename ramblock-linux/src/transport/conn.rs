@@ -37,6 +37,9 @@ pub struct Conn {
     kind: Kind,
     /// Bytes read while admitting the peer, to be read again first.
     prefix: Vec<u8>,
+    /// Page channels the stream header announced (0 unless admitted as a
+    /// new migration's main stream).
+    page_channels: u32,
 }
 
 impl Conn {
@@ -45,6 +48,7 @@ impl Conn {
         Conn {
             kind: Kind::Plain(stream),
             prefix: Vec::new(),
+            page_channels: 0,
         }
     }
 
@@ -53,6 +57,7 @@ impl Conn {
         Conn {
             kind: Kind::Unix(stream),
             prefix: Vec::new(),
+            page_channels: 0,
         }
     }
 
@@ -61,12 +66,32 @@ impl Conn {
         Conn {
             kind: Kind::Tls(stream),
             prefix: Vec::new(),
+            page_channels: 0,
         }
     }
 
     /// Puts bytes already read back in front of the stream.
     pub(crate) fn unread(&mut self, bytes: &[u8]) {
         self.prefix.splice(0..0, bytes.iter().copied());
+    }
+
+    /// How many page channels the source announced in its stream header,
+    /// which the listener read when it admitted this connection
+    /// ([`Listener::accept_migration`](super::Listener::accept_migration)):
+    /// accept exactly that many
+    /// ([`Listener::accept_page_channels`](super::Listener::accept_page_channels))
+    /// and receive them beside this stream ([`crate::channels`]). At most
+    /// [`MAX_PAGE_CHANNELS`](ramblock_core::stream::format::MAX_PAGE_CHANNELS)
+    /// (the listener drops a source that announces more); 0 for a source
+    /// without channels, and for any connection not admitted as a new
+    /// migration's main stream.
+    pub fn page_channels(&self) -> u32 {
+        self.page_channels
+    }
+
+    /// Notes the page channels the admitted header announced.
+    pub(crate) fn set_page_channels(&mut self, count: u32) {
+        self.page_channels = count;
     }
 
     /// Another handle on the same connection (without the prefix, which
@@ -81,6 +106,7 @@ impl Conn {
         Ok(Conn {
             kind,
             prefix: Vec::new(),
+            page_channels: 0,
         })
     }
 

@@ -55,6 +55,15 @@ pub enum Refusal {
         /// The header's log2 of the target page size.
         page_shift: u8,
     },
+    /// A stream header that announces more page channels than a
+    /// destination accepts.
+    #[error("announced {announced} page channels, more than the {max} a destination accepts")]
+    TooManyChannels {
+        /// Channels the header announced.
+        announced: u32,
+        /// [`MAX_PAGE_CHANNELS`](ramblock_core::stream::format::MAX_PAGE_CHANNELS).
+        max: u32,
+    },
     /// A resume header whose token is not the one this destination issued.
     #[error("sent a resume header without the token this destination issued")]
     BadToken,
@@ -129,6 +138,15 @@ pub enum TransportError {
     /// `accept(2)` failed.
     #[error("accept failed: {0}")]
     Accept(io::Error),
+    /// More page channels asked for than a migration may have
+    /// ([`MAX_PAGE_CHANNELS`](ramblock_core::stream::format::MAX_PAGE_CHANNELS)).
+    #[error("{count} page channels asked for, at most {max} may be accepted")]
+    TooManyChannels {
+        /// Channels asked for.
+        count: u32,
+        /// The most there may be.
+        max: u32,
+    },
     /// No source resumed (or connected) in time.
     #[error("no source connected with a valid header within {0:?}")]
     Timeout(Duration),

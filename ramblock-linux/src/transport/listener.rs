@@ -7,7 +7,7 @@ use super::error::{PeerRefused, Refusal, TransportError};
 #[cfg(feature = "tls")]
 use super::tls::TlsConfig;
 use crate::channels::IncomingChannel;
-use ramblock_core::stream::format::ChannelHello;
+use ramblock_core::stream::format::{ChannelHello, MAX_PAGE_CHANNELS};
 use ramblock_core::stream::resume_token::ResumeToken;
 use std::fmt;
 use std::io;
@@ -190,7 +190,12 @@ impl Listener {
 
     /// Waits for the source of a new migration (for ever, or at most
     /// `within`): the first peer that sends a valid stream header owns the
-    /// migration; every other one is dropped and logged.
+    /// migration; every other one is dropped and logged (so is one whose
+    /// header announces more than
+    /// [`MAX_PAGE_CHANNELS`](ramblock_core::stream::format::MAX_PAGE_CHANNELS)
+    /// page channels). The connection says how many page channels its
+    /// header announced ([`Conn::page_channels`]), for
+    /// [`Listener::accept_page_channels`].
     pub fn accept_migration(&self, within: Option<Duration>) -> Result<Conn, TransportError> {
         let deadline = within.map(|w| Instant::now() + w);
         self.accept_until(&Expect::Migration, deadline, within)
@@ -198,15 +203,25 @@ impl Listener {
 
     /// Accepts the `count` page channels of a migration whose main stream
     /// was accepted ([`crate::channels`]), waiting at most `within` in all:
-    /// each must send a [`ChannelHello`](ramblock_core::stream::format::ChannelHello)
+    /// `count` is what the main stream's header announced
+    /// ([`Conn::page_channels`]). Each must send a [`ChannelHello`](ramblock_core::stream::format::ChannelHello)
     /// for `count` channels; a peer that does not, or repeats an index
     /// already taken, is dropped and logged like any other. Returns them in
-    /// channel order, each with the reader its hello was read from.
+    /// channel order, each with the reader its hello was read from (none at
+    /// once for a `count` of 0). More than
+    /// [`MAX_PAGE_CHANNELS`](ramblock_core::stream::format::MAX_PAGE_CHANNELS)
+    /// is [`TransportError::TooManyChannels`].
     pub fn accept_page_channels(
         &self,
         count: u32,
         within: Duration,
     ) -> Result<Vec<IncomingChannel>, TransportError> {
+        if count > MAX_PAGE_CHANNELS {
+            return Err(TransportError::TooManyChannels {
+                count,
+                max: MAX_PAGE_CHANNELS,
+            });
+        }
         let deadline = Instant::now() + within;
         let mut slots: Vec<Option<IncomingChannel>> = (0..count).map(|_| None).collect();
         while slots.iter().any(Option::is_none) {

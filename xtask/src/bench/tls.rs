@@ -150,7 +150,15 @@ fn pass0_mib_s(stderr: &str) -> Option<f64> {
 /// One migration; its pass-0 throughput.
 fn migrate(binary: &Path, size: u64, tls: Option<&[PathBuf; 3]>) -> Result<f64, String> {
     let mut cmd = Command::new(binary);
-    cmd.args(["migrate", "--size", &format!("{}M", size >> 20)]);
+    // One stream on both: the program opens page channels by default, and
+    // this compares the encryption of one stream with none.
+    cmd.args([
+        "migrate",
+        "--size",
+        &format!("{}M", size >> 20),
+        "--channels",
+        "0",
+    ]);
     if let Some([cert, key, ca]) = tls {
         cmd.arg("--tls-cert")
             .arg(cert)

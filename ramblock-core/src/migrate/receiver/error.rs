@@ -210,8 +210,9 @@ pub enum ReceiveError<E, H> {
         /// Target pages of it that had arrived.
         arrived: u64,
     },
-    /// A `Barrier` named another number of page channels than this
-    /// destination accepted (0: it was set up without any).
+    /// The stream's header announced, or a `Barrier` named, another number
+    /// of page channels than this destination accepted (0: it was set up
+    /// without any).
     ChannelCountMismatch {
         /// Channels the source sends on.
         source: u32,

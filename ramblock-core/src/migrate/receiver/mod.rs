@@ -39,7 +39,7 @@ use crate::stream::format::{
     read_u64, Header, Record, TableEntry, DEFAULT_DEVICE_STATE_LIMIT, MAX_RUN_PAGES,
     RESUME_VERSION, VERSION,
 };
-use crate::stream::io::ByteRead;
+use crate::stream::io::{ByteRead, ReadError};
 use crate::stream::resume_token::ResumeToken;
 use core::fmt;
 use placement::Assembly;
@@ -248,8 +248,11 @@ impl<'b> Receiver<'b> {
     /// each, this receiver publishes the block table to `gate` and meets
     /// the channels there at every `Barrier`. A ledger given with
     /// [`Receiver::with_ledger`] must be the one the channels record in (a
-    /// shared [`Ledger`](crate::checksum::Ledger)). Without a gate a stream
-    /// with barriers is refused ([`ReceiveError::ChannelCountMismatch`]).
+    /// shared [`Ledger`](crate::checksum::Ledger)). A new stream's header
+    /// must announce as many channels as the gate has
+    /// ([`Header::channels`]), and one without a gate none; otherwise, and
+    /// for a barrier naming another count, it is refused
+    /// ([`ReceiveError::ChannelCountMismatch`]).
     pub fn with_channels(mut self, gate: &'b dyn ChannelGate) -> Self {
         self.gate = Some(gate);
         self
@@ -301,7 +304,8 @@ impl<'b> Receiver<'b> {
     ) -> Result2<ReceiveSummary, R, M> {
         let token = target.as_deref().and_then(|t| t.resume_token());
         let waiting = self.postcopy.then_some(&self.original);
-        let (table, resumed) = Self::read_table(list, r, token, waiting)?;
+        let channels = self.gate.map_or(0, |g| g.channels());
+        let (table, resumed) = Self::read_table(list, r, token, waiting, channels)?;
         if let Some(ledger) = self.ledger.as_deref_mut() {
             if !resumed {
                 // The ledger is indexed by table position: what an earlier
@@ -429,9 +433,8 @@ impl<'b> Receiver<'b> {
     }
 
     /// Reads a pre-copy `Pages` payload straight into guest memory when the
-    /// transport already holds all of it ([`ByteRead::read_ready_into`]),
-    /// saving the copy through the bounce buffer; `false` when it does not
-    /// (or the run is not inside the block), and the caller stages it.
+    /// transport already holds all of it ([`read_in_place`]); `false` when
+    /// it does not, and the caller stages it.
     fn read_in_place<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
         &mut self,
         list: &RamList<'_, M, S, N>,
@@ -445,18 +448,14 @@ impl<'b> Receiver<'b> {
         let Some(dest) = view.by_name(slot.name.as_str()) else {
             return Ok(false);
         };
-        let len = count as usize * TARGET_PAGE_SIZE as usize;
-        let Ok(pages) = dest.region().subregion(ByteLen::from_pages(first), len) else {
+        let ledger = self
+            .ledger
+            .as_mut()
+            .map(|l| &mut **l as &mut dyn PageLedger);
+        if !read_in_place(r, dest, block, first, count, ledger)? {
             return Ok(false);
-        };
-        if !r.read_ready_into(&pages)? {
-            return Ok(false);
-        }
-        if let Some(ledger) = self.ledger.as_deref_mut() {
-            ledger.record_region(block as usize, first, &pages);
         }
         self.summary.pages += u64::from(count);
-        mark_received(dest, first, count);
         Ok(true)
     }
 
@@ -588,12 +587,14 @@ impl<'b> Receiver<'b> {
     /// table is looked at, so a peer without it changes nothing.
     /// `waiting`: the table of a post-copy waiting to be resumed, which a
     /// resumed stream must repeat exactly (and only a resumed stream may
-    /// come then).
+    /// come then). `channels`: the page channels this receive has (its
+    /// gate's), which a new stream's header must announce.
     fn read_table<R: ByteRead, M: HostMemory, S: Storage, const N: usize>(
         list: &RamList<'_, M, S, N>,
         r: &mut R,
         token: Option<ResumeToken>,
         waiting: Option<&ResumeTable>,
+        channels: u32,
     ) -> Result2<(heapless::Vec<Slot, N>, bool), R, M> {
         let (header, resumed) = Header::read_either(r)?.ok_or(ReceiveError::BadMagic)?;
         let version = if resumed { RESUME_VERSION } else { VERSION };
@@ -602,6 +603,16 @@ impl<'b> Receiver<'b> {
         }
         if u32::from(header.page_shift) != TARGET_PAGE_SHIFT {
             return Err(ReceiveError::TargetPageSizeMismatch(header.page_shift));
+        }
+        // Before anything is resized: a source whose pages travel on
+        // channels this receive does not read (or that sends none where it
+        // waits for some) would leave pages unwritten, or wait for ever.
+        // A resumed stream carries none (post-copy has no channels).
+        if !resumed && u32::from(header.channels) != channels {
+            return Err(ReceiveError::ChannelCountMismatch {
+                source: header.channels.into(),
+                destination: channels,
+            });
         }
         if resumed {
             let carried = ResumeToken::read(r)?;
@@ -730,9 +741,7 @@ impl<'b> Receiver<'b> {
         if block as usize >= table.len() {
             return Err(ReceiveError::BadBlockIndex(block));
         }
-        if count == 0 || count > MAX_RUN_PAGES {
-            return Err(ReceiveError::BadRunLength(count));
-        }
+        check_run_length(count)?;
         Self::check_span(table, block, first, count)
     }
 
@@ -746,22 +755,103 @@ impl<'b> Receiver<'b> {
         let slot = table
             .get(block as usize)
             .ok_or(ReceiveError::BadBlockIndex(block))?;
-        if count == 0 {
-            return Err(ReceiveError::BadRunLength(count));
-        }
-        let end = first
-            .checked_add(u64::from(count))
-            .ok_or(ReceiveError::LengthOverflow)?;
-        if end > slot.used_pages {
-            return Err(ReceiveError::PastUsedLength {
-                name: slot.name.clone(),
-                first,
-                count,
-                used_pages: slot.used_pages,
-            });
-        }
+        check_inside(&slot.name, slot.used_pages, first, count)?;
         Ok(slot)
     }
+}
+
+/// A run record's length: 1..=[`MAX_RUN_PAGES`] pages (the main stream's
+/// and every page channel's runs).
+pub(crate) fn check_run_length<E, H>(count: u32) -> Result<(), ReceiveError<E, H>> {
+    if count == 0 || count > MAX_RUN_PAGES {
+        return Err(ReceiveError::BadRunLength(count));
+    }
+    Ok(())
+}
+
+/// Pages `first..first + count` (at least one) lie inside the used length
+/// of block `name`, `used_pages` pages, without overflow.
+pub(crate) fn check_inside<E, H>(
+    name: &BlockName,
+    used_pages: u64,
+    first: u64,
+    count: u32,
+) -> Result<(), ReceiveError<E, H>> {
+    if count == 0 {
+        return Err(ReceiveError::BadRunLength(count));
+    }
+    let end = first
+        .checked_add(u64::from(count))
+        .ok_or(ReceiveError::LengthOverflow)?;
+    if end > used_pages {
+        return Err(ReceiveError::PastUsedLength {
+            name: name.clone(),
+            first,
+            count,
+            used_pages,
+        });
+    }
+    Ok(())
+}
+
+/// A `Barrier` record of `generation` naming `channels` page channels:
+/// checks it against `gate` (`None`: this receive has no page channels)
+/// and `passed`, the barriers passed so far on this stream or channel,
+/// waits at the gate for every other party, and counts it. The main
+/// stream and every page channel pass their barriers through here.
+pub(crate) fn pass_barrier<E, H>(
+    gate: Option<&dyn ChannelGate>,
+    generation: u32,
+    channels: u32,
+    passed: &mut u32,
+) -> Result<(), ReceiveError<E, H>> {
+    let destination = gate.map_or(0, |g| g.channels());
+    let Some(gate) = gate.filter(|_| channels == destination) else {
+        return Err(ReceiveError::ChannelCountMismatch {
+            source: channels,
+            destination,
+        });
+    };
+    if generation != *passed {
+        return Err(ReceiveError::BarrierOutOfOrder {
+            generation,
+            expected: *passed,
+        });
+    }
+    gate.meet(generation)
+        .map_err(|_| ReceiveError::ChannelFailed)?;
+    *passed += 1;
+    Ok(())
+}
+
+/// Pre-copy: reads a `Pages` payload (pages `first..first + count` of
+/// `dest`, table block `block`, already checked) straight into guest
+/// memory when the transport already holds all of it
+/// ([`ByteRead::read_ready_into`]), saving the copy through a bounce
+/// buffer, then records the pages in `ledger` and marks them received.
+/// `false` when the transport does not hold it whole (or the run is not
+/// inside the block): nothing was read, and the caller stages it. The
+/// main stream and every page channel read in place through here.
+pub(crate) fn read_in_place<R: ByteRead, M: HostMemory, S: Storage>(
+    r: &mut R,
+    dest: &RamBlock<M, S>,
+    block: u32,
+    first: u64,
+    count: u32,
+    ledger: Option<&mut dyn PageLedger>,
+) -> Result<bool, ReadError<R::Error>> {
+    let len = count as usize * TARGET_PAGE_SIZE as usize;
+    let Ok(pages) = dest.region().subregion(ByteLen::from_pages(first), len) else {
+        return Ok(false);
+    };
+    if !r.read_ready_into(&pages)? {
+        return Ok(false);
+    }
+    if let Some(ledger) = ledger {
+        ledger.record_region(block as usize, first, &pages);
+    }
+    mark_received(dest, first, count);
+    Ok(true)
 }
 
 /// Pre-copy: writes pages `first..first + count` of `dest` (table block
@@ -1058,28 +1148,7 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
                 why: "page channels carry pre-copy pages only",
             });
         }
-        let Some(gate) = self.rx.gate else {
-            return Err(ReceiveError::ChannelCountMismatch {
-                source: channels,
-                destination: 0,
-            });
-        };
-        if channels != gate.channels() {
-            return Err(ReceiveError::ChannelCountMismatch {
-                source: channels,
-                destination: gate.channels(),
-            });
-        }
-        if generation != self.rx.barriers {
-            return Err(ReceiveError::BarrierOutOfOrder {
-                generation,
-                expected: self.rx.barriers,
-            });
-        }
-        gate.meet(generation)
-            .map_err(|_| ReceiveError::ChannelFailed)?;
-        self.rx.barriers += 1;
-        Ok(())
+        pass_barrier(self.rx.gate, generation, channels, &mut self.rx.barriers)
     }
 
     /// `End`: verifies every block's checksum (and, after post-copy, that

@@ -67,8 +67,19 @@ pub struct Incoming {
     pub precopy: Option<StartGuest>,
     /// Testing: refuse the device-state section of this name.
     pub refuse_section: Option<String>,
-    /// Pre-copy page channels: where to accept them, and how many.
-    pub channels: Option<(Arc<Listener>, u32)>,
+    /// Pre-copy page channels: where to accept as many as the source's
+    /// header announces (`None`: this destination takes none, and refuses
+    /// a source that announces some).
+    pub channels: Option<Channels>,
+}
+
+/// Where a destination accepts page channels.
+pub struct Channels {
+    /// The listener the main stream came in on.
+    pub listener: Arc<Listener>,
+    /// `--channels` given to `--incoming`: a source announcing another
+    /// count is refused (`ChannelCountMismatch`) rather than received.
+    pub expect: Option<u32>,
 }
 
 /// How long the destination waits for the page channels after the main
@@ -90,6 +101,9 @@ pub struct Received {
     pub guest: Option<Box<dyn Guest>>,
     /// Connections resumed after a break.
     pub resumes: u32,
+    /// Page channels the source announced (and, on success, this side
+    /// received on).
+    pub page_channels: u32,
 }
 
 /// This program's device-state sink: keeps every section (the one VMM
@@ -154,6 +168,8 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
     };
     // A resume must come from the source this migration came from.
     let identity = stream.peer_certificate().map(<[u8]>::to_vec);
+    // What the source's header announced, which the listener read.
+    let announced = stream.page_channels();
     let mut conn = stream;
     let mut resumes = 0;
     let mut receive_stream = |gate: Option<&Gate>| -> Result<_, String> {
@@ -207,11 +223,16 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
             }
         }
     };
-    let result = match &how.channels {
-        None => receive_stream(None)?,
-        Some((listener, count)) => {
+    // Without a listener for channels this side takes none.
+    let expect = how.channels.as_ref().map_or(Some(0), |c| c.expect);
+    let result = match (&how.channels, expect) {
+        // Another count than this side expects: the receiver refuses the
+        // header (ChannelCountMismatch) against a gate of the expected
+        // count, and the source hears why; no channel is accepted.
+        (_, Some(expected)) if expected != announced => receive_stream(Some(&Gate::new(expected)))?,
+        (Some(Channels { listener, .. }), _) if announced > 0 => {
             let channels = listener
-                .accept_page_channels(*count, CHANNEL_ACCEPT_TIMEOUT)
+                .accept_page_channels(announced, CHANNEL_ACCEPT_TIMEOUT)
                 .map_err(|e| format!("cannot accept the page channels: {e}"))?;
             // A failed channel stops the main stream's reads too.
             let main = ret
@@ -243,6 +264,7 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
                 }),
             }
         }
+        _ => receive_stream(None)?,
     };
     let acked = {
         let mut ret = ret.lock().unwrap_or_else(|e| e.into_inner());
@@ -295,5 +317,6 @@ pub fn receive(ram: &'static GuestRam, stream: Conn, how: Incoming) -> Result<Re
         latency,
         guest,
         resumes,
+        page_channels: announced,
     })
 }

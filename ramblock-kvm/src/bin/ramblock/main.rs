@@ -23,7 +23,7 @@ mod tracker;
 mod workload;
 
 use clap::{Parser, Subcommand};
-use destination::{Incoming, StartGuest};
+use destination::{Channels, Incoming, StartGuest};
 use memory::{first_mismatch, guest_ram, GuestRam, Side, RAM_BLOCK};
 use options::{Backing, DirtyLog, MigrateOptions};
 use ramblock_core::dirty_log::SoftwareOnly;
@@ -157,6 +157,9 @@ fn local_update(opts: &MigrateOptions) -> Summary {
         local: true,
         ..Summary::default()
     };
+    if let Err(e) = opts.source_channels() {
+        return failed(summary, e);
+    }
     let unix_path = |addr: &String| {
         addr.strip_prefix("unix:")
             .map(std::path::PathBuf::from)
@@ -370,7 +373,10 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         resume: opts.resume.then(|| listener.clone()),
         precopy: precopy_guest,
         refuse_section: opts.refuse_section.clone(),
-        channels: (opts.channels > 0).then(|| (listener.clone(), opts.channels)),
+        channels: Some(Channels {
+            listener: listener.clone(),
+            expect: opts.channels,
+        }),
     };
     match destination::receive(ram, conn, how) {
         Ok(r) => {
@@ -380,6 +386,7 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
             summary.stats.passes = r.summary.passes;
             summary.fault_latency = r.latency;
             summary.resumes = r.resumes;
+            summary.page_channels = Some(r.page_channels);
             if r.summary.postcopy_pages > 0 || r.summary.discarded > 0 {
                 // This side's view: what it dropped, what it placed after
                 // the guest started here (the source splits the latter into
@@ -442,6 +449,15 @@ fn outgoing(opts: &MigrateOptions) -> Summary {
         backing: backing_name(opts),
         ..Summary::default()
     };
+    // From here on `channels` is the count the source opens.
+    let opts = &match opts.source_channels() {
+        Ok(n) => MigrateOptions {
+            channels: Some(n),
+            ..opts.clone()
+        },
+        Err(e) => return failed(summary, e),
+    };
+    summary.page_channels = opts.channels;
     let ram = match guest_ram(
         opts.size,
         &opts.backing,
@@ -564,7 +580,11 @@ fn run_source(
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let resume = (opts.resume || opts.break_postcopy.is_some()).then(|| listener.clone());
     let refuse_section = opts.refuse_section.clone();
-    let channels = (opts.channels > 0).then(|| (listener.clone(), opts.channels));
+    // As many as the source announces.
+    let channels = Some(Channels {
+        listener: listener.clone(),
+        expect: None,
+    });
     let receiver = std::thread::spawn(move || {
         // Bounded, so a source that never connects cannot leave this
         // thread waiting for ever.

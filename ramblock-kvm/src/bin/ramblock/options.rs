@@ -65,10 +65,14 @@ pub struct MigrateOptions {
     pub lazy_destination: bool,
     /// Pre-copy pages travel on N page channels beside the main stream,
     /// each with a sending thread here and a receiving thread on the
-    /// destination (0: pages on the main stream). Both sides must be given
-    /// the same N.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
-    pub channels: u32,
+    /// destination (0: pages on the main stream). Default: two per CPU of
+    /// this host, at most 8 (ramblock_linux::channels::default_channel_count);
+    /// 0 with --local, --postcopy 0, --zero-copy or over a UNIX socket
+    /// (refused above 0 with --local and --zero-copy). The destination
+    /// accepts as many as the source announces; given to --incoming, N is a
+    /// check (a source announcing another count is refused).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub channels: Option<u32>,
     /// If the connection breaks during post-copy, reconnect and resume
     /// instead of failing (both sides keep their state meanwhile).
     #[arg(long)]
@@ -120,13 +124,40 @@ pub struct MigrateOptions {
     /// waited for). Off by default: on loopback and veth the kernel copies
     /// anyway and it costs more than it saves (BENCHMARKS.md, "Zero-copy
     /// sends"); the summary says how many sends the kernel copied after
-    /// all. Refused over TLS and UNIX sockets, and with --channels (the
-    /// page channels send by copy).
-    #[arg(long, conflicts_with_all = ["incoming", "local", "channels"])]
+    /// all. Refused over TLS and UNIX sockets. Pages then travel on the
+    /// main stream (no page channels by default; --channels N above 0 is
+    /// refused: the page channels send by copy).
+    #[arg(long, conflicts_with_all = ["incoming", "local"])]
     pub zero_copy: bool,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+impl MigrateOptions {
+    /// The page channels a source opens: `--channels`, or the library's
+    /// default for this host where channels apply (none with `--local`,
+    /// whose pages never travel, with `--postcopy 0`, which sends no
+    /// pre-copy page, with `--zero-copy`, which sends on the main stream,
+    /// or to a UNIX socket, where the default stays one stream). An
+    /// explicit count above 0 that cannot apply is refused.
+    pub fn source_channels(&self) -> Result<u32, String> {
+        let unix = self.to.as_deref().is_some_and(|a| a.starts_with("unix:"));
+        match self.channels {
+            Some(n) if n > 0 && self.zero_copy => Err(format!(
+                "--channels {n} with --zero-copy: the page channels send by copy, zero-copy \
+                 sends on the main stream only; leave out --channels (or give --channels 0)"
+            )),
+            Some(n) if n > 0 && self.local => Err(format!(
+                "--channels {n} with --local: a local update moves no pages, so page channels \
+                 have nothing to carry; leave out --channels"
+            )),
+            Some(n) => Ok(n),
+            // Post-copy from the start sends no pre-copy page.
+            None if self.local || self.zero_copy || unix || self.postcopy == Some(0) => Ok(0),
+            None => Ok(ramblock_linux::channels::default_channel_count()),
+        }
+    }
 }
 
 /// Who tracks the guest's writes.
@@ -328,5 +359,46 @@ mod tests {
         );
         assert!(parse_mode("uffd").unwrap_err().contains("uffd-wp"));
         assert_eq!(parse_backing("guest-memfd"), Ok(Backing::GuestMemfd));
+    }
+
+    fn opts(args: &[&str]) -> Result<MigrateOptions, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            migrate: MigrateOptions,
+        }
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("migrate").chain(args.iter().copied()))
+            .map(|c| c.migrate)
+    }
+
+    fn channels(args: &[&str]) -> Result<u32, String> {
+        opts(args).unwrap().source_channels()
+    }
+
+    #[test]
+    fn the_source_opens_the_default_channels_where_they_apply() {
+        let default = ramblock_linux::channels::default_channel_count();
+        assert_eq!(channels(&[]), Ok(default));
+        assert_eq!(channels(&["--to", "tcp:10.0.0.2:4444"]), Ok(default));
+        assert_eq!(channels(&["--channels", "0"]), Ok(0));
+        assert_eq!(channels(&["--channels", "3"]), Ok(3));
+        // Where channels do not apply the default is one stream...
+        assert_eq!(channels(&["--zero-copy", "--to", "tcp:h:1"]), Ok(0));
+        assert_eq!(channels(&["--local"]), Ok(0));
+        assert_eq!(channels(&["--postcopy", "0"]), Ok(0));
+        assert_eq!(channels(&["--postcopy"]), Ok(default));
+        assert_eq!(channels(&["--to", "unix:/tmp/s"]), Ok(0));
+        assert_eq!(channels(&["--to", "unix:/tmp/s", "--channels", "2"]), Ok(2));
+        assert_eq!(channels(&["--zero-copy", "--channels", "0"]), Ok(0));
+        // ... and asking for them there is refused.
+        let e = channels(&["--zero-copy", "--channels", "2"]).unwrap_err();
+        assert!(e.contains("--zero-copy"), "{e}");
+        let e = channels(&["--local", "--channels", "2"]).unwrap_err();
+        assert!(e.contains("--local"), "{e}");
+        let tls = ["--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a"];
+        assert_eq!(channels(&tls), Ok(default));
+        assert!(opts(&["--channels", "65"]).is_err());
+        assert!(opts(&["--zero-copy", "--incoming", "tcp:h:1"]).is_err());
     }
 }

@@ -114,6 +114,9 @@ pub struct Summary {
     /// `--zero-copy`: what the source's writer sent how, and how much the
     /// kernel copied after all.
     pub zero_copy: Option<ZeroCopyStats>,
+    /// Page channels beside the main stream: opened (source) or accepted
+    /// as the source's header announced (destination).
+    pub page_channels: Option<u32>,
 }
 
 impl Summary {
@@ -278,6 +281,9 @@ impl Summary {
         if !self.passes.is_empty() {
             let passes: Vec<String> = self.passes.iter().map(pass_json).collect();
             postcopy.push_str(&format!(",\"pass_reports\":[{}]", passes.join(",")));
+        }
+        if let Some(n) = self.page_channels {
+            postcopy.push_str(&format!(",\"page_channels\":{n}"));
         }
         if let Some(z) = &self.zero_copy {
             postcopy.push_str(&format!(

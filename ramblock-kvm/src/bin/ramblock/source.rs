@@ -17,7 +17,7 @@ use ramblock_core::section::{SectionHeader, SectionName};
 use ramblock_core::stream::io::IoStream;
 use ramblock_core::stream::received_map::{read_received_map, scratch_words};
 use ramblock_core::stream::resume_token::ResumeToken;
-use ramblock_linux::channels::with_page_channels;
+use ramblock_linux::channels::with_page_channels_connecting;
 use ramblock_linux::transport::{Conn, Connector};
 use ramblock_linux::zero_copy::ZeroCopyStats;
 use std::ops::Range;
@@ -190,12 +190,8 @@ pub fn send<D: DirtyLogSource>(
     let mut ack = link.ack_reader()?;
     let mut device_state = Vec::new();
     let ledger = ledger_for(ram);
-    // Page channels connect after the main stream, which the destination
-    // accepts first.
-    let channels = (0..opts.channels)
-        .map(|_| connector.connect())
-        .collect::<Result<Vec<Conn>, _>>()
-        .map_err(|e| format!("cannot open a page channel: {e}"))?;
+    // `outgoing` resolved the count (the default where it was not given).
+    let channels = opts.channels.unwrap_or(0);
     let mut host = ProgramHost {
         ram,
         guest,
@@ -221,10 +217,14 @@ pub fn send<D: DirtyLogSource>(
             ram, source, &mut out, &mut ack, &mut host, cfg, &mut buf, channels,
         )
     };
-    let result = if channels.is_empty() {
+    // Each channel connects on its own thread while the engine sends the
+    // header: the destination accepts the main stream first, and over TLS
+    // a channel's handshake waits for that.
+    let connect = || connector.connect().map_err(std::io::Error::other);
+    let result = if channels == 0 {
         run(None)
     } else {
-        with_page_channels(ram, Some(&ledger), channels, |ch| run(Some(ch)))
+        with_page_channels_connecting(ram, Some(&ledger), channels, &connect, |ch| run(Some(ch)))
             .map_err(|e| format!("cannot start the page channels: {e}"))?
     };
     let pass0_bandwidth = host.pass0_bandwidth;

@@ -17,7 +17,7 @@ use std::time::Duration;
 pub const MAX_CHANNELS: u32 = 16;
 
 /// How ramblock sends: on its one stream, or with page channels beside it
-/// (`ramblock migrate --channels N`, given to both sides).
+/// (`ramblock migrate --channels N`, always given, 0 for the one stream).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Page channels beside the main stream; 0: pages on the main stream.
@@ -65,8 +65,9 @@ impl Config {
 /// `prep` says. On loopback the destination runs in the same process; over
 /// a shaped link it is a second process (`--incoming`) in the
 /// destination's namespace, and the source's summary counts only when the
-/// destination's says it received and checked everything too. Page
-/// channels are asked of both processes alike, as they must be.
+/// destination's says it received and checked everything too. The page
+/// channel count is always given (0 for the one stream, whatever the
+/// program's default), to both processes alike.
 pub fn migrate(
     binary: &Path,
     size: u64,
@@ -87,10 +88,11 @@ pub fn migrate(
         format!("--size={}M", size >> 20),
         format!("--downtime-ms={}", super::qemu::DOWNTIME_LIMIT_MS),
     ];
-    if config.channels > 0 {
-        // In `args`, which both processes of a shaped link get.
-        args.push(format!("--channels={}", config.channels));
-    }
+    // Always, 0 too: the program's default is the host's count, and the
+    // `stream` column measures the one stream. In `args`, which both
+    // processes of a shaped link get (the destination takes the count
+    // from the source's header; given to it, it is a check).
+    args.push(format!("--channels={}", config.channels));
     // Migration, warm-up and the byte-for-byte check all count against the
     // timeout here; QEMU's clock starts at `migrate`, so this is generous to
     // QEMU, never to ramblock.

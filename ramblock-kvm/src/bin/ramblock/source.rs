@@ -62,6 +62,8 @@ impl MigrationHost for ProgramHost<'_> {
         self.guest.set_throttle(percent);
     }
     fn unsent_bytes(&mut self) -> u64 {
+        // The main stream's queue only: the page channels' sockets belong
+        // to their threads (their queues are not counted yet).
         self.link.unsent_bytes()
     }
     fn ledger(&mut self) -> Option<&mut dyn PageLedger> {

@@ -17,8 +17,9 @@ use ramblock_core::bitmap::{MigrationBitmap, Owned};
 use ramblock_core::block::BlockSpec;
 use ramblock_core::dirty_log::{BlockInfo, DirtyLogSource};
 use ramblock_core::list::RamList;
+use ramblock_core::migrate::channels::{ChannelFailure, PageChannels, RunCounts};
 use ramblock_core::migrate::{
-    migrate, MigrateError, MigrationHost, MigrationStats, PassReport, PrecopyConfig,
+    migrate_with_channels, MigrateError, MigrationHost, MigrationStats, PassReport, PrecopyConfig,
 };
 use ramblock_core::name::BlockName;
 use ramblock_core::region::HostRegion;
@@ -168,6 +169,37 @@ impl MigrationHost for Host {
     }
 }
 
+/// One modelled page channel: a run costs its bytes at the wire's rate on
+/// the same clock, and it always holds `held_back` bytes not yet taken.
+struct Channels {
+    clock: Rc<Cell<u64>>,
+    ns_per_byte: u64,
+    held_back: u64,
+    sent: RunCounts,
+}
+
+impl PageChannels for Channels {
+    fn count(&self) -> u32 {
+        1
+    }
+    fn send(&mut self, _: u32, _: &BlockName, _: u64, count: u32) -> Result<(), ChannelFailure> {
+        let bytes = u64::from(count) * PAGE;
+        self.clock.set(self.clock.get() + bytes * self.ns_per_byte);
+        self.sent.add(RunCounts {
+            bytes,
+            pages: u64::from(count),
+            zero_pages: 0,
+        });
+        Ok(())
+    }
+    fn barrier(&mut self, _: u32) -> Result<RunCounts, ChannelFailure> {
+        Ok(std::mem::take(&mut self.sent))
+    }
+    fn unsent_bytes(&self) -> u64 {
+        self.held_back
+    }
+}
+
 struct Run {
     result: Result<MigrationStats, String>,
     host: Host,
@@ -183,6 +215,8 @@ struct Model {
     ns_per_write: u64,
     harvest_ns: u64,
     backlog: u64,
+    /// With page channels: the bytes they hold back (else no channels).
+    channel_backlog: Option<u64>,
     shapes: Vec<Shape>,
 }
 
@@ -199,6 +233,7 @@ impl Model {
             ns_per_write: 0,
             harvest_ns,
             backlog: 0,
+            channel_backlog: None,
             shapes: vec![Shape {
                 pages: dirty_per_pass,
                 run_len: 1,
@@ -250,7 +285,13 @@ impl Model {
         ack_bytes[8..12].copy_from_slice(&RUNNING);
         let mut ack = SliceReader::new(&ack_bytes);
         let mut buf = vec![0u8; 64 * PAGE as usize];
-        let result = migrate(
+        let mut channels = self.channel_backlog.map(|held_back| Channels {
+            clock: host.clock.clone(),
+            ns_per_byte: self.ns_per_byte,
+            held_back,
+            sent: RunCounts::default(),
+        });
+        let result = migrate_with_channels(
             list,
             &mut source,
             &mut wire,
@@ -258,6 +299,7 @@ impl Model {
             &mut host,
             cfg,
             &mut buf,
+            channels.as_mut().map(|c| c as &mut dyn PageChannels),
         )
         .map_err(|e| e.to_string());
         Run { result, host }
@@ -397,6 +439,31 @@ fn bytes_still_queued_at_the_pause_count_in_the_estimate() {
     assert_eq!(parts, stats.downtime_ns, "{p:?}");
     assert_eq!(p.harvest_ns, MS, "{p:?}");
     assert!(p.send_ns >= (100 + 900) * PAGE * 64, "{p:?}");
+}
+
+#[test]
+fn bytes_the_page_channels_hold_back_count_in_the_estimate() {
+    // As above, with the pages on a page channel that still holds 300
+    // pages' worth when each pass ends: the pause would wait for them, so
+    // the guest is not paused; with 100 pages held back it fits.
+    let mut model = Model::new(64, MS, 900);
+    model.channel_backlog = Some(300 * PAGE);
+    let r = model.run(limit(300, 4));
+    assert!(
+        matches!(&r.result, Err(e) if e.contains("after 4 passes")),
+        "{:?}",
+        r.result
+    );
+    assert_eq!(r.host.paused_at, None, "the guest was paused");
+    let report = r.host.reports[1];
+    assert_eq!(report.unsent_bytes, 300 * PAGE);
+    assert!(report.estimated_ns > 300 * MS, "{report:?}");
+    // The main stream's queue and the channels' add up.
+    model.backlog = 50 * PAGE;
+    model.channel_backlog = Some(50 * PAGE);
+    let stats = model.run(limit(300, 4)).result.unwrap();
+    assert_eq!(stats.pause.backlog_bytes, 100 * PAGE);
+    assert!(stats.downtime_ns <= 300 * MS, "{stats:?}");
 }
 
 #[test]

@@ -751,3 +751,125 @@ fn a_source_refused_at_its_header_reports_the_destinations_code() {
         "the source guest runs on"
     );
 }
+
+/// Bytes waiting in `fd`'s receive queue (`FIONREAD`): what the peer sent
+/// that nobody read yet.
+fn waiting_to_be_read(fd: &std::net::TcpStream) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to a live local.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(r, 0, "FIONREAD");
+    n.max(0) as u64
+}
+
+fn small_buffer(fd: &std::net::TcpStream, option: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    let bytes: libc::c_int = 16 << 10;
+    // SAFETY: setsockopt reads one c_int from a live local.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "setsockopt");
+}
+
+#[test]
+fn the_channels_count_the_bytes_they_hold_back() {
+    use ramblock_core::migrate::channels::PageChannels;
+    use std::io::Read;
+    // One channel to a peer that does not read yet, with small socket
+    // buffers: the channel's thread blocks inside its first run of 64
+    // pages and the other eight stay queued. What the channels say they
+    // hold back, plus what waits unread at the peer, is what was handed to
+    // them, less what the blocked thread has not written yet; once the peer
+    // reads everything, nothing is held back.
+    let list = List::new();
+    add(&list, "pc.ram", 1024);
+    let view = list.read();
+    let block = view.by_name("pc.ram").unwrap();
+    block
+        .region()
+        .fill(ByteLen::ZERO, 1024 * PAGE as usize, 0x5a)
+        .unwrap();
+    drop(view);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    small_buffer(&client, libc::SO_SNDBUF);
+    let (peer, _) = listener.accept().unwrap();
+    small_buffer(&peer, libc::SO_RCVBUF);
+    let name = BlockName::new("pc.ram").unwrap();
+    let (runs, run_pages) = (9u64, 64u32);
+    let run_bytes = Record::Pages {
+        block: 0,
+        first: 0,
+        count: run_pages,
+    }
+    .wire_len() as u64
+        + u64::from(run_pages) * PAGE;
+    let barrier_bytes = Record::Barrier {
+        generation: 0,
+        channels: 1,
+    }
+    .wire_len() as u64;
+    let handed = ramblock_core::stream::format::ChannelHello::LEN as u64 + runs * run_bytes;
+    // The peer reads only when told: until then nothing is read.
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let mut peer_reader = peer.try_clone().unwrap();
+    let read_all = std::thread::spawn(move || {
+        let _ = wait.recv();
+        let mut all = Vec::new();
+        peer_reader.read_to_end(&mut all).map(|_| all.len() as u64)
+    });
+    let ledger = Ledger::new();
+    let got = with_page_channels(&list, Some(&ledger), vec![Conn::plain(client)], |ch| {
+        for k in 0..runs {
+            ch.send(0, &name, k * u64::from(run_pages), run_pages)
+                .unwrap();
+        }
+        // Settled: the blocked thread writes nothing more.
+        let mut last = (u64::MAX, u64::MAX);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let held = loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = (ch.unsent_bytes(), waiting_to_be_read(&peer));
+            if now == last || Instant::now() > deadline {
+                break now;
+            }
+            last = now;
+        };
+        go.send(()).unwrap();
+        // The peer reads everything: after the barrier every byte went out,
+        // and once the peer has it all nothing is held back.
+        ch.barrier(0).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ch.unsent_bytes() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (held, ch.unsent_bytes())
+    })
+    .unwrap();
+    // Checked here, not inside: a failed check there would leave the
+    // channel's thread blocked on a peer that never reads.
+    let (held, after) = got;
+    let (unsent, unread) = held;
+    assert!(
+        unsent >= (runs - 1) * u64::from(run_pages) * PAGE,
+        "the eight queued runs are held back: {unsent}"
+    );
+    assert!(
+        unsent + unread <= handed,
+        "nothing counted twice: {unsent} + {unread} > {handed}"
+    );
+    assert!(
+        unsent + unread + run_bytes >= handed,
+        "only the blocked run's unwritten part is missing: {unsent} + {unread} of {handed}"
+    );
+    assert_eq!(after, 0, "bytes still held back after the peer read all");
+    assert_eq!(read_all.join().unwrap().unwrap(), handed + barrier_bytes);
+}

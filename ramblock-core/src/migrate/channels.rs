@@ -158,6 +158,15 @@ pub trait PageChannels {
     /// its bytes out. Returns what the channels sent since the last
     /// barrier.
     fn barrier(&mut self, generation: u32) -> Result<RunCounts, ChannelFailure>;
+    /// Bytes handed to the channels that the destination has not taken
+    /// yet: runs still queued and what sits in the channels' socket send
+    /// queues. The pause waits for them as for the main stream's
+    /// ([`MigrationHost::unsent_bytes`](super::MigrationHost::unsent_bytes)),
+    /// so the estimate of the pause counts both. The default, 0, suits
+    /// channels that hold nothing back.
+    fn unsent_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// A page channel failed; the migration fails with it and the guest keeps

@@ -262,7 +262,7 @@ impl<
                 ns_per_run: None,
             }
         });
-        r.unsent_bytes = self.host.unsent_bytes();
+        r.unsent_bytes = self.unsent_bytes();
         r.estimated_ns = if remaining == 0 {
             0
         } else {
@@ -273,6 +273,13 @@ impl<
         };
         self.host.pass_done(&r);
         r
+    }
+
+    /// Bytes written that the destination has not taken yet, on the main
+    /// stream and on the page channels: a pause waits for all of them.
+    pub(super) fn unsent_bytes(&mut self) -> u64 {
+        let channels = self.channels.as_deref().map_or(0, |c| c.unsent_bytes());
+        self.host.unsent_bytes().saturating_add(channels)
     }
 
     /// Tells the host how far the pass in progress is.

@@ -181,7 +181,7 @@ impl<
         }
 
         // Switch-over.
-        let backlog_bytes = self.host.unsent_bytes();
+        let backlog_bytes = self.unsent_bytes();
         let pause_start = self.host.now_ns();
         self.host.pause_guest();
         *paused = true;

@@ -30,7 +30,10 @@ pub struct PassReport {
     /// estimate uses (0 when the pass sent too little to measure).
     pub slowest_bandwidth: f64,
     /// Bytes written that had not reached the destination when the pass
-    /// ended ([`MigrationHost::unsent_bytes`](super::MigrationHost::unsent_bytes)).
+    /// ended, on the main stream
+    /// ([`MigrationHost::unsent_bytes`](super::MigrationHost::unsent_bytes))
+    /// and the page channels
+    /// ([`PageChannels::unsent_bytes`](super::channels::PageChannels::unsent_bytes)).
     pub unsent_bytes: u64,
     /// Estimated pause if the switch-over came now, in nanoseconds: one
     /// more harvest, then `unsent_bytes`, then `remaining` pages in
@@ -84,10 +87,13 @@ pub struct PauseReport {
     /// [`PassReport::estimated_ns`]), ns.
     pub estimated_ns: u64,
     /// Bytes written before the pause that had not reached the
-    /// destination when it began ([`MigrationHost::unsent_bytes`]); the
-    /// pause waits for them before its own.
+    /// destination when it began, on the main stream
+    /// ([`MigrationHost::unsent_bytes`]) and the page channels
+    /// ([`PageChannels::unsent_bytes`]); the pause waits for them before
+    /// its own.
     ///
     /// [`MigrationHost::unsent_bytes`]: super::MigrationHost::unsent_bytes
+    /// [`PageChannels::unsent_bytes`]: super::channels::PageChannels::unsent_bytes
     pub backlog_bytes: u64,
     /// Stopping the vCPUs, ns.
     pub stop_ns: u64,

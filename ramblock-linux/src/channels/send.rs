@@ -88,6 +88,9 @@ impl Shared {
 pub struct ChannelSender<'s> {
     shared: &'s Shared,
     count: u32,
+    /// Every channel's connection (those connected so far), for their send
+    /// queues.
+    conns: &'s Mutex<Vec<Conn>>,
 }
 
 impl std::fmt::Debug for ChannelSender<'_> {
@@ -130,6 +133,15 @@ impl PageChannels for ChannelSender<'_> {
         let mut st = self.shared.wait_for(|st| st.owed.iter().all(|o| !o))?;
         st.barrier = None;
         Ok(std::mem::take(&mut st.sent))
+    }
+
+    fn unsent_bytes(&self) -> u64 {
+        let page = ramblock_core::addr::TARGET_PAGE_SIZE;
+        let queued: u64 = (self.shared.lock().jobs.iter())
+            .map(|job| u64::from(job.count) * page)
+            .sum();
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        queued + conns.iter().map(Conn::unsent_bytes).sum::<u64>()
     }
 }
 
@@ -259,6 +271,7 @@ where
         let result = f(&mut ChannelSender {
             shared: &shared,
             count,
+            conns: &conns,
         });
         {
             let mut st = shared.lock();

@@ -14,7 +14,7 @@ use ramblock_core::stream::io::IoStream;
 use ramblock_core::stream::io::{ByteRead, ByteWrite, ReadError};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -128,6 +128,22 @@ impl Conn {
             Kind::Unix(s) => s.as_fd(),
             #[cfg(feature = "tls")]
             Kind::Tls(s) => s.tcp().as_fd(),
+        }
+    }
+
+    /// Bytes written on the connection that the peer has not taken yet:
+    /// the socket's send queue (`SIOCOUTQ`: on TCP not yet acknowledged, on
+    /// a UNIX socket not yet read; over TLS the encrypted bytes, so a little
+    /// more than the plaintext); 0 if the kernel cannot say.
+    pub fn unsent_bytes(&self) -> u64 {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int, to a live local,
+        // about a descriptor this connection keeps open.
+        let r = unsafe { libc::ioctl(self.socket().as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        if r == 0 {
+            queued.max(0) as u64
+        } else {
+            0
         }
     }
 

@@ -213,7 +213,7 @@ impl Link {
     /// Bytes written on the connection that the peer has not taken yet:
     /// the socket's send queue (`SIOCOUTQ`; 0 if the kernel cannot say).
     pub fn unsent_bytes(&self) -> u64 {
-        send_queue(self.current.borrow().stream.socket())
+        self.current.borrow().stream.unsent_bytes()
     }
 
     /// Bounds the next reads of the acknowledgement (the handover wait).
@@ -353,21 +353,6 @@ impl Link {
 /// costs latency).
 pub fn set_send_buffer(stream: BorrowedFd<'_>, bytes: usize) {
     set_buffer(stream, libc::SO_SNDBUF, bytes);
-}
-
-/// The bytes in `stream`'s send queue: written, not yet acknowledged by
-/// the peer (TCP) or not yet read by it (UNIX); 0 if the kernel cannot
-/// say.
-pub fn send_queue(stream: BorrowedFd<'_>) -> u64 {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int, to a live local, about
-    // a descriptor `stream` keeps open.
-    let r = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
-    if r == 0 {
-        queued.max(0) as u64
-    } else {
-        0
-    }
 }
 
 /// Caps the kernel's receive buffer of `stream`, likewise.

@@ -62,8 +62,7 @@ impl MigrationHost for ProgramHost<'_> {
         self.guest.set_throttle(percent);
     }
     fn unsent_bytes(&mut self) -> u64 {
-        // The main stream's queue only: the page channels' sockets belong
-        // to their threads (their queues are not counted yet).
+        // The main stream's queue; the engine adds the page channels'.
         self.link.unsent_bytes()
     }
     fn ledger(&mut self) -> Option<&mut dyn PageLedger> {

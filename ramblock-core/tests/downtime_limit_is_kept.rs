@@ -312,6 +312,17 @@ fn run(ns_per_byte: u64, harvest_ns: u64, dirty_per_pass: u64, cfg: PrecopyConfi
     Model::new(ns_per_byte, harvest_ns, dirty_per_pass).run(cfg)
 }
 
+/// The migration gave up after `passes` passes without pausing the guest.
+fn gave_up_with_the_guest_running(r: &Run, passes: u32) {
+    let after = format!("after {passes} passes");
+    assert!(
+        matches!(&r.result, Err(e) if e.contains(&after)),
+        "{:?}",
+        r.result
+    );
+    assert_eq!(r.host.paused_at, None, "the guest was paused");
+}
+
 fn limit(ms: u64, max_passes: u32) -> PrecopyConfig {
     PrecopyConfig {
         downtime_limit_ns: ms * MS,
@@ -405,12 +416,7 @@ fn bytes_still_queued_at_the_pause_count_in_the_estimate() {
     let mut model = Model::new(64, MS, 900);
     model.backlog = 300 * PAGE;
     let r = model.run(limit(300, 4));
-    assert!(
-        matches!(&r.result, Err(e) if e.contains("after 4 passes")),
-        "{:?}",
-        r.result
-    );
-    assert_eq!(r.host.paused_at, None, "the guest was paused");
+    gave_up_with_the_guest_running(&r, 4);
     let report = r.host.reports[1];
     assert_eq!(report.unsent_bytes, 300 * PAGE);
     // Harvest, then the queued bytes, then the pages (with their
@@ -449,12 +455,7 @@ fn bytes_the_page_channels_hold_back_count_in_the_estimate() {
     let mut model = Model::new(64, MS, 900);
     model.channel_backlog = Some(300 * PAGE);
     let r = model.run(limit(300, 4));
-    assert!(
-        matches!(&r.result, Err(e) if e.contains("after 4 passes")),
-        "{:?}",
-        r.result
-    );
-    assert_eq!(r.host.paused_at, None, "the guest was paused");
+    gave_up_with_the_guest_running(&r, 4);
     let report = r.host.reports[1];
     assert_eq!(report.unsent_bytes, 300 * PAGE);
     assert!(report.estimated_ns > 300 * MS, "{report:?}");

@@ -66,20 +66,31 @@ fn live_save_then_restore(backing: &str) {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("live.snap");
     let p = path.to_str().unwrap();
-    let saved = snapshot(&[
-        "save",
-        p,
-        "--live",
-        "--compare-paused",
-        "--size",
-        SIZE,
-        "--backing",
-        backing,
-        "--rate-window-ms",
-        "200",
-    ]);
-    let json = ok(&saved, &format!("live save ({backing})"));
-    println!("{backing} live save: {json}");
+    // Whether the guest reaches a page the saver has not copied yet, and
+    // runs during the save at all, depends on scheduling (on a loaded
+    // 2-core host the vCPU thread may not run before the saver is done):
+    // a save that saw neither is repeated, up to three times. Every save
+    // must verify.
+    let mut json = String::new();
+    for attempt in 1..=3 {
+        let saved = snapshot(&[
+            "save",
+            p,
+            "--live",
+            "--compare-paused",
+            "--size",
+            SIZE,
+            "--backing",
+            backing,
+            "--rate-window-ms",
+            "200",
+        ]);
+        json = ok(&saved, &format!("live save ({backing})"));
+        println!("{backing} live save, attempt {attempt}: {json}");
+        if num(&json, "faults") >= 1.0 && num(&json, "loops_per_s_during") > 0.0 {
+            break;
+        }
+    }
     assert_eq!(field(&json, "live"), "true");
     // The guest wrote to pages not yet saved and was stopped for them.
     assert!(num(&json, "faults") >= 1.0, "{json}");

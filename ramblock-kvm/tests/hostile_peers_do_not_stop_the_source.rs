@@ -117,6 +117,67 @@ fn garbage_silent_scanning_and_hijacking_peers_do_not_stop_the_source() {
     drop((garbage, silent, hijacker));
 }
 
+/// A destination that accepts every connection and then, with `drain`,
+/// reads all it is sent and never answers, or without, reads nothing.
+fn mute_destination(drain: bool) -> (String, Arc<AtomicBool>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("tcp:{}", listener.local_addr().unwrap());
+    let done = Arc::new(AtomicBool::new(false));
+    let stop = done.clone();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let Ok((mut conn, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            conn.set_nonblocking(false).unwrap();
+            if drain {
+                std::thread::spawn(move || std::io::copy(&mut conn, &mut std::io::sink()));
+            } else {
+                held.push(conn);
+            }
+        }
+    });
+    (endpoint, done)
+}
+
+#[test]
+fn a_destination_that_stops_reading_or_never_answers_fails_the_source_in_time() {
+    for (drain, says) in [
+        (false, "stopped reading"),
+        (true, "sent nothing for the connection's whole read timeout"),
+    ] {
+        let (endpoint, done) = mute_destination(drain);
+        let started = Instant::now();
+        let out = Running::start(&[
+            "--to",
+            &endpoint,
+            "--size",
+            "256M",
+            "--peer-timeout-ms",
+            "1000",
+        ])
+        .finish();
+        let took = started.elapsed();
+        done.store(true, Ordering::SeqCst);
+        let (s, s_err) = texts(&out);
+        assert!(!out.status.success(), "{s}\n{s_err}");
+        let error = field(&s, "error");
+        assert!(error.contains(says), "drain {drain}: {error}");
+        assert!(
+            error.contains("the source guest is still running"),
+            "{error}"
+        );
+        // Well inside LIMIT (which kills the child): the timeout ended it.
+        assert!(
+            took < Duration::from_secs(45),
+            "drain {drain}: took {took:?}"
+        );
+    }
+}
+
 /// A CA and PEM files for it in a fresh directory.
 struct Pki {
     dir: PathBuf,

@@ -87,7 +87,7 @@ impl<T: Write + AsFd> FdWriter<T> {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(e);
+                return Err(stalled(e));
             }
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
@@ -103,6 +103,34 @@ impl<T: Write + AsFd> FdWriter<T> {
     }
 }
 
+/// `EAGAIN` from a blocking descriptor is its write timeout
+/// (`SO_SNDTIMEO`) passing with no byte taken: the peer stopped reading.
+/// Said so, as `ErrorKind::TimedOut`; any other error as it is.
+pub(crate) fn stalled(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer took no bytes for the connection's whole write timeout (it stopped reading)",
+        )
+    } else {
+        e
+    }
+}
+
+/// `EAGAIN` from a blocking descriptor's read is its read timeout
+/// (`SO_RCVTIMEO`) passing with no byte come: the peer went silent. Said
+/// so, as `ErrorKind::TimedOut`; any other error as it is.
+pub(crate) fn silent(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer sent nothing for the connection's whole read timeout",
+        )
+    } else {
+        e
+    }
+}
+
 impl<T: Write + AsFd> ByteWrite for FdWriter<T> {
     type Error = io::Error;
 
@@ -111,7 +139,7 @@ impl<T: Write + AsFd> ByteWrite for FdWriter<T> {
             self.flush()?;
         }
         if buf.len() >= QUEUE_BYTES {
-            return self.inner.write_all(buf);
+            return self.inner.write_all(buf).map_err(stalled);
         }
         self.queued.extend_from_slice(buf);
         Ok(())
@@ -175,7 +203,7 @@ impl<T: Read + AsFd> FdReader<T> {
 fn eof_or_io(e: io::Error) -> ReadError<io::Error> {
     match e.kind() {
         io::ErrorKind::UnexpectedEof => ReadError::Eof,
-        _ => ReadError::Io(e),
+        _ => ReadError::Io(silent(e)),
     }
 }
 
@@ -197,7 +225,7 @@ impl<T: Read + AsFd> ByteRead for FdReader<T> {
                 Ok(0) => return Err(ReadError::Eof),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(ReadError::Io(e)),
+                Err(e) => return Err(ReadError::Io(silent(e))),
             };
             let take = n.min(want);
             buf[done..done + take].copy_from_slice(&self.ahead[..take]);
@@ -236,7 +264,7 @@ impl<T: Read + AsFd> ByteRead for FdReader<T> {
                 n if n < 0 => {
                     let e = io::Error::last_os_error();
                     if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(ReadError::Io(e));
+                        return Err(ReadError::Io(silent(e)));
                     }
                 }
                 n => at += n as usize,

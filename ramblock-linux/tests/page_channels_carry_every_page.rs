@@ -14,7 +14,7 @@ use ramblock_core::checksum::{Ledger, PageLedger};
 use ramblock_core::dirty_log::SoftwareOnly;
 use ramblock_core::flags::BlockFlags;
 use ramblock_core::list::RamList;
-use ramblock_core::migrate::channels::{receive_channel, ChannelGate};
+use ramblock_core::migrate::channels::{receive_channel, ChannelFailureKind, ChannelGate};
 use ramblock_core::migrate::receiver::{send_ack, ReceiveSummary, Receiver, BOUNCE_BYTES};
 use ramblock_core::migrate::{
     migrate_with_channels, MigrateError, MigrationHost, MigrationStats, PassReport, PrecopyConfig,
@@ -146,7 +146,7 @@ type Sent =
 
 /// The source: main stream and channels to `addr`, migrating `src`.
 fn send(src: &List, vm: &Vm, addr: &str, cfg: PrecopyConfig) -> (Sent, Vec<PassReport>) {
-    send_with(src, vm, addr, cfg, false)
+    send_with(src, vm, &Connector::new(addr), cfg, false)
 }
 
 /// [`send`], the channels connected before the migration, or (`connecting`)
@@ -154,12 +154,14 @@ fn send(src: &List, vm: &Vm, addr: &str, cfg: PrecopyConfig) -> (Sent, Vec<PassR
 fn send_with(
     src: &List,
     vm: &Vm,
-    addr: &str,
+    connector: &Connector,
     cfg: PrecopyConfig,
     connecting: bool,
 ) -> (Sent, Vec<PassReport>) {
-    let connector = Connector::new(addr);
     let main = connector.connect().unwrap();
+    // The acknowledgement is waited for at most as long as a write.
+    main.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let ledger = Ledger::new();
     let mut host = Host {
         vm,
@@ -274,7 +276,7 @@ fn four_channels_carry(connecting: bool) {
     let (sent, passes, at_switch, received) = std::thread::scope(|s| {
         s.spawn(|| writer(&src, &vm, &stop));
         let rx = s.spawn(|| receive(&dst, &listener, None));
-        let (sent, passes) = send_with(&src, &vm, &addr, cfg, connecting);
+        let (sent, passes) = send_with(&src, &vm, &Connector::new(&addr), cfg, connecting);
         // The guest is paused: this is the switch-over state.
         let at_switch = contents(&src);
         stop.store(true, Ordering::SeqCst);
@@ -330,6 +332,58 @@ fn a_dead_channel_fails_the_migration_and_the_guest_runs_on() {
         !vm.paused.load(Ordering::SeqCst),
         "the source guest runs on ({error})"
     );
+}
+
+#[test]
+fn a_destination_that_stops_reading_fails_the_migration_within_the_write_timeout() {
+    // 96 MiB of pages that all carry data: more than the five connections'
+    // socket buffers on both ends hold, so the sending threads block.
+    let src = List::new();
+    add(&src, "pc.ram", 24576);
+    {
+        let view = src.read();
+        let block = view.by_name("pc.ram").unwrap();
+        for page in 0..block.used_pages() as u64 {
+            let bytes = [(page % 251) as u8 + 1; 64];
+            block.write(ByteLen(page * PAGE), &bytes).unwrap();
+        }
+    }
+    // A destination that accepts every connection and then reads nothing.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        silent.set_nonblocking(true).unwrap();
+        let until = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < until && held.len() < 1 + CHANNELS as usize {
+            match silent.accept() {
+                Ok((conn, _)) => held.push(conn),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        held
+    });
+    let timeout = Duration::from_millis(500);
+    let connector = Connector::new(&addr).write_timeout(Some(timeout));
+    let vm = Vm::default();
+    let started = Instant::now();
+    let (sent, _) = send_with(&src, &vm, &connector, PrecopyConfig::default(), false);
+    let took = started.elapsed();
+    let error = sent.expect_err("a destination that reads nothing cannot take a migration");
+    let stalled = match &error {
+        MigrateError::Channel(f) => f.what == ChannelFailureKind::Stalled,
+        MigrateError::Write(e) => e.kind() == std::io::ErrorKind::TimedOut,
+        _ => false,
+    };
+    assert!(stalled, "the write timeout said so: {error}");
+    // Whatever was written before the socket filled, the migration ends
+    // within a bounded time, not when the peer goes away.
+    assert!(took < Duration::from_secs(30), "failed after {took:?}");
+    assert!(
+        !vm.paused.load(Ordering::SeqCst),
+        "the source guest runs on"
+    );
+    assert_eq!(held.join().unwrap().len(), 1 + CHANNELS as usize);
 }
 
 /// A channel's records, read from memory against a published table.

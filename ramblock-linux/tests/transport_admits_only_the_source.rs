@@ -94,6 +94,7 @@ fn listener(tls: Option<TlsConfig>) -> (Listener, Log) {
         .with_timeouts(Timeouts {
             handshake,
             read: Some(Duration::from_secs(5)),
+            write: Some(Duration::from_secs(5)),
         })
         .with_log(move |dropped: &PeerRefused| {
             // The line a VMM would print names the peer and the reason.
@@ -437,6 +438,7 @@ fn a_unix_socket_listener_admits_only_the_source_and_carries_the_stream() {
         .with_timeouts(Timeouts {
             handshake: Duration::from_millis(300),
             read: Some(Duration::from_secs(5)),
+            write: Some(Duration::from_secs(5)),
         })
         .with_log(move |dropped: &PeerRefused| {
             assert!(dropped.to_string().contains("unix peer"));
@@ -475,4 +477,85 @@ fn a_unix_socket_listener_admits_only_the_source_and_carries_the_stream() {
         .unwrap_err();
     assert!(e.to_string().contains("migrate.sock"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Writes 64 MiB in page runs until the writer fails; the error, and how
+/// long it took to come.
+fn write_until_it_fails(conn: &Conn) -> (std::io::Error, Duration) {
+    let mut memory = vec![7u8; 64 << 20];
+    let region = HostRegion::from_mut_slice(&mut memory);
+    let mut w = conn.writer().unwrap();
+    let started = std::time::Instant::now();
+    let error = w
+        .write_region(&region)
+        .and_then(|()| ByteWrite::flush(&mut w))
+        .expect_err("64 MiB fit in the socket buffers of a peer that reads nothing");
+    (error, started.elapsed())
+}
+
+#[test]
+fn a_peer_that_stops_reading_or_sending_is_a_timeout_on_both_ends() {
+    let pki = ca("ramblock test CA");
+    let quiet = Duration::from_millis(300);
+    for tls in [false, true] {
+        let timeouts = Timeouts {
+            handshake: Duration::from_secs(10),
+            read: Some(quiet),
+            write: Some(quiet),
+        };
+        let mut l = Listener::bind("127.0.0.1:0")
+            .unwrap()
+            .with_timeouts(timeouts);
+        let mut connector =
+            Connector::new(l.local_addr().unwrap().to_string()).write_timeout(Some(quiet));
+        if tls {
+            l = l.with_tls(side(&pki, "destination", &pki));
+            connector = connector.with_tls(side(&pki, "source", &pki));
+        }
+        // The source's writes to a destination that reads nothing.
+        let accepting = accept_in_thread(l);
+        let source = connector.connect().unwrap();
+        let mut start = source.writer().unwrap();
+        start.write_all(&stream_start()).unwrap();
+        ByteWrite::flush(&mut start).unwrap();
+        let (l, destination) = accepting.join().unwrap();
+        let (error, took) = write_until_it_fails(&source);
+        assert_eq!(
+            error.kind(),
+            std::io::ErrorKind::TimedOut,
+            "tls {tls}: {error}"
+        );
+        assert!(error.to_string().contains("stopped reading"), "{error}");
+        assert!(
+            took < Duration::from_secs(20),
+            "tls {tls}: failed after {took:?}"
+        );
+        drop((source, destination));
+        // The destination's writes to a source that reads nothing, and
+        // its reads from a source that sends nothing more.
+        let accepting = accept_in_thread(l);
+        let source = connector.connect().unwrap();
+        let mut start = source.writer().unwrap();
+        start.write_all(&stream_start()).unwrap();
+        ByteWrite::flush(&mut start).unwrap();
+        let (_l, mut destination) = accepting.join().unwrap();
+        let mut r = destination.reader().unwrap();
+        let mut head = vec![0u8; stream_start().len()];
+        r.read_exact(&mut head).unwrap();
+        let silence = r.read_exact(&mut [0u8; 1]).expect_err("nothing was sent");
+        assert!(
+            silence.to_string().contains("sent nothing"),
+            "tls {tls}: {silence}"
+        );
+        let (error, took) = write_until_it_fails(&destination);
+        assert_eq!(
+            error.kind(),
+            std::io::ErrorKind::TimedOut,
+            "tls {tls}: {error}"
+        );
+        assert!(
+            took < Duration::from_secs(20),
+            "tls {tls}: failed after {took:?}"
+        );
+    }
 }

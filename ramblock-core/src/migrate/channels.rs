@@ -184,6 +184,9 @@ pub struct ChannelFailure {
 pub enum ChannelFailureKind {
     /// Its connection failed (the OS error number, 0 if none).
     Io(i32),
+    /// The peer took none of its bytes for the connection's whole write
+    /// timeout: the destination stopped reading.
+    Stalled,
     /// A block it was to send (its table index) was removed from the list.
     BlockRemoved(u32),
     /// A run lay outside its block's memory (a bug, refused).
@@ -198,6 +201,9 @@ impl fmt::Display for ChannelFailure {
         match &self.what {
             ChannelFailureKind::Io(0) => f.write_str("its connection failed"),
             ChannelFailureKind::Io(errno) => write!(f, "its connection failed (errno {errno})"),
+            ChannelFailureKind::Stalled => f.write_str(
+                "the destination took none of its bytes for the whole write timeout (it stopped reading)",
+            ),
             ChannelFailureKind::BlockRemoved(index) => {
                 write!(f, "block {index} of the table was removed while being sent")
             }

@@ -283,6 +283,15 @@ where
     }))
 }
 
+/// What a channel's connection error was: a write timeout that passed
+/// (the destination stopped reading) or the OS error.
+fn failure_kind(e: &io::Error) -> ChannelFailureKind {
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ChannelFailureKind::Stalled,
+        _ => ChannelFailureKind::Io(e.raw_os_error().unwrap_or(0)),
+    }
+}
+
 /// Channel `index` connects and says hello; its writer, or `None` when it
 /// failed (the failure is recorded) or the channels stopped meanwhile.
 fn connected(
@@ -295,7 +304,7 @@ fn connected(
     let failed = |e: io::Error| {
         shared.fail(ChannelFailure {
             channel: index as u32,
-            what: ChannelFailureKind::Io(e.raw_os_error().unwrap_or(0)),
+            what: failure_kind(&e),
         })
     };
     let conn = connect().map_err(failed).ok()?;
@@ -355,7 +364,7 @@ fn channel_thread<'l, M, S, const N: usize, W>(
         channel: index as u32,
         what,
     };
-    let io_failure = |e: io::Error| failure(ChannelFailureKind::Io(e.raw_os_error().unwrap_or(0)));
+    let io_failure = |e: io::Error| failure(failure_kind(&e));
     loop {
         let sent = match next_task(shared, index) {
             Task::Stop => return,

@@ -192,6 +192,22 @@ impl Conn {
         }
     }
 
+    /// Sets the socket's write timeout (every clone shares it): a write
+    /// that could send nothing for this long fails with
+    /// `ErrorKind::TimedOut` (a peer that stopped reading).
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match &self.kind {
+            Kind::Unix(s) => s.set_write_timeout(timeout),
+            _ => self.tcp().map_or(Ok(()), |t| t.set_write_timeout(timeout)),
+        }
+    }
+
+    /// Sets both timeouts from `timeouts` (an admitted connection's).
+    pub(crate) fn set_timeouts(&self, timeouts: &super::Timeouts) -> io::Result<()> {
+        self.set_read_timeout(timeouts.read)?;
+        self.set_write_timeout(timeouts.write)
+    }
+
     /// A reader of the stream for the receiver: pages are read straight
     /// into guest memory where the transport allows (plain TCP), and this
     /// connection's prefix is read first.
@@ -247,23 +263,25 @@ impl Read for Conn {
             self.prefix.drain(..n);
             return Ok(n);
         }
-        match &mut self.kind {
+        let read = match &mut self.kind {
             Kind::Plain(s) => s.read(buf),
             Kind::Unix(s) => s.read(buf),
             #[cfg(feature = "tls")]
             Kind::Tls(s) => s.read(buf),
-        }
+        };
+        read.map_err(crate::fd_stream::silent)
     }
 }
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &mut self.kind {
+        let written = match &mut self.kind {
             Kind::Plain(s) => s.write(buf),
             Kind::Unix(s) => s.write(buf),
             #[cfg(feature = "tls")]
             Kind::Tls(s) => s.write(buf),
-        }
+        };
+        written.map_err(crate::fd_stream::stalled)
     }
     fn flush(&mut self) -> io::Result<()> {
         match &mut self.kind {

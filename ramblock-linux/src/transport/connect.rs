@@ -14,18 +14,21 @@ pub struct Connector {
     addr: String,
     retry_for: Duration,
     handshake: Duration,
+    write_timeout: Option<Duration>,
     #[cfg(feature = "tls")]
     tls: Option<TlsConfig>,
 }
 
 impl Connector {
     /// Connects to `addr` (`HOST:PORT`, or `unix:PATH` for a UNIX stream
-    /// socket), retrying for 10 s; a TLS handshake gets 10 s.
+    /// socket), retrying for 10 s; a TLS handshake gets 10 s, and a write
+    /// the destination takes nothing of for 120 s fails.
     pub fn new(addr: impl Into<String>) -> Connector {
         Connector {
             addr: addr.into(),
             retry_for: Duration::from_secs(10),
             handshake: Duration::from_secs(10),
+            write_timeout: Some(Duration::from_secs(120)),
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -40,6 +43,15 @@ impl Connector {
     /// How long the TLS handshake may take.
     pub fn handshake_timeout(mut self, handshake: Duration) -> Connector {
         self.handshake = handshake;
+        self
+    }
+
+    /// The write timeout on every connection made (`None`: none): a
+    /// destination that stops reading for this long fails the write with
+    /// `ErrorKind::TimedOut`, so the migration fails and the source guest
+    /// runs on instead of waiting for ever behind a full socket.
+    pub fn write_timeout(mut self, timeout: Option<Duration>) -> Connector {
+        self.write_timeout = timeout;
         self
     }
 
@@ -67,8 +79,15 @@ impl Connector {
         host.ok_or_else(|| TransportError::ServerName(self.addr.clone()))
     }
 
-    /// Connects (and authenticates, with TLS).
+    /// Connects (and authenticates, with TLS), with the write timeout set.
     pub fn connect(&self) -> Result<Conn, TransportError> {
+        let conn = self.connect_socket()?;
+        conn.set_write_timeout(self.write_timeout)
+            .map_err(TransportError::Socket)?;
+        Ok(conn)
+    }
+
+    fn connect_socket(&self) -> Result<Conn, TransportError> {
         let deadline = Instant::now() + self.retry_for;
         if let Some(path) = self.addr.strip_prefix("unix:") {
             #[cfg(feature = "tls")]

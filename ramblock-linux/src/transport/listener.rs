@@ -25,14 +25,21 @@ pub struct Timeouts {
     /// The read timeout on the admitted connection (`None`: none): a
     /// source that stops sending for this long is a broken connection.
     pub read: Option<Duration>,
+    /// The write timeout on the admitted connection (`None`: none): a
+    /// source that takes none of this side's bytes (answers, page
+    /// requests) for this long is a broken connection, not a wait for
+    /// ever.
+    pub write: Option<Duration>,
 }
 
 impl Default for Timeouts {
-    /// 10 s to the header, 120 s between reads.
+    /// 10 s to the header, 120 s between reads, 120 s for a write to
+    /// move.
     fn default() -> Self {
         Timeouts {
             handshake: Duration::from_secs(10),
             read: Some(Duration::from_secs(120)),
+            write: Some(Duration::from_secs(120)),
         }
     }
 }
@@ -323,8 +330,7 @@ impl Listener {
                 s.set_nonblocking(false).map_err(Refusal::Io)?;
                 let mut conn = Conn::unix(s);
                 admit(&mut conn, expect, deadline, self.timeouts.handshake)?;
-                conn.set_read_timeout(self.timeouts.read)
-                    .map_err(Refusal::Io)?;
+                conn.set_timeouts(&self.timeouts).map_err(Refusal::Io)?;
                 return Ok(conn);
             }
         };
@@ -338,8 +344,7 @@ impl Listener {
         #[cfg(not(feature = "tls"))]
         let mut conn = Conn::plain(stream);
         admit(&mut conn, expect, deadline, self.timeouts.handshake)?;
-        conn.set_read_timeout(self.timeouts.read)
-            .map_err(Refusal::Io)?;
+        conn.set_timeouts(&self.timeouts).map_err(Refusal::Io)?;
         Ok(conn)
     }
 }

@@ -28,11 +28,6 @@ pub const POSTCOPY_SOCKET_BUFFER: usize = 256 << 10;
 /// How long a resuming side keeps trying to reconnect.
 pub const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long the source waits for anything on the return path before it
-/// calls the connection dead (verifying checksums takes well under a
-/// second per GiB).
-pub const RETURN_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// How long the source waits, after the switch to post-copy, for the
 /// destination's resume token (the first thing it sends back).
 const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -172,6 +167,9 @@ pub struct Link {
     ack_since: Option<Instant>,
     breaks: Option<Breaks>,
     resume: bool,
+    /// How long the destination may send nothing on the return path
+    /// before the connection counts as dead (`--peer-timeout-ms`).
+    peer_timeout: Duration,
     /// The destination's resume token, once post-copy started.
     token: Option<ResumeToken>,
 }
@@ -180,14 +178,17 @@ impl Link {
     /// Wraps a connection made by `connector`. `resume`: reconnect after
     /// a post-copy break. `zero_copy`: send pages with `MSG_ZEROCOPY`
     /// (plain TCP only; post-copy and a resumed connection send by copy).
+    /// `peer_timeout`: the read timeout on the return path (the connector
+    /// sets the write timeout).
     pub fn new(
         stream: Conn,
         connector: Connector,
         resume: bool,
         breaks: Option<Breaks>,
         zero_copy: bool,
+        peer_timeout: Duration,
     ) -> Result<(Link, LinkWriter), String> {
-        let current = Rc::new(RefCell::new(current(stream, zero_copy)?));
+        let current = Rc::new(RefCell::new(current(stream, zero_copy, peer_timeout)?));
         let writer = LinkWriter(current.clone());
         Ok((
             Link {
@@ -197,6 +198,7 @@ impl Link {
                 ack_since: None,
                 breaks,
                 resume,
+                peer_timeout,
                 token: None,
             },
             writer,
@@ -239,7 +241,7 @@ impl Link {
             Ok(FirstReturn::Message(m)) => first = Some(ReturnEvent::Message(m)),
             Ok(FirstReturn::Unknown(_)) | Err(_) => first = Some(ReturnEvent::Closed),
         }
-        let _ = stream.set_read_timeout(Some(RETURN_TIMEOUT));
+        let _ = stream.set_read_timeout(Some(self.peer_timeout));
         self.current
             .borrow_mut()
             .enter_postcopy(self.breaks.as_mut());
@@ -266,8 +268,11 @@ impl Link {
             // sending requests instead is never silent, so the read timeout
             // never fires; the wait as a whole is bounded the same.
             let since = *self.ack_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > RETURN_TIMEOUT {
-                eprintln!("post-copy: no acknowledgement within {RETURN_TIMEOUT:?}");
+            if since.elapsed() > self.peer_timeout {
+                eprintln!(
+                    "post-copy: no acknowledgement within {:?}",
+                    self.peer_timeout
+                );
                 return ReturnEvent::Closed;
             }
         }
@@ -317,7 +322,7 @@ impl Link {
                 }
             }
         };
-        match current(stream, false) {
+        match current(stream, false, self.peer_timeout) {
             Ok(mut c) => {
                 c.enter_postcopy(self.breaks.as_mut());
                 *self.current.borrow_mut() = c;
@@ -378,10 +383,10 @@ fn set_buffer(stream: BorrowedFd<'_>, option: libc::c_int, bytes: usize) {
 /// A connection set up for migration: no Nagle delay (a page request or
 /// an urgent page must not wait), a timeout on reads, and a writer that
 /// sends pages with `MSG_ZEROCOPY` if `zero_copy`.
-fn current(stream: Conn, zero_copy: bool) -> Result<Current, String> {
+fn current(stream: Conn, zero_copy: bool, peer_timeout: Duration) -> Result<Current, String> {
     let _ = stream.set_nodelay();
     stream
-        .set_read_timeout(Some(RETURN_TIMEOUT))
+        .set_read_timeout(Some(peer_timeout))
         .map_err(|e| format!("cannot set a timeout on the connection: {e}"))?;
     let writer = if zero_copy {
         stream

@@ -119,7 +119,8 @@ fn listen(addr: &str, opts: &MigrateOptions) -> Result<Listener, String> {
         .map_err(|e| e.to_string())?
         .with_timeouts(Timeouts {
             handshake: Duration::from_millis(opts.handshake_timeout_ms.max(1)),
-            read: Some(link::RETURN_TIMEOUT),
+            read: Some(opts.peer_timeout()),
+            write: Some(opts.peer_timeout()),
         })
         .with_log(|dropped| eprintln!("ramblock: {dropped}"));
     if let Some(tls) = tls(opts)? {
@@ -130,7 +131,7 @@ fn listen(addr: &str, opts: &MigrateOptions) -> Result<Listener, String> {
 
 /// The source's way to `addr`, with TLS if configured.
 fn connector(addr: &str, opts: &MigrateOptions) -> Result<Connector, String> {
-    let mut connector = Connector::new(addr);
+    let mut connector = Connector::new(addr).write_timeout(Some(opts.peer_timeout()));
     if let Some(tls) = tls(opts)? {
         connector = connector.with_tls(tls);
     }

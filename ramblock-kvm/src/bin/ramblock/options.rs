@@ -103,6 +103,12 @@ pub struct MigrateOptions {
     /// handshake and send a valid header before it is dropped (ms).
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     pub handshake_timeout_ms: u64,
+    /// How long a silent peer is waited for: a read that gets no byte, or
+    /// a write the peer takes no byte of, for this long fails the
+    /// migration (on the source the guest then runs on) (ms).
+    #[arg(long, default_value_t = 120_000, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub peer_timeout_ms: u64,
     /// Local live update (same host): guest RAM's fds travel over a UNIX
     /// socket (`SCM_RIGHTS`) and no page is copied; only the vCPU state
     /// moves. Needs memory another process can map: `--backing memfd`,
@@ -135,6 +141,11 @@ pub struct MigrateOptions {
 }
 
 impl MigrateOptions {
+    /// `--peer-timeout-ms` as a duration.
+    pub fn peer_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.peer_timeout_ms)
+    }
+
     /// The page channels a source opens: `--channels`, or the library's
     /// default for this host where channels apply (none with `--local`,
     /// whose pages never travel, with `--postcopy 0`, which sends no

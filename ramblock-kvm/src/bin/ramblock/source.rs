@@ -187,7 +187,14 @@ pub fn send<D: DirtyLogSource>(
 ) -> Result<Sent, String> {
     let breaks = opts.break_postcopy.map(Breaks::new);
     let resume = opts.resume || breaks.is_some();
-    let (link, mut out) = Link::new(stream, connector.clone(), resume, breaks, opts.zero_copy)?;
+    let (link, mut out) = Link::new(
+        stream,
+        connector.clone(),
+        resume,
+        breaks,
+        opts.zero_copy,
+        opts.peer_timeout(),
+    )?;
     let mut ack = link.ack_reader()?;
     let mut device_state = Vec::new();
     let ledger = ledger_for(ram);

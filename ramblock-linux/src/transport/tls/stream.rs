@@ -116,7 +116,9 @@ impl TlsStream {
                 s.conn.write_tls(&mut *out)?;
             }
         }
-        let sent = (&self.shared.socket).write_all(&out);
+        let sent = (&self.shared.socket)
+            .write_all(&out)
+            .map_err(crate::fd_stream::stalled);
         out.clear();
         sent
     }
@@ -150,7 +152,9 @@ impl Read for TlsStream {
             }
             // Wait for ciphertext without the session lock, so the other
             // direction goes on meanwhile.
-            let n = (&self.shared.socket).read(&mut raw)?;
+            let n = (&self.shared.socket)
+                .read(&mut raw)
+                .map_err(crate::fd_stream::silent)?;
             let mut s = lock(&self.shared.session);
             if n == 0 {
                 s.eof = true;

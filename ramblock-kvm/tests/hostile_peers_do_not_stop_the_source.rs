@@ -178,6 +178,27 @@ fn a_destination_that_stops_reading_or_never_answers_fails_the_source_in_time() 
     }
 }
 
+#[test]
+fn a_destination_mute_after_the_switch_to_postcopy_leaves_the_source_guest_paused() {
+    // Post-copy at once: the guest may run only on the destination from
+    // the switch on, so a destination that never answers (no resume token)
+    // loses the migration and the source keeps its guest paused.
+    let (endpoint, done) = mute_destination(true);
+    let out = Running::start(&["--to", &endpoint, "--size", "64M", "--postcopy", "0"]).finish();
+    done.store(true, Ordering::SeqCst);
+    let (s, s_err) = texts(&out);
+    assert!(!out.status.success(), "{s}\n{s_err}");
+    let error = field(&s, "error");
+    assert!(error.contains("could not be resumed"), "{error}");
+    assert!(error.contains("keeps the paused guest"), "{error}");
+    assert!(
+        !error.contains("guest was resumed")
+            && !error.contains("still running")
+            && !error.contains("made no progress"),
+        "the source guest must stay paused: {error}"
+    );
+}
+
 /// A CA and PEM files for it in a fresh directory.
 struct Pki {
     dir: PathBuf,

@@ -167,6 +167,57 @@ fn two_processes_over_tcp_finish_in_postcopy_and_verify() {
 }
 
 #[test]
+fn a_postcopy_with_no_faults_for_longer_than_the_peer_timeout_completes() {
+    // A guest whose RAM is a file full of data and which then stays idle:
+    // after the switch, its 64 MiB follow in the background at 16 MiB/s
+    // (about 4 s) and the destination asks for nothing. Its silence on the
+    // return path for four peer timeouts is no break.
+    let image = std::env::temp_dir().join(format!("ramblock-quiet-{}.img", std::process::id()));
+    let bytes: Vec<u8> = (0..64u32 << 20)
+        .map(|i| (i / 4096 + i % 251) as u8 | 1)
+        .collect();
+    std::fs::write(&image, bytes).unwrap();
+    let endpoint = format!("tcp:127.0.0.1:{}", free_port());
+    let quiet = [
+        "--size",
+        "64M",
+        "--postcopy",
+        "0",
+        "--peer-timeout-ms",
+        "1000",
+    ];
+    let dest = Running::start(&[&["--incoming", &endpoint][..], &quiet].concat());
+    let src = run(&[
+        &["--to", &endpoint][..],
+        &quiet,
+        &[
+            "--backing",
+            image.to_str().unwrap(),
+            "--workload",
+            "idle",
+            "--bandwidth-mib",
+            "16",
+        ],
+    ]
+    .concat());
+    let dest = dest.finish();
+    let _ = std::fs::remove_file(&image);
+    let ((s, s_err), (d, d_err)) = (texts(&src), texts(&dest));
+    assert!(
+        src.status.success(),
+        "source: {s}\n{s_err}\ndestination: {d_err}"
+    );
+    assert!(dest.status.success(), "destination: {d}\n{d_err}");
+    assert_eq!(field(&s, "postcopy"), "true", "{s}");
+    assert_eq!(number(&s, "requests"), 0.0, "the idle guest faulted: {s}");
+    assert!(
+        number(&s, "total_ms") > 2000.0,
+        "post-copy was not long: {s}"
+    );
+    assert_eq!(field(&d, "verified"), "true", "{d}");
+}
+
+#[test]
 fn without_kvm_a_host_writer_moves_in_postcopy() {
     // At once: no destination guest runs, so nothing faults and every page
     // goes in the background; the RAM is compared exactly.

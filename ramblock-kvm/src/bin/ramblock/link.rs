@@ -241,7 +241,6 @@ impl Link {
             Ok(FirstReturn::Message(m)) => first = Some(ReturnEvent::Message(m)),
             Ok(FirstReturn::Unknown(_)) | Err(_) => first = Some(ReturnEvent::Closed),
         }
-        let _ = stream.set_read_timeout(Some(self.peer_timeout));
         self.current
             .borrow_mut()
             .enter_postcopy(self.breaks.as_mut());
@@ -420,7 +419,14 @@ fn closed_events() -> Events {
 /// ends, after `first` (one read already), dropping a request equal to one
 /// already queued. Each message is read into a fixed frame: a peer's
 /// message allocates nothing.
+///
+/// The reader waits without a read timeout: in post-copy a destination
+/// whose guest faults on nothing sends nothing for as long as the
+/// background pages take, which is no sign of a dead peer. A dead one is
+/// found by the write timeout on those pages, and the wait for the
+/// acknowledgement at the end is bounded by [`Link::next_event`].
 fn spawn_reader(stream: Conn, first: Option<ReturnEvent>) -> Events {
+    let _ = stream.set_read_timeout(None);
     let (tx, rx) = mpsc::sync_channel(REQUEST_QUEUE);
     let queued = Queued::default();
     let seen = queued.clone();

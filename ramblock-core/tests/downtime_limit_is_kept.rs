@@ -17,7 +17,9 @@ use ramblock_core::bitmap::{MigrationBitmap, Owned};
 use ramblock_core::block::BlockSpec;
 use ramblock_core::dirty_log::{BlockInfo, DirtyLogSource};
 use ramblock_core::list::RamList;
-use ramblock_core::migrate::channels::{ChannelFailure, PageChannels, RunCounts};
+use ramblock_core::migrate::channels::{
+    ChannelFailure, PageChannels, RunCounts, MAIN_STREAM_RUN_INTERVAL_NS,
+};
 use ramblock_core::migrate::{
     migrate_with_channels, MigrateError, MigrationHost, MigrationStats, PassReport, PrecopyConfig,
 };
@@ -48,6 +50,8 @@ struct Wire {
     written: u64,
     backlog: Rc<Cell<u64>>,
     paused: Rc<Cell<bool>>,
+    /// The model time of every page run written (a region).
+    runs_at: Vec<u64>,
 }
 
 impl Wire {
@@ -77,6 +81,7 @@ impl ByteWrite for Wire {
         Ok(())
     }
     fn write_region(&mut self, region: &HostRegion<'_>) -> Result<(), Infallible> {
+        self.runs_at.push(self.clock.get());
         self.spend(region.len());
         Ok(())
     }
@@ -176,6 +181,7 @@ struct Channels {
     ns_per_byte: u64,
     held_back: u64,
     sent: RunCounts,
+    pages: u64,
 }
 
 impl PageChannels for Channels {
@@ -185,6 +191,7 @@ impl PageChannels for Channels {
     fn send(&mut self, _: u32, _: &BlockName, _: u64, count: u32) -> Result<(), ChannelFailure> {
         let bytes = u64::from(count) * PAGE;
         self.clock.set(self.clock.get() + bytes * self.ns_per_byte);
+        self.pages += u64::from(count);
         self.sent.add(RunCounts {
             bytes,
             pages: u64::from(count),
@@ -203,6 +210,10 @@ impl PageChannels for Channels {
 struct Run {
     result: Result<MigrationStats, String>,
     host: Host,
+    /// When the main stream carried a page run.
+    main_runs_at: Vec<u64>,
+    /// Pages the page channels carried.
+    channel_pages: u64,
 }
 
 /// A modelled migration; [`Model::new`] is the plain case.
@@ -263,6 +274,7 @@ impl Model {
             written: 0,
             backlog: backlog.clone(),
             paused: paused.clone(),
+            runs_at: Vec::new(),
         };
         let mut source = ModelLog {
             clock: clock.clone(),
@@ -290,6 +302,7 @@ impl Model {
             ns_per_byte: self.ns_per_byte,
             held_back,
             sent: RunCounts::default(),
+            pages: 0,
         });
         let result = migrate_with_channels(
             list,
@@ -302,7 +315,12 @@ impl Model {
             channels.as_mut().map(|c| c as &mut dyn PageChannels),
         )
         .map_err(|e| e.to_string());
-        Run { result, host }
+        Run {
+            result,
+            host,
+            main_runs_at: wire.runs_at,
+            channel_pages: channels.map_or(0, |c| c.pages),
+        }
     }
 }
 
@@ -533,4 +551,52 @@ fn a_sparse_set_is_estimated_at_what_its_runs_cost() {
     let stats = r.result.unwrap();
     assert!(stats.downtime_ns <= 300 * MS, "{stats:?}");
     assert!(stats.downtime_ns >= 5000 * 44_000, "{stats:?}");
+}
+
+#[test]
+fn with_page_channels_the_main_stream_carries_a_run_at_least_every_quarter_second() {
+    // A 256 MiB pass at 20 ns per byte: about 5.4 s of model time on the
+    // channels. A destination reading the main stream with a timeout must
+    // see it move all along, so a run goes there at least every
+    // MAIN_STREAM_RUN_INTERVAL_NS; the channels still carry nearly all.
+    let mut model = Model::new(20, MS, 0);
+    model.block_pages = 65536;
+    model.channel_backlog = Some(0);
+    let r = model.run(limit(300, 1));
+    let pass0 = r.host.reports[0];
+    assert!(pass0.duration_ns > 5_000 * MS, "{pass0:?}");
+    // The pass began after the setup's harvest (1 ms) and the header.
+    let first = *r
+        .main_runs_at
+        .first()
+        .expect("the main stream carried no run");
+    assert!(
+        first < 2 * MS,
+        "the pass's first run goes on the main stream"
+    );
+    let pass0_end = first + pass0.duration_ns;
+    let runs: Vec<u64> = r
+        .main_runs_at
+        .iter()
+        .copied()
+        .filter(|&t| t < pass0_end)
+        .collect();
+    let longest_run_ns = 64 * PAGE * 20 * 4; // far more than any one run
+    for gap in runs.windows(2).map(|w| w[1] - w[0]) {
+        assert!(
+            gap <= MAIN_STREAM_RUN_INTERVAL_NS + longest_run_ns,
+            "the main stream was quiet for {gap} ns: {runs:?}"
+        );
+    }
+    assert!(
+        pass0_end - runs[runs.len() - 1] <= MAIN_STREAM_RUN_INTERVAL_NS + longest_run_ns,
+        "quiet at the end of the pass: {runs:?}"
+    );
+    let on_main = pass0.pages_sent - r.channel_pages;
+    assert_eq!(
+        on_main,
+        runs.len() as u64 * 64,
+        "runs of 64 pages: {runs:?}"
+    );
+    assert!(r.channel_pages > 65536 * 97 / 100, "{}", r.channel_pages);
 }

@@ -136,6 +136,14 @@ pub enum RunError<W> {
     OutsideBlock(RegionError),
 }
 
+/// With page channels, the main stream would carry nothing for a whole
+/// pass, and a destination that reads it with a timeout (a source that
+/// says nothing for that long is gone) would take a long pass, say 16 GiB
+/// over 1 Gbit/s, for a dead source. So a run goes on the main stream
+/// instead of the channels at least this often: within one pass a page
+/// is sent once, on whichever connection, so this changes no ordering.
+pub const MAIN_STREAM_RUN_INTERVAL_NS: u64 = 250_000_000;
+
 /// The sending side's page channels (implemented by the host, which owns
 /// the threads and connections). Every method is called from the engine's
 /// thread.
@@ -167,6 +175,12 @@ pub trait PageChannels {
     fn unsent_bytes(&self) -> u64 {
         0
     }
+    /// No page goes on the channels any more (post-copy started, right
+    /// after a barrier every channel sent): close them, so the
+    /// destination's channel receivers end at that barrier instead of
+    /// waiting through post-copy, which can take longer than their read
+    /// timeout. The default does nothing.
+    fn close(&mut self) {}
 }
 
 /// A page channel failed; the migration fails with it and the guest keeps

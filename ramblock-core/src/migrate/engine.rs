@@ -4,6 +4,7 @@
 
 use super::channels::{
     write_run, ChannelFailure, ChannelFailureKind, PageChannels, RunCounts, RunError,
+    MAIN_STREAM_RUN_INTERVAL_NS,
 };
 use super::config::PrecopyConfig;
 use super::error::MigrateError;
@@ -72,6 +73,9 @@ pub(super) struct Engine<'a, 'l, M, S: Storage, const N: usize, D, W, H> {
     /// Bytes handed to the channels since their last barrier (counted by
     /// the channels at the barrier; an estimate until then).
     pub(super) in_flight: u64,
+    /// With channels: when the next run goes on the main stream instead
+    /// ([`MAIN_STREAM_RUN_INTERVAL_NS`](super::channels::MAIN_STREAM_RUN_INTERVAL_NS)).
+    pub(super) main_run_due_ns: u64,
 }
 
 /// A pass that sends less than this (a few pages, or zero pages only,
@@ -436,7 +440,15 @@ impl<
             .map_err(MigrateError::RunOutsideBlock)?;
         self.pass.runs += 1;
         self.run_pages += count as u64;
-        if let Some(channels) = self.channels.as_deref_mut() {
+        let on_main = self.channels.is_some() && {
+            let now = self.host.now_ns();
+            let due = now >= self.main_run_due_ns;
+            if due {
+                self.main_run_due_ns = now + MAIN_STREAM_RUN_INTERVAL_NS;
+            }
+            due
+        };
+        if let Some(channels) = self.channels.as_deref_mut().filter(|_| !on_main) {
             let name = &self.table[block as usize].name;
             let sent = channels.send(block, name, first as u64, count as u32);
             sent.map_err(|e| self.channel_failed(e))?;

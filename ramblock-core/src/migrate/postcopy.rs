@@ -124,7 +124,9 @@ impl<
         // from here on pages go on the main stream only, where requests
         // come first.
         self.barrier()?;
-        self.channels = None;
+        if let Some(channels) = self.channels.take() {
+            channels.close();
+        }
         self.whole_host_pages();
         // Checked before the first discard: a failure here leaves the
         // destination with nothing to undo, and the guest resumes.

@@ -132,6 +132,7 @@ where
         channels: channels.map(|c| &mut *c as &mut dyn PageChannels),
         generation: 0,
         in_flight: 0,
+        main_run_due_ns: 0,
     };
     let mut paused = false;
     let result = engine.run(ack, &mut paused);

@@ -34,9 +34,11 @@ struct Job {
 /// What the engine and the channel threads share.
 struct State {
     jobs: VecDeque<Job>,
-    /// The barrier being written, and which channels still owe it.
+    /// The barrier being written, which channels still owe it, and how
+    /// many took it and are writing it.
     barrier: Option<u32>,
     owed: Vec<bool>,
+    writing_barrier: usize,
     /// Counts since the last barrier.
     sent: RunCounts,
     failed: Option<ChannelFailure>,
@@ -130,9 +132,22 @@ impl PageChannels for ChannelSender<'_> {
             st.owed.iter_mut().for_each(|o| *o = true);
             self.shared.work.notify_all();
         }
-        let mut st = self.shared.wait_for(|st| st.owed.iter().all(|o| !o))?;
+        // Every channel wrote and flushed it: after this, nothing of the
+        // pass is left on any channel's side.
+        let mut st = self
+            .shared
+            .wait_for(|st| st.owed.iter().all(|o| !o) && st.writing_barrier == 0)?;
         st.barrier = None;
         Ok(std::mem::take(&mut st.sent))
+    }
+
+    fn close(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.work.notify_all();
+        // Each channel's last write was the barrier, flushed (see
+        // `barrier`): the destination reads it, then the end of the
+        // connection, and its receiver ends cleanly.
+        shutdown_all(self.conns.lock().unwrap_or_else(|e| e.into_inner()).iter());
     }
 
     fn unsent_bytes(&self) -> u64 {
@@ -245,6 +260,7 @@ where
             jobs: VecDeque::new(),
             barrier: None,
             owed: vec![false; writers.len()],
+            writing_barrier: 0,
             sent: RunCounts::default(),
             failed: None,
             stop: false,
@@ -342,6 +358,7 @@ fn next_task(shared: &Shared, index: usize) -> Task {
         // goes out before it, on whichever channel took it.
         if let (Some(generation), true) = (st.barrier, st.owed[index]) {
             st.owed[index] = false;
+            st.writing_barrier += 1;
             return Task::Barrier(generation);
         }
         st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -366,7 +383,9 @@ fn channel_thread<'l, M, S, const N: usize, W>(
     };
     let io_failure = |e: io::Error| failure(failure_kind(&e));
     loop {
-        let sent = match next_task(shared, index) {
+        let task = next_task(shared, index);
+        let barrier = matches!(task, Task::Barrier(_));
+        let sent = match task {
             Task::Stop => return,
             Task::Run(job) => send_job(list, ledger, &mut out, &job).map_err(|e| match e {
                 SendError::Io(e) => io_failure(e),
@@ -392,6 +411,9 @@ fn channel_thread<'l, M, S, const N: usize, W>(
             Ok(sent) => {
                 let mut st = shared.lock();
                 st.sent.add(sent);
+                if barrier {
+                    st.writing_barrier -= 1;
+                }
                 shared.progress.notify_all();
             }
             Err(failure) => {

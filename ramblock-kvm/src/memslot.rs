@@ -103,7 +103,8 @@ pub struct Slot {
     pub range: BlockRange,
     /// `KVM_MEM_READONLY`.
     pub read_only: bool,
-    /// `KVM_MEM_LOG_DIRTY_PAGES`.
+    /// Logging asked for: `KVM_MEM_LOG_DIRTY_PAGES`, except on a
+    /// guest_memfd slot, which KVM cannot log (see [`Slot::kernel_logs`]).
     pub logging: bool,
     /// `KVM_MEM_GUEST_MEMFD`: the guest_memfd (raw fd, kept open by the
     /// block's memory) and the offset in it of the slot's first byte.
@@ -117,10 +118,28 @@ impl Slot {
         self.len >> 12
     }
 
+    /// Whether KVM keeps the slot's dirty log. It refuses
+    /// `KVM_MEM_LOG_DIRTY_PAGES` with `KVM_MEM_GUEST_MEMFD` (Linux 6.18:
+    /// `EINVAL` when the slot is created so, and for the flag added
+    /// later), and the guest's writes through a guest_memfd slot reach
+    /// its pages without the host's page tables, where no other tracker
+    /// could see them. So a logging guest_memfd slot reports every page
+    /// dirty at every harvest (its block is sent whole in every pass):
+    /// nothing is missed, at the cost of sending it again.
+    pub fn kernel_logs(&self) -> bool {
+        self.logging && self.guest_memfd.is_none()
+    }
+
+    /// A logging slot whose every page counts as dirty at each harvest
+    /// (a guest_memfd slot, see [`Slot::kernel_logs`]).
+    pub fn always_dirty(&self) -> bool {
+        self.logging && self.guest_memfd.is_some()
+    }
+
     /// The KVM memslot flags for the slot's current state.
     pub fn kvm_flags(&self) -> u32 {
         let mut flags = 0;
-        if self.logging {
+        if self.kernel_logs() {
             flags |= kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
         }
         if self.read_only {

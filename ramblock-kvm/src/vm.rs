@@ -417,9 +417,13 @@ impl Vm {
             return Ok(());
         }
         slot.logging = on;
-        if let Err(e) = self.set_region(slot, slot.len) {
-            slot.logging = !on;
-            return Err(e);
+        // A guest_memfd slot keeps its flags: KVM cannot log it, and the
+        // harvest reports all of it instead (`Slot::always_dirty`).
+        if slot.guest_memfd.is_none() {
+            if let Err(e) = self.set_region(slot, slot.len) {
+                slot.logging = !on;
+                return Err(e);
+            }
         }
         slot.log = if on {
             SlotLog::sized(slot.pages())

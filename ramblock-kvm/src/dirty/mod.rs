@@ -141,6 +141,12 @@ pub(crate) fn harvest(
         if slot.block != block.offset || !slot.logging {
             continue;
         }
+        if slot.always_dirty() {
+            newly += into
+                .set_range(slot.first_page as usize, slot.pages() as usize)
+                .map_err(|_| bitmap_error(slot, block, into.len()))?;
+            continue;
+        }
         if kernel.fetch(vm, slot)? {
             newly += merge(slot, into, block, false)?;
         }
@@ -166,7 +172,7 @@ pub(crate) fn clear(
     let (first, end) = (first as u64, first as u64 + count as u64);
     let mut slots = lock(slots);
     for slot in slots.iter_mut() {
-        if slot.block != block.offset || !slot.logging {
+        if slot.block != block.offset || !slot.kernel_logs() {
             continue;
         }
         // The part of the request inside this slot.
@@ -188,7 +194,7 @@ pub(crate) fn save_before_recreate(
     vm: &VmFd,
     slot: &mut Slot,
 ) -> Result<(), KvmError> {
-    if slot.logging && kernel.fetch(vm, slot)? {
+    if slot.kernel_logs() && kernel.fetch(vm, slot)? {
         let saved = std::mem::take(&mut slot.log.buf);
         slot.log.stash(&saved);
         slot.log.buf = saved;
@@ -209,15 +215,19 @@ fn merge(
     } else {
         &slot.log.buf
     };
-    merge_nonzero(into, slot.first_page as usize, words, slot.pages() as usize).map_err(|_| {
-        KvmError::Bitmap {
-            slot: slot.id.0,
-            block: block.name.into(),
-            first: slot.first_page,
-            count: slot.pages(),
-            len: into.len() as u64,
-        }
-    })
+    merge_nonzero(into, slot.first_page as usize, words, slot.pages() as usize)
+        .map_err(|_| bitmap_error(slot, block, into.len()))
+}
+
+/// The slot's pages do not fit the block's bitmap `len` (a bug).
+fn bitmap_error(slot: &Slot, block: &BlockInfo<'_>, len: usize) -> KvmError {
+    KvmError::Bitmap {
+        slot: slot.id.0,
+        block: block.name.into(),
+        first: slot.first_page,
+        count: slot.pages(),
+        len: len as u64,
+    }
 }
 
 /// `into.merge_log(first, words, bits)`, but only over the runs of 8-word

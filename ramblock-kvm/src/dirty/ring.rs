@@ -134,7 +134,7 @@ impl ModeKernel for Ring {
                     return;
                 }
                 if let Some(slot) = slots.get_mut(SlotId(e.slot & 0xffff)) {
-                    if slot.logging && e.offset < slot.pages() {
+                    if slot.kernel_logs() && e.offset < slot.pages() {
                         let (w, b) = (e.offset as usize / WORD_BITS, e.offset % 64);
                         slot.log.pending[w] |= 1 << b;
                         slot.log.pending_any = true;

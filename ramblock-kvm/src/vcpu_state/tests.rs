@@ -606,3 +606,49 @@ fn arbitrary_bytes_never_panic() {
         "no garbage body decoded; the spray tests nothing"
     );
 }
+
+#[test]
+fn comparable_states_ignore_in_use_bits_of_components_in_their_initial_state() {
+    // A standard-format XSAVE area: x87 at its initial values, XMM and
+    // the upper YMM halves zero, MXCSR set.
+    let mut area = vec![0u8; 1024];
+    area[0..2].copy_from_slice(&[0x7f, 0x03]);
+    area[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+    let with_bv = |bv: u64| {
+        let mut a = area.clone();
+        a[512..520].copy_from_slice(&bv.to_le_bytes());
+        VcpuState {
+            xsave: Some(a),
+            ..VcpuState::default()
+        }
+    };
+    // All three reported in use or none: the same registers.
+    assert_eq!(with_bv(0b111).comparable(), with_bv(0).comparable());
+    assert_ne!(with_bv(0b111), with_bv(0));
+    // A bit this does not know (AVX-512's 5) stays.
+    assert_ne!(with_bv(1 << 5).comparable(), with_bv(0).comparable());
+    // A register that holds something keeps its component's bit.
+    let mut used = with_bv(0b010);
+    used.xsave.as_mut().unwrap()[160] = 1;
+    let mut unused = used.clone();
+    unused.xsave.as_mut().unwrap()[512] = 0;
+    assert_ne!(used.clone().comparable(), unused.comparable());
+    assert_eq!(used.clone().comparable(), used.comparable());
+    // x87 out of its initial state (FCW 0x027F) keeps bit 0.
+    let mut x87 = with_bv(0b001);
+    x87.xsave.as_mut().unwrap()[1] = 0x02;
+    let x87_bv = x87.comparable().xsave.unwrap()[512];
+    assert_eq!(x87_bv, 1);
+    // The TSC goes too.
+    let mut a = with_bv(0);
+    a.msrs.push(Msr {
+        index: MSR_IA32_TSC,
+        data: 5,
+    });
+    let mut b = with_bv(0);
+    b.msrs.push(Msr {
+        index: MSR_IA32_TSC,
+        data: 9,
+    });
+    assert_eq!(a.comparable(), b.comparable());
+}

@@ -323,6 +323,9 @@ fn incoming(opts: &MigrateOptions, addr: &str) -> Summary {
         mode: "-".into(),
         ..Summary::default()
     };
+    if let Err(e) = opts.postcopy_fits_backing() {
+        return failed(summary, e);
+    }
     let side = if opts.postcopy.is_some() || opts.lazy_destination {
         Side::LazyDestination
     } else {
@@ -459,6 +462,9 @@ fn outgoing(opts: &MigrateOptions) -> Summary {
         Err(e) => return failed(summary, e),
     };
     summary.page_channels = opts.channels;
+    if let Err(e) = opts.postcopy_fits_backing() {
+        return failed(summary, e);
+    }
     let ram = match guest_ram(
         opts.size,
         &opts.backing,

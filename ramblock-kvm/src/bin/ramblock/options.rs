@@ -141,6 +141,25 @@ pub struct MigrateOptions {
 }
 
 impl MigrateOptions {
+    /// Refuses post-copy into guest_memfd memory before anything starts:
+    /// post-copy places pages with userfaultfd, which cannot register a
+    /// guest_memfd mapping (Linux 6.18), so the destination would refuse
+    /// only when the source had already switched over. Only where this
+    /// side's memory is the destination's: one process, or `--incoming`
+    /// (a source's own backing does not matter).
+    pub fn postcopy_fits_backing(&self) -> Result<(), String> {
+        let here_is_destination = self.to.is_none();
+        if self.postcopy.is_some() && self.backing == Backing::GuestMemfd && here_is_destination {
+            return Err(
+                "--postcopy with --backing guest-memfd: userfaultfd cannot register \
+                        guest_memfd memory, so missing pages could not be placed on demand; \
+                        migrate it with pre-copy (without --postcopy)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// `--peer-timeout-ms` as a duration.
     pub fn peer_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.peer_timeout_ms)

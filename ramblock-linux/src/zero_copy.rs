@@ -196,7 +196,43 @@ pub struct ZeroCopyWriter<T: Write + AsFd> {
     min_len: usize,
     max_outstanding: usize,
     stall_timeout: Duration,
+    /// How long a send on the socket blocks before `EAGAIN`: its send
+    /// timeout (`SO_SNDTIMEO`) if it blocks, 0 if it does not, read when
+    /// the writer is made. That much of a stall has passed by the time a
+    /// send says `EAGAIN`.
+    socket_wait: Duration,
     stats: ZeroCopyStats,
+}
+
+/// How long a send on `fd` blocks before it says `EAGAIN`: its
+/// `SO_SNDTIMEO` on a blocking socket, 0 on a non-blocking one or if
+/// the kernel cannot say.
+fn send_blocks_for(fd: RawFd) -> Duration {
+    // SAFETY: F_GETFL takes no argument and touches no memory.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || flags & libc::O_NONBLOCK != 0 {
+        return Duration::ZERO;
+    }
+    let mut tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 0,
+    };
+    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes to a live local
+    // timeval and updates `len`, a live local too.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&mut tv as *mut libc::timeval).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs(tv.tv_sec.max(0) as u64) + Duration::from_micros(tv.tv_usec.max(0) as u64)
 }
 
 impl<T: Write + AsFd> ZeroCopyWriter<T> {
@@ -219,6 +255,7 @@ impl<T: Write + AsFd> ZeroCopyWriter<T> {
         if rc != 0 {
             return Err(ZeroCopyError::Unsupported(io::Error::last_os_error()));
         }
+        let socket_wait = send_blocks_for(inner.as_fd().as_raw_fd());
         Ok(ZeroCopyWriter {
             inner,
             queued: Vec::new(),
@@ -229,7 +266,12 @@ impl<T: Write + AsFd> ZeroCopyWriter<T> {
             enabled: true,
             min_len: DEFAULT_MIN_LEN,
             max_outstanding: DEFAULT_MAX_OUTSTANDING,
-            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            stall_timeout: if socket_wait.is_zero() {
+                DEFAULT_STALL_TIMEOUT
+            } else {
+                socket_wait
+            },
+            socket_wait,
             stats: ZeroCopyStats::default(),
         })
     }
@@ -249,7 +291,8 @@ impl<T: Write + AsFd> ZeroCopyWriter<T> {
     }
 
     /// How long to wait for the kernel before failing with
-    /// [`ZeroCopyError::Stalled`] (default [`DEFAULT_STALL_TIMEOUT`]).
+    /// [`ZeroCopyError::Stalled`] (default: the socket's send timeout
+    /// (`SO_SNDTIMEO`) when it has one, else [`DEFAULT_STALL_TIMEOUT`]).
     pub fn with_stall_timeout(mut self, timeout: Duration) -> Self {
         self.stall_timeout = timeout;
         self
@@ -348,8 +391,12 @@ impl<T: Write + AsFd> ZeroCopyWriter<T> {
                     Some(libc::EINTR) => continue,
                     Some(libc::EAGAIN) => {
                         // A non-blocking socket (or one with a send
-                        // timeout) that is full: wait for room.
-                        let since = *full_since.get_or_insert_with(Instant::now);
+                        // timeout) that is full: wait for room. A blocking
+                        // one waited its send timeout already.
+                        let since = *full_since.get_or_insert_with(|| {
+                            let now = Instant::now();
+                            now.checked_sub(self.socket_wait).unwrap_or(now)
+                        });
                         self.wait_since(libc::POLLOUT, since)?;
                         continue;
                     }

@@ -530,6 +530,24 @@ fn a_peer_that_stops_reading_or_sending_is_a_timeout_on_both_ends() {
             took < Duration::from_secs(20),
             "tls {tls}: failed after {took:?}"
         );
+        if !tls {
+            // A zero-copy writer waits no longer than the socket's own
+            // write timeout either (its stall timeout is that, not 120 s).
+            let mut memory = vec![7u8; 64 << 20];
+            let region = HostRegion::from_mut_slice(&mut memory);
+            let mut w = source.zero_copy_writer().unwrap();
+            let started = std::time::Instant::now();
+            let error = w
+                .write_region(&region)
+                .and_then(|()| ByteWrite::flush(&mut w))
+                .expect_err("the destination reads nothing");
+            let took = started.elapsed();
+            assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+            assert!(
+                took < Duration::from_secs(20),
+                "zero copy failed after {took:?}"
+            );
+        }
         drop((source, destination));
         // The destination's writes to a source that reads nothing, and
         // its reads from a source that sends nothing more.

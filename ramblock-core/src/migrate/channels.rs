@@ -175,10 +175,11 @@ pub trait PageChannels {
     fn unsent_bytes(&self) -> u64 {
         0
     }
-    /// No page goes on the channels any more (post-copy started, right
-    /// after a barrier every channel sent): close them, so the
-    /// destination's channel receivers end at that barrier instead of
-    /// waiting through post-copy, which can take longer than their read
+    /// No page goes on the channels any more (the final pass was sent, or
+    /// post-copy starts), right after a barrier every channel sent: close
+    /// them, so the destination's channel receivers end at that barrier
+    /// instead of waiting, idle, through what follows (the end and its
+    /// verification, or post-copy), which can take longer than their read
     /// timeout. The default does nothing.
     fn close(&mut self) {}
 }

@@ -466,6 +466,11 @@ impl<
                 RunError::OutsideBlock(e) => MigrateError::RunOutsideBlock(e),
             })?;
             self.count_sent(sent);
+            if on_main {
+                // A run of zero pages is a short record that would wait in
+                // the writer's queue: the point is that bytes move now.
+                self.out.flush().map_err(MigrateError::Write)?;
+            }
         }
         self.throttle_bandwidth();
         if self.pass.bytes + self.in_flight >= self.window.bytes + RATE_WINDOW_BYTES {
@@ -491,6 +496,17 @@ impl<
         self.pass.bytes += sent.bytes;
         self.pass.pages_sent += sent.pages;
         self.pass.zero_pages += sent.zero_pages;
+    }
+
+    /// No page goes on the channels any more: they are closed, so the
+    /// destination's channel receivers end at the barrier just sent
+    /// instead of waiting, idle, through what follows (post-copy, or the
+    /// device state, `End` and its verification), which may outlast their
+    /// read timeout.
+    pub(super) fn close_channels(&mut self) {
+        if let Some(channels) = self.channels.take() {
+            channels.close();
+        }
     }
 
     /// With page channels: every channel sends what it was handed and a

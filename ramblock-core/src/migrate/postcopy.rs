@@ -124,9 +124,7 @@ impl<
         // from here on pages go on the main stream only, where requests
         // come first.
         self.barrier()?;
-        if let Some(channels) = self.channels.take() {
-            channels.close();
-        }
+        self.close_channels();
         self.whole_host_pages();
         // Checked before the first discard: a failure here leaves the
         // destination with nothing to undo, and the guest resumes.

@@ -192,6 +192,7 @@ impl<
         self.begin_pass(stats.passes, self.remaining());
         self.send_dirty()?;
         self.barrier()?;
+        self.close_channels();
         self.write(Record::Sync {
             pass: stats.passes,
             remaining: 0,

@@ -299,12 +299,16 @@ where
     }))
 }
 
-/// What a channel's connection error was: a write timeout that passed
-/// (the destination stopped reading) or the OS error.
+/// What a channel's connection error was: its write timeout passing (the
+/// destination stopped reading: `EAGAIN`, or the transport's `TimedOut`
+/// that says so, which carries no OS error) or the OS error, a kernel
+/// `ETIMEDOUT` (the peer's host gone) among them.
 fn failure_kind(e: &io::Error) -> ChannelFailureKind {
-    match e.kind() {
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ChannelFailureKind::Stalled,
-        _ => ChannelFailureKind::Io(e.raw_os_error().unwrap_or(0)),
+    match (e.kind(), e.raw_os_error()) {
+        (io::ErrorKind::WouldBlock, _) | (io::ErrorKind::TimedOut, None) => {
+            ChannelFailureKind::Stalled
+        }
+        (_, errno) => ChannelFailureKind::Io(errno.unwrap_or(0)),
     }
 }
 

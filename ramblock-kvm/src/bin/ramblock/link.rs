@@ -250,6 +250,12 @@ impl Link {
         });
     }
 
+    /// Whether post-copy began: the guest may have run on the destination
+    /// since, so this side must never resume it.
+    pub fn postcopy_began(&self) -> bool {
+        self.current.borrow().postcopy
+    }
+
     /// With `--zero-copy`: what the current connection's writer sent how.
     pub fn zero_copy_stats(&self) -> Option<ZeroCopyStats> {
         self.current.borrow().writer.zero_copy_stats()

@@ -753,14 +753,11 @@ fn guest_alive(guest: &dyn Guest) -> Result<(), String> {
     }
 }
 
-/// What `MigrateError::PostcopyLost` says of the source guest.
-const POSTCOPY_LOST: &str = "the source keeps the paused guest";
-
 /// Adds to a failure whether the source guest kept running after it.
 fn still_running(error: String, guest: &mut dyn Guest, opts: &MigrateOptions) -> String {
-    if error.contains(POSTCOPY_LOST) {
-        // The guest ran on the destination: this side keeps it paused
-        // (`MigrateError::PostcopyLost` says so), never resumes it.
+    if error.contains(source::GUEST_KEPT) {
+        // Post-copy had begun: the guest may have run on the destination,
+        // and this side keeps it paused, never resumes it.
         return error;
     }
     if opts.workload == options::Workload::Idle {

@@ -104,8 +104,10 @@ pub struct MigrateOptions {
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     pub handshake_timeout_ms: u64,
     /// How long a silent peer is waited for: a read that gets no byte, or
-    /// a write the peer takes no byte of, for this long fails the
-    /// migration (on the source the guest then runs on) (ms).
+    /// a write the peer takes no byte of, for this long breaks the
+    /// connection. In pre-copy the migration fails and the source guest
+    /// runs on; after the switch to post-copy the source reconnects with
+    /// --resume, else it keeps its guest paused (ms).
     #[arg(long, default_value_t = 120_000, value_name = "MS",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub peer_timeout_ms: u64,

@@ -235,6 +235,7 @@ pub fn send<D: DirtyLogSource>(
         with_page_channels_connecting(ram, Some(&ledger), channels, &connect, |ch| run(Some(ch)))
             .map_err(|e| format!("cannot start the page channels: {e}"))?
     };
+    let postcopy_began = host.link.postcopy_began();
     let pass0_bandwidth = host.pass0_bandwidth;
     let passes = std::mem::take(&mut host.passes);
     let zero_copy = host.link.zero_copy_stats();
@@ -247,5 +248,16 @@ pub fn send<D: DirtyLogSource>(
             passes,
             zero_copy,
         })
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e.to_string() {
+            // The engine left the guest paused (`MigrateError::PostcopyLost`
+            // says so itself).
+            text if postcopy_began && !text.contains(GUEST_KEPT) => {
+                format!("{text}; post-copy had begun, so {GUEST_KEPT}")
+            }
+            text => text,
+        })
 }
+
+/// What a failure after the switch to post-copy says of the source guest
+/// (as `MigrateError::PostcopyLost` does): it stays paused, never resumed.
+pub const GUEST_KEPT: &str = "the source keeps the paused guest";

@@ -496,9 +496,10 @@ impl Engine {
                     self.pc.requested_pages += self.send(b, start, end);
                     self.cursor = (b, end);
                 }
-                Event::AckOk | Event::AckErr(_) | Event::PrecopyOnly => {
-                    return Err(Stop::Fatal(Outcome::BadAck))
-                }
+                // A refusal says why (and whether the destination ever
+                // started the guest); anything else is no answer here.
+                Event::AckErr(c) => return Err(Stop::Fatal(Outcome::Refused(c))),
+                Event::AckOk | Event::PrecopyOnly => return Err(Stop::Fatal(Outcome::BadAck)),
                 Event::Closed => return Err(Stop::Broken),
             }
         }

@@ -302,7 +302,7 @@ fn model_receive(
                 r.u32()?;
                 r.u64()?;
                 r.u32()?;
-                return Err(23);
+                return Err(24);
             }
             7 => {
                 // Post-copy: this destination (plain `receive`) refuses it

@@ -240,6 +240,31 @@ fn page_channels_outlast_the_peer_timeout_in_a_long_pass_and_a_long_postcopy() {
 }
 
 #[test]
+fn a_destination_without_postcopy_refuses_the_switch_and_the_source_guest_runs_on() {
+    // The destination was not given --postcopy: it refuses the first
+    // discard with "post-copy unsupported", which it can only send before
+    // it started any guest, so the source resumes its own (any other
+    // failure after the switch would leave it paused).
+    let endpoint = format!("tcp:127.0.0.1:{}", free_port());
+    let dest = Running::start(&["--incoming", &endpoint, "--size", SIZE]);
+    let src = run(&["--to", &endpoint, "--size", SIZE, "--postcopy", "0"]);
+    let dest = dest.finish();
+    let ((s, s_err), (d, d_err)) = (texts(&src), texts(&dest));
+    assert!(!src.status.success(), "{s}\n{s_err}");
+    assert!(!dest.status.success(), "{d}\n{d_err}");
+    assert!(
+        field(&d, "error").contains("not set up for"),
+        "destination: {d}"
+    );
+    let error = field(&s, "error");
+    assert!(error.contains("error code 24"), "{error}");
+    assert!(
+        error.contains("the source guest is still running"),
+        "the source guest must run on: {error}"
+    );
+}
+
+#[test]
 fn without_kvm_a_host_writer_moves_in_postcopy() {
     // At once: no destination guest runs, so nothing faults and every page
     // goes in the background; the RAM is compared exactly.

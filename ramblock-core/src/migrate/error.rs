@@ -104,6 +104,23 @@ pub enum MigrateError<D, W, R> {
     },
 }
 
+impl<D, W, R> MigrateError<D, W, R> {
+    /// Whether the destination refused before it could have started the
+    /// guest, though the source had switched to post-copy: it refused the
+    /// `Postcopy` record's device state (the only place sections come in
+    /// post-copy), or it does no post-copy at all
+    /// ([`POSTCOPY_UNSUPPORTED_CODE`](super::POSTCOPY_UNSUPPORTED_CODE)).
+    /// The engine then resumes the source's guest, as in pre-copy; any
+    /// other failure after the switch leaves it paused.
+    pub fn refused_before_the_guest_started(&self) -> bool {
+        matches!(
+            self,
+            MigrateError::SectionRefused { .. }
+                | MigrateError::Refused(super::POSTCOPY_UNSUPPORTED_CODE)
+        )
+    }
+}
+
 impl<D: fmt::Display, W: fmt::Display, R: fmt::Display> fmt::Display for MigrateError<D, W, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

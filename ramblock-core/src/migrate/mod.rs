@@ -39,6 +39,6 @@ pub use host::{MigrationHost, ReturnEvent, DEFAULT_HANDOVER_WAIT_NS};
 pub use precopy::{migrate, migrate_with_channels};
 pub use receiver::{
     acknowledge, send_ack, Handover, PostcopyTarget, ReceiveError, ReceiveEvent, ReceiveSummary,
-    Receiver, BOUNCE_BYTES,
+    Receiver, BOUNCE_BYTES, POSTCOPY_UNSUPPORTED_CODE,
 };
 pub use stats::{MigrationStats, PassReport, PauseReport, PostcopyStats};

@@ -147,11 +147,8 @@ impl<
         loop {
             match self.postcopy_send::<E>(&mut cursor, &mut pc) {
                 Ok(()) => break,
-                Err(Stop::Fatal(e @ MigrateError::SectionRefused { .. })) => {
-                    // The destination refused the Postcopy record's device
-                    // state, before it started the guest (that is the only
-                    // place sections come in post-copy): the guest is
-                    // still this side's, so it resumes here.
+                Err(Stop::Fatal(e)) if e.refused_before_the_guest_started() => {
+                    // The guest is still this side's: it resumes here.
                     *paused = true;
                     return Err(e);
                 }
@@ -237,6 +234,11 @@ impl<
                 }
                 ReturnEvent::Message(ReturnMessage::SectionRefused { index, code }) => {
                     return Err(Stop::Fatal(self.section_refused(index, code)))
+                }
+                // A refusal: the destination stops here, and its code
+                // says whether it ever started the guest.
+                ReturnEvent::Message(ReturnMessage::Ack(Err(code))) => {
+                    return Err(Stop::Fatal(MigrateError::Refused(code)))
                 }
                 ReturnEvent::Message(ReturnMessage::Ack(_) | ReturnMessage::Handover(_)) => {
                     return Err(Stop::Fatal(MigrateError::BadAck))

@@ -311,6 +311,11 @@ impl<E: fmt::Debug + fmt::Display, H: fmt::Debug + fmt::Display> core::error::Er
 {
 }
 
+/// [`ReceiveError::PostcopyUnsupported`]'s code. A destination sends it
+/// only when it has no post-copy target, so it never started the guest:
+/// the source, though it switched, may resume its own.
+pub const POSTCOPY_UNSUPPORTED_CODE: u32 = 24;
+
 impl<E, H> ReceiveError<E, H> {
     /// A stable number for this error, sent back to the source in a refusal.
     pub fn code(&self) -> u32 {
@@ -339,7 +344,7 @@ impl<E, H> ReceiveError<E, H> {
             Io(_) => 21,
             Host(_) => 22,
             OutOfPlace { .. } => 23,
-            PostcopyUnsupported => 24,
+            PostcopyUnsupported => POSTCOPY_UNSUPPORTED_CODE,
             // 25 was a Postcopy record's opaque device state over its
             // bound: the record carries sections now (31-34), and the code
             // is not reused.

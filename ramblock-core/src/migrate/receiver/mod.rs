@@ -20,7 +20,7 @@ pub mod placement;
 mod resume;
 pub mod sections;
 
-pub use error::ReceiveError;
+pub use error::{ReceiveError, POSTCOPY_UNSUPPORTED_CODE};
 pub use handover::{acknowledge, send_ack, Handover};
 pub use placement::PostcopyTarget;
 pub use sections::SectionSink;
@@ -1055,10 +1055,10 @@ impl<R: ByteRead, M: HostMemory, S: Storage, const N: usize, F: FnMut(ReceiveEve
             });
         }
         if self.target.is_none() {
-            return Err(ReceiveError::OutOfPlace {
-                record: "discard",
-                why: "a discard only comes just before post-copy, which this receive does not do",
-            });
+            // A discard only comes just before post-copy, which this
+            // receive does not do; said as such, so the source knows this
+            // side never started the guest (`POSTCOPY_UNSUPPORTED_CODE`).
+            return Err(ReceiveError::PostcopyUnsupported);
         }
         let slot = Receiver::check_span(&self.table, block, first, count)?;
         let view = self.list.read();

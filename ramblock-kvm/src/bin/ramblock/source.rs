@@ -248,13 +248,17 @@ pub fn send<D: DirtyLogSource>(
             passes,
             zero_copy,
         })
-        .map_err(|e| match e.to_string() {
-            // The engine left the guest paused (`MigrateError::PostcopyLost`
-            // says so itself).
-            text if postcopy_began && !text.contains(GUEST_KEPT) => {
-                format!("{text}; post-copy had begun, so {GUEST_KEPT}")
+        .map_err(|e| {
+            // After the switch the engine leaves the guest paused, unless
+            // the destination refused before it could have started it.
+            let kept = postcopy_began && !e.refused_before_the_guest_started();
+            match e.to_string() {
+                // `MigrateError::PostcopyLost` says so itself.
+                text if kept && !text.contains(GUEST_KEPT) => {
+                    format!("{text}; post-copy had begun, so {GUEST_KEPT}")
+                }
+                text => text,
             }
-            text => text,
         })
 }
 

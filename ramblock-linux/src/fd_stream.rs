@@ -103,29 +103,29 @@ impl<T: Write + AsFd> FdWriter<T> {
     }
 }
 
-/// `EAGAIN` from a blocking descriptor is its write timeout
+/// `EAGAIN` from a blocking descriptor's write is its write timeout
 /// (`SO_SNDTIMEO`) passing with no byte taken: the peer stopped reading.
-/// Said so, as `ErrorKind::TimedOut`; any other error as it is.
 pub(crate) fn stalled(e: io::Error) -> io::Error {
-    if e.kind() == io::ErrorKind::WouldBlock {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the peer took no bytes for the connection's whole write timeout (it stopped reading)",
-        )
-    } else {
-        e
-    }
+    timed_out(
+        e,
+        "the peer took no bytes for the connection's whole write timeout (it stopped reading)",
+    )
 }
 
 /// `EAGAIN` from a blocking descriptor's read is its read timeout
-/// (`SO_RCVTIMEO`) passing with no byte come: the peer went silent. Said
-/// so, as `ErrorKind::TimedOut`; any other error as it is.
+/// (`SO_RCVTIMEO`) passing with no byte come: the peer went silent.
 pub(crate) fn silent(e: io::Error) -> io::Error {
+    timed_out(
+        e,
+        "the peer sent nothing for the connection's whole read timeout",
+    )
+}
+
+/// `e` as `ErrorKind::TimedOut` saying `what`, if it is a timeout's
+/// `EAGAIN`; any other error as it is.
+fn timed_out(e: io::Error, what: &'static str) -> io::Error {
     if e.kind() == io::ErrorKind::WouldBlock {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the peer sent nothing for the connection's whole read timeout",
-        )
+        io::Error::new(io::ErrorKind::TimedOut, what)
     } else {
         e
     }
